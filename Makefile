@@ -1,0 +1,55 @@
+# One command to set up and run the pipeline (`make run`), one to set up and test (`make test`).
+# The environment is a local .venv pinned by requirements/lock.txt. torch is installed first and
+# pinned, so nothing can pull the multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+CONFIG ?= config/config.yaml
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run run-seed test test-fast lint report mlflow-ui bench clean
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[workflow,test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+## run: the whole pipeline on the default (embedded, offline) data
+run: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+
+## run-seed: the fe, po4, si -> NO3 seed task with the notebook's Conv2D-LSTM
+run-seed: CONFIG = config/seed_no3.yaml
+run-seed: run
+
+## test: every test, end-to-end Snakemake runs included (pytest exit 5, no tests, is not a failure)
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+## test-fast: unit tests only
+test-fast: PYTEST_ARGS = -m "not e2e and not slurm"
+test-fast: test
+
+lint: setup
+	$(BIN)/snakemake --lint --configfile $(CONFIG)
+
+report: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report report.zip
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf results resources .snakemake mlflow.db mlruns report.zip

@@ -1,0 +1,3 @@
+from conv2dlstm.cli import main
+
+raise SystemExit(main())

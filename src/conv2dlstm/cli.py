@@ -1,0 +1,162 @@
+"""Command line: ``python -m conv2dlstm <step> [flags]``, one subcommand per workflow rule.
+
+The CLI only maps flags to the ``main`` function of each step's module; all logic lives in the
+modules. Heavy imports (torch, mlflow, dask) happen inside the step that needs them, so that
+``--help`` and light steps start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from conv2dlstm.errors import Conv2dLstmError
+
+log = logging.getLogger("conv2dlstm")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", type=Path, help="YAML configuration file (validated; defaults filled in)")
+    g.add_argument("--config-json", help="configuration as a JSON string (what the Snakemake rules pass)")
+
+
+def _add_compute(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the step's Dask workers")
+    p.add_argument("--memory-mb", type=int, default=None, help="memory limit of the step's Dask workers, MB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m conv2dlstm",
+        description="Conv2D-LSTM ocean forecasting pipeline steps (normally run by Snakemake).",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    p = sub.add_parser("validate-config", help="validate a configuration and print it with defaults filled in")
+    _add_config(p)
+
+    p = sub.add_parser("synth", help="generate the embedded synthetic ocean in its real file format")
+    _add_config(p)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("fetch", help="download or locate the raw data; writes manifest.json")
+    _add_config(p)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("regrid", help="harmonize to (time, lat, lon) and regrid to the target grid (Zarr)")
+    _add_config(p)
+    _add_compute(p)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("normalize", help="fit normalization statistics and climatology on the training period")
+    _add_config(p)
+    _add_compute(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("windows", help="write the normalized cube and window indices (Zarr)")
+    _add_config(p)
+    _add_compute(p)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--stats", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("train", help="train one run's model, checkpointing every epoch, tracked in MLflow")
+    _add_config(p)
+    p.add_argument("--run", required=True, help="run name (one of the config's runs)")
+    p.add_argument("--windows", type=Path, required=True)
+    p.add_argument("--stats", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("evaluate", help="score a trained run and the baselines on the test period")
+    _add_config(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--windows", type=Path, required=True)
+    p.add_argument("--stats", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("compare", help="one table and one plot comparing all runs and baselines")
+    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics.csv of each run")
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--out-plot", type=Path, required=True)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    from conv2dlstm.config import load_config
+
+    return load_config(args.config, json_text=args.config_json)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    step = args.step
+    if step == "validate-config":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
+        return
+    if step == "compare":
+        importlib.import_module("conv2dlstm.compare").main(
+            metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot
+        )
+        return
+    cfg = _config(args)
+    if step == "synth":
+        importlib.import_module("conv2dlstm.synthetic").main(cfg, out_dir=args.out_dir)
+    elif step == "fetch":
+        importlib.import_module("conv2dlstm.fetch").main(cfg, out_dir=args.out_dir)
+    elif step == "regrid":
+        importlib.import_module("conv2dlstm.regrid").main(
+            cfg, manifest=args.manifest, out=args.out, threads=args.threads, memory_mb=args.memory_mb
+        )
+    elif step == "normalize":
+        importlib.import_module("conv2dlstm.normalize").main(
+            cfg, data=args.data, out=args.out, threads=args.threads, memory_mb=args.memory_mb
+        )
+    elif step == "windows":
+        importlib.import_module("conv2dlstm.windows").main(
+            cfg, data=args.data, stats=args.stats, out=args.out, threads=args.threads, memory_mb=args.memory_mb
+        )
+    elif step in ("train", "evaluate"):
+        from conv2dlstm.config import run_config
+
+        run_cfg = run_config(cfg, args.run)
+        if step == "train":
+            importlib.import_module("conv2dlstm.train").main(
+                run_cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir
+            )
+        else:
+            importlib.import_module("conv2dlstm.evaluate").main(
+                run_cfg,
+                run=args.run,
+                windows=args.windows,
+                stats=args.stats,
+                checkpoint=args.checkpoint,
+                out_dir=args.out_dir,
+            )
+    else:  # pragma: no cover - argparse restricts the choices
+        raise AssertionError(step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        _dispatch(args)
+    except Conv2dLstmError as exc:
+        log.debug("user error", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

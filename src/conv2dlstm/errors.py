@@ -1,0 +1,21 @@
+"""Exceptions whose message names the bad value and the fix; the CLI prints them without a traceback."""
+
+
+class Conv2dLstmError(Exception):
+    """Base class: a user-facing error. The CLI prints ``error: <message>`` and exits with status 2."""
+
+
+class ConfigError(Conv2dLstmError):
+    """The configuration is invalid (unknown key, wrong type, out of range, inconsistent values)."""
+
+
+class DownloadError(Conv2dLstmError):
+    """A source could not be fetched or fetched content is corrupt (message names the URL)."""
+
+
+class DataError(Conv2dLstmError):
+    """Input data does not have the expected structure (dimensions, variables, coverage)."""
+
+
+class TrackingError(Conv2dLstmError):
+    """The MLflow tracking store cannot be reached or used."""

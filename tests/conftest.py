@@ -1,0 +1,66 @@
+"""Shared fixtures. Test data is generated in the tests (tiny, seeded); nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def snakemake_exe() -> str:
+    exe = Path(sys.executable).parent / "snakemake"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("snakemake")
+    if found is None:
+        pytest.fail("snakemake is not installed in the test environment; run `make test`")
+    return found
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the tracked workflow files (no results, no data) to ``dest``, as a fresh clone would have."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.exists() or src.is_dir():
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), target)
+        else:
+            shutil.copy2(src, target)
+    return dest
+
+
+@pytest.fixture
+def workflow_copy(tmp_path: Path) -> Path:
+    """A temporary copy of the workflow to run Snakemake in."""
+    return copy_workflow(tmp_path / "wf")
+
+
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first on PATH, no stray tracking URI."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env

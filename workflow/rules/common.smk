@@ -1,0 +1,55 @@
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# The configuration is validated once, here, against workflow/schemas/config.schema.yaml (the
+# package reads the same file); defaults are filled in before any rule is built.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from conv2dlstm.config import validate_config, run_names
+from conv2dlstm.errors import ConfigError
+from conv2dlstm.workflow import config_json, export_package_path, run_config_json
+
+try:
+    config.update(validate_config(config))
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration: {exc}") from None
+
+OUT = config["outdir"]
+RES = config["resources_dir"]
+NAME = config["name"]
+RUNS = run_names(config)
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
+
+# Jobs (local or on a cluster) inherit this environment: every rule runs the package from this
+# checkout, whether or not it is installed in the job's environment (envs/ carry dependencies only).
+export_package_path(workflow.basedir)
+
+
+wildcard_constraints:
+    run="|".join(re.escape(r) for r in RUNS),
+
+
+def fetch_inputs(wildcards):
+    """The synthetic data when the config generates it; nothing for real sources."""
+    if config["synthetic"]["kind"] != "none":
+        return rules.synth.output
+    return []
+
+
+def all_outputs():
+    return [
+        f"{OUT}/windows/{NAME}.zarr",
+        *expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
+        *expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
+        f"{OUT}/compare.csv",
+    ]

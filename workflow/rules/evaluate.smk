@@ -1,0 +1,69 @@
+rule evaluate:
+    """Score one run, persistence and climatology on the test period; log into the run's MLflow run."""
+    input:
+        windows=rules.windows.output,
+        stats=rules.normalize.output,
+        checkpoint=rules.train.output,
+    output:
+        metrics=f"{OUT}/evaluate/{{run}}/metrics.csv",
+        predictions=f"{OUT}/evaluate/{{run}}/predictions.nc",
+        rmse=report(
+            f"{OUT}/evaluate/{{run}}/rmse_vs_lead.png",
+            caption="../report/rmse_vs_lead.rst",
+            category="Evaluation",
+            subcategory="{run}",
+        ),
+        acc=report(
+            f"{OUT}/evaluate/{{run}}/acc_vs_lead.png",
+            caption="../report/acc_vs_lead.rst",
+            category="Evaluation",
+            subcategory="{run}",
+        ),
+        maps=report(
+            f"{OUT}/evaluate/{{run}}/maps.png",
+            caption="../report/maps.rst",
+            category="Evaluation",
+            subcategory="{run}",
+        ),
+        rmse_map=report(
+            f"{OUT}/evaluate/{{run}}/rmse_map.png",
+            caption="../report/rmse_map.rst",
+            category="Evaluation",
+            subcategory="{run}",
+        ),
+    params:
+        config=lambda wildcards: run_config_json(config, wildcards.run),
+        out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    log:
+        f"{LOGS}/evaluate/{{run}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{run}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m conv2dlstm evaluate --config-json {params.config:q} --run {wildcards.run:q}"
+        " --windows {input.windows:q} --stats {input.stats:q} --checkpoint {input.checkpoint:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+localrules:
+    compare,
+
+
+rule compare:
+    """One table and one plot comparing every run with the baselines."""
+    input:
+        expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
+    output:
+        csv=f"{OUT}/compare.csv",
+        plot=report(f"{OUT}/compare.png", caption="../report/compare.rst", category="Comparison"),
+    log:
+        f"{LOGS}/compare.log",
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m conv2dlstm compare --metrics {input:q} --out-csv {output.csv:q} --out-plot {output.plot:q} > {log:q} 2>&1"

@@ -1,0 +1,21 @@
+localrules:
+    fetch,
+
+
+rule fetch:
+    """Download (url, zarr, copernicus) or locate (files) the raw data and checksum it."""
+    input:
+        fetch_inputs,
+    output:
+        f"{RES}/raw/{NAME}/manifest.json",
+    params:
+        config=config_json(config, "name", "source", "variables", "harmonize", "region"),
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+    log:
+        f"{LOGS}/fetch.log",
+    benchmark:
+        f"{BENCH}/fetch.tsv"
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m conv2dlstm fetch --config-json {params.config:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,0 +1,21 @@
+rule regrid:
+    """Harmonize to (time, lat, lon) and regrid to the target grid, streamed chunk by chunk to Zarr."""
+    input:
+        rules.fetch.output,
+    output:
+        directory(f"{OUT}/regrid/{NAME}.zarr"),
+    params:
+        config=config_json(config, "name", "source", "harmonize", "region", "grid", "variables", "dask"),
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    log:
+        f"{LOGS}/regrid.log",
+    benchmark:
+        f"{BENCH}/regrid.tsv"
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m conv2dlstm regrid --config-json {params.config:q} --manifest {input:q} --out {output:q}"
+        " --threads {threads} --memory-mb {resources.mem_mb} > {log:q} 2>&1"

@@ -1,0 +1,24 @@
+rule train:
+    """Train one run. Checkpoints every epoch under the run directory; a rerun after SIGTERM/SIGUSR1
+    (preemption) resumes from the last checkpoint. model.pt, the best checkpoint, is written last."""
+    input:
+        windows=rules.windows.output,
+        stats=rules.normalize.output,
+    output:
+        f"{OUT}/train/{{run}}/model.pt",
+    params:
+        config=lambda wildcards: run_config_json(config, wildcards.run),
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=240,
+    log:
+        f"{LOGS}/train/{{run}}.log",
+    benchmark:
+        f"{BENCH}/train/{{run}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m conv2dlstm train --config-json {params.config:q} --run {wildcards.run:q}"
+        " --windows {input.windows:q} --stats {input.stats:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
