@@ -1,0 +1,66 @@
+"""Snakemake itself, run for real on temporary copies of the workflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conv2dlstm.workflow import config_json, export_package_path, run_config_json
+from tests.conftest import job_env
+
+
+def _snakemake(exe: str, cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [exe, *args], cwd=cwd, capture_output=True, text=True, env=job_env(), timeout=timeout
+    )
+
+
+def test_lint_has_no_findings(snakemake_exe, repo_root):
+    proc = _snakemake(snakemake_exe, repo_root, "--lint", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/seed_no3.yaml", "config/sweep.yaml"])
+def test_dry_run_builds_the_whole_dag(snakemake_exe, workflow_copy, configfile):
+    proc = _snakemake(snakemake_exe, workflow_copy, "-n", "--cores", "2", "--configfile", configfile)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for rule in ("fetch", "regrid", "normalize", "windows", "train", "evaluate", "compare"):
+        assert f"rule {rule}:" in out
+    if configfile.endswith("sweep.yaml"):
+        assert "results/train/convlstm/model.pt" in out and "results/train/conv2d_lstm/model.pt" in out
+
+
+def test_bad_config_stops_before_any_job(snakemake_exe, workflow_copy):
+    bad = workflow_copy / "bad.yaml"
+    bad.write_text("windows:\n  input_stpes: 5\n")
+    proc = _snakemake(snakemake_exe, workflow_copy, "--cores", "1", "--configfile", str(bad))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config key windows: unknown key(s) 'input_stpes'" in out
+    assert not (workflow_copy / "resources").exists()
+    assert not (workflow_copy / "results").exists()
+
+
+def test_export_package_path_prepends_once(tmp_path):
+    env = {"PYTHONPATH": f"/x{':'}/y"}
+    first = export_package_path(tmp_path, env)
+    second = export_package_path(tmp_path, env)
+    assert first == second == f"{tmp_path.resolve()}/src:/x:/y"
+    assert export_package_path(tmp_path, {}) == f"{tmp_path.resolve()}/src"
+
+
+def test_rule_params_carry_only_their_sections():
+    from conv2dlstm.config import validate_config
+
+    cfg = validate_config({"runs": [{"name": "a"}, {"name": "b", "train": {"epochs": 2}}]})
+    assert set(json.loads(config_json(cfg, "grid", "dask"))) == {"grid", "dask"}
+    with pytest.raises(KeyError):
+        config_json(cfg, "nope")
+    run_b = json.loads(run_config_json(cfg, "b"))
+    assert [r["name"] for r in run_b["runs"]] == ["b"]
+    assert run_b["train"] == cfg["train"]
