@@ -1,0 +1,153 @@
+"""Compare step: one table and one figure over every evaluated run and the two baselines.
+
+Each run's ``metrics.csv`` (from :mod:`conv2dlstm.evaluate`) carries its own copy of the
+persistence and climatology scores; runs of one configuration share the test windows, so these
+copies are identical and each baseline appears once in the output (a copy that differs is
+reported with a warning and the first one is kept).
+
+``compare.csv`` has one row per run or baseline and per variable, with columns
+:data:`SUMMARY_COLUMNS`: RMSE averaged over leads, at the first and at the last lead, MAE, bias and
+ACC averaged over leads, and skill scores ``1 - RMSE / RMSE(baseline)`` averaged over leads.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from conv2dlstm import plots
+from conv2dlstm.errors import DataError
+from conv2dlstm.evaluate import BASELINE_NAMES, CSV_COLUMNS
+from conv2dlstm.fsutil import atomic_output
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS: list[str] = [
+    "name",
+    "kind",
+    "model",
+    "variable",
+    "leads",
+    "rmse_mean",
+    "rmse_lead1",
+    "rmse_last_lead",
+    "mae_mean",
+    "bias_mean",
+    "acc_mean",
+    "skill_vs_persistence_mean",
+    "skill_vs_climatology_mean",
+]
+
+
+def read_metrics(paths: Sequence[Path]) -> pd.DataFrame:
+    """Concatenate ``metrics.csv`` files after checking their columns."""
+    if not paths:
+        raise DataError("compare: no metrics.csv given; pass at least one with --metrics")
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"compare: {path} does not exist; run the evaluate step first")
+        frame = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
+        if list(frame.columns) != CSV_COLUMNS:
+            raise DataError(
+                f"compare: {path} has columns {list(frame.columns)}; expected {CSV_COLUMNS} "
+                "(a metrics.csv written by the evaluate step)"
+            )
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    model_runs = table[~table["model"].isin(BASELINE_NAMES)]
+    per_file_runs = [set(f.loc[~f["model"].isin(BASELINE_NAMES), "run"]) for f in frames]
+    seen: set[str] = set()
+    for path, runs in zip(paths, per_file_runs, strict=True):
+        if runs & seen:
+            raise DataError(f"compare: run(s) {sorted(runs & seen)} of {path} appear in more than one metrics.csv")
+        seen |= runs
+    if model_runs.empty:
+        raise DataError("compare: the metrics files contain no model scores, only baselines")
+    return table
+
+
+def entries(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows ``name, kind, model, variable, lead, metric, value``: runs as they are, baselines once."""
+    runs = table[~table["model"].isin(BASELINE_NAMES)].assign(kind="run", name=lambda t: t["run"])
+    base = table[table["model"].isin(BASELINE_NAMES)]
+    key = ["model", "variable", "lead", "metric"]
+    spread = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(v) - np.nanmin(v)) if v.notna().any() else 0.0)
+    scale = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(np.abs(v))) if v.notna().any() else 0.0)
+    differ = spread > 1e-6 * np.maximum(scale, 1.0)
+    if differ.any():
+        first = differ[differ].index[0]
+        warnings.warn(
+            f"baseline scores differ between runs (e.g. {first}); the runs were not evaluated on the "
+            "same test windows; keeping the first run's baselines",
+            stacklevel=2,
+        )
+    base = base.drop_duplicates(key, keep="first").assign(kind="baseline", name=lambda t: t["model"])
+    return pd.concat([runs, base], ignore_index=True)[["name", "kind", "model", "variable", "lead", "metric", "value"]]
+
+
+def summarize(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per entry and variable with the main scores (:data:`SUMMARY_COLUMNS`)."""
+    rmse = rows[rows["metric"] == "rmse"]
+    baseline_rmse = {
+        name: rmse[rmse["name"] == name].set_index(["variable", "lead"])["value"] for name in BASELINE_NAMES
+    }
+    out = []
+    for (name, variable), group in rows.groupby(["name", "variable"], sort=False):
+        by_metric = {m: g.sort_values("lead").set_index("lead")["value"] for m, g in group.groupby("metric")}
+        r = by_metric.get("rmse", pd.Series(dtype="float64"))
+        record = {
+            "name": name,
+            "kind": group["kind"].iloc[0],
+            "model": group["model"].iloc[0],
+            "variable": variable,
+            "leads": int(r.size),
+            "rmse_mean": float(r.mean()) if r.size else np.nan,
+            "rmse_lead1": float(r.iloc[0]) if r.size else np.nan,
+            "rmse_last_lead": float(r.iloc[-1]) if r.size else np.nan,
+        }
+        for metric in ("mae", "bias", "acc"):
+            series = by_metric.get(metric)
+            record[f"{metric}_mean"] = float(series.mean()) if series is not None and series.notna().any() else np.nan
+        for baseline in BASELINE_NAMES:
+            ref = baseline_rmse[baseline]
+            if ref.empty or not r.size:
+                record[f"skill_vs_{baseline}_mean"] = np.nan
+                continue
+            ref_v = ref.xs(variable, level="variable").reindex(r.index)
+            record[f"skill_vs_{baseline}_mean"] = float((1 - r / ref_v).mean())
+        out.append(record)
+    summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    order = {"run": 0, "baseline": 1}
+    summary["_k"] = summary["kind"].map(order)
+    summary["_b"] = summary["name"].map({b: i for i, b in enumerate(BASELINE_NAMES)}).fillna(-1)
+    summary = summary.sort_values(["_k", "_b", "name", "variable"], kind="stable").drop(columns=["_k", "_b"])
+    return summary.reset_index(drop=True)
+
+
+def _labels(rows: pd.DataFrame) -> pd.Series:
+    """Legend labels: ``run (model)`` for runs named differently from their model, else the name."""
+    named = (rows["kind"] == "run") & (rows["name"] != rows["model"])
+    return rows["name"].where(~named, rows["name"] + " (" + rows["model"] + ")")
+
+
+def main(*, metrics: list[Path], out_csv: Path, out_plot: Path) -> None:
+    """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE vs lead)."""
+    rows = entries(read_metrics([Path(p) for p in metrics]))
+    summary = summarize(rows)
+    rmse = rows[rows["metric"] == "rmse"].assign(label=_labels)
+    runs = sorted(set(rows.loc[rows["kind"] == "run", "name"]))
+    with atomic_output(out_csv) as tmp_csv, atomic_output(out_plot) as tmp_plot:
+        summary.to_csv(tmp_csv, index=False)
+        plots.lines_vs_lead(
+            rmse,
+            tmp_plot,
+            ylabel="area-weighted RMSE (physical units)",
+            title=f"Test-period RMSE by lead: run(s) {', '.join(runs)} vs persistence and climatology",
+        )
+    log.info("compared %d run(s): %s, %s", len(runs), out_csv, out_plot)

@@ -1,0 +1,142 @@
+"""Compare step: summary rows per run and baseline, hand-checked scores, one plot."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conv2dlstm import compare
+from conv2dlstm.errors import DataError
+from conv2dlstm.evaluate import CSV_COLUMNS
+
+PERSISTENCE_RMSE = [2.0, 4.0]
+CLIMATOLOGY_RMSE = [4.0, 4.0]
+
+
+def _rows(run: str, model: str, scores: dict[str, list[float]], variable: str = "sst") -> list[dict]:
+    return [
+        {"run": run, "model": model, "variable": variable, "lead": lead, "metric": metric, "value": value}
+        for metric, values in scores.items()
+        for lead, value in enumerate(values, start=1)
+    ]
+
+
+def _metrics_csv(path: Path, run: str, model: str, rmse: list[float], acc: list[float], persistence_rmse=PERSISTENCE_RMSE) -> Path:
+    rows = _rows(
+        run,
+        model,
+        {
+            "rmse": rmse,
+            "mae": [0.8 * v for v in rmse],
+            "bias": [0.1, -0.1],
+            "acc": acc,
+            "skill_vs_persistence": [1 - m / p for m, p in zip(rmse, persistence_rmse, strict=True)],
+            "skill_vs_climatology": [1 - m / c for m, c in zip(rmse, CLIMATOLOGY_RMSE, strict=True)],
+        },
+    )
+    rows += _rows(run, "persistence", {"rmse": persistence_rmse, "mae": [1.5, 3.0], "bias": [0.0, 0.0], "acc": [0.9, 0.7]})
+    rows += _rows(run, "climatology", {"rmse": CLIMATOLOGY_RMSE, "mae": [3.0, 3.0], "bias": [0.2, 0.2]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path) -> list[Path]:
+    return [
+        _metrics_csv(tmp_path / "evaluate" / "a" / "metrics.csv", "a", "convlstm", rmse=[1.0, 2.0], acc=[0.95, 0.8]),
+        _metrics_csv(tmp_path / "evaluate" / "b" / "metrics.csv", "b", "conv2d_lstm", rmse=[0.5, 1.5], acc=[0.97, 0.9]),
+    ]
+
+
+def test_compare_two_runs_two_baselines(two_runs, tmp_path):
+    out_csv, out_plot = tmp_path / "compare.csv", tmp_path / "compare.png"
+    compare.main(metrics=two_runs, out_csv=out_csv, out_plot=out_plot)
+    table = pd.read_csv(out_csv)
+    assert list(table.columns) == compare.SUMMARY_COLUMNS
+    assert list(table["name"]) == ["a", "b", "persistence", "climatology"]
+    assert list(table["kind"]) == ["run", "run", "baseline", "baseline"]
+    assert list(table["model"]) == ["convlstm", "conv2d_lstm", "persistence", "climatology"]
+    row = table.set_index("name")
+    assert row.loc["a", "leads"] == 2
+    assert row.loc["a", "rmse_mean"] == pytest.approx(1.5)
+    assert row.loc["a", "rmse_lead1"] == pytest.approx(1.0)
+    assert row.loc["a", "rmse_last_lead"] == pytest.approx(2.0)
+    assert row.loc["a", "mae_mean"] == pytest.approx(1.2)
+    assert row.loc["a", "bias_mean"] == pytest.approx(0.0)
+    assert row.loc["a", "acc_mean"] == pytest.approx(0.875)
+    assert row.loc["a", "skill_vs_persistence_mean"] == pytest.approx(((1 - 1 / 2) + (1 - 2 / 4)) / 2)
+    assert row.loc["a", "skill_vs_climatology_mean"] == pytest.approx(((1 - 1 / 4) + (1 - 2 / 4)) / 2)
+    assert row.loc["b", "rmse_mean"] == pytest.approx(1.0)
+    assert row.loc["b", "skill_vs_persistence_mean"] == pytest.approx(((1 - 0.5 / 2) + (1 - 1.5 / 4)) / 2)
+    assert row.loc["persistence", "rmse_mean"] == pytest.approx(3.0)
+    assert row.loc["persistence", "skill_vs_persistence_mean"] == pytest.approx(0.0)
+    assert row.loc["persistence", "skill_vs_climatology_mean"] == pytest.approx(((1 - 2 / 4) + (1 - 4 / 4)) / 2)
+    assert row.loc["climatology", "skill_vs_climatology_mean"] == pytest.approx(0.0)
+    assert np.isnan(row.loc["climatology", "acc_mean"])
+    assert out_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_compare_one_row_per_variable(tmp_path):
+    rows = []
+    for variable in ("sst", "no3"):
+        rows += _rows("a", "convlstm", {"rmse": [1.0, 2.0]}, variable)
+        rows += _rows("a", "persistence", {"rmse": [2.0, 2.0]}, variable)
+        rows += _rows("a", "climatology", {"rmse": [4.0, 4.0]}, variable)
+    path = tmp_path / "metrics.csv"
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    table = pd.read_csv(tmp_path / "c.csv")
+    assert len(table) == 3 * 2
+    assert set(zip(table["name"], table["variable"], strict=True)) == {
+        (n, v) for n in ("a", "persistence", "climatology") for v in ("sst", "no3")
+    }
+
+
+def test_differing_baselines_warn_and_keep_the_first(tmp_path):
+    paths = [
+        _metrics_csv(tmp_path / "a.csv", "a", "convlstm", rmse=[1.0, 2.0], acc=[0.9, 0.8]),
+        _metrics_csv(tmp_path / "b.csv", "b", "convlstm", rmse=[1.0, 2.0], acc=[0.9, 0.8], persistence_rmse=[3.0, 5.0]),
+    ]
+    with pytest.warns(UserWarning, match="baseline scores differ"):
+        compare.main(metrics=paths, out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    table = pd.read_csv(tmp_path / "c.csv").set_index("name")
+    assert table.loc["persistence", "rmse_mean"] == pytest.approx(3.0)
+
+
+def test_identical_baselines_do_not_warn(two_runs, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = compare.entries(compare.read_metrics(two_runs))
+    assert (rows["name"] == "persistence").sum() == 4 * 2  # rmse, mae, bias, acc x 2 leads, once
+
+
+@pytest.mark.parametrize(
+    "problem",
+    ["missing", "columns", "duplicate", "empty"],
+)
+def test_bad_inputs_raise_and_write_nothing(problem, two_runs, tmp_path):
+    paths = list(two_runs)
+    if problem == "missing":
+        paths.append(tmp_path / "nope" / "metrics.csv")
+        match = "does not exist"
+    elif problem == "columns":
+        bad = tmp_path / "bad.csv"
+        pd.DataFrame({"run": ["x"], "score": [1.0]}).to_csv(bad, index=False)
+        paths.append(bad)
+        match = "columns"
+    elif problem == "duplicate":
+        paths.append(paths[0])
+        match = "more than one"
+    else:
+        paths = []
+        match = "no metrics.csv"
+    out_csv, out_plot = tmp_path / "out" / "compare.csv", tmp_path / "out" / "compare.png"
+    with pytest.raises(DataError, match=match):
+        compare.main(metrics=paths, out_csv=out_csv, out_plot=out_plot)
+    assert not out_csv.exists() and not out_plot.exists()

@@ -1,0 +1,241 @@
+"""Scores against hand-computed values on tiny grids (WeatherBench 2 definitions)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from conv2dlstm import metrics
+from conv2dlstm.errors import DataError
+
+# Two ocean cells at latitudes 0 and 60 (cos 1 and 0.5): normalized weights 4/3 and 2/3.
+LAT = np.array([0.0, 60.0])
+LON = np.array([10.0])
+W0, W60 = 4 / 3, 2 / 3
+
+
+def _mask(values, lat=LAT, lon=LON) -> xr.DataArray:
+    return xr.DataArray(np.asarray(values, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+
+
+def _field(values, lat=LAT, lon=LON, chunked: bool = False) -> xr.DataArray:
+    values = np.asarray(values, dtype="float64")
+    da = xr.DataArray(
+        values,
+        dims=("time", "lat", "lon"),
+        coords={"time": np.arange(values.shape[0]), "lat": lat, "lon": lon},
+    )
+    return da.chunk({"time": 1}) if chunked else da
+
+
+# ---------------------------------------------------------------------------------------------
+# area weights
+
+
+def test_area_weights_hand_values_zero_on_land_mean_one_over_ocean():
+    lat = np.array([0.0, 60.0])
+    lon = np.array([0.0, 1.0])
+    mask = _mask([[True, True], [True, False]], lat, lon)
+    w = metrics.area_weights(lat, mask)
+    # cos(0)=1, cos(60)=0.5; ocean sum 2.5 over 3 cells -> factor 3/2.5 = 1.2
+    np.testing.assert_allclose(w.values, [[1.2, 1.2], [0.6, 0.0]], rtol=1e-12)
+    assert w.dims == ("lat", "lon")
+    assert float(w.values[mask.values].mean()) == pytest.approx(1.0)
+    assert float(w.values[~mask.values].max()) == 0.0
+
+
+def test_area_weights_are_cosines_of_cell_centres():
+    lat = np.array([-60.0, 0.0, 30.0, 45.0])
+    lon = np.array([0.0, 5.0, 10.0])
+    w = metrics.area_weights(lat, _mask(np.ones((4, 3)), lat, lon))
+    expected_cos = np.array([0.5, 1.0, math.sqrt(3) / 2, math.sqrt(2) / 2])
+    np.testing.assert_allclose(w.values[:, 0] / w.values[1, 0], expected_cos, rtol=1e-12)
+    assert float(w.mean()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("lat", [np.arange(80.5, 90.0, 1.0), np.arange(85.0, 90.01, 1.25), np.arange(-90.0, -84.0, 2.0)])
+def test_area_weights_regional_polar_box_stays_finite(lat):
+    lon = np.array([0.0, 1.0])
+    w = metrics.area_weights(lat, _mask(np.ones((lat.size, 2)), lat, lon))
+    assert np.all(np.isfinite(w.values))
+    assert np.all(w.values >= 0)
+    assert float(w.mean()) == pytest.approx(1.0)
+    # proportional to cos(lat) of the centres (the row at exactly +-90 gets ~0)
+    cos = np.cos(np.deg2rad(lat))
+    np.testing.assert_allclose(w.values[:, 0], cos * lat.size / cos.sum(), rtol=1e-9, atol=1e-12)
+    assert float(w.max()) < lat.size  # nothing blows up
+
+
+def test_area_weights_errors():
+    with pytest.raises(DataError, match="no ocean"):
+        metrics.area_weights(LAT, _mask([[False], [False]]))
+    with pytest.raises(DataError, match=r"\[-90, 90\]"):
+        metrics.area_weights(np.array([0.0, 95.0]), _mask([[True], [True]], lat=np.array([0.0, 95.0])))
+    with pytest.raises(DataError, match="latitudes"):
+        metrics.area_weights(np.array([0.0]), _mask([[True], [True]]))
+    with pytest.raises(DataError, match="differ from the mask"):
+        metrics.area_weights(np.array([0.0, 50.0]), _mask([[True], [True]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# rmse / mae / bias
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["eager", "dask"])
+def test_rmse_mae_bias_hand_computed(chunked):
+    # errors: time 0 = [1, 2], time 1 = [2, -1] at latitudes [0, 60]
+    truth = _field([[[10.0], [20.0]], [[11.0], [21.0]]], chunked=chunked)
+    forecast = truth + _field([[[1.0], [2.0]], [[2.0], [-1.0]]], chunked=chunked)
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    mse_t0 = (W0 * 1 + W60 * 4) / 2  # = 2
+    mse_t1 = (W0 * 4 + W60 * 1) / 2  # = 3
+    assert (mse_t0, mse_t1) == pytest.approx((2.0, 3.0))
+    rmse = metrics.rmse(forecast, truth, w)
+    assert float(rmse) == pytest.approx(math.sqrt((mse_t0 + mse_t1) / 2))  # sqrt(2.5)
+    # the order matters: mean over time of per-time RMSEs would be (sqrt2 + sqrt3) / 2
+    assert float(rmse) != pytest.approx((math.sqrt(2) + math.sqrt(3)) / 2)
+    assert float(metrics.mse(forecast, truth, w)) == pytest.approx(2.5)
+    assert float(metrics.mae(forecast, truth, w)) == pytest.approx(((W0 * 1 + W60 * 2) / 2 + (W0 * 2 + W60 * 1) / 2) / 2)
+    assert float(metrics.mae(forecast, truth, w)) == pytest.approx(1.5)
+    assert float(metrics.bias(forecast, truth, w)) == pytest.approx(((W0 + 2 * W60) / 2 + (2 * W0 - W60) / 2) / 2)
+    assert float(metrics.bias(forecast, truth, w)) == pytest.approx(7 / 6)
+
+
+def test_rmse_time_mean_before_sqrt_with_unequal_errors():
+    # one cell; per-time errors 1 and 3: MSE = (1 + 9) / 2 = 5 -> RMSE sqrt(5), not (1 + 3) / 2 = 2
+    lat, lon = np.array([0.0]), np.array([0.0])
+    truth = _field(np.zeros((2, 1, 1)), lat, lon)
+    forecast = _field([[[1.0]], [[3.0]]], lat, lon)
+    w = metrics.area_weights(lat, _mask([[True]], lat, lon))
+    assert float(metrics.rmse(forecast, truth, w)) == pytest.approx(math.sqrt(5))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["eager", "dask"])
+@pytest.mark.parametrize("land_value", [np.nan, 1e6, np.inf, 0.0])
+def test_land_never_affects_scores(chunked, land_value):
+    lat = np.array([0.0, 60.0])
+    lon = np.array([0.0, 1.0])
+    mask = _mask([[True, False], [True, False]], lat, lon)
+    w = metrics.area_weights(lat, mask)
+    rng = np.random.default_rng(0)
+    truth_v = rng.normal(size=(3, 2, 2))
+    fc_v = truth_v + rng.normal(size=(3, 2, 2))
+    clim_v = rng.normal(size=(3, 2, 2))
+    results = []
+    for land in (land_value, -7.0):
+        t, f = truth_v.copy(), fc_v.copy()
+        t[:, :, 1] = land
+        f[:, :, 1] = -land
+        truth, forecast = _field(t, lat, lon, chunked), _field(f, lat, lon, chunked)
+        clim = _field(clim_v, lat, lon)
+        results.append(
+            [
+                float(metrics.rmse(forecast, truth, w)),
+                float(metrics.mae(forecast, truth, w)),
+                float(metrics.bias(forecast, truth, w)),
+                float(metrics.acc(forecast, truth, clim, w)),
+            ]
+        )
+    assert np.all(np.isfinite(results[0]))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-12)
+    # and equal to the same scores on the ocean column alone
+    truth_ocean = _field(truth_v[:, :, :1], lat, lon[:1])
+    forecast_ocean = _field(fc_v[:, :, :1], lat, lon[:1])
+    ocean_only = metrics.rmse(forecast_ocean, truth_ocean, metrics.area_weights(lat, mask.isel(lon=[0])))
+    assert results[0][0] == pytest.approx(float(ocean_only))
+
+
+def test_nan_in_ocean_is_left_out_with_its_weight():
+    truth = _field([[[0.0], [0.0]], [[0.0], [0.0]]])
+    forecast = _field([[[2.0], [np.nan]], [[1.0], [1.0]]])
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    # time 0: only the lat-0 cell (error 2) -> 4; time 1: 1
+    assert float(metrics.rmse(forecast, truth, w)) == pytest.approx(math.sqrt((4 + 1) / 2))
+
+
+def test_extra_dims_are_kept_and_time_dim_is_configurable():
+    rng = np.random.default_rng(1)
+    shape = (4, 3, 2, 2, 1)  # init, lead, variable, lat, lon
+    dims = ("init", "lead", "variable", "lat", "lon")
+    coords = {"init": np.arange(4), "lead": [1, 2, 3], "variable": ["sst", "no3"], "lat": LAT, "lon": LON}
+    truth = xr.DataArray(rng.normal(size=shape), dims=dims, coords=coords)
+    err = np.zeros(shape)
+    err[:, :, 0] = 1.0  # sst off by 1 everywhere
+    err[:, 1, 1] = 3.0  # no3 off by 3 at lead 2 only
+    forecast = truth + err
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    rmse = metrics.rmse(forecast, truth, w, time_dim="init")
+    assert set(rmse.dims) == {"lead", "variable"}
+    np.testing.assert_allclose(rmse.sel(variable="sst").values, [1, 1, 1])
+    np.testing.assert_allclose(rmse.sel(variable="no3").values, [0, 3, 0])
+    np.testing.assert_allclose(metrics.bias(forecast, truth, w, time_dim="init").sel(variable="no3").values, [0, 3, 0])
+    with pytest.raises(DataError, match="time_dim"):
+        metrics.rmse(forecast, truth, w)  # no "time" dimension
+
+
+def test_mismatched_coordinates_raise():
+    truth = _field(np.zeros((2, 2, 1)))
+    forecast = truth.assign_coords(time=[5, 6])
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    with pytest.raises(DataError, match="different coordinates"):
+        metrics.rmse(forecast, truth, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# ACC
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["eager", "dask"])
+def test_acc_hand_computed_per_time_then_mean(chunked):
+    clim = _field([[[10.0], [20.0]], [[12.0], [18.0]]], chunked=chunked)
+    f_anom = _field([[[1.0], [2.0]], [[1.0], [-1.0]]])
+    t_anom = _field([[[1.0], [1.0]], [[1.0], [1.0]]])
+    forecast, truth = clim + f_anom, clim + t_anom
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    acc_t0 = (W0 * 1 + W60 * 2) / math.sqrt((W0 * 1 + W60 * 4) * (W0 + W60))  # = 2 sqrt2 / 3
+    acc_t1 = (W0 * 1 - W60 * 1) / math.sqrt((W0 + W60) * (W0 + W60))  # = 1 / 3
+    assert acc_t0 == pytest.approx(2 * math.sqrt(2) / 3)
+    value = float(metrics.acc(forecast, truth, clim, w))
+    assert value == pytest.approx((acc_t0 + acc_t1) / 2)
+    pooled = (W0 + 2 * W60 + W0 - W60) / math.sqrt((W0 + 4 * W60 + W0 + W60) * 2 * (W0 + W60))
+    assert value != pytest.approx(pooled)
+
+
+def test_acc_perfect_forecast_is_one_and_climatology_is_nan():
+    rng = np.random.default_rng(2)
+    clim = _field(rng.normal(size=(3, 2, 1)))
+    truth = clim + _field(rng.normal(size=(3, 2, 1)))
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    assert float(metrics.acc(truth, truth, clim, w)) == pytest.approx(1.0)
+    assert float(metrics.acc(-(truth - clim) + clim, truth, clim, w)) == pytest.approx(-1.0)
+    # a forecast equal to the climatology has zero anomalies: the correlation is undefined
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert np.isnan(float(metrics.acc(clim, truth, clim, w)))
+
+
+# ---------------------------------------------------------------------------------------------
+# skill score and per-cell RMSE
+
+
+def test_skill_score():
+    assert metrics.skill_score(1.0, 2.0) == pytest.approx(0.5)
+    assert metrics.skill_score(2.0, 2.0) == pytest.approx(0.0)
+    assert metrics.skill_score(3.0, 2.0) == pytest.approx(-0.5)
+    model = xr.DataArray([1.0, 3.0], dims="lead", coords={"lead": [1, 2]})
+    base = xr.DataArray([4.0, 3.0], dims="lead", coords={"lead": [1, 2]})
+    np.testing.assert_allclose(metrics.skill_score(model, base).values, [0.75, 0.0])
+
+
+def test_rmse_per_cell_masks_land():
+    lat, lon = np.array([0.0]), np.array([0.0, 1.0])
+    truth = _field(np.zeros((2, 1, 2)), lat, lon)
+    forecast = _field([[[1.0, 5.0]], [[3.0, 5.0]]], lat, lon)
+    out = metrics.rmse_per_cell(forecast, truth, _mask([[True, False]], lat, lon))
+    assert out.dims == ("lat", "lon")
+    assert float(out[0, 0]) == pytest.approx(math.sqrt(5))
+    assert np.isnan(float(out[0, 1]))
