@@ -1,0 +1,259 @@
+"""Normalization statistics, day-of-year climatology and ocean mask, fitted on the training period only.
+
+Layout of the statistics file (``<outdir>/normalize/<name>.nc``, see docs/architecture.md):
+
+- ``mean``, ``std``: ``(variable)``, or ``(variable, lat, lon)`` when ``per_pixel``; training period,
+  ocean cells only. Per-pixel statistics of land cells are 0 and 1 (land is masked downstream), and a
+  standard deviation of 0 (a constant field) is replaced by 1.
+- ``climatology``: ``(dayofyear, variable, lat, lon)``, dayofyear 1..366, physical units: the
+  training-period mean of each day of the year, smoothed by a circular running mean of
+  ``climatology_window`` days (days without data are skipped; days still without a value, such as day
+  366 when no leap year is in the training period, are interpolated circularly between their nearest
+  neighbours).
+- ``mask``: ``(lat, lon)`` bool, the ocean: cells finite at every time of every variable.
+- ``variable_units``: ``(variable)`` strings; each variable's units also in its attributes.
+
+Only reductions run on the cube (Dask, chunk by chunk); the results are small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from conv2dlstm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DAYS = 366
+MIN_STD = 1e-12
+FORMAT_VERSION = 1
+
+
+def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
+    """``ds[variables]`` as one DataArray ``(time, variable, lat, lon)`` (lazy when ``ds`` is)."""
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise DataError(
+            f"variables {missing} are not in the data; it has {sorted(map(str, ds.data_vars))}; fix "
+            "variables.inputs/targets or re-run the regrid step"
+        )
+    arr = ds[list(variables)].to_dataarray("variable")
+    return arr.transpose("time", "variable", "lat", "lon")
+
+
+def ocean_mask(arr: xr.DataArray) -> xr.DataArray:
+    """``(lat, lon)`` bool: finite at every time of every variable of ``arr`` ``(time, variable, lat, lon)``."""
+    mask = arr.notnull().all(("time", "variable"))
+    return mask.compute().rename("mask")
+
+
+def _time_range(ds: xr.Dataset | xr.DataArray) -> str:
+    times = ds.indexes["time"]
+    return f"{times[0].date()}..{times[-1].date()}" if len(times) else "no time steps"
+
+
+def training_slice(ds: xr.Dataset | xr.DataArray, start: str, end: str) -> xr.Dataset | xr.DataArray:
+    """Time steps of days ``start`` to ``end`` inclusive; :class:`DataError` when there are none."""
+    lo = pd.Timestamp(start).normalize()
+    hi = pd.Timestamp(end).normalize() + pd.Timedelta(days=1) - pd.Timedelta(1, "ns")
+    out = ds.sel(time=slice(lo, hi))
+    if out.sizes["time"] == 0:
+        raise DataError(
+            f"the training period {start}..{end} (splits.train) has no data; the data covers "
+            f"{_time_range(ds)}; move splits.train inside it or fetch that period (source.start/end)"
+        )
+    return out
+
+
+def circular_smooth(clim: np.ndarray, window: int) -> np.ndarray:
+    """NaN-aware circular running mean of ``window`` days along axis 0 (366 days); gaps interpolated.
+
+    Day ``d`` averages the available days ``d - window//2 .. d - window//2 + window - 1`` (circular).
+    Days with no available value in their window are interpolated linearly between the nearest
+    available days before and after (circularly).
+    """
+    if window < 1:
+        raise ValueError(f"climatology window {window} must be at least 1")
+    n = clim.shape[0]
+    finite = np.isfinite(clim)
+    values = np.where(finite, clim, 0.0)
+    total = np.zeros_like(values)
+    count = np.zeros(clim.shape, dtype=np.float64)
+    for offset in range(-(window // 2), window - window // 2):
+        total += np.roll(values, -offset, axis=0)
+        count += np.roll(finite, -offset, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        smooth = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    gaps = ~np.isfinite(smooth)
+    if gaps.any():
+        flat = smooth.reshape(n, -1)
+        for j in np.flatnonzero(gaps.reshape(n, -1).any(axis=0)):
+            col = flat[:, j]
+            ok = np.flatnonzero(np.isfinite(col))
+            if ok.size == 0:
+                continue  # never observed (land): stays NaN
+            days = np.arange(n)
+            xp = np.concatenate([ok - n, ok, ok + n])
+            fp = np.tile(col[ok], 3)
+            flat[:, j] = np.interp(days, xp, fp)
+        smooth = flat.reshape(clim.shape)
+    return smooth
+
+
+def fit_stats(
+    ds: xr.Dataset,
+    *,
+    train_start: str,
+    train_end: str,
+    variables: Sequence[str],
+    per_pixel: bool = False,
+    climatology_window: int = 31,
+) -> xr.Dataset:
+    """Fit mean, std and climatology on ``train_start..train_end`` (whole days) and the ocean mask.
+
+    ``ds`` is a regridded dataset ``(time, lat, lon)`` (lazy). Nothing outside the training period
+    enters the statistics; the mask uses every time step (a cell that is ever missing is not ocean).
+    """
+    variables = list(dict.fromkeys(variables))
+    arr = stack_variables(ds, variables)  # (time, variable, lat, lon)
+    mask = ocean_mask(arr)
+    if not bool(mask.any()):
+        raise DataError(
+            f"no ocean cell: every cell of {variables} is missing at some time step; check the regridded "
+            "data (grid.min_ocean_fraction, region, variables)"
+        )
+    train = training_slice(arr, train_start, train_end).astype(np.float64)
+    ocean = train.where(mask)
+
+    dims = ("time",) if per_pixel else ("time", "lat", "lon")
+    mean_l = ocean.mean(dims)
+    std_l = ocean.std(dims)
+    clim_l = train.groupby("time.dayofyear").mean("time")  # (dayofyear, variable, lat, lon)
+    mean, std, clim = dask.compute(mean_l, std_l, clim_l)
+
+    if per_pixel:
+        mean = mean.where(mask, 0.0)
+        std = std.where(mask, 1.0)
+    if not bool(np.isfinite(mean).all()):
+        bad = [str(v) for v in mean["variable"].values if not np.isfinite(mean.sel(variable=v)).all()]
+        raise DataError(f"the training period {train_start}..{train_end} has no finite ocean value of {bad}")
+    small = ~(std > MIN_STD)
+    if bool(small.any()):
+        flat = small.any([d for d in small.dims if d != "variable"]) if small.ndim > 1 else small
+        names = [str(v) for v in flat["variable"].values[flat.values]]
+        log.warning("normalize: standard deviation 0 for %s (constant in the training period); using 1", names)
+        std = std.where(~small, 1.0)
+
+    full = np.full((DAYS, len(variables), ds.sizes["lat"], ds.sizes["lon"]), np.nan)
+    full[clim["dayofyear"].values - 1] = clim.transpose("dayofyear", "variable", "lat", "lon").values
+    smooth = circular_smooth(full, int(climatology_window))
+    smooth = np.where(mask.values[None, None], smooth, np.nan)
+
+    units = [str(ds[v].attrs.get("units", "unknown")) for v in variables]
+    coords = {"variable": np.array(variables, dtype=object), "lat": ds["lat"], "lon": ds["lon"]}
+    out = xr.Dataset(
+        {
+            "mean": mean.astype(np.float64).drop_vars([c for c in mean.coords if c not in coords]),
+            "std": std.astype(np.float64).drop_vars([c for c in std.coords if c not in coords]),
+            "climatology": (
+                ("dayofyear", "variable", "lat", "lon"),
+                smooth.astype(np.float32),
+                {"long_name": "training-period day-of-year mean", "window_days": int(climatology_window)},
+            ),
+            "mask": mask.drop_vars([c for c in mask.coords if c not in coords]),
+            "variable_units": ("variable", np.array(units, dtype=object), dict(zip(variables, units, strict=True))),
+        },
+        coords={**coords, "dayofyear": np.arange(1, DAYS + 1)},
+        attrs={
+            "train_start": str(train_start),
+            "train_end": str(train_end),
+            "per_pixel": int(bool(per_pixel)),
+            "climatology_window": int(climatology_window),
+            "train_steps": int(train.sizes["time"]),
+            "format_version": FORMAT_VERSION,
+        },
+    )
+    out["mask"].attrs["long_name"] = "ocean: finite at every time of every variable"
+    return out
+
+
+def _select(stats: xr.Dataset, name: str, da: xr.DataArray) -> xr.DataArray:
+    if "variable" not in da.dims:
+        raise DataError(f"normalize/denormalize need a DataArray with a 'variable' dimension; got dims {da.dims}")
+    names = [str(v) for v in da["variable"].values]
+    unknown = sorted(set(names) - {str(v) for v in stats["variable"].values})
+    if unknown:
+        covered = [str(v) for v in stats["variable"].values]
+        raise DataError(f"variables {unknown} have no statistics; the statistics cover {covered}; re-run normalize")
+    return stats[name].sel(variable=names)
+
+
+def normalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
+    """``(da - mean) / std`` per variable (and per cell when the statistics are per pixel)."""
+    try:
+        with xr.set_options(arithmetic_join="exact", keep_attrs=True):
+            return (da - _select(stats, "mean", da)) / _select(stats, "std", da)
+    except ValueError as exc:
+        raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
+
+
+def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
+    """Inverse of :func:`normalize`: ``da * std + mean``, back to physical units."""
+    try:
+        with xr.set_options(arithmetic_join="exact", keep_attrs=True):
+            return da * _select(stats, "std", da) + _select(stats, "mean", da)
+    except ValueError as exc:
+        raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
+
+
+def write_stats(stats: xr.Dataset, out: Path) -> None:
+    """Write the statistics as netCDF at ``out`` atomically."""
+    from conv2dlstm.fsutil import atomic_output
+
+    with atomic_output(out) as tmp:
+        stats.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+
+
+def main(
+    cfg: Mapping[str, Any],
+    *,
+    data: Path,
+    out: Path,
+    threads: int = 1,
+    memory_mb: int | None = None,
+) -> None:
+    """Fit the statistics of the regridded store ``data`` on ``splits.train`` and write ``out`` (netCDF)."""
+    from conv2dlstm.daskutil import compute_errors, dask_client
+
+    variables = list(dict.fromkeys([*cfg["variables"]["inputs"], *cfg["variables"]["targets"]]))
+    train = cfg["splits"]["train"]
+    with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
+        ds = xr.open_zarr(Path(data))
+        with compute_errors(f"fitting statistics on {data}"):
+            stats = fit_stats(
+                ds,
+                train_start=train["start"],
+                train_end=train["end"],
+                variables=variables,
+                per_pixel=cfg["normalize"]["per_pixel"],
+                climatology_window=cfg["normalize"]["climatology_window"],
+            )
+    log.info(
+        "normalize: %s on %s..%s (%d steps), %d ocean cells of %d -> %s",
+        variables,
+        train["start"],
+        train["end"],
+        stats.attrs["train_steps"],
+        int(stats["mask"].sum()),
+        stats["mask"].size,
+        out,
+    )
+    write_stats(stats, Path(out))

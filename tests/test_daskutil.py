@@ -1,0 +1,79 @@
+"""dask_client: a real local cluster sized from threads/memory, or a real scheduler started separately."""
+
+from __future__ import annotations
+
+import dask.array as da
+import distributed
+import numpy as np
+import pytest
+
+from conv2dlstm.daskutil import ADDRESS_ENV, compute_errors, dask_client
+from conv2dlstm.errors import ConfigError, Conv2dLstmError
+
+
+def test_local_cluster_is_sized_and_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    with dask_client(threads=2, memory_mb=512) as client:
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 1
+        (worker,) = workers.values()
+        assert worker["nthreads"] == 2
+        assert worker["memory_limit"] == 384 * 1024 * 1024  # 3/4 of the step's memory
+        # The worker is a separate process, and dask uses the client by default.
+        assert client.run(lambda: __import__("os").getpid()) != {}
+        x = da.arange(1000, chunks=100).sum()
+        assert x.compute() == 499500
+        cluster = client.cluster
+    assert client.status == "closed"
+    assert cluster.status.name == "closed"
+
+
+def test_existing_scheduler_by_address_is_used_and_left_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        with dask_client(threads=1, memory_mb=None, address=cluster.scheduler_address) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+            assert client.cluster is None  # connected, not started here
+            assert float(da.ones((10, 10), chunks=5).sum().compute()) == 100.0
+        # The external scheduler still serves clients after the block.
+        monkeypatch.setenv(ADDRESS_ENV, cluster.scheduler_address)
+        with dask_client(threads=1, memory_mb=None) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+            assert client.submit(np.add, 2, 3).result() == 5
+
+
+def test_unreachable_scheduler_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("conv2dlstm.daskutil.CONNECT_TIMEOUT_S", 1)
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:9.*scheduler_address"):
+        with dask_client(threads=1, memory_mb=None, address="tcp://127.0.0.1:9"):
+            pass
+
+
+def test_bad_resources_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="threads"):
+        with dask_client(threads=0, memory_mb=None):
+            pass
+    with pytest.raises(ConfigError, match="memory"):
+        with dask_client(threads=1, memory_mb=10):
+            pass
+
+
+def _hog_memory(mb: int) -> int:
+    """Allocate and touch ``mb`` MiB in steps, slowly enough for the nanny to notice."""
+    import time
+
+    blocks = []
+    for _ in range(mb // 64):
+        blocks.append(np.ones(64 * 1024 * 1024 // 8))
+        time.sleep(0.05)
+    return len(blocks)
+
+
+def test_worker_over_its_memory_limit_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    with dask_client(threads=1, memory_mb=500) as client:
+        with pytest.raises(Conv2dLstmError, match="memory limit.*mem_mb"):
+            with compute_errors("test step"):
+                client.submit(_hog_memory, 4000, pure=False).result(timeout=60)

@@ -1,0 +1,202 @@
+"""normalize: statistics from the training period only, climatology, mask, the step on a real Zarr store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conv2dlstm import normalize as nz
+from conv2dlstm.config import validate_config
+from conv2dlstm.errors import DataError
+from conv2dlstm.regrid import write_zarr
+
+LAT = np.array([21.0, 22.0, 23.0])
+LON = np.array([-79.0, -78.0, -77.0, -76.0])
+
+
+def regridded(times: pd.DatetimeIndex, sst: np.ndarray, no3: np.ndarray | None = None) -> xr.Dataset:
+    """A regrid-step-like dataset ``(time, lat, lon)`` with float32 ``sst`` (and ``no3``)."""
+    data = {"sst": (("time", "lat", "lon"), sst.astype(np.float32), {"units": "Celsius"})}
+    if no3 is not None:
+        data["no3"] = (("time", "lat", "lon"), no3.astype(np.float32), {"units": "mmol m-3"})
+    return xr.Dataset(data, coords={"time": times, "lat": LAT, "lon": LON})
+
+
+def leaky_dataset(seed: int = 0) -> tuple[xr.Dataset, int]:
+    """2019 (train) ~ N(0, 1) plus a land cell; 2020 (val/test) values of 1e6."""
+    times = pd.date_range("2019-01-01", "2020-12-31", freq="D")
+    n_train = int((times <= "2019-12-31").sum())
+    rng = np.random.default_rng(seed)
+    sst = rng.normal(size=(times.size, LAT.size, LON.size))
+    sst[n_train:] = 1e6
+    sst[:, 0, 0] = np.nan  # land
+    no3 = 5 + 2 * rng.normal(size=sst.shape)
+    no3[n_train:] = -1e6
+    no3[:, 0, 0] = np.nan
+    return regridded(times, sst, no3), n_train
+
+
+def fit(ds: xr.Dataset, **kw: object) -> xr.Dataset:
+    args = {"train_start": "2019-01-01", "train_end": "2019-12-31", "variables": ["sst", "no3"],
+            "per_pixel": False, "climatology_window": 1}
+    args.update(kw)
+    return nz.fit_stats(ds, **args)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_validation_and_test_data_do_not_leak(chunked: bool) -> None:
+    ds, n_train = leaky_dataset()
+    src = ds.chunk({"time": 50}) if chunked else ds
+    stats = fit(src, climatology_window=31)
+    # Against the same fit on the training year alone (nothing else exists there to leak).
+    alone = fit(ds.isel(time=slice(0, n_train)), climatology_window=31)
+    for name in ("mean", "std", "climatology", "mask"):
+        xr.testing.assert_allclose(stats[name], alone[name], rtol=1e-10)
+    # And against hand-computed numbers: ocean cells of 2019 only.
+    sst = ds["sst"].values[:n_train].astype(np.float64)
+    ocean = np.isfinite(sst[0])
+    np.testing.assert_allclose(stats["mean"].sel(variable="sst"), sst[:, ocean].mean(), rtol=1e-10)
+    np.testing.assert_allclose(stats["std"].sel(variable="sst"), sst[:, ocean].std(), rtol=1e-10)
+    assert abs(float(stats["mean"].sel(variable="no3")) - 5) < 0.1
+    assert np.nanmax(np.abs(stats["climatology"].values)) < 20
+
+
+def test_per_pixel_statistics() -> None:
+    ds, n_train = leaky_dataset(1)
+    stats = fit(ds, per_pixel=True)
+    assert stats["mean"].dims == ("variable", "lat", "lon")
+    no3 = ds["no3"].values[:n_train].astype(np.float64)
+    np.testing.assert_allclose(stats["mean"].sel(variable="no3").values[1:, :], no3.mean(axis=0)[1:, :], rtol=1e-10)
+    np.testing.assert_allclose(stats["std"].sel(variable="no3").values[2, 3], no3[:, 2, 3].std(), rtol=1e-10)
+    # Land: neutral statistics (masked downstream).
+    assert float(stats["mean"].sel(variable="no3")[0, 0]) == 0.0
+    assert float(stats["std"].sel(variable="no3")[0, 0]) == 1.0
+    assert stats.attrs["per_pixel"] == 1
+
+
+def seasonal(times: pd.DatetimeIndex) -> np.ndarray:
+    doy = times.day_of_year.values
+    signal = 10 + 5 * np.cos(2 * np.pi * (doy - 1) / 366)
+    return np.broadcast_to(signal[:, None, None], (times.size, LAT.size, LON.size)).copy()
+
+
+def test_climatology_of_a_pure_seasonal_cycle() -> None:
+    times = pd.date_range("2019-01-01", "2020-12-31", freq="D")  # 2020 is a leap year: every day-of-year
+    ds = regridded(times, seasonal(times))
+    doy = np.arange(1, 367)
+    truth = 10 + 5 * np.cos(2 * np.pi * (doy - 1) / 366)
+    exact = nz.fit_stats(ds, train_start="2019-01-01", train_end="2020-12-31", variables=["sst"], climatology_window=1)
+    np.testing.assert_allclose(exact["climatology"].values[:, 0, 1, 1], truth, rtol=1e-6)
+    # A circular running mean of w days scales a 366-day cosine by sin(pi w / 366) / (w sin(pi / 366)).
+    w = 31
+    smooth = nz.fit_stats(ds, train_start="2019-01-01", train_end="2020-12-31", variables=["sst"], climatology_window=w)
+    gain = np.sin(np.pi * w / 366) / (w * np.sin(np.pi / 366))
+    np.testing.assert_allclose(smooth["climatology"].values[:, 0, 2, 3], 10 + gain * (truth - 10), rtol=1e-5)
+    assert smooth["climatology"].dims == ("dayofyear", "variable", "lat", "lon")
+    np.testing.assert_array_equal(smooth["dayofyear"].values, doy)
+
+
+def test_day_366_is_filled_without_a_leap_year() -> None:
+    times = pd.date_range("2019-01-01", "2019-12-31", freq="D")
+    ds = regridded(times, seasonal(times))
+    stats = nz.fit_stats(ds, train_start="2019-01-01", train_end="2019-12-31", variables=["sst"], climatology_window=1)
+    clim = stats["climatology"].values[:, 0, 0, 0]
+    assert np.isfinite(clim).all()
+    np.testing.assert_allclose(clim[365], (clim[364] + clim[0]) / 2, rtol=1e-6)
+
+
+def test_circular_smooth_by_hand() -> None:
+    x = np.zeros((366, 1))
+    x[0] = 3.0
+    x[5] = np.nan
+    out = nz.circular_smooth(x, 3)
+    np.testing.assert_allclose(out[[365, 0, 1, 2], 0], [1.0, 1.0, 1.0, 0.0])
+    np.testing.assert_allclose(out[4, 0], 0.0)  # days 3, 4 available; day 5 skipped
+    gap = np.full((366, 1), np.nan)
+    gap[[10, 20]] = [[1.0], [3.0]]
+    np.testing.assert_allclose(nz.circular_smooth(gap, 1)[15, 0], 2.0)
+
+
+def test_mask_semantics() -> None:
+    ds, n_train = leaky_dataset(2)
+    sst = ds["sst"].values.copy()
+    sst[n_train + 10, 2, 1] = np.nan  # missing once, in the test period
+    no3 = ds["no3"].values.copy()
+    no3[3, 1, 3] = np.nan  # missing once in another variable
+    ds = regridded(ds.indexes["time"], sst, no3)
+    stats = fit(ds)
+    expected = np.ones((LAT.size, LON.size), bool)
+    expected[0, 0] = expected[2, 1] = expected[1, 3] = False
+    np.testing.assert_array_equal(stats["mask"].values, expected)
+    assert stats["mask"].dtype == bool
+    # Non-ocean cells do not enter the statistics.
+    train = ds["sst"].values[:n_train].astype(np.float64)
+    np.testing.assert_allclose(stats["mean"].sel(variable="sst"), train[:, expected].mean(), rtol=1e-10)
+    assert np.isnan(stats["climatology"].values[:, :, 0, 0]).all()
+
+
+def test_empty_training_period_names_period_and_data_range() -> None:
+    ds, _ = leaky_dataset()
+    with pytest.raises(DataError, match=r"2015-01-01\.\.2015-12-31.*2019-01-01\.\.2020-12-31"):
+        fit(ds, train_start="2015-01-01", train_end="2015-12-31")
+
+
+def test_missing_variable_is_named() -> None:
+    ds, _ = leaky_dataset()
+    with pytest.raises(DataError, match=r"\['si'\].*\['no3', 'sst'\]"):
+        fit(ds, variables=["sst", "si"])
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_normalize_denormalize_round_trip(per_pixel: bool) -> None:
+    ds, _ = leaky_dataset(3)
+    stats = fit(ds, per_pixel=per_pixel)
+    x = nz.stack_variables(ds.isel(time=slice(0, 5)), ["no3", "sst"])  # other order than the stats
+    z = nz.normalize(x, stats)
+    mean = stats["mean"].sel(variable="sst")
+    std = stats["std"].sel(variable="sst")
+    np.testing.assert_allclose(z.sel(variable="sst"), (x.sel(variable="sst") - mean) / std, rtol=1e-6)
+    xr.testing.assert_allclose(nz.denormalize(z, stats), x.astype(np.float64), rtol=1e-6)
+    with pytest.raises(DataError, match="'variable' dimension"):
+        nz.normalize(ds["sst"], stats)
+    if per_pixel:
+        with pytest.raises(DataError, match="grid"):
+            nz.normalize(x.assign_coords(lat=x["lat"] + 0.5), stats)
+
+
+def test_main_writes_stats_netcdf(tmp_path: Path) -> None:
+    ds, n_train = leaky_dataset(4)
+    data = tmp_path / "regrid" / "oisst.zarr"
+    write_zarr(ds.chunk({"time": 128}), data)
+    cfg = validate_config({
+        "variables": {"inputs": ["sst", "no3"], "targets": ["sst"]},
+        "splits": {"train": {"start": "2019-01-01", "end": "2019-12-31"},
+                   "val": {"start": "2020-01-01", "end": "2020-06-30"},
+                   "test": {"start": "2020-07-01", "end": "2020-12-31"}},
+        "normalize": {"climatology_window": 15},
+    })
+    out = tmp_path / "normalize" / "oisst.nc"
+    nz.main(cfg, data=data, out=out, threads=1, memory_mb=1024)
+    assert [p.name for p in out.parent.iterdir()] == ["oisst.nc"]
+    with xr.open_dataset(out) as stats:
+        assert list(stats["variable"].values) == ["sst", "no3"]
+        assert stats["mean"].dims == ("variable",)
+        assert stats["climatology"].shape == (366, 2, 3, 4)
+        assert stats["mask"].dtype == bool and not bool(stats["mask"][0, 0])
+        assert list(stats["variable_units"].values) == ["Celsius", "mmol m-3"]
+        assert stats["variable_units"].attrs["no3"] == "mmol m-3"
+        assert stats.attrs["train_start"] == "2019-01-01" and stats.attrs["train_end"] == "2019-12-31"
+        assert stats.attrs["per_pixel"] == 0
+        sst = ds["sst"].values[:n_train].astype(np.float64)
+        np.testing.assert_allclose(float(stats["mean"].sel(variable="sst")), np.nanmean(sst), rtol=1e-9)
+    # A training period outside the data fails and leaves the previous output as it was.
+    before = out.read_bytes()
+    cfg["splits"]["train"] = {"start": "2010-01-01", "end": "2010-12-31"}
+    with pytest.raises(DataError, match="2010-01-01"):
+        nz.main(cfg, data=data, out=out)
+    assert out.read_bytes() == before
+    assert [p.name for p in out.parent.iterdir()] == ["oisst.nc"]

@@ -1,0 +1,213 @@
+"""windows: start indices at split boundaries and gaps, and the store layout on a real Zarr store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import zarr
+
+from conv2dlstm import normalize as nz
+from conv2dlstm import windows as wn
+from conv2dlstm.config import validate_config
+from conv2dlstm.errors import DataError
+from conv2dlstm.fsutil import sha256_file
+from conv2dlstm.regrid import write_zarr
+
+
+def days(start: str, end: str) -> np.ndarray:
+    return pd.date_range(start, end, freq="D").values
+
+
+def test_starts_stay_inside_the_split() -> None:
+    times = days("2020-01-01", "2020-01-20")
+    # Split 2020-01-05..2020-01-12 is indices 4..11; windows of 3 + 2 = 5 steps start at 4..7.
+    got = wn.window_starts(times, start="2020-01-05", end="2020-01-12", input_steps=3, lead_steps=2)
+    np.testing.assert_array_equal(got, [4, 5, 6, 7])
+    assert got.dtype == np.int64
+    # The whole axis: 0..15.
+    np.testing.assert_array_equal(
+        wn.window_starts(times, start="2019-01-01", end="2021-01-01", input_steps=3, lead_steps=2), np.arange(16)
+    )
+
+
+def test_end_day_is_included_for_sub_daily_steps() -> None:
+    times = pd.date_range("2020-01-01", "2020-01-03 18:00", freq="6h").values  # 12 steps
+    got = wn.window_starts(times, start="2020-01-02", end="2020-01-03", input_steps=2, lead_steps=2)
+    np.testing.assert_array_equal(got, [4, 5, 6, 7, 8])  # 2020-01-02 00:00 .. 2020-01-03 06:00
+
+
+def test_no_window_spans_a_gap() -> None:
+    times = np.concatenate([days("2020-01-01", "2020-01-06"), days("2020-01-09", "2020-01-15")])
+    # indices 0..5 are Jan 1..6, 6..12 are Jan 9..15; windows of 4 steps.
+    got = wn.window_starts(times, start="2020-01-01", end="2020-01-31", input_steps=2, lead_steps=2)
+    np.testing.assert_array_equal(got, [0, 1, 2, 6, 7, 8, 9])
+
+
+def test_stride_and_explicit_step() -> None:
+    times = days("2020-01-01", "2020-01-12")
+    got = wn.window_starts(times, start="2020-01-01", end="2020-01-12", input_steps=2, lead_steps=1, stride=3)
+    np.testing.assert_array_equal(got, [0, 3, 6, 9])
+    # With a 2-day nominal step, consecutive days are not consecutive steps: no window.
+    none = wn.window_starts(times, start="2020-01-01", end="2020-01-12", input_steps=2, lead_steps=1,
+                            step=np.timedelta64(2, "D"))
+    assert none.size == 0
+
+
+def test_inferred_step_is_the_most_common_difference() -> None:
+    times = np.concatenate([days("2020-01-01", "2020-01-10"), np.array(["2020-01-20"], dtype="datetime64[ns]")])
+    assert wn.nominal_step(times) == np.timedelta64(1, "D")
+    got = wn.window_starts(times, start="2020-01-01", end="2020-02-01", input_steps=8, lead_steps=2)
+    np.testing.assert_array_equal(got, [0])
+
+
+def test_window_longer_than_the_data() -> None:
+    assert wn.window_starts(days("2020-01-01", "2020-01-03"), start="2020-01-01", end="2020-01-03",
+                            input_steps=3, lead_steps=1).size == 0
+
+
+# ------------------------------------------------------------------ the store
+
+
+LAT = np.array([21.0, 22.0, 23.0])
+LON = np.array([-79.0, -78.0])
+
+
+def source() -> xr.Dataset:
+    """A regrid-step-like dataset: 2019-12-25..2020-02-05 daily, a land cell, one missing value."""
+    times = pd.date_range("2019-12-25", "2020-02-05", freq="D")
+    rng = np.random.default_rng(7)
+    sst = 20 + 3 * rng.normal(size=(times.size, LAT.size, LON.size))
+    sst[:, 0, 0] = np.nan
+    sst[30, 2, 1] = np.nan  # a cell missing once: not ocean
+    chl = rng.lognormal(size=sst.shape)
+    chl[:, 0, 0] = np.nan
+    return xr.Dataset(
+        {
+            "sst": (("time", "lat", "lon"), sst.astype(np.float32), {"units": "Celsius"}),
+            "chl": (("time", "lat", "lon"), chl.astype(np.float32), {"units": "mg m-3"}),
+        },
+        coords={"time": times, "lat": LAT, "lon": LON},
+    )
+
+
+def store_config(**windows: int) -> dict:
+    return validate_config({
+        "variables": {"inputs": ["sst", "chl"], "targets": ["sst"]},
+        "splits": {"train": {"start": "2020-01-01", "end": "2020-01-20"},
+                   "val": {"start": "2020-01-21", "end": "2020-01-27"},
+                   "test": {"start": "2020-01-28", "end": "2020-02-03"}},
+        "windows": {"input_steps": 3, "lead_steps": 2, **windows},
+        "normalize": {"climatology_window": 3},
+    })
+
+
+def fitted(ds: xr.Dataset) -> xr.Dataset:
+    return nz.fit_stats(ds, train_start="2020-01-01", train_end="2020-01-20", variables=["sst", "chl"],
+                        climatology_window=3)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_build_store_eager_and_dask(chunked: bool) -> None:
+    ds = source()
+    cfg = store_config()
+    stats = fitted(ds)
+    store = wn.build_store(ds.chunk({"time": 7}) if chunked else ds, stats, cfg)
+    assert store["data"].chunks[0][0] == 5  # input_steps + lead_steps
+    data = store["data"].values
+    # Time axis trimmed to the splits: 2020-01-01..2020-02-03 (34 days).
+    assert store.sizes["time"] == 34
+    np.testing.assert_array_equal(store["train_start"].values, np.arange(0, 16))  # Jan 1..16 (+4 <= Jan 20)
+    np.testing.assert_array_equal(store["val_start"].values, [20, 21, 22])  # Jan 21..23
+    np.testing.assert_array_equal(store["test_start"].values, [27, 28, 29])
+    reference = wn.build_store(source(), stats, cfg)["data"].values
+    np.testing.assert_array_equal(data, reference)
+
+
+def test_zero_windows_names_split_period_and_fix() -> None:
+    ds = source()
+    cfg = store_config(input_steps=6, lead_steps=3)  # 9 steps > the 7-day validation period
+    with pytest.raises(DataError, match=r"split val \(2020-01-21\.\.2020-01-27\) has no window.*lower windows"):
+        wn.build_store(ds, fitted(ds), cfg)
+
+
+def test_statistics_of_another_training_period_are_rejected() -> None:
+    ds = source()
+    stats = nz.fit_stats(ds, train_start="2020-01-01", train_end="2020-01-15", variables=["sst", "chl"])
+    expected = r"fitted on 2020-01-01\.\.2020-01-15 but splits\.train is 2020-01-01\.\.2020-01-20"
+    with pytest.raises(DataError, match=expected):
+        wn.build_store(ds, stats, store_config())
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_main_writes_the_documented_store(tmp_path: Path) -> None:
+    ds = source()
+    cfg = store_config()
+    data_path = tmp_path / "regrid" / "x.zarr"
+    write_zarr(ds.chunk({"time": 16}), data_path)
+    stats_path = tmp_path / "normalize" / "x.nc"
+    nz.write_stats(fitted(ds), stats_path)
+    out = tmp_path / "windows" / "x.zarr"
+    wn.main(cfg, data=data_path, stats=stats_path, out=out, threads=1, memory_mb=1024)
+    assert [p.name for p in out.parent.iterdir()] == ["x.zarr"]
+
+    group = zarr.open_group(out, mode="r")
+    assert group.metadata.zarr_format == 3
+    assert group["data"].dtype == np.float32
+    assert group["data"].shape == (34, 2, 3, 2)
+    assert group["data"].chunks == (5, 2, 3, 2)
+    assert group["mask"].dtype == bool
+    assert group["train_start"].dtype == np.int64
+    attrs = group.attrs.asdict()
+    assert attrs["input_variables"] == ["sst", "chl"] and attrs["target_variables"] == ["sst"]
+    assert attrs["input_steps"] == 3 and attrs["lead_steps"] == 2 and attrs["format_version"] == 1
+    assert attrs["stats_sha256"] == sha256_file(stats_path)
+
+    store = xr.open_zarr(out)
+    assert store["data"].dims == ("time", "variable", "lat", "lon")
+    assert list(store["variable"].values) == ["sst", "chl"]
+    assert store["train_start"].dims == ("train_sample",)
+    mask = store["mask"].values
+    np.testing.assert_array_equal(mask, [[False, True], [True, True], [True, False]])
+
+    # Sample slicing reproduces normalized source values.
+    with xr.open_dataset(stats_path) as st:
+        mean = st["mean"].values
+        std = st["std"].values
+    t0 = int(store["val_start"].values[1])
+    tin, tout = attrs["input_steps"], attrs["lead_steps"]
+    times = store["time"].values
+    src = ds.sel(time=times)
+    expected_x = np.stack([(src[v].values[t0:t0 + tin] - mean[i]) / std[i] for i, v in enumerate(["sst", "chl"])], 1)
+    expected_x = np.where(mask & np.isfinite(expected_x), expected_x, 0.0)
+    x = store["data"].values[t0:t0 + tin, [0, 1]]
+    np.testing.assert_allclose(x, expected_x, rtol=1e-5, atol=1e-6)
+    y = store["data"].values[t0 + tin:t0 + tin + tout, [0]]
+    expected_y = (src["sst"].values[t0 + tin:t0 + tin + tout] - mean[0]) / std[0]
+    np.testing.assert_allclose(y[:, 0], np.where(mask, expected_y, 0.0), rtol=1e-5, atol=1e-6)
+    assert str(times[t0 + tin - 1])[:10] == "2020-01-24"  # initial time of val sample 1 (starts Jan 22)
+    assert not np.isnan(store["data"].values).any()
+
+    # Storage: the normalized cube once (compressed chunks), not once per window.
+    cube_bytes = 34 * 2 * 3 * 2 * 4
+    assert _file_bytes(out / "data") <= 1.25 * cube_bytes + 1024  # + the array's metadata document
+
+
+def test_storage_does_not_grow_with_window_length(tmp_path: Path) -> None:
+    ds = source()
+    sizes = []
+    for steps in (2, 6):
+        cfg = store_config(input_steps=steps, lead_steps=1, time_chunk=8)
+        store = wn.build_store(ds, fitted(ds), cfg)
+        path = tmp_path / f"w{steps}.zarr"
+        wn.write_store(store, path)
+        chunk_files = [p for p in (path / "data").rglob("*") if p.is_file() and p.name != "zarr.json"]
+        sizes.append(sum(p.stat().st_size for p in chunk_files))
+        assert sizes[-1] <= 1.25 * store["data"].size * 4
+    assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0]
