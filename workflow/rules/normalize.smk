@@ -8,7 +8,7 @@ rule normalize:
         config=config_json(config, "variables", "splits", "normalize", "dask"),
     threads: 4
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
         runtime=60,
     log:
         f"{LOGS}/normalize.log",

@@ -8,7 +8,7 @@ rule regrid:
         config=config_json(config, "name", "source", "harmonize", "region", "grid", "variables", "dask"),
     threads: 4
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
         runtime=60,
     log:
         f"{LOGS}/regrid.log",

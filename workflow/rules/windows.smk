@@ -9,7 +9,7 @@ rule windows:
         config=config_json(config, "variables", "splits", "windows", "normalize", "dask"),
     threads: 4
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
         runtime=60,
     log:
         f"{LOGS}/windows.log",

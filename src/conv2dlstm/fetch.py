@@ -1,0 +1,965 @@
+"""Fetch step: get the raw data and describe it in ``manifest.json``.
+
+Source kinds (``cfg["source"]["kind"]``):
+
+``url``
+    A URL template expanded with ``{date}`` (a :class:`pandas.Timestamp`, so ``{date:%Y%m%d}``
+    works) over ``pd.date_range(start, end, freq=frequency)``. ``http(s)://`` URLs are downloaded
+    with :mod:`requests`; ``file:///abs/path`` and ``file:relative/path`` (relative to the working
+    directory) are copied. Downloads run in parallel, are retried with exponential backoff on
+    transient failures (connection errors, timeouts, truncated bodies, HTTP 5xx and 429; never on
+    404), stream to a hidden ``*.partial`` name and are renamed into place only after they have
+    been verified (``source.checksums``, ``Content-Length``, and that the file opens as netCDF).
+    Each verified file gets a ``.<name>.sha256`` sidecar, so an interrupted set resumes: files
+    whose checksum matches the sidecar or the previous manifest are not downloaded again.
+``files``
+    Local netCDF files or Zarr stores (paths or globs); nothing is copied.
+``zarr``
+    An fsspec URL of a Zarr store, opened lazily and subset by time, variables and region before
+    the subset is written to ``<out_dir>/<name>.zarr``.
+``copernicus``
+    Copernicus Marine (optional ``copernicusmarine`` package, credentials from the environment),
+    opened lazily, subset and written to ``<out_dir>/<name>.nc``.
+
+The manifest is written last, atomically, and only when every file succeeded; a failed fetch
+leaves no partial file and no manifest (complete, verified files stay for the next attempt).
+:func:`open_fetched` opens what a manifest lists as one lazy (Dask) dataset with the raw names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.parse
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from conv2dlstm import __version__
+from conv2dlstm.errors import ConfigError, DataError, DownloadError
+from conv2dlstm.fsutil import atomic_output, sha256_file, sha256_tree
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+CHUNK_BYTES = 1 << 20
+MAX_RETRY_AFTER_S = 60.0
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
+USER_AGENT = f"conv2dlstm/{__version__} (python-requests)"
+# The netCDF-C / HDF5 libraries are not thread-safe: parallel download workers check files one at a time.
+_NETCDF_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """One fetched or located file (or Zarr store) as listed in the manifest."""
+
+    path: Path
+    url: str
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": display_path(self.path), "url": self.url, "sha256": self.sha256, "bytes": self.bytes}
+
+
+class _Transient(Exception):
+    """A failure worth retrying (connection, timeout, truncation, HTTP 5xx/429)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# --------------------------------------------------------------------------------------------------
+# paths, manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it, else absolute."""
+    path = Path(path).absolute()
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd().absolute()))
+    return str(path)
+
+
+def manifest_digest(files: Iterable[FetchedFile]) -> str:
+    """SHA-256 over ``"<file name> <sha256>\\n"`` of each file, in manifest order."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{Path(f.path).name} {f.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def build_manifest(kind: str, fmt: str, files: list[FetchedFile], **extra: Any) -> dict[str, Any]:
+    """The manifest document (see docs/architecture.md)."""
+    return {
+        "kind": kind,
+        "format": fmt,
+        "files": [f.to_json() for f in files],
+        "sha256": manifest_digest(files),
+        **extra,
+    }
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest`` as JSON, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Load and minimally check a manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist; run the fetch step first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"manifest {path} is not valid JSON ({exc}); delete it and fetch again") from exc
+    if not isinstance(manifest, dict) or not manifest.get("files") or manifest.get("format") not in ("netcdf", "zarr"):
+        raise DataError(f"manifest {path} lists no files or has no format netcdf/zarr; delete it and fetch again")
+    return manifest
+
+
+def _manifest_file_path(entry: dict[str, Any], manifest_path: Path) -> Path:
+    """A manifest entry's path: as written (relative to the working directory), else next to the manifest."""
+    path = Path(entry["path"])
+    if path.is_absolute() or path.exists():
+        return path
+    beside = manifest_path.parent / path.name
+    return beside if beside.exists() else path
+
+
+def _previous_checksums(out_dir: Path) -> dict[str, str]:
+    """File name -> sha256 from the previous manifest and the ``.<name>.sha256`` sidecars."""
+    known: dict[str, str] = {}
+    manifest = out_dir / MANIFEST_NAME
+    if manifest.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            for entry in json.loads(manifest.read_text())["files"]:
+                known[Path(entry["path"]).name] = entry["sha256"]
+    for sidecar in out_dir.glob(".*.sha256"):
+        with contextlib.suppress(OSError, IndexError):
+            known[sidecar.name[1 : -len(".sha256")]] = sidecar.read_text().split()[0]
+    return known
+
+
+def _sidecar(path: Path) -> Path:
+    return path.parent / f".{path.name}.sha256"
+
+
+def _discard_partials(out_dir: Path) -> None:
+    """Remove temporaries left by an interrupted run (``.<name>.<random>.partial``)."""
+    for stray in out_dir.glob(".*.partial"):
+        log.info("discarding %s left by an interrupted fetch", stray)
+        if stray.is_dir() and not stray.is_symlink():
+            shutil.rmtree(stray, ignore_errors=True)
+        else:
+            stray.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# verification
+# --------------------------------------------------------------------------------------------------
+
+
+def check_netcdf(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a complete, readable netCDF (3 or 4) file.
+
+    netCDF-4/HDF5 files are opened (HDF5 detects truncation) and one value of every variable is
+    read; classic files are also parsed with :mod:`scipy.io` (netCDF-C silently pads a truncated
+    classic file with zeros).
+    """
+    import netCDF4
+
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    try:
+        with _NETCDF_LOCK, netCDF4.Dataset(path) as nc:
+            for var in nc.variables.values():
+                if var.size:
+                    var[tuple(-1 if n else slice(None) for n in var.shape)]
+    except (OSError, RuntimeError, IndexError, ValueError) as exc:
+        raise ValueError(f"{exc}") from exc
+    if magic in (b"CDF\x01", b"CDF\x02"):
+        from scipy.io import netcdf_file
+
+        try:
+            netcdf_file(path, mmap=True).close()
+        except Exception as exc:  # scipy raises ValueError/TypeError/IndexError on short files
+            raise ValueError(f"classic netCDF file is truncated or corrupt ({exc})") from exc
+
+
+def _verify(tmp: Path, url: str, name: str, expected_sha256: str | None) -> str:
+    """Checksum and netCDF check of a downloaded temporary file; returns its sha256."""
+    sha = sha256_file(tmp)
+    if expected_sha256 is not None and sha != expected_sha256.lower():
+        raise DownloadError(
+            f"{url}: SHA-256 {sha} does not match source.checksums[{name!r}] = {expected_sha256}; "
+            "the file changed upstream or is corrupt (update the checksum only if the new file is right)"
+        )
+    try:
+        check_netcdf(tmp)
+    except ValueError as exc:
+        raise DownloadError(
+            f"{url}: the downloaded file is not a readable netCDF file (truncated or corrupt?): {exc}; "
+            "check the URL in a browser, or retry later"
+        ) from exc
+    return sha
+
+
+# --------------------------------------------------------------------------------------------------
+# kind url
+# --------------------------------------------------------------------------------------------------
+
+
+def expand_urls(template: str, start: str, end: str, frequency: str) -> list[str]:
+    """The distinct URLs of ``template`` over the dates of ``start..end`` (order kept)."""
+    try:
+        dates = pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq=frequency)
+    except ValueError as exc:
+        raise ConfigError(f"config key source.frequency: {frequency!r} is not a pandas frequency ({exc})") from exc
+    if len(dates) == 0:
+        raise ConfigError(
+            f"config keys source.start/end/frequency: {start}..{end} at {frequency!r} contains no date; "
+            "check the range"
+        )
+    urls: list[str] = []
+    seen: set[str] = set()
+    for date in dates:
+        try:
+            url = template.format(date=date)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"config key source.url: template {template!r} cannot be expanded ({type(exc).__name__}: "
+                f"{exc}); the only placeholder is {{date}}, e.g. {{date:%Y%m%d}}"
+            ) from exc
+        if url not in seen:
+            seen.add(url)
+            urls.append(url)
+    return urls
+
+
+def url_file_name(url: str) -> str:
+    """Destination name: the last path component of the URL."""
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/").split("/")[-1]
+    if not name or name in (".", ".."):
+        raise ConfigError(f"config key source.url: {url!r} has no file name in its path")
+    return name
+
+
+def file_url_path(url: str) -> Path:
+    """Local path of a ``file:`` URL: ``file:///abs``, ``file://localhost/abs`` or ``file:relative``."""
+    rest = urllib.parse.unquote(url[len("file:") :])
+    if rest.startswith("//"):
+        host, _, path = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise ConfigError(
+                f"config key source.url: {url!r} names host {host!r}; use file:///absolute/path or "
+                "file:relative/path (relative to the working directory)"
+            )
+        return Path("/" + path)
+    return Path(rest)
+
+
+def url_scheme(url: str) -> str:
+    """``http``, ``https`` or ``file``; any other scheme is a :class:`ConfigError`."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "file"):
+        raise ConfigError(
+            f"config key source.url: {url!r} uses scheme {scheme or '(none)'!r}; use http://, https:// or file:"
+        )
+    if scheme == "file":
+        file_url_path(url)  # rejects file://otherhost/...
+    return scheme
+
+
+class _SessionPool:
+    """One :class:`requests.Session` per worker thread (sessions are not thread-safe)."""
+
+    def __init__(self, pool_size: int) -> None:
+        self._local = threading.local()
+        self._sessions: list[Any] = []
+        self._lock = threading.Lock()
+        self._pool_size = pool_size
+
+    def get(self) -> Any:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    return None
+
+
+def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -> None:
+    """One GET of ``url`` into ``dest``; raises :class:`_Transient` or :class:`DownloadError`."""
+    import requests
+
+    try:
+        with session.get(url, stream=True, timeout=timeout_s) as resp:
+            status = resp.status_code
+            if status in (404, 410):
+                raise DownloadError(f"{url}: HTTP {status} {resp.reason} (no such file); {hint}")
+            if status in RETRY_STATUS or status >= 500:
+                raise _Transient(f"HTTP {status} {resp.reason}", _retry_after(resp.headers.get("Retry-After")))
+            if status in (401, 403):
+                raise DownloadError(f"{url}: HTTP {status} {resp.reason}; the server refuses access (credentials?)")
+            if status >= 400:
+                raise DownloadError(f"{url}: HTTP {status} {resp.reason}; {hint}")
+            length = resp.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() and not resp.headers.get("Content-Encoding") else None
+            received = 0
+            try:
+                with open(dest, "wb") as fh:
+                    for block in resp.iter_content(CHUNK_BYTES):
+                        fh.write(block)
+                        received += len(block)
+            except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as exc:
+                of = f" of {expected}" if expected is not None else ""
+                raise _Transient(f"connection broken after {received}{of} bytes, truncated ({exc})") from exc
+            if expected is not None and received != expected:
+                raise _Transient(f"truncated: received {received} of {expected} bytes (Content-Length)")
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+    except requests.RequestException as exc:
+        raise DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _file_copy(url: str, dest: Path, hint: str) -> None:
+    src = file_url_path(url)
+    if not src.is_file():
+        raise DownloadError(f"{url}: {src.absolute()} does not exist; {hint}")
+    try:
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            shutil.copyfileobj(fin, fout, CHUNK_BYTES)
+    except OSError as exc:
+        raise DownloadError(f"{url}: cannot read {src}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _UrlJob:
+    url: str
+    dest: Path
+    expected_sha256: str | None
+
+
+def _fetch_one(
+    job: _UrlJob,
+    *,
+    sessions: _SessionPool,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+    hint: str,
+    stop: threading.Event,
+) -> FetchedFile:
+    """Download, verify and atomically place one file (retrying transient failures)."""
+    scheme = url_scheme(job.url)
+    with atomic_output(job.dest) as tmp:
+        attempt = 0
+        while True:
+            if stop.is_set():
+                raise DownloadError(f"{job.url}: cancelled after another file failed")
+            try:
+                if scheme == "file":
+                    _file_copy(job.url, tmp, hint)
+                else:
+                    _http_get(job.url, tmp, sessions.get(), timeout_s, hint)
+                break
+            except _Transient as exc:
+                if attempt >= retries:
+                    raise DownloadError(
+                        f"{job.url}: failed after {attempt + 1} attempt(s): {exc}; the server or the "
+                        "network may be down (retry later, or raise source.retries / source.timeout_s)"
+                    ) from exc
+                delay = backoff_s * 2**attempt
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
+                log.warning("%s: %s; retry %d/%d in %.1f s", job.url, exc, attempt + 1, retries, delay)
+                attempt += 1
+                if stop.wait(delay):
+                    raise DownloadError(f"{job.url}: cancelled after another file failed") from exc
+        sha = _verify(tmp, job.url, job.dest.name, job.expected_sha256)
+        size = tmp.stat().st_size
+    with atomic_output(_sidecar(job.dest)) as tmp_sidecar:
+        tmp_sidecar.write_text(f"{sha}  {job.dest.name}\n")
+    return FetchedFile(job.dest, job.url, sha, size)
+
+
+def _reuse(job: _UrlJob, known: dict[str, str]) -> FetchedFile | None:
+    """The already-present destination if its checksum matches what was recorded, else None."""
+    if not job.dest.is_file():
+        return None
+    expected = job.expected_sha256 or known.get(job.dest.name)
+    if expected is None:
+        return None
+    sha = sha256_file(job.dest)
+    if sha != expected:
+        log.info("%s: present but its checksum differs from the recorded one; fetching again", job.dest)
+        return None
+    if not _sidecar(job.dest).exists():
+        with atomic_output(_sidecar(job.dest)) as tmp:
+            tmp.write_text(f"{sha}  {job.dest.name}\n")
+    return FetchedFile(job.dest, job.url, sha, job.dest.stat().st_size)
+
+
+def run_parallel(
+    jobs: list[_UrlJob], worker: Callable[[_UrlJob, threading.Event], FetchedFile], parallel: int
+) -> list[FetchedFile]:
+    """Run ``worker`` over ``jobs`` on ``parallel`` threads; on the first failure cancel the rest and raise it."""
+    stop = threading.Event()
+    results: dict[int, FetchedFile] = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="fetch") as pool:
+        futures: dict[Future[FetchedFile], int] = {pool.submit(worker, job, stop): i for i, job in enumerate(jobs)}
+        pending = set(futures)
+        first_error: BaseException | None = None
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    if fut.cancelled():
+                        continue
+                    exc = fut.exception()
+                    if exc is None:
+                        results[futures[fut]] = fut.result()
+                    elif first_error is None:
+                        first_error = exc
+                if first_error is not None and not stop.is_set():
+                    stop.set()
+                    for fut in pending:
+                        fut.cancel()
+        except BaseException:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+    if first_error is not None:
+        failed = len(jobs) - len(results)
+        if failed > 1 and isinstance(first_error, DownloadError):
+            raise DownloadError(
+                f"{first_error} ({failed} of {len(jobs)} files were not fetched; completed files are kept "
+                "and are not downloaded again on the next run)"
+            ) from first_error
+        raise first_error
+    return [results[i] for i in range(len(jobs))]
+
+
+def fetch_urls(src: dict[str, Any], out_dir: Path, known: dict[str, str]) -> list[FetchedFile]:
+    """Kind ``url``: download every URL of the template into ``out_dir``; see the module docstring."""
+    urls = expand_urls(src["url"], src["start"], src["end"], src["frequency"])
+    names: dict[str, str] = {}
+    jobs = []
+    for url in urls:
+        url_scheme(url)
+        name = url_file_name(url)
+        if name in names:
+            raise ConfigError(
+                f"config key source.url: {names[name]!r} and {url!r} would both be saved as {name!r}; "
+                "the file name (last path component) must differ between dates"
+            )
+        names[name] = url
+        jobs.append(_UrlJob(url, out_dir / name, src["checksums"].get(name)))
+    unknown = sorted(set(src["checksums"]) - set(names))
+    if unknown:
+        log.warning("source.checksums lists files that are not fetched: %s", ", ".join(unknown))
+    done: dict[int, FetchedFile] = {}
+    todo: list[tuple[int, _UrlJob]] = []
+    for i, job in enumerate(jobs):
+        reused = _reuse(job, known)
+        if reused is not None:
+            done[i] = reused
+        else:
+            todo.append((i, job))
+    log.info("fetch: %d file(s) in %s, %d already present and verified", len(jobs), out_dir, len(done))
+    if todo:
+        hint = (
+            f"check source.url (template {src['url']!r}) and the date range source.start..source.end "
+            f"({src['start']}..{src['end']})"
+        )
+        sessions = _SessionPool(src["parallel"])
+        counter = {"n": 0}
+        lock = threading.Lock()
+
+        def worker(job: _UrlJob, stop: threading.Event) -> FetchedFile:
+            result = _fetch_one(
+                job,
+                sessions=sessions,
+                retries=src["retries"],
+                backoff_s=src["backoff_s"],
+                timeout_s=src["timeout_s"],
+                hint=hint,
+                stop=stop,
+            )
+            with lock:
+                counter["n"] += 1
+                if counter["n"] % 50 == 0 or counter["n"] == len(todo):
+                    log.info("fetch: %d / %d downloaded", counter["n"], len(todo))
+            return result
+
+        try:
+            fetched = run_parallel([job for _, job in todo], worker, src["parallel"])
+        finally:
+            sessions.close()
+        for (i, _), f in zip(todo, fetched):
+            done[i] = f
+    return [done[i] for i in range(len(jobs))]
+
+
+# --------------------------------------------------------------------------------------------------
+# kind files
+# --------------------------------------------------------------------------------------------------
+
+
+def is_zarr_store(path: Path) -> bool:
+    """A directory holding Zarr (v2 or v3) metadata, or any path ending in ``.zarr``."""
+    path = Path(path)
+    if path.is_dir():
+        return path.suffix == ".zarr" or any((path / marker).exists() for marker in ZARR_MARKERS)
+    return False
+
+
+def tree_bytes(path: Path) -> int:
+    """Size in bytes of a file or of all files under a directory."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def resolve_paths(patterns: list[str]) -> list[Path]:
+    """Expand ``~``, environment variables and globs; every pattern must match something."""
+    if not patterns:
+        raise ConfigError("config key source.paths: empty; kind files needs netCDF files or Zarr stores (globs allowed)")
+    out: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expandvars(os.path.expanduser(pattern))
+        if glob.has_magic(expanded):
+            matches = [Path(p) for p in sorted(glob.glob(expanded, recursive=True))]
+        else:
+            matches = [Path(expanded)] if Path(expanded).exists() else []
+        if not matches:
+            raise DownloadError(
+                f"config key source.paths: {pattern!r} matches no file or directory (relative paths are "
+                f"resolved against the working directory {Path.cwd()}); fix the path, or run the step "
+                "that creates the data first"
+            )
+        for match in matches:
+            if match not in out:
+                out.append(match)
+    return out
+
+
+def locate_files(src: dict[str, Any]) -> tuple[list[FetchedFile], str]:
+    """Kind ``files``: checksum the netCDF files or Zarr stores of ``source.paths`` (no copy)."""
+    files: list[FetchedFile] = []
+    formats = set()
+    for path in resolve_paths(src["paths"]):
+        path = path.absolute()
+        if is_zarr_store(path):
+            formats.add("zarr")
+            sha = sha256_tree(path)
+        elif path.is_dir():
+            raise DataError(
+                f"source.paths: {path} is a directory but not a Zarr store (no zarr.json or .zgroup); "
+                "point source.paths at the files inside it, e.g. a glob like dir/*.nc"
+            )
+        else:
+            formats.add("netcdf")
+            try:
+                check_netcdf(path)
+            except ValueError as exc:
+                raise DataError(f"source.paths: {path} is not a readable netCDF file: {exc}") from exc
+            sha = sha256_file(path)
+        files.append(FetchedFile(path, path.as_uri(), sha, tree_bytes(path)))
+    if len(formats) > 1:
+        raise DataError(
+            "source.paths mixes netCDF files and Zarr stores; list one format only (convert one side, "
+            "or use two datasets)"
+        )
+    return files, formats.pop()
+
+
+# --------------------------------------------------------------------------------------------------
+# kind zarr (and the subsetting shared with copernicus)
+# --------------------------------------------------------------------------------------------------
+
+
+def explicit_variables(cfg: dict[str, Any]) -> list[str]:
+    """``source.variables`` (raw names), empty when the variables follow ``variables.inputs/targets``."""
+    return list(cfg["source"]["variables"])
+
+
+def select_variables(ds: xr.Dataset, cfg: dict[str, Any], where: str) -> xr.Dataset:
+    """Keep the data variables the configuration needs, by their raw names.
+
+    ``source.variables`` when given (each must exist). Otherwise each of ``variables.inputs +
+    targets`` under its own name or under a source name that ``harmonize.rename`` maps onto it;
+    when one of them is not found by name, every variable is kept (harmonize may recognise it
+    under another name).
+    """
+    explicit = explicit_variables(cfg)
+    if explicit:
+        missing = [n for n in explicit if n not in ds.data_vars]
+        if missing:
+            raise DataError(
+                f"{where}: variable(s) {missing} of source.variables are not in the source; it has "
+                f"{sorted(map(str, ds.data_vars))}; fix source.variables"
+            )
+        return ds[explicit]
+    standard = list(dict.fromkeys(cfg["variables"]["inputs"] + cfg["variables"]["targets"]))
+    rename = cfg.get("harmonize", {}).get("rename", {})
+    keep: list[str] = []
+    for name in standard:
+        found = [c for c in [name, *(raw for raw, std in rename.items() if std == name)] if c in ds.data_vars]
+        if not found:
+            log.info("%s: variable %r not found by name; keeping all variables for harmonize", where, name)
+            return ds
+        keep.extend(found)
+    return ds[list(dict.fromkeys(keep))]
+
+
+def _find_coord(ds: xr.Dataset, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        if name in ds.coords and ds[name].ndim == 1:
+            return name
+    return None
+
+
+def time_coord(ds: xr.Dataset) -> str | None:
+    """Name of the 1-D datetime coordinate (``time`` preferred)."""
+    if "time" in ds.coords and ds["time"].ndim == 1:
+        return "time"
+    for name, coord in ds.coords.items():
+        if coord.ndim == 1 and np.issubdtype(coord.dtype, np.datetime64):
+            return str(name)
+    return None
+
+
+def select_time(ds: xr.Dataset, start: str, end: str, where: str) -> xr.Dataset:
+    """Steps with ``start <= time < end + 1 day`` (index selection on the small coordinate)."""
+    name = time_coord(ds)
+    if name is None:
+        log.info("%s: no datetime coordinate; time is not subset", where)
+        return ds
+    values = np.asarray(ds[name].values)
+    if not np.issubdtype(values.dtype, np.datetime64):
+        log.info("%s: time %r is not datetime64 (non-standard calendar?); time is not subset", where, name)
+        return ds
+    times = pd.DatetimeIndex(values)
+    lo, hi = pd.Timestamp(start), pd.Timestamp(end) + pd.Timedelta(days=1)
+    idx = np.nonzero((times >= lo) & (times < hi))[0]
+    if idx.size == 0:
+        span = f"{times.min():%Y-%m-%d}..{times.max():%Y-%m-%d}" if len(times) else "nothing"
+        raise DataError(
+            f"{where}: no time step in source.start..source.end ({start}..{end}); the source covers {span}"
+        )
+    return ds.isel({name: idx})
+
+
+def _to_convention(values: np.ndarray, zero_to_360: bool) -> np.ndarray:
+    return np.mod(values, 360.0) if zero_to_360 else (np.mod(np.asarray(values) + 180.0, 360.0) - 180.0)
+
+
+def select_region(ds: xr.Dataset, region: dict[str, Any], where: str) -> xr.Dataset:
+    """Cut ``region`` (harmonized longitude convention) from ``ds``, with a margin of two cells.
+
+    The longitude bounds are converted to the source's convention (0..360 when its longitudes
+    exceed 180). A box that wraps across the source's longitude seam is not cut in longitude
+    (all longitudes are kept; harmonize cuts it exactly).
+    """
+    out = ds
+    lat_name = _find_coord(ds, ("lat", "latitude"))
+    lon_name = _find_coord(ds, ("lon", "longitude"))
+    for key, name in (("lat", lat_name), ("lon", lon_name)):
+        bounds = region.get(key)
+        if bounds is None:
+            continue
+        if name is None:
+            log.info("%s: no 1-D %s coordinate found; region.%s is applied by harmonize", where, key, key)
+            continue
+        values = np.asarray(ds[name].values, dtype=np.float64)
+        margin = 2 * float(np.median(np.abs(np.diff(values)))) if values.size > 1 else 0.0
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if key == "lon":
+            zero_to_360 = bool(np.nanmax(values) > 180.0)
+            if hi - lo >= 360.0:
+                continue
+            lo, hi = (float(v) for v in _to_convention(np.array([lo, hi]), zero_to_360))
+            if lo > hi:
+                log.info("%s: region.lon %s wraps across the source's seam; longitudes are not cut", where, bounds)
+                continue
+        idx = np.nonzero((values >= lo - margin) & (values <= hi + margin))[0]
+        if idx.size == 0:
+            raise DataError(
+                f"{where}: region.{key} {bounds} does not overlap the source's {name} "
+                f"({values.min():g}..{values.max():g}); fix region.{key}"
+            )
+        out = out.isel({name: idx})
+    return out
+
+
+_KEEP_ENCODING = ("dtype", "_FillValue", "scale_factor", "add_offset", "units", "calendar")
+
+
+def _prepare_for_zarr(ds: xr.Dataset, original: xr.Dataset) -> xr.Dataset:
+    """Uniform Dask chunks (the source's chunk sizes) and encodings that do not pin old chunks."""
+    chunks: dict[str, int] = {}
+    for var in original.variables.values():
+        if var.chunks is not None:
+            for dim, sizes in zip(var.dims, var.chunks):
+                chunks[dim] = max(chunks.get(dim, 0), max(sizes))
+    ds = ds.chunk({d: min(c, ds.sizes[d]) for d, c in chunks.items() if d in ds.dims})
+    return clean_encoding(ds)
+
+
+def clean_encoding(ds: xr.Dataset) -> xr.Dataset:
+    """Drop storage encodings (chunks, compressors, ...) inherited from the source, keep CF packing."""
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {k: v for k, v in var.encoding.items() if k in _KEEP_ENCODING}
+    return ds
+
+
+def has_consolidated_metadata(path: Path) -> bool:
+    """Whether a local Zarr store has consolidated metadata (v2 ``.zmetadata`` or v3 in ``zarr.json``)."""
+    path = Path(path)
+    if (path / ".zmetadata").is_file():
+        return True
+    root = path / "zarr.json"
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(root.read_text()).get("consolidated_metadata") is not None
+    return False
+
+
+def open_local_zarr(path: Path, chunks: dict[str, int]) -> xr.Dataset:
+    """Open a local Zarr store lazily, with its consolidated metadata when it has some."""
+    return xr.open_zarr(path, chunks=chunks, consolidated=has_consolidated_metadata(path))
+
+
+def open_zarr_source(store: str) -> xr.Dataset:
+    """Open an fsspec Zarr store lazily (``chunks={}``: the store's own chunks)."""
+    try:
+        with warnings.catch_warnings():
+            # Zarr v3 stores written by xarray carry consolidated metadata, which zarr flags as
+            # outside the v3 specification; it is what makes remote stores fast to open.
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            return xr.open_zarr(store, chunks={})
+    except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+        raise DownloadError(
+            f"source.store: cannot open Zarr store {store!r} ({type(exc).__name__}: {exc}); check the URL "
+            "(remote stores need consolidated metadata or a zarr.json at the root)"
+        ) from exc
+    except Exception as exc:  # zarr raises its own errors (GroupNotFoundError, ...)
+        raise DownloadError(f"source.store: cannot open Zarr store {store!r} ({type(exc).__name__}: {exc})") from exc
+
+
+def subset(ds: xr.Dataset, cfg: dict[str, Any], where: str) -> xr.Dataset:
+    """Time, variable and region subset of a lazy dataset (nothing is read)."""
+    src = cfg["source"]
+    ds = select_variables(ds, cfg, where)
+    ds = select_time(ds, src["start"], src["end"], where)
+    return select_region(ds, cfg.get("region", {}), where)
+
+
+def fetch_zarr(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
+    """Kind ``zarr``: subset a remote (or local) Zarr store and write it to ``<out_dir>/<name>.zarr``."""
+    store = cfg["source"]["store"]
+    if not store:
+        raise ConfigError("config key source.store: empty; kind zarr needs an fsspec URL of a Zarr store")
+    original = open_zarr_source(store)
+    ds = _prepare_for_zarr(subset(original, cfg, f"zarr store {store}"), original)
+    dest = out_dir / f"{cfg['name']}.zarr"
+    log.info("fetch: writing %s (%s) from %s", dest, dict(ds.sizes), store)
+    try:
+        with atomic_output(dest) as tmp:
+            ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+    except (OSError, KeyError) as exc:
+        raise DownloadError(f"{store}: reading the subset failed ({type(exc).__name__}: {exc}); retry later") from exc
+    return [FetchedFile(dest, store, sha256_tree(dest), tree_bytes(dest))]
+
+
+# --------------------------------------------------------------------------------------------------
+# kind copernicus
+# --------------------------------------------------------------------------------------------------
+
+CREDENTIAL_VARIABLES = ("COPERNICUSMARINE_SERVICE_USERNAME", "COPERNICUSMARINE_SERVICE_PASSWORD")
+
+
+def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
+    """Kind ``copernicus``: open ``source.dataset_id`` lazily, subset it and write ``<out_dir>/<name>.nc``."""
+    src = cfg["source"]
+    if not src["dataset_id"]:
+        raise ConfigError("config key source.dataset_id: empty; kind copernicus needs a Copernicus Marine dataset id")
+    try:
+        import copernicusmarine
+    except ImportError as exc:
+        raise ConfigError(
+            "source.kind copernicus needs the optional copernicusmarine package: pip install '.[copernicus]' "
+            "(or pip install copernicusmarine)"
+        ) from exc
+    missing = [v for v in CREDENTIAL_VARIABLES if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(
+            f"source.kind copernicus: environment variable(s) {', '.join(missing)} not set; export your "
+            "Copernicus Marine username and password in them (credentials are never read from the config)"
+        )
+    explicit = explicit_variables(cfg)
+    region = cfg.get("region", {})
+    kwargs: dict[str, Any] = {
+        "dataset_id": src["dataset_id"],
+        "username": os.environ[CREDENTIAL_VARIABLES[0]],
+        "password": os.environ[CREDENTIAL_VARIABLES[1]],
+        "start_datetime": f"{src['start']}T00:00:00",
+        "end_datetime": f"{src['end']}T23:59:59",
+    }
+    if explicit:
+        kwargs["variables"] = explicit
+    if region.get("lat") is not None:
+        kwargs["minimum_latitude"], kwargs["maximum_latitude"] = region["lat"][0] - 0.5, region["lat"][1] + 0.5
+    if region.get("lon") is not None:
+        lo, hi = (float(v) for v in _to_convention(np.array(region["lon"], dtype=float), False))
+        if lo <= hi:  # Copernicus Marine uses -180..180
+            kwargs["minimum_longitude"], kwargs["maximum_longitude"] = lo - 0.5, hi + 0.5
+    try:
+        ds = copernicusmarine.open_dataset(**kwargs)
+    except Exception as exc:  # the toolbox raises many exception types (network, auth, catalogue)
+        raise DownloadError(
+            f"Copernicus Marine dataset {src['dataset_id']!r}: {type(exc).__name__}: {exc}; check "
+            "source.dataset_id, the credentials and the network"
+        ) from exc
+    where = f"Copernicus Marine dataset {src['dataset_id']}"
+    ds = select_variables(ds, cfg, where)
+    depth = _find_coord(ds, ("depth", "deptht", "lev", "zlev"))
+    level = int(cfg.get("harmonize", {}).get("level", 0))
+    if depth is not None and ds.sizes[depth] > level + 1:
+        ds = ds.isel({depth: slice(0, level + 1)})
+    ds = clean_encoding(ds)
+    dest = out_dir / f"{cfg['name']}.nc"
+    try:
+        with atomic_output(dest) as tmp:
+            ds.to_netcdf(tmp, engine="netcdf4")
+    except (OSError, RuntimeError) as exc:
+        raise DownloadError(f"{where}: download failed ({type(exc).__name__}: {exc}); retry later") from exc
+    return [FetchedFile(dest, f"copernicusmarine:{src['dataset_id']}", sha256_file(dest), dest.stat().st_size)]
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
+    """Fetch ``cfg["source"]`` into ``out_dir``; write and return ``out_dir/manifest.json``."""
+    src = cfg["source"]
+    kind = src["kind"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    known = _previous_checksums(out_dir)
+    manifest_path.unlink(missing_ok=True)  # a failed fetch must not leave the previous manifest behind
+    _discard_partials(out_dir)
+    started = time.monotonic()
+    extra: dict[str, Any] = {}
+    if kind == "url":
+        files, fmt = fetch_urls(src, out_dir, known), "netcdf"
+    elif kind == "files":
+        files, fmt = locate_files(src)
+        extra["time"] = {"start": src["start"], "end": src["end"]}
+    elif kind == "zarr":
+        files, fmt = fetch_zarr(cfg, out_dir), "zarr"
+    elif kind == "copernicus":
+        files, fmt = fetch_copernicus(cfg, out_dir), "netcdf"
+    else:
+        raise ConfigError(f"config key source.kind: {kind!r} is not one of url, files, zarr, copernicus")
+    manifest = build_manifest(kind, fmt, files, **extra)
+    write_manifest(manifest_path, manifest)
+    log.info(
+        "fetch: %d file(s), %.1f MB, in %.1f s -> %s",
+        len(files), sum(f.bytes for f in files) / 1e6, time.monotonic() - started, manifest_path,
+    )
+    return manifest_path
+
+
+def open_fetched(manifest: Path, *, chunks: dict[str, int] | None = None) -> xr.Dataset:
+    """Open every file of ``manifest`` lazily (Dask) as one dataset with the raw names.
+
+    ``chunks=None`` uses the files' own chunks (``{}``). netCDF files are combined by their
+    coordinates (they must share every coordinate but the one they are concatenated along);
+    Zarr stores are opened with :func:`xarray.open_zarr`. A ``time`` selection recorded in the
+    manifest (kind ``files``) is applied.
+    """
+    manifest = Path(manifest)
+    doc = read_manifest(manifest)
+    paths = [_manifest_file_path(entry, manifest) for entry in doc["files"]]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DataError(
+            f"manifest {manifest}: {len(missing)} listed file(s) are missing (first: {missing[0]}); run the fetch step again"
+        )
+    chunks = {} if chunks is None else chunks
+    try:
+        if doc["format"] == "zarr":
+            parts = [open_local_zarr(p, chunks) for p in paths]
+            ds = parts[0] if len(parts) == 1 else xr.combine_by_coords(
+                parts, data_vars="minimal", coords="minimal", compat="override", join="exact", combine_attrs="override"
+            )
+        else:
+            ds = xr.open_mfdataset(
+                [str(p) for p in paths],
+                combine="by_coords",
+                chunks=chunks,
+                data_vars="minimal",
+                coords="minimal",
+                compat="override",
+                join="exact",
+                combine_attrs="override",
+            )
+    except ValueError as exc:
+        raise DataError(
+            f"manifest {manifest}: the files cannot be combined into one dataset ({exc}); they must share "
+            "their lat/lon grid and differ only along time"
+        ) from exc
+    if "time" in doc:
+        ds = select_time(ds, doc["time"]["start"], doc["time"]["end"], f"manifest {manifest}")
+    return ds

@@ -1,0 +1,124 @@
+"""A real HTTP file server on 127.0.0.1 for tests, with injectable faults.
+
+``FileServer(root)`` serves the files under ``root`` (GET, HEAD and single byte ranges, which
+fsspec uses for Zarr) from a :class:`http.server.ThreadingHTTPServer` on a random port, in a
+background thread. Faults are set per URL path relative to ``root`` (e.g. ``"201901/a.nc"``):
+
+- ``not_found``: answer 404 even if the file exists;
+- ``transient[path] = n``: answer 503 to the first ``n`` GETs, then serve normally;
+- ``truncate[path] = n``: announce the full ``Content-Length`` but send only ``n`` bytes and close;
+- ``corrupt[path] = n``: serve only the first ``n`` bytes with a matching ``Content-Length``.
+
+``requests[path]`` counts the GETs of each path.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import urllib.parse
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+
+
+class FileServer:
+    """Serve a directory on ``http://127.0.0.1:<port>/`` with fault injection (see module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.not_found: set[str] = set()
+        self.transient: dict[str, int] = {}
+        self.truncate: dict[str, int] = {}
+        self.corrupt: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-http", daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, relative: str) -> str:
+        """Full URL of ``relative`` (a path under ``root``)."""
+        return f"{self.base_url}/{relative.lstrip('/')}"
+
+    def gets(self, suffix: str = "") -> int:
+        """Number of GETs of paths ending with ``suffix`` (all GETs when empty)."""
+        with self._lock:
+            return sum(n for p, n in self.requests.items() if p.endswith(suffix))
+
+    def __enter__(self) -> FileServer:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # one request per connection: truncation closes cleanly
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence stderr
+                pass
+
+            def _relative(self) -> str:
+                return urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server API
+                self._serve(body=False)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                self._serve(body=True)
+
+            def _serve(self, *, body: bool) -> None:
+                rel = self._relative()
+                with server._lock:
+                    if body:
+                        server.requests[rel] += 1
+                    if rel in server.transient and server.transient[rel] > 0 and body:
+                        server.transient[rel] -= 1
+                        self.send_error(HTTPStatus.SERVICE_UNAVAILABLE)
+                        return
+                path = (server.root / rel).resolve()
+                if rel in server.not_found or not path.is_file() or server.root not in path.parents:
+                    self.send_error(HTTPStatus.NOT_FOUND)
+                    return
+                data = path.read_bytes()
+                if rel in server.corrupt:
+                    data = data[: server.corrupt[rel]]
+                status, start, total = HTTPStatus.OK, 0, len(data)
+                header = self.headers.get("Range")
+                if header and header.startswith("bytes="):
+                    first, _, last = header[len("bytes=") :].partition("-")
+                    if first:
+                        start, end = int(first), int(last) + 1 if last else len(data)
+                    else:
+                        start, end = max(0, len(data) - int(last)), len(data)
+                    data, status = data[start:end], HTTPStatus.PARTIAL_CONTENT
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                if status == HTTPStatus.PARTIAL_CONTENT:
+                    self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{total}")
+                self.end_headers()
+                if not body:
+                    return
+                if rel in server.truncate:
+                    data = data[: server.truncate[rel]]
+                self.wfile.write(data)
+                self.wfile.flush()
+
+        return Handler

@@ -1,0 +1,332 @@
+"""Fetch: URL templates over a real HTTP server on 127.0.0.1 and file: URLs, resume, retries and
+failures that leave nothing partial; local files and globs; a Zarr store subset over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conv2dlstm import fetch, synthetic
+from conv2dlstm.config import validate_config
+from conv2dlstm.errors import ConfigError, DataError, DownloadError
+from conv2dlstm.fsutil import sha256_file, sha256_tree
+from tests._servers import FileServer
+
+START, END = "2019-01-30", "2019-02-03"  # 5 days across a month boundary
+DAYS = pd.date_range(START, END)
+TEMPLATE = "{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc"
+NAMES = [f"oisst-avhrr-v02r01.{d:%Y%m%d}.nc" for d in DAYS]
+RELATIVE = [f"{d:%Y%m}/{n}" for d, n in zip(DAYS, NAMES)]
+
+
+def fetch_cfg(**source: object) -> dict:
+    base = {"start": START, "end": END, "retries": 2, "backoff_s": 0.01, "timeout_s": 10, "parallel": 3}
+    return validate_config({"name": "t", "source": {**base, **source}})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five OISST-like daily files in the NCEI layout (8 x 8 cells), as the synth step writes them."""
+    root = tmp_path_factory.mktemp("served") / "oisst"
+    cfg = validate_config(
+        {"synthetic": {"kind": "oisst", "start": START, "end": END, "lat": [30.125, 31.875], "lon": [290.125, 291.875]}}
+    )
+    synthetic.main(cfg, out_dir=root)
+    return root
+
+
+@pytest.fixture()
+def server(served: Path) -> Iterator[FileServer]:
+    with FileServer(served) as srv:
+        yield srv
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporaries a failed fetch must not leave behind."""
+    return sorted(p.name for p in out.rglob("*partial*"))
+
+
+def test_url_over_http_writes_verified_files_and_manifest(server: FileServer, served: Path, tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    manifest_path = fetch.main(fetch_cfg(url=server.url(TEMPLATE)), out_dir=out)
+    assert manifest_path == out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["kind"] == "url" and manifest["format"] == "netcdf"
+    assert [Path(f["path"]).name for f in manifest["files"]] == NAMES
+    assert [f["url"] for f in manifest["files"]] == [server.url(r) for r in RELATIVE]
+    for entry, rel in zip(manifest["files"], RELATIVE):
+        path = Path(entry["path"])
+        assert path.parent.resolve() == out.resolve()
+        assert entry["sha256"] == sha256_file(path) == sha256_file(served / rel)
+        assert entry["bytes"] == path.stat().st_size
+    assert manifest["sha256"] == fetch.manifest_digest(
+        [fetch.FetchedFile(Path(f["path"]), f["url"], f["sha256"], f["bytes"]) for f in manifest["files"]]
+    )
+    assert server.gets() == len(DAYS)
+    assert leftovers(out) == []
+    ds = fetch.open_fetched(manifest_path)
+    assert ds["sst"].chunks is not None  # lazy (Dask)
+    assert ds.sizes["time"] == len(DAYS) and ds.sizes["lat"] == 8
+    expected = xr.open_dataset(served / RELATIVE[2])
+    np.testing.assert_array_equal(ds["sst"].isel(time=2).values, expected["sst"].isel(time=0).values)
+
+
+def test_file_urls_absolute_and_relative(served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(served.parent)
+    absolute = fetch.main(fetch_cfg(url=f"file://{served}/{TEMPLATE}"), out_dir=tmp_path / "abs")
+    relative = fetch.main(fetch_cfg(url=f"file:{served.name}/{TEMPLATE}"), out_dir=tmp_path / "rel")
+    a, r = json.loads(absolute.read_text()), json.loads(relative.read_text())
+    assert a["sha256"] == r["sha256"]
+    assert [f["sha256"] for f in a["files"]] == [sha256_file(served / rel) for rel in RELATIVE]
+    assert r["files"][0]["url"] == f"file:oisst/{RELATIVE[0]}"
+
+
+def test_resume_fetches_only_missing_or_changed_files(server: FileServer, tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    cfg = fetch_cfg(url=server.url(TEMPLATE))
+    server.not_found.add(RELATIVE[3])
+    with pytest.raises(DownloadError):
+        fetch.main(cfg, out_dir=out)
+    assert not (out / "manifest.json").exists()
+    done_first = {n for n in NAMES if (out / n).exists()}
+    assert NAMES[3] not in done_first
+    # an interrupted run's temporary, and a file whose content no longer matches its record
+    (out / f".{NAMES[0]}.1234abcd.partial").write_bytes(b"half a file")
+    changed = sorted(done_first)[0]
+    (out / changed).write_bytes(b"not what was downloaded")
+    server.not_found.clear()
+    before = dict(server.requests)
+    fetch.main(cfg, out_dir=out)
+    fetched_again = {rel.split("/")[1] for rel in RELATIVE if server.requests[rel] > before.get(rel, 0)}
+    assert fetched_again == (set(NAMES) - done_first) | {changed}
+    assert leftovers(out) == []
+    # a complete set resumes with no request at all
+    before = server.gets()
+    fetch.main(cfg, out_dir=out)
+    assert server.gets() == before
+
+
+def test_404_is_an_immediate_clear_error_and_leaves_nothing(server: FileServer, tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    server.not_found.add(RELATIVE[1])
+    url = server.url(RELATIVE[1])
+    with pytest.raises(DownloadError, match="404") as info:
+        fetch.main(fetch_cfg(url=server.url(TEMPLATE), retries=3), out_dir=out)
+    message = str(info.value)
+    assert url in message and "source.url" in message and "source.start" in message
+    assert server.requests[RELATIVE[1]] == 1  # no retry on 404
+    assert not (out / "manifest.json").exists()
+    assert not (out / NAMES[1]).exists() and leftovers(out) == []
+
+
+def test_transient_503s_are_retried_with_backoff(server: FileServer, tmp_path: Path) -> None:
+    server.transient[RELATIVE[0]] = 2
+    fetch.main(fetch_cfg(url=server.url(TEMPLATE), retries=2), out_dir=tmp_path / "ok")
+    assert server.requests[RELATIVE[0]] == 3
+    server.transient[RELATIVE[0]] = 5
+    with pytest.raises(DownloadError, match=r"503.*") as info:
+        fetch.main(fetch_cfg(url=server.url(TEMPLATE), retries=1), out_dir=tmp_path / "fail")
+    assert server.url(RELATIVE[0]) in str(info.value) and "2 attempt" in str(info.value)
+    assert not (tmp_path / "fail" / "manifest.json").exists() and leftovers(tmp_path / "fail") == []
+
+
+def test_truncated_body_is_an_error_naming_the_url(server: FileServer, tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    server.truncate[RELATIVE[2]] = 500  # Content-Length announces the whole file
+    with pytest.raises(DownloadError, match="truncated") as info:
+        fetch.main(fetch_cfg(url=server.url(TEMPLATE), retries=1), out_dir=out)
+    assert server.url(RELATIVE[2]) in str(info.value)
+    assert server.requests[RELATIVE[2]] == 2  # a broken transfer is retried
+    assert not (out / NAMES[2]).exists() and not (out / "manifest.json").exists()
+    assert leftovers(out) == []
+
+
+def test_corrupt_netcdf_is_an_error_and_is_removed(server: FileServer, served: Path, tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    server.corrupt[RELATIVE[4]] = (served / RELATIVE[4]).stat().st_size // 2  # consistent Content-Length
+    with pytest.raises(DownloadError, match="not a readable netCDF") as info:
+        fetch.main(fetch_cfg(url=server.url(TEMPLATE)), out_dir=out)
+    assert server.url(RELATIVE[4]) in str(info.value)
+    assert not (out / NAMES[4]).exists() and not (out / "manifest.json").exists()
+    assert leftovers(out) == []
+
+
+def test_checksums_are_verified(server: FileServer, served: Path, tmp_path: Path) -> None:
+    good = {n: sha256_file(served / rel) for n, rel in zip(NAMES, RELATIVE)}
+    fetch.main(fetch_cfg(url=server.url(TEMPLATE), checksums=good), out_dir=tmp_path / "ok")
+    bad = {**good, NAMES[2]: "0" * 64}
+    out = tmp_path / "bad"
+    with pytest.raises(DownloadError, match=r"SHA-256 .* does not match source.checksums") as info:
+        fetch.main(fetch_cfg(url=server.url(TEMPLATE), checksums=bad), out_dir=out)
+    assert server.url(RELATIVE[2]) in str(info.value) and "0" * 64 in str(info.value)
+    assert not (out / NAMES[2]).exists() and not (out / "manifest.json").exists()
+    assert leftovers(out) == []
+
+
+def test_a_failed_refetch_removes_the_previous_manifest(server: FileServer, tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    fetch.main(fetch_cfg(url=server.url(TEMPLATE)), out_dir=out)
+    with pytest.raises(DownloadError):
+        fetch.main(fetch_cfg(url=server.url(TEMPLATE), end="2019-02-04"), out_dir=out)
+    assert not (out / "manifest.json").exists()
+    assert all((out / n).exists() for n in NAMES)  # verified files stay for the next attempt
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        ({"url": "{when:%Y}/a.nc"}, r"source.url.*\{date\}"),
+        ({"url": "http://127.0.0.1:9/{date:%Y%m%d}/data.nc"}, "would both be saved as 'data.nc'"),
+        ({"url": "ftp://127.0.0.1/{date:%Y%m%d}.nc"}, "scheme 'ftp'"),
+        ({"url": "file://otherhost/{date:%Y%m%d}.nc"}, "names host 'otherhost'"),
+        ({"url": "file:x/{date:%Y%m%d}.nc", "frequency": "not-a-freq"}, "source.frequency"),
+    ],
+)
+def test_bad_url_configuration_is_a_config_error(tmp_path: Path, source: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        fetch.main(fetch_cfg(**source), out_dir=tmp_path / "raw")
+    assert not (tmp_path / "raw" / "manifest.json").exists()
+
+
+def test_missing_file_url_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"does not exist.*source.url"):
+        fetch.main(fetch_cfg(url=f"file://{tmp_path}/nothing/{{date:%Y%m%d}}.nc"), out_dir=tmp_path / "raw")
+
+
+# -------------------------------------------------------------------------------------------------
+# kind files
+# -------------------------------------------------------------------------------------------------
+
+
+def test_files_kind_with_a_glob_records_paths_without_copying(
+    served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(served.parent)
+    out = tmp_path / "raw"
+    cfg = fetch_cfg(kind="files", paths=["oisst/2019*/*.nc"], start="2019-01-31", end="2019-02-01")
+    manifest = json.loads(fetch.main(cfg, out_dir=out).read_text())
+    assert manifest["format"] == "netcdf"
+    assert [f["path"] for f in manifest["files"]] == [f"oisst/{rel}" for rel in RELATIVE]  # relative to the cwd
+    assert [f["sha256"] for f in manifest["files"]] == [sha256_file(served / rel) for rel in RELATIVE]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # nothing copied
+    ds = fetch.open_fetched(out / "manifest.json")  # keeps source.start..end
+    assert [str(t)[:10] for t in ds["time"].values] == ["2019-01-31", "2019-02-01"]
+
+
+def test_files_kind_missing_glob_names_the_pattern(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "nowhere" / "*.nc")
+    with pytest.raises(DownloadError, match="matches no file") as info:
+        fetch.main(fetch_cfg(kind="files", paths=[pattern]), out_dir=tmp_path / "raw")
+    assert pattern in str(info.value)
+    assert not (tmp_path / "raw" / "manifest.json").exists()
+
+
+def test_files_kind_rejects_a_file_that_is_not_netcdf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.nc"
+    bad.write_text("<html>not found</html>")
+    with pytest.raises(DataError, match="not a readable netCDF"):
+        fetch.main(fetch_cfg(kind="files", paths=[str(bad)]), out_dir=tmp_path / "raw")
+
+
+# -------------------------------------------------------------------------------------------------
+# kind zarr
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zarr_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Zarr v3 store (time, lat, lon) of 20 days, 0..360 longitudes, consolidated metadata."""
+    root = tmp_path_factory.mktemp("zarr")
+    lat = synthetic.axis_centres(30.25, 35.75, 0.5)
+    lon = synthetic.axis_centres(290.25, 297.75, 0.5)
+    ds = synthetic.oisst_dataset(pd.date_range("2019-03-01", periods=20), lat, lon, seed=2).isel(zlev=0, drop=True)
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds = ds.chunk({"time": 4, "lat": 6, "lon": 8})
+    with warnings.catch_warnings():  # consolidated v3 metadata is what remote stores publish
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        ds.to_zarr(root / "sst.zarr", zarr_format=3, consolidated=True, mode="w")
+    return root
+
+
+def test_zarr_over_http_subset_by_time_variables_and_region(zarr_root: Path, tmp_path: Path) -> None:
+    original = xr.open_zarr(zarr_root / "sst.zarr")
+    with FileServer(zarr_root) as srv:
+        cfg = validate_config(
+            {
+                "name": "remote",
+                "source": {"kind": "zarr", "store": srv.url("sst.zarr"), "start": "2019-03-05", "end": "2019-03-10"},
+                "variables": {"inputs": ["sst"], "targets": ["sst"]},
+                "region": {"lat": [32.0, 33.0], "lon": [-68.0, -66.0]},  # -180..180, store is 0..360
+            }
+        )
+        manifest_path = fetch.main(cfg, out_dir=tmp_path / "raw")
+        assert srv.gets() > 0
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["kind"] == "zarr" and manifest["format"] == "zarr"
+    store = Path(manifest["files"][0]["path"])
+    assert store == (tmp_path / "raw" / "remote.zarr") or store.resolve() == (tmp_path / "raw" / "remote.zarr").resolve()
+    assert manifest["files"][0]["sha256"] == sha256_tree(store)
+    ds = fetch.open_fetched(manifest_path)
+    assert list(ds.data_vars) == ["sst"]
+    assert [str(t)[:10] for t in ds["time"].values] == [f"2019-03-{d:02d}" for d in range(5, 11)]
+    # the region with a two-cell margin, converted to the store's 0..360 longitudes
+    np.testing.assert_allclose(ds["lat"].values, np.arange(31.25, 33.76, 0.5))
+    np.testing.assert_allclose(ds["lon"].values, np.arange(291.25, 294.76, 0.5))
+    expected = original["sst"].sel(time=ds["time"], lat=ds["lat"], lon=ds["lon"])
+    np.testing.assert_array_equal(ds["sst"].values, expected.values)
+    assert leftovers(tmp_path / "raw") == []
+
+
+def test_zarr_unknown_variable_and_bad_store_are_clear_errors(zarr_root: Path, tmp_path: Path) -> None:
+    cfg = fetch_cfg(kind="zarr", store=str(zarr_root / "sst.zarr"), variables=["chl"], start="2019-03-01")
+    with pytest.raises(DataError, match=r"\['chl'\].*source.variables"):
+        fetch.main(cfg, out_dir=tmp_path / "raw")
+    with pytest.raises(DownloadError, match="cannot open Zarr store"):
+        fetch.main(fetch_cfg(kind="zarr", store=str(tmp_path / "missing.zarr")), out_dir=tmp_path / "raw")
+    assert not (tmp_path / "raw" / "manifest.json").exists() and leftovers(tmp_path / "raw") == []
+
+
+def test_files_kind_accepts_a_zarr_store(zarr_root: Path, tmp_path: Path) -> None:
+    cfg = fetch_cfg(kind="files", paths=[str(zarr_root / "*.zarr")], start="2019-03-01", end="2019-03-20")
+    manifest = json.loads(fetch.main(cfg, out_dir=tmp_path / "raw").read_text())
+    assert manifest["format"] == "zarr"
+    assert manifest["files"][0]["sha256"] == sha256_tree(zarr_root / "sst.zarr")
+    assert fetch.open_fetched(tmp_path / "raw" / "manifest.json").sizes["time"] == 20
+
+
+# -------------------------------------------------------------------------------------------------
+# kind copernicus
+# -------------------------------------------------------------------------------------------------
+
+
+def test_copernicus_without_package_or_credentials_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in fetch.CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = fetch_cfg(kind="copernicus", dataset_id="cmems_mod_glo_bgc_my_0.25deg_P1D-m")
+    try:
+        import copernicusmarine  # noqa: F401
+    except ImportError:
+        match = r"pip install '\.\[copernicus\]'"
+    else:
+        match = "COPERNICUSMARINE_SERVICE_USERNAME"
+    with pytest.raises(ConfigError, match=match):
+        fetch.main(cfg, out_dir=tmp_path / "raw")
+    assert not (tmp_path / "raw" / "manifest.json").exists()
+
+
+def test_copernicus_download() -> None:
+    if not all(os.environ.get(v) for v in fetch.CREDENTIAL_VARIABLES) or shutil.which("copernicusmarine") is None:
+        pytest.skip("needs the copernicusmarine package, credentials in the environment and internet access")
+    pytest.skip("a real Copernicus Marine download is not run in the test suite (network, quota)")
