@@ -1,0 +1,349 @@
+"""Forecast networks mapping ``x (B, T_in, C_in, H, W)`` to ``y (B, T_out, C_out, H, W)``.
+
+Two architectures, built by name with :func:`build_model` from plain keyword arguments (the same
+``model_kwargs`` are stored in every checkpoint, so :func:`load_model` rebuilds a model from its
+file alone):
+
+- ``conv2d_lstm`` (:class:`Conv2dLSTM`): the original notebook network. Each input frame goes through
+  ``Conv2D + ReLU + MaxPool(2)`` blocks, is flattened, an LSTM runs over time, and dense layers
+  produce the whole output cube. Its flatten and output layers grow with the grid area ``H * W``;
+  the parameter count is computed before any allocation and a :class:`ConfigError` refuses a model
+  above ``max_parameters``.
+- ``convlstm`` (:class:`ConvLSTM`): an encoder-forecaster of stacked ConvLSTM cells (Shi et al.
+  2015, https://arxiv.org/abs/1506.04214). Its size does not depend on the grid.
+
+Both networks see land as 0 (normalized, set by the windows step); land is excluded in the loss.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from conv2dlstm.errors import ConfigError
+
+MODEL_NAMES = ("convlstm", "conv2d_lstm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv2D-LSTM (the notebook network)
+# ----------------------------------------------------------------------------------------------
+
+
+def conv_stack_sizes(height: int, width: int, n_blocks: int, kernel_size: int) -> list[tuple[int, int]]:
+    """Spatial size after each ``Conv2D(kernel, valid) + MaxPool(2)`` block, starting with the input.
+
+    A size below 1 means the grid is too small for the stack.
+    """
+    sizes = [(height, width)]
+    h, w = height, width
+    for _ in range(n_blocks):
+        h, w = (h - kernel_size + 1) // 2, (w - kernel_size + 1) // 2
+        sizes.append((h, w))
+    return sizes
+
+
+def conv2d_lstm_parameter_count(
+    *,
+    in_channels: int,
+    out_channels: int,
+    lead_steps: int,
+    height: int,
+    width: int,
+    filters: Sequence[int],
+    kernel_size: int,
+    lstm_units: int,
+    dense_units: int,
+) -> int:
+    """Number of trainable parameters of :class:`Conv2dLSTM`, computed without allocating it."""
+    count = 0
+    c_prev = in_channels
+    for f in filters:  # Conv2d weight + bias
+        count += c_prev * f * kernel_size * kernel_size + f
+        c_prev = f
+    h, w = conv_stack_sizes(height, width, len(filters), kernel_size)[-1]
+    flat = c_prev * h * w
+    count += 4 * lstm_units * (flat + lstm_units + 2)  # LSTM: W_ih, W_hh, b_ih, b_hh
+    count += lstm_units * dense_units + dense_units  # Dense(dense_units)
+    n_out = lead_steps * out_channels * height * width
+    count += dense_units * n_out + n_out  # Dense(T_out * C_out * H * W)
+    return count
+
+
+class Conv2dLSTM(nn.Module):
+    """The notebook network: per-frame CNN -> LSTM over time -> dense head producing the output cube.
+
+    Per time step: ``[Conv2D(f, k, valid) -> ReLU -> MaxPool(2)] for f in filters -> Flatten``; an
+    LSTM(lstm_units) over the ``T_in`` feature vectors; its last hidden state goes through
+    ``Dense(dense_units, relu) -> Dense(T_out * C_out * H * W)``, reshaped to the output.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        input_steps: int,
+        lead_steps: int,
+        height: int,
+        width: int,
+        filters: Sequence[int] = (32, 64),
+        kernel_size: int = 3,
+        lstm_units: int = 64,
+        dense_units: int = 64,
+        max_parameters: int = 20_000_000,
+    ) -> None:
+        super().__init__()
+        filters = [int(f) for f in filters]
+        if not filters:
+            raise ConfigError("model.conv2d_lstm.filters is empty; give at least one block, e.g. [32, 64]")
+        sizes = conv_stack_sizes(height, width, len(filters), kernel_size)
+        if min(min(s) for s in sizes) < 1:
+            raise ConfigError(
+                f"model conv2d_lstm: the {height}x{width} grid (lat x lon) is too small for "
+                f"{len(filters)} Conv2D(kernel {kernel_size}, valid) + MaxPool(2) blocks (sizes "
+                f"{' -> '.join(f'{h}x{w}' for h, w in sizes)}); use fewer model.conv2d_lstm.filters, a "
+                "smaller model.conv2d_lstm.kernel_size, a larger grid, or model.name: convlstm"
+            )
+        n_params = conv2d_lstm_parameter_count(
+            in_channels=in_channels, out_channels=out_channels, lead_steps=lead_steps, height=height,
+            width=width, filters=filters, kernel_size=kernel_size, lstm_units=lstm_units,
+            dense_units=dense_units,
+        )
+        if n_params > max_parameters:
+            raise ConfigError(
+                f"model conv2d_lstm would have {n_params:,} parameters on the {height}x{width} grid "
+                f"(lat x lon), above model.conv2d_lstm.max_parameters = {max_parameters:,}: its flatten "
+                "and output layers grow with the grid area. Use `model.name: convlstm` (size "
+                "independent of the grid), a coarser grid, or raise model.conv2d_lstm.max_parameters"
+            )
+        self.out_shape = (lead_steps, out_channels, height, width)
+        self.input_steps = input_steps
+        blocks: list[nn.Module] = []
+        c_prev = in_channels
+        for f in filters:
+            blocks += [nn.Conv2d(c_prev, f, kernel_size), nn.ReLU(), nn.MaxPool2d(2)]
+            c_prev = f
+        self.encoder = nn.Sequential(*blocks, nn.Flatten())
+        h, w = sizes[-1]
+        self.lstm = nn.LSTM(c_prev * h * w, lstm_units, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(lstm_units, dense_units),
+            nn.ReLU(),
+            nn.Linear(dense_units, lead_steps * out_channels * height * width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]  # x: (B, T_in, C_in, H, W)
+        feats = self.encoder(x.flatten(0, 1))  # (B*T_in, F)
+        feats = feats.unflatten(0, (b, t))  # (B, T_in, F)
+        _, (h_n, _) = self.lstm(feats)  # h_n: (1, B, lstm_units)
+        out = self.head(h_n[-1])  # (B, T_out*C_out*H*W)
+        return out.view(b, *self.out_shape)  # (B, T_out, C_out, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# ConvLSTM encoder-forecaster
+# ----------------------------------------------------------------------------------------------
+
+
+class ConvLSTMCell(nn.Module):
+    """One ConvLSTM cell: the four gates from one 'same'-padded convolution over ``[x, h]``."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.conv = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size,
+                              padding=kernel_size // 2)
+        with torch.no_grad():  # forget-gate bias 1: remember by default at the start of training
+            self.conv.bias[hidden_channels:2 * hidden_channels].fill_(1.0)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state  # x: (B, C_x, H, W); h, c: (B, C_h, H, W)
+        i, f, o, g = self.conv(torch.cat([x, h], dim=1)).chunk(4, dim=1)  # each (B, C_h, H, W)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+
+class ConvLSTM(nn.Module):
+    """ConvLSTM encoder-forecaster (Shi et al. 2015).
+
+    The encoder (stacked cells, ``hidden_channels[l]`` each) reads the ``T_in`` input frames. The
+    forecaster (its own stacked cells) starts from the encoder's final states and unrolls
+    ``lead_steps`` steps; its input at each step is the previous prediction (at the first step: the
+    last input frame of the ``residual_channels``, else zeros). A 1x1 convolution maps the
+    concatenated forecaster hidden states to ``C_out`` channels.
+
+    ``residual_channels`` (length ``C_out``; an input-channel index or None per target channel) adds
+    a skip from the last input frame, so that those channels predict the change from persistence.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        input_steps: int,
+        lead_steps: int,
+        height: int,
+        width: int,
+        hidden_channels: Sequence[int] = (32, 32),
+        kernel_size: int = 3,
+        residual_channels: Sequence[int | None] | None = None,
+    ) -> None:
+        super().__init__()
+        hidden = [int(h) for h in hidden_channels]
+        if not hidden:
+            raise ConfigError("model.convlstm.hidden_channels is empty; give at least one layer, e.g. [32, 32]")
+        if kernel_size % 2 != 1:
+            raise ConfigError(
+                f"model.convlstm.kernel_size = {kernel_size} must be odd ('same' padding keeps the "
+                "grid size only for odd kernels); use 3 or 5"
+            )
+        self.lead_steps = lead_steps
+        self.out_channels = out_channels
+        self.encoder = nn.ModuleList(
+            ConvLSTMCell(c_in, c_h, kernel_size) for c_in, c_h in zip([in_channels, *hidden[:-1]], hidden)
+        )
+        self.forecaster = nn.ModuleList(
+            ConvLSTMCell(c_in, c_h, kernel_size) for c_in, c_h in zip([out_channels, *hidden[:-1]], hidden)
+        )
+        self.head = nn.Conv2d(sum(hidden), out_channels, kernel_size=1)
+        if residual_channels is None:
+            self.residual = None
+        else:
+            if len(residual_channels) != out_channels:
+                raise ConfigError(
+                    f"residual_channels {list(residual_channels)} must have one entry per output "
+                    f"channel ({out_channels}); use None for channels without a skip"
+                )
+            for r in residual_channels:
+                if r is not None and not 0 <= r < in_channels:
+                    raise ConfigError(
+                        f"residual_channels entry {r} is not an input channel index (0..{in_channels - 1})"
+                    )
+            index = [r if r is not None else 0 for r in residual_channels]
+            keep = [1.0 if r is not None else 0.0 for r in residual_channels]
+            self.register_buffer("residual_index", torch.tensor(index, dtype=torch.long), persistent=False)
+            self.register_buffer("residual_keep", torch.tensor(keep).view(1, -1, 1, 1), persistent=False)
+            self.residual = list(residual_channels)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The skip added to every lead: last input frame of the residual channels, else zeros."""
+        b, _, _, h, w = x.shape
+        if self.residual is None:
+            return x.new_zeros(b, self.out_channels, h, w)  # (B, C_out, H, W)
+        last = x[:, -1].index_select(1, self.residual_index)  # (B, C_out, H, W)
+        return last * self.residual_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t_in, _, h, w = x.shape  # x: (B, T_in, C_in, H, W)
+        states = [
+            (x.new_zeros(b, cell.hidden_channels, h, w), x.new_zeros(b, cell.hidden_channels, h, w))
+            for cell in self.encoder
+        ]
+        for t in range(t_in):
+            inp = x[:, t]  # (B, C_in, H, W)
+            for layer, cell in enumerate(self.encoder):
+                states[layer] = cell(inp, states[layer])
+                inp = states[layer][0]  # (B, C_h[layer], H, W)
+        base = self._base(x)  # (B, C_out, H, W)
+        prev = base
+        outputs = []
+        for _ in range(self.lead_steps):
+            inp = prev
+            for layer, cell in enumerate(self.forecaster):
+                states[layer] = cell(inp, states[layer])
+                inp = states[layer][0]
+            hidden = torch.cat([s[0] for s in states], dim=1)  # (B, sum(C_h), H, W)
+            prev = self.head(hidden) + base  # (B, C_out, H, W)
+            outputs.append(prev)
+        return torch.stack(outputs, dim=1)  # (B, T_out, C_out, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction and loading
+# ----------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[nn.Module]] = {"convlstm": ConvLSTM, "conv2d_lstm": Conv2dLSTM}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the network ``name`` (``convlstm`` or ``conv2d_lstm``) from keyword arguments.
+
+    Every model takes ``in_channels, out_channels, input_steps, lead_steps, height, width`` plus its
+    architecture arguments (see :func:`model_kwargs_from_config`).
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.name {name!r} is not one of {list(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)
+
+
+def residual_channels_for(input_variables: Sequence[str], target_variables: Sequence[str]) -> list[int | None] | None:
+    """Input-channel index of each target variable (None where it is not an input); None if no overlap."""
+    index = [list(input_variables).index(v) if v in input_variables else None for v in target_variables]
+    return index if any(i is not None for i in index) else None
+
+
+def model_kwargs_from_config(
+    model_cfg: dict[str, Any],
+    *,
+    input_variables: Sequence[str],
+    target_variables: Sequence[str],
+    input_steps: int,
+    lead_steps: int,
+    height: int,
+    width: int,
+) -> dict[str, Any]:
+    """``build_model`` keyword arguments for the ``model`` config section and the data's shapes.
+
+    ConvLSTM gets a residual skip for target variables that are also inputs.
+    """
+    name = model_cfg["name"]
+    kwargs: dict[str, Any] = {
+        "in_channels": len(input_variables),
+        "out_channels": len(target_variables),
+        "input_steps": int(input_steps),
+        "lead_steps": int(lead_steps),
+        "height": int(height),
+        "width": int(width),
+    }
+    if name == "conv2d_lstm":
+        c = model_cfg["conv2d_lstm"]
+        kwargs |= {
+            "filters": list(c["filters"]),
+            "kernel_size": c["kernel_size"],
+            "lstm_units": c["lstm_units"],
+            "dense_units": c["dense_units"],
+            "max_parameters": c["max_parameters"],
+        }
+    elif name == "convlstm":
+        c = model_cfg["convlstm"]
+        kwargs |= {
+            "hidden_channels": list(c["hidden_channels"]),
+            "kernel_size": c["kernel_size"],
+            "residual_channels": residual_channels_for(input_variables, target_variables),
+        }
+    else:
+        raise ConfigError(f"model.name {name!r} is not one of {list(_REGISTRY)}")
+    return kwargs
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint file alone; returns ``(model, checkpoint)``, model in eval mode on the CPU."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(checkpoint["model_name"], **checkpoint["model_kwargs"])
+    model.load_state_dict(checkpoint["model_state"])
+    return model.eval(), checkpoint

@@ -1,0 +1,166 @@
+"""Networks: output shapes on several grids, parameter counts, refusals, checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conv2dlstm.config import validate_config
+from conv2dlstm.errors import ConfigError
+from conv2dlstm.models import (
+    Conv2dLSTM,
+    ConvLSTM,
+    build_model,
+    conv2d_lstm_parameter_count,
+    count_parameters,
+    load_model,
+    model_kwargs_from_config,
+    residual_channels_for,
+)
+
+SMALL = {
+    "convlstm": {"hidden_channels": [4, 4], "kernel_size": 3},
+    "conv2d_lstm": {"filters": [4, 8], "kernel_size": 3, "lstm_units": 8, "dense_units": 8},
+}
+
+
+def shape_kwargs(height: int, width: int, *, c_in: int = 2, c_out: int = 1, t_in: int = 3, t_out: int = 2) -> dict:
+    return {"in_channels": c_in, "out_channels": c_out, "input_steps": t_in, "lead_steps": t_out,
+            "height": height, "width": width}
+
+
+@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize(("height", "width"), [(48, 28), (12, 10), (13, 11), (25, 25), (11, 19)])
+def test_output_shape(name: str, height: int, width: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, **shape_kwargs(height, width), **SMALL[name])
+    x = torch.randn(3, 3, 2, height, width)  # (B, T_in, C_in, H, W)
+    y = model(x)
+    assert y.shape == (3, 2, 1, height, width)  # (B, T_out, C_out, H, W)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "kw"),
+    [
+        (48, 28, {}),
+        (12, 10, {}),
+        (25, 25, {"filters": [16], "kernel_size": 5, "lstm_units": 7, "dense_units": 3}),
+        (13, 11, {"filters": [3, 5, 2], "kernel_size": 1}),
+    ],
+)
+def test_conv2d_lstm_parameter_count_matches_allocated(height: int, width: int, kw: dict) -> None:
+    model = Conv2dLSTM(**shape_kwargs(height, width, c_in=3, c_out=2, t_out=4), **kw)
+    full = {"filters": [32, 64], "kernel_size": 3, "lstm_units": 64, "dense_units": 64} | kw
+    expected = conv2d_lstm_parameter_count(in_channels=3, out_channels=2, lead_steps=4, height=height,
+                                           width=width, **full)
+    assert count_parameters(model) == expected
+
+
+def test_conv2d_lstm_notebook_count_on_default_grid() -> None:
+    # 25x25, filters [32, 64], kernel 3: 25 -> 23 -> 11 -> 9 -> 4, flatten 64*4*4 = 1024.
+    conv = (1 * 32 * 9 + 32) + (32 * 64 * 9 + 64)
+    lstm = 4 * 64 * (1024 + 64 + 2)
+    dense = 64 * 64 + 64 + 64 * (3 * 625) + 3 * 625
+    assert conv2d_lstm_parameter_count(in_channels=1, out_channels=1, lead_steps=3, height=25, width=25,
+                                       filters=[32, 64], kernel_size=3, lstm_units=64, dense_units=64) \
+        == conv + lstm + dense == 423_891
+
+
+def test_conv2d_lstm_refuses_large_grid_before_allocating() -> None:
+    # 0.25 degree global grid: about 2 * 10^8 parameters (800 MB) would be needed; refused at once.
+    with pytest.raises(ConfigError) as info:
+        build_model("conv2d_lstm", **shape_kwargs(720, 1440, c_in=1, t_out=3))
+    msg = str(info.value)
+    expected = conv2d_lstm_parameter_count(in_channels=1, out_channels=1, lead_steps=3, height=720, width=1440,
+                                           filters=[32, 64], kernel_size=3, lstm_units=64, dense_units=64)
+    assert f"{expected:,}" in msg
+    assert "720x1440" in msg
+    assert "model.name: convlstm" in msg
+    assert "20,000,000" in msg
+
+
+def test_conv2d_lstm_limit_is_configurable() -> None:
+    n = conv2d_lstm_parameter_count(in_channels=2, out_channels=1, lead_steps=2, height=12, width=10,
+                                    filters=[4, 8], kernel_size=3, lstm_units=8, dense_units=8)
+    build_model("conv2d_lstm", **shape_kwargs(12, 10), **SMALL["conv2d_lstm"], max_parameters=n)
+    with pytest.raises(ConfigError, match=f"{n:,} parameters"):
+        build_model("conv2d_lstm", **shape_kwargs(12, 10), **SMALL["conv2d_lstm"], max_parameters=n - 1)
+
+
+def test_conv2d_lstm_grid_too_small() -> None:
+    # 9 -> 7 -> 3 -> 1 -> 0: the second block leaves nothing.
+    with pytest.raises(ConfigError, match=r"9x17 grid .* too small .*9x17 -> 3x7 -> 0x2"):
+        build_model("conv2d_lstm", **shape_kwargs(9, 17))
+
+
+def test_convlstm_size_independent_of_grid() -> None:
+    counts = {count_parameters(ConvLSTM(**shape_kwargs(h, w), hidden_channels=[8, 16])) for h, w in
+              [(12, 10), (48, 28), (101, 7)]}
+    assert len(counts) == 1
+    # encoder cells (2+8)->4*8, (8+16)->4*16 and forecaster (1+8)->4*8, (8+16)->4*16, 3x3; head 24->1.
+    expected = (10 * 32 * 9 + 32) + (24 * 64 * 9 + 64) + (9 * 32 * 9 + 32) + (24 * 64 * 9 + 64) + (24 + 1)
+    assert counts == {expected}
+
+
+def test_convlstm_even_kernel_refused() -> None:
+    with pytest.raises(ConfigError, match="kernel_size = 4 must be odd"):
+        build_model("convlstm", **shape_kwargs(12, 10), hidden_channels=[4], kernel_size=4)
+
+
+def test_convlstm_residual_skip_is_persistence_when_head_is_zero() -> None:
+    torch.manual_seed(0)
+    # inputs (a, b, c); targets (c, d, a): c and a have a skip, d has none.
+    model = ConvLSTM(**shape_kwargs(12, 10, c_in=3, c_out=3), hidden_channels=[4],
+                     residual_channels=residual_channels_for(["a", "b", "c"], ["c", "d", "a"]))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    x = torch.randn(2, 3, 3, 12, 10)
+    y = model(x)  # (2, 2, 3, 12, 10)
+    for lead in range(2):
+        assert torch.equal(y[:, lead, 0], x[:, -1, 2])
+        assert torch.equal(y[:, lead, 1], torch.zeros(2, 12, 10))
+        assert torch.equal(y[:, lead, 2], x[:, -1, 0])
+
+
+def test_residual_channels_for() -> None:
+    assert residual_channels_for(["sst"], ["sst"]) == [0]
+    assert residual_channels_for(["sst", "no3"], ["no3", "po4"]) == [1, None]
+    assert residual_channels_for(["sst"], ["no3"]) is None
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ConfigError, match=r"'unet' is not one of \['convlstm', 'conv2d_lstm'\]"):
+        build_model("unet", **shape_kwargs(12, 10))
+
+
+@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+def test_model_kwargs_from_config_builds(name: str) -> None:
+    cfg = validate_config({"model": {"name": name}})
+    kwargs = model_kwargs_from_config(cfg["model"], input_variables=["sst", "no3"], target_variables=["no3"],
+                                      input_steps=5, lead_steps=3, height=25, width=25)
+    assert kwargs["in_channels"] == 2 and kwargs["out_channels"] == 1
+    if name == "convlstm":
+        assert kwargs["hidden_channels"] == [32, 32] and kwargs["residual_channels"] == [1]
+    else:
+        assert kwargs["filters"] == [32, 64] and kwargs["max_parameters"] == 20_000_000
+    model = build_model(name, **kwargs)
+    assert model(torch.zeros(1, 5, 2, 25, 25)).shape == (1, 3, 1, 25, 25)
+
+
+@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+def test_load_model_round_trip(tmp_path, name: str) -> None:
+    torch.manual_seed(1)
+    kwargs = shape_kwargs(12, 10) | SMALL[name]
+    if name == "convlstm":
+        kwargs["residual_channels"] = [0]
+    model = build_model(name, **kwargs).eval()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_name": name, "model_kwargs": kwargs, "model_state": model.state_dict()}, path)
+    loaded, ckpt = load_model(path)
+    assert not loaded.training
+    assert ckpt["model_name"] == name
+    x = torch.randn(2, 3, 2, 12, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

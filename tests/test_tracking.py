@@ -1,0 +1,139 @@
+"""MLflow tracking: URI resolution, fail-fast store checks (real HTTP servers), runs in a real sqlite store."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from conv2dlstm import tracking
+from conv2dlstm.config import flatten, validate_config
+from conv2dlstm.errors import TrackingError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(status: int) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 answering every GET with ``status``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"OK" if status == 200 else b"error")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_resolve_tracking_uri_env_overrides(monkeypatch) -> None:
+    cfg = validate_config({"mlflow": {"tracking_uri": "sqlite:///a.db"}})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(cfg) == "sqlite:///a.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(cfg) == "http://127.0.0.1:5000"
+
+
+def test_unreachable_server_fails_fast() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
+        tracking.check_tracking(uri, timeout_s=5)
+    assert time.monotonic() - start < 5  # refused at once, not after the timeout
+
+
+def test_healthy_server_passes() -> None:
+    with http_server(200) as uri:
+        tracking.check_tracking(uri, timeout_s=5)
+
+
+def test_failing_server_names_status() -> None:
+    with http_server(503) as uri, pytest.raises(TrackingError, match=f"{uri} answered HTTP 503"):
+        tracking.check_tracking(uri, timeout_s=5)
+
+
+def test_sqlite_store_must_be_writable(tmp_path) -> None:
+    tracking.check_tracking(f"sqlite:///{tmp_path}/sub/mlflow.db")
+    assert (tmp_path / "sub").is_dir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    with pytest.raises(TrackingError, match=f"MLflow tracking store {uri}: directory .* is not writable"):
+        tracking.check_tracking(uri)
+    (tmp_path / "db_dir").mkdir()
+    with pytest.raises(TrackingError, match="is a directory, not a database file"):
+        tracking.check_tracking(f"sqlite:///{tmp_path}/db_dir")
+
+
+def test_local_store_path() -> None:
+    assert str(tracking.local_store_path("sqlite:///mlflow.db")) == "mlflow.db"
+    assert str(tracking.local_store_path("sqlite:////abs/m.db")) == "/abs/m.db"
+    assert str(tracking.local_store_path("file:///abs/mlruns")) == "/abs/mlruns"
+    assert str(tracking.local_store_path("./mlruns")) == "mlruns"
+    assert tracking.local_store_path("http://host:5000") is None
+    assert tracking.local_store_path("postgresql://u@h/db") is None
+
+
+def test_git_state_outside_a_repository(tmp_path) -> None:
+    assert tracking.git_state(tmp_path) == {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def test_start_run_logs_config_and_tags_and_resumes(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "exp-a", "mlflow": {"tracking_uri": uri}})
+    with tracking.start_run(cfg, "run-a", tags={"stats_sha256": "abc"}, tracking_uri=uri) as tracker:
+        tracker.log_metrics({"val_loss": 0.5}, step=1)
+        run_id = tracker.run_id
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "run-a" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "exp-a"
+    assert client.get_experiment(run.info.experiment_id).artifact_location == (tmp_path / "mlruns" / "exp-a").as_uri()
+    assert run.data.params == flatten(cfg)
+    tags = run.data.tags
+    assert tags["stats_sha256"] == "abc"
+    assert {"git.commit", "git.dirty", "version.torch", "version.mlflow", "version.zarr",
+            "version.conv2dlstm"} <= set(tags)
+
+    # A preempted training reopens its run; a training interrupted by SystemExit ends KILLED.
+    with pytest.raises(SystemExit), tracking.start_run(cfg, "run-a", run_id=run_id, tracking_uri=uri) as tracker:
+        assert tracker.run_id == run_id
+        tracker.log_metrics({"val_loss": 0.4}, step=2)
+        raise SystemExit(143)
+    assert client.get_run(run_id).info.status == "KILLED"
+    with tracking.resume_run(run_id, tracking_uri=uri) as tracker:
+        tracker.log_metrics({"test_rmse": 1.5})
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [0.5, 0.4]
+    assert run.data.metrics["test_rmse"] == 1.5
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_unknown_run(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingError, match=f"MLflow run 0123abc is not in the tracking store {uri}"):
+        with tracking.resume_run("0123abc", tracking_uri=uri):
+            pass
