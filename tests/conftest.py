@@ -64,3 +64,27 @@ def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def run_snakemake(cwd: Path, *args: str, timeout: int = 900, env: dict[str, str] | None = None):
+    """Run the real ``snakemake`` of this environment in ``cwd``; fail with its output on error."""
+    exe = Path(sys.executable).parent / "snakemake"
+    cmd = [str(exe) if exe.exists() else "snakemake", *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env or job_env(), timeout=timeout)
+    if proc.returncode != 0:
+        logs = "\n".join(
+            f"--- {p.relative_to(cwd)}\n{p.read_text()[-3000:]}" for p in sorted(cwd.glob("results/**/logs/**/*.log"))
+        )
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}\n{logs}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def local_default_run(tmp_path_factory) -> Path:
+    """A workflow copy in which the whole default pipeline ran locally (``snakemake --cores 2``).
+
+    Shared by the end-to-end tests and the SLURM test (which compares its results with these).
+    """
+    wf = copy_workflow(tmp_path_factory.mktemp("default") / "wf")
+    run_snakemake(wf, "--cores", "2")
+    return wf

@@ -1,0 +1,169 @@
+"""Benchmarks of the pipeline's hot paths on generated data; targets in bench/targets.yaml.
+
+    python bench/run.py                  # regrid, streaming and training benchmarks
+    python bench/run.py --pipeline       # also the whole default Snakemake pipeline
+    python bench/run.py --check          # exit 1 when a target in bench/targets.yaml is missed
+
+Results are printed and written as JSON to bench/results/ (git-ignored). Training runs on CUDA
+too when a GPU is present (bf16 autocast), reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def bench_regrid(work: Path) -> dict:
+    """Default config: synth -> fetch -> regrid; time the regrid step alone."""
+    from conv2dlstm import fetch, regrid, synthetic
+    from conv2dlstm.config import load_config
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    os.chdir(work)
+    synthetic.main(cfg, out_dir=Path("resources/synthetic/oisst"))
+    manifest = fetch.main(cfg, out_dir=Path("resources/raw/oisst"))
+    t0 = time.perf_counter()
+    regrid.main(cfg, manifest=manifest, out=work / "regrid.zarr", threads=2, memory_mb=4000)
+    seconds = time.perf_counter() - t0
+    n_files = len(json.loads(Path(manifest).read_text())["files"])
+    return {"regrid_seconds": seconds, "regrid_files_per_s": n_files / seconds}
+
+
+def bench_stream(work: Path) -> dict:
+    """Windows store from the regridded data; random single-sample reads from Zarr."""
+    import numpy as np
+
+    from conv2dlstm import normalize, windows
+    from conv2dlstm.config import load_config
+    from conv2dlstm.data import WindowsStore
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    normalize.main(cfg, data=work / "regrid.zarr", out=work / "stats.nc", threads=2, memory_mb=4000)
+    windows.main(cfg, data=work / "regrid.zarr", stats=work / "stats.nc", out=work / "windows.zarr",
+                 threads=2, memory_mb=4000)
+    store = WindowsStore(work / "windows.zarr")
+    order = np.random.default_rng(0).permutation(len(store.starts("train")))[:300]
+    t0 = time.perf_counter()
+    for i in order:
+        store.sample("train", int(i))
+    seconds = time.perf_counter() - t0
+    return {"stream_samples_per_s": len(order) / seconds}
+
+
+def bench_train(work: Path) -> dict:
+    """Forward + backward samples/s of both models at default sizes on the default grid."""
+    import torch
+
+    from conv2dlstm.config import load_config
+    from conv2dlstm.models import build_model, model_kwargs_from_config
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out: dict[str, float] = {}
+    for device in devices:
+        for name in ("convlstm", "conv2d_lstm"):
+            kwargs = model_kwargs_from_config(
+                {**cfg["model"], "name": name}, input_variables=["sst"], target_variables=["sst"],
+                input_steps=5, lead_steps=3, height=25, width=25,
+            )
+            model = build_model(name, **kwargs).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            batch = 16 if device == "cpu" else 256
+            x = torch.randn(batch, 5, 1, 25, 25, device=device)  # (batch, time, channel, lat, lon)
+            y = torch.randn(batch, 3, 1, 25, 25, device=device)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = torch.nn.functional.mse_loss(model(x).float(), y)
+                loss.backward()
+                opt.step()
+
+            for _ in range(3):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 5.0:
+                step()
+                n += batch
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[f"train_samples_per_s_{name}_{device}"] = n / (time.perf_counter() - t0)
+    return out
+
+
+def bench_pipeline(work: Path) -> dict:
+    """The whole default pipeline in a clean copy of the tracked files, as `make run` runs it."""
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import copy_workflow, job_env
+
+    wf = copy_workflow(work / "wf")
+    exe = Path(sys.executable).parent / "snakemake"
+    t0 = time.perf_counter()
+    subprocess.run([str(exe), "--cores", "2", "--quiet"], cwd=wf, check=True, env=job_env())
+    return {"pipeline_seconds": time.perf_counter() - t0}
+
+
+def check(results: dict, targets: dict) -> list[str]:
+    missed = []
+    if "pipeline_seconds" in results and results["pipeline_seconds"] > targets["pipeline_seconds_max"]:
+        missed.append(f"pipeline {results['pipeline_seconds']:.0f} s > {targets['pipeline_seconds_max']} s")
+    if results["regrid_seconds"] > targets["regrid_seconds_max"]:
+        missed.append(f"regrid {results['regrid_seconds']:.1f} s > {targets['regrid_seconds_max']} s")
+    if results["stream_samples_per_s"] < targets["stream_samples_per_s_min"]:
+        missed.append(f"streaming {results['stream_samples_per_s']:.0f}/s < {targets['stream_samples_per_s_min']}/s")
+    for name, floor in targets["train_samples_per_s_min"].items():
+        got = results[f"train_samples_per_s_{name}_cpu"]
+        if got < floor:
+            missed.append(f"train {name} {got:.0f} samples/s < {floor}")
+    return missed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", action="store_true", help="also time the whole default pipeline")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args()
+    targets = yaml.safe_load((HERE / "targets.yaml").read_text())
+    work = Path(tempfile.mkdtemp(prefix="conv2dlstm-bench-"))
+    cwd = os.getcwd()
+    try:
+        results: dict = {"machine": platform.platform(), "cpus": os.cpu_count()}
+        results.update(bench_regrid(work))
+        results.update(bench_stream(work))
+        results.update(bench_train(work))
+        if args.pipeline:
+            results.update(bench_pipeline(work))
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(work, ignore_errors=True)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / time.strftime("%Y%m%dT%H%M%S.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    missed = check(results, targets)
+    for line in missed:
+        print(f"target missed: {line}")
+    print(f"results: {out}")
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
