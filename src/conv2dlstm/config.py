@@ -81,7 +81,11 @@ def _format_error(error: jsonschema.ValidationError) -> str:
     return f"config key {where}: {error.message}"
 
 
-def _check_semantics(cfg: dict[str, Any]) -> None:
+def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
+    """Checks across keys. ``given`` are the top-level sections the caller supplied: a check that
+    involves a section filled in from defaults only is skipped (a rule passes only the sections its
+    step reads: the fetch rule passes harmonize but not grid, and the default grid must not be
+    checked against a given 0..360 convention)."""
     periods = {}
     for split in ("train", "val", "test"):
         p = cfg["splits"][split]
@@ -105,7 +109,7 @@ def _check_semantics(cfg: dict[str, Any]) -> None:
     lon = cfg["grid"]["lon"]
     convention = cfg["harmonize"]["lon_convention"]
     lo, hi = (-180.0, 180.0) if convention == "-180..180" else (0.0, 360.0)
-    if lon["start"] < lo or lon["stop"] > hi:
+    if "grid" in given and (lon["start"] < lo or lon["stop"] > hi):
         raise ConfigError(
             f"config key grid.lon: {lon['start']}..{lon['stop']} is outside {convention}, the "
             "convention set by harmonize.lon_convention; change one of the two"
@@ -129,12 +133,13 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg) if cfg else {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"config: expected a mapping of keys to values, got {type(cfg).__name__}")
+    given = set(cfg)
     _fill_defaults(cfg, schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key_path(e)))
     if errors:
         raise ConfigError(_format_error(errors[0]))
-    _check_semantics(cfg)
+    _check_semantics(cfg, given)
     return cfg
 
 
