@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import fetch, synthetic
+from conv2dlstm import fetch, regrid, synthetic
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
@@ -218,8 +218,13 @@ def test_files_kind_with_a_glob_records_paths_without_copying(
     assert [f["path"] for f in manifest["files"]] == [f"oisst/{rel}" for rel in RELATIVE]  # relative to the cwd
     assert [f["sha256"] for f in manifest["files"]] == [sha256_file(served / rel) for rel in RELATIVE]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # nothing copied
-    ds = fetch.open_fetched(out / "manifest.json")  # keeps source.start..end
-    assert [str(t)[:10] for t in ds["time"].values] == ["2019-01-31", "2019-02-01"]
+    assert "time" not in manifest
+    # open_fetched opens what was listed, all of it; the regrid step cuts source.start..end (one place).
+    ds = fetch.open_fetched(out / "manifest.json")
+    assert [str(t)[:10] for t in ds["time"].values] == [f"{d:%Y-%m-%d}" for d in DAYS]
+    assert all(str(t)[11:16] == "12:00" for t in ds["time"].values)  # OISST stamps days at noon
+    prepared = regrid.prepare(ds, cfg)
+    assert [str(t)[:16] for t in prepared["time"].values] == ["2019-01-31T12:00", "2019-02-01T12:00"]
 
 
 def test_files_kind_missing_glob_names_the_pattern(tmp_path: Path) -> None:
@@ -304,6 +309,43 @@ def test_files_kind_accepts_a_zarr_store(zarr_root: Path, tmp_path: Path) -> Non
     assert fetch.open_fetched(tmp_path / "raw" / "manifest.json").sizes["time"] == 20
 
 
+def raw_grid(lon: np.ndarray, time_name: str = "time") -> xr.Dataset:
+    """A raw source: noon-stamped days, descending latitude (1-degree cells), longitudes as given."""
+    times = pd.date_range("2020-01-01 12:00", periods=6, freq="D")
+    lat = np.arange(40.0, 29.0, -1.0)
+    data = np.zeros((times.size, lat.size, lon.size), np.float32)
+    return xr.Dataset(
+        {"sst": ((time_name, "latitude", "longitude"), data)},
+        coords={time_name: times, "latitude": lat, "longitude": lon},
+    )
+
+
+def test_subset_uses_harmonize_period_and_region_rules() -> None:
+    raw = raw_grid(np.arange(280.0, 300.0, 1.0))  # 0..360 longitudes
+    cfg = validate_config({"source": {"start": "2020-01-02", "end": "2020-01-04"},
+                           "region": {"lat": [33.0, 35.0], "lon": [-75.0, -72.0]}})
+    sub = fetch.subset(raw, cfg, "test source")
+    # Whole days, end included, noon stamps: Jan 2, 3 and 4.
+    assert [str(t)[:16] for t in sub["time"].values] == [f"2020-01-0{d}T12:00" for d in (2, 3, 4)]
+    np.testing.assert_array_equal(sub["latitude"].values, np.arange(37.0, 30.0, -1.0))  # 33..35 +- 2 cells
+    np.testing.assert_array_equal(sub["longitude"].values, np.arange(283.0, 291.0, 1.0))  # 285..288 +- 2 cells
+    # The time axis under another name is found through harmonize.rename.
+    renamed = raw_grid(np.arange(280.0, 300.0, 1.0), time_name="date")
+    assert fetch.select_time(renamed, "2020-01-02", "2020-01-02", "x").sizes["date"] == 6  # not recognised
+    cut = fetch.select_time(renamed, "2020-01-02", "2020-01-02", "x", rename={"date": "time"})
+    assert [str(t)[:16] for t in cut["date"].values] == ["2020-01-02T12:00"]
+    with pytest.raises(DataError, match=r"^src: source\.start\.\.source\.end 2021-01-01\.\.2021-01-02 contains no"):
+        fetch.select_time(raw, "2021-01-01", "2021-01-02", "src")
+
+
+def test_region_across_the_source_seam_is_not_cut_in_longitude() -> None:
+    raw = raw_grid(np.arange(-179.5, 180.0, 1.0))  # -180..180 source
+    across = fetch.select_region(raw, {"lat": [33.0, 35.0], "lon": [170.0, 190.0]}, "src")
+    assert across.sizes["longitude"] == 360 and across.sizes["latitude"] == 7
+    with pytest.raises(DataError, match=r"^src: region lat \[50\.0, 60\.0\].*covers latitude 30\.\.40"):
+        fetch.select_region(raw, {"lat": [50.0, 60.0], "lon": None}, "src")
+
+
 # -------------------------------------------------------------------------------------------------
 # kind copernicus
 # -------------------------------------------------------------------------------------------------
@@ -326,7 +368,44 @@ def test_copernicus_without_package_or_credentials_is_a_clear_error(
     assert not (tmp_path / "raw" / "manifest.json").exists()
 
 
-def test_copernicus_download() -> None:
-    if not all(os.environ.get(v) for v in fetch.CREDENTIAL_VARIABLES) or shutil.which("copernicusmarine") is None:
-        pytest.skip("needs the copernicusmarine package, credentials in the environment and internet access")
-    pytest.skip("a real Copernicus Marine download is not run in the test suite (network, quota)")
+def _copernicus_skip_reason() -> str | None:
+    """Why the real Copernicus Marine download cannot run here, or None when it can."""
+    try:
+        import copernicusmarine  # noqa: F401
+    except ImportError:
+        return "the optional copernicusmarine package is not installed (pip install '.[copernicus]')"
+    missing = [v for v in fetch.CREDENTIAL_VARIABLES if not os.environ.get(v)]
+    if missing:
+        return f"Copernicus Marine credentials are not in the environment ({', '.join(missing)})"
+    return None
+
+
+@pytest.mark.skipif(_copernicus_skip_reason() is not None, reason=str(_copernicus_skip_reason()))
+def test_copernicus_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real, tiny download (2 days, about 1 x 1 degree of surface nitrate); needs the internet."""
+    monkeypatch.chdir(tmp_path)
+    cfg = validate_config({
+        "name": "bgc",
+        "source": {"kind": "copernicus", "dataset_id": "cmems_mod_glo_bgc_my_0.25deg_P1D-m",
+                   "start": "2019-01-01", "end": "2019-01-02", "variables": ["no3"]},
+        "variables": {"inputs": ["no3"], "targets": ["no3"]},
+        "region": {"lat": [30.0, 31.0], "lon": [-40.0, -39.0]},
+    })
+    manifest_path = fetch.main(cfg, out_dir=tmp_path / "raw")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["kind"] == "copernicus" and manifest["format"] == "netcdf"
+    [entry] = manifest["files"]
+    path = Path(entry["path"])
+    assert path.name == "bgc.nc" and entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
+    assert entry["url"] == "copernicusmarine:cmems_mod_glo_bgc_my_0.25deg_P1D-m"
+    assert leftovers(tmp_path / "raw") == []
+    ds = fetch.open_fetched(manifest_path)
+    assert list(ds.data_vars) == ["no3"]
+    assert [str(t)[:10] for t in ds["time"].values] == ["2019-01-01", "2019-01-02"]
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    assert 29.4 <= lat.min() <= 30.0 and 31.0 <= lat.max() <= 31.6  # the region, 0.5 degree wider
+    assert -40.6 <= lon.min() <= -40.0 and -39.0 <= lon.max() <= -38.4
+    assert ds.sizes.get("depth", 1) == 1  # harmonize.level 0: only the surface level is fetched
+    surface = regrid.prepare(ds, cfg)["no3"].values
+    assert surface.shape[0] == 2 and np.isfinite(surface).any()
+    assert np.nanmin(surface) >= 0.0  # nitrate concentration, mmol m-3

@@ -11,7 +11,15 @@ import pytest
 import xarray as xr
 
 from conv2dlstm.errors import DataError
-from conv2dlstm.harmonize import harmonize, select_period, select_region, wrap_longitude
+from conv2dlstm.harmonize import (
+    day_bounds,
+    find_axis,
+    harmonize,
+    in_period,
+    select_period,
+    select_region,
+    wrap_longitude,
+)
 
 TIMES = pd.date_range("2020-01-01", periods=4, freq="D").values
 
@@ -199,3 +207,73 @@ def test_select_period_includes_whole_end_day() -> None:
     assert pd.Timestamp(sub["time"].values[-1]) == pd.Timestamp("2020-01-03 18:00")
     with pytest.raises(DataError, match=r"2021-01-01\.\.2021-02-01 contains no time step.*2020-01-01\.\.2020-01-05"):
         select_period(ds, "2021-01-01", "2021-02-01")
+
+
+def test_day_bounds_is_the_half_open_interval_of_whole_days() -> None:
+    lo, hi = day_bounds("2020-01-02", "2020-01-03")
+    assert lo == np.datetime64("2020-01-02T00:00", "ns") and hi == np.datetime64("2020-01-04T00:00", "ns")
+    # A time of day in the arguments does not matter: a period is made of whole days.
+    assert day_bounds(pd.Timestamp("2020-01-02 17:00"), "2020-01-03T06:00") == (lo, hi)
+
+
+def test_noon_stamped_days_at_a_period_boundary() -> None:
+    """OISST files are stamped 12:00: the last day of a period is in, the next day is out."""
+    times = pd.date_range("2020-01-08 12:00", "2020-01-13 12:00", freq="D")
+    np.testing.assert_array_equal(in_period(times, "2020-01-09", "2020-01-11"), [0, 1, 1, 1, 0, 0])
+    ds = xr.Dataset({"v": (("time",), np.arange(times.size, dtype=float))}, coords={"time": times})
+    sub = select_period(ds, "2020-01-09", "2020-01-11")
+    assert [str(t)[:16] for t in sub["time"].values] == ["2020-01-09T12:00", "2020-01-10T12:00", "2020-01-11T12:00"]
+    np.testing.assert_array_equal(sub["v"].values, [1, 2, 3])
+
+
+def test_select_period_on_raw_unsorted_times_and_other_names() -> None:
+    times = pd.DatetimeIndex(["2020-01-05", "2020-01-01", "2020-01-03", "2020-01-02"])
+    raw = xr.Dataset({"v": (("t",), np.arange(4.0))}, coords={"valid_time": ("t", times)})
+    sub = select_period(raw, "2020-01-02", "2020-01-03", time="valid_time")
+    np.testing.assert_array_equal(sub["v"].values, [2.0, 3.0])  # source order kept
+    with pytest.raises(DataError, match=r"^the source 2021-01-01\.\.2021-01-02 contains no time step.*"
+                                        r"2020-01-01\.\.2020-01-05; fix it$"):
+        select_period(raw, "2021-01-01", "2021-01-02", time="valid_time", what="the source", fix="fix it")
+
+
+def test_select_period_and_region_stay_lazy() -> None:
+    ds = oisst_like()
+    poisoned = da.map_blocks(_explode, da.zeros(ds["sst"].shape, chunks=(1, 1, 3, 4)), dtype="float64")
+    ds["sst"] = (ds["sst"].dims, poisoned, ds["sst"].attrs)
+    out = select_region(select_period(harmonize(ds), "2020-01-02", "2020-01-03"), [11.0, 13.0], [-5.0, 1.0])
+    assert out.sizes == {"time": 2, "lat": 2, "lon": 2}
+    assert out["sst"].chunks is not None
+
+
+def test_find_axis_follows_harmonize_names() -> None:
+    ds = xr.Dataset(
+        {"v": (("Date", "LATITUDE", "x"), np.ones((2, 2, 3)))},
+        coords={"Date": TIMES[:2], "LATITUDE": [1.0, 2.0], "x": [0.0, 1.0, 2.0], "depth": 5.0},
+    )
+    assert find_axis(ds, "lat") == "LATITUDE"  # case-insensitive
+    assert find_axis(ds, "lon") == "x"
+    assert find_axis(ds, "time") is None
+    assert find_axis(ds, "time", rename={"Date": "time"}) == "Date"
+    assert find_axis(ds, "vertical") is None  # a scalar is not an axis
+    out = harmonize(ds, rename={"Date": "time"})  # harmonize uses the same axes
+    assert out["v"].dims == ("time", "lat", "lon")
+    np.testing.assert_array_equal(out["lon"].values, [0.0, 1.0, 2.0])
+    # A 2-D longitude comes first among the names: curvilinear, no axis (harmonize rejects it).
+    curvilinear = ds.assign_coords(nav_lon=(("LATITUDE", "x"), np.ones((2, 3))))
+    assert find_axis(curvilinear, "lon") is None
+    with pytest.raises(DataError, match="rectilinear"):
+        harmonize(curvilinear, rename={"Date": "time"})
+    with pytest.raises(ValueError, match="unknown axis role"):
+        find_axis(ds, "depth")
+
+
+def test_select_region_with_a_margin_on_raw_descending_latitude() -> None:
+    raw = cmems_like()  # latitude 30, 29, 28; longitude -20, -19
+    sub = select_region(raw, [29.0, 29.5], [-19.0, -19.0], lat="latitude", lon="longitude")
+    np.testing.assert_array_equal(sub["latitude"].values, [29.0])
+    np.testing.assert_array_equal(sub["longitude"].values, [-19.0])
+    wide = select_region(raw, [29.0, 29.5], [-19.0, -19.0], lat="latitude", lon="longitude", margin_cells=1)
+    np.testing.assert_array_equal(wide["latitude"].values, [30.0, 29.0, 28.0])  # +- one 1-degree cell
+    np.testing.assert_array_equal(wide["longitude"].values, [-20.0, -19.0])
+    with pytest.raises(DataError, match=r"covers latitude 28\.\.30, longitude -20\.\.-19"):
+        select_region(raw, [40.0, 41.0], None, lat="latitude", lon="longitude")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +48,76 @@ def fit(ds: xr.Dataset, **kw: object) -> xr.Dataset:
     return nz.fit_stats(ds, **args)
 
 
+@pytest.mark.parametrize("per_pixel", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_validation_and_test_data_do_not_leak(chunked: bool) -> None:
+def test_validation_and_test_data_do_not_leak(chunked: bool, per_pixel: bool) -> None:
     ds, n_train = leaky_dataset()
+    sst = ds["sst"].values.copy()
+    sst[n_train + 200, 2, 2] = np.nan  # a cell missing only in the test period
+    ds = regridded(ds.indexes["time"], sst, ds["no3"].values)
     src = ds.chunk({"time": 50}) if chunked else ds
-    stats = fit(src, climatology_window=31)
-    # Against the same fit on the training year alone (nothing else exists there to leak).
-    alone = fit(ds.isel(time=slice(0, n_train)), climatology_window=31)
+    stats = fit(src, climatology_window=31, per_pixel=per_pixel)
+
+    # The mask is geography over all periods: the cell missing in the test period is not ocean.
+    ocean = np.ones((LAT.size, LON.size), bool)
+    ocean[0, 0] = ocean[2, 2] = False
+    np.testing.assert_array_equal(stats["mask"].values, ocean)
+    # Statistics equal those of the training year alone on the same cells (nothing else to leak there).
+    alone = fit(ds.isel(time=slice(0, n_train)).where(stats["mask"]), climatology_window=31, per_pixel=per_pixel)
     for name in ("mean", "std", "climatology", "mask"):
         xr.testing.assert_allclose(stats[name], alone[name], rtol=1e-10)
+    # Other validation/test values (same missing cells) change nothing.
+    other = ds.copy(deep=True)
+    for name, value in (("sst", -3e7), ("no3", 4e9)):
+        later = other[name].values[n_train:]
+        other[name].values[n_train:] = np.where(np.isfinite(later), value, np.nan)
+    refit = fit(other.chunk({"time": 50}) if chunked else other, climatology_window=31, per_pixel=per_pixel)
+    for name in ("mean", "std", "climatology", "mask"):
+        xr.testing.assert_allclose(stats[name], refit[name], rtol=1e-12)
     # And against hand-computed numbers: ocean cells of 2019 only.
-    sst = ds["sst"].values[:n_train].astype(np.float64)
-    ocean = np.isfinite(sst[0])
-    np.testing.assert_allclose(stats["mean"].sel(variable="sst"), sst[:, ocean].mean(), rtol=1e-10)
-    np.testing.assert_allclose(stats["std"].sel(variable="sst"), sst[:, ocean].std(), rtol=1e-10)
-    assert abs(float(stats["mean"].sel(variable="no3")) - 5) < 0.1
+    train = sst[:n_train].astype(np.float64)
+    if per_pixel:
+        np.testing.assert_allclose(stats["mean"].sel(variable="sst").values[ocean], train[:, ocean].mean(0), rtol=1e-9)
+        np.testing.assert_allclose(stats["std"].sel(variable="sst").values[ocean], train[:, ocean].std(0), rtol=1e-9)
+        assert float(stats["mean"].sel(variable="sst")[2, 2]) == 0.0  # not ocean: neutral
+    else:
+        np.testing.assert_allclose(stats["mean"].sel(variable="sst"), train[:, ocean].mean(), rtol=1e-10)
+        np.testing.assert_allclose(stats["std"].sel(variable="sst"), train[:, ocean].std(), rtol=1e-10)
+        assert abs(float(stats["mean"].sel(variable="no3")) - 5) < 0.1
     assert np.nanmax(np.abs(stats["climatology"].values)) < 20
+    assert np.isnan(stats["climatology"].values[:, :, 2, 2]).all()
+
+
+def test_per_pixel_std_is_floored_relative_to_the_pooled_std() -> None:
+    times = pd.date_range("2019-01-01", "2020-12-31", freq="D")
+    n_train = int((times <= "2019-12-31").sum())
+    rng = np.random.default_rng(11)
+    sst = 10 + 3 * rng.normal(size=(times.size, LAT.size, LON.size))
+    sst[:, 0, 0] = np.nan  # land
+    sst[:, 1, 1] = -1.8 + 1e-6 * rng.normal(size=times.size)  # clamped under sea ice: nearly constant
+    sst[:, 1, 2] = -1.8  # exactly constant in the training period
+    sst[n_train:, 1, 1] = sst[n_train:, 1, 2] = -1.0  # the ice melts later
+    ds = regridded(times, sst.astype(np.float64))
+    stats = nz.fit_stats(ds, train_start="2019-01-01", train_end="2019-12-31", variables=["sst"], per_pixel=True)
+
+    train = ds["sst"].values[:n_train].astype(np.float64)
+    ocean = np.isfinite(train[0])
+    pooled = train[:, ocean].std()
+    std = stats["std"].sel(variable="sst").values
+    assert train[:, 1, 1].std() < 1e-5 < nz.STD_FLOOR_FRACTION * pooled
+    np.testing.assert_allclose(std[1, 1], nz.STD_FLOOR_FRACTION * pooled, rtol=1e-9)
+    np.testing.assert_allclose(std[1, 2], nz.STD_FLOOR_FRACTION * pooled, rtol=1e-9)
+    np.testing.assert_allclose(std[2, 3], train[:, 2, 3].std(), rtol=1e-9)  # ordinary cells unchanged
+    assert std[0, 0] == 1.0  # land
+    # The melted cell's z-score is bounded by the floor (it was ~1e5 with the cell's own std).
+    z = nz.normalize(nz.stack_variables(ds.isel(time=[-1]), ["sst"]), stats).values[0, 0]
+    np.testing.assert_allclose(z[1, 2], 0.8 / (nz.STD_FLOOR_FRACTION * pooled), rtol=1e-5)
+    assert np.abs(z[1, 1]) < 1e3
+    # A variable constant everywhere in the training period has no pooled spread: std 1.
+    flat = regridded(times, np.where(np.isfinite(sst), 4.0, np.nan))
+    flat_stats = nz.fit_stats(flat, train_start="2019-01-01", train_end="2019-12-31", variables=["sst"],
+                              per_pixel=True)
+    assert (flat_stats["std"].values == 1.0).all()
 
 
 def test_per_pixel_statistics() -> None:
@@ -200,3 +255,45 @@ def test_main_writes_stats_netcdf(tmp_path: Path) -> None:
         nz.main(cfg, data=data, out=out)
     assert out.read_bytes() == before
     assert [p.name for p in out.parent.iterdir()] == ["oisst.nc"]
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt", "not_a_store", "no_time"])
+def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, how: str) -> None:
+    ds, _ = leaky_dataset(5)
+    data = tmp_path / "regrid" / "oisst.zarr"
+    if how == "no_time":
+        write_zarr(ds.isel(time=0).expand_dims("step").chunk({"step": 1}), data)  # no `time` dimension
+        match = r"has no dimension\(s\) \['time'\].*re-run the regrid step"
+    else:
+        write_zarr(ds.chunk({"time": 128}), data)
+        if how == "missing":
+            shutil.rmtree(data)
+            match = "does not exist; run the regrid step first"
+        elif how == "corrupt":
+            (data / "zarr.json").write_text("{truncated")
+            match = r"(?s)cannot be opened \(.*\); delete it and re-run the regrid step"
+        else:
+            shutil.rmtree(data)
+            data.write_text("not a store")
+            match = r"(?s)cannot be opened \(.*\); delete it and re-run the regrid step"
+    out = tmp_path / "normalize" / "oisst.nc"
+    with pytest.raises(DataError, match=match) as info:
+        nz.main(validate_config({"variables": {"inputs": ["sst"], "targets": ["sst"]}}), data=data, out=out)
+    assert str(data) in str(info.value)
+    assert not out.parent.exists()
+
+
+def test_load_stats_round_trip_and_errors(tmp_path: Path) -> None:
+    ds, _ = leaky_dataset(6)
+    path = tmp_path / "stats.nc"
+    stats = fit(ds)
+    nz.write_stats(stats, path)
+    loaded = nz.load_stats(path)
+    for name in (*nz.REQUIRED_STATS, "variable_units"):
+        xr.testing.assert_identical(loaded[name], stats[name])
+    assert loaded["mask"].dtype == bool
+    assert loaded.attrs["train_start"] == "2019-01-01"
+    stats.drop_vars("mask").to_netcdf(path)
+    with pytest.raises(DataError, match=r"has no \['mask'\].*re-run the normalize step") as info:
+        nz.load_stats(path)
+    assert str(path) in str(info.value)

@@ -300,8 +300,6 @@ def write_manifest(tmp_path: Path, paths: list[Path]) -> Path:
 
 
 def test_main_end_to_end(tmp_path: Path) -> None:
-    fetch = pytest.importorskip("conv2dlstm.fetch")
-    assert hasattr(fetch, "open_fetched")
     manifest = write_manifest(tmp_path, write_daily_files(tmp_path / "raw"))
     out = tmp_path / "results" / "regrid" / "oisst.zarr"
     rg.main(step_config(), manifest=manifest, out=out, threads=1, memory_mb=1024)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,25 @@ def test_stride_and_explicit_step() -> None:
     none = wn.window_starts(times, start="2020-01-01", end="2020-01-12", input_steps=2, lead_steps=1,
                             step=np.timedelta64(2, "D"))
     assert none.size == 0
+
+
+def test_noon_stamps_at_a_split_boundary() -> None:
+    """OISST days are stamped 12:00: the last day of a split is in it, the next day is not."""
+    times = pd.date_range("2020-01-01 12:00", "2020-01-20 12:00", freq="D")  # 20 days
+    train = {"start": "2020-01-01", "end": "2020-01-10"}
+    starts = wn.window_starts(times.values, **train, input_steps=3, lead_steps=2)
+    np.testing.assert_array_equal(starts, np.arange(6))  # the last window ends on 2020-01-10 12:00
+    assert str(times[starts[-1] + 4])[:16] == "2020-01-10 12:00"
+    val = wn.window_starts(times.values, start="2020-01-11", end="2020-01-20", input_steps=3, lead_steps=2)
+    assert str(times[val[0]])[:16] == "2020-01-11 12:00"  # the next day opens the next split
+    # The training slice of the statistics uses the same boundary.
+    ds = xr.Dataset({"sst": (("time", "lat", "lon"), np.zeros((times.size, 1, 1), np.float32))},
+                    coords={"time": times, "lat": [0.0], "lon": [0.0]})
+    sliced = nz.training_slice(ds, train["start"], train["end"])
+    assert [str(t)[:16] for t in sliced["time"].values[[0, -1]]] == ["2020-01-01T12:00", "2020-01-10T12:00"]
+    assert sliced.sizes["time"] == 10
+    assert nz.fit_stats(ds, train_start=train["start"], train_end=train["end"], variables=["sst"]).attrs[
+        "train_steps"] == 10
 
 
 def test_inferred_step_is_the_most_common_difference() -> None:
@@ -140,6 +160,86 @@ def test_statistics_of_another_training_period_are_rejected() -> None:
     expected = r"fitted on 2020-01-01\.\.2020-01-15 but splits\.train is 2020-01-01\.\.2020-01-20"
     with pytest.raises(DataError, match=expected):
         wn.build_store(ds, stats, store_config())
+
+
+def test_statistics_without_their_training_period_are_rejected() -> None:
+    ds = source()
+    stats = fitted(ds)
+    for attr in ("train_start", "train_end"):
+        incomplete = stats.copy()
+        del incomplete.attrs[attr]
+        with pytest.raises(DataError, match=rf"no attribute\(s\) \['{attr}'\].*re-run the normalize step"):
+            wn.build_store(ds, incomplete, store_config())
+
+
+def _written(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A regridded store and its statistics on disk, and the configuration."""
+    ds = source()
+    data_path = tmp_path / "regrid" / "x.zarr"
+    write_zarr(ds.chunk({"time": 16}), data_path)
+    stats_path = tmp_path / "normalize" / "x.nc"
+    nz.write_stats(fitted(ds), stats_path)
+    return data_path, stats_path, store_config()
+
+
+def _damage_stats(stats_path: Path, how: str) -> None:
+    if how == "missing":
+        stats_path.unlink()
+    elif how == "corrupt":
+        stats_path.write_bytes(stats_path.read_bytes()[:200])  # truncated
+    elif how == "html":
+        stats_path.write_text("<html>not a netCDF file</html>")
+    else:  # a variable dropped: "no_mask", "no_climatology"
+        with xr.open_dataset(stats_path) as opened:
+            stats = opened.load()
+        stats.drop_vars(how[len("no_"):]).to_netcdf(stats_path)
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("missing", r"does not exist; run the normalize step first"),
+        ("corrupt", r"(?s)cannot be read \(.*\); delete it and re-run the normalize step"),
+        ("html", r"(?s)cannot be read \(.*\); delete it and re-run the normalize step"),
+        ("no_mask", r"has no \['mask'\].*re-run the normalize step"),
+        ("no_climatology", r"has no \['climatology'\].*re-run the normalize step"),
+        ("no_attrs", r"no attribute\(s\) \['train_start', 'train_end'\].*re-run the normalize step"),
+    ],
+)
+def test_main_bad_statistics_file_names_the_path_and_the_step(tmp_path: Path, how: str, match: str) -> None:
+    data_path, stats_path, cfg = _written(tmp_path)
+    if how == "no_attrs":
+        with xr.open_dataset(stats_path) as opened:
+            stats = opened.load()
+        stats.attrs = {}
+        stats.to_netcdf(stats_path)
+    else:
+        _damage_stats(stats_path, how)
+    out = tmp_path / "windows" / "x.zarr"
+    with pytest.raises(DataError, match=match) as info:
+        wn.main(cfg, data=data_path, stats=stats_path, out=out, threads=1, memory_mb=1024)
+    assert str(stats_path) in str(info.value)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt", "not_a_store"])
+def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, how: str) -> None:
+    data_path, stats_path, cfg = _written(tmp_path)
+    if how == "missing":
+        shutil.rmtree(data_path)
+        match = "does not exist; run the regrid step first"
+    elif how == "corrupt":
+        (data_path / "zarr.json").write_text("{not json")
+        match = r"(?s)cannot be opened \(.*\); delete it and re-run the regrid step"
+    else:
+        shutil.rmtree(data_path)
+        data_path.mkdir()
+        match = r"(?s)cannot be opened \(.*\); delete it and re-run the regrid step"
+    out = tmp_path / "windows" / "x.zarr"
+    with pytest.raises(DataError, match=match) as info:
+        wn.main(cfg, data=data_path, stats=stats_path, out=out, threads=1, memory_mb=1024)
+    assert str(data_path) in str(info.value)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 def _file_bytes(path: Path) -> int:

@@ -50,8 +50,9 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm import __version__
+from conv2dlstm import harmonize as hz
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
-from conv2dlstm.fsutil import atomic_output, sha256_file, sha256_tree
+from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file, sha256_tree, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK_BYTES = 1 << 20
 MAX_RETRY_AFTER_S = 60.0
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
+REGION_MARGIN_CELLS = 2
+"""Source cells kept beyond each side of ``region`` by the fetch pre-cut (regrid cuts exactly)."""
 USER_AGENT = f"conv2dlstm/{__version__} (python-requests)"
 # The netCDF-C / HDF5 libraries are not thread-safe: parallel download workers check files one at a time.
 _NETCDF_LOCK = threading.Lock()
@@ -164,16 +167,6 @@ def _previous_checksums(out_dir: Path) -> dict[str, str]:
 
 def _sidecar(path: Path) -> Path:
     return path.parent / f".{path.name}.sha256"
-
-
-def _discard_partials(out_dir: Path) -> None:
-    """Remove temporaries left by an interrupted run (``.<name>.<random>.partial``)."""
-    for stray in out_dir.glob(".*.partial"):
-        log.info("discarding %s left by an interrupted fetch", stray)
-        if stray.is_dir() and not stray.is_symlink():
-            shutil.rmtree(stray, ignore_errors=True)
-        else:
-            stray.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,14 +552,6 @@ def is_zarr_store(path: Path) -> bool:
     return False
 
 
-def tree_bytes(path: Path) -> int:
-    """Size in bytes of a file or of all files under a directory."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def resolve_paths(patterns: list[str]) -> list[Path]:
     """Expand ``~``, environment variables and globs; every pattern must match something."""
     if not patterns:
@@ -659,84 +644,71 @@ def select_variables(ds: xr.Dataset, cfg: dict[str, Any], where: str) -> xr.Data
     return ds[list(dict.fromkeys(keep))]
 
 
-def _find_coord(ds: xr.Dataset, names: tuple[str, ...]) -> str | None:
-    for name in names:
-        if name in ds.coords and ds[name].ndim == 1:
-            return name
-    return None
+def _rename(cfg: dict[str, Any]) -> dict[str, str]:
+    return dict(cfg.get("harmonize", {}).get("rename", {}))
 
 
-def time_coord(ds: xr.Dataset) -> str | None:
-    """Name of the 1-D datetime coordinate (``time`` preferred)."""
-    if "time" in ds.coords and ds["time"].ndim == 1:
-        return "time"
-    for name, coord in ds.coords.items():
-        if coord.ndim == 1 and np.issubdtype(coord.dtype, np.datetime64):
-            return str(name)
-    return None
+def select_time(
+    ds: xr.Dataset, start: str, end: str, where: str, *, rename: dict[str, str] | None = None
+) -> xr.Dataset:
+    """The whole days ``start..end`` of a raw dataset (:func:`harmonize.select_period`).
 
-
-def select_time(ds: xr.Dataset, start: str, end: str, where: str) -> xr.Dataset:
-    """Steps with ``start <= time < end + 1 day`` (index selection on the small coordinate)."""
-    name = time_coord(ds)
+    The time axis is the one :func:`harmonize.find_axis` finds (``rename`` as in
+    ``harmonize.rename``). Without a datetime time axis (none found, or a non-standard calendar)
+    ``ds`` is returned unchanged and the regrid step selects the period after harmonizing.
+    """
+    name = hz.find_axis(ds, "time", rename=rename)
     if name is None:
-        log.info("%s: no datetime coordinate; time is not subset", where)
+        log.info("%s: no time coordinate found; time is not subset", where)
         return ds
-    values = np.asarray(ds[name].values)
-    if not np.issubdtype(values.dtype, np.datetime64):
+    if not np.issubdtype(ds[name].dtype, np.datetime64):
         log.info("%s: time %r is not datetime64 (non-standard calendar?); time is not subset", where, name)
         return ds
-    times = pd.DatetimeIndex(values)
-    lo, hi = pd.Timestamp(start), pd.Timestamp(end) + pd.Timedelta(days=1)
-    idx = np.nonzero((times >= lo) & (times < hi))[0]
-    if idx.size == 0:
-        span = f"{times.min():%Y-%m-%d}..{times.max():%Y-%m-%d}" if len(times) else "nothing"
-        raise DataError(
-            f"{where}: no time step in source.start..source.end ({start}..{end}); the source covers {span}"
-        )
-    return ds.isel({name: idx})
+    return hz.select_period(
+        ds, start, end, time=name, what=f"{where}: source.start..source.end", fix="fix source.start/end"
+    )
 
 
-def _to_convention(values: np.ndarray, zero_to_360: bool) -> np.ndarray:
-    return np.mod(values, 360.0) if zero_to_360 else (np.mod(np.asarray(values) + 180.0, 360.0) - 180.0)
+def select_region(
+    ds: xr.Dataset, region: dict[str, Any], where: str, *, rename: dict[str, str] | None = None
+) -> xr.Dataset:
+    """Pre-cut ``region`` (harmonized longitudes) from a raw dataset, :data:`REGION_MARGIN_CELLS` cells wider.
 
-
-def select_region(ds: xr.Dataset, region: dict[str, Any], where: str) -> xr.Dataset:
-    """Cut ``region`` (harmonized longitude convention) from ``ds``, with a margin of two cells.
-
+    A thin wrapper around :func:`harmonize.select_region` on the raw axes (:func:`harmonize.find_axis`).
     The longitude bounds are converted to the source's convention (0..360 when its longitudes
-    exceed 180). A box that wraps across the source's longitude seam is not cut in longitude
-    (all longitudes are kept; harmonize cuts it exactly).
+    exceed 180). A box that wraps across the source's longitude seam is not cut in longitude, and an
+    axis that is not found is not cut (harmonize and regrid cut exactly later).
     """
-    out = ds
-    lat_name = _find_coord(ds, ("lat", "latitude"))
-    lon_name = _find_coord(ds, ("lon", "longitude"))
-    for key, name in (("lat", lat_name), ("lon", lon_name)):
+    names = {key: hz.find_axis(ds, key, rename=rename) for key in ("lat", "lon")}
+    ranges: dict[str, list[float]] = {}
+    for key, name in names.items():
         bounds = region.get(key)
         if bounds is None:
             continue
         if name is None:
-            log.info("%s: no 1-D %s coordinate found; region.%s is applied by harmonize", where, key, key)
+            log.info("%s: no 1-D %s coordinate found; region.%s is applied by the regrid step", where, key, key)
             continue
-        values = np.asarray(ds[name].values, dtype=np.float64)
-        margin = 2 * float(np.median(np.abs(np.diff(values)))) if values.size > 1 else 0.0
         lo, hi = float(bounds[0]), float(bounds[1])
         if key == "lon":
-            zero_to_360 = bool(np.nanmax(values) > 180.0)
             if hi - lo >= 360.0:
                 continue
-            lo, hi = (float(v) for v in _to_convention(np.array([lo, hi]), zero_to_360))
+            convention = "0..360" if float(np.nanmax(ds[name].values)) > 180.0 else "-180..180"
+            lo, hi = (float(v) for v in hz.wrap_longitude(np.array([lo, hi]), convention))
             if lo > hi:
                 log.info("%s: region.lon %s wraps across the source's seam; longitudes are not cut", where, bounds)
                 continue
-        idx = np.nonzero((values >= lo - margin) & (values <= hi + margin))[0]
-        if idx.size == 0:
-            raise DataError(
-                f"{where}: region.{key} {bounds} does not overlap the source's {name} "
-                f"({values.min():g}..{values.max():g}); fix region.{key}"
-            )
-        out = out.isel({name: idx})
-    return out
+        ranges[key] = [lo, hi]
+    try:
+        return hz.select_region(
+            ds,
+            ranges.get("lat"),
+            ranges.get("lon"),
+            lat=names["lat"] or "lat",
+            lon=names["lon"] or "lon",
+            margin_cells=REGION_MARGIN_CELLS,
+        )
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from exc
 
 
 _KEEP_ENCODING = ("dtype", "_FillValue", "scale_factor", "add_offset", "units", "calendar")
@@ -798,8 +770,8 @@ def subset(ds: xr.Dataset, cfg: dict[str, Any], where: str) -> xr.Dataset:
     """Time, variable and region subset of a lazy dataset (nothing is read)."""
     src = cfg["source"]
     ds = select_variables(ds, cfg, where)
-    ds = select_time(ds, src["start"], src["end"], where)
-    return select_region(ds, cfg.get("region", {}), where)
+    ds = select_time(ds, src["start"], src["end"], where, rename=_rename(cfg))
+    return select_region(ds, cfg.get("region", {}), where, rename=_rename(cfg))
 
 
 def fetch_zarr(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
@@ -858,7 +830,7 @@ def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
     if region.get("lat") is not None:
         kwargs["minimum_latitude"], kwargs["maximum_latitude"] = region["lat"][0] - 0.5, region["lat"][1] + 0.5
     if region.get("lon") is not None:
-        lo, hi = (float(v) for v in _to_convention(np.array(region["lon"], dtype=float), False))
+        lo, hi = (float(v) for v in hz.wrap_longitude(np.array(region["lon"], dtype=float), "-180..180"))
         if lo <= hi:  # Copernicus Marine uses -180..180
             kwargs["minimum_longitude"], kwargs["maximum_longitude"] = lo - 0.5, hi + 0.5
     try:
@@ -870,10 +842,10 @@ def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
         ) from exc
     where = f"Copernicus Marine dataset {src['dataset_id']}"
     ds = select_variables(ds, cfg, where)
-    depth = _find_coord(ds, ("depth", "deptht", "lev", "zlev"))
+    depth = hz.find_axis(ds, "vertical", rename=_rename(cfg))
     level = int(cfg.get("harmonize", {}).get("level", 0))
-    if depth is not None and ds.sizes[depth] > level + 1:
-        ds = ds.isel({depth: slice(0, level + 1)})
+    if depth is not None and ds.sizes[ds[depth].dims[0]] > level + 1:
+        ds = ds.isel({ds[depth].dims[0]: slice(0, level + 1)})
     ds = clean_encoding(ds)
     dest = out_dir / f"{cfg['name']}.nc"
     try:
@@ -898,21 +870,20 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
     manifest_path = out_dir / MANIFEST_NAME
     known = _previous_checksums(out_dir)
     manifest_path.unlink(missing_ok=True)  # a failed fetch must not leave the previous manifest behind
-    _discard_partials(out_dir)
+    for stray in discard_partials(out_dir):
+        log.info("fetch: discarded %s left by an interrupted run", stray)
     started = time.monotonic()
-    extra: dict[str, Any] = {}
     if kind == "url":
         files, fmt = fetch_urls(src, out_dir, known), "netcdf"
     elif kind == "files":
         files, fmt = locate_files(src)
-        extra["time"] = {"start": src["start"], "end": src["end"]}
     elif kind == "zarr":
         files, fmt = fetch_zarr(cfg, out_dir), "zarr"
     elif kind == "copernicus":
         files, fmt = fetch_copernicus(cfg, out_dir), "netcdf"
     else:
         raise ConfigError(f"config key source.kind: {kind!r} is not one of url, files, zarr, copernicus")
-    manifest = build_manifest(kind, fmt, files, **extra)
+    manifest = build_manifest(kind, fmt, files)
     write_manifest(manifest_path, manifest)
     log.info(
         "fetch: %d file(s), %.1f MB, in %.1f s -> %s",
@@ -922,12 +893,13 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
 
 
 def open_fetched(manifest: Path, *, chunks: dict[str, int] | None = None) -> xr.Dataset:
-    """Open every file of ``manifest`` lazily (Dask) as one dataset with the raw names.
+    """Open every file of ``manifest`` lazily (Dask) as one dataset with the raw names, as fetched.
 
     ``chunks=None`` uses the files' own chunks (``{}``). netCDF files are combined by their
     coordinates (they must share every coordinate but the one they are concatenated along);
-    Zarr stores are opened with :func:`xarray.open_zarr`. A ``time`` selection recorded in the
-    manifest (kind ``files``) is applied.
+    Zarr stores are opened with :func:`xarray.open_zarr`. Nothing is selected: for kind ``files``
+    every time step of the listed files is returned, and the regrid step cuts ``source.start..end``
+    (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
     """
     manifest = Path(manifest)
     doc = read_manifest(manifest)
@@ -960,6 +932,4 @@ def open_fetched(manifest: Path, *, chunks: dict[str, int] | None = None) -> xr.
             f"manifest {manifest}: the files cannot be combined into one dataset ({exc}); they must share "
             "their lat/lon grid and differ only along time"
         ) from exc
-    if "time" in doc:
-        ds = select_time(ds, doc["time"]["start"], doc["time"]["end"], f"manifest {manifest}")
     return ds

@@ -14,6 +14,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+PARTIAL_GLOB = ".*.partial"
+"""Names of the temporaries of :func:`atomic_output` (``.<name>.<random>.partial``)."""
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -33,7 +36,7 @@ def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"  # matches PARTIAL_GLOB
     try:
         yield tmp
     except BaseException:
@@ -65,3 +68,26 @@ def sha256_tree(path: str | os.PathLike) -> str:
         digest.update(str(f.relative_to(path)).encode())
         digest.update(bytes.fromhex(sha256_file(f)))
     return digest.hexdigest()
+
+
+def discard_partials(directory: str | os.PathLike) -> list[Path]:
+    """Remove the :func:`atomic_output` temporaries that a killed process left in ``directory``.
+
+    Only direct children matching :data:`PARTIAL_GLOB` are removed (files or directories); returns
+    them. A missing directory has none.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    strays = sorted(directory.glob(PARTIAL_GLOB))
+    for stray in strays:
+        _remove(stray)
+    return strays
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Size in bytes of a file, or of all files under a directory (a Zarr store)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,9 +1,13 @@
-"""The one renaming step: any gridded source to dimensions ``time, lat, lon``.
+"""The one renaming step: any gridded source to dimensions ``time, lat, lon``; period and region cuts.
 
 :func:`harmonize` recognises the usual names of the time, latitude, longitude and vertical axes,
 keeps one vertical level, converts longitudes to the configured convention, sorts latitude
 ascending and keeps the float32 data variables on ``(time, lat, lon)``. It works on lazy (Dask)
 datasets without loading data: only coordinates are read.
+
+The axis finder (:func:`find_axis`), the longitude convention (:func:`wrap_longitude`), the period
+rule (:func:`day_bounds`: whole days, both ends included) and the region rule
+(:func:`select_region`) are defined here once and used by every step that cuts data.
 
 Packed integers (``scale_factor``/``add_offset``/``_FillValue``) are decoded by xarray when the file
 is opened (``mask_and_scale``), before this step.
@@ -12,7 +16,7 @@ is opened (``mask_and_scale``), before this step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -26,12 +30,44 @@ LON_NAMES = ("lon", "longitude", "nav_lon", "x")
 VERTICAL_NAMES = ("zlev", "depth", "lev", "level", "deptht", "z")
 LON_CONVENTIONS = ("-180..180", "0..360")
 DIMS = ("time", "lat", "lon")
+AXIS_NAMES: dict[str, tuple[str, ...]] = {
+    "time": TIME_NAMES,
+    "lat": LAT_NAMES,
+    "lon": LON_NAMES,
+    "vertical": VERTICAL_NAMES,
+}
+"""Recognised source names of each axis role, in order of preference."""
+
+T = TypeVar("T", xr.Dataset, xr.DataArray)
+DateLike = str | pd.Timestamp | np.datetime64
 
 
-def _find(ds: xr.Dataset, names: Sequence[str]) -> list[str]:
+def find_names(ds: xr.Dataset, names: Sequence[str]) -> list[str]:
     """Names of ``ds`` variables or dimensions matching ``names`` (case-insensitive), in ``names`` order."""
-    present = {str(k).lower(): str(k) for k in list(ds.variables) + list(ds.dims)}
-    return [present[n] for n in names if n in present]
+    present: dict[str, str] = {}
+    for key in list(ds.variables) + list(ds.dims):
+        present.setdefault(str(key).lower(), str(key))
+    return list(dict.fromkeys(present[n.lower()] for n in names if n.lower() in present))
+
+
+def find_axis(ds: xr.Dataset, role: str, *, rename: Mapping[str, str] | None = None) -> str | None:
+    """Name of the 1-D coordinate of ``ds`` (raw names) that :func:`harmonize` uses as axis ``role``.
+
+    ``role`` is ``time``, ``lat``, ``lon`` or ``vertical``. Candidates are the source names that
+    ``rename`` maps onto ``role``, then :data:`AXIS_NAMES` ``[role]`` (case-insensitive), and the
+    first one that is a variable is the axis, as in :func:`harmonize`. None when there is none, or
+    when it is not 1-D (a curvilinear grid, which :func:`harmonize` rejects).
+    """
+    if role not in AXIS_NAMES:
+        raise ValueError(f"unknown axis role {role!r}; use one of {list(AXIS_NAMES)}")
+    candidates = [*(src for src, std in (rename or {}).items() if std == role), *AXIS_NAMES[role]]
+    name = _first_variable(ds, candidates)
+    return name if name is not None and ds[name].ndim == 1 else None
+
+
+def _first_variable(ds: xr.Dataset, names: Sequence[str]) -> str | None:
+    """The first of ``names`` (case-insensitive) that is a variable of ``ds``."""
+    return next((c for c in find_names(ds, names) if c in ds.variables), None)
 
 
 def _apply_rename(ds: xr.Dataset, rename: Mapping[str, str]) -> xr.Dataset:
@@ -46,13 +82,12 @@ def _apply_rename(ds: xr.Dataset, rename: Mapping[str, str]) -> xr.Dataset:
 
 def _to_standard_axis(ds: xr.Dataset, role: str, names: Sequence[str]) -> xr.Dataset:
     """Rename the 1-D coordinate playing ``role`` (time, lat or lon) and its dimension to ``role``."""
-    candidates = [c for c in _find(ds, names) if c in ds.variables]
-    if not candidates:
+    name = _first_variable(ds, names)
+    if name is None:
         raise DataError(
             f"no {role} coordinate among {list(names)}; the dataset has {sorted(map(str, ds.variables))}; "
             f"add the source name to harmonize.rename (e.g. {{'<name>': '{role}'}})"
         )
-    name = candidates[0]
     if ds[name].ndim != 1:
         raise DataError(
             f"the {role} coordinate {name!r} has dimensions {tuple(map(str, ds[name].dims))}: only "
@@ -75,7 +110,7 @@ def _to_standard_axis(ds: xr.Dataset, role: str, names: Sequence[str]) -> xr.Dat
 
 def _select_level(ds: xr.Dataset, level: int) -> xr.Dataset:
     """Keep index ``level`` of every vertical dimension present and drop that dimension."""
-    for dim in _find(ds, VERTICAL_NAMES):
+    for dim in find_names(ds, VERTICAL_NAMES):
         if dim not in ds.dims:
             ds = ds.drop_vars(dim)  # a scalar or auxiliary vertical coordinate
             continue
@@ -202,39 +237,100 @@ def harmonize(
 
 
 def _span(values: np.ndarray) -> str:
-    return f"{values.min():g}..{values.max():g}" if values.size else "empty"
+    return f"{np.nanmin(values):g}..{np.nanmax(values):g}" if values.size else "empty"
+
+
+def _as_indexer(idx: np.ndarray) -> slice | np.ndarray:
+    """A slice when ``idx`` (increasing) is a contiguous run, else ``idx`` itself (keeps Dask graphs simple)."""
+    if idx.size and idx[-1] - idx[0] + 1 == idx.size:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _axis_indices(values: np.ndarray, bounds: Sequence[float], *, margin: float = 0.0) -> np.ndarray:
+    """Indices (increasing) of the cell centres ``values`` within ``[bounds[0] - margin, bounds[1] + margin]``."""
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = float(bounds[0]) - margin, float(bounds[1]) + margin
+    return np.flatnonzero((values >= lo) & (values <= hi))
 
 
 def select_region(
     ds: xr.Dataset,
     lat_range: Sequence[float] | None,
     lon_range: Sequence[float] | None,
+    *,
+    lat: str = "lat",
+    lon: str = "lon",
+    margin_cells: float = 0,
 ) -> xr.Dataset:
-    """Cells whose centres lie in ``[min, max]`` of each range (``None``: no restriction), on a harmonized dataset."""
+    """Cells whose centres lie in ``[min, max]`` of each range (``None``: no restriction).
+
+    ``lat`` and ``lon`` name the 1-D coordinates (those of a harmonized dataset by default); the
+    ranges are in the coordinates' own longitude convention. ``margin_cells`` widens each range by
+    that many cells (the median spacing of the axis) on both sides. Works on lazy datasets (only the
+    coordinates are read). :class:`DataError` when nothing is left.
+    """
     out = ds
-    if lat_range is not None:
-        out = out.sel(lat=slice(float(lat_range[0]), float(lat_range[1])))
-    if lon_range is not None:
-        out = out.sel(lon=slice(float(lon_range[0]), float(lon_range[1])))
-    if out.sizes["lat"] == 0 or out.sizes["lon"] == 0:
-        raise DataError(
-            f"region lat {lat_range} lon {lon_range} contains no source cell; the source covers lat "
-            f"{_span(ds['lat'].values)}, lon {_span(ds['lon'].values)} (longitudes in the harmonized "
-            "convention); fix config region"
-        )
+    for name, bounds in ((lat, lat_range), (lon, lon_range)):
+        if bounds is None:
+            continue
+        values = np.asarray(ds[name].values, dtype=np.float64)
+        margin = float(margin_cells) * float(np.median(np.abs(np.diff(values)))) if values.size > 1 else 0.0
+        idx = _axis_indices(values, bounds, margin=margin)
+        if idx.size == 0:
+            covers = ", ".join(f"{n} {_span(ds[n].values)}" for n in (lat, lon) if n in ds.variables)
+            raise DataError(
+                f"region lat {lat_range} lon {lon_range} contains no source cell; the source covers {covers}; "
+                "fix config region"
+            )
+        out = out.isel({ds[name].dims[0]: _as_indexer(idx)})
     return out
 
 
-def select_period(ds: xr.Dataset, start: str, end: str) -> xr.Dataset:
-    """Time steps from day ``start`` to day ``end`` (YYYY-MM-DD), both whole days included."""
+def day_bounds(start: DateLike, end: DateLike) -> tuple[np.datetime64, np.datetime64]:
+    """The period of whole days ``start..end`` (both included) as ``[lo, hi)`` in datetime64[ns].
+
+    ``lo`` is midnight starting day ``start`` and ``hi`` midnight ending day ``end`` (the start of
+    the next day): a time ``t`` is in the period when ``lo <= t < hi``, whatever its time of day
+    (OISST daily files are stamped at 12:00). This is the pipeline's one definition of a period;
+    source, splits and windows all use it.
+    """
     lo = pd.Timestamp(start).normalize()
-    hi = pd.Timestamp(end).normalize() + pd.Timedelta(days=1) - pd.Timedelta(1, "ns")
-    out = ds.sel(time=slice(lo, hi))
-    if out.sizes["time"] == 0:
-        times = ds.indexes["time"]
-        have = f"{times[0].date()}..{times[-1].date()}" if len(times) else "no times"
+    hi = pd.Timestamp(end).normalize() + pd.Timedelta(days=1)
+    return np.datetime64(lo.to_datetime64(), "ns"), np.datetime64(hi.to_datetime64(), "ns")
+
+
+def in_period(times: np.ndarray | pd.Index, start: DateLike, end: DateLike) -> np.ndarray:
+    """Bool array: which ``times`` lie in the whole days ``start..end`` (see :func:`day_bounds`)."""
+    lo, hi = day_bounds(start, end)
+    t = np.asarray(times, dtype="datetime64[ns]")
+    return (t >= lo) & (t < hi)
+
+
+def _covered(times: pd.Index | np.ndarray) -> str:
+    t = pd.DatetimeIndex(np.asarray(times, dtype="datetime64[ns]"))
+    return f"{t.min().date()}..{t.max().date()}" if len(t) else "no times"
+
+
+def select_period(
+    ds: T,
+    start: DateLike,
+    end: DateLike,
+    *,
+    time: str = "time",
+    what: str = "the period",
+    fix: str = "fix the period in the config (source.start/end or splits)",
+) -> T:
+    """Time steps of the whole days ``start`` to ``end`` (YYYY-MM-DD), both included (:func:`day_bounds`).
+
+    ``time`` names the 1-D datetime coordinate. Selection is by index on the (small) coordinate, so
+    it works on lazy data and on unsorted raw times. When no step is left, :class:`DataError` says
+    ``"<what> <start>..<end> contains no time step ...; <fix>"``.
+    """
+    times = ds[time].values
+    idx = np.flatnonzero(in_period(times, start, end))
+    if idx.size == 0:
         raise DataError(
-            f"the period {start}..{end} contains no time step of the data, which covers {have}; "
-            "fix the period in the config (source.start/end or splits)"
+            f"{what} {start}..{end} contains no time step of the data, which covers {_covered(times)}; {fix}"
         )
-    return out
+    return ds.isel({ds[time].dims[0]: _as_indexer(idx)})

@@ -1,10 +1,13 @@
-"""Normalization statistics, day-of-year climatology and ocean mask, fitted on the training period only.
+"""Normalization statistics and day-of-year climatology (training period only), and the ocean mask.
 
 Layout of the statistics file (``<outdir>/normalize/<name>.nc``, see docs/architecture.md):
 
 - ``mean``, ``std``: ``(variable)``, or ``(variable, lat, lon)`` when ``per_pixel``; training period,
-  ocean cells only. Per-pixel statistics of land cells are 0 and 1 (land is masked downstream), and a
-  standard deviation of 0 (a constant field) is replaced by 1.
+  ocean cells only. Per-pixel standard deviations are floored at :data:`STD_FLOOR_FRACTION` times
+  the pooled standard deviation of the variable (over all ocean cells and training steps), so that
+  a nearly constant cell (SST clamped at -1.8 degC under sea ice) does not turn tiny deviations into
+  huge z-scores. Per-pixel statistics of land cells are 0 and 1 (land is masked downstream), and a
+  standard deviation of 0 (a variable constant over the training period) is replaced by 1.
 - ``climatology``: ``(dayofyear, variable, lat, lon)``, dayofyear 1..366, physical units: the
   training-period mean of each day of the year, smoothed by a circular running mean of
   ``climatology_window`` days (days without data are skipped; days still without a value, such as day
@@ -12,6 +15,12 @@ Layout of the statistics file (``<outdir>/normalize/<name>.nc``, see docs/archit
   neighbours).
 - ``mask``: ``(lat, lon)`` bool, the ocean: cells finite at every time of every variable.
 - ``variable_units``: ``(variable)`` strings; each variable's units also in its attributes.
+
+The mask is the one product that looks at every period (train, validation and test): it is a
+static land-sea mask, geography (which cells have data at all), not a statistic, and it uses only
+whether values are missing, never the values. Mean, std and climatology are fitted on the training
+period (``splits.train``, whole days, :func:`conv2dlstm.harmonize.day_bounds`) alone, over the
+mask's cells: no value from validation or test enters them.
 
 Only reductions run on the cube (Dask, chunk by chunk); the results are small.
 """
@@ -25,16 +34,21 @@ from typing import Any
 
 import dask
 import numpy as np
-import pandas as pd
 import xarray as xr
 
+from conv2dlstm import harmonize as hz
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
 
 DAYS = 366
 MIN_STD = 1e-12
+"""A standard deviation at or below this is 0: the variable is constant (its std becomes 1)."""
+STD_FLOOR_FRACTION = 1e-3
+"""Per-pixel std floor, as a fraction of the variable's pooled std over ocean training cells."""
 FORMAT_VERSION = 1
+REQUIRED_STATS = ("mean", "std", "climatology", "mask")
+"""Variables every statistics file has (see the module docstring)."""
 
 
 def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
@@ -55,22 +69,18 @@ def ocean_mask(arr: xr.DataArray) -> xr.DataArray:
     return mask.compute().rename("mask")
 
 
-def _time_range(ds: xr.Dataset | xr.DataArray) -> str:
-    times = ds.indexes["time"]
-    return f"{times[0].date()}..{times[-1].date()}" if len(times) else "no time steps"
+def training_slice(ds: hz.T, start: str, end: str) -> hz.T:
+    """Time steps of days ``start`` to ``end`` inclusive (:func:`conv2dlstm.harmonize.select_period`).
 
-
-def training_slice(ds: xr.Dataset | xr.DataArray, start: str, end: str) -> xr.Dataset | xr.DataArray:
-    """Time steps of days ``start`` to ``end`` inclusive; :class:`DataError` when there are none."""
-    lo = pd.Timestamp(start).normalize()
-    hi = pd.Timestamp(end).normalize() + pd.Timedelta(days=1) - pd.Timedelta(1, "ns")
-    out = ds.sel(time=slice(lo, hi))
-    if out.sizes["time"] == 0:
-        raise DataError(
-            f"the training period {start}..{end} (splits.train) has no data; the data covers "
-            f"{_time_range(ds)}; move splits.train inside it or fetch that period (source.start/end)"
-        )
-    return out
+    :class:`DataError` when there are none.
+    """
+    return hz.select_period(
+        ds,
+        start,
+        end,
+        what="the training period (splits.train)",
+        fix="move splits.train inside the data or fetch that period (source.start/end)",
+    )
 
 
 def circular_smooth(clim: np.ndarray, window: int) -> np.ndarray:
@@ -119,8 +129,9 @@ def fit_stats(
 ) -> xr.Dataset:
     """Fit mean, std and climatology on ``train_start..train_end`` (whole days) and the ocean mask.
 
-    ``ds`` is a regridded dataset ``(time, lat, lon)`` (lazy). Nothing outside the training period
-    enters the statistics; the mask uses every time step (a cell that is ever missing is not ocean).
+    ``ds`` is a regridded dataset ``(time, lat, lon)`` (lazy). No value outside the training period
+    enters mean, std or climatology. The mask is geography and uses every time step (a cell that is
+    ever missing is not ocean); statistics are taken over its cells only.
     """
     variables = list(dict.fromkeys(variables))
     arr = stack_variables(ds, variables)  # (time, variable, lat, lon)
@@ -133,13 +144,20 @@ def fit_stats(
     train = training_slice(arr, train_start, train_end).astype(np.float64)
     ocean = train.where(mask)
 
-    dims = ("time",) if per_pixel else ("time", "lat", "lon")
-    mean_l = ocean.mean(dims)
-    std_l = ocean.std(dims)
+    if per_pixel:
+        # Ocean cells are finite at every step; land is set to 0 (not NaN) so that no cell reduces an
+        # empty set, and gets neutral statistics below.
+        filled = train.where(mask, 0.0)
+        mean_l, std_l = filled.mean("time"), filled.std("time")  # (variable, lat, lon)
+        pooled_l = ocean.std(("time", "lat", "lon"))  # (variable,)
+    else:
+        mean_l = ocean.mean(("time", "lat", "lon"))  # (variable,)
+        std_l = pooled_l = ocean.std(("time", "lat", "lon"))
     clim_l = train.groupby("time.dayofyear").mean("time")  # (dayofyear, variable, lat, lon)
-    mean, std, clim = dask.compute(mean_l, std_l, clim_l)
+    mean, std, pooled, clim = dask.compute(mean_l, std_l, pooled_l, clim_l)
 
     if per_pixel:
+        std = floor_std(std, pooled, mask)
         mean = mean.where(mask, 0.0)
         std = std.where(mask, 1.0)
     if not bool(np.isfinite(mean).all()):
@@ -185,6 +203,26 @@ def fit_stats(
     return out
 
 
+def floor_std(std: xr.DataArray, pooled: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
+    """Per-pixel ``std`` ``(variable, lat, lon)`` raised to at least :data:`STD_FLOOR_FRACTION` x ``pooled``.
+
+    ``pooled`` ``(variable)`` is each variable's standard deviation over all ocean cells and
+    training steps; only cells of ``mask`` ``(lat, lon)`` are counted in the log message.
+    """
+    floor = STD_FLOOR_FRACTION * pooled
+    low = std < floor
+    counted = (low & mask).sum(("lat", "lon"))
+    for name, n in zip(counted["variable"].values, counted.values, strict=True):
+        if n:
+            log.warning(
+                "normalize: %d ocean cell(s) of %s vary less than %g x its pooled std %g in the training "
+                "period; their std is raised to %g",
+                int(n), name, STD_FLOOR_FRACTION, float(pooled.sel(variable=name)),
+                float(floor.sel(variable=name)),
+            )
+    return xr.where(low, floor, std).transpose(*std.dims)
+
+
 def _select(stats: xr.Dataset, name: str, da: xr.DataArray) -> xr.DataArray:
     if "variable" not in da.dims:
         raise DataError(f"normalize/denormalize need a DataArray with a 'variable' dimension; got dims {da.dims}")
@@ -214,6 +252,55 @@ def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
         raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
 
 
+def open_regridded(path: Path) -> xr.Dataset:
+    """Open the regridded store ``path`` (Zarr) lazily; :class:`DataError` naming it when missing or unreadable."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"the regridded store {path} does not exist; run the regrid step first")
+    try:
+        ds = xr.open_zarr(path)
+    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError) as exc:
+        raise DataError(
+            f"the regridded store {path} cannot be opened ({type(exc).__name__}: {exc}); delete it and re-run "
+            "the regrid step"
+        ) from exc
+    missing = [d for d in ("time", "lat", "lon") if d not in ds.dims]
+    if missing:
+        raise DataError(
+            f"the regridded store {path} has no dimension(s) {missing} (dimensions {list(ds.dims)}); "
+            "delete it and re-run the regrid step"
+        )
+    return ds
+
+
+def load_stats(path: Path) -> xr.Dataset:
+    """Load the statistics file ``path`` into memory (it is small).
+
+    :class:`DataError` naming the file and the normalize step when it is missing, unreadable, or
+    lacks one of :data:`REQUIRED_STATS` or the ``variable`` coordinate.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"the statistics file {path} does not exist; run the normalize step first")
+    try:
+        with xr.open_dataset(path) as opened:
+            stats = opened.load()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DataError(
+            f"the statistics file {path} cannot be read ({type(exc).__name__}: {exc}); delete it and re-run "
+            "the normalize step"
+        ) from exc
+    missing = [v for v in (*REQUIRED_STATS, "variable") if v not in stats.variables]
+    if missing:
+        raise DataError(
+            f"the statistics file {path} has no {missing} (it has {sorted(map(str, stats.variables))}): it was "
+            "not written by this version of the normalize step; delete it and re-run the normalize step"
+        )
+    return stats
+
+
 def write_stats(stats: xr.Dataset, out: Path) -> None:
     """Write the statistics as netCDF at ``out`` atomically."""
     from conv2dlstm.fsutil import atomic_output
@@ -235,17 +322,19 @@ def main(
 
     variables = list(dict.fromkeys([*cfg["variables"]["inputs"], *cfg["variables"]["targets"]]))
     train = cfg["splits"]["train"]
-    with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
-        ds = xr.open_zarr(Path(data))
-        with compute_errors(f"fitting statistics on {data}"):
-            stats = fit_stats(
-                ds,
-                train_start=train["start"],
-                train_end=train["end"],
-                variables=variables,
-                per_pixel=cfg["normalize"]["per_pixel"],
-                climatology_window=cfg["normalize"]["climatology_window"],
-            )
+    ds = open_regridded(Path(data))  # metadata only: a missing store fails before the cluster starts
+    address = cfg["dask"]["scheduler_address"]
+    with dask_client(threads=threads, memory_mb=memory_mb, address=address), compute_errors(
+        f"fitting statistics on {data}"
+    ):
+        stats = fit_stats(
+            ds,
+            train_start=train["start"],
+            train_end=train["end"],
+            variables=variables,
+            per_pixel=cfg["normalize"]["per_pixel"],
+            climatology_window=cfg["normalize"]["climatology_window"],
+        )
     log.info(
         "normalize: %s on %s..%s (%d steps), %d ocean cells of %d -> %s",
         variables,

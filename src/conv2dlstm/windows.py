@@ -1,8 +1,9 @@
 """Sample windows: the normalized cube stored once, plus the start index of every window of each split.
 
 A window is ``input_steps + lead_steps`` consecutive time steps. It lies wholly inside its split's
-period (whole days, both ends included) and spans no gap: every step is the nominal time step after
-the previous one. Storage does not grow with the window length: samples are slices of ``data``.
+period (whole days, both ends included: :func:`conv2dlstm.harmonize.day_bounds`) and spans no gap:
+every step is the nominal time step after the previous one. Storage does not grow with the window
+length: samples are slices of ``data``.
 
 Store layout (Zarr v3, see docs/architecture.md): ``data (time, variable, lat, lon)`` float32
 normalized with land and missing values set to 0, chunked ``(time_chunk, all, all, all)``;
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from conv2dlstm import harmonize as hz
 from conv2dlstm import normalize as nz
 from conv2dlstm.errors import DataError
 
@@ -66,9 +68,7 @@ def window_starts(
     if np.any(np.diff(times) <= np.timedelta64(0, "ns")):
         raise DataError("window_starts needs strictly increasing times")
     step = nominal_step(times) if step is None else np.timedelta64(step, "ns")
-    lo = np.datetime64(pd.Timestamp(start).normalize().to_datetime64(), "ns")
-    hi = np.datetime64((pd.Timestamp(end).normalize() + pd.Timedelta(days=1)).to_datetime64(), "ns")
-    inside = (times >= lo) & (times < hi)
+    inside = hz.in_period(times, start, end)
     # good[k]: times[k] -> times[k + 1] is one nominal step; a window needs length - 1 good steps.
     good = np.diff(times) == step
     csum = np.concatenate([[0], np.cumsum(good)])
@@ -98,8 +98,15 @@ def _check_grid(ds: xr.Dataset, stats: xr.Dataset) -> None:
 
 
 def _check_training_period(stats: xr.Dataset, cfg: Mapping[str, Any]) -> None:
+    """:class:`DataError` unless the statistics record that they were fitted on ``splits.train``."""
     train = cfg["splits"]["train"]
-    fitted = (str(stats.attrs.get("train_start", train["start"])), str(stats.attrs.get("train_end", train["end"])))
+    missing = [a for a in ("train_start", "train_end") if a not in stats.attrs]
+    if missing:
+        raise DataError(
+            f"the statistics have no attribute(s) {missing}, so the period they were fitted on is unknown "
+            f"(splits.train is {train['start']}..{train['end']}); re-run the normalize step with this configuration"
+        )
+    fitted = (str(stats.attrs["train_start"]), str(stats.attrs["train_end"]))
     if fitted != (train["start"], train["end"]):
         raise DataError(
             f"the statistics were fitted on {fitted[0]}..{fitted[1]} but splits.train is "
@@ -148,8 +155,9 @@ def build_store(
     _check_grid(ds, stats)
     _check_training_period(stats, cfg)
     first = min(pd.Timestamp(cfg["splits"][s]["start"]) for s in SPLITS)
-    last = max(pd.Timestamp(cfg["splits"][s]["end"]) for s in SPLITS) + pd.Timedelta(days=1) - pd.Timedelta(1, "ns")
-    ds = ds.sel(time=slice(first, last))
+    last = max(pd.Timestamp(cfg["splits"][s]["end"]) for s in SPLITS)
+    keep = np.flatnonzero(hz.in_period(ds["time"].values, first, last))  # contiguous: times are sorted
+    ds = ds.isel(time=slice(int(keep[0]), int(keep[-1]) + 1) if keep.size else slice(0, 0))
     times = ds["time"].values
     starts = split_starts(times, cfg)
     w = cfg["windows"]
@@ -211,10 +219,13 @@ def main(
     from conv2dlstm.daskutil import dask_client
     from conv2dlstm.fsutil import sha256_file
 
-    with xr.open_dataset(Path(stats)) as opened:
-        st = opened.load()
+    st = nz.load_stats(Path(stats))
+    ds = nz.open_regridded(Path(data))
+    try:
+        _check_training_period(st, cfg)
+    except DataError as exc:
+        raise DataError(f"{stats}: {exc}") from exc
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
-        ds = xr.open_zarr(Path(data))
         store = build_store(ds, st, cfg, stats_sha256=sha256_file(stats))
         log.info(
             "windows: %s -> %s, %d steps x %d variables, windows train %d val %d test %d",
