@@ -207,9 +207,11 @@ def test_conv2d_lstm_streaming_from_zarr(tmp_path) -> None:
     assert len(list(csv.DictReader(open(out / "history.csv")))) == 2
 
 
-def test_multi_gpu_not_yet_supported(tmp_path) -> None:
+def test_multi_process_inputs_checked_before_launching(tmp_path) -> None:
+    """train.gpus > 1 checks its inputs in the launching process: no worker starts, nothing is written
+    (the data-parallel training itself is tested in test_ddp.py)."""
     cfg = tiny_config(tmp_path, gpus=2)
-    with pytest.raises(ConfigError, match="train.gpus = 2: multi-GPU"):
+    with pytest.raises(DataError, match="windows store .*w.zarr does not exist"):
         train.main(cfg, run="r", windows=tmp_path / "w.zarr", stats=tmp_path / "s.nc", out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 

@@ -12,6 +12,9 @@ Two ways to make batches from the same indices, giving identical values:
   worker processes each open the store lazily);
 - :class:`InMemoryWindows` loads the cube slice that a split's windows span once onto the device
   and gathers batches there by index (used when it fits in device memory).
+
+With data-parallel training each process reads only its share of every batch
+(:func:`shard_batches`).
 """
 
 from __future__ import annotations
@@ -233,6 +236,18 @@ def use_in_memory(mode: str, nbytes: int, device: torch.device, fraction: float 
     if mode != "auto":
         raise ValueError(f"data_on_device mode {mode!r} is not one of auto, always, never")
     return nbytes <= fraction * available_memory_bytes(device)
+
+
+def shard_batches(batches: Sequence[Sequence[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This process's share of each batch: the elements ``rank, rank + world_size, ...``.
+
+    Over the ranks the shares of a batch are disjoint and their union is the batch, so one
+    data-parallel step sees exactly the windows of one single-process step. Shares of a batch differ
+    in size by at most one; a short last batch can leave a rank an empty share.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return [list(map(int, batch[rank::world_size])) for batch in batches]
 
 
 def iter_batches(

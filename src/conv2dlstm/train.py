@@ -18,8 +18,14 @@ then holds the state at the start of the interrupted epoch, so calling :func:`ma
 same ``out_dir`` repeats that epoch with the same shuffled order and random state: on the CPU the
 resumed run ends with exactly the weights of an uninterrupted one. A complete run returns at once.
 
-The loop is written for one process; multi-GPU training (``train.gpus > 1``) would add a
-``DistributedSampler``-style split of ``index_batches`` and rank-0-only logging and checkpoints.
+Data-parallel training (``train.gpus > 1``, see :mod:`conv2dlstm.distributed`): :func:`main` called
+in a plain process checks its inputs and runs itself again as ``train.gpus`` torchrun workers, one
+per GPU (on the CPU: that many gloo processes). Every worker draws the same seeded shuffled order
+and takes its share of each global batch (:func:`conv2dlstm.data.shard_batches`), so a step sees the
+windows of one single-process step and, with the loss scaled as in :func:`share_loss`, applies
+the same gradient up to float rounding. Validation sums are all-reduced, so learning-rate schedule
+and early stopping agree on every rank. Rank 0 alone logs to MLflow and writes files; the stop
+flag of a signal is all-reduced at every batch boundary, so all ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from conv2dlstm import tracking
-from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, use_in_memory
+from conv2dlstm import distributed, tracking
+from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.fsutil import atomic_output, sha256_file
 from conv2dlstm.models import build_model, count_parameters, load_model, model_kwargs_from_config
@@ -94,6 +100,26 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) 
     """Weighted mean squared error over ocean cells (see :func:`masked_sse`)."""
     sse, total = masked_sse(pred, target, weights)
     return sse / total
+
+
+def share_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, *, batch_size: int,
+               world_size: int, has_share: bool = True) -> torch.Tensor:
+    """Loss of one rank's share of a global batch, such that DDP's averaged gradient is the gradient
+    of :func:`masked_mse` over the whole batch.
+
+    One process minimises L = S / N: S the weighted sum of squared errors over the batch, N =
+    weights.sum() * batch_size * T_out * C_out its total weight (every window has the same ocean cells,
+    so N depends on the global batch size only and every rank knows it without an all-reduce).
+    Rank r of W holds S_r, the errors of its share (S = sum_r S_r), and DDP averages the gradients,
+    g = (1/W) sum_r grad(L_r). With L_r = W * S_r / N, g = grad(sum_r S_r / N) = grad(L): the
+    single-process gradient, up to the order of float summation. A rank without a share of a short
+    last batch runs a stand-in window with ``has_share=False``: L_r = 0 * S_r, a zero gradient.
+
+    ``pred``, ``target``: ``(b, T_out, C_out, H, W)``, the share; ``weights``: ``(H, W)``.
+    """
+    sse, _ = masked_sse(pred, target, weights)
+    total_weight = weights.sum() * (batch_size * pred.shape[1] * pred.shape[2])  # N of the global batch
+    return sse * (world_size if has_share else 0.0) / total_weight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,8 +300,11 @@ def is_complete(out_dir: Path) -> bool:
     return bool(torch.load(last, map_location="cpu", weights_only=True).get("finished", False))
 
 
-def _data_source(store: WindowsStore, split: str, mode: str, device: torch.device) -> WindowDataset | InMemoryWindows:
-    if use_in_memory(mode, store.cube_nbytes(split), device):
+def _data_source(store: WindowsStore, split: str, mode: str, device: torch.device,
+                 processes: int = 1) -> WindowDataset | InMemoryWindows:
+    """In-memory windows when they fit (CPU processes share the host's memory), else streaming from Zarr."""
+    fraction = 0.25 / processes if device.type == "cpu" else 0.25
+    if use_in_memory(mode, store.cube_nbytes(split), device, fraction=fraction):
         return InMemoryWindows(store, split, device)
     return WindowDataset(store.path, split)
 
@@ -284,8 +313,8 @@ def _data_source(store: WindowsStore, split: str, mode: str, device: torch.devic
 class Loop:
     """Everything one epoch needs."""
 
-    model: nn.Module  # the module whose state is saved
-    net: nn.Module  # what is called (possibly compiled)
+    model: nn.Module  # the module whose state is saved (never wrapped)
+    net: nn.Module  # what training calls (DistributedDataParallel-wrapped and/or compiled)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     generator: torch.Generator
@@ -299,61 +328,88 @@ class Loop:
     bf16: bool
     num_workers: int
     stop: StopFlag
+    ctx: distributed.Context = field(default_factory=distributed.Context)
+    eval_net: nn.Module | None = None  # what validation calls when not ``net`` (the unwrapped model under DDP)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                               enabled=self.bf16 and self.device.type == "cuda")
 
-    def _batches(
-        self, source: WindowDataset | InMemoryWindows, order: torch.Tensor
+    def _iterate(
+        self, source: WindowDataset | InMemoryWindows, batches: list[list[int]]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter_batches(source, index_batches(order, self.batch_size, self.max_batches), device=self.device,
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        return iter_batches(source, batches, device=self.device, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+
+    def stop_signal(self) -> int | None:
+        """The signal to stop on, agreed by all ranks (an all-reduce under DDP), or None."""
+        return distributed.agree_on_signal(self.ctx, self.stop.signum, self.device)
+
+    def step_loss(self, pred: torch.Tensor, target: torch.Tensor, batch_size: int, has_share: bool) -> torch.Tensor:
+        """The loss this process backpropagates for one step of a global batch of ``batch_size`` windows:
+        :func:`masked_mse` in one process, :func:`share_loss` under DDP."""
+        if not self.ctx.distributed:
+            return masked_mse(pred, target, self.weights)
+        return share_loss(pred, target, self.weights, batch_size=batch_size, world_size=self.ctx.world_size,
+                          has_share=has_share)
 
     def train_epoch(self, desc: str) -> tuple[float, int]:
-        """One pass over the shuffled training windows; returns (mean loss, samples seen)."""
+        """One pass over the shuffled training windows; returns (mean loss, samples seen), over all ranks."""
         from tqdm.auto import tqdm
 
         self.model.train()
-        order = torch.randperm(len(self.train_source), generator=self.generator)  # (n_train,)
-        n_batches = len(index_batches(order, self.batch_size, self.max_batches))
+        order = torch.randperm(len(self.train_source), generator=self.generator)  # (n_train,), same on every rank
+        batches = index_batches(order, self.batch_size, self.max_batches)  # the global batches
+        shares = shard_batches(batches, self.ctx.rank, self.ctx.world_size)  # this rank's part of each
+        # Every rank takes part in every step (DDP all-reduces the gradients): an empty share of a short
+        # last batch runs the batch's first window with loss weight 0 instead.
+        inputs = [share or batch[:1] for share, batch in zip(shares, batches)]
+        n_batches = len(batches)
         total = torch.zeros((), device=self.device)
         seen = 0
         start = time.perf_counter()
         with tqdm(total=n_batches, desc=desc, unit="batch", leave=False, file=sys.stderr,
-                  disable=not sys.stderr.isatty()) as bar:
-            for x, y in self._batches(self.train_source, order):  # x (B, T_in, C_in, H, W), y (B, T_out, C_out, H, W)
-                if self.stop.signum is not None:
-                    raise TrainingInterrupted(self.stop.signum)
+                  disable=not sys.stderr.isatty() or not self.ctx.is_main) as bar:
+            # x (b, T_in, C_in, H, W), y (b, T_out, C_out, H, W); b = B / W under DDP
+            for (x, y), batch, share in zip(self._iterate(self.train_source, inputs), batches, shares):
+                if (signum := self.stop_signal()) is not None:
+                    raise TrainingInterrupted(signum)
                 with self._autocast():
-                    pred = self.net(x)  # (B, T_out, C_out, H, W)
-                loss = masked_mse(pred, y, self.weights)
+                    pred = self.net(x)  # (b, T_out, C_out, H, W)
+                loss = self.step_loss(pred, y, len(batch), bool(share))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.grad_clip > 0:
                     nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
                 self.optimizer.step()
-                total += loss.detach() * x.shape[0]
-                seen += x.shape[0]
+                total += loss.detach() * len(batch)  # summed over ranks: W * (batch loss) * B
+                seen += len(batch)
                 bar.update(1)
                 if not bar.disable and (bar.n % 10 == 0 or bar.n == n_batches):
                     bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.0f}")
-        if self.stop.signum is not None:
-            raise TrainingInterrupted(self.stop.signum)
-        return float(total) / max(seen, 1), seen
+        if (signum := self.stop_signal()) is not None:
+            raise TrainingInterrupted(signum)
+        total = distributed.all_reduce_sum(self.ctx, total)
+        return float(total) / (max(seen, 1) * self.ctx.world_size), seen
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        """Masked MSE over all validation windows (in order)."""
+        """Masked MSE over all validation windows (in order); under DDP each rank scores its share and
+        the sums are all-reduced, so every rank returns the same value."""
         self.model.eval()
+        net = self.net if self.eval_net is None else self.eval_net
+        batches = index_batches(torch.arange(len(self.val_source)), self.batch_size, self.max_batches)
+        shares = [s for s in shard_batches(batches, self.ctx.rank, self.ctx.world_size) if s]
         sse = torch.zeros((), device=self.device)
         weight = torch.zeros((), device=self.device)
-        for x, y in self._batches(self.val_source, torch.arange(len(self.val_source))):
+        for x, y in self._iterate(self.val_source, shares):
             with self._autocast():
-                pred = self.net(x)
+                pred = net(x)
             s, w = masked_sse(pred, y, self.weights)
             sse += s
             weight += w
+        if self.ctx.distributed:
+            sse, weight = distributed.all_reduce_sum(self.ctx, torch.stack([sse, weight]))
         return float(sse / weight)
 
 
@@ -399,26 +455,52 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, model_name: str, model_kw
         log.warning("%s was written with a different configuration; resuming with the current one", path)
 
 
-def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> None:
-    """Train run ``run`` (``cfg`` is that run's full config) on the windows store; outputs in ``out_dir``.
-
-    Resumes from ``out_dir/last.pt`` when present; returns at once when the run is complete.
-    """
-    out_dir = Path(out_dir)
-    if is_complete(out_dir):
-        log.info("run %s is complete in %s; nothing to do", run, out_dir)
+def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device) -> None:
+    """Raise :class:`ConfigError` when ``world_size`` processes cannot share ``tcfg`` on ``device``."""
+    if world_size <= 1:
         return
-    tcfg = cfg["train"]
-    if tcfg["gpus"] > 1:
+    batch = tcfg["batch_size"]
+    if batch % world_size:
+        nearest = world_size * max(1, round(batch / world_size))
         raise ConfigError(
-            f"train.gpus = {tcfg['gpus']}: multi-GPU (DistributedDataParallel) training is not implemented "
-            "yet; set train.gpus: 1"
+            f"train.batch_size = {batch} (the global batch) is not divisible by the {world_size} training "
+            f"processes (train.gpus = {tcfg['gpus']}); each process takes batch_size / {world_size} windows per "
+            f"step: set train.batch_size to a multiple of {world_size}, e.g. {nearest}"
         )
-    device = resolve_device(tcfg["device"])
-    if device.type == "cuda":  # deterministic cuBLAS; read when CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    uri = tracking.resolve_tracking_uri(cfg)
-    tracking.check_tracking(uri)
+    if device.type == "cuda" and world_size > torch.cuda.device_count():
+        raise ConfigError(
+            f"train.gpus = {world_size} but only {torch.cuda.device_count()} CUDA devices are visible; set "
+            "train.gpus to at most that (and request as many GPUs from the scheduler)"
+        )
+
+
+def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> list[str]:
+    """Arguments of ``python -m conv2dlstm`` with which a torchrun worker calls :func:`main` as this process.
+
+    The CLI derives the run's configuration with ``config.run_config(config, run)``; listing the run
+    without overrides makes that return ``cfg`` itself.
+    """
+    level = logging.getLevelName(logging.getLogger("conv2dlstm").getEffectiveLevel())
+    config = {**cfg, "runs": [{"name": run}]}
+    return [
+        "--log-level", level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+        "train", "--config-json", json.dumps(config), "--run", run,
+        "--windows", str(windows), "--stats", str(stats), "--out-dir", str(out_dir),
+    ]
+
+
+@dataclass
+class _Inputs:
+    """The checked inputs of a run."""
+
+    store: WindowsStore
+    stats_sha: str
+    model_name: str
+    model_kwargs: dict[str, Any]
+    resume: dict[str, Any] | None  # the content of last.pt
+
+
+def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Path) -> _Inputs:
     store = WindowsStore(windows)
     stats = Path(stats)
     if not stats.is_file():
@@ -439,10 +521,80 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
         cfg["model"], input_variables=store.input_variables, target_variables=store.target_variables,
         input_steps=store.input_steps, lead_steps=store.lead_steps, height=h, width=w,
     )
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path = out_dir / "last.pt"
     resume = torch.load(last_path, map_location="cpu", weights_only=True) if last_path.is_file() else None
     if resume is not None:
         _check_resumable(resume, last_path, model_name, model_kwargs, cfg)
+    return _Inputs(store, stats_sha, model_name, model_kwargs, resume)
+
+
+def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> None:
+    """Train run ``run`` (``cfg`` is that run's full config) on the windows store; outputs in ``out_dir``.
+
+    Resumes from ``out_dir/last.pt`` when present; returns at once when the run is complete.
+
+    ``train.gpus > 1`` (data-parallel; :mod:`conv2dlstm.distributed`): in a plain process, ``main``
+    checks the configuration and inputs, then runs ``python -m conv2dlstm train`` with the same
+    arguments as ``train.gpus`` torchrun workers and returns when they succeed; when they fail it
+    raises ``SystemExit`` with their status (128 + signal after a forwarded SIGTERM / SIGUSR1). In
+    a torchrun worker (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) it trains as one rank, on
+    ``cuda:LOCAL_RANK`` or, with ``train.device: cpu`` (or no GPU), as one of ``train.gpus`` CPU
+    processes. The global ``train.batch_size`` must be divisible by the number of processes.
+    """
+    out_dir = Path(out_dir)
+    if is_complete(out_dir):
+        log.info("run %s is complete in %s; nothing to do", run, out_dir)
+        return
+    tcfg = cfg["train"]
+    ctx = distributed.Context.from_env()
+    launch = tcfg["gpus"] > 1 and not distributed.under_torchrun()
+    if ctx.distributed and tcfg["gpus"] != ctx.world_size:
+        log.warning("train.gpus = %d, but torchrun started %d processes; training with %d", tcfg["gpus"],
+                    ctx.world_size, ctx.world_size)
+    device = resolve_device(tcfg["device"])
+    check_world_size(tcfg, tcfg["gpus"] if launch else ctx.world_size, device)
+    if device.type == "cuda":  # deterministic cuBLAS; read when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    uri = None
+    if ctx.is_main:  # the launcher and rank 0; the other ranks never touch MLflow
+        uri = tracking.resolve_tracking_uri(cfg)
+        tracking.check_tracking(uri)
+    inputs = _open_inputs(cfg, windows=windows, stats=stats, out_dir=out_dir)
+    if launch:
+        argv = worker_argv(cfg, run=run, windows=windows, stats=stats, out_dir=out_dir)
+        code = distributed.maybe_relaunch(argv, tcfg["gpus"])
+        if code:
+            log.error("the %d training processes of run %s failed (exit status %d); their output is above",
+                      tcfg["gpus"], run, code)
+            raise SystemExit(code)
+        return
+    device = distributed.worker_device(ctx, device)
+    with distributed.process_group(ctx, device):
+        try:
+            _train(cfg, run=run, inputs=inputs, ctx=ctx, device=device, uri=uri, out_dir=out_dir)
+        except TrainingInterrupted:
+            if ctx.distributed:
+                # Every rank stopped at the same step. Already stopping, a rank ignores further stop
+                # signals (torchrun sends one to the others when the first rank exits), and all leave
+                # together once rank 0 has closed its MLflow run.
+                _ignore_stop_signals()
+                distributed.barrier(ctx, device)
+            raise
+
+
+def _ignore_stop_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.Context, device: torch.device,
+           uri: str | None, out_dir: Path) -> None:
+    """The training of :func:`main` in one process (one rank of ``ctx``)."""
+    tcfg = cfg["train"]
+    store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    distributed.barrier(ctx, device)  # every rank has read last.pt before rank 0 writes it again
 
     with deterministic(), stop_on_signals() as stop:
         seed_everything(tcfg["seed"])
@@ -460,51 +612,65 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
             progress = Progress(epoch=resume["epoch"], best_val_loss=resume["best_val_loss"],
                                 best_epoch=resume["best_epoch"], epochs_since_best=resume["epochs_since_best"],
                                 history=list(resume["history"]))
-            log.info("resuming run %s after epoch %d from %s", run, progress.epoch, last_path)
+            if ctx.is_main:
+                log.info("resuming run %s after epoch %d from %s", run, progress.epoch, last_path)
         mode = tcfg["data_on_device"]
+        wrapped = distributed.wrap_model(model, ctx, device)  # after loading: DDP broadcasts rank 0's weights
         loop = Loop(
             model=model,
-            net=torch.compile(model) if tcfg["compile"] else model,
+            net=torch.compile(wrapped) if tcfg["compile"] else wrapped,
             optimizer=optimizer, scheduler=scheduler, generator=generator,
-            train_source=_data_source(store, "train", mode, device),
-            val_source=_data_source(store, "val", mode, device),
+            train_source=_data_source(store, "train", mode, device, ctx.world_size),
+            val_source=_data_source(store, "val", mode, device, ctx.world_size),
             weights=loss_weights(store.mask, store.lat, tcfg["latitude_weighted_loss"]).to(device),
             device=device, batch_size=tcfg["batch_size"], max_batches=tcfg["max_batches_per_epoch"],
-            grad_clip=tcfg["grad_clip"], bf16=tcfg["bf16"], num_workers=tcfg["num_workers"], stop=stop,
+            grad_clip=tcfg["grad_clip"], bf16=tcfg["bf16"], num_workers=tcfg["num_workers"], stop=stop, ctx=ctx,
+            eval_net=(torch.compile(model) if tcfg["compile"] else model) if ctx.distributed else None,
         )
-        run_id_file = out_dir / "mlflow_run_id.txt"
-        previous_run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-        tags = {
-            "run": run,
-            "model_name": model_name,
-            "n_parameters": count_parameters(model),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "data.stats_sha256": store.attrs.get("stats_sha256", "unknown"),
-            "stats_sha256": stats_sha,
-            "windows_store": str(store.path),
-            "data_on_device": isinstance(loop.train_source, InMemoryWindows),
-        }
-        with tracking.start_run(cfg, run, run_id=previous_run_id, tags=tags, tracking_uri=uri) as tracker:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if tracker.run_id != previous_run_id:
-                write_text(run_id_file, tracker.run_id + "\n")
-            summary_path = out_dir / "model_summary.txt"
-            write_text(summary_path, model_summary(model, model_name, model_kwargs, store))
+        if ctx.is_main:
+            run_id_file = out_dir / "mlflow_run_id.txt"
+            previous_run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+            tags = {
+                "run": run,
+                "model_name": model_name,
+                "n_parameters": count_parameters(model),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "world_size": ctx.world_size,
+                "data.stats_sha256": store.attrs.get("stats_sha256", "unknown"),
+                "stats_sha256": inputs.stats_sha,
+                "windows_store": str(store.path),
+                "data_on_device": isinstance(loop.train_source, InMemoryWindows),
+            }
+            tracker_cm: contextlib.AbstractContextManager = tracking.start_run(
+                cfg, run, run_id=previous_run_id, tags=tags, tracking_uri=uri)
+        else:
+            tracker_cm = contextlib.nullcontext()
+        with tracker_cm as tracker:
+            if ctx.is_main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                if tracker.run_id != previous_run_id:
+                    write_text(run_id_file, tracker.run_id + "\n")
+                summary_path = out_dir / "model_summary.txt"
+                write_text(summary_path, model_summary(model, model_name, model_kwargs, store))
 
             def checkpoint() -> dict[str, Any]:
                 return _checkpoint(loop, progress, model_name=model_name, model_kwargs=model_kwargs, cfg=cfg,
                                    store=store, run_id=tracker.run_id, run=run)
 
-            if resume is None:
+            if resume is None and ctx.is_main:
                 save_checkpoint(last_path, checkpoint())  # the state at the start of epoch 1
             _fit(loop, progress, tcfg, tracker, checkpoint, last_path, best_path, out_dir)
-            _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"])
+            if ctx.is_main:
+                _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"])
+        distributed.barrier(ctx, device)  # the other ranks wait for rank 0's files and MLflow run
 
 
-def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking.Tracker,
+def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking.Tracker | None,
          checkpoint: Callable[[], dict[str, Any]], last_path: Path, best_path: Path, out_dir: Path) -> None:
-    """Epochs until ``train.epochs`` or early stopping; checkpoints and logs after each."""
+    """Epochs until ``train.epochs`` or early stopping; checkpoints and logs after each (rank 0 only;
+    ``tracker`` is None on the other ranks)."""
     epochs = tcfg["epochs"]
+    main_rank = loop.ctx.is_main
     while progress.epoch < epochs and progress.epochs_since_best < tcfg["patience"]:
         epoch = progress.epoch + 1
         lr = loop.optimizer.param_groups[0]["lr"]
@@ -533,20 +699,22 @@ def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking
             progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = val_loss, epoch, 0
         else:
             progress.epochs_since_best += 1
-        metrics = {k: row[k] for k in ("train_loss", "val_loss", "lr", "samples_per_s")}
-        if loop.device.type == "cuda":
-            metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(loop.device) / 2**20
-        tracker.log_metrics(metrics, step=epoch)
-        log.info("epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s", epoch, epochs,
-                 train_loss, val_loss, " (best)" if improved else "", lr, row["samples_per_s"], seconds)
-        ckpt = checkpoint()
-        if improved:
-            save_checkpoint(best_path, ckpt)
-        write_history(out_dir / "history.csv", progress.history)
-        save_checkpoint(last_path, ckpt)
-        if loop.stop.signum is not None:
-            raise TrainingInterrupted(loop.stop.signum)
-    if progress.epochs_since_best >= tcfg["patience"]:
+        if main_rank:
+            metrics = {k: row[k] for k in ("train_loss", "val_loss", "lr", "samples_per_s")}
+            if loop.device.type == "cuda":
+                metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(loop.device) / 2**20
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=epoch)
+            log.info("epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s", epoch, epochs,
+                     train_loss, val_loss, " (best)" if improved else "", lr, row["samples_per_s"], seconds)
+            ckpt = checkpoint()
+            if improved:
+                save_checkpoint(best_path, ckpt)
+            write_history(out_dir / "history.csv", progress.history)
+            save_checkpoint(last_path, ckpt)
+        if (signum := loop.stop_signal()) is not None:
+            raise TrainingInterrupted(signum)
+    if progress.epochs_since_best >= tcfg["patience"] and main_rank:
         log.info("early stopping after epoch %d: no improvement for %d epochs (best epoch %d)", progress.epoch,
                  progress.epochs_since_best, progress.best_epoch)
 
