@@ -64,3 +64,13 @@ def test_rule_params_carry_only_their_sections():
     run_b = json.loads(run_config_json(cfg, "b"))
     assert [r["name"] for r in run_b["runs"]] == ["b"]
     assert run_b["train"] == cfg["train"]
+
+
+def test_train_gpus_follow_the_run_config():
+    from conv2dlstm.config import validate_config
+    from conv2dlstm.workflow import train_gpus
+
+    cfg = validate_config(
+        {"runs": [{"name": "one"}, {"name": "four", "train": {"gpus": 4}}, {"name": "cpu", "train": {"device": "cpu", "gpus": 2}}]}
+    )
+    assert [train_gpus(cfg, r) for r in ("one", "four", "cpu")] == [1, 4, 0]

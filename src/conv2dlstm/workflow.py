@@ -39,3 +39,16 @@ def run_config_json(config: dict[str, Any], run: str) -> str:
     sel = {k: v for k, v in config.items() if k != "runs"}
     sel["runs"] = [r for r in config["runs"] if r["name"] == run]
     return json.dumps(sel, sort_keys=True)
+
+
+def train_gpus(config: dict[str, Any], run: str) -> int:
+    """GPUs a train job of ``run`` asks for: ``train.gpus``, or 0 when it trains on the CPU.
+
+    The train rule declares it as its ``gpu`` resource, which the SLURM executor turns into
+    ``--gpus=N``; locally it only bounds how many train jobs run at once when ``--resources gpu=N``
+    is given.
+    """
+    from conv2dlstm.config import run_config
+
+    train = run_config(config, run)["train"]
+    return 0 if train["device"] == "cpu" else int(train["gpus"])

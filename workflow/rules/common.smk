@@ -16,7 +16,7 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from conv2dlstm.config import validate_config, run_names
 from conv2dlstm.errors import ConfigError
-from conv2dlstm.workflow import config_json, export_package_path, run_config_json
+from conv2dlstm.workflow import config_json, export_package_path, run_config_json, train_gpus
 
 try:
     config.update(validate_config(config))

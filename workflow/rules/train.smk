@@ -13,6 +13,7 @@ rule train:
     resources:
         mem_mb=16000,
         runtime=240,
+        gpu=lambda wildcards: train_gpus(config, wildcards.run),
     log:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
