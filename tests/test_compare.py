@@ -140,3 +140,20 @@ def test_bad_inputs_raise_and_write_nothing(problem, two_runs, tmp_path):
     with pytest.raises(DataError, match=match):
         compare.main(metrics=paths, out_csv=out_csv, out_plot=out_plot)
     assert not out_csv.exists() and not out_plot.exists()
+
+
+def test_run_skill_is_the_mean_of_its_metrics_csv_rows(tmp_path):
+    # skill rows that are not 1 - RMSE / RMSE(baseline) of this file: the summary must average the
+    # rows evaluate wrote, not recompute them
+    rows = _rows("a", "convlstm", {"rmse": [1.0, 2.0], "skill_vs_persistence": [0.1, 0.3]})
+    rows += _rows("a", "persistence", {"rmse": [2.0, 4.0]})
+    rows += _rows("a", "climatology", {"rmse": [4.0, 4.0]})
+    path = tmp_path / "metrics.csv"
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    table = pd.read_csv(tmp_path / "c.csv").set_index("name")
+    assert table.loc["a", "skill_vs_persistence_mean"] == pytest.approx(0.2)
+    assert np.isnan(table.loc["a", "skill_vs_climatology_mean"])  # no such rows in the file
+    # baselines have no skill rows in metrics.csv: derived from their RMSE rows
+    assert table.loc["persistence", "skill_vs_climatology_mean"] == pytest.approx(((1 - 2 / 4) + (1 - 4 / 4)) / 2)
+    assert table.loc["climatology", "skill_vs_climatology_mean"] == pytest.approx(0.0)

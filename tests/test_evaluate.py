@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 
@@ -37,12 +36,6 @@ def _shape(n=5, n_lead=2, n_var=1):
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def test_window_indices():
-    init, valid = evaluate.window_indices(np.array([0, 3, 4]), input_steps=3, lead_steps=2)
-    np.testing.assert_array_equal(init, [2, 5, 6])
-    np.testing.assert_array_equal(valid, [[3, 4], [6, 7], [7, 8]])
 
 
 def test_forecast_array_coordinates():
@@ -223,20 +216,127 @@ def test_plots_write_png(tmp_path, scored):
 
 
 # ---------------------------------------------------------------------------------------------
+# streaming evaluation equals the in-memory reference (metrics.py)
+
+
+def _slices(n: int, sizes: list[int]) -> list[slice]:
+    out, i0 = [], 0
+    for size in sizes:
+        out.append(slice(i0, min(i0 + size, n)))
+        i0 += size
+    assert i0 >= n
+    return out
+
+
+@pytest.fixture
+def forecast_set():
+    """Model, persistence and climatology forecasts with land, NaN in the ocean and an undefined ACC."""
+    rng = np.random.default_rng(7)
+    shape = _shape(n=7, n_lead=3, n_var=2)
+    clim = _forecast(rng.normal(20, 1, size=shape), variables=("sst", "no3"), n_lead=3).where(MASK)
+    truth = (clim + rng.normal(0, 1, size=shape)).where(MASK)
+    truth[4, 0, 0, 0, 0] = np.nan  # a missing observation in the ocean
+    model = (truth + rng.normal(0.3, 0.5, size=shape)).where(MASK)
+    model[2] = clim[2]  # zero anomalies at time 2: its ACC is undefined and left out of the mean
+    persistence = (truth + rng.normal(0, 2, size=shape)).where(MASK)
+    return {"model": model, "persistence": persistence, "climatology": clim}, truth, clim
+
+
+@pytest.mark.parametrize("sizes", [[7], [3, 3, 1], [1] * 7, [2, 5]], ids=["one", "3-3-1", "single", "2-5"])
+def test_streaming_scores_equal_metrics_definitions(forecast_set, sizes):
+    forecasts, truth, clim = forecast_set
+    weights = metrics.area_weights(LAT, MASK)
+    reference = evaluate.score_forecasts(forecasts, truth, clim, weights)
+    acc_ref = reference[(reference["model"] == "model") & (reference["metric"] == "acc")]["value"]
+    assert np.isfinite(acc_ref).all() and (acc_ref.abs() < 1).all()  # a real, non-trivial model ACC
+    streaming = evaluate.StreamingScores(weights)
+    for sl in _slices(7, sizes):
+        streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), clim.isel(time=sl))
+    pd.testing.assert_frame_equal(streaming.table(), reference, check_exact=False, rtol=1e-12, atol=0)
+
+
+def test_streaming_scores_need_a_batch():
+    with pytest.raises(DataError, match="no batch"):
+        evaluate.StreamingScores(metrics.area_weights(LAT, MASK)).table()
+
+
+@pytest.mark.parametrize("sizes", [[7], [3, 3, 1]], ids=["one", "3-3-1"])
+def test_cell_rmse_equals_rmse_per_cell(forecast_set, sizes):
+    forecasts, truth, _ = forecast_set
+    model, truth = forecasts["model"].sel(lead=1), truth.sel(lead=1)
+    cells = evaluate.CellRmse(MASK)
+    for sl in _slices(7, sizes):
+        cells.add(model.isel(time=sl), truth.isel(time=sl))
+    expected = metrics.rmse_per_cell(model, truth, MASK)
+    result = cells.result()
+    assert result.dims == expected.dims == ("variable", "lat", "lon")
+    np.testing.assert_allclose(result.values, expected.values, rtol=1e-12)
+    assert np.isnan(result.values[:, ~MASK.values]).all()
+
+
+def test_predictions_writer_in_batches_equals_in_memory_file(tmp_path):
+    rng = np.random.default_rng(5)
+    values = rng.normal(20, 2, size=_shape(n=5, n_lead=3, n_var=2)).astype("float32")
+    fc = _forecast(values, variables=("sst", "no3"), n_lead=3).where(MASK)
+    units = {"sst": "degC", "no3": "mmol m-3"}
+    reference = tmp_path / "reference.nc"
+    evaluate.write_netcdf(evaluate.predictions_dataset(fc, units=units, attrs={"run": "exp1"}), reference)
+    streamed = tmp_path / "streamed.nc"
+    with evaluate.PredictionsWriter(
+        streamed,
+        init_times=fc["time"].values,
+        valid_times=fc["valid_time"].values,
+        variables=["sst", "no3"],
+        lat=LAT,
+        lon=LON,
+        units=units,
+        attrs={"run": "exp1"},
+    ) as writer:
+        for sl in _slices(5, [2, 2, 1]):
+            writer.write(sl.start, fc.isel(time=sl).values)
+        with pytest.raises(DataError, match="do not fit"):
+            writer.write(4, fc.isel(time=slice(0, 2)).values)  # rows 4..5 of 5
+    with xr.open_dataset(reference) as a, xr.open_dataset(streamed) as b:
+        a, b = a.load(), b.load()
+    for ds in (a, b):
+        del ds.attrs["history"]  # a timestamp
+    xr.testing.assert_identical(b, a)
+    assert b["sst"].encoding["zlib"] and b["sst"].encoding["complevel"] == 4
+    assert b["sst"].encoding["chunksizes"] == (1, 1, LAT.size, LON.size)
+    assert np.isnan(b["sst"].values[..., ~MASK.values]).all()
+
+
+def test_commit_outputs_moves_marker_last(tmp_path):
+    out, staging = tmp_path / "out", tmp_path / "out" / ".evaluate.x.partial"
+    staging.mkdir(parents=True)
+    for name in ("a.nc", "metrics.csv", "b.png"):
+        (out / name).write_text("old")
+        (staging / name).write_text("new")
+    evaluate.commit_outputs(staging, out, ["a.nc", "metrics.csv", "b.png"])
+    assert {f.name: f.read_text() for f in out.iterdir() if f.is_file()} == {"a.nc": "new", "metrics.csv": "new", "b.png": "new"}
+    # a commit that fails part way leaves no metrics.csv: the result reads as not done
+    for name in ("a.nc", "b.png", "metrics.csv"):
+        (staging / name).write_text("newer")
+    (out / "b.png").unlink()
+    (out / "b.png").mkdir()
+    (out / "b.png" / "keep").write_text("")  # renaming a file onto a non-empty folder fails after a.nc moved
+    with pytest.raises(OSError):
+        evaluate.commit_outputs(staging, out, ["a.nc", "b.png", "metrics.csv"])
+    assert (out / "a.nc").read_text() == "newer"
+    assert not (out / "metrics.csv").exists()
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        evaluate.commit_outputs(staging, out, ["missing.png"])
+
+
+def test_metrics_to_log_skips_values_already_logged():
+    logged = {"test_rmse_sst_lead1": 1.5, "test_acc_sst_lead1": 0.25}
+    values = {"test_rmse_sst_lead1": 1.5, "test_acc_sst_lead1": 0.5, "test_mae_sst_lead1": 1.0}
+    assert evaluate.metrics_to_log(values, logged) == {"test_acc_sst_lead1": 0.5, "test_mae_sst_lead1": 1.0}
+    assert evaluate.metrics_to_log(values, values) == {}
+
+
+# ---------------------------------------------------------------------------------------------
 # end to end: a hand-built windows store, stats.nc, checkpoint and MLflow run
-
-_NEEDED = ("conv2dlstm.data", "conv2dlstm.models", "conv2dlstm.normalize", "conv2dlstm.tracking")
-
-
-def _missing_modules() -> list[str]:
-    missing = []
-    for name in _NEEDED:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
-
 
 MEAN, STD = 15.0, 2.0
 INPUT_STEPS, LEAD_STEPS = 3, 2
@@ -267,8 +367,16 @@ def _stats_dataset() -> xr.Dataset:
     )
 
 
-def _windows_dataset(times: pd.DatetimeIndex) -> xr.Dataset:
-    phys = _seasonal(times)[:, None]  # (time, variable, lat, lon)
+def _anomaly(times: pd.DatetimeIndex) -> np.ndarray:
+    """(time, lat, lon) seeded departures from the climatology: a slow wave plus noise."""
+    rng = np.random.default_rng(11)
+    t = np.arange(times.size)[:, None, None]
+    wave = 1.5 * np.sin(2 * np.pi * t / 9.0 + 0.7 * np.arange(LON.size)[None, None, :])
+    return wave + rng.normal(0.0, 0.6, size=(times.size, LAT.size, LON.size))
+
+
+def _windows_dataset(times: pd.DatetimeIndex, anomaly: np.ndarray | None = None) -> xr.Dataset:
+    phys = (_seasonal(times) + (0.0 if anomaly is None else anomaly))[:, None]  # (time, variable, lat, lon)
     data = ((phys - MEAN) / STD).astype("float32")
     data[:, :, ~MASK.values] = 0.0
     n = times.size
@@ -299,9 +407,6 @@ def _windows_dataset(times: pd.DatetimeIndex) -> xr.Dataset:
 
 @pytest.fixture(scope="module")
 def pipeline_inputs(tmp_path_factory):
-    missing = _missing_modules()
-    if missing:
-        pytest.skip(f"end-to-end evaluate needs {', '.join(missing)}, which is not importable yet")
     import mlflow
     import torch
 
@@ -311,6 +416,10 @@ def pipeline_inputs(tmp_path_factory):
     times = pd.date_range("2021-01-01", periods=60, freq="D")
     windows = root / "windows.zarr"
     _windows_dataset(times).chunk({"time": INPUT_STEPS + LEAD_STEPS}).to_zarr(windows, zarr_format=3, mode="w", consolidated=False)
+    windows_anomalies = root / "windows_anomalies.zarr"
+    _windows_dataset(times, _anomaly(times)).chunk({"time": INPUT_STEPS + LEAD_STEPS}).to_zarr(
+        windows_anomalies, zarr_format=3, mode="w", consolidated=False
+    )
     stats = root / "stats.nc"
     _stats_dataset().to_netcdf(stats)
 
@@ -358,7 +467,17 @@ def pipeline_inputs(tmp_path_factory):
         },
         checkpoint,
     )
-    return {"root": root, "windows": windows, "stats": stats, "checkpoint": checkpoint, "cfg": cfg, "run_id": run_id, "times": times}
+    return {
+        "root": root,
+        "windows": windows,
+        "windows_anomalies": windows_anomalies,
+        "stats": stats,
+        "checkpoint": checkpoint,
+        "cfg": cfg,
+        "run_id": run_id,
+        "experiment_id": experiment_id,
+        "times": times,
+    }
 
 
 def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
@@ -442,7 +561,7 @@ def test_evaluate_unknown_mlflow_run_fails_and_leaves_no_output(pipeline_inputs,
     out_dir = p["root"] / "evaluate" / "norun"
     with pytest.raises(TrackingError, match="0" * 32):
         evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
-    assert list(out_dir.iterdir()) == []  # no output, no staging folder
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []  # checked before any work: no output
 
 
 def test_evaluate_checkpoint_for_other_variables_is_refused(pipeline_inputs, monkeypatch):
@@ -453,3 +572,173 @@ def test_evaluate_checkpoint_for_other_variables_is_refused(pipeline_inputs, mon
     with pytest.raises(DataError, match=r"target_variables \['no3'\]"):
         evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
     assert not out_dir.exists()
+
+
+def _new_mlflow_run(p: dict, name: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"])
+    run_id = client.create_run(p["experiment_id"], run_name=name).info.run_id
+    client.set_terminated(run_id)
+    return run_id
+
+
+def _weighted_mean(field: np.ndarray) -> np.ndarray:
+    """(time, lat, lon) -> (time,) cos(lat)-weighted mean over the ocean cells (numpy, independent)."""
+    w = np.cos(np.deg2rad(LAT))[:, None] * MASK.values
+    return (np.where(MASK.values, field, 0.0) * w).sum(axis=(1, 2)) / w.sum()
+
+
+def _acc(forecast: np.ndarray, truth: np.ndarray, clim: np.ndarray) -> float:
+    """Time mean of the per-time uncentered anomaly correlation over the ocean (numpy, independent)."""
+    w = np.cos(np.deg2rad(LAT))[:, None] * MASK.values
+    f = np.where(MASK.values, forecast - clim, 0.0)
+    t = np.where(MASK.values, truth - clim, 0.0)
+    per_time = (w * f * t).sum(axis=(1, 2)) / np.sqrt((w * f**2).sum(axis=(1, 2)) * (w * t**2).sum(axis=(1, 2)))
+    return float(per_time.mean())
+
+
+def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, monkeypatch):
+    """Truth = climatology + anomalies: every score of every forecast against an independent numpy computation."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    run_id = _new_mlflow_run(p, "anomalies")
+    checkpoint = _variant_checkpoint(p, "train_anomalies", mlflow_run_id=run_id)
+    cfg = {**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "plot_date": "2021-02-23"}}  # in the second batch
+    out_dir = p["root"] / "evaluate" / "anomalies"
+    kwargs = {"run": "convlstm", "windows": p["windows_anomalies"], "stats": p["stats"], "checkpoint": checkpoint}
+    evaluate.main(cfg, **kwargs, out_dir=out_dir)
+    assert sorted(f.name for f in out_dir.iterdir()) == sorted(evaluate.OUTPUT_FILES)
+
+    times = p["times"]
+    init_idx = np.arange(45, times.size - INPUT_STEPS - LEAD_STEPS + 1) + INPUT_STEPS - 1  # 11 windows, 3 batches
+    phys = _seasonal(times) + _anomaly(times)
+    seasonal = _seasonal(times)
+    with xr.open_dataset(out_dir / "predictions.nc") as ds:
+        pred_all = ds["sst"].values.astype("float64")
+    table = pd.read_csv(out_dir / "metrics.csv")
+
+    def value(model, metric, lead):
+        sel = table[(table["model"] == model) & (table["metric"] == metric) & (table["lead"] == lead)]
+        assert len(sel) == 1
+        return float(sel["value"].iloc[0])
+
+    for lead in (1, 2):
+        truth, clim = phys[init_idx + lead], seasonal[init_idx + lead]
+        forecasts = {"convlstm": pred_all[:, lead - 1], "persistence": phys[init_idx], "climatology": clim}
+        for name, forecast in forecasts.items():
+            err = forecast - truth
+            assert value(name, "rmse", lead) == pytest.approx(math.sqrt(_weighted_mean(err**2).mean()), rel=1e-5)
+            assert value(name, "mae", lead) == pytest.approx(_weighted_mean(np.abs(err)).mean(), rel=1e-5)
+            assert value(name, "bias", lead) == pytest.approx(_weighted_mean(err).mean(), rel=1e-4, abs=1e-5)
+        model_acc = _acc(forecasts["convlstm"], truth, clim)
+        assert 0.05 < abs(model_acc) < 0.99  # a non-trivial correlation
+        assert value("convlstm", "acc", lead) == pytest.approx(model_acc, abs=1e-5)
+        assert value("persistence", "acc", lead) == pytest.approx(_acc(forecasts["persistence"], truth, clim), abs=1e-5)
+        for baseline in ("persistence", "climatology"):
+            assert value("convlstm", f"skill_vs_{baseline}", lead) == pytest.approx(
+                1 - value("convlstm", "rmse", lead) / value(baseline, "rmse", lead), rel=1e-12
+            )
+
+    client = mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"])
+    logged = client.get_run(run_id).data.metrics
+    assert logged["test_acc_sst_lead1"] == pytest.approx(value("convlstm", "acc", 1))
+    assert logged["climatology_rmse_sst_lead2"] == pytest.approx(value("climatology", "rmse", 2))
+
+    # a rerun replaces the files and logs nothing twice
+    first = (out_dir / "metrics.csv").read_text()
+    evaluate.main(cfg, **kwargs, out_dir=out_dir)
+    assert (out_dir / "metrics.csv").read_text() == first
+    assert sorted(f.name for f in out_dir.iterdir()) == sorted(evaluate.OUTPUT_FILES)
+    for key in ("test_acc_sst_lead1", "persistence_rmse_sst_lead2", "skill_vs_climatology_sst_mean"):
+        history = client.get_metric_history(run_id, key)
+        assert [(m.step, m.value) for m in history] == [(0, pytest.approx(logged[key]))], key
+
+
+def test_read_batch_matches_store_samples(pipeline_inputs):
+    from conv2dlstm import data
+
+    store = data.WindowsStore(pipeline_inputs["windows_anomalies"])
+    cube = xr.open_zarr(pipeline_inputs["windows_anomalies"], consolidated=False)["data"].values
+    starts = store.starts("test")
+    for indices in ([0, 1, 2, 3], [0, 10], [7]):  # consecutive windows (one read), far apart, one
+        x, y, last = evaluate.read_batch(store, "test", indices)
+        assert x.shape == (len(indices), INPUT_STEPS, 1, LAT.size, LON.size)
+        assert y.shape == (len(indices), LEAD_STEPS, 1, LAT.size, LON.size)
+        for j, i in enumerate(indices):
+            x_i, y_i = store.sample("test", i)
+            np.testing.assert_array_equal(x[j], x_i)
+            np.testing.assert_array_equal(y[j], y_i)
+            np.testing.assert_array_equal(last[j], cube[starts[i] + INPUT_STEPS - 1, [0]])
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "no_climatology", "no_mask", "no_variable"])
+def test_bad_statistics_file_names_path_and_normalize(tmp_path, problem):
+    path = tmp_path / "stats.nc"
+    stats = _stats_dataset()
+    if problem == "garbage":
+        path.write_text("not a netCDF file\n")
+    elif problem == "truncated":
+        stats.to_netcdf(path)
+        path.write_bytes(path.read_bytes()[:400])
+    elif problem == "no_climatology":
+        stats.drop_vars("climatology").to_netcdf(path)
+    elif problem == "no_mask":
+        stats.drop_vars("mask").to_netcdf(path)
+    elif problem == "no_variable":
+        stats.to_netcdf(path)
+    variables = ["no3"] if problem == "no_variable" else ["sst"]
+    with pytest.raises(DataError, match=rf"(?s)statistics file {path}.*re-run the normalize step"):
+        with evaluate.open_stats(path, variables):
+            pass
+
+
+def test_open_stats_loads_float32_statistics(tmp_path):
+    path = tmp_path / "stats.nc"
+    _stats_dataset().to_netcdf(path)
+    with evaluate.open_stats(path, ["sst"]) as stats:
+        assert stats["mean"].dtype == np.float32 and stats["std"].dtype == np.float32
+        valid = xr.DataArray(pd.date_range("2021-03-01", periods=2).values.reshape(1, 2), dims=("time", "lead"))
+        clim = evaluate.climatology_at(valid, stats, ["sst"])
+        assert clim.dtype == np.float32 and clim.dims == ("time", "lead", "variable", "lat", "lon")
+
+
+def _write_stats(p: dict, name: str, stats: xr.Dataset) -> Path:
+    path = p["root"] / name
+    stats.to_netcdf(path)
+    return path
+
+
+@pytest.mark.parametrize("problem", ["no_climatology", "other_grid"])
+def test_evaluate_bad_statistics_fail_before_any_output(pipeline_inputs, monkeypatch, problem):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    if problem == "no_climatology":
+        stats = _write_stats(p, "stats_noclim.nc", _stats_dataset().drop_vars("climatology"))
+        match = r"lacks \['climatology'\].*re-run the normalize step"
+    else:
+        stats = _write_stats(p, "stats_grid.nc", _stats_dataset().assign_coords(lat=LAT + 0.5))
+        match = "different lat coordinates; re-run the normalize and windows steps"
+    out_dir = p["root"] / "evaluate" / f"stats_{problem}"
+    with pytest.raises(DataError, match=match):
+        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=stats, checkpoint=p["checkpoint"], out_dir=out_dir)
+    assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+def test_evaluate_failure_mid_prediction_leaves_old_outputs(pipeline_inputs, monkeypatch):
+    """A checkpoint whose model predicts 3 leads for 2-lead windows fails in the first batch."""
+    import torch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    ckpt = torch.load(p["checkpoint"], weights_only=True)
+    checkpoint = _variant_checkpoint(p, "train_3leads", model_kwargs={**ckpt["model_kwargs"], "lead_steps": 3})
+    out_dir = p["root"] / "evaluate" / "threeleads"
+    out_dir.mkdir(parents=True)
+    (out_dir / "metrics.csv").write_text("previous result\n")
+    with pytest.raises(DataError, match=r"predicts shape \(3, 1, 3, 4\) per window"):
+        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
+    assert [f.name for f in out_dir.iterdir()] == ["metrics.csv"]  # no staging folder left, old result kept
+    assert (out_dir / "metrics.csv").read_text() == "previous result\n"

@@ -239,3 +239,49 @@ def test_rmse_per_cell_masks_land():
     assert out.dims == ("lat", "lon")
     assert float(out[0, 0]) == pytest.approx(math.sqrt(5))
     assert np.isnan(float(out[0, 1]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["shifted_time", "fewer_times", "other_grid"],
+)
+def test_acc_climatology_must_align_exactly(change):
+    rng = np.random.default_rng(4)
+    clim = _field(rng.normal(size=(3, 2, 1)))
+    truth = clim + _field(rng.normal(size=(3, 2, 1)))
+    forecast = clim + _field(rng.normal(size=(3, 2, 1)))
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    if change == "shifted_time":
+        bad = clim.assign_coords(time=clim["time"] + 1)
+    elif change == "fewer_times":
+        bad = clim.isel(time=[0, 1])  # an inner join would silently score 2 of the 3 times
+    else:
+        bad = clim.assign_coords(lat=LAT + 0.5)
+    with pytest.raises(DataError, match="forecast, truth, climatology and weights have different coordinates"):
+        metrics.acc(forecast, truth, bad, w)
+    # a climatology without the time dimension broadcasts over times
+    static = clim.isel(time=0, drop=True)
+    expected = metrics.acc(forecast, truth, clim.copy(data=np.broadcast_to(static.values, clim.shape)), w)
+    assert float(metrics.acc(forecast, truth, static, w)) == pytest.approx(float(expected))
+
+
+def test_per_time_scores_and_time_mean():
+    # errors: time 0 = [1, 2], time 1 = [2, -1], time 2 all NaN (left out of the time means)
+    truth = _field(np.zeros((3, 2, 1)))
+    forecast = _field([[[1.0], [2.0]], [[2.0], [-1.0]], [[np.nan], [np.nan]]])
+    w = metrics.area_weights(LAT, _mask([[True], [True]]))
+    per_time = metrics.mse_per_time(forecast, truth, w)
+    assert per_time.dims == ("time",)
+    np.testing.assert_allclose(per_time.values[:2], [2.0, 3.0])
+    assert np.isnan(per_time.values[2])
+    np.testing.assert_allclose(metrics.mae_per_time(forecast, truth, w).values[:2], [(W0 + 2 * W60) / 2, (2 * W0 + W60) / 2])
+    np.testing.assert_allclose(metrics.bias_per_time(forecast, truth, w).values[:2], [(W0 + 2 * W60) / 2, (2 * W0 - W60) / 2])
+    assert float(metrics.time_mean(per_time)) == pytest.approx(2.5)
+    assert float(metrics.mse(forecast, truth, w)) == pytest.approx(2.5)
+    clim = _field(np.full((3, 2, 1), -1.0))
+    acc_t = metrics.acc_per_time(forecast, truth, clim, w)
+    # anomalies f' = [2, 3] vs t' = [1, 1] at time 0; [3, 0] vs [1, 1] at time 1
+    expected0 = (W0 * 2 + W60 * 3) / math.sqrt((W0 * 4 + W60 * 9) * (W0 + W60))
+    expected1 = (W0 * 3) / math.sqrt((W0 * 9) * (W0 + W60))
+    np.testing.assert_allclose(acc_t.values[:2], [expected0, expected1])
+    assert float(metrics.acc(forecast, truth, clim, w)) == pytest.approx((expected0 + expected1) / 2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conv2dlstm.config import validate_config
-from conv2dlstm.errors import ConfigError
+from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.models import (
     Conv2dLSTM,
     ConvLSTM,
@@ -164,3 +164,56 @@ def test_load_model_round_trip(tmp_path, name: str) -> None:
     x = torch.randn(2, 3, 2, 12, 10)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def _saved_checkpoint(tmp_path, **changes) -> tuple[dict, object]:
+    kwargs = shape_kwargs(12, 10) | SMALL["convlstm"]
+    model = build_model("convlstm", **kwargs)
+    ckpt = {"model_name": "convlstm", "model_kwargs": kwargs, "model_state": model.state_dict()} | changes
+    path = tmp_path / "best.pt"
+    torch.save(ckpt, path)
+    return ckpt, path
+
+
+def test_load_model_truncated_file(tmp_path) -> None:
+    _, path = _saved_checkpoint(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"(?s)checkpoint {path} cannot be read .*truncated.*re-run the train step"):
+        load_model(path)
+
+
+def test_load_model_foreign_file(tmp_path) -> None:
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(DataError, match=rf"(?s)checkpoint {path} cannot be read.*re-run the train step"):
+        load_model(path)
+    with pytest.raises(DataError, match=r"does not exist.*re-run the train step"):
+        load_model(tmp_path / "absent.pt")
+    torch.save([1, 2, 3], path)
+    with pytest.raises(DataError, match=r"holds a list, not a checkpoint dict"):
+        load_model(path)
+
+
+def test_load_model_dict_without_model_name(tmp_path) -> None:
+    kwargs = shape_kwargs(12, 10) | SMALL["convlstm"]
+    path = tmp_path / "old.pt"
+    torch.save({"model_kwargs": kwargs, "model_state": build_model("convlstm", **kwargs).state_dict()}, path)
+    with pytest.raises(DataError, match=rf"checkpoint {path} lacks \['model_name'\].*re-run the train step"):
+        load_model(path)
+
+
+def test_load_model_mismatching_state(tmp_path) -> None:
+    other = build_model("convlstm", **shape_kwargs(12, 10), hidden_channels=[8], kernel_size=3)
+    _, path = _saved_checkpoint(tmp_path, model_state=other.state_dict())
+    with pytest.raises(DataError, match=rf"(?s)checkpoint {path} has weights that do not fit its convlstm model.*re-run"):
+        load_model(path)
+
+
+def test_load_model_kwargs_of_another_version(tmp_path) -> None:
+    _, path = _saved_checkpoint(tmp_path, model_kwargs=shape_kwargs(12, 10) | {"n_layers": 2})
+    with pytest.raises(DataError, match=r"model_kwargs that do not build a convlstm model.*re-run the train step"):
+        load_model(path)
+    _, path = _saved_checkpoint(tmp_path, model_name="unet")
+    with pytest.raises(DataError, match=r"names the model 'unet'"):
+        load_model(path)

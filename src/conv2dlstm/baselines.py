@@ -6,8 +6,10 @@ metric code scores all three.
 
 Persistence needs each *target* variable at the initial time. A target need not be a model input,
 so its value is taken from the windows store's ``data`` cube, which holds the union of the input and
-target variables at every time step: :func:`target_at_init` reads channel ``target_channels`` at
-time index ``start + input_steps - 1`` of each window (the last input step).
+target variables at every time step: channel ``target_channels`` at time index
+``start + input_steps - 1`` of each window (the last input step). The evaluate step reads it with
+the window itself through the store (:func:`conv2dlstm.evaluate.read_batch`);
+:func:`target_at_init` reads it for many windows at once from a Zarr or NumPy cube.
 """
 
 from __future__ import annotations

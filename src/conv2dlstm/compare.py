@@ -7,7 +7,11 @@ reported with a warning and the first one is kept).
 
 ``compare.csv`` has one row per run or baseline and per variable, with columns
 :data:`SUMMARY_COLUMNS`: RMSE averaged over leads, at the first and at the last lead, MAE, bias and
-ACC averaged over leads, and skill scores ``1 - RMSE / RMSE(baseline)`` averaged over leads.
+ACC averaged over leads, and skill scores ``1 - RMSE / RMSE(baseline)`` averaged over leads. A run's
+skill scores are the ``skill_vs_<baseline>`` rows of its ``metrics.csv`` (NaN when the file has
+none); ``metrics.csv`` holds no skill rows for the baselines themselves, so a baseline's skill
+against a baseline is derived from the two RMSE rows with :func:`conv2dlstm.metrics.skill_score`
+(0 against itself).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from conv2dlstm import plots
+from conv2dlstm import metrics, plots
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluate import BASELINE_NAMES, CSV_COLUMNS
 from conv2dlstm.fsutil import atomic_output
@@ -101,9 +105,10 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     for (name, variable), group in rows.groupby(["name", "variable"], sort=False):
         by_metric = {m: g.sort_values("lead").set_index("lead")["value"] for m, g in group.groupby("metric")}
         r = by_metric.get("rmse", pd.Series(dtype="float64"))
+        kind = group["kind"].iloc[0]
         record = {
             "name": name,
-            "kind": group["kind"].iloc[0],
+            "kind": kind,
             "model": group["model"].iloc[0],
             "variable": variable,
             "leads": int(r.size),
@@ -112,15 +117,18 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             "rmse_last_lead": float(r.iloc[-1]) if r.size else np.nan,
         }
         for metric in ("mae", "bias", "acc"):
-            series = by_metric.get(metric)
-            record[f"{metric}_mean"] = float(series.mean()) if series is not None and series.notna().any() else np.nan
+            record[f"{metric}_mean"] = _lead_mean(by_metric.get(metric))
         for baseline in BASELINE_NAMES:
+            column = f"skill_vs_{baseline}_mean"
+            if kind == "run":
+                record[column] = _lead_mean(by_metric.get(f"skill_vs_{baseline}"))
+                continue
             ref = baseline_rmse[baseline]
             if ref.empty or not r.size:
-                record[f"skill_vs_{baseline}_mean"] = np.nan
+                record[column] = np.nan
                 continue
             ref_v = ref.xs(variable, level="variable").reindex(r.index)
-            record[f"skill_vs_{baseline}_mean"] = float((1 - r / ref_v).mean())
+            record[column] = _lead_mean(metrics.skill_score(r, ref_v))
         out.append(record)
     summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
     order = {"run": 0, "baseline": 1}
@@ -128,6 +136,13 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     summary["_b"] = summary["name"].map({b: i for i, b in enumerate(BASELINE_NAMES)}).fillna(-1)
     summary = summary.sort_values(["_k", "_b", "name", "variable"], kind="stable").drop(columns=["_k", "_b"])
     return summary.reset_index(drop=True)
+
+
+def _lead_mean(series: pd.Series | None) -> float:
+    """Mean over leads of a per-lead score (NaN leads left out); NaN when there is none."""
+    if series is None or not series.notna().any():
+        return np.nan
+    return float(series.mean())
 
 
 def _labels(rows: pd.DataFrame) -> pd.Series:

@@ -1,29 +1,61 @@
 """Evaluate step: score a trained run, persistence and climatology on the test period.
 
-:func:`main` predicts every test window with the trained network, converts predictions, truth and
-the two baselines to physical units, and scores all three with the same functions of
-:mod:`conv2dlstm.metrics` (area-weighted, land excluded) per target variable and lead. Outputs in
-``out_dir``:
+:func:`main` predicts the test windows batch by batch with the trained network, converts
+predictions, truth and the two baselines to physical units, and scores all three with the same
+functions of :mod:`conv2dlstm.metrics` (area-weighted, land excluded) per target variable and lead.
+Outputs in ``out_dir``:
 
 - ``predictions.nc``: CF-1.8 netCDF, one variable per target, dims ``(time, lead, lat, lon)`` with
   ``time`` the initial time, ``lead_time(lead)`` and ``valid_time(time, lead)`` coordinates;
 - ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``;
 - ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``maps.png``, ``rmse_map.png``.
 
-Everything is also logged into the training run's MLflow run (metrics named like
-``test_rmse_sst_lead1``, ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``; the CSV
-and the plots as artifacts under ``evaluate/``). The outputs are built in a hidden staging folder
-and moved into place only after logging succeeded, so a failure leaves no partial output.
+Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
+test period. Per batch the step holds the inputs, the prediction, the truth and the two baselines
+(``B x T_out x C_out x H x W`` float32 each; the statistics are cast to float32 so that nothing is
+upcast to float64) and the float64 temporaries of the metric code: the peak is about 40 times
+``B x T_out x C_out x H x W x 4`` bytes, plus the network's activations (lower
+``evaluate.batch_size`` to lower it). Across batches it keeps only:
+
+- per score, model and ``(lead, variable)``: the sum and the count of the per-initial-time scores
+  (:class:`StreamingScores`). Each per-time score (the weighted spatial mean of the squared, absolute
+  and signed error, and the anomaly correlation) depends on one initial time only, so the time
+  mean taken at the end equals the definition of :mod:`conv2dlstm.metrics` on the whole test set;
+- the per-cell sum of squared errors at lead 1 for ``rmse_map.png`` (:class:`CellRmse`,
+  ``C_out x H x W``);
+- the one sample shown in ``maps.png``;
+- the time coordinates (``N x T_out`` datetimes for ``N`` test windows).
+
+``predictions.nc`` is written batch by batch (:class:`PredictionsWriter`), and the climatology is
+read from the statistics file only for the days of year of the current batch.
+
+Commit and logging. Every output is first written into one hidden staging folder
+``out_dir/.evaluate.*.partial``; when all of them are complete they are moved into ``out_dir``
+(:func:`commit_outputs`, same file system, one atomic rename per file). ``metrics.csv`` marks a
+complete result: the previous one is removed before the first rename and the new one is moved
+last. The remaining window is a crash between the first and the last rename: it leaves new and
+old files side by side but no ``metrics.csv``, so the step reads as not done (Snakemake also
+deletes the outputs of a failed job) and a rerun replaces every file. A failure before the commit
+leaves ``out_dir`` as it was.
+
+Only then are the scores logged into the training run's MLflow run (metrics named like
+``test_rmse_sst_lead1``, ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``, all at
+step 0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
+any work starts. A rerun does not duplicate metrics: a metric whose latest logged value equals the
+new one is skipped, a changed value is appended at step 0 and becomes the latest; artifacts are
+overwritten. If logging fails after the commit the step fails, and a rerun logs what is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +75,8 @@ SCORES: tuple[str, ...] = ("rmse", "mae", "bias", "acc")
 CSV_COLUMNS: list[str] = ["run", "model", "variable", "lead", "metric", "value"]
 RUN_ID_FILE = "mlflow_run_id.txt"
 ARTIFACT_DIR = "evaluate"
+MLFLOW_STEP = 0
+COMMIT_MARKER = "metrics.csv"
 OUTPUT_FILES: tuple[str, ...] = (
     "predictions.nc",
     "metrics.csv",
@@ -51,6 +85,9 @@ OUTPUT_FILES: tuple[str, ...] = (
     "maps.png",
     "rmse_map.png",
 )
+STATS_VARIABLES: tuple[str, ...] = ("mean", "std", "climatology", "mask")
+_STATS_FIX = "re-run the normalize step (and the steps after it)"
+_STAGING_PREFIX, _STAGING_SUFFIX = ".evaluate.", ".partial"
 
 STANDARD_NAMES: dict[str, str] = {
     "sst": "sea_surface_temperature",
@@ -72,6 +109,16 @@ LONG_NAMES: dict[str, str] = {
     "chl": "chlorophyll-a concentration",
     "o2": "dissolved oxygen concentration",
 }
+COORD_ATTRS: dict[str, dict[str, str]] = {
+    "time": {"standard_name": "forecast_reference_time", "long_name": "forecast initial time"},
+    "lead": {"long_name": "lead step after the initial time", "units": "1"},
+    "lead_time": {"standard_name": "forecast_period", "long_name": "lead time"},
+    "valid_time": {"standard_name": "time", "long_name": "valid time of the forecast"},
+    "lat": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
+    "lon": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
+}
+TIME_UNITS = "hours since 1970-01-01"
+TIME_CALENDAR = "proleptic_gregorian"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,13 +139,6 @@ def resolve_run_id(checkpoint: str | os.PathLike, ckpt: Mapping[str, Any]) -> st
         f"checkpoint {checkpoint} names no MLflow run (no 'mlflow_run_id' entry and no non-empty "
         f"{sidecar}); re-run the train step so that evaluation can log into its run"
     )
-
-
-def window_indices(starts: np.ndarray, input_steps: int, lead_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Time indices of each window's initial time ``(N,)`` and of its valid times ``(N, lead_steps)``."""
-    init = np.asarray(starts, dtype="int64") + input_steps - 1
-    valid = init[:, None] + np.arange(1, lead_steps + 1, dtype="int64")[None, :]
-    return init, valid
 
 
 def forecast_array(
@@ -141,13 +181,35 @@ def forecast_array(
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Scores
+
+
+def _score_frame(scores: Mapping[str, Mapping[str, xr.DataArray]]) -> pd.DataFrame:
+    """Tidy rows of time-mean ``(lead, variable)`` scores per forecast, plus the model skill scores."""
+    frames = [
+        _tidy(da, model=name, metric=metric) for name, by_metric in scores.items() for metric, da in by_metric.items()
+    ]
+    for name in scores:
+        if name in BASELINE_NAMES:
+            continue
+        for baseline in BASELINE_NAMES:
+            if baseline in scores:
+                skill = metrics.skill_score(scores[name]["rmse"], scores[baseline]["rmse"])
+                frames.append(_tidy(skill, model=name, metric=f"skill_vs_{baseline}"))
+    return pd.concat(frames, ignore_index=True)
+
+
 def score_forecasts(
     forecasts: Mapping[str, xr.DataArray],
     truth: xr.DataArray,
     climatology: xr.DataArray,
     weights: xr.DataArray,
 ) -> pd.DataFrame:
-    """Score each forecast against ``truth`` with the same metric code.
+    """Score each forecast against ``truth`` with the metric functions, on arrays held in memory.
+
+    This is the reference definition; :class:`StreamingScores` computes the same table batch by
+    batch.
 
     Args:
         forecasts: name -> ``(time, lead, variable, lat, lon)`` forecast, physical units. Names in
@@ -161,27 +223,102 @@ def score_forecasts(
         Tidy frame with columns ``model, variable, lead, metric, value``. The ACC of the climatology
         forecast is undefined (its anomalies are zero) and is not reported.
     """
-    frames: list[pd.DataFrame] = []
-    rmse_of: dict[str, xr.DataArray] = {}
+    scores: dict[str, dict[str, xr.DataArray]] = {}
     for name, forecast in forecasts.items():
-        scores = {
+        scores[name] = {
             "rmse": metrics.rmse(forecast, truth, weights),
             "mae": metrics.mae(forecast, truth, weights),
             "bias": metrics.bias(forecast, truth, weights),
         }
         if name != "climatology":
-            scores["acc"] = metrics.acc(forecast, truth, climatology, weights)
-        rmse_of[name] = scores["rmse"]
-        for metric, da in scores.items():
-            frames.append(_tidy(da, model=name, metric=metric))
-    for name in forecasts:
-        if name in BASELINE_NAMES:
-            continue
-        for baseline in BASELINE_NAMES:
-            if baseline in rmse_of:
-                skill = metrics.skill_score(rmse_of[name], rmse_of[baseline])
-                frames.append(_tidy(skill, model=name, metric=f"skill_vs_{baseline}"))
-    return pd.concat(frames, ignore_index=True)
+            scores[name]["acc"] = metrics.acc(forecast, truth, climatology, weights)
+    return _score_frame(scores)
+
+
+class StreamingScores:
+    """The table of :func:`score_forecasts`, accumulated over batches of initial times.
+
+    :meth:`add` computes the per-initial-time scores of a batch with the ``*_per_time`` functions
+    of :mod:`conv2dlstm.metrics` and keeps, per forecast, score, lead and variable, only their sum
+    and the number of defined (non-NaN) values; :meth:`table` takes the time means (RMSE: the
+    square root of the mean MSE). Memory does not grow with the number of batches.
+    """
+
+    def __init__(self, weights: xr.DataArray) -> None:
+        self.weights = weights
+        self._sums: dict[tuple[str, str], xr.DataArray] = {}
+        self._counts: dict[tuple[str, str], xr.DataArray] = {}
+        self._order: list[str] = []
+
+    def add(self, forecasts: Mapping[str, xr.DataArray], truth: xr.DataArray, climatology: xr.DataArray) -> None:
+        """Add one batch: ``(time, lead, variable, lat, lon)`` forecasts, truth and climatology."""
+        w = self.weights
+        for name, forecast in forecasts.items():
+            if name not in self._order:
+                self._order.append(name)
+            per_time = {
+                "mse": metrics.mse_per_time(forecast, truth, w),
+                "mae": metrics.mae_per_time(forecast, truth, w),
+                "bias": metrics.bias_per_time(forecast, truth, w),
+            }
+            if name != "climatology":
+                per_time["acc"] = metrics.acc_per_time(forecast, truth, climatology, w)
+            for metric, values in per_time.items():
+                total = values.fillna(0.0).sum("time").astype("float64")
+                count = values.notnull().sum("time")
+                key = (name, metric)
+                if key in self._sums:
+                    with xr.set_options(arithmetic_join="exact"):
+                        total, count = self._sums[key] + total, self._counts[key] + count
+                self._sums[key], self._counts[key] = total, count
+
+    def time_means(self) -> dict[str, dict[str, xr.DataArray]]:
+        """``name -> metric -> (lead, variable)`` time means (``rmse`` instead of ``mse``)."""
+        out: dict[str, dict[str, xr.DataArray]] = {}
+        for name in self._order:
+            out[name] = {}
+            for metric in ("mse", "mae", "bias", "acc"):
+                if (name, metric) not in self._sums:
+                    continue
+                count = self._counts[(name, metric)]
+                mean = (self._sums[(name, metric)] / count.where(count > 0)).transpose("lead", "variable")
+                if metric == "mse":
+                    out[name]["rmse"] = np.sqrt(mean)
+                else:
+                    out[name][metric] = mean
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """Tidy frame ``model, variable, lead, metric, value`` as returned by :func:`score_forecasts`."""
+        if not self._sums:
+            raise DataError("no batch was scored; the test split has no window")
+        return _score_frame(self.time_means())
+
+
+class CellRmse:
+    """RMSE of each grid cell over initial times (:func:`conv2dlstm.metrics.rmse_per_cell`), accumulated
+    batch by batch: the per-cell sum of squared errors and the number of finite ones."""
+
+    def __init__(self, mask: xr.DataArray) -> None:
+        self.mask = mask.astype(bool)
+        self._sum: xr.DataArray | None = None
+        self._count: xr.DataArray | None = None
+
+    def add(self, forecast: xr.DataArray, truth: xr.DataArray) -> None:
+        """Add ``(time, variable, lat, lon)`` forecasts and truth of one batch."""
+        squared = ((forecast - truth) ** 2).where(self.mask)
+        total = squared.fillna(0.0).astype("float64").sum("time")
+        count = squared.notnull().sum("time")
+        if self._sum is not None:
+            with xr.set_options(arithmetic_join="exact"):
+                total, count = self._sum + total, self._count + count
+        self._sum, self._count = total, count
+
+    def result(self) -> xr.DataArray:
+        """``(variable, lat, lon)`` RMSE, NaN on land and where no error was finite."""
+        if self._sum is None or self._count is None:
+            raise DataError("no batch was scored; the test split has no window")
+        return np.sqrt(self._sum / self._count.where(self._count > 0)).transpose("variable", "lat", "lon")
 
 
 def _tidy(da: xr.DataArray, *, model: str, metric: str) -> pd.DataFrame:
@@ -235,6 +372,10 @@ def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
 def variable_units(stats: xr.Dataset) -> dict[str, str]:
     """Units per variable from the statistics file's ``variable_units`` (empty strings if absent)."""
     names = [str(v) for v in stats["variable"].values] if "variable" in stats.coords else []
@@ -243,38 +384,110 @@ def variable_units(stats: xr.Dataset) -> dict[str, str]:
     return {n: str(stats.attrs.get(f"units_{n}", "")) for n in names}
 
 
-def predictions_dataset(
-    forecast: xr.DataArray,
-    *,
-    units: Mapping[str, str],
-    attrs: Mapping[str, Any] | None = None,
-) -> xr.Dataset:
-    """CF-1.8 dataset of forecasts: one float32 variable per target, dims ``(time, lead, lat, lon)``."""
-    data_vars = {}
-    for variable in forecast["variable"].values:
-        variable = str(variable)
-        da = forecast.sel(variable=variable, drop=True).astype("float32")
-        da.attrs = {
-            "long_name": f"predicted {LONG_NAMES.get(variable, variable)}",
-            "units": units.get(variable, "1") or "1",
-        }
-        if variable in STANDARD_NAMES:
-            da.attrs["standard_name"] = STANDARD_NAMES[variable]
-        data_vars[variable] = da
-    ds = xr.Dataset(data_vars)
-    ds["time"].attrs = {"standard_name": "forecast_reference_time", "long_name": "forecast initial time"}
-    ds["lead"].attrs = {"long_name": "lead step after the initial time", "units": "1"}
-    ds["lead_time"].attrs = {"standard_name": "forecast_period", "long_name": "lead time"}
-    ds["valid_time"].attrs = {"standard_name": "time", "long_name": "valid time of the forecast"}
-    ds["lat"].attrs = {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}
-    ds["lon"].attrs = {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}
-    ds.attrs = {
+@contextlib.contextmanager
+def open_stats(path: str | os.PathLike, variables: Sequence[str]) -> Iterator[xr.Dataset]:
+    """Open the normalization statistics for evaluation.
+
+    ``mean``, ``std`` and ``mask`` are loaded (``mean`` and ``std`` as float32, so that
+    denormalized float32 data stays float32); ``climatology`` stays lazy and is read, as float32,
+    only for the days a batch needs (see :func:`climatology_at`).
+
+    Raises:
+        DataError: naming ``path`` and the normalize step when the file is missing or unreadable,
+            lacks one of :data:`STATS_VARIABLES` or the ``variable`` coordinate, or has no
+            statistics for one of ``variables``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"statistics file {path} does not exist; {_STATS_FIX}")
+    try:
+        opened = xr.open_dataset(path, cache=False)  # climatology read per batch, never cached whole
+    except Exception as exc:  # noqa: BLE001 - any failure to open means a broken file
+        raise DataError(f"statistics file {path} cannot be read ({exc}); {_STATS_FIX}") from exc
+    with opened:
+        missing = [name for name in STATS_VARIABLES if name not in opened.data_vars]
+        if "variable" not in opened.coords:
+            missing.append("variable")
+        if missing:
+            raise DataError(f"statistics file {path} lacks {missing}; {_STATS_FIX}")
+        covered = [str(v) for v in opened["variable"].values]
+        absent = [v for v in variables if v not in covered]
+        if absent:
+            raise DataError(
+                f"statistics file {path} has no statistics for {absent} (it covers {covered}); {_STATS_FIX}"
+            )
+        try:
+            small = {
+                "mean": opened["mean"].load().astype("float32"),
+                "std": opened["std"].load().astype("float32"),
+                "mask": opened["mask"].load(),
+            }
+        except Exception as exc:  # noqa: BLE001 - a corrupt variable
+            raise DataError(f"statistics file {path} cannot be read ({exc}); {_STATS_FIX}") from exc
+        yield opened.assign(small)
+
+
+def check_stats_grid(stats: xr.Dataset, lat: np.ndarray, lon: np.ndarray, *, stats_path: Path, windows: Path) -> None:
+    """Raise :class:`DataError` when the statistics' grid is not the windows store's grid."""
+    for name, values in (("lat", lat), ("lon", lon)):
+        if name not in stats.coords or not np.array_equal(
+            np.asarray(stats[name], dtype="float64"), np.asarray(values, dtype="float64")
+        ):
+            raise DataError(
+                f"statistics file {stats_path} and windows store {windows} have different {name} "
+                "coordinates; re-run the normalize and windows steps on the same regridded store"
+            )
+
+
+def climatology_at(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
+    """Climatology forecast at ``valid_times`` as float32 (:func:`conv2dlstm.baselines.climatology`)."""
+    return baselines.climatology(valid_times, stats, variables).astype("float32")
+
+
+# --------------------------------------------------------------------------------------------------
+# predictions.nc
+
+
+def _variable_attrs(variable: str, units: Mapping[str, str]) -> dict[str, str]:
+    attrs = {
+        "long_name": f"predicted {LONG_NAMES.get(variable, variable)}",
+        "units": units.get(variable, "1") or "1",
+    }
+    if variable in STANDARD_NAMES:
+        attrs["standard_name"] = STANDARD_NAMES[variable]
+    return attrs
+
+
+def _global_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
         "Conventions": "CF-1.8",
         "title": "Forecasts on the test period",
         "source": f"conv2dlstm {__version__}",
         "history": f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} conv2dlstm evaluate",
         **(attrs or {}),
     }
+
+
+def predictions_dataset(
+    forecast: xr.DataArray,
+    *,
+    units: Mapping[str, str],
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """CF-1.8 dataset of forecasts held in memory: one float32 variable per target, dims ``(time, lead, lat, lon)``.
+
+    :class:`PredictionsWriter` writes the same file batch by batch.
+    """
+    data_vars = {}
+    for variable in forecast["variable"].values:
+        variable = str(variable)
+        da = forecast.sel(variable=variable, drop=True).astype("float32")
+        da.attrs = _variable_attrs(variable, units)
+        data_vars[variable] = da
+    ds = xr.Dataset(data_vars)
+    for name, coord_attrs in COORD_ATTRS.items():
+        ds[name].attrs = dict(coord_attrs)
+    ds.attrs = _global_attrs(attrs)
     return ds
 
 
@@ -284,14 +497,108 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:
         name: {"zlib": True, "complevel": 4, "_FillValue": np.float32(np.nan)} for name in ds.data_vars
     }
     for name in ("time", "valid_time"):
-        encoding[name] = {
-            "units": "hours since 1970-01-01 00:00:00",
-            "calendar": "proleptic_gregorian",
-            "dtype": "float64",
-        }
+        encoding[name] = {"units": TIME_UNITS, "calendar": TIME_CALENDAR, "dtype": "float64"}
     encoding["lead_time"] = {"units": "hours", "dtype": "float64"}
     with atomic_output(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+
+
+def _hours(values: np.ndarray) -> np.ndarray:
+    """datetime64 (since 1970-01-01) or timedelta64 values as float64 hours."""
+    values = np.asarray(values)
+    if np.issubdtype(values.dtype, np.datetime64):
+        values = values.astype("datetime64[ns]") - np.datetime64("1970-01-01T00:00:00", "ns")
+    return values.astype("timedelta64[ns]") / np.timedelta64(1, "h")
+
+
+class PredictionsWriter:
+    """``predictions.nc`` written batch by batch; decodes (xarray) exactly like :func:`write_netcdf` of
+    :func:`predictions_dataset`.
+
+    The file is created with every coordinate (small: ``N`` initial times, ``N x T_out`` valid times)
+    and one empty float32 variable ``(time, lead, lat, lon)`` per target (zlib level 4, one chunk
+    per map, NaN fill); :meth:`write` fills the rows of one batch. Use as a context manager.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        init_times: np.ndarray,
+        valid_times: np.ndarray,
+        variables: Sequence[str],
+        lat: np.ndarray,
+        lon: np.ndarray,
+        units: Mapping[str, str],
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        import netCDF4
+
+        init_times = np.asarray(init_times, dtype="datetime64[ns]")
+        valid_times = np.asarray(valid_times, dtype="datetime64[ns]")
+        n, n_lead = valid_times.shape
+        self.variables = [str(v) for v in variables]
+        self.shape = (n, n_lead, len(self.variables), len(lat), len(lon))
+        self._ds = netCDF4.Dataset(str(path), "w", format="NETCDF4")
+        try:
+            ds = self._ds
+            ds.set_auto_mask(False)
+            for dim, size in (("time", n), ("lead", n_lead), ("lat", len(lat)), ("lon", len(lon))):
+                ds.createDimension(dim, size)
+            lead_time = (valid_times[0] - init_times[0]) if n else np.zeros(n_lead, dtype="timedelta64[ns]")
+            coords: dict[str, tuple[tuple[str, ...], str, np.ndarray, dict[str, str]]] = {
+                "time": (("time",), "f8", _hours(init_times), {"units": TIME_UNITS, "calendar": TIME_CALENDAR}),
+                "lead": (("lead",), "i8", np.arange(1, n_lead + 1, dtype="int64"), {}),
+                "lead_time": (("lead",), "f8", _hours(lead_time), {"dtype": "timedelta64[ns]", "units": "hours"}),
+                "valid_time": (
+                    ("time", "lead"), "f8", _hours(valid_times), {"units": TIME_UNITS, "calendar": TIME_CALENDAR}
+                ),
+                "lat": (("lat",), "f8", np.asarray(lat, dtype="float64"), {}),
+                "lon": (("lon",), "f8", np.asarray(lon, dtype="float64"), {}),
+            }
+            for name, (dims, dtype, values, encoding_attrs) in coords.items():
+                var = ds.createVariable(name, dtype, dims)
+                var.setncatts({**COORD_ATTRS[name], **encoding_attrs})
+                var[...] = values
+            self._vars = {}
+            for variable in self.variables:
+                var = ds.createVariable(
+                    variable,
+                    "f4",
+                    ("time", "lead", "lat", "lon"),
+                    zlib=True,
+                    complevel=4,
+                    shuffle=True,
+                    chunksizes=(1, 1, len(lat), len(lon)),
+                    fill_value=np.float32(np.nan),
+                )
+                var.setncatts({**_variable_attrs(variable, units), "coordinates": "lead_time valid_time"})
+                self._vars[variable] = var
+            ds.setncatts(_global_attrs(attrs))
+        except BaseException:
+            self._ds.close()
+            raise
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Write ``(B, T_out, C_out, lat, lon)`` physical values (NaN on land) as rows ``start:start+B``."""
+        b = values.shape[0]
+        if values.shape[1:] != self.shape[1:] or not 0 <= start <= self.shape[0] - b:
+            raise DataError(
+                f"predictions of shape {values.shape} at row {start} do not fit predictions.nc of shape {self.shape}"
+            )
+        for c, variable in enumerate(self.variables):
+            self._vars[variable][start : start + b] = np.asarray(values[:, :, c], dtype="float32")
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._ds.isopen():
+            self._ds.close()
+
+    def __enter__(self) -> PredictionsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -320,37 +627,46 @@ def plot_sample(init_times: pd.DatetimeIndex, plot_date: str) -> int:
     return int(hits[0])
 
 
-def select_device(name: str) -> Any:
-    """``torch.device`` for ``train.device`` (auto = CUDA when present)."""
+# --------------------------------------------------------------------------------------------------
+# Reading and predicting batches
+
+
+def read_batch(store: Any, split: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalized inputs, targets and the targets at the initial time of the windows ``indices``.
+
+    Window ``i`` starts at ``t0 = store.starts(split)[i]`` (layout in ``docs/architecture.md``):
+    ``x = data[t0 : t0+T_in, inputs]``, ``y = data[t0+T_in : t0+T_in+T_out, targets]`` and, for
+    persistence, ``last = data[t0+T_in-1, targets]`` (a target need not be an input). The time
+    range the windows span is read once with ``store.read_time_range`` when it is no longer than
+    reading each window on its own (consecutive windows overlap), else window by window.
+
+    Returns:
+        ``x (B, T_in, C_in, H, W)``, ``y (B, T_out, C_out, H, W)``, ``last (B, C_out, H, W)``, float32.
+    """
+    n_in, n_out = int(store.input_steps), int(store.lead_steps)
+    span = n_in + n_out
+    t0 = np.asarray(store.starts(split), dtype="int64")[np.asarray(indices, dtype="int64")]  # (B,)
+    lo, hi = int(t0.min()), int(t0.max()) + span
+    if hi - lo <= t0.size * span:
+        block = store.read_time_range(lo, hi)  # (hi - lo, V, H, W)
+        windows = block[(t0 - lo)[:, None] + np.arange(span)[None, :]]  # (B, span, V, H, W)
+    else:
+        windows = np.stack([store.read_time_range(int(t), int(t) + span) for t in t0])  # (B, span, V, H, W)
+    inputs, targets = list(store.input_channels), list(store.target_channels)
+    x = np.ascontiguousarray(windows[:, :n_in][:, :, inputs], dtype="float32")
+    y = np.ascontiguousarray(windows[:, n_in:][:, :, targets], dtype="float32")
+    last = np.ascontiguousarray(windows[:, n_in - 1][:, targets], dtype="float32")
+    return x, y, last
+
+
+def predict_batch(model: Any, x: np.ndarray, *, device: Any) -> np.ndarray:
+    """Run ``model`` (on ``device``, eval mode) on ``x (B, T_in, C_in, H, W)``; returns ``(B, T_out, C_out, H, W)``."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key train.device: 'cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def predict(model: Any, samples: Iterable[np.ndarray], *, batch_size: int, device: Any) -> Iterable[np.ndarray]:
-    """Run ``model`` on ``(T_in, C_in, H, W)`` samples in batches; yield ``(B, T_out, C_out, H, W)`` arrays."""
-    import torch
-
-    model = model.to(device).eval()
-    batch: list[np.ndarray] = []
-
-    def run(batch: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(batch)).to(device=device, dtype=torch.float32)  # (B, T_in, C_in, H, W)
-        with torch.inference_mode():
-            y = model(x)  # (B, T_out, C_out, H, W)
-        return y.float().cpu().numpy()
-
-    for sample in samples:
-        batch.append(np.asarray(sample, dtype="float32"))
-        if len(batch) == batch_size:
-            yield run(batch)
-            batch = []
-    if batch:
-        yield run(batch)
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype="float32")).to(device)  # (B, T_in, C_in, H, W)
+    with torch.inference_mode():
+        y = model(inputs)  # (B, T_out, C_out, H, W)
+    return y.float().cpu().numpy()
 
 
 def _check_checkpoint(ckpt: Mapping[str, Any], store: Any, checkpoint: Path) -> None:
@@ -364,16 +680,223 @@ def _check_checkpoint(ckpt: Mapping[str, Any], store: Any, checkpoint: Path) -> 
             )
 
 
-def _log_to_mlflow(cfg: Mapping[str, Any], run_id: str, values: Mapping[str, float], artifacts: Sequence[Path]) -> None:
-    """Log scores and files into the existing (training) MLflow run ``run_id``."""
+# --------------------------------------------------------------------------------------------------
+# Commit and MLflow
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A new hidden staging folder in ``out_dir`` (same file system: the commit renames are atomic).
+
+    Staging folders left by a killed evaluation of ``out_dir`` are removed first: one evaluation
+    writes into ``out_dir`` at a time (Snakemake locks a job's outputs).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{_STAGING_PREFIX}*{_STAGING_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX, dir=out_dir))
+
+
+def commit_outputs(staging: Path, out_dir: Path, names: Sequence[str], *, marker: str = COMMIT_MARKER) -> None:
+    """Move the files ``names`` from ``staging`` into ``out_dir``, ``marker`` last.
+
+    The old ``marker`` is removed before the first rename, so until the last rename ``out_dir``
+    has no ``marker``: a crash in between leaves an incomplete-looking result, never a mix that
+    looks complete. Each rename is atomic (``os.replace`` within one file system).
+    """
+    missing = [name for name in names if not (staging / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"commit_outputs: {missing} were not written to {staging}")
+    ordered = [name for name in names if name != marker] + ([marker] if marker in names else [])
+    (out_dir / marker).unlink(missing_ok=True)
+    for name in ordered:
+        os.replace(staging / name, out_dir / name)
+
+
+def check_mlflow_run(uri: str, run_id: str) -> None:
+    """Raise :class:`TrackingError` unless the store ``uri`` is usable and holds the run ``run_id``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     from conv2dlstm import tracking
 
-    with tracking.resume_run(run_id, tracking_uri=tracking.resolve_tracking_uri(dict(cfg))) as tracker:
-        names = sorted(values)
+    tracking.check_tracking(uri)
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"MLflow run {run_id} is not in the tracking store {uri}; train the run again or point "
+            "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store it was logged to"
+        ) from exc
+
+
+def metrics_to_log(values: Mapping[str, float], logged: Mapping[str, float]) -> dict[str, float]:
+    """The metrics of ``values`` whose latest logged value (``logged``) is absent or different."""
+    return {
+        k: v for k, v in values.items() if k not in logged or not math.isclose(logged[k], v, rel_tol=1e-12, abs_tol=0.0)
+    }
+
+
+def log_to_mlflow(uri: str, run_id: str, values: Mapping[str, float], artifacts: Sequence[Path]) -> int:
+    """Log scores (step 0) and files into the existing (training) MLflow run ``run_id``.
+
+    Metrics already logged with the same value are skipped, so a rerun adds no duplicate; returns
+    the number of metrics logged.
+    """
+    from mlflow import MlflowClient
+
+    from conv2dlstm import tracking
+
+    with tracking.resume_run(run_id, tracking_uri=uri) as tracker:
+        new = metrics_to_log(values, MlflowClient(uri).get_run(run_id).data.metrics)
+        names = sorted(new)
         for i in range(0, len(names), 500):  # MLflow caps the metrics of one batch request
-            tracker.log_metrics({k: values[k] for k in names[i : i + 500]})
+            tracker.log_metrics({k: new[k] for k in names[i : i + 500]}, step=MLFLOW_STEP)
         for path in artifacts:
             tracker.log_artifact(path, artifact_path=ARTIFACT_DIR)
+    return len(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches in physical units
+
+
+def batch_forecasts(
+    pred: np.ndarray,
+    y: np.ndarray,
+    last: np.ndarray,
+    *,
+    init_times: np.ndarray,
+    valid_times: np.ndarray,
+    variables: Sequence[str],
+    mask: xr.DataArray,
+    stats: xr.Dataset,
+) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
+    """One batch in physical units (float32, NaN on land): the forecasts and the truth.
+
+    Args:
+        pred, y: normalized model prediction and targets, ``(B, T_out, C_out, H, W)``.
+        last: normalized targets at the initial times, ``(B, C_out, H, W)`` (persistence).
+        init_times, valid_times: ``(B,)`` and ``(B, T_out)`` datetimes of the batch's windows.
+        variables: the ``C_out`` target names.
+        mask: ``(lat, lon)`` ocean mask with the grid's coordinates.
+        stats: statistics from :func:`open_stats`.
+
+    Returns:
+        ``{"model", "persistence", "climatology"}`` forecasts and the truth, each
+        ``(time, lead, variable, lat, lon)`` with the coordinates of :func:`forecast_array`.
+    """
+    from conv2dlstm import normalize
+
+    lat, lon = mask["lat"].values, mask["lon"].values
+
+    def physical(da: xr.DataArray) -> xr.DataArray:
+        return normalize.denormalize(da, stats).where(mask).transpose(*da.dims)
+
+    coords = {"init_times": init_times, "valid_times": valid_times, "variables": variables, "lat": lat, "lon": lon}
+    forecast = physical(forecast_array(pred, name="prediction", **coords))
+    truth = physical(forecast_array(y, name="truth", **coords))
+    at_init = xr.DataArray(
+        last,
+        dims=("time", "variable", "lat", "lon"),
+        coords={"time": forecast["time"], "variable": list(variables), "lat": lat, "lon": lon},
+    )
+    persist = baselines.persistence(physical(at_init), forecast.sizes["lead"]).assign_coords(
+        lead_time=forecast["lead_time"], valid_time=forecast["valid_time"]
+    )
+    clim = climatology_at(forecast["valid_time"], stats, variables).where(mask)
+    return {"model": forecast, "persistence": persist, "climatology": clim}, truth
+
+
+def evaluate_split(
+    model: Any,
+    store: Any,
+    stats: xr.Dataset,
+    *,
+    device: Any,
+    batch_size: int,
+    writer: PredictionsWriter,
+    shown_sample: int,
+    checkpoint: Path,
+) -> tuple[pd.DataFrame, xr.DataArray, tuple[xr.DataArray, xr.DataArray]]:
+    """Predict and score the test windows batch by batch, writing the predictions with ``writer``.
+
+    Returns:
+        The scores (layout of :func:`score_forecasts`), the lead-1 RMSE per grid cell
+        ``(variable, lat, lon)``, and the lead-1 truth and prediction ``(variable, lat, lon)`` of
+        sample ``shown_sample``.
+    """
+    n = int(store.starts(SPLIT).size)
+    init_all = np.asarray(store.init_times(SPLIT), dtype="datetime64[ns]")  # (N,)
+    valid_all = np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]")  # (N, T_out)
+    lat, lon = np.asarray(store.lat, dtype="float64"), np.asarray(store.lon, dtype="float64")
+    mask = xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+    targets = [str(v) for v in store.target_variables]
+    expected = (int(store.lead_steps), len(targets), lat.size, lon.size)
+    scores, cell_rmse = StreamingScores(metrics.area_weights(lat, mask)), CellRmse(mask)
+    shown: tuple[xr.DataArray, xr.DataArray] | None = None
+    log.info("predicting %d test windows on %s in batches of %d", n, device, batch_size)
+    for i0 in range(0, n, batch_size):
+        batch = slice(i0, min(i0 + batch_size, n))
+        x_n, y_n, last_n = read_batch(store, SPLIT, range(batch.start, batch.stop))
+        pred_n = predict_batch(model, x_n, device=device)  # (B, T_out, C_out, H, W), normalized
+        if pred_n.shape[1:] != expected:
+            raise DataError(
+                f"the model of {checkpoint} predicts shape {pred_n.shape[1:]} per window but the windows "
+                f"store needs {expected}; the checkpoint does not match these windows (re-run train)"
+            )
+        forecasts, truth = batch_forecasts(
+            pred_n,
+            y_n,
+            last_n,
+            init_times=init_all[batch],
+            valid_times=valid_all[batch],
+            variables=targets,
+            mask=mask,
+            stats=stats,
+        )
+        scores.add(forecasts, truth, forecasts["climatology"])
+        cell_rmse.add(forecasts["model"].sel(lead=1), truth.sel(lead=1))
+        writer.write(i0, forecasts["model"].values)
+        if batch.start <= shown_sample < batch.stop:  # keep only the sample shown in maps.png
+            j = shown_sample - i0
+            shown = (truth.isel(time=j).sel(lead=1).copy(), forecasts["model"].isel(time=j).sel(lead=1).copy())
+    if shown is None:
+        raise DataError(f"sample {shown_sample} for maps.png is not one of the {n} test windows")
+    return scores.table(), cell_rmse.result(), shown
+
+
+def write_figures(
+    staging: Path,
+    table: pd.DataFrame,
+    *,
+    rmse_map: xr.DataArray,
+    shown: tuple[xr.DataArray, xr.DataArray],
+    shown_title: str,
+    who: str,
+    period: str,
+    units: Mapping[str, str],
+) -> None:
+    """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``maps.png`` and ``rmse_map.png`` in ``staging``."""
+    labelled = table.assign(label=table["model"])
+    plots.lines_vs_lead(
+        labelled[labelled["metric"] == "rmse"],
+        staging / "rmse_vs_lead.png",
+        ylabel="area-weighted RMSE (physical units)",
+        title=f"{who} vs baselines: RMSE by lead, test initial times {period}",
+    )
+    plots.lines_vs_lead(
+        labelled[labelled["metric"] == "acc"],
+        staging / "acc_vs_lead.png",
+        ylabel="anomaly correlation (ACC)",
+        title=f"{who} vs persistence: ACC by lead, test initial times {period}",
+    )
+    plots.forecast_maps(shown[0], shown[1], staging / "maps.png", title=f"{who}: {shown_title}", units=dict(units))
+    plots.field_maps(
+        rmse_map,
+        staging / "rmse_map.png",
+        title=f"{who}: RMSE per grid cell at lead 1, test initial times {period}",
+        units=dict(units),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,10 +904,9 @@ def _log_to_mlflow(cfg: Mapping[str, Any], run_id: str, values: Mapping[str, flo
 
 
 def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoint: Path, out_dir: Path) -> None:
-    """Predict the test split, score the run and the baselines, write and log the results."""
-    import zarr
-
-    from conv2dlstm import data, models, normalize
+    """Predict the test split batch by batch, score the run and the baselines, write, commit, then log."""
+    from conv2dlstm import data, models, tracking
+    from conv2dlstm.train import resolve_device
 
     windows, stats, checkpoint, out_dir = Path(windows), Path(stats), Path(checkpoint), Path(out_dir)
     store = data.WindowsStore(windows)
@@ -392,135 +914,72 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     _check_checkpoint(ckpt, store, checkpoint)
     run_id = resolve_run_id(checkpoint, ckpt)
     model_name = str(ckpt.get("model_name") or cfg["model"]["name"])
-
-    starts = np.asarray(store.starts(SPLIT), dtype="int64")
-    if starts.size == 0:
+    if store.starts(SPLIT).size == 0:
         raise DataError(
             f"the windows store {windows} has no test window; lengthen splits.test or shorten "
             "windows.input_steps + windows.lead_steps"
         )
-    time = np.asarray(store.time, dtype="datetime64[ns]")
-    lat, lon = np.asarray(store.lat, dtype="float64"), np.asarray(store.lon, dtype="float64")
-    targets = [str(v) for v in store.target_variables]
-    n_in, n_out = int(store.input_steps), int(store.lead_steps)
-    init_idx, valid_idx = window_indices(starts, n_in, n_out)
-    mask = xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
-    weights = metrics.area_weights(lat, mask)
-
-    init_times = pd.DatetimeIndex(time[init_idx])
+    init_times = pd.DatetimeIndex(store.init_times(SPLIT))
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
-
-    device = select_device(cfg["train"]["device"])
-    log.info("predicting %d test windows on %s", starts.size, device)
-    truth_list: list[np.ndarray] = []
-
-    def inputs() -> Iterable[np.ndarray]:
-        for i in range(starts.size):
-            x, y = store.sample(SPLIT, i)  # (T_in, C_in, H, W), (T_out, C_out, H, W)
-            truth_list.append(y)
-            yield x
-
-    batches = predict(model, inputs(), batch_size=cfg["evaluate"]["batch_size"], device=device)
-    pred_n = np.concatenate(list(batches))  # (N, T_out, C_out, H, W), normalized
-    truth_n = np.stack(truth_list)  # (N, T_out, C_out, H, W), normalized
-    expected = (starts.size, n_out, len(targets), lat.size, lon.size)
-    if pred_n.shape != expected:
-        raise DataError(
-            f"the model of {checkpoint} predicts shape {pred_n.shape} but the windows store needs "
-            f"{expected}; the checkpoint does not match these windows (re-run train)"
-        )
-    cube = zarr.open_group(str(windows), mode="r")["data"]
-    last_n = baselines.target_at_init(cube, init_idx, list(store.target_channels))  # (N, C_out, H, W)
-
-    with xr.open_dataset(stats) as opened:
-        stats_ds = opened.load()
-    coords = {
-        "init_times": time[init_idx],
-        "valid_times": time[valid_idx],
-        "variables": targets,
-        "lat": lat,
-        "lon": lon,
-    }
-
-    def physical(values: np.ndarray, name: str) -> xr.DataArray:
-        da = forecast_array(values, name=name, **coords)
-        return normalize.denormalize(da, stats_ds).where(mask).transpose(*da.dims)
-
-    forecast = physical(pred_n, "prediction")
-    truth = physical(truth_n, "truth")
-    last = xr.DataArray(
-        last_n,
-        dims=("time", "variable", "lat", "lon"),
-        coords={"time": forecast["time"], "variable": targets, "lat": lat, "lon": lon},
-    )
-    last = normalize.denormalize(last, stats_ds).where(mask).transpose(*last.dims)
-    persist = baselines.persistence(last, n_out).assign_coords(
-        lead_time=forecast["lead_time"], valid_time=forecast["valid_time"]
-    )
-    clim = baselines.climatology(forecast["valid_time"], stats_ds, targets).where(mask)
-
-    scores = score_forecasts(
-        {"model": forecast, "persistence": persist, "climatology": clim}, truth, clim, weights
-    )
-    table = metrics_table(scores, run=run, model_name=model_name)
-    units = variable_units(stats_ds)
+    device = resolve_device(cfg["train"]["device"])
+    uri = tracking.resolve_tracking_uri(dict(cfg))
+    check_mlflow_run(uri, run_id)  # an unknown run fails before the work, not after the commit
     period = f"{init_times.min():%Y-%m-%d}..{init_times.max():%Y-%m-%d}"
     who = run if run == model_name else f"{run} ({model_name})"
+    targets = [str(v) for v in store.target_variables]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".evaluate.", suffix=".partial", dir=out_dir))
-    try:
-        ds = predictions_dataset(
-            forecast,
-            units=units,
-            attrs={
-                "run": run,
-                "model_name": model_name,
-                "checkpoint": checkpoint.name,
-                "checkpoint_sha256": sha256_file(checkpoint),
-                "mlflow_run_id": run_id,
-            },
-        )
-        write_netcdf(ds, staging / "predictions.nc")
-        write_csv(table, staging / "metrics.csv")
-        labelled = table.assign(label=table["model"])
-        plots.lines_vs_lead(
-            labelled[labelled["metric"] == "rmse"],
-            staging / "rmse_vs_lead.png",
-            ylabel="area-weighted RMSE (physical units)",
-            title=f"{who} vs baselines: RMSE by lead, test initial times {period}",
-        )
-        plots.lines_vs_lead(
-            labelled[labelled["metric"] == "acc"],
-            staging / "acc_vs_lead.png",
-            ylabel="anomaly correlation (ACC)",
-            title=f"{who} vs persistence: ACC by lead, test initial times {period}",
-        )
-        plots.forecast_maps(
-            truth.isel(time=k).sel(lead=1),
-            forecast.isel(time=k).sel(lead=1),
-            staging / "maps.png",
-            title=(
-                f"{who}: lead 1 forecast initialized {init_times[k]:%Y-%m-%d}, "
-                f"valid {pd.Timestamp(forecast['valid_time'].values[k, 0]):%Y-%m-%d} (land grey)"
-            ),
-            units=units,
-        )
-        plots.field_maps(
-            metrics.rmse_per_cell(forecast.sel(lead=1), truth.sel(lead=1), mask),
-            staging / "rmse_map.png",
-            title=f"{who}: RMSE per grid cell at lead 1, test initial times {period}",
-            units=units,
-        )
-        _log_to_mlflow(
-            cfg,
-            run_id,
-            mlflow_metrics(table, model_name=model_name),
-            [staging / name for name in OUTPUT_FILES if name != "predictions.nc"],
-        )
-        for name in OUTPUT_FILES:
-            with atomic_output(out_dir / name) as tmp:
-                os.replace(staging / name, tmp)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s", ", ".join(str(out_dir / n) for n in OUTPUT_FILES))
+    with open_stats(stats, targets) as stats_ds:
+        check_stats_grid(stats_ds, store.lat, store.lon, stats_path=stats, windows=windows)
+        units = variable_units(stats_ds)
+        staging = staging_dir(out_dir)
+        try:
+            with PredictionsWriter(
+                staging / "predictions.nc",
+                init_times=store.init_times(SPLIT),
+                valid_times=store.valid_times(SPLIT),
+                variables=targets,
+                lat=store.lat,
+                lon=store.lon,
+                units=units,
+                attrs={
+                    "run": run,
+                    "model_name": model_name,
+                    "checkpoint": checkpoint.name,
+                    "checkpoint_sha256": sha256_file(checkpoint),
+                    "mlflow_run_id": run_id,
+                },
+            ) as writer:
+                scores, rmse_map, shown = evaluate_split(
+                    model.to(device).eval(),
+                    store,
+                    stats_ds,
+                    device=device,
+                    batch_size=int(cfg["evaluate"]["batch_size"]),
+                    writer=writer,
+                    shown_sample=k,
+                    checkpoint=checkpoint,
+                )
+            table = metrics_table(scores, run=run, model_name=model_name)
+            write_csv(table, staging / "metrics.csv")
+            valid = pd.Timestamp(store.valid_times(SPLIT)[k, 0])
+            write_figures(
+                staging,
+                table,
+                rmse_map=rmse_map,
+                shown=shown,
+                shown_title=f"lead 1 forecast initialized {init_times[k]:%Y-%m-%d}, valid {valid:%Y-%m-%d} (land grey)",
+                who=who,
+                period=period,
+                units=units,
+            )
+            commit_outputs(staging, out_dir, OUTPUT_FILES)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s", ", ".join(str(out_dir / name) for name in OUTPUT_FILES))
+    logged = log_to_mlflow(
+        uri,
+        run_id,
+        mlflow_metrics(table, model_name=model_name),
+        [out_dir / name for name in OUTPUT_FILES if name != "predictions.nc"],
+    )
+    log.info("logged %d new metrics and the plots into MLflow run %s", logged, run_id)

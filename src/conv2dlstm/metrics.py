@@ -11,7 +11,9 @@ dropped before the weighted mean (their weights drop out of the denominator too)
 
 Order of the reductions (WeatherBench 2): for each forecast time the weighted spatial mean is taken
 first, then the mean over forecast times; :func:`rmse` takes the square root last, and :func:`acc`
-computes one correlation per forecast time and then averages the correlations.
+computes one correlation per forecast time and then averages the correlations. The per-time values
+(``*_per_time``) are independent of each other, so a caller can compute them batch by batch and
+take the time mean at the end (:func:`time_mean` is the mean of the non-NaN values).
 """
 
 from __future__ import annotations
@@ -86,14 +88,17 @@ def _check(forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, t
         raise DataError(f"weights have dimensions {weights.dims}; expected (lat, lon) from area_weights")
 
 
-def _aligned(*arrays: xr.DataArray) -> tuple[xr.DataArray, ...]:
+def _aligned(
+    *arrays: xr.DataArray, names: tuple[str, ...] = ("forecast", "truth", "weights")
+) -> tuple[xr.DataArray, ...]:
     """Align exactly: a coordinate mismatch is an error instead of a silent intersection."""
     try:
         return xr.align(*arrays, join="exact")
     except ValueError as exc:
+        listed = ", ".join(names[:-1]) + f" and {names[-1]}"
         raise DataError(
-            f"forecast, truth and weights have different coordinates ({exc}); select the same "
-            "times, leads, variables and grid before scoring"
+            f"{listed} have different coordinates ({exc}); select the same times, leads, variables "
+            "and grid before scoring"
         ) from exc
 
 
@@ -106,17 +111,73 @@ def spatial_mean(field: xr.DataArray, weights: xr.DataArray) -> xr.DataArray:
     return field.weighted(weights).mean(SPATIAL_DIMS, skipna=True)
 
 
-def _time_mean(per_time: xr.DataArray, time_dim: Hashable) -> xr.DataArray:
+def time_mean(per_time: xr.DataArray, time_dim: Hashable = "time") -> xr.DataArray:
+    """Mean over forecast times of per-time scores; NaN (undefined) times are left out."""
     return per_time.mean(time_dim, skipna=True)
+
+
+def mse_per_time(
+    forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
+) -> xr.DataArray:
+    """Weighted spatial mean of ``(forecast - truth)^2`` for each forecast time (keeps ``time_dim``)."""
+    _check(forecast, truth, weights, time_dim)
+    forecast, truth, weights = _aligned(forecast, truth, weights)
+    return spatial_mean((forecast - truth) ** 2, weights)
+
+
+def mae_per_time(
+    forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
+) -> xr.DataArray:
+    """Weighted spatial mean of ``|forecast - truth|`` for each forecast time (keeps ``time_dim``)."""
+    _check(forecast, truth, weights, time_dim)
+    forecast, truth, weights = _aligned(forecast, truth, weights)
+    return spatial_mean(abs(forecast - truth), weights)
+
+
+def bias_per_time(
+    forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
+) -> xr.DataArray:
+    """Weighted spatial mean of ``forecast - truth`` for each forecast time (keeps ``time_dim``)."""
+    _check(forecast, truth, weights, time_dim)
+    forecast, truth, weights = _aligned(forecast, truth, weights)
+    return spatial_mean(forecast - truth, weights)
+
+
+def acc_per_time(
+    forecast: xr.DataArray,
+    truth: xr.DataArray,
+    climatology: xr.DataArray,
+    weights: xr.DataArray,
+    *,
+    time_dim: Hashable = "time",
+) -> xr.DataArray:
+    """Anomaly correlation of each forecast time (keeps ``time_dim``); see :func:`acc`.
+
+    ``climatology`` is aligned exactly with the forecast, like the truth: a coordinate mismatch is
+    a :class:`DataError`, never a silent intersection.
+    """
+    _check(forecast, truth, weights, time_dim)
+    forecast, truth, climatology, weights = _aligned(
+        forecast, truth, climatology, weights, names=("forecast", "truth", "climatology", "weights")
+    )
+    f_anom = forecast - climatology
+    t_anom = truth - climatology
+    valid = f_anom.notnull() & t_anom.notnull() & (weights > 0)
+    f_anom = f_anom.where(valid)
+    t_anom = t_anom.where(valid)
+    num = (f_anom * t_anom).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
+    den = np.sqrt(
+        (f_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
+        * (t_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
+    )
+    return (num / den.where(den > 0)).transpose(*[d for d in forecast.dims if d not in SPATIAL_DIMS], ...)
 
 
 def mse(
     forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
 ) -> xr.DataArray:
     """Mean squared error: weighted spatial mean per forecast time, then mean over times."""
-    _check(forecast, truth, weights, time_dim)
-    forecast, truth, weights = _aligned(forecast, truth, weights)
-    return _time_mean(spatial_mean((forecast - truth) ** 2, weights), time_dim)
+    return time_mean(mse_per_time(forecast, truth, weights, time_dim=time_dim), time_dim)
 
 
 def rmse(
@@ -130,18 +191,14 @@ def mae(
     forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
 ) -> xr.DataArray:
     """Mean absolute error: weighted spatial mean of ``|forecast - truth|`` per time, then time mean."""
-    _check(forecast, truth, weights, time_dim)
-    forecast, truth, weights = _aligned(forecast, truth, weights)
-    return _time_mean(spatial_mean(abs(forecast - truth), weights), time_dim)
+    return time_mean(mae_per_time(forecast, truth, weights, time_dim=time_dim), time_dim)
 
 
 def bias(
     forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
 ) -> xr.DataArray:
     """Mean error ``forecast - truth``: weighted spatial mean per time, then time mean."""
-    _check(forecast, truth, weights, time_dim)
-    forecast, truth, weights = _aligned(forecast, truth, weights)
-    return _time_mean(spatial_mean(forecast - truth, weights), time_dim)
+    return time_mean(bias_per_time(forecast, truth, weights, time_dim=time_dim), time_dim)
 
 
 def acc(
@@ -158,22 +215,10 @@ def acc(
     climatology at each valid time, broadcastable to ``forecast``):
     ``ACC = sum(w f' t') / sqrt(sum(w f'^2) * sum(w t'^2))`` over the ocean cells where both are
     finite. A forecast time whose anomalies are all zero has an undefined ACC (NaN) and is left out
-    of the time mean; the climatology forecast itself therefore has ACC NaN.
+    of the time mean; the climatology forecast itself therefore has ACC NaN. The climatology's
+    coordinates must equal the forecast's on every shared dimension (:class:`DataError` otherwise).
     """
-    _check(forecast, truth, weights, time_dim)
-    forecast, truth, weights = _aligned(forecast, truth, weights)
-    f_anom = forecast - climatology
-    t_anom = truth - climatology
-    valid = f_anom.notnull() & t_anom.notnull() & (weights > 0)
-    f_anom = f_anom.where(valid)
-    t_anom = t_anom.where(valid)
-    num = (f_anom * t_anom).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
-    den = np.sqrt(
-        (f_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
-        * (t_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
-    )
-    per_time = (num / den.where(den > 0)).transpose(*[d for d in forecast.dims if d not in SPATIAL_DIMS], ...)
-    return _time_mean(per_time, time_dim)
+    return time_mean(acc_per_time(forecast, truth, climatology, weights, time_dim=time_dim), time_dim)
 
 
 def skill_score(model_rmse: xr.DataArray | float, baseline_rmse: xr.DataArray | float) -> xr.DataArray | float:
@@ -187,6 +232,6 @@ def rmse_per_cell(
     """RMSE of each grid cell over forecast times (NaN on land): ``sqrt(mean_t (f - t)^2)``."""
     if time_dim not in forecast.dims:
         raise DataError(f"forecast has dimensions {forecast.dims} and lacks the time dimension {time_dim!r}")
-    forecast, truth = _aligned(forecast, truth)
+    forecast, truth = _aligned(forecast, truth, names=("forecast", "truth"))
     squared = ((forecast - truth) ** 2).where(mask.astype(bool))
     return np.sqrt(squared.mean(time_dim, skipna=True))

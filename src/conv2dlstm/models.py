@@ -18,13 +18,15 @@ Both networks see land as 0 (normalized, set by the windows step); land is exclu
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from conv2dlstm.errors import ConfigError
+from conv2dlstm.errors import ConfigError, DataError
 
 MODEL_NAMES = ("convlstm", "conv2d_lstm")
 
@@ -341,9 +343,47 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+CHECKPOINT_KEYS: tuple[str, ...] = ("model_name", "model_kwargs", "model_state")
+
+
+def _checkpoint_error(path: str | os.PathLike, problem: str) -> DataError:
+    return DataError(
+        f"checkpoint {path} {problem}; re-run the train step to write a checkpoint of this version "
+        "(remove the run's train output folder to start it afresh)"
+    )
+
+
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint file alone; returns ``(model, checkpoint)``, model in eval mode on the CPU."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["model_name"], **checkpoint["model_kwargs"])
-    model.load_state_dict(checkpoint["model_state"])
+    """Rebuild a model from a checkpoint file alone; returns ``(model, checkpoint)``, model in eval mode on the CPU.
+
+    A file that is missing, truncated or not a checkpoint of this package (no ``model_name``,
+    ``model_kwargs`` and ``model_state``, or weights that do not fit the rebuilt network) raises a
+    :class:`DataError` naming ``path`` and the fix.
+    """
+    if not Path(path).is_file():
+        raise _checkpoint_error(path, "does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise _checkpoint_error(
+            path, f"cannot be read as a PyTorch checkpoint (a truncated or foreign file: {exc})"
+        ) from exc
+    if not isinstance(checkpoint, dict):
+        raise _checkpoint_error(path, f"holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise _checkpoint_error(path, f"lacks {missing} (an old or foreign checkpoint)")
+    name, kwargs = checkpoint["model_name"], checkpoint["model_kwargs"]
+    if name not in _REGISTRY:
+        raise _checkpoint_error(path, f"names the model {name!r}, which is not one of {list(_REGISTRY)}")
+    if not isinstance(kwargs, dict):
+        raise _checkpoint_error(path, f"has model_kwargs of type {type(kwargs).__name__}, not a dict")
+    try:
+        model = build_model(name, **kwargs)
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise _checkpoint_error(path, f"has model_kwargs that do not build a {name} model ({exc})") from exc
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+        raise _checkpoint_error(path, f"has weights that do not fit its {name} model ({exc})") from exc
     return model.eval(), checkpoint
