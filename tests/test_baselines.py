@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-import zarr
 
 from conv2dlstm import baselines, metrics
 from conv2dlstm.errors import DataError
@@ -16,29 +15,6 @@ LON = np.array([-50.0, -49.0])
 MASK = xr.DataArray(
     np.array([[True, True], [True, False], [True, True]]), dims=("lat", "lon"), coords={"lat": LAT, "lon": LON}
 )
-
-
-def _cube_on_disk(tmp_path, values: np.ndarray) -> zarr.Array:
-    """A real Zarr v3 ``data`` array (time, variable, lat, lon) like the windows store's."""
-    group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
-    arr = group.create_array("data", shape=values.shape, chunks=(2, *values.shape[1:]), dtype="float32")
-    arr[:] = values
-    return zarr.open_group(str(tmp_path / "w.zarr"), mode="r")["data"]
-
-
-def test_target_at_init_reads_requested_steps_and_channels(tmp_path):
-    n_time, n_var = 9, 3
-    values = np.arange(n_time * n_var * 3 * 2, dtype="float32").reshape(n_time, n_var, 3, 2)
-    cube = _cube_on_disk(tmp_path, values)
-    idx = np.array([7, 2, 2, 5])  # unsorted, repeated
-    out = baselines.target_at_init(cube, idx, [2, 0])
-    assert out.shape == (4, 2, 3, 2)
-    np.testing.assert_array_equal(out, values[idx][:, [2, 0]])
-    # plain NumPy arrays work too
-    np.testing.assert_array_equal(baselines.target_at_init(values, idx, [1]), values[idx][:, [1]])
-    assert baselines.target_at_init(cube, np.array([], dtype=int), [0]).shape == (0, 1, 3, 2)
-    with pytest.raises(DataError, match="outside"):
-        baselines.target_at_init(cube, np.array([0, 9]), [0])
 
 
 def _init_field(values: np.ndarray, times) -> xr.DataArray:
@@ -62,16 +38,15 @@ def test_persistence_repeats_the_initial_state_for_every_lead():
         baselines.persistence(x_last, 0)
 
 
-def test_persistence_is_perfect_on_a_constant_field(tmp_path):
+def test_persistence_is_perfect_on_a_constant_field():
     n_time, input_steps, lead_steps = 10, 3, 2
     values = np.full((n_time, 2, 3, 2), 7.5, dtype="float32")
     values[:, 1] = -1.25  # a second variable, not the target
     values[:, :, 1, 1] = 0.0  # land, as stored in the windows cube
-    cube = _cube_on_disk(tmp_path, values)
     starts = np.arange(0, n_time - input_steps - lead_steps + 1)
     init = starts + input_steps - 1
     times = pd.date_range("2021-07-01", periods=n_time, freq="D")
-    last = _init_field(baselines.target_at_init(cube, init, [0]), times[init]).where(MASK)
+    last = _init_field(values[init][:, [0]], times[init]).where(MASK)
     forecast = baselines.persistence(last, lead_steps)
     valid = init[:, None] + np.arange(1, lead_steps + 1)
     truth = xr.DataArray(

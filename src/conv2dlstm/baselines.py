@@ -8,48 +8,17 @@ Persistence needs each *target* variable at the initial time. A target need not 
 so its value is taken from the windows store's ``data`` cube, which holds the union of the input and
 target variables at every time step: channel ``target_channels`` at time index
 ``start + input_steps - 1`` of each window (the last input step). The evaluate step reads it with
-the window itself through the store (:func:`conv2dlstm.evaluate.read_batch`);
-:func:`target_at_init` reads it for many windows at once from a Zarr or NumPy cube.
+the window itself through the store (:func:`conv2dlstm.evaluate.read_batch`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from conv2dlstm.errors import DataError
-
-
-def target_at_init(data: Any, init_index: np.ndarray, channels: Sequence[int]) -> np.ndarray:
-    """Values of ``channels`` at the time indices ``init_index`` of a ``(time, variable, lat, lon)`` cube.
-
-    ``data`` is a Zarr array (or any array supporting ``oindex`` or NumPy orthogonal indexing); only
-    the requested time steps are read.
-
-    Returns:
-        ``(len(init_index), len(channels), lat, lon)`` array, in the cube's units.
-    """
-    init_index = np.asarray(init_index, dtype="int64")
-    channels = np.asarray(list(channels), dtype="int64")
-    if init_index.size == 0:
-        return np.zeros((0, channels.size, *data.shape[2:]), dtype=data.dtype)
-    if init_index.min() < 0 or init_index.max() >= data.shape[0]:
-        raise DataError(
-            f"initial time indices {init_index.min()}..{init_index.max()} are outside the cube's "
-            f"{data.shape[0]} time steps; the windows store is inconsistent, rebuild it"
-        )
-    order = np.argsort(init_index, kind="stable")
-    unique, inverse = np.unique(init_index[order], return_inverse=True)
-    if hasattr(data, "oindex"):
-        block = np.asarray(data.oindex[unique, channels])
-    else:
-        block = np.asarray(data)[unique][:, channels]
-    out = np.empty((init_index.size, *block.shape[1:]), dtype=block.dtype)
-    out[order] = block[inverse]
-    return out
 
 
 def persistence(x_last: xr.DataArray, lead_steps: int) -> xr.DataArray:
