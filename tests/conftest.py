@@ -66,7 +66,7 @@ def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_snakemake(cwd: Path, *args: str, timeout: int = 900, env: dict[str, str] | None = None):
+def run_snakemake(cwd: Path, *args: str, timeout: int = 1500, env: dict[str, str] | None = None):
     """Run the real ``snakemake`` of this environment in ``cwd``; fail with its output on error."""
     exe = Path(sys.executable).parent / "snakemake"
     cmd = [str(exe) if exe.exists() else "snakemake", *args]

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 SCRIPTS = REPO / "tests" / "slurm"
 DAEMONS = ("slurmctld", "slurmd", "munged")
-PIPELINE_TIMEOUT_S = 540  # the whole default pipeline through SLURM
+PIPELINE_TIMEOUT_S = 1200  # the whole default pipeline through SLURM
 NON_LOCAL_RULES = ("regrid", "normalize", "windows", "train", "evaluate")
 LOCAL_RULES = ("synth", "fetch", "compare")
 # The plugin's INFO line for every sbatch submission.

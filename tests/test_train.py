@@ -309,3 +309,46 @@ def test_sigterm_then_resume_gives_identical_weights(tmp_path) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == list(range(1, 9))
+
+
+def test_deadline_checkpoints_before_the_time_limit_and_resumes(tmp_path) -> None:
+    """`train --time-limit-minutes` stops at the job's own deadline (no scheduler signal needed)."""
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=80, height=12, width=10)
+    cfg = tiny_config(tmp_path, epochs=3, batch_size=4, patience=10)
+    cfg["model"]["convlstm"]["hidden_channels"] = [4]
+    cfg["mlflow"]["log_model"] = False
+    cfg["runs"] = []
+    run = cfg["model"]["name"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CONV2DLSTM_TRAIN_DEADLINE")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "conv2dlstm", "train", "--config-json", json.dumps(cfg), "--run", run,
+             "--windows", str(fx.store), "--stats", str(fx.stats), "--out-dir", str(out), *extra],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+
+    reference, limited = tmp_path / "reference", tmp_path / "limited"
+    assert cli(reference).returncode == 0
+    # A limit this short is already over when training starts: it stops at the first batch boundary.
+    proc = cli(limited, "--time-limit-minutes", "0.0001")
+    assert proc.returncode == 128 + signal.SIGALRM, proc.stdout + proc.stderr
+    state = torch.load(limited / "last.pt", weights_only=True)
+    assert not state["finished"] and state["epoch"] == 0
+    assert not (limited / "model.pt").exists()
+    assert cli(limited, "--time-limit-minutes", "60").returncode == 0  # resume, well within the limit
+    a = torch.load(reference / "model.pt", weights_only=True)["model_state"]
+    b = torch.load(limited / "model.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_deadline_keeps_a_margin():
+    from conv2dlstm.train import DEADLINE_ENV, set_deadline
+
+    env: dict[str, str] = {}
+    now = time.time()
+    deadline = set_deadline(120, environ=env)
+    assert float(env[DEADLINE_ENV]) == pytest.approx(deadline, abs=1e-3)
+    assert deadline - now == pytest.approx(120 * 60 - 360, abs=5)  # 5% of 2 h
+    assert set_deadline(24 * 60, environ=env) - time.time() == pytest.approx(24 * 3600 - 600, abs=5)  # at most 10 min

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=Path, required=True)
     p.add_argument("--stats", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument(
+        "--time-limit-minutes", type=float, default=None,
+        help="the job's time limit: checkpoint and exit non-zero shortly before it (rerun resumes)",
+    )
 
     p = sub.add_parser("evaluate", help="score a trained run and the baselines on the test period")
     _add_config(p)
@@ -130,7 +134,10 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         run_cfg = run_config(cfg, args.run)
         if step == "train":
-            importlib.import_module("conv2dlstm.train").main(
+            train = importlib.import_module("conv2dlstm.train")
+            if args.time_limit_minutes:
+                train.set_deadline(args.time_limit_minutes)
+            train.main(
                 run_cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir
             )
         else:

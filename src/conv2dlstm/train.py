@@ -185,8 +185,41 @@ class StopFlag:
     signum: int | None = None
 
 
+# SIGTERM / SIGUSR1: what a scheduler sends before a time limit; SIGALRM: the step's own deadline.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM)
+DEADLINE_ENV = "CONV2DLSTM_TRAIN_DEADLINE"
+
+
+def set_deadline(minutes: float, *, margin_s: float | None = None, environ: dict[str, str] | None = None) -> float:
+    """Record in the environment the time at which training must checkpoint and stop.
+
+    ``minutes`` is the job's time limit (the train rule passes its ``runtime`` resource); the stop
+    comes ``margin_s`` earlier (default: 5% of the limit, at most 10 minutes) so the checkpoint is
+    written before the scheduler kills the job. Cluster schedulers do not always deliver their
+    warning signal to the training process (see docs/slurm.md); this deadline does not depend on
+    them. Torchrun workers inherit it. Returns the deadline as a Unix time.
+    """
+    environ = os.environ if environ is None else environ
+    limit_s = minutes * 60.0
+    margin = min(0.05 * limit_s, 600.0) if margin_s is None else margin_s
+    deadline = time.time() + max(limit_s - margin, 1.0)
+    environ[DEADLINE_ENV] = f"{deadline:.3f}"
+    return deadline
+
+
+def arm_deadline(environ: dict[str, str] | None = None) -> float | None:
+    """Schedule SIGALRM at the deadline recorded by :func:`set_deadline`; returns seconds left."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(DEADLINE_ENV)
+    if not value or threading.current_thread() is not threading.main_thread():
+        return None
+    left = max(float(value) - time.time(), 0.001)
+    signal.setitimer(signal.ITIMER_REAL, left)
+    return left
+
+
 @contextlib.contextmanager
-def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> Iterator[StopFlag]:
+def stop_on_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
     """Replace the handlers of ``signums`` by one that only records the signal (main thread only)."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
@@ -200,6 +233,8 @@ def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1))
     try:
         yield flag
     finally:
+        if signal.SIGALRM in previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # disarm the deadline before restoring SIGALRM
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -582,7 +617,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
             raise
 
 
-def _ignore_stop_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+def _ignore_stop_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> None:
     if threading.current_thread() is threading.main_thread():
         for s in signums:
             signal.signal(s, signal.SIG_IGN)
@@ -597,6 +632,9 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
     distributed.barrier(ctx, device)  # every rank has read last.pt before rank 0 writes it again
 
     with deterministic(), stop_on_signals() as stop:
+        left = arm_deadline()
+        if left is not None and ctx.is_main:
+            log.info("will checkpoint and stop in %.0f s (the job's time limit, less a margin)", left)
         seed_everything(tcfg["seed"])
         model = build_model(model_name, **model_kwargs).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["learning_rate"], weight_decay=tcfg["weight_decay"])

@@ -1,6 +1,7 @@
 rule train:
-    """Train one run. Checkpoints every epoch under the run directory; a rerun after SIGTERM/SIGUSR1
-    (preemption) resumes from the last checkpoint. model.pt, the best checkpoint, is written last."""
+    """Train one run. Checkpoints every epoch under the run directory; on SIGTERM/SIGUSR1 or shortly
+    before the job's runtime limit it checkpoints and exits non-zero, and a rerun resumes from the
+    last checkpoint. model.pt, the best checkpoint, is written last."""
     input:
         windows=rules.windows.output,
         stats=rules.normalize.output,
@@ -22,4 +23,5 @@ rule train:
         "../../envs/train.yaml"
     shell:
         "python -m conv2dlstm train --config-json {params.config:q} --run {wildcards.run:q}"
-        " --windows {input.windows:q} --stats {input.stats:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --windows {input.windows:q} --stats {input.stats:q} --out-dir {params.out_dir:q}"
+        " --time-limit-minutes {resources.runtime} > {log:q} 2>&1"
