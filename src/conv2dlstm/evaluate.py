@@ -712,23 +712,6 @@ def commit_outputs(staging: Path, out_dir: Path, names: Sequence[str], *, marker
         os.replace(staging / name, out_dir / name)
 
 
-def check_mlflow_run(uri: str, run_id: str) -> None:
-    """Raise :class:`TrackingError` unless the store ``uri`` is usable and holds the run ``run_id``."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from conv2dlstm import tracking
-
-    tracking.check_tracking(uri)
-    try:
-        MlflowClient(uri).get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"MLflow run {run_id} is not in the tracking store {uri}; train the run again or point "
-            "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store it was logged to"
-        ) from exc
-
-
 def metrics_to_log(values: Mapping[str, float], logged: Mapping[str, float]) -> dict[str, float]:
     """The metrics of ``values`` whose latest logged value (``logged``) is absent or different."""
     return {
@@ -923,7 +906,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
     device = resolve_device(cfg["train"]["device"])
     uri = tracking.resolve_tracking_uri(dict(cfg))
-    check_mlflow_run(uri, run_id)  # an unknown run fails before the work, not after the commit
+    tracking.check_run(uri, run_id)  # an unknown run fails before the work, not after the commit
     period = f"{init_times.min():%Y-%m-%d}..{init_times.max():%Y-%m-%d}"
     who = run if run == model_name else f"{run} ({model_name})"
     targets = [str(v) for v in store.target_variables]

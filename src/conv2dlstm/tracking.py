@@ -185,6 +185,20 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (path.resolve().parent / "mlruns" / safe).as_uri()
 
 
+def check_run(uri: str, run_id: str) -> None:
+    """Raise :class:`TrackingError` unless the store ``uri`` is usable and holds the run ``run_id``."""
+    from mlflow.exceptions import MlflowException
+
+    check_tracking(uri)
+    try:
+        _client(uri).get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"MLflow run {run_id} is not in the tracking store {uri}; train the run again or point "
+            "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store it was logged to"
+        ) from exc
+
+
 def _client(uri: str) -> Any:
     """An ``MlflowClient``; creating it creates the store's tables on first use (serialized)."""
     from mlflow import MlflowClient
@@ -327,18 +341,10 @@ def start_run(
 def resume_run(run_id: str, *, tracking_uri: str | None = None) -> Iterator[Tracker]:
     """Reopen the existing MLflow run ``run_id`` (e.g. to log evaluation results into a training run)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-    check_tracking(uri)
+    check_run(uri, run_id)
     mlflow.set_tracking_uri(uri)
-    try:
-        _client(uri).get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"MLflow run {run_id} is not in the tracking store {uri}; train the run again or point "
-            "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store it was logged to"
-        ) from exc
     run = mlflow.start_run(run_id=run_id)
     with _active(run):
         yield Tracker(run.info.run_id, run.info.experiment_id)
