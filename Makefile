@@ -49,7 +49,7 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --check
 
 clean:
 	rm -rf results resources .snakemake mlflow.db mlruns report.zip
