@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,47 @@ def test_seed_no3_pipeline(tmp_path: Path):
     metrics = pd.read_csv(out / "evaluate/conv2d_lstm/metrics.csv")
     _model_beats_baselines(metrics, "no3", ("climatology",))
     assert np.isfinite(metrics["value"][metrics.metric == "rmse"]).all()
+
+
+def test_sweep_two_runs_in_mlflow_and_report(local_default_run: Path, tmp_path: Path):
+    """Two runs of one config: two jobs each, two MLflow runs with the same keys, one comparison,
+    and a Snakemake report with every plot."""
+    wf = tmp_path / "wf"
+    shutil.copytree(local_default_run, wf, symlinks=True)  # data steps are done: only runs execute
+    sweep = wf / "sweep-test.yaml"
+    sweep.write_text(
+        "experiment: sweep-test\n"
+        "runs:\n"
+        "  - {name: small, model: {convlstm: {hidden_channels: [4]}}, train: {epochs: 2}}\n"
+        "  - {name: notebook, model: {name: conv2d_lstm}, train: {epochs: 2}}\n"
+    )
+    proc = run_snakemake(wf, "--cores", "2", "--configfile", str(sweep))
+    out = proc.stdout + proc.stderr
+    for rule in ("synth", "fetch", "regrid", "normalize", "windows"):
+        assert f"rule {rule}:" not in out, f"{rule} re-ran"
+    compare = pd.read_csv(wf / "results/compare.csv")
+    assert {"small", "notebook", "persistence", "climatology"} == set(compare["name"])
+
+    with sqlite3.connect(wf / "mlflow.db") as db:
+        runs = db.execute(
+            "select r.run_uuid, r.name from runs r join experiments e on r.experiment_id = e.experiment_id"
+            " where e.name = 'sweep-test'"
+        ).fetchall()
+        assert sorted(name for _, name in runs) == ["notebook", "small"]
+        params = [
+            dict(db.execute("select key, value from params where run_uuid = ?", (run_id,)).fetchall())
+            for run_id, _ in runs
+        ]
+        metrics = [
+            {k for (k,) in db.execute("select distinct key from metrics where run_uuid = ?", (run_id,))}
+            for run_id, _ in runs
+        ]
+    assert params[0].keys() == params[1].keys()  # comparable side by side
+    assert {params[0]["model.name"], params[1]["model.name"]} == {"convlstm", "conv2d_lstm"}
+    assert metrics[0] == metrics[1] and "test_rmse_sst_lead1" in metrics[0]
+
+    run_snakemake(wf, "--configfile", str(sweep), "--report", "report.zip")
+    with zipfile.ZipFile(wf / "report.zip") as report:
+        names = report.namelist()
+    for plot in ("rmse_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png", "compare.png"):
+        assert any(n.endswith(plot) for n in names), plot
