@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conv2dlstm.workflow import config_json, export_package_path, run_config_json
+from conv2dlstm.workflow import export_package_path
 from tests.conftest import job_env
 
 
@@ -52,18 +51,6 @@ def test_export_package_path_prepends_once(tmp_path):
     second = export_package_path(tmp_path, env)
     assert first == second == f"{tmp_path.resolve()}/src:/x:/y"
     assert export_package_path(tmp_path, {}) == f"{tmp_path.resolve()}/src"
-
-
-def test_rule_params_carry_only_their_sections():
-    from conv2dlstm.config import validate_config
-
-    cfg = validate_config({"runs": [{"name": "a"}, {"name": "b", "train": {"epochs": 2}}]})
-    assert set(json.loads(config_json(cfg, "grid", "dask"))) == {"grid", "dask"}
-    with pytest.raises(KeyError):
-        config_json(cfg, "nope")
-    run_b = json.loads(run_config_json(cfg, "b"))
-    assert [r["name"] for r in run_b["runs"]] == ["b"]
-    assert run_b["train"] == cfg["train"]
 
 
 def test_train_gpus_follow_the_run_config():

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conv2dlstm.errors import Conv2dLstmError
+from conv2dlstm.errors import ConfigError, Conv2dLstmError
 
 log = logging.getLogger("conv2dlstm")
 
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     from conv2dlstm.config import load_config
 
+    if args.config_json is not None and not args.config_json.strip():
+        raise ConfigError(
+            "--config-json is empty (the rules pass \"$CONV2DLSTM_CONFIG\", which the Snakefile sets); run "
+            "the step through Snakemake, or give the configuration with --config FILE"
+        )
     return load_config(args.config, json_text=args.config_json)
 
 
@@ -112,7 +117,13 @@ def _dispatch(args: argparse.Namespace) -> None:
             metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot
         )
         return
-    cfg = _config(args)
+    from conv2dlstm.config import run_config
+    from conv2dlstm.keys import step_view
+
+    full = _config(args)
+    # Each step sees only the keys that determine it or run it (conv2dlstm.keys): reading any other
+    # key is a KeyError, not a silent dependency that would not rerun the step when it changes.
+    cfg = step_view(run_config(full, args.run) if step in ("train", "evaluate") else full, step)
     if step == "synth":
         importlib.import_module("conv2dlstm.synthetic").main(cfg, out_dir=args.out_dir)
     elif step == "fetch":
@@ -129,26 +140,16 @@ def _dispatch(args: argparse.Namespace) -> None:
         importlib.import_module("conv2dlstm.windows").main(
             cfg, data=args.data, stats=args.stats, out=args.out, threads=args.threads, memory_mb=args.memory_mb
         )
-    elif step in ("train", "evaluate"):
-        from conv2dlstm.config import run_config
-
-        run_cfg = run_config(cfg, args.run)
-        if step == "train":
-            train = importlib.import_module("conv2dlstm.train")
-            if args.time_limit_minutes:
-                train.set_deadline(args.time_limit_minutes)
-            train.main(
-                run_cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir
-            )
-        else:
-            importlib.import_module("conv2dlstm.evaluate").main(
-                run_cfg,
-                run=args.run,
-                windows=args.windows,
-                stats=args.stats,
-                checkpoint=args.checkpoint,
-                out_dir=args.out_dir,
-            )
+    elif step == "train":
+        train = importlib.import_module("conv2dlstm.train")
+        if args.time_limit_minutes:
+            train.set_deadline(args.time_limit_minutes)
+        train.main(cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir)
+    elif step == "evaluate":
+        importlib.import_module("conv2dlstm.evaluate").main(
+            cfg, run=args.run, windows=args.windows, stats=args.stats, checkpoint=args.checkpoint,
+            out_dir=args.out_dir,
+        )
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(step)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 
-def export_package_path(basedir: str | os.PathLike, environ: dict[str, str] | None = None) -> str:
+def export_package_path(basedir: str | os.PathLike, environ: MutableMapping[str, str] | None = None) -> str:
     """Prepend ``<basedir>/src`` to ``PYTHONPATH`` so jobs run this checkout's package.
 
     Snakemake jobs, local or submitted to a cluster, inherit the environment of the main process,
@@ -22,23 +23,19 @@ def export_package_path(basedir: str | os.PathLike, environ: dict[str, str] | No
     return environ["PYTHONPATH"]
 
 
-def config_json(config: dict[str, Any], *sections: str) -> str:
-    """The named top-level sections of a validated config as canonical JSON (a rule's ``params``).
+CONFIG_ENV = "CONV2DLSTM_CONFIG"
 
-    Passing only what a step reads means a config change re-runs exactly the affected steps
-    (Snakemake's params rerun trigger).
+
+def export_config(config: dict[str, Any], environ: MutableMapping[str, str] | None = None) -> str:
+    """Put the validated configuration, as canonical JSON, in ``CONV2DLSTM_CONFIG`` for the jobs.
+
+    Every rule calls its step with ``--config-json "$CONV2DLSTM_CONFIG"``: the step gets the whole
+    configuration without it being a rule parameter (parameters are Snakemake's rerun trigger and
+    hold only the values that determine the outputs, :mod:`conv2dlstm.keys`). Returns the JSON.
     """
-    missing = [s for s in sections if s not in config]
-    if missing:
-        raise KeyError(f"config has no section(s) {missing}")
-    return json.dumps({k: config[k] for k in sections}, sort_keys=True)
-
-
-def run_config_json(config: dict[str, Any], run: str) -> str:
-    """What a train or evaluate job of ``run`` needs: the whole config, with only that run's entry."""
-    sel = {k: v for k, v in config.items() if k != "runs"}
-    sel["runs"] = [r for r in config["runs"] if r["name"] == run]
-    return json.dumps(sel, sort_keys=True)
+    environ = os.environ if environ is None else environ
+    environ[CONFIG_ENV] = json.dumps(config, sort_keys=True)
+    return environ[CONFIG_ENV]
 
 
 def train_gpus(config: dict[str, Any], run: str) -> int:

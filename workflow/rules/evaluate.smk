@@ -32,7 +32,7 @@ rule evaluate:
             subcategory="{run}",
         ),
     params:
-        config=lambda wildcards: run_config_json(config, wildcards.run),
+        determines=lambda wildcards: result_json(config, "evaluate", wildcards.run),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 2
     resources:
@@ -45,7 +45,7 @@ rule evaluate:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m conv2dlstm evaluate --config-json {params.config:q} --run {wildcards.run:q}"
+        "python -m conv2dlstm evaluate --config-json \"$CONV2DLSTM_CONFIG\" --run {wildcards.run:q}"
         " --windows {input.windows:q} --stats {input.stats:q} --checkpoint {input.checkpoint:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 

@@ -9,7 +9,7 @@ rule fetch:
     output:
         f"{RES}/raw/{NAME}/manifest.json",
     params:
-        config=config_json(config, "name", "source", "variables", "harmonize", "region"),
+        determines=result_json(config, "fetch"),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/fetch.log",
@@ -18,4 +18,4 @@ rule fetch:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m conv2dlstm fetch --config-json {params.config:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python -m conv2dlstm fetch --config-json \"$CONV2DLSTM_CONFIG\" --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -5,7 +5,7 @@ rule normalize:
     output:
         f"{OUT}/normalize/{NAME}.nc",
     params:
-        config=config_json(config, "variables", "splits", "normalize", "dask"),
+        determines=result_json(config, "normalize"),
     threads: 4
     resources:
         mem_mb=4000,
@@ -17,5 +17,5 @@ rule normalize:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m conv2dlstm normalize --config-json {params.config:q} --data {input:q} --out {output:q}"
+        "python -m conv2dlstm normalize --config-json \"$CONV2DLSTM_CONFIG\" --data {input:q} --out {output:q}"
         " --threads {threads} --memory-mb {resources.mem_mb} > {log:q} 2>&1"

@@ -5,7 +5,7 @@ rule regrid:
     output:
         directory(f"{OUT}/regrid/{NAME}.zarr"),
     params:
-        config=config_json(config, "name", "source", "harmonize", "region", "grid", "variables", "dask"),
+        determines=result_json(config, "regrid"),
     threads: 4
     resources:
         mem_mb=4000,
@@ -17,5 +17,5 @@ rule regrid:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m conv2dlstm regrid --config-json {params.config:q} --manifest {input:q} --out {output:q}"
+        "python -m conv2dlstm regrid --config-json \"$CONV2DLSTM_CONFIG\" --manifest {input:q} --out {output:q}"
         " --threads {threads} --memory-mb {resources.mem_mb} > {log:q} 2>&1"

@@ -7,7 +7,7 @@ rule synth:
     output:
         directory(f"{RES}/synthetic/{NAME}"),
     params:
-        config=config_json(config, "name", "synthetic"),
+        determines=result_json(config, "synth"),
     log:
         f"{LOGS}/synth.log",
     benchmark:
@@ -15,4 +15,4 @@ rule synth:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m conv2dlstm synth --config-json {params.config:q} --out-dir {output:q} > {log:q} 2>&1"
+        "python -m conv2dlstm synth --config-json \"$CONV2DLSTM_CONFIG\" --out-dir {output:q} > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule train:
     output:
         f"{OUT}/train/{{run}}/model.pt",
     params:
-        config=lambda wildcards: run_config_json(config, wildcards.run),
+        determines=lambda wildcards: result_json(config, "train", wildcards.run),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     threads: 4
     resources:
@@ -22,6 +22,6 @@ rule train:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m conv2dlstm train --config-json {params.config:q} --run {wildcards.run:q}"
+        "python -m conv2dlstm train --config-json \"$CONV2DLSTM_CONFIG\" --run {wildcards.run:q}"
         " --windows {input.windows:q} --stats {input.stats:q} --out-dir {params.out_dir:q}"
         " --time-limit-minutes {resources.runtime} > {log:q} 2>&1"

@@ -6,7 +6,7 @@ rule windows:
     output:
         directory(f"{OUT}/windows/{NAME}.zarr"),
     params:
-        config=config_json(config, "variables", "splits", "windows", "normalize", "dask"),
+        determines=result_json(config, "windows"),
     threads: 4
     resources:
         mem_mb=4000,
@@ -18,5 +18,5 @@ rule windows:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m conv2dlstm windows --config-json {params.config:q} --data {input.data:q} --stats {input.stats:q}"
+        "python -m conv2dlstm windows --config-json \"$CONV2DLSTM_CONFIG\" --data {input.data:q} --stats {input.stats:q}"
         " --out {output:q} --threads {threads} --memory-mb {resources.mem_mb} > {log:q} 2>&1"
