@@ -61,3 +61,32 @@ def test_train_gpus_follow_the_run_config():
         {"runs": [{"name": "one"}, {"name": "four", "train": {"gpus": 4}}, {"name": "cpu", "train": {"device": "cpu", "gpus": 2}}]}
     )
     assert [train_gpus(cfg, r) for r in ("one", "four", "cpu")] == [1, 4, 0]
+
+
+def test_default_profile_loads_by_itself(snakemake_exe, workflow_copy):
+    """profiles/default beside the Snakefile is Snakemake 9's workflow profile: it applies to a plain
+    run (its printshellcmds shows each step's command) and together with --profile slurm."""
+    proc = _snakemake(snakemake_exe, workflow_copy, "-n", "--cores", "2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Using workflow specific profile profiles/default" in out
+    assert "Shell command: python -m conv2dlstm regrid" in out
+    proc = _snakemake(snakemake_exe, workflow_copy, "-n", "--profile", "slurm")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Using profiles slurm and workflow specific profile profiles/default" in out
+
+
+def test_rule_params_are_the_result_keys(snakemake_exe, workflow_copy):
+    """What Snakemake records as each rule's params (its rerun trigger) is the step's result config."""
+    import json
+
+    from conv2dlstm.config import validate_config
+    from conv2dlstm.keys import result_config
+
+    proc = _snakemake(snakemake_exe, workflow_copy, "--cores", "1", "synth")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    meta = next((workflow_copy / ".snakemake/metadata").iterdir())
+    record = json.loads(meta.read_text())
+    cfg = validate_config(__import__("yaml").safe_load((workflow_copy / "config/config.yaml").read_text()))
+    assert any(json.dumps(result_config(cfg, "synth"), sort_keys=True) in p for p in record["params"]), record["params"]

@@ -1,0 +1,318 @@
+"""Reruns you can trust, with the real Snakemake on a tiny complete pipeline.
+
+- For every key of the configuration schema: after a complete run, changing that key alone makes
+  `snakemake --dry-run` plan exactly the steps its x-steps annotation names, and those downstream
+  of them (conv2dlstm.keys.steps_planned_by); a runtime key plans nothing.
+- A changed learning rate trains a new model, recorded in a new MLflow run with the new rate.
+- Fixing the input data after a complete run retrains from scratch, and the result equals a run
+  on the fixed data in another directory, bit for bit (windows store, weights, metrics.csv).
+- A run interrupted during training and rerun equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conv2dlstm import keys
+from conv2dlstm.config import validate_config
+from conv2dlstm.fsutil import sha256_tree
+from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
+
+pytestmark = pytest.mark.e2e
+
+TINY = REPO / "tests/configs/tiny.yaml"
+
+# One changed value per schema key (a mapping merged over the tiny config). A key that needs a
+# companion change to stay valid carries it; the expectation is the key's own.
+CHANGES: dict[str, dict] = {
+    "experiment": {"experiment": "another"},
+    "name": {"name": "other"},
+    "outdir": {"outdir": "results2"},
+    "resources_dir": {"resources_dir": "resources2"},
+    "synthetic.kind": {"synthetic": {"kind": "cmems_bgc"}},
+    "synthetic.start": {"synthetic": {"start": "2019-01-02"}},
+    "synthetic.end": {"synthetic": {"end": "2019-06-29"}},
+    "synthetic.lat": {"synthetic": {"lat": [30.375, 34.875]}},
+    "synthetic.lon": {"synthetic": {"lon": [290.375, 294.875]}},
+    "synthetic.resolution": {"synthetic": {"resolution": 0.5}},
+    "synthetic.seed": {"synthetic": {"seed": 1}},
+    "source.kind": {"source": {"kind": "files"}},
+    "source.url": {"source": {"url": "file:./resources/synthetic/oisst/{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc"}},
+    "source.start": {"source": {"start": "2019-01-02"}},
+    "source.end": {"source": {"end": "2019-06-29"}},
+    "source.frequency": {"source": {"frequency": "1D"}},
+    "source.paths": {"source": {"paths": ["elsewhere/*.nc"]}},
+    "source.store": {"source": {"store": "elsewhere.zarr"}},
+    "source.dataset_id": {"source": {"dataset_id": "cmems_mod_glo_bgc"}},
+    "source.variables": {"source": {"variables": ["sst"]}},
+    "source.checksums": {"source": {"checksums": {"oisst-avhrr-v02r01.20190101.nc": "0" * 64}}},
+    "source.parallel": {"source": {"parallel": 2}},
+    "source.retries": {"source": {"retries": 5}},
+    "source.backoff_s": {"source": {"backoff_s": 2.0}},
+    "source.timeout_s": {"source": {"timeout_s": 10}},
+    "harmonize.level": {"harmonize": {"level": 1}},
+    "harmonize.lon_convention": {"harmonize": {"lon_convention": "0..360"},
+                                 "grid": {"lon": {"start": 290.5, "stop": 294.5, "step": 1.0}}},
+    "harmonize.rename": {"harmonize": {"rename": {"analysed_sst": "sst"}}},
+    "region.lat": {"region": {"lat": [30.0, 35.0]}},
+    "region.lon": {"region": {"lon": [-70.0, -65.0]}},
+    "grid.method": {"grid": {"method": "linear"}},
+    "grid.lat": {"grid": {"lat": {"start": 30.5, "stop": 33.5, "step": 1.0}}},
+    "grid.lon": {"grid": {"lon": {"start": -69.5, "stop": -66.5, "step": 1.0}}},
+    "grid.min_ocean_fraction": {"grid": {"min_ocean_fraction": 0.6}},
+    "variables.inputs": {"variables": {"inputs": ["sst", "sss"]}},
+    "variables.targets": {"variables": {"targets": ["sss"]}},
+    "splits.train": {"splits": {"train": {"start": "2019-01-02", "end": "2019-04-15"}}},
+    "splits.val": {"splits": {"val": {"start": "2019-04-16", "end": "2019-05-19"}}},
+    "splits.test": {"splits": {"test": {"start": "2019-05-21", "end": "2019-06-29"}}},
+    "normalize.per_pixel": {"normalize": {"per_pixel": True}},
+    "normalize.climatology_window": {"normalize": {"climatology_window": 15}},
+    "windows.input_steps": {"windows": {"input_steps": 4}},
+    "windows.lead_steps": {"windows": {"lead_steps": 2}},
+    "windows.stride": {"windows": {"stride": 2}},
+    "windows.time_chunk": {"windows": {"time_chunk": 16}},
+    "dask.scheduler_address": {"dask": {"scheduler_address": "tcp://127.0.0.1:9"}},
+    "model.name": {"model": {"name": "conv2d_lstm"}},
+    "model.conv2d_lstm.filters": {"model": {"conv2d_lstm": {"filters": [8]}}},
+    "model.conv2d_lstm.kernel_size": {"model": {"conv2d_lstm": {"kernel_size": 5}}},
+    "model.conv2d_lstm.lstm_units": {"model": {"conv2d_lstm": {"lstm_units": 8}}},
+    "model.conv2d_lstm.dense_units": {"model": {"conv2d_lstm": {"dense_units": 8}}},
+    "model.conv2d_lstm.max_parameters": {"model": {"conv2d_lstm": {"max_parameters": 1000000}}},
+    "model.convlstm.hidden_channels": {"model": {"convlstm": {"hidden_channels": [2]}}},
+    "model.convlstm.kernel_size": {"model": {"convlstm": {"kernel_size": 5}}},
+    "train.epochs": {"train": {"epochs": 3}},
+    "train.batch_size": {"train": {"batch_size": 4}},
+    "train.learning_rate": {"train": {"learning_rate": 0.0005}},
+    "train.weight_decay": {"train": {"weight_decay": 0.001}},
+    "train.lr_schedule": {"train": {"lr_schedule": "constant"}},
+    "train.grad_clip": {"train": {"grad_clip": 0.5}},
+    "train.patience": {"train": {"patience": 2}},
+    "train.seed": {"train": {"seed": 1}},
+    "train.device": {"train": {"device": "cpu"}},
+    "train.bf16": {"train": {"bf16": False}},
+    "train.compile": {"train": {"compile": True}},
+    "train.latitude_weighted_loss": {"train": {"latitude_weighted_loss": True}},
+    "train.num_workers": {"train": {"num_workers": 1}},
+    "train.data_on_device": {"train": {"data_on_device": "never"}},
+    "train.gpus": {"train": {"gpus": 2}},
+    "train.max_batches_per_epoch": {"train": {"max_batches_per_epoch": 2}},
+    "mlflow.tracking_uri": {"mlflow": {"tracking_uri": "sqlite:///other.db"}},
+    "mlflow.log_model": {"mlflow": {"log_model": True}},
+    "evaluate.plot_date": {"evaluate": {"plot_date": "2019-05-25"}},
+    "evaluate.batch_size": {"evaluate": {"batch_size": 4}},
+}
+
+# Run entries, which override model and train keys per run (the tiny config has one implicit run,
+# named after model.name): (runs, steps planned).
+RUN_CHANGES = {
+    "same run, listed": ([{"name": "convlstm"}], set()),
+    "runtime override": ([{"name": "convlstm", "train": {"num_workers": 1, "device": "cpu"}}], set()),
+    "inactive architecture": ([{"name": "convlstm", "model": {"conv2d_lstm": {"filters": [8]}}}], set()),
+    "result override": ([{"name": "convlstm", "train": {"epochs": 3}}], {"train", "evaluate", "compare"}),
+    "second run": ([{"name": "convlstm"}, {"name": "b", "train": {"seed": 1}}], {"train", "evaluate", "compare"}),
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
+    return out
+
+
+def _tiny() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def _planned(wf: Path, configfile: Path) -> set[str]:
+    """The rules `snakemake --dry-run` would run (its job stats table), without `all`."""
+    exe = Path(sys.executable).parent / "snakemake"
+    proc = subprocess.run([str(exe), "-n", "--cores", "2", "--configfile", str(configfile)], cwd=wf,
+                          capture_output=True, text=True, env=job_env(), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    if "Nothing to be done" in out:
+        return set()
+    table = out[out.index("Job stats:"):]
+    rules = set()
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        rules.add(parts[0])
+    return rules - {"all"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A workflow copy in which the tiny pipeline ran to completion."""
+    wf = copy_workflow(tmp_path_factory.mktemp("tiny") / "wf")
+    shutil.copy(TINY, wf / "tiny.yaml")
+    run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
+    return wf
+
+
+def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
+    specs = {s.name: s for s in keys.key_specs()}
+    assert set(CHANGES) == set(specs), "every schema key needs a row in CHANGES"
+    base = _tiny()
+    cases = []
+    for name, change in CHANGES.items():
+        changed = _merge(base, change)
+        assert keys.get(validate_config(changed), name) != keys.get(validate_config(base), name), name
+        expected = keys.steps_planned_by(specs[name], validate_config(base))
+        cases.append((name, changed, expected))
+    for label, (runs, expected) in RUN_CHANGES.items():
+        cases.append((f"runs: {label}", {**base, "runs": runs}, expected))
+    # the changed configs live outside the workflow copy: the dry-runs leave tiny_run untouched
+    files = []
+    for i, (_, changed, _) in enumerate(cases):
+        path = tmp_path / f"case{i}.yaml"
+        path.write_text(yaml.safe_dump(changed))
+        files.append(path)
+    assert _planned(tiny_run, tiny_run / "tiny.yaml") == set(), "the complete run must have nothing to do"
+    with ThreadPoolExecutor(2) as pool:
+        planned = list(pool.map(lambda f: _planned(tiny_run, f), files))
+    wrong = {name: (sorted(got), sorted(expected))
+             for (name, _, expected), got in zip(cases, planned) if got != expected}
+    assert not wrong, f"key: (planned, expected) {wrong}"
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    sa, sb = _model_state(a), _model_state(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _mlflow_runs(wf: Path, experiment: str = "tiny") -> list[tuple[str, str, dict[str, str], dict[str, str]]]:
+    """(run id, status, params, tags) of every run of ``experiment`` in the workflow's mlflow.db."""
+    with sqlite3.connect(wf / "mlflow.db") as db:
+        runs = db.execute(
+            "select r.run_uuid, r.status from runs r join experiments e on r.experiment_id = e.experiment_id"
+            " where e.name = ? order by r.start_time", (experiment,)).fetchall()
+        return [(rid, status,
+                 dict(db.execute("select key, value from params where run_uuid = ?", (rid,)).fetchall()),
+                 dict(db.execute("select key, value from tags where run_uuid = ?", (rid,)).fetchall()))
+                for rid, status in runs]
+
+
+def test_changed_learning_rate_trains_a_new_model_in_a_new_mlflow_run(tiny_run: Path, tmp_path: Path):
+    wf = tmp_path / "wf"
+    shutil.copytree(tiny_run, wf, symlinks=True)
+    old_model = wf / "old-model.pt"
+    shutil.copy(wf / "results/train/convlstm/model.pt", old_model)
+    (wf / "lr.yaml").write_text(yaml.safe_dump(_merge(_tiny(), {"train": {"learning_rate": 0.0005}})))
+    proc = run_snakemake(wf, "--cores", "2", "--configfile", "lr.yaml")
+    out = proc.stdout + proc.stderr
+    for rule in ("synth", "fetch", "regrid", "normalize", "windows"):
+        assert f"rule {rule}:" not in out, f"{rule} re-ran"
+    model = wf / "results/train/convlstm/model.pt"
+    assert not _same_weights(model, old_model)
+    log = (wf / "results/logs/train/convlstm.log").read_text()
+    assert "train.learning_rate" in log and "0.0005" in log, log[-3000:]
+    assert list((wf / "results/train/convlstm/stale").glob("*/last.pt")), "the stale checkpoint is kept aside"
+    runs = _mlflow_runs(wf)
+    assert len(runs) == 2, runs
+    (old_id, _, old_params, old_tags), (new_id, status, new_params, _) = runs
+    assert old_params["train.learning_rate"] == "0.003" and new_params["train.learning_rate"] == "0.0005"
+    assert status == "FINISHED" and old_tags.get("superseded_by") == new_id
+    ckpt = torch.load(model, map_location="cpu", weights_only=True)
+    assert ckpt["mlflow_run_id"] == new_id
+    assert "test_rmse_sst_lead1" in {k for k in _metric_keys(wf, new_id)}
+
+
+def _metric_keys(wf: Path, run_id: str) -> set[str]:
+    with sqlite3.connect(wf / "mlflow.db") as db:
+        return {k for (k,) in db.execute("select distinct key from metrics where run_uuid = ?", (run_id,))}
+
+
+def _corrupt(path: Path) -> None:
+    """Make one raw daily file readable but wrong: +5 degrees everywhere."""
+    import xarray as xr
+
+    with xr.open_dataset(path) as ds:
+        bad = ds.load()
+    bad["sst"] = bad["sst"] + 5.0
+    bad["sst"].attrs = ds["sst"].attrs
+    bad["sst"].encoding = ds["sst"].encoding
+    path.unlink()
+    bad.to_netcdf(path)
+
+
+def test_fixed_input_data_retrains_from_scratch_and_equals_a_fresh_run(tiny_run: Path, tmp_path: Path):
+    """A second directory: first a complete run on bad data, then the data is fixed and the
+    pipeline rerun. Everything from fetch on is rebuilt, training starts from scratch, and the
+    results equal those of tiny_run (the same config on good data) bit for bit."""
+    wf = copy_workflow(tmp_path / "wf")
+    shutil.copy(TINY, wf / "tiny.yaml")
+    run_snakemake(wf, "--cores", "1", "--configfile", "tiny.yaml", "synth")
+    raw = sorted((wf / "resources/synthetic/oisst").rglob("*.nc"))[40]  # a training day
+    good = tmp_path / "good.nc"
+    shutil.copy(raw, good)
+    _corrupt(raw)
+    run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
+    bad_model = tmp_path / "bad-model.pt"
+    shutil.copy(wf / "results/train/convlstm/model.pt", bad_model)
+    assert not _same_weights(bad_model, tiny_run / "results/train/convlstm/model.pt")
+
+    # The data is fixed upstream. The fetched copy is deleted, as after any bad download (fetch
+    # keeps verified copies), and the fetch forced: Snakemake cannot see into the source.
+    shutil.copy(good, raw)
+    fetched = wf / "resources/raw/oisst" / raw.name
+    fetched.unlink()
+    (fetched.parent / f".{raw.name}.sha256").unlink(missing_ok=True)
+    proc = run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml", "--forcerun", "fetch")
+    out = proc.stdout + proc.stderr
+    for rule in ("regrid", "normalize", "windows", "train", "evaluate"):
+        assert f"rule {rule}:" in out, f"{rule} did not rerun"
+    log = (wf / "results/logs/train/convlstm.log").read_text()
+    assert "resuming" not in log.lower() and "starting fresh" in log.lower(), log[-3000:]
+
+    # two directories, one config, the same data: identical windows, weights and metrics
+    assert sha256_tree(wf / "results/windows/oisst.zarr") == sha256_tree(tiny_run / "results/windows/oisst.zarr")
+    assert _same_weights(wf / "results/train/convlstm/model.pt", tiny_run / "results/train/convlstm/model.pt")
+    assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == \
+        (tiny_run / "results/evaluate/convlstm/metrics.csv").read_bytes()
+
+
+def test_interrupted_training_rerun_equals_an_uninterrupted_run(tiny_run: Path, tmp_path: Path):
+    wf = tmp_path / "wf"
+    shutil.copytree(tiny_run, wf, symlinks=True)
+    for out in ("results/train", "results/evaluate", "results/compare.csv", "mlflow.db"):
+        target = wf / out
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    exe = Path(sys.executable).parent / "snakemake"
+    proc = subprocess.Popen([str(exe), "--cores", "2", "--configfile", "tiny.yaml"], cwd=wf, env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    history = wf / "results/train/convlstm/history.csv"
+    deadline = time.monotonic() + 600
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 2):  # one epoch done
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it was interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert not (wf / "results/train/convlstm/model.pt").exists()
+    log = (wf / "results/logs/train/convlstm.log").read_text()
+    assert "rerun resumes" in log.lower(), log[-3000:]
+
+    run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
+    log = (wf / "results/logs/train/convlstm.log").read_text()
+    assert "resuming" in log.lower(), log[-3000:]
+    assert _same_weights(wf / "results/train/convlstm/model.pt", tiny_run / "results/train/convlstm/model.pt")
+    assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == \
+        (tiny_run / "results/evaluate/convlstm/metrics.csv").read_bytes()
