@@ -31,3 +31,24 @@ def test_module_entry_point_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+def test_validate_config_shows_what_snakemake_runs_with(capsys, repo_root, tmp_path):
+    """`snakemake --configfile X` merges X over config/config.yaml (Snakemake's own update_config);
+    `validate-config --config X` fills X from the schema defaults. One set of defaults: the same."""
+    import copy
+
+    from snakemake.utils import update_config
+
+    from conv2dlstm.config import validate_config
+
+    base = yaml.safe_load((repo_root / "config/config.yaml").read_text())
+    user = tmp_path / "my.yaml"
+    user.write_text("grid: {lat: {start: 22.0, stop: 40.0, step: 2.0}}\nsource: {checksums: {a.nc: '" + "0" * 64 + "'}}\n"
+                    "runs: [{name: a, train: {epochs: 2}}]\n")
+    for path in (repo_root / "config/seed_no3.yaml", repo_root / "config/sweep.yaml", user):
+        merged = copy.deepcopy(base)
+        update_config(merged, yaml.safe_load(path.read_text()))
+        assert main(["validate-config", "--config", str(path)]) == 0
+        shown = yaml.safe_load(capsys.readouterr().out)
+        assert shown == validate_config(merged), path
