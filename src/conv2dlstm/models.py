@@ -7,8 +7,8 @@ file alone):
 - ``conv2d_lstm`` (:class:`Conv2dLSTM`): the original notebook network. Each input frame goes through
   ``Conv2D + ReLU + MaxPool(2)`` blocks, is flattened, an LSTM runs over time, and dense layers
   produce the whole output cube. Its flatten and output layers grow with the grid area ``H * W``;
-  the parameter count is computed before any allocation and a :class:`ConfigError` refuses a model
-  above ``max_parameters``.
+  the parameter count is computed before any allocation (:mod:`conv2dlstm.modelsize`, which the
+  config validation uses too) and a :class:`ConfigError` refuses a model above ``max_parameters``.
 - ``convlstm`` (:class:`ConvLSTM`): an encoder-forecaster of stacked ConvLSTM cells (Shi et al.
   2015, https://arxiv.org/abs/1506.04214). Its size does not depend on the grid.
 
@@ -27,6 +27,12 @@ import torch
 from torch import nn
 
 from conv2dlstm.errors import ConfigError, DataError
+from conv2dlstm.modelsize import (  # noqa: F401 - re-exported: the arithmetic lives in a torch-free module
+    conv2d_lstm_grid_problem,
+    conv2d_lstm_parameter_count,
+    conv2d_lstm_size_problem,
+    conv_stack_sizes,
+)
 
 MODEL_NAMES = ("convlstm", "conv2d_lstm")
 
@@ -34,46 +40,6 @@ MODEL_NAMES = ("convlstm", "conv2d_lstm")
 # ----------------------------------------------------------------------------------------------
 # Conv2D-LSTM (the notebook network)
 # ----------------------------------------------------------------------------------------------
-
-
-def conv_stack_sizes(height: int, width: int, n_blocks: int, kernel_size: int) -> list[tuple[int, int]]:
-    """Spatial size after each ``Conv2D(kernel, valid) + MaxPool(2)`` block, starting with the input.
-
-    A size below 1 means the grid is too small for the stack.
-    """
-    sizes = [(height, width)]
-    h, w = height, width
-    for _ in range(n_blocks):
-        h, w = (h - kernel_size + 1) // 2, (w - kernel_size + 1) // 2
-        sizes.append((h, w))
-    return sizes
-
-
-def conv2d_lstm_parameter_count(
-    *,
-    in_channels: int,
-    out_channels: int,
-    lead_steps: int,
-    height: int,
-    width: int,
-    filters: Sequence[int],
-    kernel_size: int,
-    lstm_units: int,
-    dense_units: int,
-) -> int:
-    """Number of trainable parameters of :class:`Conv2dLSTM`, computed without allocating it."""
-    count = 0
-    c_prev = in_channels
-    for f in filters:  # Conv2d weight + bias
-        count += c_prev * f * kernel_size * kernel_size + f
-        c_prev = f
-    h, w = conv_stack_sizes(height, width, len(filters), kernel_size)[-1]
-    flat = c_prev * h * w
-    count += 4 * lstm_units * (flat + lstm_units + 2)  # LSTM: W_ih, W_hh, b_ih, b_hh
-    count += lstm_units * dense_units + dense_units  # Dense(dense_units)
-    n_out = lead_steps * out_channels * height * width
-    count += dense_units * n_out + n_out  # Dense(T_out * C_out * H * W)
-    return count
 
 
 class Conv2dLSTM(nn.Module):
@@ -103,26 +69,18 @@ class Conv2dLSTM(nn.Module):
         filters = [int(f) for f in filters]
         if not filters:
             raise ConfigError("model.conv2d_lstm.filters is empty; give at least one block, e.g. [32, 64]")
-        sizes = conv_stack_sizes(height, width, len(filters), kernel_size)
-        if min(min(s) for s in sizes) < 1:
-            raise ConfigError(
-                f"model conv2d_lstm: the {height}x{width} grid (lat x lon) is too small for "
-                f"{len(filters)} Conv2D(kernel {kernel_size}, valid) + MaxPool(2) blocks (sizes "
-                f"{' -> '.join(f'{h}x{w}' for h, w in sizes)}); use fewer model.conv2d_lstm.filters, a "
-                "smaller model.conv2d_lstm.kernel_size, a larger grid, or model.name: convlstm"
-            )
+        problem = conv2d_lstm_grid_problem(height, width, filters, kernel_size)
+        if problem:
+            raise ConfigError(f"model conv2d_lstm: {problem}")
         n_params = conv2d_lstm_parameter_count(
             in_channels=in_channels, out_channels=out_channels, lead_steps=lead_steps, height=height,
             width=width, filters=filters, kernel_size=kernel_size, lstm_units=lstm_units,
             dense_units=dense_units,
         )
-        if n_params > max_parameters:
-            raise ConfigError(
-                f"model conv2d_lstm would have {n_params:,} parameters on the {height}x{width} grid "
-                f"(lat x lon), above model.conv2d_lstm.max_parameters = {max_parameters:,}: its flatten "
-                "and output layers grow with the grid area. Use `model.name: convlstm` (size "
-                "independent of the grid), a coarser grid, or raise model.conv2d_lstm.max_parameters"
-            )
+        problem = conv2d_lstm_size_problem(n_params, height, width, max_parameters)
+        if problem:
+            raise ConfigError(problem)
+        sizes = conv_stack_sizes(height, width, len(filters), kernel_size)
         self.out_shape = (lead_steps, out_channels, height, width)
         self.input_steps = input_steps
         blocks: list[nn.Module] = []
