@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import pytest
 import yaml
 
 from conv2dlstm.config import (
+    conv2d_lstm_parameters,
     config_digest,
+    date_keys,
     flatten,
     load_config,
     load_schema,
@@ -124,7 +127,10 @@ def test_runs_override_model_and_train():
 
 
 def test_run_override_is_validated():
-    cfg = validate_config({"runs": [{"name": "x", "train": {"epochs": -3}}]})
+    with pytest.raises(ConfigError, match=r"runs\[0\] \(name 'x'\): config key train.epochs: -3"):
+        validate_config({"runs": [{"name": "x", "train": {"epochs": -3}}]})
+    cfg = validate_config({"runs": [{"name": "x"}]})
+    cfg["runs"] = [{"name": "x", "train": {"epochs": -3}}]  # not validated: run_config checks it too
     with pytest.raises(ConfigError, match="run 'x'.*train.epochs"):
         run_config(cfg, "x")
 
@@ -179,3 +185,228 @@ def test_step_views_of_a_0_360_config_validate_alone():
         assert part["harmonize"]["lon_convention"] == "0..360"
     with pytest.raises(ConfigError, match="grid.lon"):
         validate_config({"grid": {"lon": {"start": 281.0, "stop": 305.0, "step": 1.0}}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks the configuration alone decides: every one runs in validate_config (Snakemake's parse)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("runs", "fragment"),
+    [
+        (
+            [{"name": "b"}, {"name": "a", "train": {"learning_rte": 0.1}}],
+            "runs[1] (name 'a'): config key train: unknown key(s) 'learning_rte'; allowed keys are batch_size,",
+        ),
+        (
+            [{"name": "a", "model": {"conv2d_lstm": {"filter": [8]}}}],
+            "runs[0] (name 'a'): config key model.conv2d_lstm: unknown key(s) 'filter'",
+        ),
+        ([{"name": "a", "model": {"nmae": "convlstm"}}], "runs[0] (name 'a'): config key model: unknown key(s) 'nmae'"),
+        ([{"name": "a", "model": {"name": "unet"}}], "runs[0] (name 'a'): config key model.name: 'unet' is not one of"),
+        ([{"name": "a", "train": {"batch_size": "big"}}], "runs[0] (name 'a'): config key train.batch_size: 'big'"),
+    ],
+)
+def test_run_overrides_are_validated_with_the_config(runs, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate_config({"runs": runs})
+    assert fragment in str(info.value)
+    if "unknown key" in fragment:
+        assert "check the spelling" in str(info.value)
+
+
+def test_run_overrides_that_are_valid_pass():
+    cfg = validate_config({"runs": [{"name": "a", "train": {"learning_rate": 0.1}},
+                                    {"name": "b", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}}]})
+    assert run_config(cfg, "a")["train"]["learning_rate"] == 0.1
+    assert run_config(cfg, "b")["model"]["conv2d_lstm"]["filters"] == [8]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "where"),
+    [
+        ({"train": {"batch_size": 30, "gpus": 4}}, ""),  # 30 = 4 * 7.5
+        ({"train": {"gpus": 3}}, ""),  # the default global batch, 16
+        ({"runs": [{"name": "one"}, {"name": "ddp", "train": {"gpus": 3}}]}, "runs[1] (name 'ddp'): "),
+        ({"train": {"gpus": 4}, "runs": [{"name": "a", "train": {"batch_size": 30}}]}, "runs[0] (name 'a'): "),
+        ({"runs": [{"name": "cpu", "train": {"device": "cpu", "gpus": 3, "batch_size": 8}}]}, "runs[0] (name 'cpu'): "),
+    ],
+)
+def test_batch_size_must_divide_over_gpus(cfg, where):
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    msg = str(info.value)
+    assert msg.startswith(f"{where}config keys train.batch_size and train.gpus: train.batch_size = ")
+    assert "(the global batch) is not divisible by the" in msg and "set train.batch_size to a multiple of" in msg
+    assert "or train.gpus to a divisor of" in msg
+
+
+def test_batch_size_divisible_by_gpus_passes():
+    validate_config({"train": {"batch_size": 30, "gpus": 1}})
+    validate_config({"train": {"batch_size": 32, "gpus": 4}, "runs": [{"name": "a"}, {"name": "b", "train": {"gpus": 8}}]})
+    # the top-level train section is not a run when runs are listed: only the runs are checked
+    validate_config({"train": {"batch_size": 30, "gpus": 4}, "runs": [{"name": "a", "train": {"batch_size": 32}}]})
+
+
+GLOBAL_QUARTER_DEGREE = {"lat": {"start": -89.875, "stop": 89.875, "step": 0.25},
+                         "lon": {"start": -179.875, "stop": 179.875, "step": 0.25}}
+
+
+def test_conv2d_lstm_too_large_for_the_grid_is_refused():
+    cfg = {"model": {"name": "conv2d_lstm"}, "grid": GLOBAL_QUARTER_DEGREE}
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    msg = str(info.value)
+    n = conv2d_lstm_parameters(validate_config({"grid": GLOBAL_QUARTER_DEGREE}))  # as convlstm: valid
+    assert n > 10**9
+    assert msg.startswith("config key model.conv2d_lstm.max_parameters: ")
+    assert f"{n:,} parameters on the 720x1440 grid" in msg and "20,000,000" in msg
+    for fix in ("`model.name: convlstm`", "a coarser grid", "raise model.conv2d_lstm.max_parameters"):
+        assert fix in msg
+
+
+def test_conv2d_lstm_limit_is_the_configured_one():
+    base = validate_config({"model": {"name": "conv2d_lstm"}})
+    n = conv2d_lstm_parameters(base)
+    assert n == 423_891  # 25x25 default grid, sst -> sst, 3 leads (tests/test_models.py derives it)
+    validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": n}}})
+    with pytest.raises(ConfigError, match=f"{n:,} parameters.*max_parameters = {n - 1:,}"):
+        validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": n - 1}}})
+
+
+def test_conv2d_lstm_size_is_checked_per_run():
+    runs = [{"name": "small", "model": {"name": "convlstm"}},
+            {"name": "notebook", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 1000}}}]
+    with pytest.raises(ConfigError, match=r"^runs\[1\] \(name 'notebook'\): config key model.conv2d_lstm.max_parameters: "
+                                          r"model conv2d_lstm would have 423,891 parameters"):
+        validate_config({"runs": runs})
+    # an inactive architecture is not checked: the top-level conv2d_lstm is never built here
+    validate_config({"model": {"name": "conv2d_lstm"}, "grid": GLOBAL_QUARTER_DEGREE,
+                     "runs": [{"name": "a", "model": {"name": "convlstm"}}]})
+    validate_config({"grid": GLOBAL_QUARTER_DEGREE})  # convlstm: any grid
+
+
+def test_conv2d_lstm_count_follows_grid_variables_and_leads():
+    small = conv2d_lstm_parameters(validate_config({}))
+    more = conv2d_lstm_parameters(validate_config({"variables": {"inputs": ["sst", "sss"], "targets": ["sst", "sss"]},
+                                                   "windows": {"lead_steps": 4}}))
+    finer = conv2d_lstm_parameters(validate_config({"grid": {"lat": {"start": 21.0, "stop": 45.0, "step": 0.5}}}))
+    assert small < more and small < finer
+
+
+def test_grid_too_small_for_conv2d_lstm_blocks():
+    tiny = {"lat": {"start": 30.5, "stop": 34.5, "step": 1.0}, "lon": {"start": -69.5, "stop": -65.5, "step": 1.0}}
+    with pytest.raises(ConfigError) as info:
+        validate_config({"model": {"name": "conv2d_lstm"}, "grid": tiny})
+    msg = str(info.value)
+    assert msg.startswith("config key model.conv2d_lstm: the 5x5 grid (lat x lon cells of grid.lat and grid.lon) is too small")
+    assert "5x5 -> 1x1 -> -1x-1" in msg
+    for fix in ("fewer model.conv2d_lstm.filters", "smaller model.conv2d_lstm.kernel_size", "a larger grid",
+                "model.name: convlstm"):
+        assert fix in msg
+    validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}, "grid": tiny})  # 5 -> 1
+    with pytest.raises(ConfigError, match=r"runs\[0\] \(name 'nb'\): config key model.conv2d_lstm: the 5x5 grid"):
+        validate_config({"grid": tiny, "runs": [{"name": "nb", "model": {"name": "conv2d_lstm"}}]})
+
+
+def test_convlstm_even_kernel_is_refused():
+    with pytest.raises(ConfigError, match=r"config key model.convlstm.kernel_size: 4 must be odd.*use 3 or 5"):
+        validate_config({"model": {"convlstm": {"kernel_size": 4}}})
+    with pytest.raises(ConfigError, match=r"runs\[0\] \(name 'k'\): config key model.convlstm.kernel_size: 2"):
+        validate_config({"runs": [{"name": "k", "model": {"convlstm": {"kernel_size": 2}}}]})
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_split_shorter_than_a_window_is_refused(split):
+    periods = {"train": ("2019-01-01", "2020-12-31"), "val": ("2021-01-01", "2021-06-30"),
+               "test": ("2021-07-01", "2021-12-31")}
+    start = periods[split][0]
+    short = {split: {"start": start, "end": str(dt.date.fromisoformat(start) + dt.timedelta(days=6))}}  # 7 days
+    with pytest.raises(ConfigError) as info:
+        validate_config({"splits": short})  # windows 5 + 3 = 8 days
+    msg = str(info.value)
+    assert msg.startswith(f"config key splits.{split}: {start}..")
+    assert "holds 7 day(s), fewer than one window of windows.input_steps + windows.lead_steps = 5 + 3 = 8" in msg
+    assert f"lengthen splits.{split} to at least 8 days" in msg and "lower windows.input_steps" in msg
+    validate_config({"splits": short, "windows": {"input_steps": 5, "lead_steps": 2}})  # exactly one window
+
+
+def test_windows_longer_than_a_split_are_refused():
+    with pytest.raises(ConfigError, match=r"config key splits.val: 2021-01-01..2021-06-30 holds 181 day\(s\).* = 200"):
+        validate_config({"windows": {"input_steps": 190, "lead_steps": 10}})
+
+
+def test_date_keys_are_every_key_using_the_date_definition():
+    assert set(date_keys()) == {
+        "synthetic.start", "synthetic.end", "source.start", "source.end",
+        *(f"splits.{s}.{e}" for s in ("train", "val", "test") for e in ("start", "end")),
+    }
+
+
+@pytest.mark.parametrize("key", [
+    "synthetic.start", "synthetic.end", "source.start", "source.end",
+    "splits.train.start", "splits.train.end", "splits.val.start", "splits.val.end",
+    "splits.test.start", "splits.test.end",
+])
+@pytest.mark.parametrize(("value", "reason"), [
+    ("2019-05-32", "day is out of range for month"),
+    ("2019-02-29", "day is out of range for month"),  # 2019 is not a leap year
+    ("2019-13-01", "month must be in 1..12"),
+])
+def test_impossible_dates_name_their_key(key, value, reason):
+    cfg: dict = {}
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node.setdefault(part, {})
+    if parents[0] == "splits":  # a period needs both ends
+        node.update(validate_config({})["splits"][parents[1]])
+    node[leaf] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    assert str(info.value) == (
+        f"config key {key}: {value!r} is not a calendar date ({reason}); write it as YYYY-MM-DD"
+    )
+
+
+def test_leap_day_is_a_date():
+    cfg = validate_config({"source": {"start": "2020-02-29"}, "synthetic": {"end": "2020-02-29"}})
+    assert cfg["source"]["start"] == "2020-02-29"
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, conv2dlstm.config; print(sorted(m for m in ('torch', 'numpy', 'xarray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_run_config_of_the_shipped_and_test_configs_validates():
+    for path in [*(REPO / "config").glob("*.yaml"), *(REPO / "tests/configs").glob("*.yaml")]:
+        cfg = load_config(path)
+        for run in run_names(cfg):
+            assert run_config(cfg, run)["runs"] == [], path
+
+
+def test_train_view_of_a_checked_config_validates_alone():
+    """torchrun workers validate the train step's view of a run again: it holds every key the run
+    checks read (grid, variables, windows, splits, model, train), so it passes as the whole did."""
+    from conv2dlstm.keys import RUN_STEPS, step_view
+
+    cfg = validate_config({
+        "grid": {"lat": {"start": 5.75, "stop": 17.5, "step": 0.25}, "lon": {"start": 73.0, "stop": 79.75, "step": 0.25}},
+        "variables": {"inputs": ["fe", "po4", "si"], "targets": ["no3"]},
+        "windows": {"input_steps": 2, "lead_steps": 1},
+        "splits": {"train": {"start": "2019-01-01", "end": "2019-01-10"},
+                   "val": {"start": "2019-01-11", "end": "2019-01-13"},
+                   "test": {"start": "2019-01-14", "end": "2019-01-16"}},
+        "train": {"batch_size": 30},
+        "runs": [{"name": "nb", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 952_000}},
+                  "train": {"gpus": 3}}],
+    })
+    for step in RUN_STEPS:
+        view = step_view(run_config(cfg, "nb"), step)
+        assert validate_config({**view, "runs": [{"name": "nb"}]})["train"]["gpus"] == 3

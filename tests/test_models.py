@@ -94,6 +94,68 @@ def test_conv2d_lstm_grid_too_small() -> None:
         build_model("conv2d_lstm", **shape_kwargs(9, 17))
 
 
+# Configurations (grid, variables, windows, conv2d_lstm) whose parameter count the config validation
+# computes by arithmetic; each must equal the count of the network the train step builds.
+CONFIG_SHAPES = {
+    "default 25x25 sst": {},
+    "seed 48x28 fe,po4,si->no3": {
+        "grid": {"lat": {"start": 5.75, "stop": 17.5, "step": 0.25}, "lon": {"start": 73.0, "stop": 79.75, "step": 0.25}},
+        "variables": {"inputs": ["fe", "po4", "si"], "targets": ["no3"]},
+        "windows": {"input_steps": 5, "lead_steps": 1},
+    },
+    "odd 13x11, two targets, one block k5": {
+        "grid": {"lat": {"start": 30.0, "stop": 36.0, "step": 0.5}, "lon": {"start": -70.0, "stop": -65.0, "step": 0.5}},
+        "variables": {"inputs": ["sst", "sss"], "targets": ["sst", "sss"]},
+        "windows": {"input_steps": 3, "lead_steps": 2},
+        "model": {"conv2d_lstm": {"filters": [6], "kernel_size": 5, "lstm_units": 7, "dense_units": 3}},
+    },
+    "9x30 (stop not a whole step away), three 1x1 blocks": {
+        "grid": {"lat": {"start": 0.0, "stop": 8.5, "step": 1.0}, "lon": {"start": 10.0, "stop": 39.9, "step": 1.0}},
+        "windows": {"lead_steps": 4},
+        "model": {"conv2d_lstm": {"filters": [3, 5, 2], "kernel_size": 1, "lstm_units": 4, "dense_units": 5}},
+    },
+}
+
+
+@pytest.mark.parametrize("overrides", CONFIG_SHAPES.values(), ids=CONFIG_SHAPES.keys())
+def test_conv2d_lstm_count_from_config_equals_built_model(overrides: dict) -> None:
+    from conv2dlstm.config import conv2d_lstm_parameters
+    from conv2dlstm.modelsize import grid_shape
+    from conv2dlstm.regrid import target_grid
+
+    model_cfg = {"name": "conv2d_lstm", **overrides.get("model", {})}
+    cfg = validate_config({**overrides, "model": model_cfg})
+    grid = target_grid(cfg["grid"])  # the grid the regrid step writes, and the windows store holds
+    assert grid_shape(cfg["grid"]) == (grid.sizes["lat"], grid.sizes["lon"])
+    kwargs = model_kwargs_from_config(
+        cfg["model"], input_variables=cfg["variables"]["inputs"], target_variables=cfg["variables"]["targets"],
+        input_steps=cfg["windows"]["input_steps"], lead_steps=cfg["windows"]["lead_steps"],
+        height=grid.sizes["lat"], width=grid.sizes["lon"],
+    )
+    assert conv2d_lstm_parameters(cfg) == count_parameters(build_model("conv2d_lstm", **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "step"),
+    [(21.0, 45.0, 1.0), (5.75, 17.5, 0.25), (-79.0, -55.0, 1.0), (0.0, 6.5, 1.0), (0.1, 0.7, 0.2),
+     (-89.875, 89.875, 0.25), (280.125, 305.875, 0.25), (1.0, 1.0, 0.5), (0.0, 1.0, 0.1)],
+)
+def test_axis_cells_equals_regrid_axis(start: float, stop: float, step: float) -> None:
+    from conv2dlstm.modelsize import axis_cells
+    from conv2dlstm.regrid import axis_centres
+
+    assert axis_cells(start, stop, step) == axis_centres(start, stop, step).size
+
+
+def test_modelsize_is_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, conv2dlstm.config, conv2dlstm.modelsize; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_convlstm_size_independent_of_grid() -> None:
     counts = {count_parameters(ConvLSTM(**shape_kwargs(h, w), hidden_channels=[8, 16])) for h, w in
               [(12, 10), (48, 28), (101, 7)]}
@@ -142,7 +204,7 @@ def test_model_kwargs_from_config_builds(name: str) -> None:
                                       input_steps=5, lead_steps=3, height=25, width=25)
     assert kwargs["in_channels"] == 2 and kwargs["out_channels"] == 1
     if name == "convlstm":
-        assert kwargs["hidden_channels"] == [32, 32] and kwargs["residual_channels"] == [1]
+        assert kwargs["hidden_channels"] == [16, 16] and kwargs["residual_channels"] == [1]
     else:
         assert kwargs["filters"] == [32, 64] and kwargs["max_parameters"] == 20_000_000
     model = build_model(name, **kwargs)

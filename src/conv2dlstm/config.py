@@ -1,11 +1,17 @@
 """Configuration: one JSON schema (``workflow/schemas/config.schema.yaml``) with a default for every key.
 
 :func:`validate_config` fills defaults, validates types and ranges against the schema, then checks
-what a schema cannot express (chronological splits, grid in the longitude convention, unique run
-names). Every error is a :class:`~conv2dlstm.errors.ConfigError` naming the key, the bad value and
-the fix. Snakemake validates once (``workflow/rules/common.smk``); each CLI step validates the
-sections it receives again, so the package is usable without Snakemake. Only jsonschema and PyYAML
-are imported (both Snakemake dependencies), so the Snakefile can use this module directly.
+what a schema cannot express: calendar dates, chronological splits each long enough for one window,
+grid in the longitude convention, unique run names, and for every run (each ``runs`` entry merged
+over ``model`` and ``train``, as :func:`run_config` gives it) its overrides against the schema, a
+global batch divisible by ``train.gpus``, and a ``conv2d_lstm`` that fits the grid and
+``model.conv2d_lstm.max_parameters``. Everything the configuration alone decides is checked here,
+so Snakemake stops when it parses the configuration, before any job. Every error is a
+:class:`~conv2dlstm.errors.ConfigError` naming the key, the bad value and the fix. Snakemake
+validates once (``workflow/rules/common.smk``); each CLI step validates the configuration it
+receives again, so the package is usable without Snakemake. Only jsonschema and PyYAML are imported
+(both Snakemake dependencies; :mod:`conv2dlstm.modelsize` is arithmetic), so the Snakefile can use
+this module directly.
 """
 
 from __future__ import annotations
@@ -23,8 +29,17 @@ import jsonschema
 import yaml
 
 from conv2dlstm.errors import ConfigError
+from conv2dlstm.modelsize import (
+    conv2d_lstm_grid_problem,
+    conv2d_lstm_parameter_count,
+    conv2d_lstm_size_problem,
+    grid_shape,
+)
 
 SCHEMA_FILE = "config.schema.yaml"
+DATE_REF = "#/$defs/date"
+"""The schema definition every date key uses (a ``YYYY-MM-DD`` string pattern)."""
+SPLITS = ("train", "val", "test")
 
 
 @functools.cache
@@ -81,27 +96,95 @@ def _format_error(error: jsonschema.ValidationError) -> str:
     return f"config key {where}: {error.message}"
 
 
-def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
-    """Checks across keys. ``given`` are the top-level sections the caller supplied: a check that
-    involves a section filled in from defaults only is skipped (a rule passes only the sections its
-    step reads: the fetch rule passes harmonize but not grid, and the default grid must not be
-    checked against a given 0..360 convention)."""
-    periods = {}
-    for split in ("train", "val", "test"):
-        p = cfg["splits"][split]
-        start, end = dt.date.fromisoformat(p["start"]), dt.date.fromisoformat(p["end"])
-        if end < start:
+@functools.cache
+def date_keys() -> tuple[str, ...]:
+    """Dotted names of every key that uses the schema's date definition (``synthetic.start``, ...,
+    ``splits.test.end``), found by walking the schema's properties through local ``$ref``s."""
+    schema = load_schema()
+    found: list[str] = []
+
+    def walk(sub: dict[str, Any], prefix: str) -> None:
+        for key, prop in _resolve(sub, schema).get("properties", {}).items():
+            if prop.get("$ref") == DATE_REF:
+                found.append(prefix + key)
+            else:
+                walk(prop, f"{prefix}{key}.")
+
+    walk(schema, "")
+    return tuple(found)
+
+
+def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
+    """The value at ``a.b.c`` of a nested mapping, or None where a level is missing."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def parse_date(value: str, key: str) -> dt.date:
+    """The calendar date written ``YYYY-MM-DD`` (the schema checked the pattern) at config key ``key``.
+
+    An impossible date (``2019-02-30``, month 13) raises :class:`ConfigError` naming the key.
+    """
+    try:
+        year, month, day = (int(part) for part in value.split("-"))
+        return dt.date(year, month, day)
+    except ValueError as exc:
+        raise ConfigError(
+            f"config key {key}: {value!r} is not a calendar date ({exc}); write it as YYYY-MM-DD"
+        ) from None
+
+
+def _check_dates(cfg: dict[str, Any]) -> dict[str, dt.date]:
+    """Every date key parsed (:func:`date_keys`), by dotted name; the first impossible date raises."""
+    dates = {}
+    for key in date_keys():
+        value = _lookup(cfg, key)
+        if isinstance(value, str):
+            dates[key] = parse_date(value, key)
+    return dates
+
+
+def _check_splits(cfg: dict[str, Any], dates: dict[str, dt.date]) -> None:
+    """Each split ends on or after its start; train, val and test follow each other without overlap."""
+    for split in SPLITS:
+        if dates[f"splits.{split}.end"] < dates[f"splits.{split}.start"]:
+            p = cfg["splits"][split]
             raise ConfigError(
                 f"config key splits.{split}: end {p['end']} is before start {p['start']}; swap them"
             )
-        periods[split] = (start, end)
     for a, b in (("train", "val"), ("val", "test")):
-        if periods[b][0] <= periods[a][1]:
+        if dates[f"splits.{b}.start"] <= dates[f"splits.{a}.end"]:
             raise ConfigError(
                 f"config key splits.{b}.start: {cfg['splits'][b]['start']} is not after "
                 f"splits.{a}.end {cfg['splits'][a]['end']}; splits must be chronological and must "
                 "not overlap (overlap leaks the future into training)"
             )
+
+
+def _check_split_lengths(cfg: dict[str, Any], dates: dict[str, dt.date]) -> None:
+    """Each split holds at least one window: ``windows.input_steps + windows.lead_steps`` consecutive
+    days inside it (a window never straddles a split boundary; the data has one step per day)."""
+    w = cfg["windows"]
+    length = int(w["input_steps"]) + int(w["lead_steps"])
+    for split in SPLITS:
+        start, end = dates[f"splits.{split}.start"], dates[f"splits.{split}.end"]
+        days = (end - start).days + 1
+        if days < length:
+            raise ConfigError(
+                f"config key splits.{split}: {start}..{end} holds {days} day(s), fewer than one window of "
+                f"windows.input_steps + windows.lead_steps = {w['input_steps']} + {w['lead_steps']} = "
+                f"{length} consecutive days, so no {split} window fits in it (a window never straddles a "
+                f"split boundary); lengthen splits.{split} to at least {length} days, or lower "
+                "windows.input_steps or windows.lead_steps"
+            )
+
+
+def _check_grid(cfg: dict[str, Any], given: set[str]) -> None:
+    """Axes run upwards; ``grid.lon`` lies in ``harmonize.lon_convention`` (when ``grid`` was given)."""
     for axis in ("lat", "lon"):
         ax = cfg["grid"][axis]
         if ax["stop"] < ax["start"]:
@@ -114,20 +197,130 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
             f"config key grid.lon: {lon['start']}..{lon['stop']} is outside {convention}, the "
             "convention set by harmonize.lon_convention; change one of the two"
         )
+
+
+def _check_region(cfg: dict[str, Any]) -> None:
+    """Each ``region`` range is ``[min, max]``."""
     for rng_key in ("lat", "lon"):
         rng = cfg["region"][rng_key]
         if rng is not None and rng[1] < rng[0]:
             raise ConfigError(f"config key region.{rng_key}: {rng} must be [min, max]")
+
+
+def _check_batch_split(train: dict[str, Any]) -> None:
+    """``train.batch_size`` (the global batch) divides evenly over the ``train.gpus`` processes."""
+    batch, gpus = int(train["batch_size"]), int(train["gpus"])
+    if gpus > 1 and batch % gpus:
+        nearest = gpus * max(1, round(batch / gpus))
+        raise ConfigError(
+            f"config keys train.batch_size and train.gpus: train.batch_size = {batch} (the global batch) is "
+            f"not divisible by the {gpus} training processes (train.gpus = {gpus}); each process takes "
+            f"batch_size / {gpus} windows per step: set train.batch_size to a multiple of {gpus}, e.g. "
+            f"{nearest}, or train.gpus to a divisor of {batch}"
+        )
+
+
+def conv2d_lstm_parameters(cfg: dict[str, Any]) -> int:
+    """Parameters of the ``conv2d_lstm`` network of a validated configuration (its ``model``, grid,
+    variables and ``windows.lead_steps``), by arithmetic (:mod:`conv2dlstm.modelsize`)."""
+    c = cfg["model"]["conv2d_lstm"]
+    height, width = grid_shape(cfg["grid"])
+    return conv2d_lstm_parameter_count(
+        in_channels=len(cfg["variables"]["inputs"]),
+        out_channels=len(cfg["variables"]["targets"]),
+        lead_steps=int(cfg["windows"]["lead_steps"]),
+        height=height,
+        width=width,
+        filters=[int(f) for f in c["filters"]],
+        kernel_size=int(c["kernel_size"]),
+        lstm_units=int(c["lstm_units"]),
+        dense_units=int(c["dense_units"]),
+    )
+
+
+def _check_model(cfg: dict[str, Any]) -> None:
+    """The network ``model.name`` can be built on the configured grid: a ``conv2d_lstm`` whose
+    Conv2D + MaxPool blocks fit the grid and whose size is within ``max_parameters``; a ``convlstm``
+    with an odd kernel."""
+    model = cfg["model"]
+    if model["name"] == "conv2d_lstm":
+        c = model["conv2d_lstm"]
+        height, width = grid_shape(cfg["grid"])
+        problem = conv2d_lstm_grid_problem(height, width, c["filters"], int(c["kernel_size"]))
+        if problem:
+            raise ConfigError(f"config key model.conv2d_lstm: {problem}")
+        problem = conv2d_lstm_size_problem(conv2d_lstm_parameters(cfg), height, width, int(c["max_parameters"]))
+        if problem:
+            raise ConfigError(f"config key model.conv2d_lstm.max_parameters: {problem}")
+    elif model["name"] == "convlstm":
+        kernel = int(model["convlstm"]["kernel_size"])
+        if kernel % 2 != 1:
+            raise ConfigError(
+                f"config key model.convlstm.kernel_size: {kernel} must be odd ('same' padding keeps the "
+                "grid size only for odd kernels); use 3 or 5"
+            )
+
+
+def _check_run(cfg: dict[str, Any]) -> None:
+    """The checks of one run's configuration (its ``model`` and ``train`` with overrides merged)."""
+    _check_batch_split(cfg["train"])
+    _check_model(cfg)
+
+
+def _check_runs(cfg: dict[str, Any]) -> None:
+    """Unique run names; then every run: the top-level ``model`` and ``train`` when ``runs`` is
+    empty, else each entry merged over them (:func:`_merge_run`), validated against the schema and
+    checked, its errors prefixed with ``runs[i] (name ...)``."""
     names = [r["name"] for r in cfg["runs"]]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"config key runs: run name(s) {dupes} appear more than once; names must be unique")
+    if not cfg["runs"]:
+        _check_run(cfg)
+        return
+    schema = load_schema()
+    for i, entry in enumerate(cfg["runs"]):
+        merged = _merge_run(cfg, entry)
+        try:
+            _fill_defaults(merged, schema, schema)
+            _check_schema(merged, schema)
+            _check_run(merged)
+        except ConfigError as exc:
+            raise ConfigError(f"runs[{i}] (name {entry['name']!r}): {exc}") from None
+
+
+def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
+    """Checks across keys, in order: dates, splits (order, then length), grid, region, runs.
+
+    ``given`` are the top-level sections the caller supplied: a check that involves a section filled
+    in from defaults only is skipped where a default could contradict a given section (a step view
+    may leave ``grid`` out while it holds ``harmonize``, and the default grid must not be checked
+    against a given 0..360 convention). The other checks read only keys that every validated view
+    holds together (the train step's view, which torchrun workers validate again, holds all of
+    ``model``, ``train``, ``grid``, ``variables``, ``windows`` and ``splits``), so a default they
+    read is the value the run uses.
+    """
+    dates = _check_dates(cfg)
+    _check_splits(cfg, dates)
+    _check_split_lengths(cfg, dates)
+    _check_grid(cfg, given)
+    _check_region(cfg)
+    _check_runs(cfg)
+
+
+def _check_schema(cfg: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Validate against the JSON schema; the error nearest the top (then by key name) is raised."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key_path(e)))
+    if errors:
+        raise ConfigError(_format_error(errors[0]))
 
 
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Return a validated copy of ``cfg`` with every default filled in.
 
-    Raises :class:`ConfigError` naming the first bad key.
+    Raises :class:`ConfigError` naming the first bad key: schema errors first, then
+    :func:`_check_semantics` (which validates every ``runs`` entry as its merged run config).
     """
     schema = load_schema()
     cfg = copy.deepcopy(cfg) if cfg else {}
@@ -135,10 +328,7 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(f"config: expected a mapping of keys to values, got {type(cfg).__name__}")
     given = set(cfg)
     _fill_defaults(cfg, schema, schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key_path(e)))
-    if errors:
-        raise ConfigError(_format_error(errors[0]))
+    _check_schema(cfg, schema)
     _check_semantics(cfg, given)
     return cfg
 
@@ -175,6 +365,16 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def _merge_run(cfg: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` with the ``runs`` entry's ``model`` and ``train`` overrides merged in and
+    ``runs`` emptied: the configuration of that run, before validation."""
+    out = copy.deepcopy(cfg)
+    out["model"] = _deep_merge(cfg["model"], entry.get("model") or {})
+    out["train"] = _deep_merge(cfg["train"], entry.get("train") or {})
+    out["runs"] = []
+    return out
+
+
 def run_names(cfg: dict[str, Any]) -> list[str]:
     """Names of the configured runs (one run named after ``model.name`` when ``runs`` is empty)."""
     return [r["name"] for r in cfg["runs"]] or [cfg["model"]["name"]]
@@ -190,9 +390,7 @@ def run_config(cfg: dict[str, Any], run: str) -> dict[str, Any]:
         entry = next((r for r in cfg["runs"] if r["name"] == run), None)
         if entry is None:
             raise ConfigError(f"run {run!r} is not configured; runs are {run_names(cfg)}")
-        out = copy.deepcopy(cfg)
-        out["model"] = _deep_merge(cfg["model"], entry.get("model", {}))
-        out["train"] = _deep_merge(cfg["train"], entry.get("train", {}))
+        out = _merge_run(cfg, entry)
     out["runs"] = []
     try:
         return validate_config(out)
