@@ -292,13 +292,15 @@ def _check_runs(cfg: dict[str, Any]) -> None:
 def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     """Checks across keys, in order: dates, splits (order, then length), grid, region, runs.
 
-    ``given`` are the top-level sections the caller supplied: a check that involves a section filled
-    in from defaults only is skipped where a default could contradict a given section (a step view
-    may leave ``grid`` out while it holds ``harmonize``, and the default grid must not be checked
-    against a given 0..360 convention). The other checks read only keys that every validated view
-    holds together (the train step's view, which torchrun workers validate again, holds all of
-    ``model``, ``train``, ``grid``, ``variables``, ``windows`` and ``splits``), so a default they
-    read is the value the run uses.
+    ``given`` are the top-level sections the caller supplied. Only the longitude-convention check
+    uses it: it is skipped when ``grid`` was filled in from defaults (a step view may hold
+    ``harmonize`` without ``grid``, and the default grid must not be checked against a given 0..360
+    convention). Every other check takes a default as the value the run uses, so that
+    ``validate-config --config X`` says what ``snakemake --configfile X`` says (X merged over
+    config/config.yaml, whose values are the schema defaults). The step views validated again (the
+    train step's, by its torchrun workers) hold every key these checks read: ``splits``,
+    ``windows``, ``grid``, ``variables``, ``model`` and ``train``. Views of steps before train hide
+    ``train.batch_size`` and (before windows) ``windows``; nothing validates those alone.
     """
     dates = _check_dates(cfg)
     _check_splits(cfg, dates)
