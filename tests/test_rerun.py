@@ -84,7 +84,7 @@ CHANGES: dict[str, dict] = {
     "windows.stride": {"windows": {"stride": 2}},
     "windows.time_chunk": {"windows": {"time_chunk": 16}},
     "dask.scheduler_address": {"dask": {"scheduler_address": "tcp://127.0.0.1:9"}},
-    "model.name": {"model": {"name": "conv2d_lstm"}},
+    "model.name": {"model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}},  # one block fits 5x5
     "model.conv2d_lstm.filters": {"model": {"conv2d_lstm": {"filters": [8]}}},
     "model.conv2d_lstm.kernel_size": {"model": {"conv2d_lstm": {"kernel_size": 5}}},
     "model.conv2d_lstm.lstm_units": {"model": {"conv2d_lstm": {"lstm_units": 8}}},
