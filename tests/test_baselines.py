@@ -112,3 +112,150 @@ def test_climatology_errors():
         baselines.climatology(vt, stats.isel(dayofyear=slice(0, 30)))
     with pytest.raises(DataError, match="datetime64"):
         baselines.climatology(xr.DataArray([1, 2], dims="time"), stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# damped anomaly persistence on a synthetic AR(1) anomaly field
+
+
+PHI = 0.8
+GRID_LAT = np.array([-10.0, 0.0, 10.0, 20.0])
+GRID_LON = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+GRID_MASK = xr.DataArray(
+    np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=bool),
+    dims=("lat", "lon"),
+    coords={"lat": GRID_LAT, "lon": GRID_LON},
+)
+
+
+def _grid_stats() -> xr.Dataset:
+    doy = np.arange(1, 367)
+    cycle = 15 + 5 * np.sin(2 * np.pi * (doy - 1) / 366)
+    clim = cycle[:, None, None, None] + np.linspace(0, 3, 20).reshape(1, 1, 4, 5)
+    clim = np.where(GRID_MASK.values, clim, np.nan)
+    return xr.Dataset(
+        {"climatology": (("dayofyear", "variable", "lat", "lon"), clim)},
+        coords={"dayofyear": doy, "variable": ["sst"], "lat": GRID_LAT, "lon": GRID_LON},
+    )
+
+
+def _ar1_field(times: pd.DatetimeIndex, phi: float, seed: int, stats: xr.Dataset) -> xr.DataArray:
+    """``clim(day) + a_t`` with ``a_t = phi a_{t-1} + e_t`` of unit variance, independent per cell; NaN on land."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(times.size, 1, 4, 5))
+    a = np.empty_like(noise)
+    a[0] = noise[0]
+    for t in range(1, times.size):
+        a[t] = phi * a[t - 1] + np.sqrt(1 - phi**2) * noise[t]
+    clim = baselines.climatology(xr.DataArray(times, dims="time", coords={"time": times}), stats)
+    return (clim + a).where(GRID_MASK).rename("sst")
+
+
+def test_damped_persistence_on_ar1_anomalies_matches_the_analytic_mse():
+    stats = _grid_stats()
+    times = pd.date_range("2019-01-01", "2021-12-31", freq="D")
+    x = _ar1_field(times, PHI, seed=11, stats=stats)
+    weights = metrics.area_weights(GRID_LAT, GRID_MASK)
+    leads = np.arange(1, 4)
+    train = x.sel(time=slice("2019-01-01", "2020-12-31"))
+    rho = baselines.anomaly_autocorrelation(baselines.anomalies(train, stats), max_lag=3, weights=weights)
+    assert rho.dims == ("lag", "variable")
+    # pooled over 16 cells x 731 days: sampling standard error below 0.01 at these lags
+    np.testing.assert_allclose(rho.sel(variable="sst").values, PHI**leads, atol=0.03)
+
+    init = pd.date_range("2021-01-01", "2021-12-28", freq="D")
+    valid = init.values[:, None] + leads[None, :] * np.timedelta64(1, "D")
+    valid_times = xr.DataArray(valid, dims=("time", "lead"), coords={"time": init, "lead": leads})
+    x_last = x.sel(time=init)
+    forecast = baselines.damped_persistence(
+        x_last,
+        baselines.climatology(x_last["time"], stats),
+        baselines.climatology(valid_times, stats),
+        rho,
+    )
+    assert forecast.dims == ("time", "lead", "variable", "lat", "lon")
+    truth = xr.concat([x.sel(time=init + pd.Timedelta(days=int(k))).assign_coords(time=init) for k in leads], "lead")
+    truth = truth.assign_coords(lead=leads).transpose(*forecast.dims)
+    damped = metrics.mse(forecast.where(GRID_MASK), truth, weights).sel(variable="sst").values
+    plain = metrics.mse(baselines.persistence(x_last, 3), truth, weights).sel(variable="sst").values
+    np.testing.assert_allclose(damped, 1 - PHI ** (2 * leads), rtol=0.08)
+    np.testing.assert_allclose(plain, 2 * (1 - PHI**leads), rtol=0.08)
+    assert np.all(damped < plain)
+
+
+def _reference_rho(values: np.ndarray, max_lag: int, w: np.ndarray) -> np.ndarray:
+    """Direct sums over all pairs of a ``(time, variable, cell)`` array."""
+    out = np.empty((max_lag, values.shape[1]))
+    for k in range(1, max_lag + 1):
+        x, y = values[:-k], values[k:]
+        ok = np.isfinite(x) & np.isfinite(y) & (w > 0)
+        x, y = np.where(ok, x, 0), np.where(ok, y, 0)
+        sxy, sxx, syy = ((p * w).sum(axis=(0, 2)) for p in (x * y, x * x, y * y))
+        out[k - 1] = sxy / np.sqrt(sxx * syy)
+    return out
+
+
+def test_anomaly_autocorrelation_streaming_equals_one_shot_whatever_the_chunking():
+    rng = np.random.default_rng(12)
+    n, max_lag = 60, 4
+    times = pd.date_range("2020-01-01", periods=n, freq="D")
+    values = np.cumsum(rng.normal(size=(n, 2, 4, 5)), axis=0) * 0.3 + rng.normal(size=(n, 2, 4, 5))
+    values[rng.random(values.shape) < 0.05] = np.nan  # scattered missing values
+    anom = xr.DataArray(
+        values,
+        dims=("time", "variable", "lat", "lon"),
+        coords={"time": times, "variable": ["sst", "no3"], "lat": GRID_LAT, "lon": GRID_LON},
+    ).where(GRID_MASK)
+    weights = metrics.area_weights(GRID_LAT, GRID_MASK)
+    one_shot = baselines.anomaly_autocorrelation(anom, max_lag, weights)
+    whole = baselines.AnomalyAutocorrelation(max_lag, weights)
+    whole.add(anom)
+    pairs = whole.pairs().values
+    w = weights.values.reshape(-1)
+    np.testing.assert_allclose(one_shot.values, _reference_rho(anom.values.reshape(n, 2, -1), max_lag, w), rtol=1e-12)
+    for sizes in ([1] * n, [3, 1, 2, 54], [30, 30], [7] * 8 + [4], list(rng.integers(1, 9, size=40))):
+        acc = baselines.AnomalyAutocorrelation(max_lag, weights)
+        bounds = np.cumsum([0, *sizes])
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            acc.add(anom.isel(time=slice(int(lo), int(min(hi, n)))).transpose("lat", "time", "lon", "variable"))
+        np.testing.assert_allclose(acc.result().values, one_shot.values, rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(acc.pairs().values, pairs)
+
+
+def test_anomaly_autocorrelation_unweighted_excludes_nan_land_and_rejects_gaps():
+    times = pd.date_range("2020-01-01", periods=5, freq="D")
+    a = np.array([1.0, 2.0, 1.0, 2.0, 1.0])
+    values = np.stack([a, np.full(5, np.nan)], axis=1)[:, None, :]  # (time, variable, cell): cell 1 is land
+    anom = xr.DataArray(values, dims=("time", "variable", "cell"), coords={"time": times, "variable": ["v"]})
+    rho = baselines.anomaly_autocorrelation(anom, 2)
+    # lag 1: sum a_t a_{t+1} = 8, sum a_t^2 = 10 (first four), sum a_{t+1}^2 = 10 (last four)
+    np.testing.assert_allclose(rho.sel(variable="v").values, [8 / 10, 6 / np.sqrt(6 * 6)])
+    acc = baselines.AnomalyAutocorrelation(1)
+    acc.add(anom.isel(time=[0, 1]))
+    with pytest.raises(DataError, match="equally spaced"):
+        acc.add(anom.isel(time=[3, 4]))
+    with pytest.raises(DataError, match="max_lag"):
+        baselines.AnomalyAutocorrelation(0)
+    grid = xr.DataArray(np.ones((2, 1, 2)), dims=("time", "variable", "cell"), coords={"cell": [0, 1]})
+    with pytest.raises(DataError, match="differ in grid"):
+        baselines.anomaly_autocorrelation(grid, 1, xr.DataArray([1.0, 1.0], dims="cell", coords={"cell": [0, 2]}))
+    with pytest.raises(DataError, match="no chunk"):
+        baselines.AnomalyAutocorrelation(1).result()
+
+
+def test_damped_persistence_limits_and_errors():
+    rng = np.random.default_rng(13)
+    times = pd.date_range("2021-07-01", periods=4, freq="D")
+    x_last = _init_field(rng.normal(size=(4, 1, 3, 2)), times)
+    clim_init = _init_field(rng.normal(size=(4, 1, 3, 2)), times)
+    clim_valid = baselines.persistence(_init_field(rng.normal(size=(4, 1, 3, 2)), times), 2)
+    rho = xr.DataArray([[1.0], [0.0]], dims=("lag", "variable"), coords={"lag": [1, 2], "variable": ["sst"]})
+    out = baselines.damped_persistence(x_last, clim_init, clim_valid, rho)
+    assert out.dims == ("time", "lead", "variable", "lat", "lon")
+    # rho = 1: the anomaly persists; rho = 0: the climatology
+    np.testing.assert_allclose(out.sel(lead=1).values, (clim_valid.sel(lead=1) + x_last - clim_init).values)
+    np.testing.assert_allclose(out.sel(lead=2).values, clim_valid.sel(lead=2).values)
+    with pytest.raises(DataError, match="lead"):
+        baselines.damped_persistence(x_last, clim_init, baselines.persistence(clim_init, 3), rho)
+    with pytest.raises(DataError, match="different coordinates"):
+        baselines.damped_persistence(x_last, clim_init.isel(time=slice(1, None)), clim_valid, rho)

@@ -9,11 +9,15 @@ so its value is taken from the windows store's ``data`` cube, which holds the un
 target variables at every time step: channel ``target_channels`` at time index
 ``start + input_steps - 1`` of each window (the last input step). The evaluate step reads it with
 the window itself through the store (:func:`conv2dlstm.evaluate.read_batch`).
+
+Damped anomaly persistence (:func:`damped_persistence`) lets the initial anomaly decay towards the
+climatology with the anomalies' lag autocorrelation, fitted on the training period with the
+streaming :class:`AnomalyAutocorrelation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -81,3 +85,251 @@ def climatology(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequenc
     out = out.transpose(*valid_times.dims, "variable", ...)
     out.name = "climatology"
     return out
+
+
+def anomalies(field: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
+    """``field`` minus the training climatology of its own day of year (:func:`climatology`).
+
+    Args:
+        field: physical values ``(time, variable, lat, lon)`` with a datetime64 ``time`` coordinate.
+        stats: normalization statistics with ``climatology`` (see :func:`climatology`).
+
+    Returns:
+        Anomalies shaped like ``field``; land stays NaN (the climatology is NaN there).
+    """
+    if "time" not in field.dims or "variable" not in field.dims:
+        raise DataError(f"anomalies: field has dimensions {field.dims}; it needs time and variable")
+    clim = climatology(field["time"], stats, [str(v) for v in field["variable"].values])
+    try:
+        with xr.set_options(arithmetic_join="exact"):
+            out = field - clim
+    except ValueError as exc:
+        raise DataError(f"anomalies: the field's grid does not match the statistics' grid: {exc}") from exc
+    return out.transpose(*field.dims)
+
+
+class AnomalyAutocorrelation:
+    """Lag autocorrelation of anomalies, pooled over ocean cells, accumulated chunk by chunk in time.
+
+    For each variable and lag ``k = 1..max_lag`` (in time steps) it estimates
+
+    ``rho(k) = S_xy / sqrt(S_xx * S_yy)``, with ``S_xy = sum w_c a_t a_{t+k}``,
+    ``S_xx = sum w_c a_t^2`` and ``S_yy = sum w_c a_{t+k}^2``,
+
+    the sums running over every cell ``c`` with weight ``w_c > 0`` and every pair of time steps
+    ``(t, t+k)`` of the record where both anomalies are finite. The products are *uncentred*:
+    anomalies are deviations from the training climatology, whose expected value is zero by
+    construction, so no sample mean is removed (which would need a second pass). For a stationary
+    anomaly field this is the pooled lag-``k`` correlation; for an AR(1) process
+    ``a_t = phi a_{t-1} + e_t`` it estimates ``phi**k``, and ``S_xy / S_xx`` (equal to it up to
+    sampling error) is the least-squares damping factor of the anomaly at lead ``k``.
+
+    Streaming: :meth:`add` takes consecutive chunks of the record in time order. Only the sums (per
+    lag and variable) and the last ``max_lag`` time steps (to pair with the next chunk's first
+    steps) are kept, so memory does not grow with the record, and each pair is counted exactly once
+    whatever the chunking: the result equals a single :meth:`add` of the whole record up to float
+    rounding. Time steps must be equally spaced (a lag is a number of steps); missing steps should
+    be present as NaN. Chunks with a datetime64 or numeric ``time`` coordinate are checked for
+    equal spacing, within and across chunks.
+
+    Args:
+        max_lag: largest lag ``L`` (at least 1), typically the number of forecast leads.
+        weights: optional weights over the pooled (non-time, non-variable) dimensions, e.g.
+            :func:`conv2dlstm.metrics.area_weights` ``(lat, lon)``; cells with weight 0 (land) are
+            left out. Default: every cell weighs 1 (NaN cells are left out in any case).
+    """
+
+    def __init__(self, max_lag: int, weights: xr.DataArray | None = None) -> None:
+        if max_lag < 1:
+            raise DataError(f"AnomalyAutocorrelation: max_lag must be at least 1, got {max_lag}")
+        self.max_lag = int(max_lag)
+        self.weights = weights
+        self._variables: np.ndarray | None = None
+        self._cell_dims: tuple[Hashable, ...] = ()
+        self._w: np.ndarray | None = None  # (cell,)
+        self._tail: np.ndarray | None = None  # (<= max_lag, variable, cell), masked
+        self._last_time: np.generic | None = None
+        self._step: np.generic | None = None
+        self._sxy = self._sxx = self._syy = np.zeros(0)
+        self._pairs = np.zeros(0, dtype=np.int64)
+
+    def _setup(self, chunk: xr.DataArray) -> None:
+        self._variables = np.asarray(chunk["variable"].values)
+        self._cell_dims = tuple(d for d in chunk.dims if d not in ("time", "variable"))
+        cells = chunk.isel(time=0, variable=0, drop=True)
+        if self.weights is None:
+            w = np.ones(cells.shape, dtype=np.float64)
+        else:
+            extra = [d for d in self.weights.dims if d not in self._cell_dims]
+            if extra:
+                raise DataError(
+                    f"AnomalyAutocorrelation: weights have dimensions {self.weights.dims}, not all among "
+                    f"the pooled dimensions {self._cell_dims}"
+                )
+            try:
+                weights, cells = xr.align(self.weights, cells, join="exact")
+            except ValueError as exc:
+                raise DataError(f"AnomalyAutocorrelation: weights and anomalies differ in grid: {exc}") from exc
+            w = np.asarray(weights.broadcast_like(cells).transpose(*self._cell_dims).values, dtype=np.float64)
+        if np.any(~np.isfinite(w)) or np.any(w < 0):
+            raise DataError("AnomalyAutocorrelation: weights must be finite and non-negative")
+        self._w = w.reshape(-1)
+        shape = (self.max_lag, self._variables.size)
+        self._sxy, self._sxx, self._syy = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        self._pairs = np.zeros(shape, dtype=np.int64)
+
+    def _check_times(self, chunk: xr.DataArray) -> None:
+        if "time" not in chunk.coords:
+            return
+        times = np.asarray(chunk["time"].values)
+        if not (np.issubdtype(times.dtype, np.datetime64) or np.issubdtype(times.dtype, np.number)):
+            return
+        if self._last_time is not None:
+            times = np.concatenate([np.asarray([self._last_time], dtype=times.dtype), times])
+        steps = np.unique(np.diff(times))
+        if self._step is not None:
+            steps = np.unique(np.concatenate([steps, np.asarray([self._step], dtype=steps.dtype)]))
+        if steps.size > 1 or bool(np.any(steps <= np.zeros(1, dtype=steps.dtype))):
+            raise DataError(
+                "AnomalyAutocorrelation: time steps are not equally spaced and increasing (steps "
+                f"{steps[:5]}); add chunks in time order and reindex the record to a regular time axis "
+                "with missing steps as NaN"
+            )
+        if steps.size == 1:
+            self._step = steps[0]
+        self._last_time = times[-1]
+
+    def add(self, chunk: xr.DataArray) -> None:
+        """Add the next chunk of anomalies, dims ``(time, variable, ...)`` in any order.
+
+        The ``variable`` coordinate and the pooled dimensions must equal the first chunk's.
+        """
+        missing = [d for d in ("time", "variable") if d not in chunk.dims]
+        if missing:
+            raise DataError(f"AnomalyAutocorrelation.add: chunk has dimensions {chunk.dims} and lacks {missing}")
+        if chunk.sizes["time"] == 0:
+            return
+        if self._variables is None:
+            self._setup(chunk)
+        elif not np.array_equal(np.asarray(chunk["variable"].values), self._variables) or set(
+            chunk.dims
+        ) != {"time", "variable", *self._cell_dims}:
+            raise DataError(
+                "AnomalyAutocorrelation.add: the chunk's variables or pooled dimensions differ from the "
+                f"first chunk's ({list(self._variables)}, {self._cell_dims})"
+            )
+        self._check_times(chunk)
+        assert self._w is not None
+        values = np.asarray(chunk.transpose("time", "variable", *self._cell_dims).values, dtype=np.float64)
+        values = values.reshape(values.shape[0], values.shape[1], -1)
+        values = np.where(np.isfinite(values) & (self._w > 0), values, np.nan)
+        head = 0 if self._tail is None else self._tail.shape[0]
+        buf = values if self._tail is None else np.concatenate([self._tail, values], axis=0)
+        for k in range(1, self.max_lag + 1):
+            first = max(head, k)  # the later member of each pair is new: every pair counted once
+            if first >= buf.shape[0]:
+                continue
+            y = buf[first:]
+            x = buf[first - k : buf.shape[0] - k]
+            ok = np.isfinite(x) & np.isfinite(y)
+            x, y = np.where(ok, x, 0.0), np.where(ok, y, 0.0)
+            self._sxy[k - 1] += np.einsum("tvc,c->v", x * y, self._w)
+            self._sxx[k - 1] += np.einsum("tvc,c->v", x * x, self._w)
+            self._syy[k - 1] += np.einsum("tvc,c->v", y * y, self._w)
+            self._pairs[k - 1] += ok.sum(axis=(0, 2))
+        self._tail = buf[-self.max_lag :].copy()
+
+    def _frame(self, values: np.ndarray, name: str) -> xr.DataArray:
+        if self._variables is None:
+            raise DataError("AnomalyAutocorrelation: no chunk was added; nothing to estimate")
+        return xr.DataArray(
+            values,
+            dims=("lag", "variable"),
+            coords={"lag": np.arange(1, self.max_lag + 1, dtype="int64"), "variable": self._variables},
+            name=name,
+        )
+
+    def pairs(self) -> xr.DataArray:
+        """``(lag, variable)`` number of (cell, time-pair) products that entered each estimate."""
+        return self._frame(self._pairs.copy(), "pairs")
+
+    def result(self) -> xr.DataArray:
+        """``(lag, variable)`` autocorrelation ``rho`` (coordinate ``lag`` = 1..max_lag).
+
+        NaN where no pair was finite or the anomalies were all zero.
+        """
+        with np.errstate(invalid="ignore", divide="ignore"):
+            den = np.sqrt(self._sxx * self._syy)
+            rho = np.where(den > 0, self._sxy / np.where(den > 0, den, 1.0), np.nan)
+        return self._frame(rho, "rho")
+
+
+def anomaly_autocorrelation(
+    anomalies: xr.DataArray, max_lag: int, weights: xr.DataArray | None = None
+) -> xr.DataArray:
+    """One-shot :class:`AnomalyAutocorrelation` of a whole (training-period) anomaly record.
+
+    Returns the ``(lag, variable)`` pooled lag autocorrelation for lags ``1..max_lag``.
+    """
+    acc = AnomalyAutocorrelation(max_lag, weights)
+    acc.add(anomalies)
+    return acc.result()
+
+
+def damped_persistence(
+    x_last: xr.DataArray, clim_initial: xr.DataArray, clim_valid: xr.DataArray, rho: xr.DataArray
+) -> xr.DataArray:
+    """Damped anomaly persistence: ``clim(valid) + rho(lead) * (x(initial) - clim(initial))``.
+
+    The anomaly at the initial time decays towards the climatology with the lag-``lead``
+    autocorrelation of the anomalies fitted on the training period
+    (:class:`AnomalyAutocorrelation`). For an AR(1) anomaly of variance ``s^2`` and coefficient
+    ``phi`` with ``rho = phi**k`` its expected MSE at lead ``k`` is ``s^2 (1 - phi**(2k))``, below
+    both persistence (``2 s^2 (1 - phi**k)``) and climatology (``s^2``).
+
+    Args:
+        x_last: target variables at each initial time, physical units, ``(time, variable, lat, lon)``
+            (as for :func:`persistence`).
+        clim_initial: climatology at each initial time, dims like ``x_last``
+            (:func:`climatology` of the initial times).
+        clim_valid: climatology at each valid time, ``(time, lead, variable, lat, lon)``
+            (:func:`climatology` of the ``(time, lead)`` valid times).
+        rho: autocorrelation per lead, dims ``(lead, variable)`` or ``(lag, variable)`` (the result
+            of :meth:`AnomalyAutocorrelation.result`), or without ``variable`` for one value per
+            lead. It must have every lead of ``clim_valid``.
+
+    Returns:
+        ``(time, lead, variable, lat, lon)`` forecast in physical units, like :func:`persistence`.
+        Coordinates are aligned exactly: a mismatch is a :class:`DataError`.
+    """
+    if "lag" in rho.dims:
+        rho = rho.rename(lag="lead")
+    for name, da, dims in (
+        ("x_last", x_last, ("time",)),
+        ("clim_initial", clim_initial, ("time",)),
+        ("clim_valid", clim_valid, ("time", "lead")),
+        ("rho", rho, ("lead",)),
+    ):
+        missing = [d for d in dims if d not in da.dims]
+        if missing:
+            raise DataError(f"damped_persistence: {name} has dimensions {da.dims} and lacks {missing}")
+    leads = clim_valid["lead"].values
+    absent = sorted(set(leads.tolist()) - set(rho["lead"].values.tolist()))
+    if absent:
+        raise DataError(
+            f"damped_persistence: rho has no value for lead(s) {absent} (it has "
+            f"{rho['lead'].values.tolist()}); fit the autocorrelation up to the largest lead"
+        )
+    rho = rho.sel(lead=leads)
+    try:
+        with xr.set_options(arithmetic_join="exact"):
+            out = clim_valid + rho * (x_last - clim_initial)
+    except ValueError as exc:
+        raise DataError(
+            f"damped_persistence: x_last, climatologies and rho have different coordinates ({exc}); select "
+            "the same initial times, variables and grid"
+        ) from exc
+    out = out.transpose("time", "lead", *[d for d in x_last.dims if d != "time"])
+    out.name = x_last.name
+    return out
+
