@@ -259,3 +259,62 @@ def test_damped_persistence_limits_and_errors():
         baselines.damped_persistence(x_last, clim_init, baselines.persistence(clim_init, 3), rho)
     with pytest.raises(DataError, match="different coordinates"):
         baselines.damped_persistence(x_last, clim_init.isel(time=slice(1, None)), clim_valid, rho)
+
+
+# ---------------------------------------------------------------------------------------------
+# climatology support
+
+
+def _doy(dates: str | list[str]) -> np.ndarray:
+    return pd.DatetimeIndex(pd.to_datetime(dates if isinstance(dates, list) else [dates])).day_of_year.to_numpy()
+
+
+def test_climatology_support_eight_months_leaves_the_unseen_months_unsupported():
+    train = pd.date_range("2021-01-01", "2021-08-31", freq="D")  # days of year 1..243
+    support = baselines.climatology_support(train, 31)
+    assert support.dims == ("dayofyear",) and support.sizes["dayofyear"] == 366
+    supported = np.flatnonzero(support.values) + 1
+    # day d is supported when a training day lies in d-15..d+15 (circular over 366 days)
+    expected = np.r_[1:244 + 15, 366 - 14:367]
+    np.testing.assert_array_equal(supported, expected)
+    oct_nov = pd.date_range("2021-10-01", "2021-11-30", freq="D").day_of_year.to_numpy()
+    assert not support.sel(dayofyear=oct_nov).any()
+    valid = xr.DataArray(
+        pd.to_datetime(["2021-03-15", "2021-09-20", "2021-10-15", "2021-12-20", "2022-01-02"]).values, dims="time"
+    )
+    flags = baselines.unsupported_times(valid, support)
+    assert flags.dims == ("time",)
+    np.testing.assert_array_equal(flags.values, [False, True, True, False, False])
+
+
+def test_climatology_support_full_year_supports_every_day():
+    support = baselines.climatology_support(pd.date_range("2021-01-01", "2021-12-31", freq="D"), 31)
+    assert bool(support.all())  # day 366 too: its window holds days 351..365 and 1..15
+    # without smoothing a non-leap year leaves day 366 (Dec 31 of a leap year) unsupported
+    narrow = baselines.climatology_support(pd.date_range("2021-01-01", "2021-12-31", freq="D"), 1)
+    assert not bool(narrow.sel(dayofyear=366)) and int(narrow.sum()) == 365
+    assert not bool(baselines.climatology_support(np.array([], dtype="datetime64[ns]"), 31).any())
+
+
+def test_climatology_support_is_where_circular_smooth_needs_no_interpolation(monkeypatch):
+    from conv2dlstm import normalize
+
+    # Without the gap interpolation, normalize.circular_smooth leaves NaN exactly on the days whose
+    # window holds no training day: those must be the unsupported days. This stand-in for np.interp
+    # keeps the values at the sample points and interpolates nothing.
+    def no_interp(x, xp, fp):
+        known = dict(zip(np.asarray(xp).tolist(), np.asarray(fp).tolist(), strict=True))
+        return np.array([known.get(v, np.nan) for v in np.asarray(x).tolist()])
+
+    monkeypatch.setattr(normalize.np, "interp", no_interp)
+    rng = np.random.default_rng(14)
+    for window in (1, 4, 7, 30, 31):
+        days = np.sort(rng.choice(365, size=6, replace=False))
+        train = pd.Timestamp("2021-01-01") + pd.to_timedelta(days, unit="D")
+        support = baselines.climatology_support(train, window).values
+        observed = np.full((366, 1), np.nan)
+        observed[days] = 1.0
+        smooth = normalize.circular_smooth(observed, window)
+        np.testing.assert_array_equal(support, np.isfinite(smooth[:, 0]))
+        assert support.sum() < 366
+    assert normalize.DAYS == baselines.DAYS_OF_YEAR

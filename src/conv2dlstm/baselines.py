@@ -12,7 +12,9 @@ the window itself through the store (:func:`conv2dlstm.evaluate.read_batch`).
 
 Damped anomaly persistence (:func:`damped_persistence`) lets the initial anomaly decay towards the
 climatology with the anomalies' lag autocorrelation, fitted on the training period with the
-streaming :class:`AnomalyAutocorrelation`.
+streaming :class:`AnomalyAutocorrelation`. :func:`climatology_support` and
+:func:`unsupported_times` say which days of year the training period actually covers, so that skill
+against a climatology interpolated across unseen seasons can be marked not meaningful.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from conv2dlstm.errors import DataError
+
+DAYS_OF_YEAR = 366
+"""Length of the climatology's ``dayofyear`` axis (``conv2dlstm.normalize.DAYS``)."""
 
 
 def persistence(x_last: xr.DataArray, lead_steps: int) -> xr.DataArray:
@@ -333,3 +339,62 @@ def damped_persistence(
     out.name = x_last.name
     return out
 
+
+def climatology_support(train_times: np.ndarray | pd.DatetimeIndex | xr.DataArray, window: int) -> xr.DataArray:
+    """Days of year whose climatology rests on training data, as built by ``normalize.fit_stats``.
+
+    ``fit_stats`` averages the training time steps by calendar day of year (1..366, 366 only in leap
+    years), then smooths with a circular running mean of ``window`` days over the 366 days
+    (:func:`conv2dlstm.normalize.circular_smooth`: day ``d`` averages days
+    ``d - window//2 .. d - window//2 + window - 1``, wrapping around); a day with no training day in
+    that window gets a value interpolated between the nearest supported days, possibly across
+    months never seen. This returns True for a day of year exactly when its window contains the
+    day of year of at least one training time step.
+
+    Args:
+        train_times: the training period's time steps (datetime64), any shape.
+        window: the climatology smoothing window in days (``stats.attrs["climatology_window"]``,
+            config ``normalize.climatology_window``).
+
+    Returns:
+        ``(dayofyear,)`` bool DataArray, ``dayofyear`` 1..366, named ``climatology_supported``.
+    """
+    if window < 1:
+        raise DataError(f"climatology_support: window must be at least 1 day, got {window}")
+    times = np.asarray(train_times.values if isinstance(train_times, xr.DataArray) else train_times).reshape(-1)
+    if times.size and not np.issubdtype(times.dtype, np.datetime64):
+        raise DataError(f"climatology_support: train_times must be datetime64, got {times.dtype}")
+    observed = np.zeros(DAYS_OF_YEAR, dtype=bool)
+    if times.size:
+        observed[pd.DatetimeIndex(times).day_of_year.to_numpy() - 1] = True
+    supported = np.zeros(DAYS_OF_YEAR, dtype=bool)
+    for offset in range(-(window // 2), window - window // 2):
+        supported |= np.roll(observed, -offset)  # day d sees day d + offset (as circular_smooth)
+    return xr.DataArray(
+        supported,
+        dims=("dayofyear",),
+        coords={"dayofyear": np.arange(1, DAYS_OF_YEAR + 1)},
+        name="climatology_supported",
+        attrs={"window_days": int(window)},
+    )
+
+
+def unsupported_times(times: xr.DataArray, support: xr.DataArray) -> xr.DataArray:
+    """True where a time's day of year has no training data behind its climatology.
+
+    Skill against the climatology (or any baseline built on it) at such valid times compares with
+    an interpolated, unobserved season and is not meaningful.
+
+    Args:
+        times: datetime64 DataArray of any shape, e.g. the ``(time, lead)`` valid times (no NaT).
+        support: the result of :func:`climatology_support`.
+
+    Returns:
+        bool DataArray shaped like ``times``, named ``climatology_unsupported``.
+    """
+    if not np.issubdtype(times.dtype, np.datetime64):
+        raise DataError(f"unsupported_times: times must be datetime64, got {times.dtype}")
+    doy = times.dt.dayofyear
+    flags = ~support.sel(dayofyear=doy).drop_vars("dayofyear")
+    flags.name = "climatology_unsupported"
+    return flags
