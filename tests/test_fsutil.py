@@ -51,6 +51,14 @@ def test_discard_partials_removes_only_stray_temporaries(tmp_path: Path) -> None
     assert discard_partials(tmp_path / "missing") == []
 
 
+def test_discard_partials_of_one_output_leaves_the_others(tmp_path: Path) -> None:
+    for name in (".a.nc.1234abcd.partial", ".a.nc.x.y.partial", ".ab.nc.1234abcd.partial", ".b[1].nc.0000.partial"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in discard_partials(tmp_path, of="a.nc")] == [".a.nc.1234abcd.partial", ".a.nc.x.y.partial"]
+    assert [p.name for p in discard_partials(tmp_path, of="b[1].nc")] == [".b[1].nc.0000.partial"]  # no glob
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ab.nc.1234abcd.partial"]
+
+
 def test_tree_bytes_and_digests(tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     (store / "x").mkdir(parents=True)

@@ -7,6 +7,7 @@ Snakemake, or the next step, would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -70,16 +71,19 @@ def sha256_tree(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def discard_partials(directory: str | os.PathLike) -> list[Path]:
+def discard_partials(directory: str | os.PathLike, *, of: str | None = None) -> list[Path]:
     """Remove the :func:`atomic_output` temporaries that a killed process left in ``directory``.
 
-    Only direct children matching :data:`PARTIAL_GLOB` are removed (files or directories); returns
-    them. A missing directory has none.
+    Only direct children matching :data:`PARTIAL_GLOB` are removed (files or directories); with
+    ``of``, only the temporaries of the output named ``of`` (``.<of>.<random>.partial``), so that a
+    step never touches those of another job writing into the same directory. Returns them. A
+    missing directory has none.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    strays = sorted(directory.glob(PARTIAL_GLOB))
+    pattern = PARTIAL_GLOB if of is None else f".{glob.escape(of)}.*.partial"
+    strays = sorted(directory.glob(pattern))
     for stray in strays:
         _remove(stray)
     return strays
