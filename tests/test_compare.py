@@ -157,3 +157,15 @@ def test_run_skill_is_the_mean_of_its_metrics_csv_rows(tmp_path):
     # baselines have no skill rows in metrics.csv: derived from their RMSE rows
     assert table.loc["persistence", "skill_vs_climatology_mean"] == pytest.approx(((1 - 2 / 4) + (1 - 4 / 4)) / 2)
     assert table.loc["climatology", "skill_vs_climatology_mean"] == pytest.approx(0.0)
+
+
+def test_compare_discards_partials_of_a_killed_attempt(two_runs, tmp_path, caplog):
+    import logging
+
+    out_csv, out_plot = tmp_path / "compare.csv", tmp_path / "compare.png"
+    (tmp_path / ".compare.csv.1234abcd.partial").write_text("half a table")
+    (tmp_path / ".compare.png.deadbeef.partial").write_bytes(b"half a plot")
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        compare.main(metrics=two_runs, out_csv=out_csv, out_plot=out_plot)
+    assert not list(tmp_path.glob(".*.partial"))
+    assert caplog.text.count("discarded") == 2

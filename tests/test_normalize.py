@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,12 +12,15 @@ import pytest
 import xarray as xr
 
 from conv2dlstm import normalize as nz
+from conv2dlstm import provenance
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
 from conv2dlstm.regrid import write_zarr
 
 LAT = np.array([21.0, 22.0, 23.0])
 LON = np.array([-79.0, -78.0, -77.0, -76.0])
+REGRID_RECORD = provenance.make_record("regrid", "a" * 16, {"manifest": "b" * 64})
+"""The provenance of the regridded stores these tests write (as the regrid step records it)."""
 
 
 def regridded(times: pd.DatetimeIndex, sst: np.ndarray, no3: np.ndarray | None = None) -> xr.Dataset:
@@ -223,10 +227,10 @@ def test_normalize_denormalize_round_trip(per_pixel: bool) -> None:
             nz.normalize(x.assign_coords(lat=x["lat"] + 0.5), stats)
 
 
-def test_main_writes_stats_netcdf(tmp_path: Path) -> None:
+def test_main_writes_stats_netcdf(tmp_path: Path, caplog) -> None:
     ds, n_train = leaky_dataset(4)
     data = tmp_path / "regrid" / "oisst.zarr"
-    write_zarr(ds.chunk({"time": 128}), data)
+    write_zarr(ds.chunk({"time": 128}).assign_attrs(provenance.to_attrs(REGRID_RECORD)), data)
     cfg = validate_config({
         "variables": {"inputs": ["sst", "no3"], "targets": ["sst"]},
         "splits": {"train": {"start": "2019-01-01", "end": "2019-12-31"},
@@ -235,8 +239,13 @@ def test_main_writes_stats_netcdf(tmp_path: Path) -> None:
         "normalize": {"climatology_window": 15},
     })
     out = tmp_path / "normalize" / "oisst.nc"
-    nz.main(cfg, data=data, out=out, threads=1, memory_mb=1024)
+    out.parent.mkdir()
+    (out.parent / ".oisst.nc.1234abcd.partial").write_bytes(b"left by a killed attempt")
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        nz.main(cfg, data=data, out=out, threads=1, memory_mb=1024)
     assert [p.name for p in out.parent.iterdir()] == ["oisst.nc"]
+    assert "discarded" in caplog.text and ".oisst.nc.1234abcd.partial" in caplog.text
+    assert provenance.read_netcdf(out) == provenance.for_step(cfg, "normalize", {"regrid": REGRID_RECORD["digest"]})
     with xr.open_dataset(out) as stats:
         assert list(stats["variable"].values) == ["sst", "no3"]
         assert stats["mean"].dims == ("variable",)
@@ -246,6 +255,8 @@ def test_main_writes_stats_netcdf(tmp_path: Path) -> None:
         assert stats["variable_units"].attrs["no3"] == "mmol m-3"
         assert stats.attrs["train_start"] == "2019-01-01" and stats.attrs["train_end"] == "2019-12-31"
         assert stats.attrs["per_pixel"] == 0
+        for name in ("mean", "std", "mask"):  # the regrid store's attributes do not leak into the statistics
+            assert "provenance" not in stats[name].attrs, name
         sst = ds["sst"].values[:n_train].astype(np.float64)
         np.testing.assert_allclose(float(stats["mean"].sel(variable="sst")), np.nanmean(sst), rtol=1e-9)
     # A training period outside the data fails and leaves the previous output as it was.
@@ -281,6 +292,16 @@ def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, ho
         nz.main(validate_config({"variables": {"inputs": ["sst"], "targets": ["sst"]}}), data=data, out=out)
     assert str(data) in str(info.value)
     assert not out.parent.exists()
+
+
+def test_main_refuses_a_regridded_store_without_provenance(tmp_path: Path) -> None:
+    ds, _ = leaky_dataset(5)
+    data = tmp_path / "regrid" / "oisst.zarr"
+    write_zarr(ds.chunk({"time": 128}), data)  # as written by an older version
+    out = tmp_path / "normalize" / "oisst.nc"
+    with pytest.raises(DataError, match=r"oisst.zarr has no provenance record.*rerun the regrid step"):
+        nz.main(validate_config({"variables": {"inputs": ["sst"], "targets": ["sst"]}}), data=data, out=out)
+    assert not out.exists()
 
 
 def test_load_stats_round_trip_and_errors(tmp_path: Path) -> None:

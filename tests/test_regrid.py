@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from conv2dlstm import provenance
 from conv2dlstm import regrid as rg
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError
@@ -299,10 +301,19 @@ def write_manifest(tmp_path: Path, paths: list[Path]) -> Path:
     return manifest
 
 
-def test_main_end_to_end(tmp_path: Path) -> None:
+def test_main_end_to_end(tmp_path: Path, caplog) -> None:
     manifest = write_manifest(tmp_path, write_daily_files(tmp_path / "raw"))
     out = tmp_path / "results" / "regrid" / "oisst.zarr"
-    rg.main(step_config(), manifest=manifest, out=out, threads=1, memory_mb=1024)
+    (out.parent / ".oisst.zarr.1234abcd.partial").mkdir(parents=True)  # left by a killed attempt
+    (out.parent / ".other.zarr.1234abcd.partial").mkdir()  # another output's, perhaps being written
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        rg.main(step_config(), manifest=manifest, out=out, threads=1, memory_mb=1024)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".other.zarr.1234abcd.partial", "oisst.zarr"]
+    assert "discarded" in caplog.text and ".oisst.zarr.1234abcd.partial" in caplog.text
+    (out.parent / ".other.zarr.1234abcd.partial").rmdir()
+    manifest_sha = json.loads(manifest.read_text())["sha256"]
+    assert provenance.read_zarr(out, step="regrid") == provenance.for_step(step_config(), "regrid",
+                                                                           {"manifest": manifest_sha})
     store = xr.open_zarr(out)
     assert store.sizes == {"time": 4, "lat": 2, "lon": 2}
     assert store.attrs["source_manifest_sha256"] == sha256_file(manifest)

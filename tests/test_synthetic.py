@@ -252,3 +252,15 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path: Path) -> None:
         synthetic.main(synth_cfg(**{**SMALL_OISST, "lon": [290.125, 290.2]}), out_dir=out)
     assert sha256_tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["oisst"]
+
+
+def test_main_discards_partials_of_a_killed_attempt(tmp_path: Path, caplog) -> None:
+    import logging
+
+    out = tmp_path / "oisst"
+    (tmp_path / ".oisst.1234abcd.partial" / "201901").mkdir(parents=True)  # left by a killed attempt
+    (tmp_path / ".cmems.1234abcd.partial").mkdir()  # another output's
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        synthetic.main(synth_cfg(**SMALL_OISST), out_dir=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cmems.1234abcd.partial", "oisst"]
+    assert "discarded" in caplog.text and ".oisst.1234abcd.partial" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import xarray as xr
 import zarr
 
 from conv2dlstm import normalize as nz
+from conv2dlstm import provenance
 from conv2dlstm import windows as wn
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
@@ -96,6 +98,11 @@ LAT = np.array([21.0, 22.0, 23.0])
 LON = np.array([-79.0, -78.0])
 
 
+REGRID_RECORD = provenance.make_record("regrid", "a" * 16, {"manifest": "b" * 64})
+STATS_RECORD = provenance.make_record("normalize", "c" * 16, {"regrid": REGRID_RECORD["digest"]})
+"""The provenance records of the regridded store and the statistics these tests write."""
+
+
 def source() -> xr.Dataset:
     """A regrid-step-like dataset: 2019-12-25..2020-02-05 daily, a land cell, one missing value."""
     times = pd.date_range("2019-12-25", "2020-02-05", freq="D")
@@ -111,6 +118,7 @@ def source() -> xr.Dataset:
             "chl": (("time", "lat", "lon"), chl.astype(np.float32), {"units": "mg m-3"}),
         },
         coords={"time": times, "lat": LAT, "lon": LON},
+        attrs=provenance.to_attrs(REGRID_RECORD),
     )
 
 
@@ -126,8 +134,9 @@ def store_config(**windows: int) -> dict:
 
 
 def fitted(ds: xr.Dataset) -> xr.Dataset:
-    return nz.fit_stats(ds, train_start="2020-01-01", train_end="2020-01-20", variables=["sst", "chl"],
-                        climatology_window=3)
+    stats = nz.fit_stats(ds, train_start="2020-01-01", train_end="2020-01-20", variables=["sst", "chl"],
+                         climatology_window=3)
+    return stats.assign_attrs(provenance.to_attrs(STATS_RECORD))
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -222,6 +231,18 @@ def test_main_bad_statistics_file_names_the_path_and_the_step(tmp_path: Path, ho
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+def test_main_refuses_statistics_without_provenance(tmp_path: Path) -> None:
+    data_path, stats_path, cfg = _written(tmp_path)
+    with xr.open_dataset(stats_path) as opened:
+        stats = opened.load()
+    del stats.attrs["provenance"]  # as written by an older version
+    stats.to_netcdf(stats_path)
+    out = tmp_path / "windows" / "x.zarr"
+    with pytest.raises(DataError, match=r"x.nc has no provenance record.*rerun the normalize step"):
+        wn.main(cfg, data=data_path, stats=stats_path, out=out, threads=1, memory_mb=1024)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("how", ["missing", "corrupt", "not_a_store"])
 def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, how: str) -> None:
     data_path, stats_path, cfg = _written(tmp_path)
@@ -246,7 +267,7 @@ def _file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def test_main_writes_the_documented_store(tmp_path: Path) -> None:
+def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     ds = source()
     cfg = store_config()
     data_path = tmp_path / "regrid" / "x.zarr"
@@ -254,8 +275,13 @@ def test_main_writes_the_documented_store(tmp_path: Path) -> None:
     stats_path = tmp_path / "normalize" / "x.nc"
     nz.write_stats(fitted(ds), stats_path)
     out = tmp_path / "windows" / "x.zarr"
-    wn.main(cfg, data=data_path, stats=stats_path, out=out, threads=1, memory_mb=1024)
+    (out.parent / ".x.zarr.1234abcd.partial").mkdir(parents=True)  # left by a killed attempt
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        wn.main(cfg, data=data_path, stats=stats_path, out=out, threads=1, memory_mb=1024)
     assert [p.name for p in out.parent.iterdir()] == ["x.zarr"]
+    assert "discarded" in caplog.text and ".x.zarr.1234abcd.partial" in caplog.text
+    inputs = {"regrid": REGRID_RECORD["digest"], "stats": STATS_RECORD["digest"]}
+    assert provenance.read_zarr(out, step="windows") == provenance.for_step(cfg, "windows", inputs)
 
     group = zarr.open_group(out, mode="r")
     assert group.metadata.zarr_format == 3

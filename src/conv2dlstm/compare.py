@@ -27,7 +27,7 @@ import pandas as pd
 from conv2dlstm import metrics, plots
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluate import BASELINE_NAMES, CSV_COLUMNS
-from conv2dlstm.fsutil import atomic_output
+from conv2dlstm.fsutil import atomic_output, discard_partials
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,9 @@ def _labels(rows: pd.DataFrame) -> pd.Series:
 
 def main(*, metrics: list[Path], out_csv: Path, out_plot: Path) -> None:
     """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE vs lead)."""
+    for out in (Path(out_csv), Path(out_plot)):
+        for stray in discard_partials(out.parent, of=out.name):
+            log.info("compare: discarded %s left by an interrupted run", stray)
     rows = entries(read_metrics([Path(p) for p in metrics]))
     summary = summarize(rows)
     rmse = rows[rows["metric"] == "rmse"].assign(label=_labels)

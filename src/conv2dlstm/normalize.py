@@ -52,7 +52,11 @@ REQUIRED_STATS = ("mean", "std", "climatology", "mask")
 
 
 def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
-    """``ds[variables]`` as one DataArray ``(time, variable, lat, lon)`` (lazy when ``ds`` is)."""
+    """``ds[variables]`` as one DataArray ``(time, variable, lat, lon)`` (lazy when ``ds`` is).
+
+    The dataset's attributes (the regrid store's: its provenance, the manifest's path) are not
+    carried over, so nothing computed from the array inherits them.
+    """
     missing = [v for v in variables if v not in ds.data_vars]
     if missing:
         raise DataError(
@@ -60,6 +64,7 @@ def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
             "variables.inputs/targets or re-run the regrid step"
         )
     arr = ds[list(variables)].to_dataarray("variable")
+    arr.attrs = {}
     return arr.transpose("time", "variable", "lat", "lon")
 
 
@@ -317,12 +322,23 @@ def main(
     threads: int = 1,
     memory_mb: int | None = None,
 ) -> None:
-    """Fit the statistics of the regridded store ``data`` on ``splits.train`` and write ``out`` (netCDF)."""
-    from conv2dlstm.daskutil import compute_errors, dask_client
+    """Fit the statistics of the regridded store ``data`` on ``splits.train`` and write ``out`` (netCDF).
 
+    The global attribute ``provenance`` records the result configuration and the regrid store's
+    provenance digest (:mod:`conv2dlstm.provenance`).
+    """
+    from conv2dlstm import provenance
+    from conv2dlstm.daskutil import compute_errors, dask_client
+    from conv2dlstm.fsutil import discard_partials
+
+    out = Path(out)
+    for stray in discard_partials(out.parent, of=out.name):
+        log.info("normalize: discarded %s left by an interrupted run", stray)
     variables = list(dict.fromkeys([*cfg["variables"]["inputs"], *cfg["variables"]["targets"]]))
     train = cfg["splits"]["train"]
     ds = open_regridded(Path(data))  # metadata only: a missing store fails before the cluster starts
+    upstream = provenance.from_attrs(ds.attrs, where=f"the regridded store {data}", step="regrid")
+    record = provenance.for_step(cfg, "normalize", {"regrid": upstream["digest"]})
     address = cfg["dask"]["scheduler_address"]
     with dask_client(threads=threads, memory_mb=memory_mb, address=address), compute_errors(
         f"fitting statistics on {data}"
@@ -335,8 +351,9 @@ def main(
             per_pixel=cfg["normalize"]["per_pixel"],
             climatology_window=cfg["normalize"]["climatology_window"],
         )
+    stats.attrs.update(provenance.to_attrs(record))
     log.info(
-        "normalize: %s on %s..%s (%d steps), %d ocean cells of %d -> %s",
+        "normalize: %s on %s..%s (%d steps), %d ocean cells of %d -> %s (provenance %s)",
         variables,
         train["start"],
         train["end"],
@@ -344,5 +361,6 @@ def main(
         int(stats["mask"].sum()),
         stats["mask"].size,
         out,
+        record["digest"],
     )
-    write_stats(stats, Path(out))
+    write_stats(stats, out)

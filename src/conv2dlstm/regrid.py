@@ -314,12 +314,18 @@ def main(
     threads: int = 1,
     memory_mb: int | None = None,
 ) -> None:
-    """Open the fetched files of ``manifest``, harmonize, regrid to config ``grid`` and write ``out`` (Zarr v3)."""
-    from conv2dlstm import fetch
-    from conv2dlstm.daskutil import dask_client
-    from conv2dlstm.fsutil import sha256_file
+    """Open the fetched files of ``manifest``, harmonize, regrid to config ``grid`` and write ``out`` (Zarr v3).
 
-    manifest = Path(manifest)
+    The store's attribute ``provenance`` records the result configuration and the manifest's
+    ``sha256`` (:mod:`conv2dlstm.provenance`).
+    """
+    from conv2dlstm import fetch, provenance
+    from conv2dlstm.daskutil import dask_client
+    from conv2dlstm.fsutil import discard_partials, sha256_file
+
+    manifest, out = Path(manifest), Path(out)
+    for stray in discard_partials(out.parent, of=out.name):
+        log.info("regrid: discarded %s left by an interrupted run", stray)
     # Opening reads metadata only and building the graph computes nothing: both happen before the
     # cluster starts, so configuration errors fail fast and a parallel open uses local threads.
     t0 = time.perf_counter()
@@ -328,6 +334,8 @@ def main(
     ds.attrs["source_manifest"] = str(manifest)
     ds.attrs["source_manifest_sha256"] = sha256_file(manifest)
     ds.attrs["source_sha256"] = str(json.loads(manifest.read_text()).get("sha256", ""))
+    record = provenance.for_step(cfg, "regrid", {"manifest": provenance.manifest_digest(manifest)})
+    ds.attrs.update(provenance.to_attrs(record))
     log.info(
         "regrid: opened %s in %.1f s; %d steps %s..%s -> grid %d x %d (%s), variables %s",
         manifest,
@@ -342,5 +350,5 @@ def main(
     )
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
         t1 = time.perf_counter()
-        write_zarr(ds, Path(out))
-    log.info("regrid: wrote %s in %.1f s", out, time.perf_counter() - t1)
+        write_zarr(ds, out)
+    log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])

@@ -40,7 +40,7 @@ import xarray as xr
 from scipy import ndimage
 
 from conv2dlstm.errors import ConfigError
-from conv2dlstm.fsutil import atomic_output
+from conv2dlstm.fsutil import atomic_output, discard_partials
 
 log = logging.getLogger(__name__)
 
@@ -682,6 +682,8 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> None:
     times = _times(syn)
     seed = int(syn["seed"])
     out_dir = Path(out_dir)
+    for stray in discard_partials(out_dir.parent, of=out_dir.name):
+        log.info("synth: discarded %s left by an interrupted run", stray)
     log.info(
         "synthetic %s: %d days %s..%s on %d x %d cells (seed %d) -> %s",
         kind, len(times), syn["start"], syn["end"], len(lat), len(lon), seed, out_dir,

@@ -215,20 +215,34 @@ def main(
     threads: int = 1,
     memory_mb: int | None = None,
 ) -> None:
-    """Write the windows store ``out`` from the regridded store ``data`` and the statistics ``stats``."""
-    from conv2dlstm.daskutil import dask_client
-    from conv2dlstm.fsutil import sha256_file
+    """Write the windows store ``out`` from the regridded store ``data`` and the statistics ``stats``.
 
+    The store's attribute ``provenance`` records the result configuration and the provenance
+    digests of the regridded store and the statistics (:mod:`conv2dlstm.provenance`).
+    """
+    from conv2dlstm import provenance
+    from conv2dlstm.daskutil import dask_client
+    from conv2dlstm.fsutil import discard_partials, sha256_file
+
+    out = Path(out)
+    for stray in discard_partials(out.parent, of=out.name):
+        log.info("windows: discarded %s left by an interrupted run", stray)
     st = nz.load_stats(Path(stats))
     ds = nz.open_regridded(Path(data))
     try:
         _check_training_period(st, cfg)
     except DataError as exc:
         raise DataError(f"{stats}: {exc}") from exc
+    inputs = {
+        "regrid": provenance.from_attrs(ds.attrs, where=f"the regridded store {data}", step="regrid")["digest"],
+        "stats": provenance.from_attrs(st.attrs, where=f"the statistics file {stats}", step="normalize")["digest"],
+    }
+    record = provenance.for_step(cfg, "windows", inputs)
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
         store = build_store(ds, st, cfg, stats_sha256=sha256_file(stats))
+        store.attrs.update(provenance.to_attrs(record))
         log.info(
-            "windows: %s -> %s, %d steps x %d variables, windows train %d val %d test %d",
+            "windows: %s -> %s, %d steps x %d variables, windows train %d val %d test %d (provenance %s)",
             data,
             out,
             store.sizes["time"],
@@ -236,5 +250,6 @@ def main(
             store.sizes["train_sample"],
             store.sizes["val_sample"],
             store.sizes["test_sample"],
+            record["digest"],
         )
-        write_store(store, Path(out))
+        write_store(store, out)
