@@ -137,3 +137,46 @@ def test_resume_unknown_run(tmp_path) -> None:
     with pytest.raises(TrackingError, match=f"MLflow run 0123abc is not in the tracking store {uri}"):
         with tracking.resume_run("0123abc", tracking_uri=uri):
             pass
+
+
+def test_reopened_run_keeps_the_params_of_its_model(tmp_path, caplog) -> None:
+    """A runtime param may change on resume (kept as first logged); a param that determines the model
+    may not: that would be another model in the same MLflow run."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "exp-b", "mlflow": {"tracking_uri": uri}, "train": {"device": "cpu"}})
+    fixed = ("train.learning_rate",)
+    with tracking.start_run(cfg, "run-b", tracking_uri=uri, fixed_params=fixed) as tracker:
+        run_id = tracker.run_id
+    runtime = validate_config({"experiment": "exp-b", "mlflow": {"tracking_uri": uri}, "train": {"device": "auto"}})
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"), \
+            tracking.start_run(runtime, "run-b", run_id=run_id, tracking_uri=uri, fixed_params=fixed):
+        pass
+    assert "keeps its first values of params ['train.device']" in caplog.text
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).data.params["train.device"] == "cpu"
+    other = validate_config({"experiment": "exp-b", "mlflow": {"tracking_uri": uri}, "train": {"learning_rate": 0.5}})
+    with pytest.raises(TrackingError, match=r"train.learning_rate: 0.003 -> 0.5.*must start a new MLflow run"):
+        with tracking.start_run(other, "run-b", run_id=run_id, tracking_uri=uri, fixed_params=fixed):
+            pass
+    assert client.get_run(run_id).data.params["train.learning_rate"] == "0.003"
+
+
+def test_mark_superseded(tmp_path, caplog) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "exp-c", "mlflow": {"tracking_uri": uri}})
+    run_ids = []
+    for _ in range(2):
+        with tracking.start_run(cfg, "run-c", tracking_uri=uri) as tracker:
+            run_ids.append(tracker.run_id)
+    old, new = run_ids
+    assert tracking.mark_superseded(uri, old, new)
+    tags = MlflowClient(uri).get_run(old).data.tags
+    assert tags["superseded"] == "true" and tags["superseded_by"] == new
+    assert not tracking.mark_superseded(uri, "0" * 32, new)
+    assert "cannot be tagged" in caplog.text

@@ -6,6 +6,7 @@
   = the run, every resolved config value as a param (:func:`conv2dlstm.config.flatten`), tags for
   the code (git commit, dirty flag), data and stats checksums, package versions.
 - :func:`resume_run` - log into an existing run (the evaluate step logs into the training run).
+- :func:`mark_superseded` - tag a run replaced by a fresh training (``superseded``, ``superseded_by``).
 
 ``mlflow`` takes seconds to import, so it is imported inside the functions that need it.
 """
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,18 +271,52 @@ class Tracker:
         return info.model_uri
 
 
-def _log_params_once(client: Any, run_id: str, params: dict[str, str]) -> None:
-    """Log params, skipping those the (resumed) run has; a changed value is kept as first logged."""
+def changed_params(existing: dict[str, str], params: dict[str, str]) -> list[str]:
+    """Names of ``params`` that ``existing`` (a run's logged params) holds with another value."""
+    return sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+
+
+def _log_params_once(client: Any, run_id: str, params: dict[str, str], fixed: Collection[str] = ()) -> None:
+    """Log params, skipping those the (resumed) run has.
+
+    A changed value of a ``fixed`` param (one that determines the model: the run logged a model
+    made with its first value) raises :class:`TrackingError`; any other changed value (a runtime
+    setting) is kept as first logged, with a warning.
+    """
     import mlflow
 
     existing = client.get_run(run_id).data.params
-    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+    changed = changed_params(existing, params)
+    conflicting = [k for k in changed if k in fixed]
+    if conflicting:
+        shown = ", ".join(f"{k}: {existing[k]} -> {params[k]}" for k in conflicting)
+        raise TrackingError(
+            f"MLflow run {run_id} was logged with other values of params that determine its model ({shown}); "
+            "a training with these values must start a new MLflow run: delete mlflow_run_id.txt and last.pt "
+            "of this run, or rerun the train step"
+        )
     if changed:
-        log.warning("MLflow run %s keeps its first values of params %s (the configuration changed since)",
+        log.warning("MLflow run %s keeps its first values of params %s (runtime settings that changed since)",
                     run_id, changed)
     new = {k: v for k, v in params.items() if k not in existing}
     if new:
         mlflow.log_params(new, run_id=run_id)
+
+
+def mark_superseded(uri: str, old_run_id: str, new_run_id: str) -> bool:
+    """Tag the MLflow run ``old_run_id`` ``superseded=true`` and ``superseded_by=<new_run_id>``
+    (a training that started afresh replaced it). Returns False, with a warning, when the store
+    does not hold the old run."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        client.set_tag(old_run_id, "superseded", "true")
+        client.set_tag(old_run_id, "superseded_by", new_run_id)
+    except MlflowException as exc:
+        log.warning("MLflow run %s (superseded by %s) cannot be tagged in %s: %s", old_run_id, new_run_id, uri, exc)
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -306,12 +341,15 @@ def start_run(
     run_id: str | None = None,
     tags: dict[str, Any] | None = None,
     tracking_uri: str | None = None,
+    fixed_params: Collection[str] = (),
 ) -> Iterator[Tracker]:
     """Open the MLflow run of a training run and yield a :class:`Tracker`.
 
     With ``run_id`` of an existing run (a resumed training), that run is reopened; otherwise a new
     run named ``run_name`` is created in experiment ``cfg["experiment"]`` (created when missing).
-    Logs ``config.flatten(cfg)`` as params and sets git, version and ``tags`` tags.
+    Logs ``config.flatten(cfg)`` as params and sets git, version and ``tags`` tags. A reopened run
+    must hold the same values of ``fixed_params`` (the params that determine the model), else
+    :class:`TrackingError` (see :func:`_log_params_once`).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -331,7 +369,7 @@ def start_run(
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     with _active(run):
-        _log_params_once(client, run.info.run_id, flatten(cfg))
+        _log_params_once(client, run.info.run_id, flatten(cfg), fixed_params)
         all_tags = {**git_state(), **package_versions(), **(tags or {})}
         mlflow.set_tags({k: str(v) for k, v in all_tags.items()})
         yield Tracker(run.info.run_id, run.info.experiment_id)
