@@ -4,10 +4,17 @@
 training period, as a Zarr v3 windows store, plus the stats netCDF next to it. The default field is
 a pattern moving east by one cell per time step (learnable: the future is the past shifted), with
 land in the westernmost columns, where the pattern enters the grid.
+
+Both carry provenance records (:mod:`conv2dlstm.provenance`) as the normalize and windows steps
+write them: their "regrid" input is a digest of the cube's values and mask, their configuration
+digest one of the fixture's arguments, so the same arguments give the same digests wherever the
+store is written, and other data give others.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +22,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from conv2dlstm import provenance
 from conv2dlstm.fsutil import sha256_file
 
 
@@ -36,6 +44,16 @@ class WindowsFixture:
     starts: dict[str, np.ndarray]
     mean: np.ndarray  # (variable,)
     std: np.ndarray  # (variable,)
+    windows_digest: str  # provenance digest of the store
+    stats_digest: str  # provenance digest of the statistics
+
+
+def _digest(*parts: object) -> str:
+    """16 hex digits of SHA-256 over ``parts`` (arrays by their bytes, anything else as JSON)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def moving_waves(n_time: int, n_var: int, height: int, width: int, *, seed: int = 0,
@@ -126,6 +144,13 @@ def make_windows_store(
     for d in np.unique(doy):
         clim[d - 1] = train[doy == d].mean(axis=0)  # NaN on land
     clim = np.where(mask, clim, np.nan)
+    regrid_digest = _digest(physical, mask, variables, str(time[0]))
+    settings = {"input_variables": input_variables, "target_variables": target_variables, "input_steps": input_steps,
+                "lead_steps": lead_steps, "stride": stride, "split_fractions": list(split_fractions)}
+    stats_record = provenance.make_record("normalize", _digest(variables, n_train), {"regrid": regrid_digest})
+    windows_record = provenance.make_record(
+        "windows", _digest(settings), {"regrid": regrid_digest, "stats": stats_record["digest"]}
+    )
     stats = xr.Dataset(
         {
             "mean": ("variable", mean),
@@ -139,6 +164,7 @@ def make_windows_store(
             "train_start": str(time[0].date()),
             "train_end": str(time[n_train - 1].date()),
             "per_pixel": 0,
+            **provenance.to_attrs(stats_record),
         },
     )
     stats_path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +184,7 @@ def make_windows_store(
             "lead_steps": lead_steps,
             "stats_sha256": sha256_file(stats_path),
             "format_version": 1,
+            **provenance.to_attrs(windows_record),
         },
     )
     chunk = time_chunk or (input_steps + lead_steps)
@@ -167,5 +194,6 @@ def make_windows_store(
         store=path, stats=stats_path, physical=physical, normalized=normalized, mask=mask, time=time,
         lat=lat, lon=lon, variables=variables, input_variables=input_variables,
         target_variables=target_variables, input_steps=input_steps, lead_steps=lead_steps,
-        starts=starts, mean=mean, std=std,
+        starts=starts, mean=mean, std=std, windows_digest=windows_record["digest"],
+        stats_digest=stats_record["digest"],
     )

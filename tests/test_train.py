@@ -1,9 +1,11 @@
-"""Training: masked loss, MLflow records in a real sqlite store, learning a toy, kill-and-resume identity."""
+"""Training: masked loss, MLflow records in a real sqlite store, learning a toy, kill-and-resume identity,
+resuming only a training of the same provenance (fresh starts otherwise)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import train
+from conv2dlstm import keys, provenance, train
 from conv2dlstm.config import flatten, validate_config
-from conv2dlstm.errors import ConfigError, DataError, TrackingError
+from conv2dlstm.errors import DataError, TrackingError
 from conv2dlstm.models import load_model
 from tests._windows_fixture import make_windows_store
 
@@ -114,6 +116,12 @@ def test_short_training_logs_run_model_and_artifacts(tmp_path) -> None:
     # checkpoint layout, and load_model from the file alone
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["epoch"] == 2 and ckpt["config"] == cfg
+    record = provenance.for_step(cfg, "train", {"windows": fx.windows_digest, "stats": fx.stats_digest})
+    assert ckpt["provenance"] == record and ckpt["result_config"] == keys.result_config(cfg, "train")
+    for name in ("best.pt", "model.pt"):
+        assert provenance.read_checkpoint(out / name) == record
+        assert provenance.digest_of(out / name) == record["digest"]
+    assert train.is_complete(out, record["digest"]) and not train.is_complete(out, "0" * 16)
     assert ckpt["input_variables"] == ["sst"] and ckpt["target_variables"] == ["sst"]
     model, best = load_model(out / "best.pt")
     assert best["epoch"] == best["best_epoch"] and best["best_val_loss"] == min(float(r["val_loss"]) for r in rows)
@@ -137,6 +145,9 @@ def test_short_training_logs_run_model_and_artifacts(tmp_path) -> None:
         == pytest.approx([float(r["val_loss"]) for r in rows])
     tags = run.data.tags
     assert tags["stats_sha256"] == tags["data.stats_sha256"]
+    assert tags["provenance.digest"] == record["digest"] and tags["provenance.inputs.windows"] == fx.windows_digest
+    assert tags["provenance.config_digest"] == keys.result_digest(cfg, "train")
+    assert "superseded" not in tags and "supersedes" not in tags
     assert tags["device"] == "cpu" and "git.commit" in tags and "version.torch" in tags
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"checkpoints", "model_summary.txt", "history.csv"} <= artifacts
@@ -178,17 +189,189 @@ def test_no_validation_windows(tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_resume_with_another_model_refused(tmp_path) -> None:
+# ---------------------------------------------------------------------------------------------
+# Resume only the same provenance; otherwise start afresh
+# ---------------------------------------------------------------------------------------------
+
+
+def quick_config(tmp_path: Path, **train_overrides) -> dict:
+    cfg = tiny_config(tmp_path, epochs=1, **train_overrides)
+    cfg["mlflow"]["log_model"] = False
+    return cfg
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model_state"]
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stale_folders(out: Path) -> list[Path]:
+    return sorted((out / train.STALE_DIR).iterdir()) if (out / train.STALE_DIR).is_dir() else []
+
+
+def fresh_start_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "conv2dlstm.train" and r.levelno == logging.WARNING and "starting fresh" in r.getMessage()]
+
+
+def test_changed_learning_rate_starts_afresh_in_a_new_mlflow_run(tmp_path, caplog) -> None:
+    """The issue: after a complete run, train.learning_rate changes and Snakemake reruns train (it
+    deletes model.pt). Training must not 'resume' the finished last.pt but train anew, in a new MLflow
+    run holding the new rate, and keep the old files and run (tagged superseded)."""
+    from mlflow import MlflowClient
+
     fx = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7)
     out = tmp_path / "out"
-    cfg = tiny_config(tmp_path, epochs=1)
-    cfg["mlflow"]["log_model"] = False
+    old_cfg = quick_config(tmp_path)
+    train.main(old_cfg, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+    old_run_id = (out / "mlflow_run_id.txt").read_text().strip()
+    old_weights = weights(out / "model.pt")
+    (out / "model.pt").unlink()  # what Snakemake does before rerunning the rule
+
+    new_cfg = quick_config(tmp_path, learning_rate=0.02)
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        train.main(new_cfg, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+
+    # the warning names the changed key with both values, and where the old files went
+    [warning] = fresh_start_warnings(caplog)
+    assert "train.learning_rate: 0.01 -> 0.02" in warning and "input" not in warning
+    assert "resuming" not in caplog.text
+    [folder] = stale_folders(out)
+    assert str(folder) in warning
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["last.pt", "best.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"])
+    stale = torch.load(folder / "last.pt", weights_only=True)
+    assert stale["finished"] and stale["result_config"]["train"]["learning_rate"] == 0.01
+    assert (folder / "mlflow_run_id.txt").read_text().strip() == old_run_id
+
+    # a real training with the new rate: the weights of a run from scratch in an empty directory
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["config"]["train"]["learning_rate"] == 0.02 and ckpt["epoch"] == 1
+    assert ckpt["provenance"]["digest"] == train.train_record(new_cfg, fx.store, fx.stats)["digest"]
+    assert not same_weights(ckpt["model_state"], old_weights)
+    scratch = tmp_path / "scratch"
+    train.main(new_cfg, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=scratch)
+    assert same_weights(ckpt["model_state"], weights(scratch / "model.pt"))
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [(r["epoch"], float(r["lr"])) for r in rows] == [("1", 0.02)]
+
+    # MLflow: a new run with the new rate; the old one keeps its rate and is tagged superseded
+    client = MlflowClient(new_cfg["mlflow"]["tracking_uri"])
+    new_run_id = (out / "mlflow_run_id.txt").read_text().strip()
+    assert new_run_id != old_run_id and ckpt["mlflow_run_id"] == new_run_id
+    new_run, old_run = client.get_run(new_run_id), client.get_run(old_run_id)
+    assert new_run.data.params["train.learning_rate"] == "0.02" and new_run.info.status == "FINISHED"
+    assert old_run.data.params["train.learning_rate"] == "0.01"
+    assert old_run.data.tags["superseded"] == "true" and old_run.data.tags["superseded_by"] == new_run_id
+    assert new_run.data.tags["supersedes"] == old_run_id and "superseded" not in new_run.data.tags
+    assert new_run.data.tags["provenance.digest"] == ckpt["provenance"]["digest"]
+    assert [m.step for m in client.get_metric_history(new_run_id, "val_loss")] == [1]
+
+
+def test_changed_input_starts_afresh(tmp_path, caplog) -> None:
+    """Fixing bad input data rebuilds the windows store: the model trained on the old data is not resumed."""
+    out = tmp_path / "out"
+    cfg = quick_config(tmp_path)
+    bad = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7, seed=0)
+    train.main(cfg, run="convlstm", windows=bad.store, stats=bad.stats, out_dir=out)
+    good = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7, seed=1)  # same paths, other data
+    assert good.windows_digest != bad.windows_digest
+    record = train.train_record(cfg, good.store, good.stats)
+    assert not train.is_complete(out, record["digest"])  # model.pt exists, but of other inputs
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        train.main(cfg, run="convlstm", windows=good.store, stats=good.stats, out_dir=out)
+    [warning] = fresh_start_warnings(caplog)
+    assert f"input windows changed: {bad.windows_digest} -> {good.windows_digest}" in warning
+    assert "train.learning_rate" not in warning
+    [folder] = stale_folders(out)
+    assert "model.pt" in {p.name for p in folder.iterdir()}
+    assert torch.load(out / "model.pt", weights_only=True)["provenance"] == record
+    assert train.is_complete(out, record["digest"])
+
+
+def test_identical_config_resumes_the_same_mlflow_run(tmp_path, caplog) -> None:
+    """Same result configuration and inputs (a runtime key may differ): a true resume, same MLflow run."""
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7)
+    out = tmp_path / "out"
+    cfg = quick_config(tmp_path)
     train.main(cfg, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+    run_id = (out / "mlflow_run_id.txt").read_text().strip()
+    before = weights(out / "model.pt")
+    (out / "model.pt").unlink()
+    runtime_change = quick_config(tmp_path, data_on_device="never")  # runtime key: not in the digest
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        train.main(runtime_change, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+    assert not fresh_start_warnings(caplog) and not stale_folders(out)
+    assert any("resuming run convlstm after epoch 1" in r.getMessage() for r in caplog.records)
+    assert (out / "mlflow_run_id.txt").read_text().strip() == run_id
+    assert same_weights(before, weights(out / "model.pt"))
+
+
+def test_another_model_starts_afresh(tmp_path, caplog) -> None:
+    """A model built differently (other model_kwargs) is another training, not an error."""
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7)
+    out = tmp_path / "out"
+    train.main(quick_config(tmp_path), run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
     (out / "model.pt").unlink()  # as if unfinished
-    other = tiny_config(tmp_path, epochs=1)
+    other = quick_config(tmp_path)
     other["model"]["convlstm"]["hidden_channels"] = [4, 8]
-    with pytest.raises(ConfigError, match=f"delete {out} to train this run from scratch"):
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
         train.main(other, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+    [warning] = fresh_start_warnings(caplog)
+    assert "model.convlstm.hidden_channels: [4, 4] -> [4, 8]" in warning
+    assert torch.load(out / "model.pt", weights_only=True)["model_kwargs"]["hidden_channels"] == [4, 8]
+    assert len(stale_folders(out)) == 1
+
+
+def test_resume_problems_names_each_difference() -> None:
+    kwargs = {"hidden_channels": [4]}
+    old_cfg = {"train": {"learning_rate": 0.01, "epochs": 2}}
+    new_cfg = {"train": {"learning_rate": 0.02, "epochs": 2}}
+    old = provenance.make_record("train", "a" * 16, {"windows": "w1", "stats": "s"})
+    ckpt = {"format_version": train.CHECKPOINT_VERSION, "model_name": "convlstm", "model_kwargs": kwargs,
+            "provenance": old, "result_config": old_cfg}
+    same = dict(model_name="convlstm", model_kwargs=kwargs)
+    assert train.resume_problems(ckpt, old, result_config=old_cfg, **same) == []
+    new = provenance.make_record("train", "b" * 16, {"windows": "w2", "stats": "s"})
+    assert train.resume_problems(ckpt, new, result_config=new_cfg, **same) == [
+        "train.learning_rate: 0.01 -> 0.02", "input windows changed: w1 -> w2"]
+    assert train.resume_problems(ckpt, old, result_config=old_cfg, model_name="convlstm",
+                                 model_kwargs={"hidden_channels": [8]})[0].startswith("it holds a convlstm model")
+    legacy = {k: v for k, v in ckpt.items() if k != "provenance"}
+    assert "no provenance record" in train.resume_problems(legacy, old, result_config=old_cfg, **same)[0]
+    assert "checkpoint format" in train.resume_problems({**ckpt, "format_version": 0}, old, result_config=old_cfg,
+                                                        **same)[0]
+
+
+def test_retire_files_moves_into_a_new_timestamped_folder(tmp_path) -> None:
+    import datetime as dt
+
+    now = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    for name in ("last.pt", "history.csv"):
+        (tmp_path / name).write_text(name)
+    first = train.retire_files(tmp_path, now=now)
+    assert first == tmp_path / "stale" / "20240506T070809Z"
+    assert sorted(p.name for p in first.iterdir()) == ["history.csv", "last.pt"]
+    assert not (tmp_path / "last.pt").exists()
+    (tmp_path / "last.pt").write_text("again")
+    assert train.retire_files(tmp_path, now=now) == tmp_path / "stale" / "20240506T070809Z-2"
+    assert train.retire_files(tmp_path, now=now) is None  # nothing left to move
+
+
+def test_train_discards_partials_of_a_killed_attempt(tmp_path, caplog) -> None:
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".last.pt.1234abcd.partial").write_bytes(b"half a checkpoint")
+    (out / ".history.csv.deadbeef.partial").write_text("epoch")
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        train.main(quick_config(tmp_path), run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+    assert not list(out.glob(".*.partial"))
+    assert sum("discarded" in r.getMessage() and ".partial" in r.getMessage() for r in caplog.records) == 2
+    assert not stale_folders(out)  # partials alone are no earlier training
 
 
 def test_conv2d_lstm_streaming_from_zarr(tmp_path) -> None:
@@ -287,9 +470,12 @@ def test_sigterm_then_resume_gives_identical_weights(tmp_path) -> None:
         time.sleep(0.01)
     run_id = (interrupted / "mlflow_run_id.txt").read_text().strip()
     proc.send_signal(signal.SIGTERM)
-    assert finish(proc) == 143
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, output
     state = torch.load(interrupted / "last.pt", weights_only=True)
     assert not state["finished"] and 1 <= state["epoch"] < 8
+    assert "stopped on SIGTERM" in output and f"a rerun resumes from {interrupted / 'last.pt'} after epoch " \
+        f"{state['epoch']}" in output, output
     assert not (interrupted / "model.pt").exists()
     client = MlflowClient(cfg["mlflow"]["tracking_uri"])
     assert client.get_run(run_id).info.status == "KILLED"
@@ -297,6 +483,7 @@ def test_sigterm_then_resume_gives_identical_weights(tmp_path) -> None:
     assert finish(ref_proc) == 0
     assert finish(child(cfg, fx, interrupted)) == 0  # resume
     assert (interrupted / "mlflow_run_id.txt").read_text().strip() == run_id
+    assert not (interrupted / train.STALE_DIR).exists()
     for name in ("best.pt", "last.pt", "model.pt"):
         a = torch.load(reference / name, weights_only=True)
         b = torch.load(interrupted / name, weights_only=True)
@@ -336,6 +523,8 @@ def test_deadline_checkpoints_before_the_time_limit_and_resumes(tmp_path) -> Non
     assert proc.returncode == 128 + signal.SIGALRM, proc.stdout + proc.stderr
     state = torch.load(limited / "last.pt", weights_only=True)
     assert not state["finished"] and state["epoch"] == 0
+    assert "WARNING" in proc.stderr and "stopped on the job's time limit" in proc.stderr
+    assert "resumes from" in proc.stderr and "after epoch 0" in proc.stderr
     assert not (limited / "model.pt").exists()
     assert cli(limited, "--time-limit-minutes", "60").returncode == 0  # resume, well within the limit
     a = torch.load(reference / "model.pt", weights_only=True)["model_state"]

@@ -12,11 +12,21 @@ Outputs in ``out_dir`` (checkpoint layout in ``docs/architecture.md``):
 - ``history.csv`` - one row per epoch; ``mlflow_run_id.txt``; ``model_summary.txt``;
 - ``model.pt`` - a copy of ``best.pt`` written last: the run is complete.
 
+Provenance: every checkpoint records the provenance of the run (:mod:`conv2dlstm.provenance`: the
+result configuration of the train step and the provenance digests of the windows store and the
+statistics) and the result configuration itself. :func:`main` resumes only from a ``last.pt`` whose
+provenance digest is the one the current configuration and inputs give; otherwise it logs a warning
+naming what differs (changed config keys with old -> new values, changed inputs), moves the stale
+files (:data:`RUN_FILES`) into ``out_dir/stale/<UTC timestamp>/`` and trains from scratch in a new
+MLflow run, tagging the old one ``superseded=true``, ``superseded_by=<new run id>``.
+
 Preemption: SIGTERM or SIGUSR1 sets a flag; at the next batch boundary training stops and
-:class:`TrainingInterrupted` (a ``SystemExit`` with status 128 + signal) ends the process. ``last.pt``
+:class:`TrainingInterrupted` (a ``SystemExit`` with status 128 + signal) ends the process, after a
+warning naming the signal (or the job's time limit) and the epoch a rerun resumes after. ``last.pt``
 then holds the state at the start of the interrupted epoch, so calling :func:`main` again with the
 same ``out_dir`` repeats that epoch with the same shuffled order and random state: on the CPU the
-resumed run ends with exactly the weights of an uninterrupted one. A complete run returns at once.
+resumed run ends with exactly the weights of an uninterrupted one. A complete run (``model.pt`` and
+a finished ``last.pt`` of the same provenance digest) returns at once.
 
 Data-parallel training (``train.gpus > 1``, see :mod:`conv2dlstm.distributed`): :func:`main` called
 in a plain process checks its inputs and runs itself again as ``train.gpus`` torchrun workers, one
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as dt
 import json
 import logging
 import math
@@ -51,16 +62,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from conv2dlstm import distributed, tracking
+from conv2dlstm import distributed, keys, provenance, tracking
+from conv2dlstm.config import flatten
 from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
 from conv2dlstm.errors import ConfigError, DataError
-from conv2dlstm.fsutil import atomic_output, sha256_file
+from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 from conv2dlstm.models import build_model, count_parameters, load_model, model_kwargs_from_config
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "samples_per_s", "seconds")
+RUN_FILES = ("last.pt", "best.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt")
+"""The files of a run in ``out_dir``; a fresh start moves those present into :data:`STALE_DIR`."""
+STALE_DIR = "stale"
+"""Folder of ``out_dir`` that keeps the files of superseded trainings, one ``<UTC timestamp>`` folder each."""
+RUN_ID_FILE = "mlflow_run_id.txt"
 
 
 class TrainingInterrupted(SystemExit):
@@ -69,6 +86,16 @@ class TrainingInterrupted(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+
+    @property
+    def reason(self) -> str:
+        """Why training stopped: the job's time limit (SIGALRM of :func:`set_deadline`) or the signal's name."""
+        if self.signum == signal.SIGALRM:
+            return "the job's time limit (--time-limit-minutes)"
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,12 +354,82 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
         torch.save(checkpoint, tmp)
 
 
-def is_complete(out_dir: Path) -> bool:
-    """A run is complete when ``model.pt`` exists and ``last.pt`` says finished."""
-    last = out_dir / "last.pt"
-    if not (out_dir / "model.pt").is_file() or not last.is_file():
+def train_record(cfg: dict[str, Any], windows: Path, stats: Path, *,
+                 windows_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance record of training with ``cfg`` on the windows store ``windows`` (whose
+    attributes may be given when already open) and the statistics ``stats``."""
+    windows = Path(windows)
+    if windows_attrs is None:
+        store_record = provenance.read_zarr(windows, step="windows")
+    else:
+        store_record = provenance.from_attrs(windows_attrs, where=f"windows store {windows}", step="windows")
+    inputs = {"windows": store_record["digest"], "stats": provenance.read_netcdf(stats, step="normalize")["digest"]}
+    return provenance.for_step(cfg, "train", inputs)
+
+
+def checkpoint_digest(ckpt: dict[str, Any]) -> str | None:
+    """The provenance digest a checkpoint records (None when it records none)."""
+    record = ckpt.get(provenance.ATTR)
+    return str(record.get("digest")) if isinstance(record, dict) and record.get("digest") else None
+
+
+def is_complete(out_dir: Path, digest: str) -> bool:
+    """A run is complete when ``last.pt`` says finished and ``last.pt`` and ``model.pt`` both record
+    the provenance ``digest`` (that of the current configuration and inputs)."""
+    last, model = out_dir / "last.pt", out_dir / "model.pt"
+    if not (model.is_file() and last.is_file()):
         return False
-    return bool(torch.load(last, map_location="cpu", weights_only=True).get("finished", False))
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    if not state.get("finished", False) or checkpoint_digest(state) != digest:
+        return False
+    return checkpoint_digest(torch.load(model, map_location="cpu", weights_only=True, mmap=True)) == digest
+
+
+def resume_problems(ckpt: dict[str, Any], expected: dict[str, Any], *, result_config: dict[str, Any],
+                    model_name: str, model_kwargs: dict[str, Any]) -> list[str]:
+    """Why training cannot resume from the checkpoint ``ckpt`` (the content of ``last.pt``) for the
+    provenance record ``expected``: one phrase per difference, empty when it can.
+
+    Changed result config keys are named with their old and new values (from the result
+    configuration the checkpoint stores), changed inputs by name with both digests.
+    """
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        return [f"it has checkpoint format {ckpt.get('format_version')}, this version writes {CHECKPOINT_VERSION}"]
+    try:
+        old = provenance.from_checkpoint(ckpt, where="it")
+    except DataError as exc:
+        return [str(exc).split(";")[0]]
+    problems = provenance.differences(old, expected, old_config=ckpt.get(provenance.RESULT_CONFIG_KEY),
+                                      new_config=result_config)
+    if not problems and (ckpt.get("model_name") != model_name or ckpt.get("model_kwargs") != model_kwargs):
+        problems.append(f"it holds a {ckpt.get('model_name')} model {ckpt.get('model_kwargs')}, the configuration "
+                        f"builds {model_name} {model_kwargs}")
+    return problems
+
+
+def stale_folder(out_dir: Path, now: dt.datetime) -> Path:
+    """A new folder ``out_dir/stale/<UTC timestamp>`` (``-2``, ``-3``, ... appended when taken)."""
+    base = out_dir / STALE_DIR / now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    folder, n = base, 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+
+
+def retire_files(out_dir: Path, names: tuple[str, ...] = RUN_FILES, *, now: dt.datetime | None = None) -> Path | None:
+    """Move the files ``names`` present in ``out_dir`` into a new :func:`stale_folder`; returns it
+    (None when none is present). Nothing is deleted."""
+    present = [name for name in names if (out_dir / name).is_file()]
+    if not present:
+        return None
+    folder = stale_folder(out_dir, now or dt.datetime.now(dt.UTC))
+    for name in present:
+        os.replace(out_dir / name, folder / name)
+    return folder
 
 
 def _data_source(store: WindowsStore, split: str, mode: str, device: torch.device,
@@ -454,7 +551,8 @@ class Loop:
 
 
 def _checkpoint(loop: Loop, progress: Progress, *, model_name: str, model_kwargs: dict[str, Any],
-                cfg: dict[str, Any], store: WindowsStore, run_id: str, run: str) -> dict[str, Any]:
+                cfg: dict[str, Any], store: WindowsStore, run_id: str, run: str, record: dict[str, Any],
+                result_config: dict[str, Any]) -> dict[str, Any]:
     return {
         "format_version": CHECKPOINT_VERSION,
         "run": run,
@@ -475,19 +573,9 @@ def _checkpoint(loop: Loop, progress: Progress, *, model_name: str, model_kwargs
         "input_variables": list(store.input_variables),
         "target_variables": list(store.target_variables),
         "mlflow_run_id": run_id,
+        provenance.ATTR: record,
+        provenance.RESULT_CONFIG_KEY: result_config,
     }
-
-
-def _check_resumable(ckpt: dict[str, Any], path: Path, model_name: str, model_kwargs: dict[str, Any],
-                     cfg: dict[str, Any]) -> None:
-    if ckpt.get("format_version") != CHECKPOINT_VERSION or ckpt["model_name"] != model_name \
-            or ckpt["model_kwargs"] != model_kwargs:
-        raise ConfigError(
-            f"{path} holds a {ckpt.get('model_name')} model {ckpt.get('model_kwargs')}, but the configuration "
-            f"asks for {model_name} {model_kwargs}; delete {path.parent} to train this run from scratch"
-        )
-    if ckpt["config"] != cfg:
-        log.warning("%s was written with a different configuration; resuming with the current one", path)
 
 
 def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device) -> None:
@@ -524,6 +612,15 @@ def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, ou
     ]
 
 
+@dataclass(frozen=True)
+class Stale:
+    """Files of an earlier training in ``out_dir`` that this one does not continue."""
+
+    reasons: tuple[str, ...]  # what differs, one phrase each
+    files: tuple[str, ...]  # the names of RUN_FILES present
+    run_id: str | None  # the earlier training's MLflow run
+
+
 @dataclass
 class _Inputs:
     """The checked inputs of a run."""
@@ -532,7 +629,35 @@ class _Inputs:
     stats_sha: str
     model_name: str
     model_kwargs: dict[str, Any]
-    resume: dict[str, Any] | None  # the content of last.pt
+    record: dict[str, Any]  # the provenance record of this training
+    result_config: dict[str, Any]  # keys.result_config(cfg, "train")
+    resume: dict[str, Any] | None  # the content of last.pt, when it can be resumed
+    stale: Stale | None  # the files of an earlier training that is not resumed
+
+
+def _read_run_id(out_dir: Path) -> str | None:
+    path = out_dir / RUN_ID_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def _resume_or_stale(out_dir: Path, record: dict[str, Any], result_config: dict[str, Any], model_name: str,
+                     model_kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, Stale | None]:
+    """``(last.pt, None)`` when training resumes from it; ``(None, Stale)`` when files of another
+    training are in ``out_dir``; ``(None, None)`` when there are none."""
+    last_path = out_dir / "last.pt"
+    last = torch.load(last_path, map_location="cpu", weights_only=True) if last_path.is_file() else None
+    if last is not None:
+        reasons = resume_problems(last, record, result_config=result_config, model_name=model_name,
+                                  model_kwargs=model_kwargs)
+        if not reasons:
+            return last, None
+    else:
+        reasons = ["there is no last.pt"]
+    files = tuple(name for name in RUN_FILES if (out_dir / name).is_file())
+    if not files:
+        return None, None
+    recorded = str(last.get("mlflow_run_id") or "") if last is not None else ""
+    return None, Stale(tuple(reasons), files, _read_run_id(out_dir) or recorded or None)
 
 
 def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Path) -> _Inputs:
@@ -549,6 +674,8 @@ def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Pa
     stats_sha = sha256_file(stats)
     if store.attrs.get("stats_sha256") not in (None, stats_sha):
         log.warning("windows store %s was built from other statistics than %s", store.path, stats)
+    record = train_record(cfg, store.path, stats, windows_attrs=store.attrs)
+    result_config = keys.result_config(cfg, "train")
 
     model_name = cfg["model"]["name"]
     h, w = store.shape
@@ -556,17 +683,16 @@ def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Pa
         cfg["model"], input_variables=store.input_variables, target_variables=store.target_variables,
         input_steps=store.input_steps, lead_steps=store.lead_steps, height=h, width=w,
     )
-    last_path = out_dir / "last.pt"
-    resume = torch.load(last_path, map_location="cpu", weights_only=True) if last_path.is_file() else None
-    if resume is not None:
-        _check_resumable(resume, last_path, model_name, model_kwargs, cfg)
-    return _Inputs(store, stats_sha, model_name, model_kwargs, resume)
+    resume, stale = _resume_or_stale(out_dir, record, result_config, model_name, model_kwargs)
+    return _Inputs(store, stats_sha, model_name, model_kwargs, record, result_config, resume, stale)
 
 
 def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> None:
     """Train run ``run`` (``cfg`` is that run's full config) on the windows store; outputs in ``out_dir``.
 
-    Resumes from ``out_dir/last.pt`` when present; returns at once when the run is complete.
+    Resumes from ``out_dir/last.pt`` when it records the provenance digest of this configuration and
+    these inputs; otherwise moves the files of the earlier training to ``out_dir/stale/<UTC timestamp>/``
+    and starts afresh (module docstring). Returns at once when the run is complete (:func:`is_complete`).
 
     ``train.gpus > 1`` (data-parallel; :mod:`conv2dlstm.distributed`): in a plain process, ``main``
     checks the configuration and inputs, then runs ``python -m conv2dlstm train`` with the same
@@ -577,7 +703,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
     processes. The global ``train.batch_size`` must be divisible by the number of processes.
     """
     out_dir = Path(out_dir)
-    if is_complete(out_dir):
+    if (out_dir / "model.pt").is_file() and is_complete(out_dir, train_record(cfg, windows, stats)["digest"]):
         log.info("run %s is complete in %s; nothing to do", run, out_dir)
         return
     tcfg = cfg["train"]
@@ -595,6 +721,9 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
         uri = tracking.resolve_tracking_uri(cfg)
         tracking.check_tracking(uri)
     inputs = _open_inputs(cfg, windows=windows, stats=stats, out_dir=out_dir)
+    if ctx.is_main:
+        for stray in discard_partials(out_dir):
+            log.info("train: discarded %s left by an interrupted run", stray)
     if launch:
         argv = worker_argv(cfg, run=run, windows=windows, stats=stats, out_dir=out_dir)
         code = distributed.maybe_relaunch(argv, tcfg["gpus"])
@@ -630,6 +759,8 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
     store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     distributed.barrier(ctx, device)  # every rank has read last.pt before rank 0 writes it again
+    if ctx.is_main and inputs.stale is not None:
+        _retire(inputs.stale, run=run, out_dir=out_dir)
 
     with deterministic(), stop_on_signals() as stop:
         left = arm_deadline()
@@ -666,8 +797,10 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
             eval_net=(torch.compile(model) if tcfg["compile"] else model) if ctx.distributed else None,
         )
         if ctx.is_main:
-            run_id_file = out_dir / "mlflow_run_id.txt"
-            previous_run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+            run_id_file = out_dir / RUN_ID_FILE
+            # A fresh start never reopens an MLflow run: its params would describe another model.
+            previous_run_id = None if resume is None else (
+                _read_run_id(out_dir) or str(resume.get("mlflow_run_id") or "") or None)
             tags = {
                 "run": run,
                 "model_name": model_name,
@@ -678,13 +811,21 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                 "stats_sha256": inputs.stats_sha,
                 "windows_store": str(store.path),
                 "data_on_device": isinstance(loop.train_source, InMemoryWindows),
+                **provenance.mlflow_tags(inputs.record),
             }
+            superseded = inputs.stale.run_id if inputs.stale is not None else None
+            if superseded:
+                tags["supersedes"] = superseded
             tracker_cm: contextlib.AbstractContextManager = tracking.start_run(
-                cfg, run, run_id=previous_run_id, tags=tags, tracking_uri=uri)
+                cfg, run, run_id=previous_run_id, tags=tags, tracking_uri=uri,
+                fixed_params=tuple(flatten(inputs.result_config)))
         else:
             tracker_cm = contextlib.nullcontext()
         with tracker_cm as tracker:
             if ctx.is_main:
+                if superseded and superseded != tracker.run_id:
+                    tracking.mark_superseded(uri or tracking.resolve_tracking_uri(cfg), superseded, tracker.run_id)
+                    log.info("MLflow run %s supersedes run %s (tagged superseded)", tracker.run_id, superseded)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 if tracker.run_id != previous_run_id:
                     write_text(run_id_file, tracker.run_id + "\n")
@@ -693,14 +834,32 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
 
             def checkpoint() -> dict[str, Any]:
                 return _checkpoint(loop, progress, model_name=model_name, model_kwargs=model_kwargs, cfg=cfg,
-                                   store=store, run_id=tracker.run_id, run=run)
+                                   store=store, run_id=tracker.run_id, run=run, record=inputs.record,
+                                   result_config=inputs.result_config)
 
             if resume is None and ctx.is_main:
                 save_checkpoint(last_path, checkpoint())  # the state at the start of epoch 1
-            _fit(loop, progress, tcfg, tracker, checkpoint, last_path, best_path, out_dir)
+            try:
+                _fit(loop, progress, tcfg, tracker, checkpoint, last_path, best_path, out_dir)
+            except TrainingInterrupted as stop_:
+                if ctx.is_main:
+                    log.warning("run %s stopped on %s; a rerun resumes from %s after epoch %d%s",
+                                run, stop_.reason, last_path, progress.epoch,
+                                " (at the start of epoch 1)" if progress.epoch == 0 else "")
+                raise
             if ctx.is_main:
                 _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"])
         distributed.barrier(ctx, device)  # the other ranks wait for rank 0's files and MLflow run
+
+
+def _retire(stale: Stale, *, run: str, out_dir: Path) -> None:
+    """Move the files of the earlier training ``stale`` out of ``out_dir``, with a warning saying why."""
+    folder = retire_files(out_dir, stale.files)
+    log.warning(
+        "run %s: starting fresh, in a new MLflow run: the training in %s differs from this one (%s); "
+        "its files %s are moved to %s",
+        run, out_dir, "; ".join(stale.reasons), list(stale.files), folder,
+    )
 
 
 def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking.Tracker | None,
