@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import evaluate, metrics, plots
+from conv2dlstm import evaluate, keys, metrics, plots, provenance
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 
@@ -340,6 +340,19 @@ def test_metrics_to_log_skips_values_already_logged():
 
 MEAN, STD = 15.0, 2.0
 INPUT_STEPS, LEAD_STEPS = 3, 2
+STATS_RECORD = provenance.make_record("normalize", "c" * 16, {"regrid": "a" * 16})
+
+
+def _windows_record(anomalies: bool) -> dict:
+    """The provenance of a windows store: the two stores of these tests hold different data."""
+    return provenance.make_record("windows", "d" * 16, {"regrid": ("b" if anomalies else "a") * 16,
+                                                        "stats": STATS_RECORD["digest"]})
+
+
+def _train_record(cfg: dict, anomalies: bool) -> dict:
+    """The provenance of a checkpoint trained with ``cfg`` on one of the two windows stores."""
+    inputs = {"windows": _windows_record(anomalies)["digest"], "stats": STATS_RECORD["digest"]}
+    return provenance.for_step(cfg, "train", inputs)
 
 
 def _seasonal(times: pd.DatetimeIndex) -> np.ndarray:
@@ -363,7 +376,8 @@ def _stats_dataset() -> xr.Dataset:
             "variable_units": ("variable", np.array(["degC"], dtype=object)),
         },
         coords={"variable": ["sst"], "dayofyear": doy, "lat": LAT, "lon": LON},
-        attrs={"train_start": "2021-01-01", "train_end": "2021-01-31", "per_pixel": 0},
+        attrs={"train_start": "2021-01-01", "train_end": "2021-01-31", "per_pixel": 0,
+               **provenance.to_attrs(STATS_RECORD)},
     )
 
 
@@ -401,6 +415,7 @@ def _windows_dataset(times: pd.DatetimeIndex, anomaly: np.ndarray | None = None)
             "lead_steps": LEAD_STEPS,
             "stats_sha256": "0" * 64,
             "format_version": 1,
+            **provenance.to_attrs(_windows_record(anomaly is not None)),
         },
     )
 
@@ -464,6 +479,8 @@ def pipeline_inputs(tmp_path_factory):
             "input_variables": ["sst"],
             "target_variables": ["sst"],
             "mlflow_run_id": run_id,
+            "provenance": _train_record(cfg, anomalies=False),
+            "result_config": keys.result_config(cfg, "train"),
         },
         checkpoint,
     )
@@ -531,6 +548,17 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     assert "skill_vs_persistence_sst_lead2" in logged
     artifacts = {a.path for a in client.list_artifacts(p["run_id"], "evaluate")}
     assert {"evaluate/metrics.csv", "evaluate/rmse_vs_lead.png", "evaluate/maps.png"} <= artifacts
+
+    # provenance: of the checkpoint, windows and statistics, in predictions.nc and as MLflow tags
+    trained = _train_record(p["cfg"], anomalies=False)
+    record = provenance.read_netcdf(out_dir / "predictions.nc", step="evaluate")
+    assert record == provenance.for_step(p["cfg"], "evaluate", {
+        "checkpoint": trained["digest"], "windows": _windows_record(False)["digest"], "stats": STATS_RECORD["digest"]})
+    assert provenance.digest_of(out_dir / "predictions.nc") == record["digest"]
+    tags = client.get_run(p["run_id"]).data.tags
+    assert tags["evaluate.provenance.digest"] == record["digest"]
+    assert tags["evaluate.provenance.inputs.checkpoint"] == trained["digest"]
+    assert tags["evaluate.provenance.config_digest"] == keys.result_digest(p["cfg"], "evaluate")
 
 
 def test_evaluate_bad_plot_date_leaves_no_output(pipeline_inputs, monkeypatch):
@@ -605,7 +633,8 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = pipeline_inputs
     run_id = _new_mlflow_run(p, "anomalies")
-    checkpoint = _variant_checkpoint(p, "train_anomalies", mlflow_run_id=run_id)
+    checkpoint = _variant_checkpoint(p, "train_anomalies", mlflow_run_id=run_id,
+                                     provenance=_train_record(p["cfg"], anomalies=True))
     cfg = {**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "plot_date": "2021-02-23"}}  # in the second batch
     out_dir = p["root"] / "evaluate" / "anomalies"
     kwargs = {"run": "convlstm", "windows": p["windows_anomalies"], "stats": p["stats"], "checkpoint": checkpoint}
@@ -742,3 +771,59 @@ def test_evaluate_failure_mid_prediction_leaves_old_outputs(pipeline_inputs, mon
         evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
     assert [f.name for f in out_dir.iterdir()] == ["metrics.csv"]  # no staging folder left, old result kept
     assert (out_dir / "metrics.csv").read_text() == "previous result\n"
+
+
+def _refused(p: dict, name: str, checkpoint: Path, match: str, *, windows: Path | None = None, cfg: dict | None = None):
+    out_dir = p["root"] / "evaluate" / name
+    with pytest.raises(DataError, match=match) as info:
+        evaluate.main(cfg or p["cfg"], run="convlstm", windows=windows or p["windows"], stats=p["stats"],
+                      checkpoint=checkpoint, out_dir=out_dir)
+    assert "rerun the train step" in str(info.value) and "snakemake --forcerun train" in str(info.value)
+    assert not out_dir.exists()
+
+
+def test_evaluate_refuses_a_checkpoint_trained_on_other_windows(pipeline_inputs, monkeypatch):
+    """The windows store was rebuilt (other data, other digest) after training: the model is stale."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    old, new = _windows_record(False)["digest"], _windows_record(True)["digest"]
+    _refused(p, "other_windows", p["checkpoint"], rf"trained on windows digest {old} but the windows given have "
+             rf"digest {new}", windows=p["windows_anomalies"])
+
+
+def test_evaluate_refuses_a_checkpoint_of_other_statistics_or_config(pipeline_inputs, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    other_stats = provenance.make_record("train", keys.result_digest(p["cfg"], "train"),
+                                         {"windows": _windows_record(False)["digest"], "stats": "e" * 16})
+    checkpoint = _variant_checkpoint(p, "train_other_stats", provenance=other_stats)
+    _refused(p, "other_stats", checkpoint, rf"trained on stats digest e{{16}} but the stats given have digest "
+             rf"{STATS_RECORD['digest']}")
+
+    changed = {**p["cfg"], "train": {**p["cfg"]["train"], "learning_rate": 0.5}}
+    _refused(p, "other_config", p["checkpoint"], r"another configuration \(train.learning_rate: 0.003 -> 0.5\)",
+             cfg=changed)
+
+    ckpt = torch.load(p["checkpoint"], weights_only=True)
+    del ckpt["provenance"]
+    legacy = p["root"] / "train_legacy" / "best.pt"
+    legacy.parent.mkdir()
+    torch.save(ckpt, legacy)
+    _refused(p, "legacy", legacy, "has no provenance record")
+
+
+def test_evaluate_discards_partials_of_a_killed_attempt(pipeline_inputs, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    out_dir = p["root"] / "evaluate" / "partials"
+    (out_dir / ".evaluate.abcd1234.partial").mkdir(parents=True)  # a killed run's staging folder
+    (out_dir / ".metrics.csv.1234abcd.partial").write_text("half a table")
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"],
+                      out_dir=out_dir)
+    assert sorted(f.name for f in out_dir.iterdir()) == sorted(evaluate.OUTPUT_FILES)
+    assert caplog.text.count("discarded") == 2

@@ -63,9 +63,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from conv2dlstm import __version__, baselines, metrics, plots
+from conv2dlstm import __version__, baselines, keys, metrics, plots, provenance
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
-from conv2dlstm.fsutil import atomic_output, sha256_file
+from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -680,6 +680,47 @@ def _check_checkpoint(ckpt: Mapping[str, Any], store: Any, checkpoint: Path) -> 
             )
 
 
+_RETRAIN = (
+    "the checkpoint is stale: rerun the train step on the current data and configuration "
+    "(`snakemake --forcerun train`, or rerun the workflow)"
+)
+
+
+def check_provenance(
+    ckpt: Mapping[str, Any],
+    *,
+    checkpoint: Path,
+    windows: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    train_config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint's provenance record, after checking that it was trained on these inputs.
+
+    ``windows`` and ``stats`` are the provenance records of the windows store and statistics the
+    step is given, ``train_config`` the train step's result configuration of the run. Raises
+    :class:`DataError` naming what differs and the step to rerun (train) when the checkpoint
+    records no provenance, other windows or statistics digests, or another result configuration.
+    """
+    try:
+        record = provenance.from_checkpoint(ckpt, where=f"checkpoint {checkpoint}")
+    except DataError as exc:
+        raise DataError(f"{str(exc).split(';')[0]}; {_RETRAIN}") from exc
+    given = {"windows": windows["digest"], "stats": stats["digest"]}
+    problems = [
+        f"it was trained on {name} digest {record['inputs'].get(name, '(none)')} but the {name} given have "
+        f"digest {digest}"
+        for name, digest in given.items()
+        if record["inputs"].get(name) != digest
+    ]
+    if record["config_digest"] != keys.result_digest(dict(train_config), "train"):
+        old = ckpt.get(provenance.RESULT_CONFIG_KEY)
+        changed = provenance.config_changes(old, train_config) if isinstance(old, Mapping) else []
+        problems.append("it was trained with another configuration" + (f" ({'; '.join(changed)})" if changed else ""))
+    if problems:
+        raise DataError(f"checkpoint {checkpoint} does not match its inputs: {'; '.join(problems)}; {_RETRAIN}")
+    return record
+
+
 # --------------------------------------------------------------------------------------------------
 # Commit and MLflow
 
@@ -719,8 +760,14 @@ def metrics_to_log(values: Mapping[str, float], logged: Mapping[str, float]) -> 
     }
 
 
-def log_to_mlflow(uri: str, run_id: str, values: Mapping[str, float], artifacts: Sequence[Path]) -> int:
-    """Log scores (step 0) and files into the existing (training) MLflow run ``run_id``.
+def log_to_mlflow(
+    uri: str,
+    run_id: str,
+    values: Mapping[str, float],
+    artifacts: Sequence[Path],
+    tags: Mapping[str, str] | None = None,
+) -> int:
+    """Log scores (step 0), files and ``tags`` into the existing (training) MLflow run ``run_id``.
 
     Metrics already logged with the same value are skipped, so a rerun adds no duplicate; returns
     the number of metrics logged.
@@ -736,6 +783,8 @@ def log_to_mlflow(uri: str, run_id: str, values: Mapping[str, float], artifacts:
             tracker.log_metrics({k: new[k] for k in names[i : i + 500]}, step=MLFLOW_STEP)
         for path in artifacts:
             tracker.log_artifact(path, artifact_path=ARTIFACT_DIR)
+        if tags:
+            tracker.set_tags(dict(tags))
     return len(names)
 
 
@@ -887,11 +936,18 @@ def write_figures(
 
 
 def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoint: Path, out_dir: Path) -> None:
-    """Predict the test split batch by batch, score the run and the baselines, write, commit, then log."""
+    """Predict the test split batch by batch, score the run and the baselines, write, commit, then log.
+
+    The checkpoint must have been trained on this windows store and these statistics with this
+    configuration (:func:`check_provenance`); ``predictions.nc`` (attribute ``provenance``) and the
+    MLflow run (tags ``evaluate.provenance.*``) record the evaluation's provenance.
+    """
     from conv2dlstm import data, models, tracking
     from conv2dlstm.train import resolve_device
 
     windows, stats, checkpoint, out_dir = Path(windows), Path(stats), Path(checkpoint), Path(out_dir)
+    for stray in discard_partials(out_dir):
+        log.info("evaluate: discarded %s left by an interrupted run", stray)
     store = data.WindowsStore(windows)
     model, ckpt = models.load_model(checkpoint)
     _check_checkpoint(ckpt, store, checkpoint)
@@ -913,6 +969,16 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
 
     with open_stats(stats, targets) as stats_ds:
         check_stats_grid(stats_ds, store.lat, store.lon, stats_path=stats, windows=windows)
+        trained = check_provenance(
+            ckpt,
+            checkpoint=checkpoint,
+            windows=provenance.from_attrs(store.attrs, where=f"windows store {windows}", step="windows"),
+            stats=provenance.from_attrs(stats_ds.attrs, where=f"statistics file {stats}", step="normalize"),
+            train_config=keys.result_config(dict(cfg), "train"),
+        )
+        record = provenance.for_step(
+            cfg, "evaluate", {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}}
+        )
         units = variable_units(stats_ds)
         staging = staging_dir(out_dir)
         try:
@@ -930,6 +996,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
                     "checkpoint": checkpoint.name,
                     "checkpoint_sha256": sha256_file(checkpoint),
                     "mlflow_run_id": run_id,
+                    **provenance.to_attrs(record),
                 },
             ) as writer:
                 scores, rmse_map, shown = evaluate_split(
@@ -964,5 +1031,6 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
         run_id,
         mlflow_metrics(table, model_name=model_name),
         [out_dir / name for name in OUTPUT_FILES if name != "predictions.nc"],
+        tags=provenance.mlflow_tags(record, prefix="evaluate.provenance"),
     )
     log.info("logged %d new metrics and the plots into MLflow run %s", logged, run_id)
