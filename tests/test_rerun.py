@@ -260,7 +260,7 @@ def test_fixed_input_data_retrains_from_scratch_and_equals_a_fresh_run(tiny_run:
     results equal those of tiny_run (the same config on good data) bit for bit."""
     wf = copy_workflow(tmp_path / "wf")
     shutil.copy(TINY, wf / "tiny.yaml")
-    run_snakemake(wf, "--cores", "1", "--configfile", "tiny.yaml", "synth")
+    run_snakemake(wf, "synth", "--cores", "1", "--configfile", "tiny.yaml")
     raw = sorted((wf / "resources/synthetic/oisst").rglob("*.nc"))[40]  # a training day
     good = tmp_path / "good.nc"
     shutil.copy(raw, good)
