@@ -30,11 +30,11 @@ def _leaf_names(schema: dict, sub: dict, prefix: str = "") -> set[str]:
 def test_every_schema_key_has_a_rerun_decision():
     schema = load_schema()
     names = {s.name for s in keys.key_specs()}
-    assert _leaf_names(schema, schema) - {"runs"} == names
+    assert _leaf_names(schema, schema) - {"runs", "sweep"} == names
     # every value of the default config belongs to exactly one annotated key
     cfg = validate_config({})
     covered = {k for k in flatten(cfg) if any(k == n or k.startswith(n + ".") for n in names)}
-    assert covered == set(flatten(cfg)) - {"runs"}
+    assert covered == set(flatten(cfg)) - {"runs", "sweep"}
 
 
 def test_result_config_holds_exactly_the_determining_keys():

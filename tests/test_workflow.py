@@ -31,7 +31,8 @@ def test_dry_run_builds_the_whole_dag(snakemake_exe, workflow_copy, configfile):
     for rule in ("fetch", "regrid", "normalize", "windows", "train", "evaluate", "compare"):
         assert f"rule {rule}:" in out
     if configfile.endswith("sweep.yaml"):
-        assert "results/train/convlstm/model.pt" in out and "results/train/conv2d_lstm/model.pt" in out
+        for run in ("convlstm-lr0.001", "convlstm-lr0.003", "conv2d_lstm-lr0.001", "conv2d_lstm-lr0.003"):
+            assert f"results/train/{run}/model.pt" in out, run
 
 
 def test_bad_config_stops_before_any_job(snakemake_exe, workflow_copy):

@@ -321,8 +321,9 @@ def _check_schema(cfg: dict[str, Any], schema: dict[str, Any]) -> None:
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     """Return a validated copy of ``cfg`` with every default filled in.
 
-    Raises :class:`ConfigError` naming the first bad key: schema errors first, then
-    :func:`_check_semantics` (which validates every ``runs`` entry as its merged run config).
+    Raises :class:`ConfigError` naming the first bad key: schema errors first, then the ``sweep``
+    grid (expanded into ``runs`` entries, :func:`_expand_sweep`), then :func:`_check_semantics`
+    (which validates every ``runs`` entry as its merged run config).
     """
     schema = load_schema()
     cfg = copy.deepcopy(cfg) if cfg else {}
@@ -331,8 +332,25 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     given = set(cfg)
     _fill_defaults(cfg, schema, schema)
     _check_schema(cfg, schema)
+    _expand_sweep(cfg)
     _check_semantics(cfg, given)
     return cfg
+
+
+def _expand_sweep(cfg: dict[str, Any]) -> None:
+    """Append the runs of the ``sweep`` grid to ``runs`` and empty ``sweep``
+    (:func:`conv2dlstm.sweep.sweep_runs`), so that everything downstream sees plain ``runs``
+    entries and validating again changes nothing."""
+    if cfg.get("sweep"):
+        from conv2dlstm.sweep import sweep_runs
+
+        grid = sweep_runs(cfg["sweep"])
+        clash = sorted({r["name"] for r in grid} & {r["name"] for r in cfg["runs"]})
+        if clash:
+            raise ConfigError(f"config keys sweep and runs: the grid's run name(s) {clash} are also names of runs "
+                              "entries; rename those runs entries (or drop them: the grid already has them)")
+        cfg["runs"] = [*cfg["runs"], *grid]
+        cfg["sweep"] = {}
 
 
 def load_config(path: str | Path | None = None, *, json_text: str | None = None) -> dict[str, Any]:

@@ -43,6 +43,10 @@ STEPS = ("synth", "fetch", "regrid", "normalize", "windows", "train", "evaluate"
 """The steps in pipeline order: each step's inputs come from steps before it."""
 RUN_STEPS = ("train", "evaluate")
 """Steps that run once per configured run (the ``runs`` entries override ``model`` and ``train``)."""
+RUN_KEYS = (("runs",), ("sweep",))
+"""Keys that declare runs rather than values: not leaves. ``sweep`` is expanded into ``runs``
+entries by validation (:mod:`conv2dlstm.sweep`); the entries override ``model`` and ``train`` keys,
+which keep their own annotation."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ def key_specs() -> tuple[KeySpec, ...]:
 
     A property is a leaf when it carries ``x-steps`` (its value is compared as a whole, e.g. a grid
     axis or ``harmonize.rename``); otherwise it must be an object whose properties are walked. A
-    property that is neither raises ``ValueError``: every key needs a rerun decision. The ``runs``
-    entries are not leaves: they override ``model`` and ``train`` keys, which keep their annotation.
+    property that is neither raises ``ValueError``: every key needs a rerun decision. The
+    :data:`RUN_KEYS` (``runs``, and ``sweep``, which validation turns into ``runs`` entries) are not
+    leaves: their entries override ``model`` and ``train`` keys, which keep their annotation.
     """
     schema = load_schema()
     specs: list[KeySpec] = []
@@ -107,12 +112,14 @@ def key_specs() -> tuple[KeySpec, ...]:
         for key, prop in sub.get("properties", {}).items():
             path = (*prefix, key)
             resolved = _resolve(prop, schema)
+            if path in RUN_KEYS:
+                continue
             if "x-steps" in resolved:
                 specs.append(KeySpec(path, _parse_steps(".".join(path), resolved["x-steps"]),
                                      bool(resolved.get("x-output-path", False))))
             elif "properties" in resolved:
                 walk(resolved, path)
-            elif path != ("runs",):
+            else:
                 missing.append(".".join(path))
 
     walk(schema, ())
@@ -169,13 +176,14 @@ def visible_to(spec: KeySpec, step: str) -> bool:
 
 def step_view(cfg: dict[str, Any], step: str) -> dict[str, Any]:
     """``cfg`` (validated; for train and evaluate the run's configuration) restricted to the keys
-    ``step`` may read (:func:`visible_to`); ``runs`` is kept as given."""
+    ``step`` may read (:func:`visible_to`); the :data:`RUN_KEYS` are kept as given."""
     out: dict[str, Any] = {}
     for spec in key_specs():
         if visible_to(spec, step):
             _set(out, spec.path, get(cfg, spec.name))
-    if "runs" in cfg:
-        out["runs"] = copy.deepcopy(cfg["runs"])
+    for (key,) in RUN_KEYS:
+        if key in cfg:
+            out[key] = copy.deepcopy(cfg[key])
     return out
 
 
