@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from conv2dlstm import provenance
+from conv2dlstm import provenance, zarrstore
 from conv2dlstm.fsutil import sha256_file
 
 
@@ -188,8 +188,7 @@ def make_windows_store(
         },
     )
     chunk = time_chunk or (input_steps + lead_steps)
-    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False,
-               encoding={"data": {"chunks": (chunk, n_var, height, width)}})
+    zarrstore.write_store(ds.chunk({"time": chunk}), path)  # as the windows step writes it
     return WindowsFixture(
         store=path, stats=stats_path, physical=physical, normalized=normalized, mask=mask, time=time,
         lat=lat, lon=lon, variables=variables, input_variables=input_variables,

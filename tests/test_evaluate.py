@@ -13,6 +13,7 @@ import xarray as xr
 from conv2dlstm import evaluate, keys, metrics, plots, provenance
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
+from conv2dlstm.zarrstore import write_store
 
 LAT = np.array([20.0, 21.0, 22.0])
 LON = np.array([-60.0, -59.0, -58.0, -57.0])
@@ -430,11 +431,9 @@ def pipeline_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate_e2e")
     times = pd.date_range("2021-01-01", periods=60, freq="D")
     windows = root / "windows.zarr"
-    _windows_dataset(times).chunk({"time": INPUT_STEPS + LEAD_STEPS}).to_zarr(windows, zarr_format=3, mode="w", consolidated=False)
+    write_store(_windows_dataset(times).chunk({"time": INPUT_STEPS + LEAD_STEPS}), windows)
     windows_anomalies = root / "windows_anomalies.zarr"
-    _windows_dataset(times, _anomaly(times)).chunk({"time": INPUT_STEPS + LEAD_STEPS}).to_zarr(
-        windows_anomalies, zarr_format=3, mode="w", consolidated=False
-    )
+    write_store(_windows_dataset(times, _anomaly(times)).chunk({"time": INPUT_STEPS + LEAD_STEPS}), windows_anomalies)
     stats = root / "stats.nc"
     _stats_dataset().to_netcdf(stats)
 

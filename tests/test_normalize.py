@@ -15,7 +15,7 @@ from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
-from conv2dlstm.regrid import write_zarr
+from conv2dlstm.zarrstore import write_store
 
 LAT = np.array([21.0, 22.0, 23.0])
 LON = np.array([-79.0, -78.0, -77.0, -76.0])
@@ -230,7 +230,7 @@ def test_normalize_denormalize_round_trip(per_pixel: bool) -> None:
 def test_main_writes_stats_netcdf(tmp_path: Path, caplog) -> None:
     ds, n_train = leaky_dataset(4)
     data = tmp_path / "regrid" / "oisst.zarr"
-    write_zarr(ds.chunk({"time": 128}).assign_attrs(provenance.to_attrs(REGRID_RECORD)), data)
+    write_store(ds.chunk({"time": 128}).assign_attrs(provenance.to_attrs(REGRID_RECORD)), data)
     cfg = validate_config({
         "variables": {"inputs": ["sst", "no3"], "targets": ["sst"]},
         "splits": {"train": {"start": "2019-01-01", "end": "2019-12-31"},
@@ -273,10 +273,10 @@ def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, ho
     ds, _ = leaky_dataset(5)
     data = tmp_path / "regrid" / "oisst.zarr"
     if how == "no_time":
-        write_zarr(ds.isel(time=0).expand_dims("step").chunk({"step": 1}), data)  # no `time` dimension
+        write_store(ds.isel(time=0).expand_dims("step").chunk({"step": 1}), data)  # no `time` dimension
         match = r"has no dimension\(s\) \['time'\].*re-run the regrid step"
     else:
-        write_zarr(ds.chunk({"time": 128}), data)
+        write_store(ds.chunk({"time": 128}), data)
         if how == "missing":
             shutil.rmtree(data)
             match = "does not exist; run the regrid step first"
@@ -297,7 +297,7 @@ def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, ho
 def test_main_refuses_a_regridded_store_without_provenance(tmp_path: Path) -> None:
     ds, _ = leaky_dataset(5)
     data = tmp_path / "regrid" / "oisst.zarr"
-    write_zarr(ds.chunk({"time": 128}), data)  # as written by an older version
+    write_store(ds.chunk({"time": 128}), data)  # as written by an older version
     out = tmp_path / "normalize" / "oisst.nc"
     with pytest.raises(DataError, match=r"oisst.zarr has no provenance record.*rerun the regrid step"):
         nz.main(validate_config({"variables": {"inputs": ["sst"], "targets": ["sst"]}}), data=data, out=out)

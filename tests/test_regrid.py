@@ -18,6 +18,7 @@ from conv2dlstm import regrid as rg
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.fsutil import sha256_file
+from conv2dlstm.zarrstore import write_store
 
 TIMES = pd.date_range("2020-01-01", periods=3, freq="D").values
 COS = lambda deg: np.cos(np.deg2rad(deg))  # noqa: E731
@@ -260,14 +261,14 @@ def step_config(**grid: object) -> dict:
     )
 
 
-def test_regrid_dataset_and_write_zarr(tmp_path: Path) -> None:
+def test_regrid_dataset_and_write_store(tmp_path: Path) -> None:
     paths = write_daily_files(tmp_path / "raw")
     raw = xr.open_mfdataset(paths, combine="nested", concat_dim="time")
     cfg = step_config()
     ds = rg.regrid_dataset(raw, cfg)
     assert ds["sst"].chunks is not None and list(ds.data_vars) == ["sst"]
     out = tmp_path / "regrid" / "oisst.zarr"
-    rg.write_zarr(ds, out)
+    write_store(ds, out)
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
     group = zarr.open_group(out, mode="r")
     assert group.metadata.zarr_format == 3

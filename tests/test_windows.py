@@ -18,7 +18,7 @@ from conv2dlstm import windows as wn
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import sha256_file
-from conv2dlstm.regrid import write_zarr
+from conv2dlstm.zarrstore import write_store
 
 
 def days(start: str, end: str) -> np.ndarray:
@@ -186,7 +186,7 @@ def _written(tmp_path: Path) -> tuple[Path, Path, dict]:
     """A regridded store and its statistics on disk, and the configuration."""
     ds = source()
     data_path = tmp_path / "regrid" / "x.zarr"
-    write_zarr(ds.chunk({"time": 16}), data_path)
+    write_store(ds.chunk({"time": 16}), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
     nz.write_stats(fitted(ds), stats_path)
     return data_path, stats_path, store_config()
@@ -272,7 +272,7 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     ds = source()
     cfg = store_config()
     data_path = tmp_path / "regrid" / "x.zarr"
-    write_zarr(ds.chunk({"time": 16}), data_path)
+    write_store(ds.chunk({"time": 16}), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
     nz.write_stats(fitted(ds), stats_path)
     out = tmp_path / "windows" / "x.zarr"
@@ -333,7 +333,7 @@ def test_storage_does_not_grow_with_window_length(tmp_path: Path) -> None:
         cfg = store_config(input_steps=steps, lead_steps=1, time_chunk=8)
         store = wn.build_store(ds, fitted(ds), cfg)
         path = tmp_path / f"w{steps}.zarr"
-        wn.write_store(store, path)
+        write_store(store, path)
         chunk_files = [p for p in (path / "data").rglob("*") if p.is_file() and p.name != "zarr.json"]
         sizes.append(sum(p.stat().st_size for p in chunk_files))
         assert sizes[-1] <= 1.25 * store["data"].size * 4

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
 
+    p = sub.add_parser("verify", help="check every chunk of a pipeline Zarr store against the digests it was written with")
+    p.add_argument("stores", type=Path, nargs="+", help="regridded or windows stores (.zarr)")
+
     p = sub.add_parser("compare", help="one table and one plot comparing all runs and baselines")
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics.csv of each run")
     p.add_argument("--out-csv", type=Path, required=True)
@@ -105,12 +108,37 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return load_config(args.config, json_text=args.config_json)
 
 
+def _verify(stores: list[Path]) -> None:
+    """Full check of each store; prints one line per store and raises naming the damaged ones."""
+    from conv2dlstm import zarrstore
+    from conv2dlstm.errors import DataError
+
+    damaged = []
+    for store in stores:
+        if not (store / "zarr.json").is_file():
+            raise DataError(f"{store} is not a Zarr store (no zarr.json); give a regridded or windows store")
+        problems = zarrstore.verify(store)
+        print(f"{store}: {'ok' if not problems else 'DAMAGED'}")
+        for problem in problems:
+            print(f"  {problem}")
+        if problems:
+            damaged.append(str(store))
+    if damaged:
+        raise DataError(
+            f"{len(damaged)} damaged store(s): {', '.join(damaged)}; rebuild each with the step that writes it "
+            "(regrid for results/regrid/, windows for results/windows/: snakemake --forcerun <step>)"
+        )
+
+
 def _dispatch(args: argparse.Namespace) -> None:
     step = args.step
     if step == "validate-config":
         import yaml
 
         sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
+        return
+    if step == "verify":
+        _verify(args.stores)
         return
     if step == "compare":
         importlib.import_module("conv2dlstm.compare").main(

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 import xarray as xr
 
+from conv2dlstm import zarrstore
 from conv2dlstm.errors import DataError
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
 _REQUIRED_VARS = ("data", "mask", *(f"{s}_start" for s in SPLITS))
 _REQUIRED_ATTRS = ("input_variables", "target_variables", "input_steps", "lead_steps")
+WHAT = "windows store"
 
 
 def _check_split(split: str) -> None:
@@ -65,6 +67,7 @@ class WindowsStore:
                 f"windows store {self.path} has format_version {version}, expected {FORMAT_VERSION}; "
                 "rebuild it with the windows step of this version"
             )
+        zarrstore.check_chunks(self.path, what=WHAT, step="windows")  # a deleted chunk is not NaN
         self._ds = ds
         self._data = ds["data"].variable  # lazily indexed (time, variable, lat, lon), no Dask
         variables = [str(v) for v in ds["variable"].values]
@@ -112,8 +115,10 @@ class WindowsStore:
         return self.time[self.starts(split)[:, None] + self.input_steps - 1 + lead]
 
     def read_time_range(self, start: int, stop: int) -> np.ndarray:
-        """``data[start:stop]`` as float32 numpy, ``(stop - start, V, H, W)``."""
-        return np.asarray(self._data[start:stop].values, dtype=np.float32)
+        """``data[start:stop]`` as float32 numpy, ``(stop - start, V, H, W)``; a chunk that cannot be
+        decoded is a :class:`DataError` naming the store and the windows step."""
+        with zarrstore.read_errors(self.path, what=WHAT, step="windows", detail=f"array 'data', time {start}..{stop}"):
+            return np.asarray(self._data[start:stop].values, dtype=np.float32)
 
     def sample(self, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample ``i`` of ``split``: ``x (T_in, C_in, H, W)``, ``y (T_out, C_out, H, W)``, float32."""

@@ -37,6 +37,7 @@ import numpy as np
 import xarray as xr
 
 from conv2dlstm import harmonize as hz
+from conv2dlstm import zarrstore
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ STD_FLOOR_FRACTION = 1e-3
 FORMAT_VERSION = 1
 REQUIRED_STATS = ("mean", "std", "climatology", "mask")
 """Variables every statistics file has (see the module docstring)."""
+REGRIDDED = "the regridded store"
+"""How messages name the regrid step's output."""
 
 
 def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
@@ -277,6 +280,7 @@ def open_regridded(path: Path) -> xr.Dataset:
             f"the regridded store {path} has no dimension(s) {missing} (dimensions {list(ds.dims)}); "
             "delete it and re-run the regrid step"
         )
+    zarrstore.check_chunks(path, what=REGRIDDED, step="regrid")
     return ds
 
 
@@ -342,7 +346,7 @@ def main(
     address = cfg["dask"]["scheduler_address"]
     with dask_client(threads=threads, memory_mb=memory_mb, address=address), compute_errors(
         f"fitting statistics on {data}"
-    ):
+    ), zarrstore.read_errors(data, what=REGRIDDED, step="regrid", codec_only=True):
         stats = fit_stats(
             ds,
             train_start=train["start"],

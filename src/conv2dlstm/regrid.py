@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 import xarray as xr
 
 from conv2dlstm import harmonize as hz
+from conv2dlstm import zarrstore
 from conv2dlstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ CHUNK_BYTES = 64 * 1024 * 1024
 MAX_TIME_CHUNK = 256
 _FRACTION_TOL = 1e-6
 """Ocean fractions within this of ``min_ocean_fraction`` count as reaching it (float coordinates)."""
-FLAT_CHUNK_KEYS = {"name": "default", "configuration": {"separator": "."}}
-"""Chunk files named ``c.<i>.<j>.<k>`` in the array's folder (no folder per chunk index)."""
 
 
 def axis_centres(start: float, stop: float, step: float) -> np.ndarray:
@@ -286,26 +284,6 @@ def regrid_dataset(raw: xr.Dataset, cfg: Mapping[str, Any]) -> xr.Dataset:
     return out
 
 
-def write_zarr(ds: xr.Dataset, out: Path) -> None:
-    """Write ``ds`` (lazy) as a Zarr v3 store at ``out`` atomically, one Dask chunk per Zarr chunk.
-
-    Chunks are computed and written one by one (streaming); metadata is consolidated so that a plain
-    ``xr.open_zarr`` opens the store without probing every array.
-    """
-    from conv2dlstm.daskutil import compute_errors
-    from conv2dlstm.fsutil import atomic_output
-
-    ds = ds.copy()
-    encoding = {}
-    for name in ds.data_vars:
-        ds[name].encoding = {}
-        if ds[name].chunks is not None:
-            encoding[name] = {"chunks": tuple(c[0] for c in ds[name].chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
-    with atomic_output(out) as tmp, compute_errors(f"writing {out}"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-
-
 def main(
     cfg: Mapping[str, Any],
     *,
@@ -350,5 +328,5 @@ def main(
     )
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
         t1 = time.perf_counter()
-        write_zarr(ds, out)
+        zarrstore.write_store(ds, Path(out))
     log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])

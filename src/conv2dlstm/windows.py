@@ -13,7 +13,6 @@ normalized with land and missing values set to 0, chunked ``(time_chunk, all, al
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import xarray as xr
 
 from conv2dlstm import harmonize as hz
 from conv2dlstm import normalize as nz
+from conv2dlstm import zarrstore
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -193,19 +193,6 @@ def build_store(
     return out
 
 
-def write_store(store: xr.Dataset, out: Path) -> None:
-    """Write the windows store at ``out`` (Zarr v3) atomically; ``data`` is streamed chunk by chunk."""
-    from conv2dlstm.daskutil import compute_errors
-    from conv2dlstm.fsutil import atomic_output
-    from conv2dlstm.regrid import FLAT_CHUNK_KEYS
-
-    chunks = tuple(c[0] for c in store["data"].chunks)
-    with atomic_output(out) as tmp, compute_errors(f"writing {out}"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        encoding = {"data": {"chunks": chunks, "chunk_key_encoding": FLAT_CHUNK_KEYS}}
-        store.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-
-
 def main(
     cfg: Mapping[str, Any],
     *,
@@ -252,4 +239,5 @@ def main(
             store.sizes["test_sample"],
             record["digest"],
         )
-        write_store(store, out)
+        with zarrstore.read_errors(data, what=nz.REGRIDDED, step="regrid", codec_only=True):
+            zarrstore.write_store(store, Path(out))
