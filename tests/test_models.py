@@ -279,3 +279,82 @@ def test_load_model_kwargs_of_another_version(tmp_path) -> None:
     _, path = _saved_checkpoint(tmp_path, model_name="unet")
     with pytest.raises(DataError, match=r"names the model 'unet'"):
         load_model(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# output floor: variables that cannot be negative
+
+
+def _floored(name: str, *, per_cell: bool = False, floor=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """A model with target 1 of 2 floored, and the same weights without the floor."""
+    from conv2dlstm.models import floor_from_stats
+
+    base = shape_kwargs(12, 10, c_in=2, c_out=2) | SMALL[name]
+    if name == "convlstm":
+        base["residual_channels"] = [0, 1]  # persistence-like: a negative input gives a negative output
+    kwargs = base | {"nonnegative_channels": [1], "floor_per_cell": per_cell}
+    torch.manual_seed(3)
+    free = build_model(name, **base).eval()
+    floored = build_model(name, **kwargs).eval()
+    floored.load_state_dict(free.state_dict(), strict=False)  # the floor buffer is not in `free`
+    if floor is None:
+        mean = torch.full((1, 12, 10), 0.8).numpy() if per_cell else [0.8]
+        floor = floor_from_stats(mean, [0.4])  # mean 0.8, std 0.4
+    floored.output_floor.set_floor(floor)
+    return free, floored, kwargs
+
+
+@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize("per_cell", [False, True], ids=["per-variable", "per-cell"])
+def test_nonnegative_target_is_never_negative_where_the_free_model_is(tmp_path, name: str, per_cell: bool) -> None:
+    mean, std = 0.8, 0.4  # physical = normalized * std + mean; 0 physical is -2 normalized
+    free, floored, kwargs = _floored(name, per_cell=per_cell)
+    if name == "conv2d_lstm":  # push the dense head's bias far below the floor
+        with torch.no_grad():
+            free.head[-1].bias.fill_(-6.0)
+            floored.head[-1].bias.fill_(-6.0)
+    x = torch.full((4, 3, 2, 12, 10), -5.0) + 0.1 * torch.randn(4, 3, 2, 12, 10)  # far below the training range
+    with torch.no_grad():
+        y_free, y_floor = free(x), floored(x)
+    assert (y_free[:, :, 1] * std + mean < 0).any(), "the unconstrained model must go negative in this case"
+    assert (y_floor[:, :, 1] * std + mean >= -1e-6).all()
+    # the other target is untouched (ConvLSTM feeds the floored prediction back: from lead 2 on it differs)
+    assert torch.equal(y_floor[:, :1, 0], y_free[:, :1, 0])
+    if name == "conv2d_lstm":
+        assert torch.equal(y_floor[:, :, 0], y_free[:, :, 0])
+    high = y_free[:, :, 1] > 2.0  # well above the floor the output is (nearly) the raw output
+    if high.any():
+        assert torch.allclose(y_floor[:, :, 1][high], y_free[:, :, 1][high], atol=1e-3)
+    # the floor travels in the checkpoint: load_model rebuilds the floored model from the file alone
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_name": name, "model_kwargs": kwargs, "model_state": floored.state_dict()}, path)
+    loaded, _ = load_model(path)
+    assert "output_floor.floor" in floored.state_dict()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y_floor)
+
+
+def test_output_floor_must_be_set_and_fit() -> None:
+    kwargs = shape_kwargs(6, 5, c_out=2) | SMALL["convlstm"] | {"nonnegative_channels": [0]}
+    model = build_model("convlstm", **kwargs)
+    with pytest.raises(RuntimeError, match="output floor .* never set"):
+        model(torch.zeros(1, 3, 2, 6, 5))
+    with pytest.raises(DataError, match=r"expected finite \(1, 1, 1\)"):
+        model.output_floor.set_floor([1.0, 2.0])
+    with pytest.raises(ConfigError, match="nonnegative_channels"):
+        build_model("convlstm", **(kwargs | {"nonnegative_channels": [2]}))
+    model.output_floor.set_floor([-1.5])
+    assert torch.isfinite(model(torch.zeros(1, 3, 2, 6, 5))).all()
+
+
+def test_model_kwargs_floor_the_nonnegative_targets_only() -> None:
+    cfg = validate_config({})
+    common = dict(input_variables=["fe", "po4"], input_steps=5, lead_steps=1, height=25, width=25)
+    kwargs = model_kwargs_from_config(cfg["model"], target_variables=["sst", "no3"],
+                                      nonnegative=cfg["variables"]["nonnegative"], floor_per_cell=True, **common)
+    assert kwargs["nonnegative_channels"] == [1] and kwargs["floor_per_cell"] is True
+    sst_only = model_kwargs_from_config(cfg["model"], target_variables=["sst"],
+                                        nonnegative=cfg["variables"]["nonnegative"], **common)
+    assert "nonnegative_channels" not in sst_only  # unchanged kwargs: earlier checkpoints still resume
+    assert build_model("convlstm", **sst_only).state_dict().keys() == build_model(
+        "convlstm", **model_kwargs_from_config(cfg["model"], target_variables=["sst"], **common)).state_dict().keys()

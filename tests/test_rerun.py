@@ -74,6 +74,7 @@ CHANGES: dict[str, dict] = {
     "grid.min_ocean_fraction": {"grid": {"min_ocean_fraction": 0.6}},
     "variables.inputs": {"variables": {"inputs": ["sst", "sss"]}},
     "variables.targets": {"variables": {"targets": ["sss"]}},
+    "variables.nonnegative": {"variables": {"nonnegative": ["sst"]}},
     "splits.train": {"splits": {"train": {"start": "2019-01-02", "end": "2019-04-15"}}},
     "splits.val": {"splits": {"val": {"start": "2019-04-16", "end": "2019-05-19"}}},
     "splits.test": {"splits": {"test": {"start": "2019-05-21", "end": "2019-06-29"}}},

@@ -13,6 +13,17 @@ file alone):
   2015, https://arxiv.org/abs/1506.04214). Its size does not depend on the grid.
 
 Both networks see land as 0 (normalized, set by the windows step); land is excluded in the loss.
+
+Variables that cannot be negative (concentrations; config ``variables.nonnegative``): both networks
+pass the output channels of such targets through :class:`OutputFloor`,
+``y = floor + softplus(raw - floor)`` with ``floor = -mean / std`` the normalized value of 0
+physical units (per variable, or per grid cell with per-pixel statistics). ``y > floor`` always, so
+``y * std + mean >= 0`` (up to float rounding, which evaluate and forecast remove by clipping at 0
+after denormalizing), and ``y ~= raw`` well above the floor. The floor is a buffer of the model: it
+is saved in the checkpoint's ``model_state`` and :func:`load_model` rebuilds the floored model from
+the file alone; ``model_kwargs`` carry only which channels are floored and whether per cell
+(``nonnegative_channels``, ``floor_per_cell``). The train step sets the buffer from the statistics
+with :meth:`OutputFloor.set_floor` (:func:`floor_from_stats`).
 """
 
 from __future__ import annotations
@@ -23,8 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.modelsize import (  # noqa: F401 - re-exported: the arithmetic lives in a torch-free module
@@ -35,6 +48,95 @@ from conv2dlstm.modelsize import (  # noqa: F401 - re-exported: the arithmetic l
 )
 
 MODEL_NAMES = ("convlstm", "conv2d_lstm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output floor for variables that cannot be negative
+# ----------------------------------------------------------------------------------------------
+
+
+class OutputFloor(nn.Module):
+    """Floors some output channels smoothly at their normalized zero: ``floor + softplus(raw - floor)``.
+
+    Args:
+        out_channels: ``C_out`` of the network.
+        channels: indices of the floored channels (targets that cannot be negative).
+        height, width: the grid, for a per-cell floor.
+        per_cell: one floor per grid cell (per-pixel statistics) instead of one per channel.
+
+    The buffer ``floor`` ``(C_out, H, W)`` (or ``(C_out, 1, 1)``) holds ``-mean / std`` on the
+    floored channels; it starts as NaN there and must be set (:meth:`set_floor`, or loading a
+    checkpoint) before the first forward pass, which otherwise raises ``RuntimeError``.
+    """
+
+    def __init__(self, out_channels: int, channels: Sequence[int], *, height: int, width: int,
+                 per_cell: bool = False) -> None:
+        super().__init__()
+        channels = [int(c) for c in channels]
+        bad = [c for c in channels if not 0 <= c < out_channels]
+        if bad or len(set(channels)) != len(channels):
+            raise ConfigError(
+                f"nonnegative_channels {channels} must be distinct output channel indices (0..{out_channels - 1})"
+            )
+        self.channels = channels
+        shape = (out_channels, height, width) if per_cell else (out_channels, 1, 1)
+        selected = torch.zeros(out_channels, dtype=torch.bool)
+        selected[channels] = True
+        floor = torch.zeros(shape)
+        floor[selected] = float("nan")
+        self.register_buffer("selected", selected.view(-1, 1, 1), persistent=False)
+        self.register_buffer("floor", floor)
+        self._checked = False
+
+    def set_floor(self, values: torch.Tensor | np.ndarray) -> None:
+        """Set the floor of the floored channels from ``values`` ``(len(channels), H, W)`` or ``(len(channels),)``."""
+        values = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        if values.ndim == 1:
+            values = values.view(-1, 1, 1)
+        expected = (len(self.channels), *self.floor.shape[1:])
+        if tuple(values.shape) != expected or not bool(torch.isfinite(values).all()):
+            raise DataError(
+                f"output floor values of shape {tuple(values.shape)} (finite: {bool(torch.isfinite(values).all())}) "
+                f"do not fit the floored channels {self.channels}: expected finite {expected}"
+            )
+        with torch.no_grad():
+            self.floor[self.channels] = values.to(self.floor)
+        self._checked = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._checked = False
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` ``(..., C_out, H, W)`` with the floored channels replaced by ``floor + softplus(y - floor)``."""
+        if not self._checked:
+            if bool(torch.isnan(self.floor).any()):
+                raise RuntimeError(
+                    "the output floor of the nonnegative channels was never set: call set_floor (the train step "
+                    "does, from the statistics) or load the model from its checkpoint (models.load_model)"
+                )
+            self._checked = True
+        floor = self.floor.to(y.dtype)
+        return torch.where(self.selected, floor + F.softplus(y - floor), y)
+
+
+def floor_from_stats(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Normalized value of 0 physical units, ``-mean / std``, as float32 (any matching shapes)."""
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+        raise DataError("the statistics have a non-finite mean or a std <= 0; re-run the normalize step")
+    return (-mean / std).astype(np.float32)
+
+
+def nonnegative_channels(target_variables: Sequence[str], nonnegative: Sequence[str]) -> list[int]:
+    """Indices of the target variables named in ``nonnegative`` (config ``variables.nonnegative``)."""
+    names = set(nonnegative)
+    return [i for i, v in enumerate(target_variables) if v in names]
+
+
+def _output_floor(out_channels: int, channels: Sequence[int] | None, height: int, width: int,
+                  per_cell: bool) -> OutputFloor | None:
+    return OutputFloor(out_channels, channels, height=height, width=width, per_cell=per_cell) if channels else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +166,8 @@ class Conv2dLSTM(nn.Module):
         lstm_units: int = 64,
         dense_units: int = 64,
         max_parameters: int = 20_000_000,
+        nonnegative_channels: Sequence[int] | None = None,
+        floor_per_cell: bool = False,
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
@@ -96,14 +200,15 @@ class Conv2dLSTM(nn.Module):
             nn.ReLU(),
             nn.Linear(dense_units, lead_steps * out_channels * height * width),
         )
+        self.output_floor = _output_floor(out_channels, nonnegative_channels, height, width, floor_per_cell)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]  # x: (B, T_in, C_in, H, W)
         feats = self.encoder(x.flatten(0, 1))  # (B*T_in, F)
         feats = feats.unflatten(0, (b, t))  # (B, T_in, F)
         _, (h_n, _) = self.lstm(feats)  # h_n: (1, B, lstm_units)
-        out = self.head(h_n[-1])  # (B, T_out*C_out*H*W)
-        return out.view(b, *self.out_shape)  # (B, T_out, C_out, H, W)
+        out = self.head(h_n[-1]).view(b, *self.out_shape)  # (B, T_out, C_out, H, W)
+        return out if self.output_floor is None else self.output_floor(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +248,8 @@ class ConvLSTM(nn.Module):
 
     ``residual_channels`` (length ``C_out``; an input-channel index or None per target channel) adds
     a skip from the last input frame, so that those channels predict the change from persistence.
+    ``nonnegative_channels`` are floored (:class:`OutputFloor`) at every lead, before the prediction
+    is fed back to the forecaster.
     """
 
     def __init__(
@@ -157,6 +264,8 @@ class ConvLSTM(nn.Module):
         hidden_channels: Sequence[int] = (32, 32),
         kernel_size: int = 3,
         residual_channels: Sequence[int | None] | None = None,
+        nonnegative_channels: Sequence[int] | None = None,
+        floor_per_cell: bool = False,
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden_channels]
@@ -176,6 +285,7 @@ class ConvLSTM(nn.Module):
             ConvLSTMCell(c_in, c_h, kernel_size) for c_in, c_h in zip([out_channels, *hidden[:-1]], hidden)
         )
         self.head = nn.Conv2d(sum(hidden), out_channels, kernel_size=1)
+        self.output_floor = _output_floor(out_channels, nonnegative_channels, height, width, floor_per_cell)
         if residual_channels is None:
             self.residual = None
         else:
@@ -224,6 +334,8 @@ class ConvLSTM(nn.Module):
                 inp = states[layer][0]
             hidden = torch.cat([s[0] for s in states], dim=1)  # (B, sum(C_h), H, W)
             prev = self.head(hidden) + base  # (B, C_out, H, W)
+            if self.output_floor is not None:
+                prev = self.output_floor(prev)
             outputs.append(prev)
         return torch.stack(outputs, dim=1)  # (B, T_out, C_out, H, W)
 
@@ -261,10 +373,15 @@ def model_kwargs_from_config(
     lead_steps: int,
     height: int,
     width: int,
+    nonnegative: Sequence[str] = (),
+    floor_per_cell: bool = False,
 ) -> dict[str, Any]:
     """``build_model`` keyword arguments for the ``model`` config section and the data's shapes.
 
-    ConvLSTM gets a residual skip for target variables that are also inputs.
+    ConvLSTM gets a residual skip for target variables that are also inputs. Target variables named
+    in ``nonnegative`` (config ``variables.nonnegative``) get an output floor (:class:`OutputFloor`,
+    per cell when ``floor_per_cell``, i.e. with per-pixel statistics): the kwargs then hold
+    ``nonnegative_channels`` and ``floor_per_cell`` (absent when no target is floored).
     """
     name = model_cfg["name"]
     kwargs: dict[str, Any] = {
@@ -293,6 +410,9 @@ def model_kwargs_from_config(
         }
     else:
         raise ConfigError(f"model.name {name!r} is not one of {list(_REGISTRY)}")
+    floored = nonnegative_channels(target_variables, nonnegative)
+    if floored:
+        kwargs |= {"nonnegative_channels": floored, "floor_per_cell": bool(floor_per_cell)}
     return kwargs
 
 

@@ -633,6 +633,7 @@ class _Inputs:
     result_config: dict[str, Any]  # keys.result_config(cfg, "train")
     resume: dict[str, Any] | None  # the content of last.pt, when it can be resumed
     stale: Stale | None  # the files of an earlier training that is not resumed
+    output_floor: np.ndarray | None = None  # normalized 0 of the nonnegative targets (models.OutputFloor)
 
 
 def _read_run_id(out_dir: Path) -> str | None:
@@ -682,9 +683,31 @@ def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Pa
     model_kwargs = model_kwargs_from_config(
         cfg["model"], input_variables=store.input_variables, target_variables=store.target_variables,
         input_steps=store.input_steps, lead_steps=store.lead_steps, height=h, width=w,
+        nonnegative=cfg["variables"]["nonnegative"], floor_per_cell=bool(cfg["normalize"]["per_pixel"]),
     )
     resume, stale = _resume_or_stale(out_dir, record, result_config, model_name, model_kwargs)
-    return _Inputs(store, stats_sha, model_name, model_kwargs, record, result_config, resume, stale)
+    floor = output_floor(stats, store.target_variables, model_kwargs)
+    return _Inputs(store, stats_sha, model_name, model_kwargs, record, result_config, resume, stale, floor)
+
+
+def output_floor(stats: Path, target_variables: list[str], model_kwargs: dict[str, Any]) -> np.ndarray | None:
+    """``-mean / std`` of the floored targets (``model_kwargs["nonnegative_channels"]``), ``(K,)`` or
+    ``(K, H, W)`` with per-pixel statistics; None when no target is floored."""
+    from conv2dlstm.models import floor_from_stats
+    from conv2dlstm.normalize import load_stats
+
+    channels = model_kwargs.get("nonnegative_channels") or []
+    if not channels:
+        return None
+    names = [target_variables[c] for c in channels]
+    st = load_stats(stats)
+    mean, std = st["mean"].sel(variable=names), st["std"].sel(variable=names)
+    if model_kwargs.get("floor_per_cell") != ("lat" in mean.dims):
+        raise DataError(
+            f"the statistics {stats} are {'per pixel' if 'lat' in mean.dims else 'per variable'} but "
+            "normalize.per_pixel says otherwise; re-run the normalize step with this configuration"
+        )
+    return floor_from_stats(mean.values, std.values)
 
 
 def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> None:
@@ -767,7 +790,10 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
         if left is not None and ctx.is_main:
             log.info("will checkpoint and stop in %.0f s (the job's time limit, less a margin)", left)
         seed_everything(tcfg["seed"])
-        model = build_model(model_name, **model_kwargs).to(device)
+        model = build_model(model_name, **model_kwargs)
+        if inputs.output_floor is not None:  # nonnegative targets (overwritten by a resumed model_state)
+            model.output_floor.set_floor(inputs.output_floor)
+        model = model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["learning_rate"], weight_decay=tcfg["weight_decay"])
         scheduler = make_scheduler(tcfg["lr_schedule"], optimizer, epochs=tcfg["epochs"], patience=tcfg["patience"])
         generator = torch.Generator().manual_seed(tcfg["seed"])
