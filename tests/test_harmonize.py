@@ -12,12 +12,22 @@ import xarray as xr
 
 from conv2dlstm.errors import DataError
 from conv2dlstm.harmonize import (
+    SourceFile,
+    SourceRules,
+    UnitSpec,
+    cf_to_pint,
+    check_plausible,
+    convert_units,
     day_bounds,
     find_axis,
     harmonize,
     in_period,
+    range_summary,
+    resolve_duplicate_times,
     select_period,
     select_region,
+    time_gaps,
+    unit_conversion,
     wrap_longitude,
 )
 
@@ -277,3 +287,175 @@ def test_select_region_with_a_margin_on_raw_descending_latitude() -> None:
     np.testing.assert_array_equal(wide["longitude"].values, [-20.0, -19.0])
     with pytest.raises(DataError, match=r"covers latitude 28\.\.30, longitude -20\.\.-19"):
         select_region(raw, [40.0, 41.0], None, lat="latitude", lon="longitude")
+
+
+# ------------------------------------------------------------------ source checks: units, duplicates, gaps
+
+
+@pytest.mark.parametrize(
+    ("source", "canonical", "scale", "offset"),
+    [
+        ("K", "degC", 1.0, -273.15),
+        ("kelvin", "degC", 1.0, -273.15),
+        ("degC", "K", 1.0, 273.15),
+        ("Celsius", "degC", 1.0, 0.0),
+        ("degree_Celsius", "degC", 1.0, 0.0),
+        ("degrees_C", "degC", 1.0, 0.0),
+        ("degF", "degC", 5 / 9, -160 / 9),
+        ("mmol m-3", "mmol m-3", 1.0, 0.0),
+        ("mmol/m3", "mmol m-3", 1.0, 0.0),
+        ("umol/l", "mmol m-3", 1.0, 0.0),
+        ("µmol L-1", "mmol m-3", 1.0, 0.0),
+        ("mol m-3", "mmol m-3", 1000.0, 0.0),
+        ("umol m-3", "mmol m-3", 1e-3, 0.0),
+        ("nmol/l", "mmol m-3", 1e-3, 0.0),
+        ("ug/l", "mg m-3", 1.0, 0.0),
+        ("mg.m-3", "mg m-3", 1.0, 0.0),
+        ("umol kg-1", "umol/kg", 1.0, 0.0),
+        ("1e-3", "psu", 1.0, 0.0),
+        ("1", "psu", 1.0, 0.0),
+        ("PSU", "psu", 1.0, 0.0),
+        ("psu", "1e-3", 1.0, 0.0),
+        ("cm", "m", 0.01, 0.0),
+    ],
+)
+def test_unit_conversions_are_pint_s(source: str, canonical: str, scale: float, offset: float) -> None:
+    conv = unit_conversion(source, canonical)
+    assert conv.scale == pytest.approx(scale, rel=1e-12)
+    assert conv.offset == pytest.approx(offset, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("source", "canonical", "match"),
+    [
+        ("K", "mmol m-3", r"'K' \(\[temperature\]\) cannot be converted to 'mmol m-3'"),
+        ("umol/kg", "mmol m-3", r"\[substance\] / \[mass\]"),
+        ("percent", "psu", "cannot be converted"),
+        ("bananas", "degC", r"'bananas' is not a unit pint can read"),
+    ],
+)
+def test_unconvertible_units_raise_naming_both(source: str, canonical: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        unit_conversion(source, canonical)
+
+
+def test_cf_spellings_become_pint_syntax() -> None:
+    assert cf_to_pint("mmol m-3") == "mmol m**-3"
+    assert cf_to_pint("mg/m3") == "mg/m**3"
+    assert cf_to_pint("m.s-1") == "m s**-1"
+    assert cf_to_pint("m^2") == "m**2"
+    assert cf_to_pint("1e-3") == "1e-3" and cf_to_pint("0.001") == "0.001"
+    assert cf_to_pint(" degrees Celsius ") == "degC" and cf_to_pint("Kelvin") == "K"
+
+
+def _files(units: list[str | None], values: list[float], var: str = "sst") -> list[SourceFile]:
+    out = []
+    for i, (unit, value) in enumerate(zip(units, values)):
+        attrs = {} if unit is None else {"units": unit, "valid_min": -300}
+        ds = xr.Dataset(
+            {var: (("time", "lat", "lon"), np.full((1, 2, 2), value, np.float32), attrs)},
+            coords={"time": TIMES[i : i + 1], "lat": [1.0, 2.0], "lon": [3.0, 4.0]},
+        ).chunk()
+        out.append(SourceFile(f"f{i}.nc", ds))
+    return out
+
+
+def test_convert_units_per_file_lazily_and_labels_the_canonical_unit() -> None:
+    rules = SourceRules(units={"sst": UnitSpec("degC", -3.0, 40.0)}, variables=("sst",))
+    files = convert_units(_files(["degC", "K", "Celsius"], [20.0, 294.15, 22.0]), rules)
+    assert all(f.ds["sst"].chunks is not None for f in files)  # still lazy
+    assert [float(f.ds["sst"].values.mean()) for f in files] == pytest.approx([20.0, 21.0, 22.0], abs=1e-4)
+    assert {f.ds["sst"].attrs["units"] for f in files} == {"degC"}
+    assert files[1].ds["sst"].dtype == np.float32
+    assert "valid_min" not in files[1].ds["sst"].attrs and files[0].ds["sst"].attrs["valid_min"] == -300
+    merged = xr.combine_by_coords([f.ds for f in files], combine_attrs="override")
+    assert float(merged["sst"].max()) == pytest.approx(22.0)
+
+
+def test_convert_units_refuses_naming_files_and_units() -> None:
+    rules = SourceRules(units={"sst": UnitSpec("degC", -3.0, 40.0)}, variables=("sst",))
+    with pytest.raises(DataError, match=r"'sst' in f1\.nc has units 'W m-2'.*Units found: 'degC' in f0\.nc; "
+                                        r"'W m-2' in f1\.nc.*harmonize\.units\.sst\.unit"):
+        convert_units(_files(["degC", "W m-2"], [20.0, 20.0]), rules)
+    # a variable without an entry keeps its unit, which must agree across the files
+    plain = SourceRules(variables=("sst",))
+    assert convert_units(_files(["m", "m"], [1.0, 1.0]), plain)[1].ds["sst"].attrs["units"] == "m"
+    with pytest.raises(DataError, match=r"'sst' has different units.*add harmonize\.units\.sst"):
+        convert_units(_files(["m", "cm"], [1.0, 100.0]), plain)
+    # variables that are not wanted are not looked at
+    assert convert_units(_files(["W m-2"], [1.0]), SourceRules(units=rules.units, variables=("no3",)))
+
+
+def test_duplicate_times_are_refused_or_resolved_explicitly() -> None:
+    a, b, c = _files(["degC"] * 3, [20.0, 21.0, 22.0])
+    dup = SourceFile("dup.nc", b.ds.copy(data={"sst": b.ds["sst"].data + 5}))
+    files = [a, b, dup, c]
+    with pytest.raises(DataError, match=r"time 2020-01-02 00:00:00 appears in both f1\.nc and dup\.nc.*"
+                                        r"harmonize\.duplicates to first .*or last"):
+        resolve_duplicate_times(files)
+    first = resolve_duplicate_times(files, "first")
+    assert [f.path for f in first] == ["f0.nc", "f1.nc", "f2.nc"]
+    last = resolve_duplicate_times(files, "last")
+    assert [f.path for f in last] == ["f0.nc", "dup.nc", "f2.nc"]
+    assert float(last[1].ds["sst"].values.max()) == pytest.approx(26.0)
+    assert resolve_duplicate_times([a, c]) == [a, c]  # nothing repeated: the same files
+    with pytest.raises(DataError, match="harmonize.duplicates"):
+        resolve_duplicate_times(files, "keep")
+
+
+def test_a_repeated_step_inside_one_file_is_found_too() -> None:
+    ds = xr.Dataset({"v": (("t",), np.arange(3.0))}, coords={"valid_time": ("t", TIMES[[0, 1, 1]])})
+    with pytest.raises(DataError, match=r"appears twice in one\.nc"):
+        resolve_duplicate_times([SourceFile("one.nc", ds)], rename={"valid_time": "time"})
+    kept = resolve_duplicate_times([SourceFile("one.nc", ds)], "last", rename={"valid_time": "time"})
+    np.testing.assert_array_equal(kept[0].ds["v"].values, [0.0, 2.0])
+
+
+def test_plausibility_is_a_chunked_reduction_naming_time_and_file() -> None:
+    values = np.full((6, 2, 2), 20.0, np.float32)
+    values[3, 0, 1] = 45.0
+    values[4, 1, 1] = np.nan  # land or missing is not counted
+    ds = xr.Dataset({"sst": (("time", "lat", "lon"), values)},
+                    coords={"time": pd.date_range("2020-01-01", periods=6), "lat": [1.0, 2.0], "lon": [3.0, 4.0]})
+    ds = ds.chunk({"time": 2})
+    units = {"sst": UnitSpec("degC", -3.0, 40.0)}
+    summary = range_summary(ds, units)
+    assert summary["sst.count"].chunks == ((2, 2, 2),)  # one small result per chunk: nothing else is loaded
+    with pytest.raises(DataError, match=r"^1 value\(s\) of 'sst' lie outside its plausible range -3\.\.40 degC "
+                                        r"\(harmonize\.units\.sst\), at 1 of 6 time steps; .* from 20 to 45; the "
+                                        r"first is at 2020-01-04 00:00:00 in day4\.nc.*widen harmonize\.units\.sst"):
+        check_plausible(ds, units, file_of=lambda t: f"day{pd.Timestamp(t).day}.nc")
+    check_plausible(ds, {"sst": UnitSpec("degC", -3.0, 50.0)})
+    check_plausible(ds, {"sst": UnitSpec("degC", None, None)})  # no bounds: nothing computed
+    check_plausible(ds, {})
+
+
+def test_time_gaps_inside_and_at_the_ends_of_the_period() -> None:
+    days = pd.to_datetime(["2020-01-02", "2020-01-03", "2020-01-06", "2020-01-07", "2020-01-08"]) + pd.Timedelta("12h")
+    gaps = time_gaps(days.values, "2020-01-01", "2020-01-10")
+    assert gaps.ranges() == ["2020-01-01", "2020-01-04..2020-01-05", "2020-01-09..2020-01-10"]
+    assert gaps.attrs() == {"time_gaps": 3, "missing_steps": 5, "longest_gap_days": 2.0,
+                            "missing_dates": ["2020-01-01", "2020-01-04..2020-01-05", "2020-01-09..2020-01-10"],
+                            "time_step": "1 day"}
+    assert "3 gap(s)" in gaps.describe()
+    complete = time_gaps(pd.date_range("2020-01-01", "2020-01-10").values, "2020-01-01", "2020-01-10")
+    assert complete.gaps == () and complete.describe() == "no gap in the time axis"
+    six_hourly = pd.date_range("2020-01-01", periods=8, freq="6h").delete([3, 4])
+    sub = time_gaps(six_hourly.values)
+    assert sub.ranges() == ["2020-01-01T18:00:00..2020-01-02T00:00:00"] and sub.longest_days == 0.5
+    assert time_gaps(TIMES[:1]).gaps == ()  # one step: no nominal step, no gap
+
+
+def test_source_rules_from_the_configuration() -> None:
+    from conv2dlstm.config import validate_config
+    from conv2dlstm.errors import ConfigError
+
+    cfg = validate_config({"variables": {"inputs": ["fe", "po4"], "targets": ["no3"]},
+                           "harmonize": {"units": {"fe": {"max": 0.01}}, "duplicates": "last"}})
+    rules = SourceRules.from_config(cfg)
+    assert rules.variables == ("fe", "po4", "no3") and rules.duplicates == "last"
+    assert rules.units["fe"] == UnitSpec("mmol m-3", 0.0, 0.01)  # the other fields keep their defaults
+    assert rules.units["sst"] == UnitSpec("degC", -3.0, 40.0)
+    bad = validate_config({"harmonize": {"units": {"sst": {"unit": "degrees of freedom"}}}})
+    with pytest.raises(ConfigError, match=r"harmonize\.units\.sst\.unit"):
+        SourceRules.from_config(bad)
