@@ -11,7 +11,10 @@ Source kinds (``cfg["source"]["kind"]``):
     404), stream to a hidden ``*.partial`` name and are renamed into place only after they have
     been verified (``source.checksums``, ``Content-Length``, and that the file opens as netCDF).
     Each verified file gets a ``.<name>.sha256`` sidecar, so an interrupted set resumes: files
-    whose checksum matches the sidecar or the previous manifest are not downloaded again.
+    whose checksum matches the sidecar or the previous manifest are not downloaded again. A date
+    whose file does not exist upstream (HTTP 404/410, or a missing ``file:`` path) stops the fetch,
+    unless ``source.max_missing`` tolerates that many: they are listed under ``missing`` in the
+    manifest and become gaps in the time axis, which the regrid step reports.
 ``files``
     Local netCDF files or Zarr stores (paths or globs); nothing is copied.
 ``zarr``
@@ -23,7 +26,9 @@ Source kinds (``cfg["source"]["kind"]``):
 
 The manifest is written last, atomically, and only when every file succeeded; a failed fetch
 leaves no partial file and no manifest (complete, verified files stay for the next attempt).
-:func:`open_fetched` opens what a manifest lists as one lazy (Dask) dataset with the raw names.
+:func:`open_fetched` opens what a manifest lists as one lazy (Dask) dataset with the raw names;
+:func:`open_sources` also checks the files before merging them (duplicate time stamps, units:
+:class:`conv2dlstm.harmonize.SourceRules`) and says which file each time step came from.
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ class FetchedFile:
 
     def to_json(self) -> dict[str, Any]:
         return {"path": display_path(self.path), "url": self.url, "sha256": self.sha256, "bytes": self.bytes}
+
+
+class MissingUpstreamError(DownloadError):
+    """The file of one date does not exist upstream (HTTP 404/410, or no such ``file:`` path)."""
 
 
 class _Transient(Exception):
@@ -333,7 +342,7 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -
         with session.get(url, stream=True, timeout=timeout_s) as resp:
             status = resp.status_code
             if status in (404, 410):
-                raise DownloadError(f"{url}: HTTP {status} {resp.reason} (no such file); {hint}")
+                raise MissingUpstreamError(f"{url}: HTTP {status} {resp.reason} (no such file); {hint}")
             if status in RETRY_STATUS or status >= 500:
                 raise _Transient(f"HTTP {status} {resp.reason}", _retry_after(resp.headers.get("Retry-After")))
             if status in (401, 403):
@@ -362,7 +371,7 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -
 def _file_copy(url: str, dest: Path, hint: str) -> None:
     src = file_url_path(url)
     if not src.is_file():
-        raise DownloadError(f"{url}: {src.absolute()} does not exist; {hint}")
+        raise MissingUpstreamError(f"{url}: {src.absolute()} does not exist; {hint}")
     try:
         with open(src, "rb") as fin, open(dest, "wb") as fout:
             shutil.copyfileobj(fin, fout, CHUNK_BYTES)
@@ -438,13 +447,13 @@ def _reuse(job: _UrlJob, known: dict[str, str]) -> FetchedFile | None:
 
 
 def run_parallel(
-    jobs: list[_UrlJob], worker: Callable[[_UrlJob, threading.Event], FetchedFile], parallel: int
-) -> list[FetchedFile]:
+    jobs: list[_UrlJob], worker: Callable[[_UrlJob, threading.Event], FetchedFile | None], parallel: int
+) -> list[FetchedFile | None]:
     """Run ``worker`` over ``jobs`` on ``parallel`` threads; on the first failure cancel the rest and raise it."""
     stop = threading.Event()
-    results: dict[int, FetchedFile] = {}
+    results: dict[int, FetchedFile | None] = {}
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="fetch") as pool:
-        futures: dict[Future[FetchedFile], int] = {pool.submit(worker, job, stop): i for i, job in enumerate(jobs)}
+        futures: dict[Future[FetchedFile | None], int] = {pool.submit(worker, job, stop): i for i, job in enumerate(jobs)}
         pending = set(futures)
         first_error: BaseException | None = None
         try:
@@ -478,9 +487,66 @@ def run_parallel(
     return [results[i] for i in range(len(jobs))]
 
 
-def fetch_urls(src: dict[str, Any], out_dir: Path, known: dict[str, str]) -> list[FetchedFile]:
-    """Kind ``url``: download every URL of the template into ``out_dir``; see the module docstring."""
+def url_dates(template: str, start: str, end: str, frequency: str) -> dict[str, str]:
+    """The first date (``YYYY-MM-DD``) of each URL of the template over ``start..end``."""
+    out: dict[str, str] = {}
+    for date in pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq=frequency):
+        out.setdefault(template.format(date=date), f"{date:%Y-%m-%d}")
+    return out
+
+
+@dataclass
+class _MissingDates:
+    """Dates without a file upstream, tolerated up to ``source.max_missing`` (shared by the workers)."""
+
+    max_missing: int
+    dates: dict[str, str]
+    period: str
+    found: list[tuple[str, str]]
+    lock: threading.Lock
+
+    def tolerate(self, job: _UrlJob, exc: MissingUpstreamError) -> None:
+        """Record a missing date, or raise when more than ``max_missing`` are missing."""
+        date = self.dates.get(job.url, "?")
+        with self.lock:
+            self.found.append((date, job.url))
+            n = len(self.found)
+            listed = ", ".join(f"{d} ({u})" for d, u in sorted(self.found)[:5])
+        if self.max_missing == 0:
+            raise MissingUpstreamError(
+                f"{exc} (for a product with missing days, source.max_missing tolerates that many missing "
+                "dates, which become reported gaps in the time axis)"
+            ) from exc
+        if n > self.max_missing:
+            raise MissingUpstreamError(
+                f"at least {n} dates of source.start..source.end ({self.period}) have no file upstream (HTTP "
+                f"404/410 or no such file), more than source.max_missing = {self.max_missing}: {listed}"
+                f"{' ...' if n > 5 else ''}; check source.url and source.start/end, or raise "
+                "source.max_missing to accept them as gaps"
+            ) from exc
+        log.warning(
+            "%s: no file upstream for %s (%s); tolerated as a gap in the time axis (%d of at most "
+            "source.max_missing = %d)", job.url, date, exc, n, self.max_missing,
+        )
+
+    def records(self) -> list[dict[str, str]]:
+        """The manifest's ``missing`` list: ``{"date", "url"}`` in date order."""
+        return [{"date": d, "url": u} for d, u in sorted(self.found)]
+
+
+def fetch_urls(
+    src: dict[str, Any], out_dir: Path, known: dict[str, str], *, missing: list[dict[str, str]] | None = None
+) -> list[FetchedFile]:
+    """Kind ``url``: download every URL of the template into ``out_dir``; see the module docstring.
+
+    Dates without a file upstream, at most ``source.max_missing`` of them, are appended to
+    ``missing`` (``{"date", "url"}``) and left out of the result.
+    """
     urls = expand_urls(src["url"], src["start"], src["end"], src["frequency"])
+    absent = _MissingDates(
+        int(src["max_missing"]), url_dates(src["url"], src["start"], src["end"], src["frequency"]),
+        f"{src['start']}..{src['end']}", [], threading.Lock(),
+    )
     names: dict[str, str] = {}
     jobs = []
     for url in urls:
@@ -514,16 +580,20 @@ def fetch_urls(src: dict[str, Any], out_dir: Path, known: dict[str, str]) -> lis
         counter = {"n": 0}
         lock = threading.Lock()
 
-        def worker(job: _UrlJob, stop: threading.Event) -> FetchedFile:
-            result = _fetch_one(
-                job,
-                sessions=sessions,
-                retries=src["retries"],
-                backoff_s=src["backoff_s"],
-                timeout_s=src["timeout_s"],
-                hint=hint,
-                stop=stop,
-            )
+        def worker(job: _UrlJob, stop: threading.Event) -> FetchedFile | None:
+            try:
+                result = _fetch_one(
+                    job,
+                    sessions=sessions,
+                    retries=src["retries"],
+                    backoff_s=src["backoff_s"],
+                    timeout_s=src["timeout_s"],
+                    hint=hint,
+                    stop=stop,
+                )
+            except MissingUpstreamError as exc:
+                absent.tolerate(job, exc)
+                return None
             with lock:
                 counter["n"] += 1
                 if counter["n"] % 50 == 0 or counter["n"] == len(todo):
@@ -535,8 +605,16 @@ def fetch_urls(src: dict[str, Any], out_dir: Path, known: dict[str, str]) -> lis
         finally:
             sessions.close()
         for (i, _), f in zip(todo, fetched):
-            done[i] = f
-    return [done[i] for i in range(len(jobs))]
+            if f is not None:
+                done[i] = f
+    if not done:
+        raise DownloadError(
+            f"no date of source.start..source.end ({src['start']}..{src['end']}) has a file upstream "
+            f"(template {src['url']!r}); check source.url and the dates"
+        )
+    if missing is not None:
+        missing.extend(absent.records())
+    return [done[i] for i in range(len(jobs)) if i in done]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -873,8 +951,9 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
     for stray in discard_partials(out_dir):
         log.info("fetch: discarded %s left by an interrupted run", stray)
     started = time.monotonic()
+    missing: list[dict[str, str]] = []
     if kind == "url":
-        files, fmt = fetch_urls(src, out_dir, known), "netcdf"
+        files, fmt = fetch_urls(src, out_dir, known, missing=missing), "netcdf"
     elif kind == "files":
         files, fmt = locate_files(src)
     elif kind == "zarr":
@@ -883,7 +962,7 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
         files, fmt = fetch_copernicus(cfg, out_dir), "netcdf"
     else:
         raise ConfigError(f"config key source.kind: {kind!r} is not one of url, files, zarr, copernicus")
-    manifest = build_manifest(kind, fmt, files)
+    manifest = build_manifest(kind, fmt, files, **({"missing": missing} if missing else {}))
     write_manifest(manifest_path, manifest)
     log.info(
         "fetch: %d file(s), %.1f MB, in %.1f s -> %s",
@@ -892,14 +971,56 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
     return manifest_path
 
 
-def open_fetched(manifest: Path, *, chunks: dict[str, int] | None = None) -> xr.Dataset:
-    """Open every file of ``manifest`` lazily (Dask) as one dataset with the raw names, as fetched.
+@dataclass(frozen=True)
+class Sources:
+    """The files of a manifest opened as one lazy dataset (raw names), and the file of each time step."""
 
-    ``chunks=None`` uses the files' own chunks (``{}``). netCDF files are combined by their
-    coordinates (they must share every coordinate but the one they are concatenated along);
-    Zarr stores are opened with :func:`xarray.open_zarr`. Nothing is selected: for kind ``files``
-    every time step of the listed files is returned, and the regrid step cuts ``source.start..end``
-    (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
+    dataset: xr.Dataset
+    files: tuple[str, ...]
+    time_files: dict[Any, str]
+    missing: tuple[dict[str, str], ...] = ()
+
+    def file_of(self, time: Any) -> str | None:
+        """The file (as listed in the manifest) that time step ``time`` came from, or None."""
+        return self.time_files.get(hz.time_key(time))
+
+
+def _open_part(path: Path, fmt: str, chunks: dict[str, int], manifest: Path) -> xr.Dataset:
+    """One listed file (or Zarr store), lazily; :class:`DataError` naming it when it cannot be opened."""
+    try:
+        if fmt == "zarr":
+            return open_local_zarr(path, chunks)
+        return xr.open_dataset(str(path), chunks=chunks)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(
+            f"manifest {manifest}: cannot open {display_path(path)} ({type(exc).__name__}: {exc}); the file is "
+            "damaged or not netCDF/Zarr: delete it and run the fetch step again"
+        ) from exc
+
+
+def _time_files(parts: list[hz.SourceFile], rename: dict[str, str]) -> dict[Any, str]:
+    """Time stamp key (:func:`harmonize.time_key`) -> path of the file holding it."""
+    out: dict[Any, str] = {}
+    for part in parts:
+        name = hz.find_axis(part.ds, "time", rename=rename)
+        if name is not None:
+            for value in np.atleast_1d(part.ds[name].values):
+                out.setdefault(hz.time_key(value), part.path)
+    return out
+
+
+def open_sources(
+    manifest: Path, *, chunks: dict[str, int] | None = None, rules: hz.SourceRules | None = None
+) -> Sources:
+    """Open every file of ``manifest`` lazily (Dask), check them one by one, and merge them.
+
+    Before anything is merged: time stamps repeated across files (or within one) are refused or
+    resolved as ``rules.duplicates`` says (:func:`harmonize.resolve_duplicate_times`), and each
+    file's variables are converted to their canonical units (:func:`harmonize.convert_units`).
+    Then the files are combined by their coordinates (they must share every coordinate but the one
+    they are concatenated along). ``rules`` None: duplicates refused, no unit conversion. Only
+    coordinates and attributes are read. Nothing is selected: the regrid step cuts
+    ``source.start..end`` (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
     """
     manifest = Path(manifest)
     doc = read_manifest(manifest)
@@ -909,27 +1030,47 @@ def open_fetched(manifest: Path, *, chunks: dict[str, int] | None = None) -> xr.
         raise DataError(
             f"manifest {manifest}: {len(missing)} listed file(s) are missing (first: {missing[0]}); run the fetch step again"
         )
+    rules = rules if rules is not None else hz.SourceRules()
     chunks = {} if chunks is None else chunks
+    opened: list[xr.Dataset] = []
     try:
-        if doc["format"] == "zarr":
-            parts = [open_local_zarr(p, chunks) for p in paths]
-            ds = parts[0] if len(parts) == 1 else xr.combine_by_coords(
-                parts, data_vars="minimal", coords="minimal", compat="override", join="exact", combine_attrs="override"
-            )
-        else:
-            ds = xr.open_mfdataset(
-                [str(p) for p in paths],
-                combine="by_coords",
-                chunks=chunks,
-                data_vars="minimal",
-                coords="minimal",
-                compat="override",
-                join="exact",
+        parts: list[hz.SourceFile] = []
+        for path in paths:
+            opened.append(_open_part(path, doc["format"], chunks, manifest))
+            parts.append(hz.SourceFile(display_path(path), opened[-1]))
+        parts = hz.resolve_duplicate_times(parts, rules.duplicates, rename=dict(rules.rename))
+        parts = hz.convert_units(parts, rules)
+        datasets = [part.ds for part in parts]
+        try:
+            ds = datasets[0] if len(datasets) == 1 else xr.combine_by_coords(
+                datasets, data_vars="minimal", coords="minimal", compat="override", join="exact",
                 combine_attrs="override",
             )
-    except ValueError as exc:
-        raise DataError(
-            f"manifest {manifest}: the files cannot be combined into one dataset ({exc}); they must share "
-            "their lat/lon grid and differ only along time"
-        ) from exc
-    return ds
+        except ValueError as exc:
+            raise DataError(
+                f"manifest {manifest}: the files cannot be combined into one dataset ({exc}); they must share "
+                "their lat/lon grid and differ only along time"
+            ) from exc
+    except BaseException:
+        for each in opened:
+            each.close()
+        raise
+    ds.set_close(lambda: [each.close() for each in opened])
+    return Sources(
+        ds, tuple(part.path for part in parts), _time_files(parts, dict(rules.rename)),
+        tuple(doc.get("missing", [])),
+    )
+
+
+def open_fetched(
+    manifest: Path, *, chunks: dict[str, int] | None = None, rules: hz.SourceRules | None = None
+) -> xr.Dataset:
+    """Open every file of ``manifest`` lazily (Dask) as one dataset with the raw names, as fetched.
+
+    The dataset of :func:`open_sources`: ``chunks=None`` uses the files' own chunks (``{}``);
+    repeated time stamps are refused (or resolved by ``rules.duplicates``) and, with ``rules``,
+    units are converted file by file. Nothing is selected: for kind ``files`` every time step of the
+    listed files is returned, and the regrid step cuts ``source.start..end``
+    (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
+    """
+    return open_sources(manifest, chunks=chunks, rules=rules).dataset
