@@ -307,8 +307,15 @@ def main(
     # Opening reads metadata only and building the graph computes nothing: both happen before the
     # cluster starts, so configuration errors fail fast and a parallel open uses local threads.
     t0 = time.perf_counter()
-    raw = fetch.open_fetched(manifest)
+    rules = hz.SourceRules.from_config(cfg)
+    sources = fetch.open_sources(manifest, rules=rules)  # duplicates and units checked file by file
+    raw = sources.dataset
     ds = regrid_dataset(raw, cfg)
+    gaps = hz.time_gaps(ds["time"].values, cfg["source"]["start"], cfg["source"]["end"])
+    ds.attrs.update(gaps.attrs())
+    ds.attrs["missing_upstream"] = [str(m.get("date", "?")) for m in sources.missing]
+    log.log(logging.WARNING if gaps.gaps else logging.INFO, "regrid: %s%s", gaps.describe(),
+            f" ({len(sources.missing)} date(s) had no file upstream: source.max_missing)" if sources.missing else "")
     ds.attrs["source_manifest"] = str(manifest)
     ds.attrs["source_manifest_sha256"] = sha256_file(manifest)
     ds.attrs["source_sha256"] = str(json.loads(manifest.read_text()).get("sha256", ""))
@@ -327,6 +334,8 @@ def main(
         list(ds.data_vars),
     )
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
+        # values outside harmonize.units' ranges stop the step before anything is written
+        hz.check_plausible(prepare(raw, cfg), rules.units, file_of=sources.file_of)
         t1 = time.perf_counter()
         zarrstore.write_store(ds, Path(out))
     log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])
