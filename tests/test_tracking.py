@@ -180,3 +180,135 @@ def test_mark_superseded(tmp_path, caplog) -> None:
     assert tags["superseded"] == "true" and tags["superseded_by"] == new
     assert not tracking.mark_superseded(uri, "0" * 32, new)
     assert "cannot be tagged" in caplog.text
+
+
+def test_new_experiment_opens_on_training_runs_and_runs_carry_their_tags(tmp_path, monkeypatch) -> None:
+    """The experiment kind makes the MLflow UI open on the runs table; runs carry name, commit, job."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = validate_config({"experiment": "exp-kind", "mlflow": {"tracking_uri": uri}})
+    with tracking.start_run(cfg, "lr0.001-convlstm", tracking_uri=uri, tags={"sweep": "abc"}) as tracker:
+        run_id = tracker.run_id
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("exp-kind")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = client.get_run(run_id).data.tags
+    assert tags["run"] == "lr0.001-convlstm" and tags["mlflow.runName"] == "lr0.001-convlstm"
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"] != ""
+    assert tags["slurm.job_id"] == "4242" and tags["sweep"] == "abc"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert tracking.job_tags() == {}
+
+    # an experiment created elsewhere without a kind (or with one the UI inferred) gets it
+    other = client.create_experiment("made-by-hand", tags={"mlflow.experimentKind": "no_inferred_type"})
+    with tracking.start_run(validate_config({"experiment": "made-by-hand"}), "r", tracking_uri=uri):
+        pass
+    assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    mine = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    with tracking.start_run(validate_config({"experiment": "genai"}), "r", tracking_uri=uri):
+        pass
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"  # a user's choice
+
+
+def _locked() -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+
+def test_transient_errors() -> None:
+    from mlflow.exceptions import MlflowException
+
+    assert tracking.transient(_locked())
+    assert tracking.transient(MlflowException(
+        "API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool"
+        "(host='127.0.0.1', port=9): Max retries exceeded with url", error_code="INTERNAL_ERROR"))
+    assert tracking.transient(ConnectionRefusedError(111, "Connection refused"))
+    assert not tracking.transient(MlflowException("Run 'x' not found", error_code="RESOURCE_DOES_NOT_EXIST"))
+    assert not tracking.transient(MlflowException("Invalid value", error_code="INVALID_PARAMETER_VALUE"))
+    assert not tracking.transient(FileNotFoundError("no such file"))
+    assert not tracking.transient(ValueError("bad"))
+
+
+def test_retry_backs_off_on_transient_errors_only(monkeypatch) -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise _locked()
+        return "ok"
+
+    assert tracking.retry("a call", flaky, budget_s=10, first_delay_s=0.05) == "ok"
+    assert len(calls) == 3 and calls[2] - calls[1] > calls[1] - calls[0] > 0.04  # growing pauses
+    with pytest.raises(ValueError):
+        tracking.retry("a call", lambda: (_ for _ in ()).throw(ValueError("bad")), budget_s=10)
+    start = time.monotonic()
+    with pytest.raises(Exception, match="database is locked"):
+        tracking.retry("a call", lambda: (_ for _ in ()).throw(_locked()), budget_s=0.3, first_delay_s=0.05)
+    assert time.monotonic() - start < 2
+    monkeypatch.setenv(tracking.WAIT_ENV, "soon")
+    with pytest.raises(TrackingError, match="CONV2DLSTM_MLFLOW_WAIT_S='soon' is not a number of seconds"):
+        tracking.wait_budget_s()
+
+
+def test_metrics_wait_while_the_store_fails_and_are_sent_in_order_later(tmp_path, monkeypatch, caplog) -> None:
+    """A store failing for a while never fails log_metrics: the metrics wait, keep their step and
+    time, and go out first when it answers again; leaving the run with metrics unsent is an error."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv(tracking.WAIT_ENV, "0.2")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "exp-down", "mlflow": {"tracking_uri": uri}})
+    down = {"on": False}
+    real_send = tracking.Tracker._send
+
+    def send(self, item):
+        if down["on"]:
+            raise _locked()
+        return real_send(self, item)
+
+    monkeypatch.setattr(tracking.Tracker, "_send", send)
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"), \
+            tracking.start_run(cfg, "r", tracking_uri=uri) as tracker:
+        assert tracker.log_metrics({"val_loss": 1.0}, step=1)
+        down["on"] = True
+        assert not tracker.log_metrics({"val_loss": 0.9}, step=2)
+        assert not tracker.log_metrics({"val_loss": 0.8}, step=3)
+        assert [p.step for p in tracker.pending] == [2, 3] and tracker.failing
+        down["on"] = False
+        assert tracker.log_metrics({"val_loss": 0.7}, step=4)
+        assert not tracker.pending and not tracker.failing
+        run_id = tracker.run_id
+    assert "cannot log metrics to run" in caplog.text and "training goes on" in caplog.text
+    history = MlflowClient(uri).get_metric_history(run_id, "val_loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
+        [(1, 1.0), (2, 0.9), (3, 0.8), (4, 0.7)]
+    assert len({m.timestamp for m in history}) >= 2  # each kept its own time
+
+    down["on"] = True
+    with pytest.raises(TrackingError, match=r"did not accept the metrics of step\(s\) \[0\]"):
+        with tracking.resume_run(run_id, tracking_uri=uri) as tracker:
+            tracker.log_metrics({"test_rmse": 1.0})
+    down["on"] = False
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_backfill_logs_the_epochs_a_run_lacks(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "exp-backfill", "mlflow": {"tracking_uri": uri}})
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1, "samples_per_s": 5.0}
+            for e in (1, 2, 3, 4)]
+    with tracking.start_run(cfg, "r", tracking_uri=uri) as tracker:
+        tracker.log_metrics({k: v for k, v in rows[0].items() if k != "epoch"}, step=1)
+        assert tracker.backfill(rows, ("train_loss", "val_loss", "lr", "samples_per_s")) == 3
+        assert tracker.backfill(rows, ("train_loss", "val_loss", "lr", "samples_per_s")) == 0
+        run_id = tracker.run_id
+    history = MlflowClient(uri).get_metric_history(run_id, "val_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3), (4, 0.5)]

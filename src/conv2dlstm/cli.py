@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit-minutes", type=float, default=None,
         help="the job's time limit: checkpoint and exit non-zero shortly before it (rerun resumes)",
     )
+    p.add_argument("--sweep-json", default=None,
+                   help="MLflow sweep tags as JSON (default: derived from the configuration's runs; passed to "
+                        "torchrun workers, whose configuration holds one run)")
 
     p = sub.add_parser("evaluate", help="score a trained run and the baselines on the test period")
     _add_config(p)
@@ -90,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every chunk of a pipeline Zarr store against the digests it was written with")
     p.add_argument("stores", type=Path, nargs="+", help="regridded or windows stores (.zarr)")
 
-    p = sub.add_parser("compare", help="one table and one plot comparing all runs and baselines")
+    p = sub.add_parser("compare", help="one table and one plot comparing all runs and baselines; with a "
+                       "configuration, also tags the sweep's MLflow runs and registers the best model (champion)")
+    _add_config(p)
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics.csv of each run")
+    p.add_argument("--models", type=Path, nargs="*", default=[],
+                   help="model.pt of each run (its mlflow_run_id.txt names the MLflow run)")
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-plot", type=Path, required=True)
     return parser
@@ -141,8 +149,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         _verify(args.stores)
         return
     if step == "compare":
+        view = None
+        if args.config is not None or args.config_json is not None:
+            from conv2dlstm.keys import step_view
+
+            view = step_view(_config(args), "compare")
         importlib.import_module("conv2dlstm.compare").main(
-            metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot
+            metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot, cfg=view, models=args.models
         )
         return
     from conv2dlstm.config import run_config
@@ -172,7 +185,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         train = importlib.import_module("conv2dlstm.train")
         if args.time_limit_minutes:
             train.set_deadline(args.time_limit_minutes)
-        train.main(cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir)
+        from conv2dlstm.sweep import sweep_tags
+
+        sweep = json.loads(args.sweep_json) if args.sweep_json else sweep_tags(full)
+        train.main(cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep)
     elif step == "evaluate":
         importlib.import_module("conv2dlstm.evaluate").main(
             cfg, run=args.run, windows=args.windows, stats=args.stats, checkpoint=args.checkpoint,

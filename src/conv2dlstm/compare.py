@@ -151,8 +151,14 @@ def _labels(rows: pd.DataFrame) -> pd.Series:
     return rows["name"].where(~named, rows["name"] + " (" + rows["model"] + ")")
 
 
-def main(*, metrics: list[Path], out_csv: Path, out_plot: Path) -> None:
-    """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE vs lead)."""
+def main(*, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None = None,
+         models: list[Path] | None = None) -> None:
+    """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE vs lead).
+
+    With the configuration ``cfg`` (and the runs' ``model.pt``), then tag the runs with their sweep
+    and register the experiment's best model as ``models:/<experiment>@champion``
+    (:func:`conv2dlstm.registry.after_compare`).
+    """
     for out in (Path(out_csv), Path(out_plot)):
         for stray in discard_partials(out.parent, of=out.name):
             log.info("compare: discarded %s left by an interrupted run", stray)
@@ -169,3 +175,7 @@ def main(*, metrics: list[Path], out_csv: Path, out_plot: Path) -> None:
             title=f"Test-period RMSE by lead: run(s) {', '.join(runs)} vs persistence and climatology",
         )
     log.info("compared %d run(s): %s, %s", len(runs), out_csv, out_plot)
+    if cfg is not None:
+        from conv2dlstm import registry
+
+        registry.after_compare(cfg, [Path(p) for p in models or []])

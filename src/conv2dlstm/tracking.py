@@ -8,6 +8,31 @@
 - :func:`resume_run` - log into an existing run (the evaluate step logs into the training run).
 - :func:`mark_superseded` - tag a run replaced by a fresh training (``superseded``, ``superseded_by``).
 
+The experiment is created with the tag ``mlflow.experimentKind = custom_model_development``
+(:data:`EXPERIMENT_TAGS`), so the MLflow UI opens it on its training runs, not on its GenAI pages.
+Every run is tagged with its name (``run``), the git commit (also as ``mlflow.source.git.commit``,
+which the UI shows), the SLURM job id when there is one (``slurm.job_id`` from ``SLURM_JOB_ID``)
+and whatever the caller adds (train: provenance digests and the ``sweep`` tags).
+
+Many jobs at once, and stores that go away:
+
+- Every call into the store is retried with exponential backoff while it fails for a transient
+  reason (:func:`transient`: SQLite's "database is locked" after its own 20 s busy timeout, a
+  server that does not answer or answers 5xx), for up to :data:`WAIT_ENV` seconds (default
+  :data:`DEFAULT_WAIT_S`); then the error is raised. Creating the store and the experiment is
+  serialized between processes by a file lock next to an SQLite database.
+- Metrics go through :meth:`Tracker.log_metrics`, which never raises for a transient failure: it
+  warns and keeps the metrics (with their step and time) pending, and sends them before the next
+  ones, so training goes on while a tracking server is down. After the first failure, later calls
+  try once and do not wait. :meth:`Tracker.flush` sends what is pending, waiting up to the budget;
+  leaving :func:`start_run` or :func:`resume_run` normally flushes and raises
+  :class:`TrackingError` when metrics still cannot be sent, so nothing is lost silently.
+  :meth:`Tracker.backfill` logs the epochs of a training history that a run does not hold (a
+  resumed training recovers what an earlier process could not send).
+- For an ``http(s)`` store the MLflow client's own retries are bounded
+  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` defaults to 2 here instead of 7, about 4 s instead of 4
+  minutes per call while the server is down), unless the environment sets them.
+
 ``mlflow`` takes seconds to import, so it is imported inside the functions that need it.
 """
 
@@ -17,15 +42,18 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import random
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +65,19 @@ from conv2dlstm.errors import TrackingError
 log = logging.getLogger(__name__)
 
 VERSIONED_PACKAGES = ("torch", "xarray", "zarr", "dask", "mlflow", "numpy")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+"""Tags of a new experiment: the MLflow UI (3.x) opens a ``custom_model_development`` experiment on
+its runs table; without the tag it opens the GenAI overview (traces, prompts)."""
+WAIT_ENV = "CONV2DLSTM_MLFLOW_WAIT_S"
+DEFAULT_WAIT_S = 300.0
+"""How long a call into the tracking store is retried while it fails for a transient reason."""
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+"""MLflow client settings for an http(s) store, unless the environment sets them (see module docstring)."""
+_TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+_TRANSIENT_TEXT = ("database is locked", "database table is locked", "Max retries exceeded", "Connection refused",
+                   "Connection aborted", "Connection reset", "timed out", "Bad Gateway", "Service Unavailable")
+T = TypeVar("T")
 _FIX = (
     "start the server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a usable store "
     "(e.g. sqlite:///mlflow.db)"
@@ -46,6 +87,63 @@ _FIX = (
 def resolve_tracking_uri(cfg: dict[str, Any]) -> str:
     """``MLFLOW_TRACKING_URI`` from the environment when set, else ``cfg["mlflow"]["tracking_uri"]``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg["mlflow"]["tracking_uri"]
+
+
+def wait_budget_s() -> float:
+    """Seconds a store call is retried for (``CONV2DLSTM_MLFLOW_WAIT_S``, default :data:`DEFAULT_WAIT_S`)."""
+    value = os.environ.get(WAIT_ENV, "")
+    try:
+        return max(float(value), 0.0) if value else DEFAULT_WAIT_S
+    except ValueError:
+        raise TrackingError(f"{WAIT_ENV}={value!r} is not a number of seconds; unset it or give e.g. 300") from None
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed store call may succeed when repeated: a locked SQLite database, a server that
+    is down, overloaded or restarting. Invalid values, unknown runs and the like are not transient."""
+    text = str(exc)
+    if getattr(exc, "error_code", None) in _TRANSIENT_CODES or any(t in text for t in _TRANSIENT_TEXT):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("requests", "urllib3")  # connection errors of the HTTP client
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def retry(what: str, call: Callable[[], T], *, budget_s: float | None = None, first_delay_s: float = 0.5,
+          max_delay_s: float = 30.0) -> T:
+    """``call()``, repeated with exponential backoff (and jitter) while it raises a :func:`transient`
+    error, for up to ``budget_s`` seconds (default :func:`wait_budget_s`); the last error is raised.
+    ``what`` names the operation in the warnings."""
+    budget = wait_budget_s() if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    delay = first_delay_s
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not transient(exc) or left <= 0:
+                raise
+            pause = min(delay * (1.0 + 0.25 * random.random()), max_delay_s, left)
+            log.warning("MLflow: %s failed (attempt %d: %s); retrying in %.1f s (giving up after %.0f s more)",
+                        what, attempt, _short(exc), pause, left)
+            time.sleep(pause)
+            delay = min(delay * 2, max_delay_s)
+            attempt += 1
+
+
+def bound_http_retries(uri: str, environ: dict[str, str] | None = None) -> None:
+    """For an http(s) ``uri``, set :data:`HTTP_RETRY_DEFAULTS` where the environment does not."""
+    environ = os.environ if environ is None else environ
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            environ.setdefault(key, value)
 
 
 def local_store_path(uri: str) -> Path | None:
@@ -147,6 +245,14 @@ def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": dirty}
 
 
+def job_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``slurm.job_id`` (``SLURM_JOB_ID``) and ``slurm.cluster`` (``SLURM_CLUSTER_NAME``) inside a
+    SLURM job; nothing elsewhere."""
+    environ = os.environ if environ is None else environ
+    names = {"slurm.job_id": "SLURM_JOB_ID", "slurm.cluster": "SLURM_CLUSTER_NAME"}
+    return {tag: environ[var] for tag, var in names.items() if environ.get(var)}
+
+
 def package_versions() -> dict[str, str]:
     """``version.<package>`` tags for the packages that determine a result."""
     out = {"version.conv2dlstm": __version__}
@@ -191,9 +297,13 @@ def check_run(uri: str, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     check_tracking(uri)
+    client = _client(uri)
     try:
-        _client(uri).get_run(run_id)
+        retry(f"reading run {run_id}", lambda: client.get_run(run_id))
     except MlflowException as exc:
+        if transient(exc):
+            raise TrackingError(f"MLflow tracking store {uri} failed while reading run {run_id} ({_short(exc)}); "
+                                f"{_FIX}") from exc
         raise TrackingError(
             f"MLflow run {run_id} is not in the tracking store {uri}; train the run again or point "
             "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store it was logged to"
@@ -205,23 +315,34 @@ def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     with _store_lock(uri):
-        return MlflowClient(uri)
+        client = MlflowClient(uri)
+        if uri.startswith("sqlite:"):  # the store (tables, migrations) is created on first use
+            retry("creating the store", lambda: client.search_experiments(max_results=1))
+        return client
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created with :data:`EXPERIMENT_TAGS` when missing. An existing
+    experiment without an explicit kind (none, or one the UI inferred) gets the tag too."""
     from mlflow.exceptions import MlflowException
 
     with _store_lock(uri):
-        exp = client.get_experiment_by_name(name)
+        exp = retry(f"reading experiment {name!r}", lambda: client.get_experiment_by_name(name))
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise TrackingError(
                     f"MLflow experiment {name!r} in {uri} is deleted; restore it (mlflow experiments "
                     "restore) or choose another `experiment` name"
                 )
+            kind = exp.tags.get(EXPERIMENT_KIND_TAG, "")
+            if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+                for key, value in EXPERIMENT_TAGS.items():
+                    retry("tagging the experiment", lambda k=key, v=value: client.set_experiment_tag(
+                        exp.experiment_id, k, v))
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+            return retry(f"creating experiment {name!r}", lambda: client.create_experiment(
+                name, artifact_location=_artifact_location(uri, name), tags=EXPERIMENT_TAGS))
         except MlflowException:  # created meanwhile by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -229,45 +350,138 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
             return exp.experiment_id
 
 
-class Tracker:
-    """Logging into one active MLflow run (returned by :func:`start_run` and :func:`resume_run`)."""
+@dataclass
+class _Pending:
+    """Metrics not yet in the store: values, step and the time they were measured (ms)."""
 
-    def __init__(self, run_id: str, experiment_id: str) -> None:
+    metrics: dict[str, float]
+    step: int
+    timestamp_ms: int
+
+
+class Tracker:
+    """Logging into one active MLflow run (returned by :func:`start_run` and :func:`resume_run`).
+
+    Metrics never fail on a transient store error: they stay in :attr:`pending` and are sent first
+    by the next :meth:`log_metrics` or :meth:`flush` (module docstring). Files, models and tags are
+    retried for the wait budget and then raise.
+    """
+
+    def __init__(self, run_id: str, experiment_id: str, *, uri: str | None = None, client: Any = None) -> None:
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.uri = uri
+        self._client = client
+        self.pending: list[_Pending] = []
+        self.failing = False  # the last attempt to send metrics failed
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import mlflow
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self.run_id)
+            self._client = MlflowClient(self.uri) if self.uri else MlflowClient()
+        return self._client
+
+    def _send(self, item: _Pending) -> None:
+        from mlflow.entities import Metric
+
+        batch = [Metric(k, float(v), item.timestamp_ms, item.step) for k, v in item.metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def flush(self, *, budget_s: float | None = None) -> bool:
+        """Send the pending metrics in order, retrying for up to ``budget_s`` (default: the wait
+        budget; 0: one attempt). Returns whether none is left; a non-transient error raises."""
+        while self.pending:
+            item = self.pending[0]
+            try:
+                retry(f"logging metrics of step {item.step} to run {self.run_id}", lambda: self._send(item),
+                      budget_s=budget_s)
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                self.failing = True
+                log.warning("MLflow: cannot log metrics to run %s in %s (%s); %d step(s) kept, sent with the next "
+                            "metrics (training goes on)", self.run_id, self.uri or "the store", _short(exc),
+                            len(self.pending))
+                return False
+            self.pending.pop(0)
+            if self.failing:
+                log.warning("MLflow: the store answers again; sent the metrics of step %d kept meanwhile", item.step)
+                self.failing = False
+        return True
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, *,
+                    budget_s: float | None = None) -> bool:
+        """Log ``metrics`` at ``step`` after any still pending. On a transient failure warn, keep them
+        pending and return False (no exception). While the store is failing a call tries once;
+        otherwise it retries for ``budget_s`` (default 30 s, within the wait budget)."""
+        self.pending.append(_Pending({k: float(v) for k, v in metrics.items()}, 0 if step is None else int(step),
+                                     int(time.time() * 1000)))
+        if budget_s is None:
+            budget_s = 0.0 if self.failing else min(30.0, wait_budget_s())
+        return self.flush(budget_s=budget_s)
+
+    def backfill(self, rows: Sequence[Mapping[str, float]], keys: Sequence[str], *, step_key: str = "epoch") -> int:
+        """Log the ``keys`` of each row of a history (one row per step ``row[step_key]``) whose step
+        the run does not hold for ``keys[0]``: what an earlier process could not send. Returns how
+        many steps were added (they are pending, not lost, if the store fails)."""
+        if not rows or not keys:
+            return 0
+        held = retry(f"reading the {keys[0]} history of run {self.run_id}",
+                     lambda: {m.step for m in self.client.get_metric_history(self.run_id, keys[0])})
+        missing = [r for r in rows if int(r[step_key]) not in held]
+        for row in missing:
+            self.pending.append(_Pending({k: float(row[k]) for k in keys if k in row}, int(row[step_key]),
+                                         int(time.time() * 1000)))
+        if missing:
+            log.warning("MLflow run %s lacked the metrics of step(s) %s (not sent by an earlier process); logging "
+                        "them from the training history", self.run_id, [int(r[step_key]) for r in missing])
+            self.flush()
+        return len(missing)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        import mlflow
+        from mlflow.entities import RunTag
 
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        retry(f"tagging run {self.run_id}", lambda: self.client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         import mlflow
 
-        mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
+        retry(f"uploading {Path(path).name} to run {self.run_id}",
+              lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id))
+
+    def logged_model_uri(self, name: str = "model") -> str | None:
+        """The URI of the model ``name`` this run already logged (status READY), or None."""
+        found = retry(f"searching the models of run {self.run_id}", lambda: self.client.search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'"))
+        ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
+        return ready[0].model_uri if ready else None
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, *, name: str = "model") -> str:
         """Log ``model`` (eval mode, CPU) with a signature inferred from ``input_example``, a real
-        small batch ``(B, T_in, C_in, H, W)`` float32; returns the model URI."""
+        small batch ``(B, T_in, C_in, H, W)`` float32; returns the model URI. A model ``name`` the
+        run already holds is kept (a rerun after a failed upload logs it once)."""
         import mlflow.pytorch
         from mlflow.models import infer_signature
+
+        existing = self.logged_model_uri(name)
+        if existing is not None:
+            log.info("MLflow run %s already holds model %r (%s); not logging it again", self.run_id, name, existing)
+            return existing
 
         model = model.eval().cpu()
         example = np.ascontiguousarray(input_example, dtype=np.float32)
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(
+        info = retry(f"logging the model of run {self.run_id}", lambda: mlflow.pytorch.log_model(
             model,
             name=name,
             signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        ))
         return info.model_uri
 
 
@@ -285,7 +499,7 @@ def _log_params_once(client: Any, run_id: str, params: dict[str, str], fixed: Co
     """
     import mlflow
 
-    existing = client.get_run(run_id).data.params
+    existing = retry(f"reading run {run_id}", lambda: client.get_run(run_id)).data.params
     changed = changed_params(existing, params)
     conflicting = [k for k in changed if k in fixed]
     if conflicting:
@@ -300,7 +514,7 @@ def _log_params_once(client: Any, run_id: str, params: dict[str, str], fixed: Co
                     run_id, changed)
     new = {k: v for k, v in params.items() if k not in existing}
     if new:
-        mlflow.log_params(new, run_id=run_id)
+        retry(f"logging the params of run {run_id}", lambda: mlflow.log_params(new, run_id=run_id))
 
 
 def mark_superseded(uri: str, old_run_id: str, new_run_id: str) -> bool:
@@ -311,26 +525,66 @@ def mark_superseded(uri: str, old_run_id: str, new_run_id: str) -> bool:
 
     client = _client(uri)
     try:
-        client.set_tag(old_run_id, "superseded", "true")
-        client.set_tag(old_run_id, "superseded_by", new_run_id)
+        retry(f"tagging run {old_run_id} superseded", lambda: client.set_tag(old_run_id, "superseded", "true"))
+        retry(f"tagging run {old_run_id} superseded", lambda: client.set_tag(old_run_id, "superseded_by", new_run_id))
     except MlflowException as exc:
         log.warning("MLflow run %s (superseded by %s) cannot be tagged in %s: %s", old_run_id, new_run_id, uri, exc)
         return False
     return True
 
 
-@contextlib.contextmanager
-def _active(run: Any) -> Iterator[None]:
-    """End ``run`` FINISHED on success, KILLED on interruption (SystemExit, Ctrl-C), FAILED otherwise."""
+def _end_run(status: str) -> None:
+    """End the active run with ``status``; a store that cannot record it leaves the run RUNNING in
+    MLflow, with a warning, and is no reason to fail (the run's results are already logged).
+    ``mlflow.end_run`` removes the run from this process's active runs before it calls the store, so
+    none stays active either way."""
+    try:
+        retry(f"ending the run {status}", lambda: _end_active(status), budget_s=min(60.0, wait_budget_s()))
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        log.warning("MLflow: could not mark the run %s (%s); it shows as RUNNING in the UI", status, _short(exc))
+
+
+def _end_active(status: str) -> None:
+    """End the active run, or, after an earlier attempt removed it from the stack, its last run."""
     import mlflow
 
+    run = mlflow.active_run()
+    if run is not None:
+        mlflow.end_run(status)
+    else:
+        last = mlflow.last_active_run()
+        if last is not None:
+            _client(mlflow.get_tracking_uri()).set_terminated(last.info.run_id, status)
+
+
+@contextlib.contextmanager
+def _active(run: Any, tracker: Tracker) -> Iterator[None]:
+    """End ``run`` FINISHED on success, KILLED on interruption (SystemExit, Ctrl-C), FAILED otherwise.
+
+    On success the pending metrics are sent first (waiting up to the budget); metrics that still
+    cannot be sent raise :class:`TrackingError` (the run is marked FAILED; a rerun that reopens it
+    logs them again). On an exception one attempt is made to send them; what is left is named in a
+    warning.
+    """
     try:
         yield
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        mlflow.end_run(status)
+        if tracker.pending and not tracker.flush(budget_s=0):
+            log.warning("MLflow: the metrics of step(s) %s were not sent to run %s",
+                        [p.step for p in tracker.pending], tracker.run_id)
+        _end_run(status)
         raise
-    mlflow.end_run("FINISHED")
+    if not tracker.flush():
+        steps = [p.step for p in tracker.pending]
+        _end_run("FAILED")
+        raise TrackingError(
+            f"MLflow tracking store {tracker.uri} did not accept the metrics of step(s) {steps} of run "
+            f"{tracker.run_id} for {wait_budget_s():.0f} s ({WAIT_ENV}); rerun the step once the store is back; {_FIX}"
+        )
+    _end_run("FINISHED")
 
 
 @contextlib.contextmanager
@@ -346,8 +600,9 @@ def start_run(
     """Open the MLflow run of a training run and yield a :class:`Tracker`.
 
     With ``run_id`` of an existing run (a resumed training), that run is reopened; otherwise a new
-    run named ``run_name`` is created in experiment ``cfg["experiment"]`` (created when missing).
-    Logs ``config.flatten(cfg)`` as params and sets git, version and ``tags`` tags. A reopened run
+    run named ``run_name`` is created in experiment ``cfg["experiment"]`` (created when missing, with
+    :data:`EXPERIMENT_TAGS`). Logs ``config.flatten(cfg)`` as params and sets the tags ``run``, git,
+    ``mlflow.source.git.commit``, SLURM job (:func:`job_tags`), version and ``tags``. A reopened run
     must hold the same values of ``fixed_params`` (the params that determine the model), else
     :class:`TrackingError` (see :func:`_log_params_once`).
     """
@@ -355,24 +610,31 @@ def start_run(
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or resolve_tracking_uri(cfg)
+    bound_http_retries(uri)
     mlflow.set_tracking_uri(uri)
     client = _client(uri)
     experiment_id = _experiment_id(client, cfg["experiment"], uri)
     if run_id is not None:
         try:
-            client.get_run(run_id)
-        except MlflowException:
+            retry(f"reading run {run_id}", lambda: client.get_run(run_id))
+        except MlflowException as exc:
+            if transient(exc):
+                raise
             log.warning("MLflow run %s is not in %s; starting a new run", run_id, uri)
             run_id = None
     if run_id is not None:
-        run = mlflow.start_run(run_id=run_id)
+        run = retry(f"reopening run {run_id}", lambda: mlflow.start_run(run_id=run_id))
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-    with _active(run):
+        run = retry(f"creating run {run_name!r}",
+                    lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name))
+    tracker = Tracker(run.info.run_id, run.info.experiment_id, uri=uri, client=client)
+    with _active(run, tracker):
         _log_params_once(client, run.info.run_id, flatten(cfg), fixed_params)
-        all_tags = {**git_state(), **package_versions(), **(tags or {})}
-        mlflow.set_tags({k: str(v) for k, v in all_tags.items()})
-        yield Tracker(run.info.run_id, run.info.experiment_id)
+        git = git_state()
+        all_tags = {"run": run_name, **git, "mlflow.source.git.commit": git["git.commit"], **job_tags(),
+                    **package_versions(), **(tags or {})}
+        retry(f"tagging run {run.info.run_id}", lambda: mlflow.set_tags({k: str(v) for k, v in all_tags.items()}))
+        yield tracker
 
 
 @contextlib.contextmanager
@@ -381,8 +643,10 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None) -> Iterator[Trac
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    bound_http_retries(uri)
     check_run(uri, run_id)
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(run_id=run_id)
-    with _active(run):
-        yield Tracker(run.info.run_id, run.info.experiment_id)
+    run = retry(f"reopening run {run_id}", lambda: mlflow.start_run(run_id=run_id))
+    tracker = Tracker(run.info.run_id, run.info.experiment_id, uri=uri, client=_client(uri))
+    with _active(run, tracker):
+        yield tracker

@@ -28,6 +28,15 @@ same ``out_dir`` repeats that epoch with the same shuffled order and random stat
 resumed run ends with exactly the weights of an uninterrupted one. A complete run (``model.pt`` and
 a finished ``last.pt`` of the same provenance digest) returns at once.
 
+Tracking: one MLflow run per training (:mod:`conv2dlstm.tracking`), tagged with the run name, the
+provenance digests, the git commit, the SLURM job and the sweep. A tracking store that fails during
+training never stops it: an epoch's metrics that cannot be sent are kept and sent with the next
+epoch's (``history.csv`` and every checkpoint hold them too). At the end the pending metrics, the
+model, ``best.pt``, ``history.csv`` and ``model_summary.txt`` must reach the store, each retried for
+the wait budget (``CONV2DLSTM_MLFLOW_WAIT_S``); if they cannot, :class:`TrackingError` ends the step
+before ``model.pt`` is written, and a rerun resumes after the last epoch, trains no further, logs the
+epochs the run lacks (:meth:`conv2dlstm.tracking.Tracker.backfill`) and the rest.
+
 Data-parallel training (``train.gpus > 1``, see :mod:`conv2dlstm.distributed`): :func:`main` called
 in a plain process checks its inputs and runs itself again as ``train.gpus`` torchrun workers, one
 per GPU (on the CPU: that many gloo processes). Every worker draws the same seeded shuffled order
@@ -53,7 +62,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +74,7 @@ from torch import nn
 from conv2dlstm import distributed, keys, provenance, tracking
 from conv2dlstm.config import flatten
 from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
-from conv2dlstm.errors import ConfigError, DataError
+from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 from conv2dlstm.models import build_model, count_parameters, load_model, model_kwargs_from_config
 
@@ -75,6 +84,8 @@ CHECKPOINT_VERSION = 1
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "samples_per_s", "seconds")
 RUN_FILES = ("last.pt", "best.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt")
 """The files of a run in ``out_dir``; a fresh start moves those present into :data:`STALE_DIR`."""
+EPOCH_METRICS = ("train_loss", "val_loss", "lr", "samples_per_s")
+"""The per-epoch MLflow metrics (step = epoch); ``history.csv`` and every checkpoint hold them too."""
 STALE_DIR = "stale"
 """Folder of ``out_dir`` that keeps the files of superseded trainings, one ``<UTC timestamp>`` folder each."""
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -597,11 +608,13 @@ def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device
         )
 
 
-def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> list[str]:
+def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path,
+                sweep: Mapping[str, str] | None = None) -> list[str]:
     """Arguments of ``python -m conv2dlstm`` with which a torchrun worker calls :func:`main` as this process.
 
     The CLI derives the run's configuration with ``config.run_config(config, run)``; listing the run
-    without overrides makes that return ``cfg`` itself.
+    without overrides makes that return ``cfg`` itself. The ``sweep`` tags are passed as they are
+    (the worker's configuration holds only this run, so it cannot derive them).
     """
     level = logging.getLevelName(logging.getLogger("conv2dlstm").getEffectiveLevel())
     config = {**cfg, "runs": [{"name": run}]}
@@ -609,6 +622,7 @@ def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, ou
         "--log-level", level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
         "train", "--config-json", json.dumps(config), "--run", run,
         "--windows", str(windows), "--stats", str(stats), "--out-dir", str(out_dir),
+        *(["--sweep-json", json.dumps(dict(sweep), sort_keys=True)] if sweep else []),
     ]
 
 
@@ -710,8 +724,12 @@ def output_floor(stats: Path, target_variables: list[str], model_kwargs: dict[st
     return floor_from_stats(mean.values, std.values)
 
 
-def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path) -> None:
+def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path,
+         sweep: Mapping[str, str] | None = None) -> None:
     """Train run ``run`` (``cfg`` is that run's full config) on the windows store; outputs in ``out_dir``.
+
+    ``sweep``: MLflow tags grouping the runs of the whole configuration (:func:`conv2dlstm.sweep.sweep_tags`),
+    set on the run with the provenance tags.
 
     Resumes from ``out_dir/last.pt`` when it records the provenance digest of this configuration and
     these inputs; otherwise moves the files of the earlier training to ``out_dir/stale/<UTC timestamp>/``
@@ -748,7 +766,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
         for stray in discard_partials(out_dir):
             log.info("train: discarded %s left by an interrupted run", stray)
     if launch:
-        argv = worker_argv(cfg, run=run, windows=windows, stats=stats, out_dir=out_dir)
+        argv = worker_argv(cfg, run=run, windows=windows, stats=stats, out_dir=out_dir, sweep=sweep)
         code = distributed.maybe_relaunch(argv, tcfg["gpus"])
         if code:
             log.error("the %d training processes of run %s failed (exit status %d); their output is above",
@@ -758,7 +776,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
     device = distributed.worker_device(ctx, device)
     with distributed.process_group(ctx, device):
         try:
-            _train(cfg, run=run, inputs=inputs, ctx=ctx, device=device, uri=uri, out_dir=out_dir)
+            _train(cfg, run=run, inputs=inputs, ctx=ctx, device=device, uri=uri, out_dir=out_dir, sweep=sweep)
         except TrainingInterrupted:
             if ctx.distributed:
                 # Every rank stopped at the same step. Already stopping, a rank ignores further stop
@@ -776,7 +794,7 @@ def _ignore_stop_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> None:
 
 
 def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.Context, device: torch.device,
-           uri: str | None, out_dir: Path) -> None:
+           uri: str | None, out_dir: Path, sweep: Mapping[str, str] | None = None) -> None:
     """The training of :func:`main` in one process (one rank of ``ctx``)."""
     tcfg = cfg["train"]
     store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
@@ -838,6 +856,7 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                 "windows_store": str(store.path),
                 "data_on_device": isinstance(loop.train_source, InMemoryWindows),
                 **provenance.mlflow_tags(inputs.record),
+                **(sweep or {}),
             }
             superseded = inputs.stale.run_id if inputs.stale is not None else None
             if superseded:
@@ -855,6 +874,8 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                 out_dir.mkdir(parents=True, exist_ok=True)
                 if tracker.run_id != previous_run_id:
                     write_text(run_id_file, tracker.run_id + "\n")
+                else:  # a resumed run: log the epochs an earlier process could not send
+                    tracker.backfill(progress.history, EPOCH_METRICS)
                 summary_path = out_dir / "model_summary.txt"
                 write_text(summary_path, model_summary(model, model_name, model_kwargs, store))
 
@@ -874,7 +895,7 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                                 " (at the start of epoch 1)" if progress.epoch == 0 else "")
                 raise
             if ctx.is_main:
-                _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"])
+                _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"], run=run)
         distributed.barrier(ctx, device)  # the other ranks wait for rank 0's files and MLflow run
 
 
@@ -923,10 +944,10 @@ def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking
         else:
             progress.epochs_since_best += 1
         if main_rank:
-            metrics = {k: row[k] for k in ("train_loss", "val_loss", "lr", "samples_per_s")}
+            metrics = {k: row[k] for k in EPOCH_METRICS}
             if loop.device.type == "cuda":
                 metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(loop.device) / 2**20
-            if tracker is not None:
+            if tracker is not None:  # never raises for a store that is down: the metrics wait (tracking.Tracker)
                 tracker.log_metrics(metrics, step=epoch)
             log.info("epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s", epoch, epochs,
                      train_loss, val_loss, " (best)" if improved else "", lr, row["samples_per_s"], seconds)
@@ -943,18 +964,35 @@ def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking
 
 
 def _finish(progress: Progress, tracker: tracking.Tracker, checkpoint: Callable[[], dict[str, Any]],
-            store: WindowsStore, out_dir: Path, *, log_model: bool) -> None:
-    """Log the best model and artifacts, mark ``last.pt`` finished, write ``model.pt`` last."""
+            store: WindowsStore, out_dir: Path, *, log_model: bool, run: str = "") -> None:
+    """Log the best model and artifacts, mark ``last.pt`` finished, write ``model.pt`` last.
+
+    Everything must reach MLflow first (per-epoch metrics still pending included, each call retried
+    for the wait budget of :mod:`conv2dlstm.tracking`); otherwise :class:`TrackingError` ends the
+    step before ``model.pt``, and a rerun resumes after the last epoch and only logs.
+    """
     best_path = out_dir / "best.pt"
-    tracker.log_metrics({"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch})
-    if log_model:
-        best_model, _ = load_model(best_path)
-        n = min(2, store.starts("val").size)
-        example = np.stack([store.sample("val", i)[0] for i in range(n)])  # (n, T_in, C_in, H, W)
-        tracker.log_model(best_model, example)
-    tracker.log_artifact(best_path, "checkpoints")
-    for name in ("model_summary.txt", "history.csv"):
-        tracker.log_artifact(out_dir / name)
+    try:
+        tracker.log_metrics({"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch})
+        if not tracker.flush():
+            raise TrackingError(f"metrics of step(s) {[p.step for p in tracker.pending]} were not accepted")
+        if log_model:
+            best_model, _ = load_model(best_path)
+            n = min(2, store.starts("val").size)
+            example = np.stack([store.sample("val", i)[0] for i in range(n)])  # (n, T_in, C_in, H, W)
+            tracker.log_model(best_model, example)
+        tracker.log_artifact(best_path, "checkpoints")
+        for name in ("model_summary.txt", "history.csv"):
+            tracker.log_artifact(out_dir / name)
+    except Exception as exc:
+        if not (isinstance(exc, TrackingError) or tracking.transient(exc)):
+            raise
+        raise TrackingError(
+            f"run {run}: training is complete ({out_dir / 'last.pt'}, best epoch {progress.best_epoch}) but the "
+            f"MLflow store {tracker.uri} did not take its results ({exc}); rerun the train step once the store is "
+            "back: it resumes after the last epoch, trains no further, and logs the metrics, model and files the "
+            "MLflow run lacks"
+        ) from exc
     progress.finished = True
     save_checkpoint(out_dir / "last.pt", checkpoint())
     with atomic_output(out_dir / "model.pt") as tmp:

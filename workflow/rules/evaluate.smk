@@ -55,9 +55,11 @@ localrules:
 
 
 rule compare:
-    """One table and one plot comparing every run with the baselines."""
+    """One table and one plot comparing every run with the baselines; tags the runs' MLflow runs
+    with the sweep and registers the experiment's best model as models:/<experiment>@champion."""
     input:
-        expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
+        metrics=expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
+        models=expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
     output:
         csv=f"{OUT}/compare.csv",
         plot=report(f"{OUT}/compare.png", caption="../report/compare.rst", category="Comparison"),
@@ -66,4 +68,5 @@ rule compare:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m conv2dlstm compare --metrics {input:q} --out-csv {output.csv:q} --out-plot {output.plot:q} > {log:q} 2>&1"
+        "python -m conv2dlstm compare --config-json \"$CONV2DLSTM_CONFIG\" --metrics {input.metrics:q}"
+        " --models {input.models:q} --out-csv {output.csv:q} --out-plot {output.plot:q} > {log:q} 2>&1"

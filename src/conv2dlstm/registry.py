@@ -1,0 +1,218 @@
+"""The best model, findable: ``mlflow.pytorch.load_model("models:/<experiment>@champion")``.
+
+After the compare step (:func:`after_compare`):
+
+- every run of the configuration gets the ``sweep`` tags of the whole configuration
+  (:func:`conv2dlstm.sweep.sweep_tags`): a run trained by an earlier, smaller sweep and not retrained
+  joins the current one;
+- the best run of the experiment by validation loss (the ``best_val_loss`` metric of the training;
+  test scores are never used to choose, only copied onto the version for reporting) is registered
+  in the MLflow model registry under the experiment's name, and the alias ``champion`` points at it
+  (:func:`register_champion`).
+
+Candidates are the experiment's FINISHED runs that are not ``superseded``, that logged a model
+(``mlflow.log_model: true``), and, when the compare step knows its runs, that were validated on the
+same windows store as they were (the ``provenance.inputs.windows`` tag): validation losses on other
+data do not compare. A model registered before is reused (one version per run), and the alias only
+moves when another run becomes the best. With ``mlflow.log_model: false`` nothing is registered
+(a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conv2dlstm import tracking
+from conv2dlstm.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+CHAMPION_ALIAS = "champion"
+SELECT_METRIC = "best_val_loss"
+WINDOWS_TAG = "provenance.inputs.windows"
+RUN_ID_FILE = "mlflow_run_id.txt"
+MODEL_NAME = "model"
+"""The name under which the train step logs its model (:meth:`conv2dlstm.tracking.Tracker.log_model`)."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered best run: ``models:/<name>@champion`` is version ``version``."""
+
+    name: str
+    version: str
+    run_id: str
+    run_name: str
+    best_val_loss: float
+    model_uri: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{CHAMPION_ALIAS}"
+
+
+def read_run_ids(models: Sequence[Path]) -> dict[str, str]:
+    """``run name -> MLflow run id`` from the ``mlflow_run_id.txt`` beside each ``model.pt``
+    (``<outdir>/train/<run>/model.pt``); a run without the file is left out with a warning."""
+    out: dict[str, str] = {}
+    for model in map(Path, models):
+        path = model.parent / RUN_ID_FILE
+        run_id = path.read_text().strip() if path.is_file() else ""
+        if run_id:
+            out[model.parent.name] = run_id
+        else:
+            log.warning("registry: %s is missing or empty; run %s is not tagged", path, model.parent.name)
+    return out
+
+
+def tag_sweep(client: Any, run_ids: Mapping[str, str], tags: Mapping[str, str]) -> list[str]:
+    """Set ``tags`` on each run of ``run_ids`` whose tags differ; returns the run names tagged. Runs
+    the store does not hold are skipped with a warning (they were logged to another store)."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    tagged = []
+    for name, run_id in run_ids.items():
+        try:
+            held = tracking.retry(f"reading run {run_id}", lambda r=run_id: client.get_run(r)).data.tags
+        except MlflowException as exc:
+            if tracking.transient(exc):
+                raise
+            log.warning("registry: MLflow run %s of run %s is not in this store; not tagged", run_id, name)
+            continue
+        if any(held.get(k) != v for k, v in tags.items()):
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            tracking.retry(f"tagging run {run_id}", lambda r=run_id: client.log_batch(r, tags=batch))
+            tagged.append(name)
+    return tagged
+
+
+def _logged_model(client: Any, experiment_id: str, run_id: str) -> Any | None:
+    """The READY model named :data:`MODEL_NAME` that run ``run_id`` logged, or None."""
+    found = tracking.retry(f"searching the models of run {run_id}", lambda: client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'"))
+    ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
+    return ready[0] if ready else None
+
+
+def candidates(client: Any, experiment_id: str, windows: set[str] | None = None) -> list[Any]:
+    """The experiment's FINISHED, not superseded runs with a finite ``best_val_loss`` (and, when
+    ``windows`` is given, a windows digest in it), best first."""
+    runs = tracking.retry("searching the experiment's runs", lambda: client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000))
+    out = []
+    for run in runs:
+        loss = run.data.metrics.get(SELECT_METRIC)
+        if loss is None or not math.isfinite(loss) or run.data.tags.get("superseded") == "true":
+            continue
+        if windows is not None and run.data.tags.get(WINDOWS_TAG) not in windows:
+            continue
+        out.append(run)
+    return sorted(out, key=lambda r: (r.data.metrics[SELECT_METRIC], r.info.start_time or 0, r.info.run_id))
+
+
+def _version_of(client: Any, name: str, run_id: str, model: Any) -> str:
+    """The registered version of ``name`` made from run ``run_id``, created when there is none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    versions = tracking.retry("searching model versions", lambda: client.search_model_versions(
+        f"name = '{name}' and run_id = '{run_id}'"))
+    if versions:
+        return str(max(int(v.version) for v in versions))
+    try:
+        version = tracking.retry(f"registering model {name!r}", lambda: mlflow.register_model(model.model_uri, name))
+    except MlflowException as exc:
+        if tracking.transient(exc):
+            raise
+        raise TrackingError(
+            f"MLflow refused to register the best model under the name {name!r} (the experiment name): {exc}; "
+            "choose an `experiment` name MLflow accepts as a registered model name (letters, digits, - _ .)"
+        ) from exc
+    return str(version.version)
+
+
+def register_champion(uri: str, experiment: str, *, windows: set[str] | None = None) -> Champion | None:
+    """Register the best run of ``experiment`` (:func:`candidates`, the first that logged a model) as
+    the model ``experiment`` with the alias :data:`CHAMPION_ALIAS`; None (with a warning) when no
+    run qualifies. The version carries the run's name, its ``best_val_loss`` and, for reporting
+    only, its ``test_rmse_*`` scores as tags."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tracking.bound_http_retries(uri)
+    mlflow.set_tracking_uri(uri)
+    client = tracking._client(uri)
+    exp = tracking.retry(f"reading experiment {experiment!r}", lambda: client.get_experiment_by_name(experiment))
+    if exp is None:
+        log.warning("registry: experiment %r is not in %s; no model registered", experiment, uri)
+        return None
+    best, model, skipped = None, None, []
+    for run in candidates(client, exp.experiment_id, windows):
+        model = _logged_model(client, exp.experiment_id, run.info.run_id)
+        if model is not None:
+            best = run
+            break
+        skipped.append(run.info.run_name)
+    if skipped:
+        log.warning("registry: run(s) %s of experiment %r have a lower %s but logged no model "
+                    "(mlflow.log_model was false); they are not registered", skipped, experiment, SELECT_METRIC)
+    if best is None or model is None:
+        log.warning("registry: no finished run of experiment %r logged a model; nothing registered", experiment)
+        return None
+    name, run_id = experiment, best.info.run_id
+    version = _version_of(client, name, run_id, model)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        current = None
+    if current is None or str(current.version) != version:
+        tracking.retry("setting the champion alias",
+                       lambda: client.set_registered_model_alias(name, CHAMPION_ALIAS, version))
+        log.info("registry: models:/%s@%s -> version %s (run %s, %s %.6g)%s", name, CHAMPION_ALIAS, version,
+                 best.info.run_name, SELECT_METRIC, best.data.metrics[SELECT_METRIC],
+                 f", was version {current.version}" if current is not None else "")
+    tags = {"run": best.info.run_name, "run_id": run_id, SELECT_METRIC: best.data.metrics[SELECT_METRIC],
+            **{k: v for k, v in best.data.metrics.items() if k.startswith("test_rmse_")}}
+    for key, value in tags.items():
+        tracking.retry("tagging the model version",
+                       lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
+    return Champion(name, version, run_id, best.info.run_name, best.data.metrics[SELECT_METRIC], model.model_uri)
+
+
+def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | None:
+    """The compare step's MLflow part: tag the runs of ``models`` (their ``mlflow_run_id.txt``) with
+    the configuration's sweep tags, then :func:`register_champion` among the runs validated on the
+    same windows store (unless ``mlflow.log_model`` is false: a warning, nothing registered)."""
+    from conv2dlstm.sweep import sweep_tags
+
+    uri = tracking.resolve_tracking_uri(cfg)
+    tracking.check_tracking(uri)
+    tracking.bound_http_retries(uri)
+    client = tracking._client(uri)
+    run_ids = read_run_ids(models)
+    tagged = tag_sweep(client, run_ids, sweep_tags(cfg))
+    if tagged:
+        log.info("registry: tagged run(s) %s with this sweep", tagged)
+    if not cfg["mlflow"]["log_model"]:
+        log.warning("registry: mlflow.log_model is false, so no run logged a model; models:/%s@%s is not "
+                    "registered (set mlflow.log_model: true and retrain to register the best run)",
+                    cfg["experiment"], CHAMPION_ALIAS)
+        return None
+    windows: set[str] | None = None
+    if run_ids:
+        windows = set()
+        for run_id in run_ids.values():
+            try:
+                digest = client.get_run(run_id).data.tags.get(WINDOWS_TAG)
+            except Exception:  # noqa: BLE001 - a run of another store was warned about above
+                continue
+            if digest:
+                windows.add(digest)
+        windows = windows or None
+    return register_champion(uri, cfg["experiment"], windows=windows)

@@ -1,0 +1,97 @@
+"""The best model is findable: models:/<experiment>@champion (conv2dlstm.registry), in a real sqlite store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conv2dlstm import registry, tracking
+from conv2dlstm.config import validate_config
+
+EXAMPLE = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def _log_run(cfg: dict, name: str, val_loss: float, *, model: bool = True, tags: dict | None = None,
+             seed: int = 0) -> tuple[str, torch.nn.Module]:
+    """One finished MLflow run of ``cfg``'s experiment with ``best_val_loss`` and, optionally, a model."""
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(4, 3)
+    with tracking.start_run(cfg, name, tags={registry.WINDOWS_TAG: "w1", **(tags or {})}) as tracker:
+        tracker.log_metrics({"best_val_loss": val_loss, "test_rmse_sst_lead1": 10 * val_loss})
+        if model:
+            tracker.log_model(net, EXAMPLE)
+    return tracker.run_id, net
+
+
+def _versions(client, name: str) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def test_the_best_run_by_validation_loss_becomes_the_champion(tmp_path: Path, monkeypatch) -> None:
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "champ", "mlflow": {"tracking_uri": uri}})
+    _log_run(cfg, "a", 0.5, seed=1)
+    b_id, b_net = _log_run(cfg, "b", 0.3, seed=2)
+    _log_run(cfg, "no-model", 0.1, model=False)
+    superseded_id, _ = _log_run(cfg, "old", 0.05, seed=3)
+    tracking.mark_superseded(uri, superseded_id, b_id)
+    _log_run(cfg, "other-data", 0.01, tags={registry.WINDOWS_TAG: "w2"}, seed=4)
+
+    champion = registry.register_champion(uri, "champ", windows={"w1"})
+    assert champion is not None and (champion.run_id, champion.run_name, champion.version) == (b_id, "b", "1")
+    loaded = mlflow.pytorch.load_model("models:/champ@champion")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.from_numpy(EXAMPLE)), b_net(torch.from_numpy(EXAMPLE)))
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("champ", "champion")
+    assert version.tags["run"] == "b" and float(version.tags["best_val_loss"]) == 0.3
+    assert float(version.tags["test_rmse_sst_lead1"]) == pytest.approx(3.0)  # for reporting only
+
+    # registering again changes nothing; a better run moves the alias to a new version
+    assert registry.register_champion(uri, "champ", windows={"w1"}).version == "1"
+    assert _versions(client, "champ") == ["1"]
+    e_id, _ = _log_run(cfg, "e", 0.2, seed=5)
+    champion = registry.register_champion(uri, "champ", windows={"w1"})
+    assert (champion.run_id, champion.version) == (e_id, "2")
+    assert client.get_model_version_by_alias("champ", "champion").run_id == e_id
+    # without the windows filter the run validated on other data would win
+    assert registry.register_champion(uri, "champ").run_name == "other-data"
+
+
+def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "nomodel", "mlflow": {"tracking_uri": uri, "log_model": False},
+                           "sweep": {"train.seed": [1, 2]}})
+    models = []
+    for name in ("seed1", "seed2"):
+        run_id, _ = _log_run(cfg, name, 0.4, model=False, tags={"sweep": "old"})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mlflow_run_id.txt").write_text(run_id + "\n")
+        models.append(tmp_path / name / "model.pt")
+    assert registry.read_run_ids(models) == {
+        "seed1": (tmp_path / "seed1/mlflow_run_id.txt").read_text().strip(),
+        "seed2": (tmp_path / "seed2/mlflow_run_id.txt").read_text().strip(),
+    }
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
+        assert registry.after_compare(cfg, models) is None
+    assert "mlflow.log_model is false" in caplog.text
+    client = MlflowClient(uri)
+    from conv2dlstm.sweep import sweep_tags
+
+    for run_id in registry.read_run_ids(models).values():
+        tags = client.get_run(run_id).data.tags
+        assert tags["sweep"] == sweep_tags(cfg)["sweep"] and tags["sweep.runs"] == "seed1,seed2"
+    assert not client.search_registered_models()
