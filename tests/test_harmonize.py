@@ -420,7 +420,9 @@ def test_plausibility_is_a_chunked_reduction_naming_time_and_file() -> None:
     ds = ds.chunk({"time": 2})
     units = {"sst": UnitSpec("degC", -3.0, 40.0)}
     summary = range_summary(ds, units)
-    assert summary["sst.count"].chunks == ((2, 2, 2),)  # one small result per chunk: nothing else is loaded
+    assert summary["sst.count"].chunks == ((6,),)  # lazy: one small result per time chunk
+    long = xr.concat([ds] * 100, "time").chunk({"time": 1})
+    assert max(range_summary(long, units)["sst.count"].chunks[0]) <= 256  # memory bounded by a chunk
     with pytest.raises(DataError, match=r"^1 value\(s\) of 'sst' lie outside its plausible range -3\.\.40 degC "
                                         r"\(harmonize\.units\.sst\), at 1 of 6 time steps; .* from 20 to 45; the "
                                         r"first is at 2020-01-04 00:00:00 in day4\.nc.*widen harmonize\.units\.sst"):

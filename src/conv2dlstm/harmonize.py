@@ -31,7 +31,6 @@ import functools
 import logging
 import math
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -779,24 +778,53 @@ def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[Sourc
 # ---- plausible values ------------------------------------------------------------------------------
 
 
+CHECK_CHUNK_BYTES = 64 * 1024 * 1024
+"""Target size (float64 working copy) of one time chunk of the plausibility check."""
+MAX_CHECK_TIME_CHUNK = 256
+
+
+def _block_stats(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(3, time)`` for a ``(time, ...)`` block: count of values outside ``lo..hi``, then the finite
+    minimum and maximum per time step (inf / -inf where a step has no finite value)."""
+    flat = block.reshape(block.shape[0], -1)
+    out = np.empty((3, block.shape[0]), np.float64)
+    with np.errstate(invalid="ignore"):
+        out[0] = ((flat < lo) | (flat > hi)).sum(axis=1)
+        finite = np.isfinite(flat)
+        out[1] = np.where(finite, flat, np.inf).min(axis=1, initial=np.inf)
+        out[2] = np.where(finite, flat, -np.inf).max(axis=1, initial=-np.inf)
+    return out
+
+
 def range_summary(ds: xr.Dataset, units: Mapping[str, UnitSpec]) -> xr.Dataset:
     """Per time step, for each variable of a harmonized ``ds`` with a bounded range in ``units``:
-    ``<name>.count`` of values outside it, ``<name>.min`` and ``<name>.max`` (lazy; NaN is not counted)."""
+    ``<name>.count`` of values outside it, ``<name>.min`` and ``<name>.max`` (NaN is not counted).
+
+    Lazy for Dask-backed variables: one small task per time chunk (chunks of about
+    :data:`CHECK_CHUNK_BYTES`, whole grid), so memory is bounded by a chunk.
+    """
+    import dask.array as dask_array
+
     out: dict[str, xr.DataArray] = {}
-    spatial = [d for d in ds.dims if d != "time"]
     for name in ds.data_vars:
         spec = units.get(str(name))
         if spec is None or (spec.min is None and spec.max is None):
             continue
-        x = ds[name]
-        bad = xr.zeros_like(x, dtype=bool)
-        if spec.min is not None:
-            bad = bad | (x < spec.min)
-        if spec.max is not None:
-            bad = bad | (x > spec.max)
-        out[f"{name}.count"] = bad.sum(spatial)
-        out[f"{name}.min"] = x.min(spatial)
-        out[f"{name}.max"] = x.max(spatial)
+        x = ds[name].transpose("time", ...)
+        lo = -np.inf if spec.min is None else float(spec.min)
+        hi = np.inf if spec.max is None else float(spec.max)
+        if x.chunks is None:
+            stats: Any = _block_stats(np.asarray(x.values), lo, hi)
+        else:
+            cells = max(1, int(np.prod([x.sizes[d] for d in x.dims[1:]])))
+            tc = int(max(1, min(MAX_CHECK_TIME_CHUNK, CHECK_CHUNK_BYTES // (8 * cells))))
+            data = x.data.rechunk({0: tc, **{i: -1 for i in range(1, x.ndim)}})
+            stats = dask_array.map_blocks(
+                _block_stats, data, lo, hi, drop_axis=list(range(1, x.ndim)), new_axis=0,
+                chunks=((3,), data.chunks[0]), dtype=np.float64,
+            )
+        for i, what in enumerate(("count", "min", "max")):
+            out[f"{name}.{what}"] = xr.DataArray(stats[i], dims=("time",), coords={"time": x["time"]})
     return xr.Dataset(out)
 
 
@@ -813,9 +841,7 @@ def check_plausible(
     summary = range_summary(ds, units)
     if not summary.data_vars:
         return
-    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
-        warnings.filterwarnings("ignore", message="All-NaN")
-        summary = summary.compute()
+    summary = summary.compute()
     problems: list[str] = []
     names: list[str] = []
     times = ds["time"].values
@@ -831,7 +857,7 @@ def check_plausible(
         t = times[first]
         source = file_of(t) if file_of is not None else None
         where = f" in {source}" if source else ""
-        lo, hi = np.nanmin(summary[f"{name}.min"].values), np.nanmax(summary[f"{name}.max"].values)
+        lo, hi = float(summary[f"{name}.min"].min()), float(summary[f"{name}.max"].max())
         names.append(str(name))
         problems.append(
             f"{total} value(s) of {name!r} lie outside its plausible range {spec.range_text()} "
