@@ -5,12 +5,16 @@ what a schema cannot express: calendar dates, chronological splits each long eno
 grid in the longitude convention, unique run names, and for every run (each ``runs`` entry merged
 over ``model`` and ``train``, as :func:`run_config` gives it) its overrides against the schema, a
 global batch divisible by ``train.gpus``, and a ``conv2d_lstm`` that fits the grid and
-``model.conv2d_lstm.max_parameters``. Everything the configuration alone decides is checked here,
+``model.conv2d_lstm.max_parameters``. It also refuses any credential written in a URL (user info, a literal
+secret query parameter: credentials come from ~/.netrc or the environment, :mod:`conv2dlstm.redact`),
+a ``source.url`` template with a placeholder other than ``{date}`` (with an optional strftime
+format), and ``source.variables`` for the kinds that would ignore it (url, files). Everything the configuration alone decides is checked here,
 so Snakemake stops when it parses the configuration, before any job. Every error is a
 :class:`~conv2dlstm.errors.ConfigError` naming the key, the bad value and the fix. Snakemake
 validates once (``workflow/rules/common.smk``); each CLI step validates the configuration it
 receives again, so the package is usable without Snakemake. Only jsonschema and PyYAML are imported
-(both Snakemake dependencies; :mod:`conv2dlstm.modelsize` is arithmetic), so the Snakefile can use
+(both Snakemake dependencies; :mod:`conv2dlstm.modelsize` is arithmetic, :mod:`conv2dlstm.redact`
+the standard library), so the Snakefile can use
 this module directly.
 """
 
@@ -21,6 +25,8 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import string
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from conv2dlstm.modelsize import (
     conv2d_lstm_size_problem,
     grid_shape,
 )
+from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
 
 SCHEMA_FILE = "config.schema.yaml"
 DATE_REF = "#/$defs/date"
@@ -289,8 +296,171 @@ def _check_runs(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"runs[{i}] (name {entry['name']!r}): {exc}") from None
 
 
+URL_KEYS = ("source.url", "source.store", "mlflow.tracking_uri", "dask.scheduler_address")
+"""Keys that hold a URL; none may carry a credential (:func:`_check_url_secrets`)."""
+ENV_REF_KEYS = ("source.url",)
+"""URL keys whose query parameters may take their value from the environment (``?token=$NAME``):
+the url source resolves them when it makes a request (fsspec stores cannot carry a query)."""
+NETRC_FIX = (
+    "put the user name and password in ~/.netrc (a line 'machine <host> login <user> password "
+    "<password>', then chmod 600 ~/.netrc; or in the file named by the NETRC environment variable), which "
+    "http(s) downloads read, and a query token in an environment variable named as the parameter's whole "
+    "value, e.g. ?token=$MY_TOKEN (resolved only when the request is made)"
+)
+CREDENTIAL_FIXES = {
+    "source.url": NETRC_FIX,
+    "source.store": (
+        "object stores read credentials from their own environment variables or files, never from the URL "
+        "(s3://: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials; gs://: "
+        "GOOGLE_APPLICATION_CREDENTIALS or gcloud's login; az://: the AZURE_STORAGE_* variables); an "
+        "http(s):// store reads ~/.netrc (a line 'machine <host> login <user> password <password>', then "
+        "chmod 600 ~/.netrc; or the file named by the NETRC environment variable)"
+    ),
+    "source.paths": (
+        "list local files only (remote data: source.kind url or zarr, with credentials from ~/.netrc or the "
+        "environment)"
+    ),
+    "mlflow.tracking_uri": (
+        "give an MLflow server MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+        "MLFLOW_TRACKING_TOKEN) in the environment, and a database its own password file (~/.pgpass for "
+        "PostgreSQL, ~/.my.cnf for MySQL)"
+    ),
+    "dask.scheduler_address": "set TLS credentials in Dask's own configuration (distributed.comm.tls)",
+}
+"""Per URL key: where its credentials go instead of the URL."""
+STRFTIME_CODES = frozenset("aAbBcCdDeFfgGhHIjklmMnpPrRsStTuUVwWxXyYzZ%")
+"""strftime directives a ``{date:...}`` format may use (Python's and the common C library ones)."""
+URL_PLACEHOLDERS = (
+    "the only placeholder is {date}, the date being fetched, with an optional strftime format after a "
+    "colon, e.g. {date:%Y%m%d} or {date:%Y/%j}; write a literal brace as {{ or }}"
+)
+
+
+def _url_values(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, value) of every URL-valued key that is set: :data:`URL_KEYS` and each ``source.paths``
+    entry (as ``source.paths[i]``)."""
+    out = [(key, value) for key in URL_KEYS if isinstance(value := _lookup(cfg, key), str) and value]
+    paths = _lookup(cfg, "source.paths") or []
+    out.extend((f"source.paths[{i}]", p) for i, p in enumerate(paths) if isinstance(p, str))
+    return out
+
+
+def _host(url: str) -> str | None:
+    """The host name of ``url``, or None (no host, or not a URL)."""
+    try:
+        return urllib.parse.urlsplit(url.strip()).hostname
+    except ValueError:
+        return None
+
+
+def _check_url_secrets(cfg: dict[str, Any]) -> None:
+    """No URL of the configuration carries a credential: no user info (``user:password@``,
+    ``token@``) and no query parameter that looks secret with a literal value
+    (:func:`conv2dlstm.redact.url_secret_problem`). The configuration is written down everywhere
+    (rule params in .snakemake/metadata, manifest.json, MLflow parameters, checkpoints, logs), so
+    the credentials must come from ~/.netrc or the environment instead. ``$NAME`` query values are
+    allowed only where the fetch step resolves them (:data:`ENV_REF_KEYS`)."""
+    for key, value in _url_values(cfg):
+        base_key = key.split("[")[0]
+        fix = CREDENTIAL_FIXES[base_key].replace("<host>", _host(value) or "<host>")
+        problem = url_secret_problem(value)
+        if problem:
+            raise ConfigError(
+                f"config key {key}: {redact_url(value)!r} has {problem}; the configuration is written down "
+                "(rule params in .snakemake/metadata, manifest.json, MLflow parameters, checkpoints, logs), "
+                f"so no credential may be in it. Remove it from the URL; {fix}"
+            )
+        refs = env_refs(value)
+        if refs and base_key not in ENV_REF_KEYS:
+            raise ConfigError(
+                f"config key {key}: {redact_url(value)!r} references environment variable(s) "
+                f"{', '.join('$' + r for r in refs)} in its query, which only source.url resolves; {fix}"
+            )
+
+
+def _strftime_problem(spec: str) -> str | None:
+    """Why ``spec`` is not a strftime format for ``{date:spec}`` (a nested field, an unknown
+    directive, a lone ``%``, or one :meth:`datetime.__format__` rejects), or None."""
+    if "{" in spec or "}" in spec:
+        return "a format may not hold another placeholder"
+    i = 0
+    while i < len(spec):
+        if spec[i] == "%":
+            j = i + 1
+            if j < len(spec) and spec[j] in "-_0^#":  # C library flags: %-d, %_m, ...
+                j += 1
+            if j >= len(spec):
+                return f"it ends with a lone {spec[i:]!r}"
+            if spec[j] not in STRFTIME_CODES:
+                return f"%{spec[j]} is not a strftime directive (%Y year, %m month, %d day, %j day of year, ...)"
+            i = j
+        i += 1
+    try:
+        format(dt.datetime(2019, 1, 2, 3, 4, 5), spec)
+    except (ValueError, TypeError) as exc:
+        return f"formatting a date with it fails ({exc})"
+    return None
+
+
+def _check_url_template(cfg: dict[str, Any]) -> None:
+    """``source.url`` is a template whose only placeholder is ``{date}``, with an optional strftime
+    format (:func:`_strftime_problem`): what the fetch step formats with each date. An unknown
+    placeholder (``{day}``, ``{date.year}``, ``{date!r}``), a bad format (``{date:%Q}``) or an
+    unbalanced brace is refused here, before Snakemake or the fetch step trips over it."""
+    template = _lookup(cfg, "source.url")
+    if not isinstance(template, str):
+        return
+    shown = redact_url(template)
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"config key source.url: {shown!r} is not a valid template ({exc}); {URL_PLACEHOLDERS}") from None
+    for name, spec, conv in fields:
+        field = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if name != "date" or conv:
+            raise ConfigError(
+                f"config key source.url: placeholder {field} in {shown!r} is not allowed; {URL_PLACEHOLDERS}"
+            )
+        problem = _strftime_problem(spec or "")
+        if problem:
+            raise ConfigError(
+                f"config key source.url: the format of {field} in {shown!r} is not a date format: {problem}; "
+                f"{URL_PLACEHOLDERS}"
+            )
+
+
+FETCH_SUBSET_KINDS = ("zarr", "copernicus")
+"""Source kinds that subset the data while fetching, and so read ``source.variables``."""
+
+
+def _check_source_variables(cfg: dict[str, Any]) -> None:
+    """``source.variables`` is set only for the kinds that read it (:data:`FETCH_SUBSET_KINDS`):
+    kind url downloads whole files and kind files lists them, so there it would be silently
+    ignored; which variables are used is said by ``variables.inputs`` / ``targets``, with
+    ``harmonize.rename`` mapping source names onto them."""
+    source = cfg.get("source") or {}
+    kind, variables = source.get("kind"), source.get("variables")
+    if variables and kind not in FETCH_SUBSET_KINDS:
+        raise ConfigError(
+            f"config key source.variables: {variables} has no effect for source.kind {kind!r} (only kinds "
+            f"{' and '.join(FETCH_SUBSET_KINDS)} subset variables while fetching; kind {kind} keeps every "
+            "variable of the files); remove it, and choose the variables with variables.inputs and "
+            "variables.targets (map source names onto them with harmonize.rename, e.g. "
+            "{analysed_sst: sst})"
+        )
+
+
+def _check_source(cfg: dict[str, Any]) -> None:
+    """The ``source`` and URL checks: no credential in any URL, a valid ``source.url`` template,
+    ``source.variables`` only where it is read."""
+    _check_url_secrets(cfg)
+    _check_url_template(cfg)
+    _check_source_variables(cfg)
+
+
 def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
-    """Checks across keys, in order: dates, splits (order, then length), grid, region, runs.
+    """Checks across keys, in order: source and URLs (:func:`_check_source`), dates, splits (order,
+    then length), grid, region, runs.
 
     ``given`` are the top-level sections the caller supplied. Only the longitude-convention check
     uses it: it is skipped when ``grid`` was filled in from defaults (a step view may hold
@@ -302,6 +472,7 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     ``windows``, ``grid``, ``variables``, ``model`` and ``train``. Views of steps before train hide
     ``train.batch_size`` and (before windows) ``windows``; nothing validates those alone.
     """
+    _check_source(cfg)
     dates = _check_dates(cfg)
     _check_splits(cfg, dates)
     _check_split_lengths(cfg, dates)
@@ -315,7 +486,7 @@ def _check_schema(cfg: dict[str, Any], schema: dict[str, Any]) -> None:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), _key_path(e)))
     if errors:
-        raise ConfigError(_format_error(errors[0]))
+        raise ConfigError(redact_text(_format_error(errors[0])))
 
 
 def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
