@@ -198,17 +198,31 @@ def _dispatch(args: argparse.Namespace) -> None:
         raise AssertionError(step)
 
 
+def _redact_output() -> None:
+    """Defence in depth: every log line, traceback and error this process prints goes through
+    :func:`conv2dlstm.redact.redact_text` (no URL credential or token reaches a console or log)."""
+    from conv2dlstm.redact import RedactingFilter, redacting_excepthook
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    sys.excepthook = redacting_excepthook
+
+
 def main(argv: list[str] | None = None) -> int:
+    from conv2dlstm.redact import redact_text
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _redact_output()
     try:
         _dispatch(args)
     except Conv2dLstmError as exc:
         log.debug("user error", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     return 0

@@ -58,8 +58,10 @@ from conv2dlstm import __version__
 from conv2dlstm import harmonize as hz
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file, sha256_tree, tree_bytes
+from conv2dlstm.redact import RedactingFilter, env_refs, redact_text, redact_url, resolve_env_refs
 
 log = logging.getLogger(__name__)
+log.addFilter(RedactingFilter())  # defence in depth: every URL this module logs is redacted
 
 MANIFEST_NAME = "manifest.json"
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -83,7 +85,7 @@ class FetchedFile:
     bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": display_path(self.path), "url": self.url, "sha256": self.sha256, "bytes": self.bytes}
+        return {"path": display_path(self.path), "url": redact_url(self.url), "sha256": self.sha256, "bytes": self.bytes}
 
 
 class MissingUpstreamError(DownloadError):
@@ -131,9 +133,9 @@ def build_manifest(kind: str, fmt: str, files: list[FetchedFile], **extra: Any) 
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest`` as JSON, atomically."""
+    """Write ``manifest`` as JSON, atomically, every URL in it redacted (:func:`redact_text`)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        tmp.write_text(redact_text(json.dumps(manifest, indent=1)) + "\n")
     return path
 
 
@@ -213,6 +215,7 @@ def check_netcdf(path: Path) -> None:
 def _verify(tmp: Path, url: str, name: str, expected_sha256: str | None) -> str:
     """Checksum and netCDF check of a downloaded temporary file; returns its sha256."""
     sha = sha256_file(tmp)
+    url = redact_url(url)
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise DownloadError(
             f"{url}: SHA-256 {sha} does not match source.checksums[{name!r}] = {expected_sha256}; "
@@ -251,20 +254,44 @@ def expand_urls(template: str, start: str, end: str, frequency: str) -> list[str
             url = template.format(date=date)
         except (KeyError, IndexError, ValueError, AttributeError) as exc:
             raise ConfigError(
-                f"config key source.url: template {template!r} cannot be expanded ({type(exc).__name__}: "
-                f"{exc}); the only placeholder is {{date}}, e.g. {{date:%Y%m%d}}"
+                f"config key source.url: template {redact_url(template)!r} cannot be expanded "
+                f"({type(exc).__name__}: {exc}); the only placeholder is {{date}}, e.g. {{date:%Y%m%d}}"
             ) from exc
         if url not in seen:
             seen.add(url)
             urls.append(url)
+    check_env_refs(template)
     return urls
+
+
+def check_env_refs(url: str) -> None:
+    """Every environment variable that a query parameter of ``url`` names as its value
+    (``?token=$NAME``, :mod:`conv2dlstm.redact`) is set; else :class:`ConfigError` naming it."""
+    unset = [name for name in env_refs(url) if name not in os.environ]
+    if unset:
+        raise ConfigError(
+            f"config key source.url: {redact_url(url)!r} takes query parameter value(s) from "
+            f"environment variable(s) {', '.join(unset)}, which are not set; export them (the value is "
+            "read when the request is made and never written down)"
+        )
+
+
+def request_url(url: str) -> str:
+    """The URL to request: ``url`` with its ``$NAME`` query values read from the environment
+    (:func:`conv2dlstm.redact.resolve_env_refs`). It holds secrets: never log it, and pass any
+    message that may quote it through :func:`redact_text`."""
+    try:
+        return resolve_env_refs(url)
+    except KeyError:
+        check_env_refs(url)
+        raise
 
 
 def url_file_name(url: str) -> str:
     """Destination name: the last path component of the URL."""
     name = urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/").split("/")[-1]
     if not name or name in (".", ".."):
-        raise ConfigError(f"config key source.url: {url!r} has no file name in its path")
+        raise ConfigError(f"config key source.url: {redact_url(url)!r} has no file name in its path")
     return name
 
 
@@ -275,7 +302,7 @@ def file_url_path(url: str) -> Path:
         host, _, path = rest[2:].partition("/")
         if host not in ("", "localhost"):
             raise ConfigError(
-                f"config key source.url: {url!r} names host {host!r}; use file:///absolute/path or "
+                f"config key source.url: {redact_url(url)!r} names host {host!r}; use file:///absolute/path or "
                 "file:relative/path (relative to the working directory)"
             )
         return Path("/" + path)
@@ -287,7 +314,8 @@ def url_scheme(url: str) -> str:
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https", "file"):
         raise ConfigError(
-            f"config key source.url: {url!r} uses scheme {scheme or '(none)'!r}; use http://, https:// or file:"
+            f"config key source.url: {redact_url(url)!r} uses scheme {scheme or '(none)'!r}; use http://, https:// "
+            "or file:"
         )
     if scheme == "file":
         file_url_path(url)  # rejects file://otherhost/...
@@ -334,21 +362,56 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
+def credentials_hint(url: str) -> str:
+    """For an HTTP 401/403 of ``url``: where its credentials come from and what to fix. Never quotes
+    a credential (a ``.netrc`` that cannot be parsed is named by line only)."""
+    from netrc import NetrcParseError
+
+    from requests.utils import get_netrc_auth
+
+    host = urllib.parse.urlsplit(url).hostname or "<host>"
+    where = os.environ.get("NETRC") or "~/.netrc"
+    line = f"'machine {host} login <user> password <password>'"
+    tokens = env_refs(url)
+    token = f"; or the token in {', '.join('$' + t for t in tokens)} is wrong" if tokens else ""
+    try:
+        found = get_netrc_auth(url, raise_errors=True)
+    except NetrcParseError as exc:
+        return f"{where} cannot be parsed (line {exc.lineno}); fix it: each entry is a line {line}{token}"
+    except OSError as exc:
+        return f"{where} cannot be read ({exc.strerror}); make it readable by you only (chmod 600){token}"
+    if found is None:
+        return (
+            f"no credentials for {host} in {where}: add a line {line} to it (chmod 600 {where}), or, for a "
+            f"token, a query parameter valued with an environment variable, e.g. ?token=$MY_TOKEN{token}"
+        )
+    return f"the server refused the credentials for {host} from {where}: check them there{token}"
+
+
 def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -> None:
-    """One GET of ``url`` into ``dest``; raises :class:`_Transient` or :class:`DownloadError`."""
+    """One GET of ``url`` into ``dest``; raises :class:`_Transient` or :class:`DownloadError`.
+
+    ``url`` is as configured (``$NAME`` query values unresolved); the request goes to
+    :func:`request_url` of it, without explicit auth, so requests takes the host's credentials from
+    ``~/.netrc`` (or the file named by ``NETRC``), also after a redirect to another host. Messages
+    show ``url`` redacted and pass what requests says through :func:`redact_text`.
+    """
     import requests
 
+    shown = redact_url(url)
     try:
-        with session.get(url, stream=True, timeout=timeout_s) as resp:
+        with session.get(request_url(url), stream=True, timeout=timeout_s) as resp:
             status = resp.status_code
             if status in (404, 410):
-                raise MissingUpstreamError(f"{url}: HTTP {status} {resp.reason} (no such file); {hint}")
+                raise MissingUpstreamError(f"{shown}: HTTP {status} {resp.reason} (no such file); {hint}")
             if status in RETRY_STATUS or status >= 500:
                 raise _Transient(f"HTTP {status} {resp.reason}", _retry_after(resp.headers.get("Retry-After")))
             if status in (401, 403):
-                raise DownloadError(f"{url}: HTTP {status} {resp.reason}; the server refuses access (credentials?)")
+                raise DownloadError(
+                    f"{shown}: HTTP {status} {resp.reason}; the server refuses access: {credentials_hint(url)}"
+                )
             if status >= 400:
-                raise DownloadError(f"{url}: HTTP {status} {resp.reason}; {hint}")
+                raise DownloadError(f"{shown}: HTTP {status} {resp.reason}; {hint}")
             length = resp.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() and not resp.headers.get("Content-Encoding") else None
             received = 0
@@ -359,24 +422,27 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -
                         received += len(block)
             except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as exc:
                 of = f" of {expected}" if expected is not None else ""
-                raise _Transient(f"connection broken after {received}{of} bytes, truncated ({exc})") from exc
+                raise _Transient(
+                    f"connection broken after {received}{of} bytes, truncated ({redact_text(str(exc))})"
+                ) from exc
             if expected is not None and received != expected:
                 raise _Transient(f"truncated: received {received} of {expected} bytes (Content-Length)")
     except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+        raise _Transient(f"{type(exc).__name__}: {redact_text(str(exc))}") from exc
     except requests.RequestException as exc:
-        raise DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        raise DownloadError(f"{shown}: {type(exc).__name__}: {redact_text(str(exc))}") from exc
 
 
 def _file_copy(url: str, dest: Path, hint: str) -> None:
     src = file_url_path(url)
+    shown = redact_url(url)
     if not src.is_file():
-        raise MissingUpstreamError(f"{url}: {src.absolute()} does not exist; {hint}")
+        raise MissingUpstreamError(f"{shown}: {src.absolute()} does not exist; {hint}")
     try:
         with open(src, "rb") as fin, open(dest, "wb") as fout:
             shutil.copyfileobj(fin, fout, CHUNK_BYTES)
     except OSError as exc:
-        raise DownloadError(f"{url}: cannot read {src}: {exc}") from exc
+        raise DownloadError(f"{shown}: cannot copy {src}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -396,13 +462,15 @@ def _fetch_one(
     hint: str,
     stop: threading.Event,
 ) -> FetchedFile:
-    """Download, verify and atomically place one file (retrying transient failures)."""
+    """Download, verify and atomically place one file (retrying transient failures); messages show
+    the URL redacted."""
     scheme = url_scheme(job.url)
+    shown = redact_url(job.url)
     with atomic_output(job.dest) as tmp:
         attempt = 0
         while True:
             if stop.is_set():
-                raise DownloadError(f"{job.url}: cancelled after another file failed")
+                raise DownloadError(f"{shown}: cancelled after another file failed")
             try:
                 if scheme == "file":
                     _file_copy(job.url, tmp, hint)
@@ -412,16 +480,16 @@ def _fetch_one(
             except _Transient as exc:
                 if attempt >= retries:
                     raise DownloadError(
-                        f"{job.url}: failed after {attempt + 1} attempt(s): {exc}; the server or the "
+                        f"{shown}: failed after {attempt + 1} attempt(s): {exc}; the server or the "
                         "network may be down (retry later, or raise source.retries / source.timeout_s)"
                     ) from exc
                 delay = backoff_s * 2**attempt
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
-                log.warning("%s: %s; retry %d/%d in %.1f s", job.url, exc, attempt + 1, retries, delay)
+                log.warning("%s: %s; retry %d/%d in %.1f s", shown, exc, attempt + 1, retries, delay)
                 attempt += 1
                 if stop.wait(delay):
-                    raise DownloadError(f"{job.url}: cancelled after another file failed") from exc
+                    raise DownloadError(f"{shown}: cancelled after another file failed") from exc
         sha = _verify(tmp, job.url, job.dest.name, job.expected_sha256)
         size = tmp.stat().st_size
     with atomic_output(_sidecar(job.dest)) as tmp_sidecar:
@@ -827,21 +895,35 @@ def open_local_zarr(path: Path, chunks: dict[str, int]) -> xr.Dataset:
     return xr.open_zarr(path, chunks=chunks, consolidated=has_consolidated_metadata(path))
 
 
+def zarr_storage_options(store: str) -> dict[str, Any]:
+    """fsspec options for opening ``store``: for http(s) stores, aiohttp's ``trust_env``, so that
+    the host's credentials come from ``~/.netrc`` (or the file named by ``NETRC``) as for the url
+    source (and proxies from the environment); nothing for other stores, whose file systems (s3fs,
+    gcsfs, ...) read credentials from their own environment variables and files."""
+    if urllib.parse.urlsplit(store).scheme.lower() in ("http", "https"):
+        return {"storage_options": {"client_kwargs": {"trust_env": True}}}
+    return {}
+
+
 def open_zarr_source(store: str) -> xr.Dataset:
-    """Open an fsspec Zarr store lazily (``chunks={}``: the store's own chunks)."""
+    """Open an fsspec Zarr store lazily (``chunks={}``: the store's own chunks); messages show the
+    store redacted (:func:`redact_text`)."""
+    shown = redact_url(store)
     try:
         with warnings.catch_warnings():
             # Zarr v3 stores written by xarray carry consolidated metadata, which zarr flags as
             # outside the v3 specification; it is what makes remote stores fast to open.
             warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-            return xr.open_zarr(store, chunks={})
+            return xr.open_zarr(store, chunks={}, **zarr_storage_options(store))
     except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
         raise DownloadError(
-            f"source.store: cannot open Zarr store {store!r} ({type(exc).__name__}: {exc}); check the URL "
-            "(remote stores need consolidated metadata or a zarr.json at the root)"
+            f"source.store: cannot open Zarr store {shown!r} ({type(exc).__name__}: {redact_text(str(exc))}); "
+            "check the URL (remote stores need consolidated metadata or a zarr.json at the root)"
         ) from exc
     except Exception as exc:  # zarr raises its own errors (GroupNotFoundError, ...)
-        raise DownloadError(f"source.store: cannot open Zarr store {store!r} ({type(exc).__name__}: {exc})") from exc
+        raise DownloadError(
+            f"source.store: cannot open Zarr store {shown!r} ({type(exc).__name__}: {redact_text(str(exc))})"
+        ) from exc
 
 
 def subset(ds: xr.Dataset, cfg: dict[str, Any], where: str) -> xr.Dataset:
@@ -858,14 +940,17 @@ def fetch_zarr(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
     if not store:
         raise ConfigError("config key source.store: empty; kind zarr needs an fsspec URL of a Zarr store")
     original = open_zarr_source(store)
-    ds = _prepare_for_zarr(subset(original, cfg, f"zarr store {store}"), original)
+    shown = redact_url(store)
+    ds = _prepare_for_zarr(subset(original, cfg, f"zarr store {shown}"), original)
     dest = out_dir / f"{cfg['name']}.zarr"
-    log.info("fetch: writing %s (%s) from %s", dest, dict(ds.sizes), store)
+    log.info("fetch: writing %s (%s) from %s", dest, dict(ds.sizes), shown)
     try:
         with atomic_output(dest) as tmp:
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
     except (OSError, KeyError) as exc:
-        raise DownloadError(f"{store}: reading the subset failed ({type(exc).__name__}: {exc}); retry later") from exc
+        raise DownloadError(
+            f"{shown}: reading the subset failed ({type(exc).__name__}: {redact_text(str(exc))}); retry later"
+        ) from exc
     return [FetchedFile(dest, store, sha256_tree(dest), tree_bytes(dest))]
 
 
@@ -914,8 +999,9 @@ def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
     try:
         ds = copernicusmarine.open_dataset(**kwargs)
     except Exception as exc:  # the toolbox raises many exception types (network, auth, catalogue)
+        said = redact_text(str(exc), secrets=(kwargs["username"], kwargs["password"]))
         raise DownloadError(
-            f"Copernicus Marine dataset {src['dataset_id']!r}: {type(exc).__name__}: {exc}; check "
+            f"Copernicus Marine dataset {src['dataset_id']!r}: {type(exc).__name__}: {said}; check "
             "source.dataset_id, the credentials and the network"
         ) from exc
     where = f"Copernicus Marine dataset {src['dataset_id']}"
