@@ -1090,8 +1090,8 @@ def _time_files(parts: list[hz.SourceFile], rename: dict[str, str]) -> dict[Any,
     for part in parts:
         name = hz.find_axis(part.ds, "time", rename=rename)
         if name is not None:
-            for value in np.atleast_1d(part.ds[name].values):
-                out.setdefault(hz.time_key(value), part.path)
+            for key in hz.time_keys(part.ds[name].values):
+                out.setdefault(key, part.path)
     return out
 
 

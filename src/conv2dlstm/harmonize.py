@@ -484,6 +484,14 @@ def time_key(value: Any) -> Any:
         return value
 
 
+def time_keys(values: np.ndarray) -> list[Any]:
+    """:func:`time_key` of every value of a time coordinate (vectorized for datetime64)."""
+    values = np.atleast_1d(np.asarray(values))
+    if np.issubdtype(values.dtype, np.datetime64):
+        return values.astype("datetime64[ns]").view("int64").tolist()
+    return [time_key(v) for v in values]
+
+
 # ---- duplicate time stamps ------------------------------------------------------------------------
 
 
@@ -508,9 +516,9 @@ def resolve_duplicate_times(
         if name is None:
             continue
         axes[i] = name
-        for pos, value in enumerate(np.atleast_1d(f.ds[name].values)):
-            keys.append(time_key(value))
-            owners.append((i, pos))
+        found = time_keys(f.ds[name].values)
+        keys.extend(found)
+        owners.extend((i, pos) for pos in range(len(found)))
     if not keys:
         return list(files)
     index = pd.Index(keys)
