@@ -577,7 +577,7 @@ class _MissingDates:
         """Record a missing date, or raise when more than ``max_missing`` are missing."""
         date = self.dates.get(job.url, "?")
         with self.lock:
-            self.found.append((date, job.url))
+            self.found.append((date, redact_url(job.url)))
             n = len(self.found)
             listed = ", ".join(f"{d} ({u})" for d, u in sorted(self.found)[:5])
         if self.max_missing == 0:
@@ -594,11 +594,11 @@ class _MissingDates:
             ) from exc
         log.warning(
             "%s: no file upstream for %s (%s); tolerated as a gap in the time axis (%d of at most "
-            "source.max_missing = %d)", job.url, date, exc, n, self.max_missing,
+            "source.max_missing = %d)", redact_url(job.url), date, exc, n, self.max_missing,
         )
 
     def records(self) -> list[dict[str, str]]:
-        """The manifest's ``missing`` list: ``{"date", "url"}`` in date order."""
+        """The manifest's ``missing`` list: ``{"date", "url"}`` (redacted) in date order."""
         return [{"date": d, "url": u} for d, u in sorted(self.found)]
 
 
