@@ -17,5 +17,11 @@ class DataError(Conv2dLstmError):
     """Input data does not have the expected structure (dimensions, variables, coverage)."""
 
 
+class DiskFullError(Conv2dLstmError):
+    """A write failed because the disk is full (or the quota used up); the message names the output,
+    the free space and the fix. Not an ``OSError``, so that no caller mistakes it for a network or
+    read error."""
+
+
 class TrackingError(Conv2dLstmError):
     """The MLflow tracking store cannot be reached or used."""

@@ -2,11 +2,18 @@
 
 A step that fails (bad input, a killed job) therefore never leaves a partial or corrupt output that
 Snakemake, or the next step, would mistake for a finished one.
+
+A write that fails because the disk is full raises :class:`~conv2dlstm.errors.DiskFullError`
+naming the output and the free space (:func:`disk_full_cause`): ``errno.ENOSPC`` or
+``errno.EDQUOT`` anywhere in the exception chain (plain writes, Zarr, fsspec), or a failed write
+without a reason (netCDF-4 reports a full disk only as ``NetCDF: HDF error``, PyTorch as ``file
+write failed``) while almost no space is left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -15,8 +22,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from conv2dlstm.errors import DiskFullError
+
 PARTIAL_GLOB = ".*.partial"
 """Names of the temporaries of :func:`atomic_output` (``.<name>.<random>.partial``)."""
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""``No space left on device`` and ``Disk quota exceeded``."""
+DISK_FULL_MESSAGES = ("no space left on device", "disk quota exceeded")
+"""The same, as libraries that drop the errno spell them (compared lower-cased)."""
+WRITE_FAILED_MESSAGES = ("hdf error", "file write failed", "failed writing")
+"""How writers that drop the errno report any failed write, a full disk included: netCDF-4
+(``NetCDF: HDF error``), PyTorch (``PytorchStreamWriter failed writing file ...: file write
+failed``). Compared lower-cased; they count as a full disk only when space is low."""
+LOW_SPACE_BYTES = 64 << 20
+"""Below this many free bytes a :data:`WRITE_FAILED_MESSAGES` error counts as a full disk."""
 
 
 def _remove(path: Path) -> None:
@@ -27,27 +46,113 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or while handling (``__cause__``,
+    ``__context__``), each once."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged process may still write on the file system of ``path`` (its nearest
+    existing ancestor), or None when that cannot be told."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full_cause(exc: BaseException, where: str | os.PathLike) -> BaseException | None:
+    """The exception of ``exc``'s chain (:func:`_chain`) that says the disk holding ``where`` is
+    full, or None: an ``OSError`` with errno ENOSPC or EDQUOT, a message saying so
+    (:data:`DISK_FULL_MESSAGES`), or a failed write without a reason
+    (:data:`WRITE_FAILED_MESSAGES`, e.g. ``NetCDF: HDF error``) while fewer than
+    :data:`LOW_SPACE_BYTES` are free there (call it before freeing the partial output)."""
+    failed_write: BaseException | None = None
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e
+        text = str(e).lower()
+        if any(m in text for m in DISK_FULL_MESSAGES):
+            return e
+        if failed_write is None and any(m in text for m in WRITE_FAILED_MESSAGES):
+            failed_write = e
+    if failed_write is not None:
+        free = free_bytes(where)
+        if free is not None and free < LOW_SPACE_BYTES:
+            return failed_write
+    return None
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # pragma: no cover
+
+
+def disk_full_error(target: str | os.PathLike, cause: BaseException) -> DiskFullError:
+    """The error for a write of ``target`` that failed because its disk is full: it names the
+    output, the file system's free and total space and what to do."""
+    target = Path(target)
+    free = free_bytes(target.parent)
+    total = None
+    with contextlib.suppress(OSError):
+        total = shutil.disk_usage(target.parent).total
+    return DiskFullError(
+        f"no space left on device writing {target}: the disk holding {target.parent} is full "
+        f"({_size(free)} free of {_size(total)}; {type(cause).__name__}: {cause}). Nothing was written "
+        f"to {target} (the partial output was removed). Free space there, or point outdir / "
+        "resources_dir at a disk with room, and run the step again"
+    )
+
+
 @contextlib.contextmanager
 def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success move it to ``target``.
 
     Works for files and for directories (Zarr stores). The temporary name starts with ``.`` and ends
     with ``.partial`` so that globs never pick it up. On any exception the temporary path is removed
-    and ``target`` is left as it was before the call.
+    and ``target`` is left as it was before the call; a write that failed because the disk is full
+    (:func:`disk_full_cause`) raises :class:`~conv2dlstm.errors.DiskFullError` naming ``target``
+    instead, whatever the writer wrapped it in.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"  # matches PARTIAL_GLOB
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic_output: nothing was written to {tmp} for {target}")
+        if target.exists():
+            _remove(target)
+        os.replace(tmp, target)
+    except DiskFullError:
+        _remove(tmp)
+        raise
+    except Exception as exc:
+        cause = disk_full_cause(exc, target.parent)
+        _remove(tmp)
+        if cause is not None:
+            raise disk_full_error(target, cause) from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise
-    if not tmp.exists():
-        raise FileNotFoundError(f"atomic_output: nothing was written to {tmp} for {target}")
-    if target.exists():
-        _remove(target)
-    os.replace(tmp, target)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

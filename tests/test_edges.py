@@ -1,0 +1,279 @@
+"""Clear errors at the edges.
+
+- A full disk: every step writes through fsutil.atomic_output, which turns ENOSPC (or EDQUOT)
+  anywhere in the exception chain, or netCDF's bare "HDF error" while almost no space is left, into
+  a DiskFullError naming the output and the free space (the CLI exits 2), leaving no partial output.
+  Injected at the write boundary, and for real on a 1 MiB tmpfs mounted in a user and mount
+  namespace (unshare; nothing on the machine changes, the mount ends with the process).
+- source.url: a placeholder other than {date} (with an optional strftime format) is refused by
+  validate_config naming source.url and the placeholders allowed, before Snakemake sees it.
+- source.variables: refused for kinds url and files, which would ignore it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from conv2dlstm import cli, fsutil
+from conv2dlstm.config import validate_config
+from conv2dlstm.errors import ConfigError, DiskFullError, DownloadError
+from conv2dlstm.fsutil import atomic_output
+from tests.conftest import job_env
+
+# -------------------------------------------------------------------------------------------------
+# a full disk
+# -------------------------------------------------------------------------------------------------
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_enospc_becomes_a_disk_full_error_naming_the_output_and_nothing_is_left(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "stats.nc"
+    target.parent.mkdir()
+    target.write_text("previous")
+    with pytest.raises(DiskFullError) as err, atomic_output(target) as tmp:
+        tmp.write_text("partial")
+        raise _enospc()
+    msg = str(err.value)
+    assert msg.startswith(f"no space left on device writing {target}: the disk holding {target.parent} is full (")
+    assert "free of" in msg and "Free space there" in msg and "run the step again" in msg
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+    assert sorted(p.name for p in target.parent.iterdir()) == ["stats.nc"]
+    assert target.read_text() == "previous"
+
+
+def test_enospc_wrapped_by_a_writer_is_still_a_full_disk(tmp_path: Path) -> None:
+    """fetch's file: copy wraps an OSError in a DownloadError; the chain still says the disk is full."""
+    with pytest.raises(DiskFullError, match="no space left on device writing"), atomic_output(tmp_path / "a.nc"):
+        try:
+            raise _enospc()
+        except OSError as exc:
+            raise DownloadError("file:x.nc: cannot copy x.nc") from exc
+    with pytest.raises(DiskFullError), atomic_output(tmp_path / "b.zarr"):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hdf_error_is_a_full_disk_only_when_space_is_low(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(RuntimeError, match="^NetCDF: HDF error$"), atomic_output(tmp_path / "a.nc"):
+        raise RuntimeError("NetCDF: HDF error")  # plenty of space: some other HDF5 failure, left as is
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: 4096)
+    with pytest.raises(DiskFullError, match=r"writing .*a\.nc: the disk holding .* is full \(4.0 KiB free"):
+        with atomic_output(tmp_path / "a.nc"):
+            raise RuntimeError("NetCDF: HDF error")
+    with pytest.raises(DiskFullError), atomic_output(tmp_path / "model.pt"):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_errors_pass_unchanged(tmp_path: Path) -> None:
+    with pytest.raises(PermissionError), atomic_output(tmp_path / "a.nc"):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "a.nc"):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def _big_netcdf(path: Path, mib: float = 2.0) -> Path:
+    """A netCDF file of about ``mib`` MiB of incompressible values, one daily step."""
+    n = int(mib * (1 << 20) / 4 / 512)
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset(
+        {"sst": (("time", "lat", "lon"), rng.random((1, n, 512), dtype="float32"))},
+        coords={"time": np.array(["2019-01-01"], dtype="datetime64[ns]"),
+                "lat": np.linspace(-60, 60, n), "lon": np.linspace(0, 359, 512)},
+    )
+    ds.to_netcdf(path, engine="netcdf4")
+    return path
+
+
+def test_the_cli_exits_2_naming_the_path_when_the_disk_fills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC injected where fetch copies a file: error message, status 2, no partial, no manifest."""
+    from conv2dlstm import fetch
+
+    src = _big_netcdf(tmp_path / "big.nc", mib=0.1)
+    real_copy = shutil.copyfileobj
+
+    def copy_until_full(fin, fout, length=0):  # noqa: ANN001 - shutil's signature
+        real_copy(fin, fout, length)
+        raise _enospc()
+
+    monkeypatch.setattr(fetch.shutil, "copyfileobj", copy_until_full)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"source": {"url": f"file://{src}", "start": "2019-01-01", "end": "2019-01-01"}}))
+    out = tmp_path / "raw"
+    assert cli.main(["fetch", "--config", str(cfg), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: no space left on device writing {out / 'big.nc'}: the disk holding {out} is full" in err, err
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+# A real full disk: a 1 MiB tmpfs mounted inside a user and mount namespace of the child process only.
+FULL_DISK_SCRIPT = textwrap.dedent("""
+    import json, subprocess, sys
+    from pathlib import Path
+    import numpy as np, xarray as xr
+    from conv2dlstm.errors import DiskFullError
+    from conv2dlstm.fsutil import atomic_output
+
+    mnt, cfg = Path(sys.argv[1]), sys.argv[2]
+    out = {}
+    proc = subprocess.run([sys.executable, "-m", "conv2dlstm", "fetch", "--config", cfg, "--out-dir", str(mnt / "raw")],
+                          capture_output=True, text=True)
+    out["fetch"] = {"rc": proc.returncode, "stderr": proc.stderr[-3000:],
+                    "left": sorted(p.name for p in (mnt / "raw").iterdir()) if (mnt / "raw").exists() else []}
+    ds = xr.Dataset({"a": (("t", "y", "x"), np.random.default_rng(0).random((8, 256, 256)))})
+    for kind in ("netcdf", "zarr"):
+        target = mnt / ("out.nc" if kind == "netcdf" else "out.zarr")
+        try:
+            with atomic_output(target) as tmp:
+                if kind == "netcdf":
+                    ds.to_netcdf(tmp, engine="netcdf4")
+                else:
+                    ds.to_zarr(tmp, zarr_format=3, consolidated=False)
+            out[kind] = {"error": None}
+        except Exception as exc:
+            cause = exc.__cause__
+            out[kind] = {"error": type(exc).__name__, "message": str(exc),
+                         "cause": f"{type(cause).__name__}: {cause}" if cause else None}
+        out[kind]["left"] = sorted(p.name for p in mnt.iterdir() if p.name != "raw")
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _namespace_skip_reason() -> str | None:
+    """Why a tmpfs cannot be mounted in a user and mount namespace here, or None when it can."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return "unshare or mount is not installed"
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+        capture_output=True, text=True, timeout=30,
+    )
+    if probe.returncode != 0:
+        return f"cannot mount a tmpfs in a user namespace here (unshare: {probe.stderr.strip()[:200]})"
+    return None
+
+
+def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path) -> None:
+    reason = _namespace_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    src = _big_netcdf(tmp_path / "big.nc", mib=2.0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"source": {"url": f"file://{src}", "start": "2019-01-01", "end": "2019-01-01"}}))
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+         'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4"', "sh",
+         str(mnt), sys.executable, str(script), str(cfg)],
+        capture_output=True, text=True, timeout=300, env=job_env(),
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    fetched = result["fetch"]
+    assert fetched["rc"] == 2, fetched
+    assert f"error: no space left on device writing {mnt / 'raw' / 'big.nc'}: the disk holding {mnt / 'raw'} is full" \
+        in fetched["stderr"], fetched
+    assert fetched["left"] == [], fetched  # no partial file, no manifest
+    for kind, name in (("netcdf", "out.nc"), ("zarr", "out.zarr")):
+        got = result[kind]
+        assert got["error"] == "DiskFullError", got
+        assert got["message"].startswith(f"no space left on device writing {mnt / name}: the disk holding {mnt} is full")
+        assert got["left"] == [], got
+    assert "HDF error" in result["netcdf"]["cause"]  # netCDF-4 says only this; the free space decides
+    assert "No space left on device" in result["zarr"]["cause"]
+    assert not any(mnt.iterdir()), "the tmpfs lived in the child's namespace only"
+
+
+# -------------------------------------------------------------------------------------------------
+# source.url placeholders
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("https://h/{day}.nc", r"placeholder \{day\} in 'https://h/\{day\}\.nc' is not allowed"),
+        ("https://h/{date:%Y}/{year}.nc", r"placeholder \{year\}"),
+        ("https://h/{date.year}.nc", r"placeholder \{date\.year\}"),
+        ("https://h/{date!r}.nc", r"placeholder \{date!r\}"),
+        ("https://h/{0}.nc", r"placeholder \{0\}"),
+        ("https://h/{date:%Q}.nc", r"the format of \{date:%Q\} .* %Q is not a strftime directive"),
+        ("https://h/{date:%Y%}.nc", r"ends with a lone '%'"),
+        ("https://h/{date:{fmt}}.nc", r"may not hold another placeholder"),
+        ("https://h/{date.nc", r"is not a valid template \(expected '\}' before end of string\)"),
+        ("https://h/date}.nc", r"is not a valid template \(Single '\}'"),
+    ],
+)
+def test_a_bad_placeholder_in_source_url_is_refused_naming_the_key_and_the_allowed_ones(url: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as err:
+        validate_config({"source": {"url": url}})
+    msg = str(err.value)
+    assert msg.startswith("config key source.url: ")
+    assert "the only placeholder is {date}" in msg and "{date:%Y%m%d}" in msg and "{{" in msg
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://h/{date}.nc",
+        "https://h/{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc",
+        "https://h/{date:%Y/%j}/{date:%-d}.nc",
+        "https://h/all.nc",
+        "https://h/{{literal}}/{date:%Y}.nc",
+        "file:resources/{date:%Y}/a.nc?token=$MY_TOKEN",
+    ],
+)
+def test_good_source_url_templates_pass(url: str) -> None:
+    assert validate_config({"source": {"url": url}})["source"]["url"] == url
+
+
+def test_snakemake_names_source_url_for_a_bad_placeholder(snakemake_exe: str, workflow_copy: Path) -> None:
+    """Refused while Snakemake parses the configuration, not as a WildcardError of the fetch rule."""
+    (workflow_copy / "bad.yaml").write_text(yaml.safe_dump({"source": {"url": "file:data/{day}.nc"}}))
+    proc = subprocess.run([snakemake_exe, "-n", "--cores", "1", "--configfile", "bad.yaml"], cwd=workflow_copy,
+                          capture_output=True, text=True, env=job_env(), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "invalid configuration: config key source.url: placeholder {day}" in out, out[-3000:]
+    assert "WildcardError" not in out
+
+
+# -------------------------------------------------------------------------------------------------
+# source.variables
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["url", "files"])
+def test_source_variables_is_refused_where_it_would_be_ignored(kind: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config({"source": {"kind": kind, "variables": ["analysed_sst"]}})
+    msg = str(err.value)
+    assert msg.startswith(f"config key source.variables: ['analysed_sst'] has no effect for source.kind '{kind}'")
+    assert "variables.inputs" in msg and "variables.targets" in msg and "harmonize.rename" in msg
+
+
+@pytest.mark.parametrize("kind", ["zarr", "copernicus"])
+def test_source_variables_is_kept_for_the_kinds_that_subset_while_fetching(kind: str) -> None:
+    assert validate_config({"source": {"kind": kind, "variables": ["sst"]}})["source"]["variables"] == ["sst"]
+    assert validate_config({"source": {"kind": "url", "variables": []}})["source"]["variables"] == []
