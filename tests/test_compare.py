@@ -169,3 +169,40 @@ def test_compare_discards_partials_of_a_killed_attempt(two_runs, tmp_path, caplo
         compare.main(metrics=two_runs, out_csv=out_csv, out_plot=out_plot)
     assert not list(tmp_path.glob(".*.partial"))
     assert caplog.text.count("discarded") == 2
+
+
+def _interval_rows(run: str, model: str, baseline: str, skill, lower, upper, meaningful=(1.0, 1.0)) -> list[dict]:
+    prefix = f"skill_vs_{baseline}"
+    significant = [float(lo > 0 or up < 0) for lo, up in zip(lower, upper, strict=True)]
+    return _rows(run, model, {prefix: skill, f"{prefix}_lower": lower, f"{prefix}_upper": upper,
+                              f"{prefix}_significant": significant, f"{prefix}_meaningful": list(meaningful),
+                              f"{prefix}_block_length": [1.0, 1.0]})
+
+
+def test_better_only_where_the_interval_excludes_zero(tmp_path):
+    """A run better than persistence at lead 1 only (interval above 0), indistinguishable from damped
+    persistence (interval across 0), and against an unsupported climatology (not meaningful)."""
+    rows = _rows("a", "convlstm", {"rmse": [1.0, 2.0]})
+    rows += _interval_rows("a", "convlstm", "persistence", [0.5, 0.1], [0.3, -0.05], [0.7, 0.2])
+    rows += _interval_rows("a", "convlstm", "damped_persistence", [0.05, 0.02], [-0.1, -0.1], [0.2, 0.1])
+    rows += _interval_rows("a", "convlstm", "climatology", [np.nan, np.nan], [np.nan, np.nan], [np.nan, np.nan],
+                           meaningful=(0.0, 0.0))
+    rows += _rows("a", "persistence", {"rmse": [2.0, 2.2]})
+    rows += _interval_rows("a", "persistence", "climatology", [np.nan, 0.4], [np.nan, 0.3], [np.nan, 0.5],
+                           meaningful=(0.0, 1.0))
+    rows += _rows("a", "climatology", {"rmse": [4.0, 4.0]})
+    rows += _rows("a", "damped_persistence", {"rmse": [1.05, 2.05]})
+    path = tmp_path / "metrics.csv"
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    table = pd.read_csv(tmp_path / "c.csv", dtype={"better_leads_vs_persistence": str}).set_index("name")
+    assert list(table.index) == ["a", "persistence", "climatology", "damped_persistence"]
+    run = table.loc["a"]
+    assert run["better_than_persistence"] == "partly" and run["better_leads_vs_persistence"] == "1"
+    assert run["skill_vs_persistence_mean"] == pytest.approx(0.3)
+    assert run["better_than_damped_persistence"] == "no" and pd.isna(run["better_leads_vs_damped_persistence"])
+    assert run["better_than_climatology"] == "not meaningful" and np.isnan(run["skill_vs_climatology_mean"])
+    assert table.loc["persistence", "better_than_climatology"] == "not meaningful"
+    assert np.isnan(table.loc["persistence", "skill_vs_climatology_mean"])  # not derived from the RMSE rows
+    assert table.loc["persistence", "skill_vs_persistence_mean"] == pytest.approx(0.0)  # derived: no rows
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

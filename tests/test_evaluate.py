@@ -110,12 +110,19 @@ def test_score_forecasts_hand_values(scored):
             assert value("climatology", "bias", variable, lead) == pytest.approx(-4.0)
             assert value("model", "skill_vs_persistence", variable, lead) == pytest.approx(0.5)
             assert value("model", "skill_vs_climatology", variable, lead) == pytest.approx(0.75)
+            # constant errors: every resample gives the same skill; the interval is that point
+            for baseline, skill in (("persistence", 0.5), ("climatology", 0.75)):
+                assert value("model", f"skill_vs_{baseline}_lower", variable, lead) == pytest.approx(skill)
+                assert value("model", f"skill_vs_{baseline}_upper", variable, lead) == pytest.approx(skill)
+                assert value("model", f"skill_vs_{baseline}_significant", variable, lead) == 1.0
+                assert value("model", f"skill_vs_{baseline}_meaningful", variable, lead) == 1.0
+            # baselines against the other baselines, never against themselves
+            assert value("persistence", "skill_vs_climatology", variable, lead) == pytest.approx(0.5)
+            assert value("climatology", "skill_vs_persistence", variable, lead) == pytest.approx(-1.0)
     assert not ((scored["model"] == "climatology") & (scored["metric"] == "acc")).any()
-    assert not scored["model"].isin(["persistence", "climatology"]).pipe(
-        lambda base: scored[base]["metric"].str.startswith("skill").any()
-    )
-    # model: 4 scores + 2 skills, persistence 4, climatology 3; x 2 variables x 2 leads
-    assert len(scored) == (6 + 4 + 3) * 2 * 2
+    assert not ((scored["model"] == "persistence") & scored["metric"].str.startswith("skill_vs_persistence")).any()
+    # model: 4 scores + 2 x 6 skill rows, persistence 4 + 6, climatology 3 + 6; x 2 variables x 2 leads
+    assert len(scored) == (16 + 10 + 9) * 2 * 2
 
 
 def test_metrics_csv_columns_and_values(scored, tmp_path):
@@ -377,7 +384,8 @@ def _stats_dataset() -> xr.Dataset:
             "variable_units": ("variable", np.array(["degC"], dtype=object)),
         },
         coords={"variable": ["sst"], "dayofyear": doy, "lat": LAT, "lon": LON},
-        attrs={"train_start": "2021-01-01", "train_end": "2021-01-31", "per_pixel": 0,
+        # a 61-day climatology window: the training days (January) support the test days (to 1 March)
+        attrs={"train_start": "2021-01-01", "train_end": "2021-01-31", "per_pixel": 0, "climatology_window": 61,
                **provenance.to_attrs(STATS_RECORD)},
     )
 
@@ -519,7 +527,7 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
 
     table = pd.read_csv(out_dir / "metrics.csv")
     assert list(table.columns) == ["run", "model", "variable", "lead", "metric", "value"]
-    assert set(table["model"]) == {"convlstm", "persistence", "climatology"}
+    assert set(table["model"]) == {"convlstm", "persistence", "climatology", "damped_persistence"}
 
     def value(model, metric, lead):
         sel = table[(table["model"] == model) & (table["metric"] == metric) & (table["lead"] == lead)]
@@ -531,6 +539,7 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     for lead in (1, 2):
         truth = phys[init_idx + lead]
         assert value("climatology", "rmse", lead) == pytest.approx(0.0, abs=1e-5)
+        assert value("damped_persistence", "rmse", lead) == pytest.approx(0.0, abs=1e-5)  # no anomaly to damp
         pers_err2 = ((phys[init_idx] - truth) ** 2 * cos).sum(axis=(1, 2)) / cos.sum()
         assert value("persistence", "rmse", lead) == pytest.approx(math.sqrt(pers_err2.mean()), rel=1e-4)
         pred = ds["sst"].values[:, lead - 1]
@@ -545,8 +554,12 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     assert logged["test_rmse_sst_lead1"] == pytest.approx(value("convlstm", "rmse", 1))
     assert logged["persistence_rmse_sst_lead1"] == pytest.approx(value("persistence", "rmse", 1))
     assert "skill_vs_persistence_sst_lead2" in logged
+    for suffix in ("lower", "upper", "significant", "meaningful", "block_length"):
+        assert f"skill_vs_damped_persistence_{suffix}_sst_lead1" in logged, suffix
+    assert logged["skill_vs_climatology_meaningful_sst_lead2"] == 1.0  # the 61-day window supports the test days
+    assert "damped_persistence_rho_sst_lead1" in logged
     artifacts = {a.path for a in client.list_artifacts(p["run_id"], "evaluate")}
-    assert {"evaluate/metrics.csv", "evaluate/rmse_vs_lead.png", "evaluate/maps.png"} <= artifacts
+    assert {"evaluate/metrics.csv", "evaluate/rmse_vs_lead.png", "evaluate/skill_vs_lead.png", "evaluate/maps.png"} <= artifacts
 
     # provenance: of the checkpoint, windows and statistics, in predictions.nc and as MLflow tags
     trained = _train_record(p["cfg"], anomalies=False)
@@ -670,9 +683,41 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
                 1 - value("convlstm", "rmse", lead) / value(baseline, "rmse", lead), rel=1e-12
             )
 
+    # Damped persistence and the skill intervals, by hand: rho from the training anomalies (the
+    # statistics' training period, January: store days 0..30) pooled over ocean cells with
+    # cos-latitude weights; each interval is metrics.bootstrap_skill of the per-initial-time MSE
+    # series computed here from predictions.nc and the fields.
+    train = _anomaly(times)[:31]
+    w = np.cos(np.deg2rad(LAT))[:, None] * MASK.values
+    for lead in (1, 2):
+        x, y = train[:-lead], train[lead:]
+        rho = (w * x * y).sum() / np.sqrt((w * x * x).sum() * (w * y * y).sum())
+        assert value("damped_persistence", "rho", lead) == pytest.approx(rho, abs=1e-4)
+        truth, clim = phys[init_idx + lead], seasonal[init_idx + lead]
+        damped = clim + rho * (phys[init_idx] - seasonal[init_idx])
+        err = damped - truth
+        assert value("damped_persistence", "rmse", lead) == pytest.approx(math.sqrt(_weighted_mean(err**2).mean()),
+                                                                          rel=1e-4)
+        forecasts = {"convlstm": pred_all[:, lead - 1], "persistence": phys[init_idx], "climatology": clim,
+                     "damped_persistence": damped}
+        mse = {name: _weighted_mean((f - truth) ** 2) for name, f in forecasts.items()}
+        for baseline in ("persistence", "climatology", "damped_persistence"):
+            expected = metrics.bootstrap_skill(mse["convlstm"], mse[baseline], seed=0)
+            assert value("convlstm", f"skill_vs_{baseline}", lead) == pytest.approx(expected.skill, abs=1e-5)
+            assert value("convlstm", f"skill_vs_{baseline}_lower", lead) == pytest.approx(expected.lower, abs=1e-4)
+            assert value("convlstm", f"skill_vs_{baseline}_upper", lead) == pytest.approx(expected.upper, abs=1e-4)
+            assert value("convlstm", f"skill_vs_{baseline}_block_length", lead) == expected.block_length
+            assert value("convlstm", f"skill_vs_{baseline}_significant", lead) == float(expected.significant)
+            assert value("convlstm", f"skill_vs_{baseline}_meaningful", lead) == 1.0
+            assert expected.lower < expected.upper  # a real interval, not a point
+        expected = metrics.bootstrap_skill(mse["damped_persistence"], mse["persistence"], seed=0)
+        assert value("damped_persistence", "skill_vs_persistence_lower", lead) == pytest.approx(expected.lower, abs=1e-4)
+
     client = mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"])
     logged = client.get_run(run_id).data.metrics
     assert logged["test_acc_sst_lead1"] == pytest.approx(value("convlstm", "acc", 1))
+    assert logged["skill_vs_damped_persistence_upper_sst_lead2"] == pytest.approx(
+        value("convlstm", "skill_vs_damped_persistence_upper", 2))
     assert logged["climatology_rmse_sst_lead2"] == pytest.approx(value("climatology", "rmse", 2))
 
     # a rerun replaces the files and logs nothing twice
@@ -826,3 +871,228 @@ def test_evaluate_discards_partials_of_a_killed_attempt(pipeline_inputs, monkeyp
                       out_dir=out_dir)
     assert sorted(f.name for f in out_dir.iterdir()) == sorted(evaluate.OUTPUT_FILES)
     assert caplog.text.count("discarded") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Is the gain real? the skill interval of the evaluation on known cases
+
+
+def _white_noise_case(n: int, model_sd: float, baseline_sd: float, seed: int):
+    """Truth and two forecasts whose errors are white noise in time and space with known variances."""
+    rng = np.random.default_rng(seed)
+    shape = _shape(n=n, n_lead=2, n_var=1)
+    truth = _forecast(rng.normal(20, 1, size=shape), n_lead=2).where(MASK)
+    forecasts = {
+        "model": (truth + rng.normal(0, model_sd, size=shape)).where(MASK),
+        "persistence": (truth + rng.normal(0, baseline_sd, size=shape)).where(MASK),
+    }
+    return forecasts, truth
+
+
+@pytest.mark.parametrize(("model_sd", "skill", "significant"), [(1.0, 0.5, True), (2.0, 0.0, False)],
+                         ids=["half-the-error", "no-gain"])
+def test_streaming_skill_interval_known_case(model_sd, skill, significant):
+    """Errors of standard deviation 1 (or 2) against 2: the RMSE skill is 0.5 (or 0). The streamed
+    evaluation's 95% interval contains it, and excludes zero exactly when there is a gain."""
+    forecasts, truth = _white_noise_case(300, model_sd, 2.0, seed=5)
+    weights = metrics.area_weights(LAT, MASK)
+    streaming = evaluate.StreamingScores(weights)
+    for sl in _slices(300, [64] * 5):
+        streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), truth.isel(time=sl))
+    rows = evaluate.skill_intervals(streaming.table())
+    rows = rows[rows["model"] == "model"]
+    assert len(rows) == 2 and set(rows["baseline"]) == {"persistence"}
+    for row in rows.itertuples():
+        assert row.lower < skill < row.upper, row
+        assert row.upper - row.lower < 0.25  # 300 initial times pin it down
+        assert row.significant == significant and row.meaningful
+
+
+def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
+    forecasts, truth, clim = forecast_set
+    weights = metrics.area_weights(LAT, MASK)
+    flags = {"climatology": xr.DataArray([False, True, True], dims=("lead",), coords={"lead": [1, 2, 3]})}
+    table = evaluate.score_forecasts(forecasts, truth, clim, weights, not_meaningful=flags)
+    rows = evaluate.skill_intervals(table)
+    vs_clim = rows[(rows["model"] == "model") & (rows["baseline"] == "climatology")].set_index(["variable", "lead"])
+    assert vs_clim.loc[("sst", 1), "meaningful"] and np.isfinite(vs_clim.loc[("sst", 1), "skill"])
+    for lead in (2, 3):
+        assert not vs_clim.loc[("sst", lead), "meaningful"]
+        assert np.isnan(vs_clim.loc[("sst", lead), ["skill", "lower", "upper"]].astype(float)).all()
+    # the climatology's own skill against persistence relies on it too
+    own = rows[(rows["model"] == "climatology") & (rows["lead"] == 3)]
+    assert not own["meaningful"].any()
+    assert rows[(rows["model"] == "model") & (rows["baseline"] == "persistence")]["meaningful"].all()
+    names = evaluate.mlflow_metrics(evaluate.metrics_table(table, run="r", model_name="m"), model_name="m")
+    assert names["skill_vs_climatology_meaningful_sst_lead3"] == 0.0
+    assert "skill_vs_climatology_sst_lead3" not in names and "skill_vs_climatology_sst_mean" not in names
+    assert "skill_vs_persistence_sst_mean" in names
+
+
+def test_clip_nonnegative_only_the_named_variables():
+    da = _forecast(np.full(_shape(n=2, n_var=2), -1.0), variables=("sst", "no3")).where(MASK)
+    clipped = evaluate.clip_nonnegative(da, ["no3", "chl"])
+    assert (clipped.sel(variable="no3").fillna(0) == 0).all() and clipped.dtype == da.dtype
+    assert np.isnan(clipped.sel(variable="no3").values[..., ~MASK.values]).all()  # land stays NaN
+    xr.testing.assert_identical(clipped.sel(variable="sst"), da.sel(variable="sst"))
+
+
+def test_evaluate_on_a_short_record_marks_the_climatology_not_meaningful(pipeline_inputs, monkeypatch, caplog,
+                                                                         tmp_path):
+    """A 1-day climatology window: the January training days support no test day (February): skill
+    against climatology and damped persistence is NaN and flagged in metrics.csv, MLflow, the log
+    and compare.csv; skill against persistence is unaffected."""
+    import logging
+
+    import mlflow
+
+    from conv2dlstm import compare
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    stats = _write_stats(p, "stats_short.nc", _stats_dataset().assign_attrs(climatology_window=1))
+    run_id = _new_mlflow_run(p, "short")
+    checkpoint = _variant_checkpoint(p, "train_short", mlflow_run_id=run_id,
+                                     provenance=_train_record(p["cfg"], anomalies=True))
+    out_dir = p["root"] / "evaluate" / "short"
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
+        evaluate.main(p["cfg"], run="convlstm", windows=p["windows_anomalies"], stats=stats, checkpoint=checkpoint,
+                      out_dir=out_dir)
+    assert "climatology relies on the training climatology of days that no training day supports" in caplog.text
+    assert "damped_persistence relies on" in caplog.text and "2021-02-18" in caplog.text  # the first valid day
+    table = pd.read_csv(out_dir / "metrics.csv")
+    model = table[table["model"] == "convlstm"].set_index(["metric", "lead"])["value"]
+    for lead in (1, 2):
+        for baseline in ("climatology", "damped_persistence"):
+            assert model[(f"skill_vs_{baseline}_meaningful", lead)] == 0.0
+            for suffix in ("", "_lower", "_upper", "_significant"):
+                assert np.isnan(model[(f"skill_vs_{baseline}{suffix}", lead)]), (baseline, suffix)
+        assert model[("skill_vs_persistence_meaningful", lead)] == 1.0
+        assert np.isfinite(model[("skill_vs_persistence", lead)])
+    logged = mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"]).get_run(run_id).data.metrics
+    assert logged["skill_vs_climatology_meaningful_sst_lead1"] == 0.0
+    assert "skill_vs_climatology_sst_lead1" not in logged and "skill_vs_persistence_sst_lead1" in logged
+    compare.main(metrics=[out_dir / "metrics.csv"], out_csv=tmp_path / "compare.csv", out_plot=tmp_path / "compare.png")
+    summary = pd.read_csv(tmp_path / "compare.csv").set_index("name")
+    assert summary.loc["convlstm", "better_than_climatology"] == "not meaningful"
+    assert summary.loc["convlstm", "better_than_damped_persistence"] == "not meaningful"
+    assert np.isnan(summary.loc["convlstm", "skill_vs_climatology_mean"])
+    assert summary.loc["convlstm", "better_than_persistence"] in ("yes", "partly", "no")
+
+
+# ---------------------------------------------------------------------------------------------
+# damped persistence wired into the evaluation: an AR(1) anomaly field with known skill
+
+AR_PHI, AR_SD = 0.8, 0.5  # lag-1 autocorrelation and standard deviation (degC) of the anomalies
+AR_LAT = np.arange(20.0, 32.0)
+AR_LON = np.arange(-70.0, -58.0)
+
+
+@pytest.fixture(scope="module")
+def ar1_inputs(tmp_path_factory):
+    """A windows store of climatology + AR(1) anomalies, independent per cell: 600 training days, 10
+    validation days, 300 test windows; the true (constant) climatology in the statistics; an untrained model."""
+    import mlflow
+    import torch
+
+    from conv2dlstm import models
+
+    root = tmp_path_factory.mktemp("evaluate_ar1")
+    n_train, n_val, n_test = 600, 10, 300 + INPUT_STEPS + LEAD_STEPS - 1
+    times = pd.date_range("2019-01-01", periods=n_train + n_val + n_test, freq="D")
+    mask = np.ones((AR_LAT.size, AR_LON.size), dtype=bool)
+    mask[:2, :3] = False  # a little land
+    # A climatology constant in time (a spatial gradient): with a seasonal cycle, persistence would
+    # also pay for the day-to-day change of the climatology, which the analytic MSEs leave out.
+    seasonal = np.broadcast_to(MEAN + 0.1 * AR_LAT[None, :, None], (times.size, AR_LAT.size, AR_LON.size))
+    rng = np.random.default_rng(2024)
+    anomaly = np.empty((times.size, AR_LAT.size, AR_LON.size))
+    anomaly[0] = rng.normal(0, AR_SD, size=anomaly.shape[1:])
+    for t in range(1, times.size):
+        anomaly[t] = AR_PHI * anomaly[t - 1] + np.sqrt(1 - AR_PHI**2) * rng.normal(0, AR_SD, size=anomaly.shape[1:])
+    data = (((seasonal + anomaly) - MEAN) / STD).astype("float32")[:, None]
+    data[:, :, ~mask] = 0.0
+    span = INPUT_STEPS + LEAD_STEPS
+    starts = {
+        "train": np.arange(0, n_train - span + 1), "val": np.arange(n_train, n_train + n_val - span + 1),
+        "test": np.arange(n_train + n_val, times.size - span + 1),
+    }
+    stats_record = provenance.make_record("normalize", "c" * 16, {"regrid": "f" * 16})
+    windows_record = provenance.make_record("windows", "d" * 16, {"regrid": "f" * 16, "stats": stats_record["digest"]})
+    clim = np.where(mask, np.broadcast_to(seasonal[:1], (366, AR_LAT.size, AR_LON.size)), np.nan)[:, None]
+    xr.Dataset(
+        {
+            "mean": ("variable", [MEAN]), "std": ("variable", [STD]),
+            "climatology": (("dayofyear", "variable", "lat", "lon"), clim),
+            "mask": (("lat", "lon"), mask),
+            "variable_units": ("variable", np.array(["degC"], dtype=object)),
+        },
+        coords={"variable": ["sst"], "dayofyear": np.arange(1, 367), "lat": AR_LAT, "lon": AR_LON},
+        attrs={"train_start": str(times[0].date()), "train_end": str(times[n_train - 1].date()), "per_pixel": 0,
+               "climatology_window": 31, **provenance.to_attrs(stats_record)},
+    ).to_netcdf(root / "stats.nc")
+    xr.Dataset(
+        {
+            "data": (("time", "variable", "lat", "lon"), data),
+            "mask": (("lat", "lon"), mask),
+            **{f"{s}_start": (f"{s}_sample", v.astype("int64")) for s, v in starts.items()},
+        },
+        coords={"time": times, "variable": np.array(["sst"], dtype=object), "lat": AR_LAT, "lon": AR_LON},
+        attrs={"input_variables": ["sst"], "target_variables": ["sst"], "input_steps": INPUT_STEPS,
+               "lead_steps": LEAD_STEPS, "stats_sha256": "0" * 64, "format_version": 1,
+               **provenance.to_attrs(windows_record)},
+    ).pipe(lambda ds: write_store(ds.chunk({"time": 64}), root / "windows.zarr"))
+    cfg = validate_config({
+        "variables": {"inputs": ["sst"], "targets": ["sst"]},
+        "windows": {"input_steps": INPUT_STEPS, "lead_steps": LEAD_STEPS},
+        "model": {"name": "convlstm", "convlstm": {"hidden_channels": [2], "kernel_size": 3}},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_model": False},
+        "train": {"device": "cpu"},
+        "evaluate": {"batch_size": 64},
+    })
+    kwargs = models.model_kwargs_from_config(cfg["model"], input_variables=["sst"], target_variables=["sst"],
+                                             input_steps=INPUT_STEPS, lead_steps=LEAD_STEPS, height=AR_LAT.size,
+                                             width=AR_LON.size)
+    torch.manual_seed(0)
+    client = mlflow.MlflowClient(cfg["mlflow"]["tracking_uri"])
+    experiment_id = client.create_experiment(cfg["experiment"], artifact_location=(root / "mlruns").as_uri())
+    run_id = client.create_run(experiment_id, run_name="convlstm").info.run_id
+    client.set_terminated(run_id)
+    checkpoint = root / "train" / "best.pt"
+    checkpoint.parent.mkdir()
+    torch.save({
+        "model_name": "convlstm", "model_kwargs": kwargs,
+        "model_state": models.build_model("convlstm", **kwargs).state_dict(), "config": cfg,
+        "input_variables": ["sst"], "target_variables": ["sst"], "mlflow_run_id": run_id,
+        "provenance": provenance.for_step(cfg, "train", {"windows": windows_record["digest"],
+                                                         "stats": stats_record["digest"]}),
+        "result_config": keys.result_config(cfg, "train"),
+    }, checkpoint)
+    return {"root": root, "cfg": cfg, "checkpoint": checkpoint}
+
+
+def test_evaluate_damped_persistence_on_ar1_anomalies_has_the_analytic_skill(ar1_inputs, monkeypatch):
+    """AR(1) anomalies a_t = phi a_(t-1) + e_t of standard deviation s: the damping fitted on the
+    training period is phi^k, and the test RMSEs are s sqrt(1 - phi^2k) (damped persistence),
+    s sqrt(2 (1 - phi^k)) (persistence) and s (climatology); damped persistence's skill against
+    persistence, 1 - sqrt((1 + phi^k) / 2), lies in its interval, which excludes zero."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = ar1_inputs
+    out_dir = p["root"] / "evaluate"
+    evaluate.main(p["cfg"], run="convlstm", windows=p["root"] / "windows.zarr", stats=p["root"] / "stats.nc",
+                  checkpoint=p["checkpoint"], out_dir=out_dir)
+    table = pd.read_csv(out_dir / "metrics.csv")
+    value = table.set_index(["model", "metric", "lead"])["value"]
+    rows = evaluate.skill_intervals(table)
+    damped_vs = rows[rows["model"] == "damped_persistence"].set_index(["baseline", "lead"])
+    for lead in (1, 2):
+        decay = AR_PHI**lead
+        assert value[("damped_persistence", "rho", lead)] == pytest.approx(decay, abs=0.01)
+        assert value[("damped_persistence", "rmse", lead)] == pytest.approx(AR_SD * math.sqrt(1 - decay**2), rel=0.03)
+        assert value[("persistence", "rmse", lead)] == pytest.approx(AR_SD * math.sqrt(2 * (1 - decay)), rel=0.03)
+        assert value[("climatology", "rmse", lead)] == pytest.approx(AR_SD, rel=0.03)
+        row = damped_vs.loc[("persistence", lead)]
+        analytic = 1 - math.sqrt((1 + decay) / 2)
+        assert row["lower"] < analytic < row["upper"] and row["significant"] and row["meaningful"]
+        row = damped_vs.loc[("climatology", lead)]
+        assert row["lower"] < 1 - math.sqrt(1 - decay**2) < row["upper"] and row["significant"]

@@ -15,11 +15,21 @@ climatology with the anomalies' lag autocorrelation, fitted on the training peri
 streaming :class:`AnomalyAutocorrelation`. :func:`climatology_support` and
 :func:`unsupported_times` say which days of year the training period actually covers, so that skill
 against a climatology interpolated across unseen seasons can be marked not meaningful.
+
+Every baseline name lives here, in :data:`BASELINES` (evaluate, compare and the plots read it): its
+description, which days' climatology it relies on (so that its skill is marked not meaningful where
+no training day supports them: :func:`not_meaningful_leads`) and its plot style.
+
+The damping of :func:`damped_persistence` is fitted by :func:`fit_damping` on the training part of
+the windows store (the statistics' training period), streamed chunk by chunk.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -27,8 +37,50 @@ import xarray as xr
 
 from conv2dlstm.errors import DataError
 
+log = logging.getLogger(__name__)
+
 DAYS_OF_YEAR = 366
 """Length of the climatology's ``dayofyear`` axis (``conv2dlstm.normalize.DAYS``)."""
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """One reference forecast.
+
+    Attributes:
+        name: its name in ``metrics.csv`` (column ``model``), ``compare.csv`` and MLflow.
+        description: one line saying what it forecasts.
+        climatology_days: the days whose training climatology it uses, among ``"initial"`` (the
+            initial time) and ``"valid"`` (the valid time); empty when it uses none. Where one of
+            them is not supported by a training day (:func:`climatology_support`) its skill is
+            not meaningful.
+        style: matplotlib colour, line style and marker of its curves.
+    """
+
+    name: str
+    description: str
+    climatology_days: tuple[str, ...]
+    style: tuple[str, str, str]
+
+
+BASELINES: dict[str, BaselineSpec] = {
+    spec.name: spec
+    for spec in (
+        BaselineSpec("persistence", "the state at the initial time, for every lead", (), ("0.35", "--", "s")),
+        BaselineSpec(
+            "climatology", "the training-period day-of-year mean at the valid time", ("valid",), ("0.6", ":", "^")
+        ),
+        BaselineSpec(
+            "damped_persistence",
+            "the initial anomaly decaying towards the climatology with the training lag autocorrelation",
+            ("initial", "valid"),
+            ("0.1", "-.", "D"),
+        ),
+    )
+}
+"""Every baseline, in the order of tables and legends."""
+BASELINE_NAMES: tuple[str, ...] = tuple(BASELINES)
+"""The baseline names; any other forecast in a table is a model."""
 
 
 def persistence(x_last: xr.DataArray, lead_steps: int) -> xr.DataArray:
@@ -398,3 +450,163 @@ def unsupported_times(times: xr.DataArray, support: xr.DataArray) -> xr.DataArra
     flags = ~support.sel(dayofyear=doy).drop_vars("dayofyear")
     flags.name = "climatology_unsupported"
     return flags
+
+
+def climatology_window(stats: xr.Dataset) -> int:
+    """The smoothing window (days) of the statistics' climatology: attribute ``climatology_window``
+    (written by the normalize step), else the ``window_days`` attribute of ``climatology``."""
+    value = stats.attrs.get("climatology_window")
+    if value is None and "climatology" in stats:
+        value = stats["climatology"].attrs.get("window_days")
+    if value is None:
+        raise DataError(
+            "the statistics file records no climatology window (attribute climatology_window); rebuild it "
+            "with the normalize step"
+        )
+    return int(value)
+
+
+def training_period(stats: xr.Dataset) -> tuple[str, str]:
+    """``(train_start, train_end)`` the statistics were fitted on (their attributes)."""
+    missing = [a for a in ("train_start", "train_end") if a not in stats.attrs]
+    if missing:
+        raise DataError(
+            f"the statistics file has no attribute(s) {missing}: the period its climatology was fitted on is "
+            "unknown; rebuild it with the normalize step"
+        )
+    return str(stats.attrs["train_start"]), str(stats.attrs["train_end"])
+
+
+def training_times(times: np.ndarray, stats: xr.Dataset) -> np.ndarray:
+    """The ``times`` (e.g. the windows store's time axis) inside the statistics' training period."""
+    from conv2dlstm.harmonize import in_period
+
+    start, end = training_period(stats)
+    times = np.asarray(times, dtype="datetime64[ns]")
+    return times[in_period(times, start, end)]
+
+
+def not_meaningful_leads(
+    init_times: np.ndarray, valid_times: np.ndarray, support: xr.DataArray
+) -> dict[str, xr.DataArray]:
+    """Per baseline, the leads at which its climatology is unsupported for at least one forecast.
+
+    Args:
+        init_times: ``(time,)`` initial times of the scored forecasts.
+        valid_times: ``(time, lead)`` their valid times.
+        support: :func:`climatology_support` of the statistics' training period and window.
+
+    Returns:
+        ``name -> (lead,)`` bool DataArray (coordinate ``lead`` = 1..T_out), True where the skill
+        against that baseline is not meaningful: some forecast's initial day (for baselines using
+        the climatology at the initial time) or valid day (at the valid time) has no training day
+        in its smoothing window. Baselines using no climatology are always False.
+    """
+    init = xr.DataArray(np.asarray(init_times, dtype="datetime64[ns]"), dims=("time",))
+    valid = xr.DataArray(np.asarray(valid_times, dtype="datetime64[ns]"), dims=("time", "lead"))
+    leads = np.arange(1, valid.sizes["lead"] + 1, dtype="int64")
+    flags = {
+        "initial": unsupported_times(init, support).broadcast_like(valid),
+        "valid": unsupported_times(valid, support),
+    }
+    out: dict[str, xr.DataArray] = {}
+    for name, spec in BASELINES.items():
+        bad = xr.zeros_like(valid, dtype=bool)
+        for day in spec.climatology_days:
+            bad = bad | flags[day]
+        out[name] = bad.any("time").assign_coords(lead=leads).rename(name)
+    return out
+
+
+class TrainingRecord(Protocol):
+    """What :func:`fit_damping` reads: the windows store's interface (:class:`conv2dlstm.data.WindowsStore`)."""
+
+    time: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    mask: np.ndarray
+    target_variables: list[str]
+    target_channels: list[int]
+
+    def read_time_range(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def _regular_positions(times: np.ndarray) -> np.ndarray:
+    """Index of each time on the regular axis ``times[0] + k * step`` (``step`` the most common spacing)."""
+    if times.size < 2:
+        return np.zeros(times.size, dtype=np.int64)
+    diffs, counts = np.unique(np.diff(times), return_counts=True)
+    step = diffs[np.argmax(counts)]
+    offsets = (times - times[0]) / step
+    positions = np.rint(offsets).astype(np.int64)
+    if not np.allclose(offsets, positions, rtol=0, atol=1e-6):
+        raise DataError(
+            f"the training times are not on a regular axis of step {step} (first off-axis time "
+            f"{times[np.flatnonzero(~np.isclose(offsets, positions))[0]]}); the damping of damped persistence "
+            "needs equally spaced steps"
+        )
+    return positions
+
+
+def fit_damping(
+    store: TrainingRecord,
+    stats: xr.Dataset,
+    *,
+    max_lag: int,
+    weights: xr.DataArray | None = None,
+    chunk_steps: int = 64,
+) -> xr.DataArray:
+    """Damping ``rho(lag)`` of :func:`damped_persistence`, fitted on the training period only.
+
+    Reads the target variables of the windows store's time steps inside the statistics' training
+    period (:func:`training_times`, the period the climatology was fitted on), ``chunk_steps`` steps
+    at a time, back in physical units (:func:`conv2dlstm.normalize.denormalize`, land NaN), subtracts
+    the training climatology of each step's day of year (:func:`anomalies`) and feeds the anomalies
+    to :class:`AnomalyAutocorrelation` (pooled over ocean cells with ``weights``). A missing step
+    (a gap in the time axis) is filled with NaN rows so that no pair straddles it: ``min(gap,
+    max_lag)`` NaN rows break every pair across the gap at lags up to ``max_lag``, exactly as the
+    whole gap would. Memory: one chunk of ``chunk_steps x C_out x H x W`` values.
+
+    Returns:
+        ``(lag, variable)`` float64 ``rho`` for lags ``1..max_lag`` (NaN where no pair was finite),
+        with attribute ``pairs`` (the smallest number of products behind an estimate).
+    """
+    from conv2dlstm import normalize
+
+    all_times = np.asarray(store.time, dtype="datetime64[ns]")
+    keep = np.flatnonzero(np.isin(all_times, training_times(all_times, stats)))
+    targets = [str(v) for v in store.target_variables]
+    if keep.size < 2:
+        start, end = training_period(stats)
+        raise DataError(
+            f"the windows store holds {keep.size} time step(s) of the training period {start}..{end}; damped "
+            "persistence needs the training record to fit its damping (rebuild the windows store)"
+        )
+    positions = _regular_positions(all_times[keep])
+    lat, lon = np.asarray(store.lat, dtype="float64"), np.asarray(store.lon, dtype="float64")
+    mask = xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+    accumulator = AnomalyAutocorrelation(max_lag, weights)
+    first, last = int(keep[0]), int(keep[-1]) + 1  # training steps are contiguous in the sorted axis
+    previous = None
+    for a in range(first, last, max(1, int(chunk_steps))):
+        b = min(a + max(1, int(chunk_steps)), last)
+        block = store.read_time_range(a, b)[:, list(store.target_channels)]  # (n, C_out, H, W) normalized
+        pos = positions[a - first : b - first]
+        gaps = np.diff(np.concatenate([[pos[0] - 1 if previous is None else previous], pos])) - 1
+        filler = np.minimum(gaps, max_lag)
+        rows = np.arange(pos.size) + np.cumsum(filler)  # row of each step once NaN rows are inserted
+        values = np.full((int(rows[-1]) + 1, *block.shape[1:]), np.nan, dtype=np.float32)
+        values[rows] = block
+        times = np.full(values.shape[0], all_times[a], dtype="datetime64[ns]")  # climatology day of each row
+        times[rows] = all_times[a:b]
+        normed = xr.DataArray(
+            values, dims=("time", "variable", "lat", "lon"),
+            coords={"time": times, "variable": targets, "lat": lat, "lon": lon},
+        )
+        physical = normalize.denormalize(normed, stats).where(mask).transpose(*normed.dims)
+        anomaly = anomalies(physical, stats).drop_vars("time")  # rows need no spacing check: gaps are NaN rows
+        accumulator.add(anomaly)
+        previous = int(pos[-1])
+    rho = accumulator.result()
+    rho.attrs["pairs"] = int(accumulator.pairs().min())
+    return rho

@@ -1,17 +1,27 @@
-"""Compare step: one table and one figure over every evaluated run and the two baselines.
+"""Compare step: one table and one figure over every evaluated run and the baselines.
 
-Each run's ``metrics.csv`` (from :mod:`conv2dlstm.evaluate`) carries its own copy of the
-persistence and climatology scores; runs of one configuration share the test windows, so these
-copies are identical and each baseline appears once in the output (a copy that differs is
-reported with a warning and the first one is kept).
+Each run's ``metrics.csv`` (from :mod:`conv2dlstm.evaluate`) carries its own copy of the baseline
+scores (:data:`conv2dlstm.baselines.BASELINE_NAMES`); runs of one configuration share the test
+windows, so these copies are identical and each baseline appears once in the output (a copy that
+differs is reported with a warning and the first one is kept).
 
 ``compare.csv`` has one row per run or baseline and per variable, with columns
 :data:`SUMMARY_COLUMNS`: RMSE averaged over leads, at the first and at the last lead, MAE, bias and
-ACC averaged over leads, and skill scores ``1 - RMSE / RMSE(baseline)`` averaged over leads. A run's
-skill scores are the ``skill_vs_<baseline>`` rows of its ``metrics.csv`` (NaN when the file has
-none); ``metrics.csv`` holds no skill rows for the baselines themselves, so a baseline's skill
-against a baseline is derived from the two RMSE rows with :func:`conv2dlstm.metrics.skill_score`
-(0 against itself).
+ACC averaged over leads, and per baseline ``b``:
+
+- ``skill_vs_<b>_mean``: the skill ``1 - RMSE / RMSE(b)`` averaged over leads, from the
+  ``skill_vs_<b>`` rows of ``metrics.csv``; NaN when a lead's skill is NaN (not meaningful: its
+  climatology is unsupported by training days), or when the file has no such rows. A file without
+  skill rows for a baseline entry (written before they existed) gets it derived from the two RMSE
+  rows (:func:`conv2dlstm.metrics.skill_score`, 0 against itself);
+- ``better_than_<b>``: ``yes`` where the 95% bootstrap interval of the skill lies above zero at
+  every lead, ``partly`` at some leads, ``no`` at none, ``not meaningful`` where the skill is not
+  meaningful at some lead, empty without an interval (or against itself). A run is marked better
+  only where the interval excludes zero;
+- ``better_leads_vs_<b>``: the leads where the interval lies above zero, space separated.
+
+``compare.png``: RMSE against lead, and per baseline each run's skill with its shaded interval
+(filled markers where the interval excludes zero).
 """
 
 from __future__ import annotations
@@ -25,8 +35,9 @@ import numpy as np
 import pandas as pd
 
 from conv2dlstm import metrics, plots
+from conv2dlstm.baselines import BASELINE_NAMES
 from conv2dlstm.errors import DataError
-from conv2dlstm.evaluate import BASELINE_NAMES, CSV_COLUMNS
+from conv2dlstm.evaluate import CSV_COLUMNS, skill_intervals
 from conv2dlstm.fsutil import atomic_output, discard_partials
 
 log = logging.getLogger(__name__)
@@ -43,8 +54,7 @@ SUMMARY_COLUMNS: list[str] = [
     "mae_mean",
     "bias_mean",
     "acc_mean",
-    "skill_vs_persistence_mean",
-    "skill_vs_climatology_mean",
+    *[column for b in BASELINE_NAMES for column in (f"skill_vs_{b}_mean", f"better_than_{b}", f"better_leads_vs_{b}")],
 ]
 
 
@@ -95,12 +105,32 @@ def entries(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([runs, base], ignore_index=True)[["name", "kind", "model", "variable", "lead", "metric", "value"]]
 
 
+def verdict(skills: pd.DataFrame) -> tuple[str, str]:
+    """``(better_than, better_leads)`` of one entry, variable and baseline from its per-lead interval rows
+    (:func:`conv2dlstm.evaluate.skill_intervals`); see the module docstring."""
+    if skills.empty:
+        return "", ""
+    if not skills["meaningful"].all():
+        return "not meaningful", ""
+    if skills["lower"].isna().all():
+        return "", ""
+    better = sorted(int(k) for k in skills.loc[skills["lower"] > 0, "lead"])
+    label = "yes" if len(better) == len(skills) else ("partly" if better else "no")
+    return label, " ".join(map(str, better))
+
+
+def _strict_mean(series: pd.Series) -> float:
+    """Mean over leads, NaN when any lead is NaN (a skill not meaningful at one lead has no mean)."""
+    return float(series.mean(skipna=False)) if len(series) else np.nan
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per entry and variable with the main scores (:data:`SUMMARY_COLUMNS`)."""
     rmse = rows[rows["metric"] == "rmse"]
     baseline_rmse = {
         name: rmse[rmse["name"] == name].set_index(["variable", "lead"])["value"] for name in BASELINE_NAMES
     }
+    intervals = skill_intervals(rows, by="name")
     out = []
     for (name, variable), group in rows.groupby(["name", "variable"], sort=False):
         by_metric = {m: g.sort_values("lead").set_index("lead")["value"] for m, g in group.groupby("metric")}
@@ -120,8 +150,12 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             record[f"{metric}_mean"] = _lead_mean(by_metric.get(metric))
         for baseline in BASELINE_NAMES:
             column = f"skill_vs_{baseline}_mean"
-            if kind == "run":
-                record[column] = _lead_mean(by_metric.get(f"skill_vs_{baseline}"))
+            sk = intervals[
+                (intervals["name"] == name) & (intervals["variable"] == variable) & (intervals["baseline"] == baseline)
+            ]
+            record[f"better_than_{baseline}"], record[f"better_leads_vs_{baseline}"] = verdict(sk)
+            if kind == "run" or not sk.empty:
+                record[column] = _strict_mean(sk.sort_values("lead")["skill"]) if not sk.empty else np.nan
                 continue
             ref = baseline_rmse[baseline]
             if ref.empty or not r.size:
@@ -153,7 +187,7 @@ def _labels(rows: pd.DataFrame) -> pd.Series:
 
 def main(*, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None = None,
          models: list[Path] | None = None) -> None:
-    """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE vs lead).
+    """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE and skill vs lead).
 
     With the configuration ``cfg`` (and the runs' ``model.pt``), then tag the runs with their sweep
     and register the experiment's best model as ``models:/<experiment>@champion``
@@ -166,13 +200,17 @@ def main(*, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None
     summary = summarize(rows)
     rmse = rows[rows["metric"] == "rmse"].assign(label=_labels)
     runs = sorted(set(rows.loc[rows["kind"] == "run", "name"]))
+    labels = dict(zip(rmse["name"], rmse["label"], strict=True))
+    skills = skill_intervals(rows[rows["kind"] == "run"], by="name")
+    skills = skills.assign(label=skills["name"].map(labels).fillna(skills["name"]))
     with atomic_output(out_csv) as tmp_csv, atomic_output(out_plot) as tmp_plot:
         summary.to_csv(tmp_csv, index=False)
-        plots.lines_vs_lead(
+        plots.compare_figure(
             rmse,
+            skills,
             tmp_plot,
-            ylabel="area-weighted RMSE (physical units)",
-            title=f"Test-period RMSE by lead: run(s) {', '.join(runs)} vs persistence and climatology",
+            title=f"Test period: RMSE and RMSE skill (95% block-bootstrap intervals) by lead, run(s) "
+            f"{', '.join(runs)} vs {', '.join(BASELINE_NAMES)}",
         )
     log.info("compared %d run(s): %s, %s", len(runs), out_csv, out_plot)
     if cfg is not None:

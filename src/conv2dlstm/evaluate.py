@@ -1,30 +1,65 @@
-"""Evaluate step: score a trained run, persistence and climatology on the test period.
+"""Evaluate step: score a trained run and three baselines on the test period, with skill intervals.
 
 :func:`main` predicts the test windows batch by batch with the trained network, converts
-predictions, truth and the two baselines to physical units, and scores all three with the same
+predictions, truth and the baselines to physical units, and scores all of them with the same
 functions of :mod:`conv2dlstm.metrics` (area-weighted, land excluded) per target variable and lead.
+The baselines (:data:`conv2dlstm.baselines.BASELINES`) are persistence, the training climatology
+and damped anomaly persistence, whose damping ``rho(lead)`` is fitted on the training part of the
+windows store (the statistics' training period) before the test windows are read
+(:func:`damping`).
+
+Is the gain real? For every forecast and every other baseline, per variable and lead, the skill
+``1 - RMSE/RMSE(baseline)`` gets a 95% interval from a paired circular block bootstrap over initial
+times (:func:`skill_frame`, :func:`conv2dlstm.metrics.bootstrap_skill`): the per-initial-time MSE
+series are resampled in blocks of consecutive initial times whose length is the integral time scale
+(decorrelation time) of the loss difference, so that serially correlated errors do not make the
+interval too narrow; 1000 resamples, seed 0 (reproducible). A model is better than a baseline at a
+lead only where the interval lies above zero.
+
+Honest on short records: a baseline that uses the climatology of a day that no training day
+supports (:func:`conv2dlstm.baselines.climatology_support`, the statistics' training period and
+climatology window; climatology: the valid day; damped persistence: the initial and the valid day)
+has its skill marked not meaningful at that lead: the skill and its interval are NaN, the
+``skill_vs_<baseline>_meaningful`` row is 0, the log warns, the plots say so.
+
 Outputs in ``out_dir``:
 
 - ``predictions.nc``: CF-1.8 netCDF, one variable per target, dims ``(time, lead, lat, lon)`` with
   ``time`` the initial time, ``lead_time(lead)`` and ``valid_time(time, lead)`` coordinates;
-- ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``;
-- ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``maps.png``, ``rmse_map.png``.
+- ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``. ``model`` is the run's model
+  or a baseline; metrics ``rmse``, ``mae``, ``bias``, ``acc`` (not for climatology), ``rho`` (damped
+  persistence: its damping), and per baseline ``skill_vs_<baseline>`` with ``_lower``, ``_upper``
+  (the 95% interval), ``_significant`` (1: the interval excludes 0), ``_meaningful`` (0: the
+  climatology is unsupported; the four before are NaN) and ``_block_length`` (:func:`skill_frame`);
+- ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals),
+  ``maps.png``, ``rmse_map.png``.
+
+Target variables that cannot be negative (the checkpoint's floored channels,
+:func:`nonnegative_targets`) have their predictions and damped persistence clipped at 0 after
+denormalizing (:func:`clip_nonnegative`; the network's output floor already keeps them there up
+to float rounding).
+
+Each window is predicted on its own (:func:`predict_batch`), so a window's prediction does not
+depend on the other windows of its batch and the forecast step reproduces it exactly.
 
 Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
-test period. Per batch the step holds the inputs, the prediction, the truth and the two baselines
+test period. Per batch the step holds the inputs, the prediction, the truth and the baselines
 (``B x T_out x C_out x H x W`` float32 each; the statistics are cast to float32 so that nothing is
-upcast to float64) and the float64 temporaries of the metric code: the peak is about 40 times
+upcast to float64) and the float64 temporaries of the metric code: the peak is about 50 times
 ``B x T_out x C_out x H x W x 4`` bytes, plus the network's activations (lower
-``evaluate.batch_size`` to lower it). Across batches it keeps only:
+``evaluate.batch_size`` to lower it). The damping is fitted on chunks of ``B x T_out`` training
+steps. Across batches it keeps only:
 
 - per score, model and ``(lead, variable)``: the sum and the count of the per-initial-time scores
   (:class:`StreamingScores`). Each per-time score (the weighted spatial mean of the squared, absolute
   and signed error, and the anomaly correlation) depends on one initial time only, so the time
   mean taken at the end equals the definition of :mod:`conv2dlstm.metrics` on the whole test set;
+- per forecast the per-initial-time MSE series, ``N x T_out x C_out`` floats for ``N`` test
+  windows, for the bootstrap;
 - the per-cell sum of squared errors at lead 1 for ``rmse_map.png`` (:class:`CellRmse`,
   ``C_out x H x W``);
 - the one sample shown in ``maps.png``;
-- the time coordinates (``N x T_out`` datetimes for ``N`` test windows).
+- the time coordinates (``N x T_out`` datetimes).
 
 ``predictions.nc`` is written batch by batch (:class:`PredictionsWriter`), and the climatology is
 read from the statistics file only for the days of year of the current batch.
@@ -38,9 +73,10 @@ old files side by side but no ``metrics.csv``, so the step reads as not done (Sn
 deletes the outputs of a failed job) and a rerun replaces every file. A failure before the commit
 leaves ``out_dir`` as it was.
 
-Only then are the scores logged into the training run's MLflow run (metrics named like
-``test_rmse_sst_lead1``, ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``, all at
-step 0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
+Only then are the scores logged into the training run's MLflow run (:func:`mlflow_metrics`: metrics
+named like ``test_rmse_sst_lead1``, ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``,
+``skill_vs_persistence_lower_sst_lead1``, ``skill_vs_climatology_meaningful_sst_lead1``, all at step
+0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
 any work starts. A rerun does not duplicate metrics: a metric whose latest logged value equals the
 new one is skipped, a changed value is appended at step 0 and becomes the latest; artifacts are
 overwritten. If logging fails after the commit the step fails, and a rerun logs what is missing.
@@ -70,7 +106,7 @@ from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 log = logging.getLogger(__name__)
 
 SPLIT = "test"
-BASELINE_NAMES: tuple[str, ...] = ("persistence", "climatology")
+BASELINE_NAMES = baselines.BASELINE_NAMES  # the names live in conv2dlstm.baselines (BASELINES)
 SCORES: tuple[str, ...] = ("rmse", "mae", "bias", "acc")
 CSV_COLUMNS: list[str] = ["run", "model", "variable", "lead", "metric", "value"]
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -82,6 +118,7 @@ OUTPUT_FILES: tuple[str, ...] = (
     "metrics.csv",
     "rmse_vs_lead.png",
     "acc_vs_lead.png",
+    "skill_vs_lead.png",
     "maps.png",
     "rmse_map.png",
 )
@@ -184,20 +221,90 @@ def forecast_array(
 # --------------------------------------------------------------------------------------------------
 # Scores
 
+SKILL_METRICS: tuple[str, ...] = ("", "_lower", "_upper", "_significant", "_meaningful", "_block_length")
+"""Suffixes of the ``skill_vs_<baseline>`` rows of ``metrics.csv`` (see :func:`skill_frame`)."""
+BOOTSTRAP_RESAMPLES = metrics.DEFAULT_RESAMPLES
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
 
-def _score_frame(scores: Mapping[str, Mapping[str, xr.DataArray]]) -> pd.DataFrame:
-    """Tidy rows of time-mean ``(lead, variable)`` scores per forecast, plus the model skill scores."""
+
+def _tidy(da: xr.DataArray, *, model: str, metric: str) -> pd.DataFrame:
+    """``(lead, variable)`` scores as rows ``model, variable, lead, metric, value``."""
+    da = da.transpose("variable", "lead")
+    values = np.asarray(da.values, dtype="float64")
+    variables = [str(v) for v in da["variable"].values]
+    leads = [int(k) for k in da["lead"].values]
+    rows = [
+        {"model": model, "variable": v, "lead": k, "metric": metric, "value": float(values[i, j])}
+        for i, v in enumerate(variables)
+        for j, k in enumerate(leads)
+    ]
+    return pd.DataFrame(rows, columns=["model", "variable", "lead", "metric", "value"])
+
+
+def _lead_flags(flags: Mapping[str, xr.DataArray], name: str, like: xr.DataArray) -> xr.DataArray:
+    """``flags[name]`` ``(lead,)`` broadcast to ``like`` ``(lead, variable)``; all False when absent."""
+    out = xr.zeros_like(like, dtype=bool)
+    if name in flags:
+        with xr.set_options(arithmetic_join="exact"):
+            out = out | flags[name].reset_coords(drop=True)
+    return out
+
+
+def skill_frame(
+    mse: Mapping[str, xr.DataArray], not_meaningful: Mapping[str, xr.DataArray] | None = None
+) -> pd.DataFrame:
+    """Skill of each forecast against each (other) baseline with a 95% bootstrap interval, as tidy rows.
+
+    For every forecast ``f`` of ``mse`` and every baseline ``b`` of :data:`BASELINE_NAMES` present
+    (``b != f``), per ``(lead, variable)``: :func:`conv2dlstm.metrics.bootstrap_skill_table` of the
+    per-initial-time MSE series of ``f`` and ``b`` (``1 - RMSE_f / RMSE_b`` with a paired circular
+    block bootstrap over initial times, block length from the decorrelation time of the loss
+    difference, :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`). Metrics:
+
+    - ``skill_vs_<b>``, ``skill_vs_<b>_lower``, ``skill_vs_<b>_upper``: the skill and its interval;
+    - ``skill_vs_<b>_significant``: 1 where the interval excludes 0, else 0;
+    - ``skill_vs_<b>_meaningful``: 0 where ``f`` or ``b`` relies on a climatology that no training
+      day supports at that lead (``not_meaningful``); the four rows above are then NaN;
+    - ``skill_vs_<b>_block_length``: the bootstrap block length, in initial times.
+
+    Args:
+        mse: name -> per-initial-time MSE ``(time, lead, variable)``, the same initial times for all.
+        not_meaningful: name -> ``(lead,)`` bool (:func:`conv2dlstm.baselines.not_meaningful_leads`).
+    """
+    flags = dict(not_meaningful or {})
+    frames = []
+    for name, series in mse.items():
+        for baseline in BASELINE_NAMES:
+            if baseline == name or baseline not in mse:
+                continue
+            table = metrics.bootstrap_skill_table(
+                series.reset_coords(drop=True),
+                mse[baseline].reset_coords(drop=True),
+                n_resamples=BOOTSTRAP_RESAMPLES,
+                confidence=CONFIDENCE,
+                seed=BOOTSTRAP_SEED,
+            )
+            ok = ~(_lead_flags(flags, name, table["skill"]) | _lead_flags(flags, baseline, table["skill"]))
+            prefix = f"skill_vs_{baseline}"
+            values = {
+                "": table["skill"].where(ok),
+                "_lower": table["lower"].where(ok),
+                "_upper": table["upper"].where(ok),
+                "_significant": table["significant"].astype("float64").where(ok),
+                "_meaningful": ok.astype("float64"),
+                "_block_length": table["block_length"].astype("float64"),
+            }
+            frames += [_tidy(da, model=name, metric=prefix + suffix) for suffix, da in values.items()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "variable", "lead", "metric", "value"])
+
+
+def _score_frame(scores: Mapping[str, Mapping[str, xr.DataArray]], skills: pd.DataFrame) -> pd.DataFrame:
+    """Tidy rows of time-mean ``(lead, variable)`` scores per forecast, then the skill rows."""
     frames = [
         _tidy(da, model=name, metric=metric) for name, by_metric in scores.items() for metric, da in by_metric.items()
     ]
-    for name in scores:
-        if name in BASELINE_NAMES:
-            continue
-        for baseline in BASELINE_NAMES:
-            if baseline in scores:
-                skill = metrics.skill_score(scores[name]["rmse"], scores[baseline]["rmse"])
-                frames.append(_tidy(skill, model=name, metric=f"skill_vs_{baseline}"))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([*frames, skills], ignore_index=True)
 
 
 def score_forecasts(
@@ -205,6 +312,7 @@ def score_forecasts(
     truth: xr.DataArray,
     climatology: xr.DataArray,
     weights: xr.DataArray,
+    not_meaningful: Mapping[str, xr.DataArray] | None = None,
 ) -> pd.DataFrame:
     """Score each forecast against ``truth`` with the metric functions, on arrays held in memory.
 
@@ -213,17 +321,19 @@ def score_forecasts(
 
     Args:
         forecasts: name -> ``(time, lead, variable, lat, lon)`` forecast, physical units. Names in
-            :data:`BASELINE_NAMES` are baselines; every other entry also gets
-            ``skill_vs_<baseline>`` = 1 - RMSE / RMSE(baseline) for each baseline present.
+            :data:`BASELINE_NAMES` are baselines. Every forecast gets ``skill_vs_<baseline>`` rows
+            against each other baseline present (:func:`skill_frame`).
         truth: observed values at the valid times, same layout.
         climatology: day-of-year climatology at the valid times (for ACC), same layout.
         weights: ``(lat, lon)`` from :func:`conv2dlstm.metrics.area_weights`.
+        not_meaningful: per baseline, the leads where its climatology is unsupported (:func:`skill_frame`).
 
     Returns:
         Tidy frame with columns ``model, variable, lead, metric, value``. The ACC of the climatology
         forecast is undefined (its anomalies are zero) and is not reported.
     """
     scores: dict[str, dict[str, xr.DataArray]] = {}
+    series: dict[str, xr.DataArray] = {}
     for name, forecast in forecasts.items():
         scores[name] = {
             "rmse": metrics.rmse(forecast, truth, weights),
@@ -232,7 +342,8 @@ def score_forecasts(
         }
         if name != "climatology":
             scores[name]["acc"] = metrics.acc(forecast, truth, climatology, weights)
-    return _score_frame(scores)
+        series[name] = metrics.mse_per_time(forecast, truth, weights).transpose("time", "lead", "variable")
+    return _score_frame(scores, skill_frame(series, not_meaningful))
 
 
 class StreamingScores:
@@ -240,14 +351,17 @@ class StreamingScores:
 
     :meth:`add` computes the per-initial-time scores of a batch with the ``*_per_time`` functions
     of :mod:`conv2dlstm.metrics` and keeps, per forecast, score, lead and variable, only their sum
-    and the number of defined (non-NaN) values; :meth:`table` takes the time means (RMSE: the
-    square root of the mean MSE). Memory does not grow with the number of batches.
+    and the number of defined (non-NaN) values, plus the per-initial-time MSE series that the
+    bootstrap of the skill needs (``N x T_out x C_out`` floats per forecast for ``N`` initial times);
+    :meth:`table` takes the time means (RMSE: the square root of the mean MSE) and the skills.
+    Memory does not grow with the grid.
     """
 
     def __init__(self, weights: xr.DataArray) -> None:
         self.weights = weights
         self._sums: dict[tuple[str, str], xr.DataArray] = {}
         self._counts: dict[tuple[str, str], xr.DataArray] = {}
+        self._series: dict[str, list[xr.DataArray]] = {}
         self._order: list[str] = []
 
     def add(self, forecasts: Mapping[str, xr.DataArray], truth: xr.DataArray, climatology: xr.DataArray) -> None:
@@ -263,6 +377,9 @@ class StreamingScores:
             }
             if name != "climatology":
                 per_time["acc"] = metrics.acc_per_time(forecast, truth, climatology, w)
+            self._series.setdefault(name, []).append(
+                per_time["mse"].transpose("time", "lead", "variable").reset_coords(drop=True).astype("float64")
+            )
             for metric, values in per_time.items():
                 total = values.fillna(0.0).sum("time").astype("float64")
                 count = values.notnull().sum("time")
@@ -271,6 +388,10 @@ class StreamingScores:
                     with xr.set_options(arithmetic_join="exact"):
                         total, count = self._sums[key] + total, self._counts[key] + count
                 self._sums[key], self._counts[key] = total, count
+
+    def mse_series(self) -> dict[str, xr.DataArray]:
+        """``name -> (time, lead, variable)`` per-initial-time MSE of every batch, in order."""
+        return {name: xr.concat(parts, dim="time") for name, parts in self._series.items()}
 
     def time_means(self) -> dict[str, dict[str, xr.DataArray]]:
         """``name -> metric -> (lead, variable)`` time means (``rmse`` instead of ``mse``)."""
@@ -288,11 +409,11 @@ class StreamingScores:
                     out[name][metric] = mean
         return out
 
-    def table(self) -> pd.DataFrame:
+    def table(self, not_meaningful: Mapping[str, xr.DataArray] | None = None) -> pd.DataFrame:
         """Tidy frame ``model, variable, lead, metric, value`` as returned by :func:`score_forecasts`."""
         if not self._sums:
             raise DataError("no batch was scored; the test split has no window")
-        return _score_frame(self.time_means())
+        return _score_frame(self.time_means(), skill_frame(self.mse_series(), not_meaningful))
 
 
 class CellRmse:
@@ -321,20 +442,6 @@ class CellRmse:
         return np.sqrt(self._sum / self._count.where(self._count > 0)).transpose("variable", "lat", "lon")
 
 
-def _tidy(da: xr.DataArray, *, model: str, metric: str) -> pd.DataFrame:
-    """``(lead, variable)`` scores as rows ``model, variable, lead, metric, value``."""
-    da = da.transpose("variable", "lead")
-    values = np.asarray(da.values, dtype="float64")
-    variables = [str(v) for v in da["variable"].values]
-    leads = [int(k) for k in da["lead"].values]
-    rows = [
-        {"model": model, "variable": v, "lead": k, "metric": metric, "value": float(values[i, j])}
-        for i, v in enumerate(variables)
-        for j, k in enumerate(leads)
-    ]
-    return pd.DataFrame(rows, columns=["model", "variable", "lead", "metric", "value"])
-
-
 def metrics_table(scores: pd.DataFrame, *, run: str, model_name: str, source: str = "model") -> pd.DataFrame:
     """The tidy ``metrics.csv`` table: rows of ``scores`` with the run, and ``source`` renamed to ``model_name``."""
     table = scores.copy()
@@ -348,12 +455,19 @@ def metrics_table(scores: pd.DataFrame, *, run: str, model_name: str, source: st
     return table[CSV_COLUMNS].reset_index(drop=True)
 
 
+def _mean_metric(metric: str) -> bool:
+    """Whether a metric gets a mean over leads in MLflow: the scores and the point skills."""
+    return metric in SCORES or (metric.startswith("skill_vs_") and metric[len("skill_vs_"):] in BASELINE_NAMES)
+
+
 def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
     """Flat MLflow metric names for a ``metrics.csv`` table (non-finite values are left out).
 
-    Model scores are ``test_<metric>_<variable>_lead<k>``, skill scores
-    ``skill_vs_<baseline>_<variable>_lead<k>``, baseline scores ``<baseline>_<metric>_<variable>_lead<k>``;
-    each also gets a ``..._<variable>_mean`` over leads.
+    Model scores are ``test_<metric>_<variable>_lead<k>``, its skill rows (with their interval,
+    significance and meaningfulness flags, :func:`skill_frame`) ``skill_vs_<baseline>[_<suffix>]_<variable>_lead<k>``,
+    baseline rows ``<baseline>_<metric>_<variable>_lead<k>``. The scores and the point skills also
+    get a ``..._<variable>_mean`` over leads; a skill not meaningful at some lead (NaN) has no mean,
+    and its ``..._meaningful_...`` metric is 0.
     """
     out: dict[str, float] = {}
 
@@ -365,11 +479,50 @@ def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
     for row in table.itertuples(index=False):
         if np.isfinite(row.value):
             out[f"{prefix(row.model, row.metric)}_{row.variable}_lead{row.lead}"] = float(row.value)
-    means = table.groupby(["model", "metric", "variable"], sort=False)["value"].mean()
+    averaged = table[table["metric"].map(_mean_metric)]
+    means = averaged.groupby(["model", "metric", "variable"], sort=False)["value"].agg(lambda v: v.mean(skipna=False))
     for (model, metric, variable), value in means.items():
         if np.isfinite(value):
             out[f"{prefix(model, metric)}_{variable}_mean"] = float(value)
     return out
+
+
+SKILL_COLUMNS: list[str] = ["baseline", "variable", "lead", "skill", "lower", "upper", "significant", "meaningful"]
+
+
+def skill_intervals(table: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
+    """The skill rows of a ``metrics.csv``-like table, one row per ``by``, baseline, variable and lead.
+
+    Columns ``by`` and :data:`SKILL_COLUMNS`: ``skill``, ``lower``, ``upper`` (NaN when not
+    meaningful or absent), ``significant`` and ``meaningful`` as booleans (a table written before
+    intervals existed has ``skill`` only: ``lower``/``upper`` NaN, ``significant`` False,
+    ``meaningful`` True).
+    """
+    parts = []
+    for baseline in BASELINE_NAMES:
+        prefix = f"skill_vs_{baseline}"
+        rows = table[table["metric"].isin([prefix + suffix for suffix in SKILL_METRICS])]
+        if rows.empty:
+            continue
+        fields = rows.assign(field=rows["metric"].str[len(prefix):])
+        wide = fields.groupby([by, "variable", "lead", "field"], sort=False)["value"].first().unstack("field")
+        wide = wide.reindex(columns=list(SKILL_METRICS))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "baseline": baseline,
+                    "skill": wide[""],
+                    "lower": wide["_lower"],
+                    "upper": wide["_upper"],
+                    "significant": wide["_significant"].fillna(0.0) > 0.5,
+                    "meaningful": wide["_meaningful"].fillna(1.0) > 0.5,
+                },
+                index=wide.index,
+            ).reset_index()
+        )
+    if not parts:
+        return pd.DataFrame(columns=[by, *SKILL_COLUMNS])
+    return pd.concat(parts, ignore_index=True)[[by, *SKILL_COLUMNS]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,13 +813,26 @@ def read_batch(store: Any, split: str, indices: Sequence[int]) -> tuple[np.ndarr
 
 
 def predict_batch(model: Any, x: np.ndarray, *, device: Any) -> np.ndarray:
-    """Run ``model`` (on ``device``, eval mode) on ``x (B, T_in, C_in, H, W)``; returns ``(B, T_out, C_out, H, W)``."""
+    """Run ``model`` (on ``device``, eval mode) on ``x (B, T_in, C_in, H, W)``; returns ``(B, T_out, C_out, H, W)``.
+
+    Each window is predicted on its own (a batch of one): the floating-point result of convolution
+    and matrix kernels depends on the batch size (oneDNN and cuBLAS choose algorithms by shape),
+    and a window's prediction must not depend on which windows share its batch, so that the forecast
+    step (:mod:`conv2dlstm.forecast`), which predicts one initial time, reproduces it exactly.
+    """
     import torch
 
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype="float32")).to(device)  # (B, T_in, C_in, H, W)
     with torch.inference_mode():
-        y = model(inputs)  # (B, T_out, C_out, H, W)
+        y = torch.cat([model(inputs[i : i + 1]) for i in range(inputs.shape[0])])  # (B, T_out, C_out, H, W)
     return y.float().cpu().numpy()
+
+
+def nonnegative_targets(ckpt: Mapping[str, Any]) -> list[str]:
+    """The target variables whose output the checkpoint's model floors at 0 (``nonnegative_channels``)."""
+    targets = [str(v) for v in ckpt.get("target_variables") or []]
+    channels = (ckpt.get("model_kwargs") or {}).get("nonnegative_channels") or []
+    return [targets[c] for c in channels if 0 <= c < len(targets)]
 
 
 def _check_checkpoint(ckpt: Mapping[str, Any], store: Any, checkpoint: Path) -> None:
@@ -792,6 +958,27 @@ def log_to_mlflow(
 # Batches in physical units
 
 
+def physical(da: xr.DataArray, stats: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+    """Normalized ``da`` (with a ``variable`` dimension) in physical units, NaN on land, dims kept."""
+    from conv2dlstm import normalize
+
+    return normalize.denormalize(da, stats).where(mask).transpose(*da.dims)
+
+
+def clip_nonnegative(da: xr.DataArray, nonnegative: Sequence[str]) -> xr.DataArray:
+    """``da`` with negative values of the variables ``nonnegative`` set to 0 (NaN stays NaN).
+
+    The network's output floor (:class:`conv2dlstm.models.OutputFloor`) keeps such predictions at
+    or above 0 up to float rounding of ``-mean / std``; this removes the rounding. Damped
+    persistence, which can undershoot 0 (``clim(valid) < rho * clim(initial)``), is clipped too.
+    """
+    names = [v for v in nonnegative if v in set(map(str, da["variable"].values))]
+    if not names:
+        return da
+    negative = (da < 0) & da["variable"].isin(names)
+    return da.where(~negative, 0).astype(da.dtype)
+
+
 def batch_forecasts(
     pred: np.ndarray,
     y: np.ndarray,
@@ -802,6 +989,8 @@ def batch_forecasts(
     variables: Sequence[str],
     mask: xr.DataArray,
     stats: xr.Dataset,
+    rho: xr.DataArray | None = None,
+    nonnegative: Sequence[str] = (),
 ) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
     """One batch in physical units (float32, NaN on land): the forecasts and the truth.
 
@@ -812,31 +1001,75 @@ def batch_forecasts(
         variables: the ``C_out`` target names.
         mask: ``(lat, lon)`` ocean mask with the grid's coordinates.
         stats: statistics from :func:`open_stats`.
+        rho: ``(lag, variable)`` damping of damped persistence (:func:`conv2dlstm.baselines.fit_damping`);
+            without it there is no damped persistence forecast.
+        nonnegative: target variables that cannot be negative; the model's prediction and damped
+            persistence are clipped at 0 there (:func:`clip_nonnegative`).
 
     Returns:
-        ``{"model", "persistence", "climatology"}`` forecasts and the truth, each
-        ``(time, lead, variable, lat, lon)`` with the coordinates of :func:`forecast_array`.
+        ``{"model", *BASELINE_NAMES}`` forecasts and the truth, each ``(time, lead, variable, lat, lon)``
+        with the coordinates of :func:`forecast_array`.
     """
-    from conv2dlstm import normalize
-
     lat, lon = mask["lat"].values, mask["lon"].values
-
-    def physical(da: xr.DataArray) -> xr.DataArray:
-        return normalize.denormalize(da, stats).where(mask).transpose(*da.dims)
-
     coords = {"init_times": init_times, "valid_times": valid_times, "variables": variables, "lat": lat, "lon": lon}
-    forecast = physical(forecast_array(pred, name="prediction", **coords))
-    truth = physical(forecast_array(y, name="truth", **coords))
-    at_init = xr.DataArray(
-        last,
-        dims=("time", "variable", "lat", "lon"),
-        coords={"time": forecast["time"], "variable": list(variables), "lat": lat, "lon": lon},
+    forecast = clip_nonnegative(physical(forecast_array(pred, name="prediction", **coords), stats, mask), nonnegative)
+    truth = physical(forecast_array(y, name="truth", **coords), stats, mask)
+    at_init = physical(
+        xr.DataArray(
+            last,
+            dims=("time", "variable", "lat", "lon"),
+            coords={"time": forecast["time"], "variable": list(variables), "lat": lat, "lon": lon},
+        ),
+        stats,
+        mask,
     )
-    persist = baselines.persistence(physical(at_init), forecast.sizes["lead"]).assign_coords(
+    persist = baselines.persistence(at_init, forecast.sizes["lead"]).assign_coords(
         lead_time=forecast["lead_time"], valid_time=forecast["valid_time"]
     )
     clim = climatology_at(forecast["valid_time"], stats, variables).where(mask)
-    return {"model": forecast, "persistence": persist, "climatology": clim}, truth
+    out = {"model": forecast, "persistence": persist, "climatology": clim}
+    if rho is not None:
+        clim_initial = climatology_at(forecast["time"], stats, variables).where(mask)
+        damped = baselines.damped_persistence(at_init, clim_initial, clim, rho.astype("float32"))
+        out["damped_persistence"] = clip_nonnegative(damped.astype("float32"), nonnegative)
+    return out, truth
+
+
+def damping(store: Any, stats: xr.Dataset, *, weights: xr.DataArray, chunk_steps: int) -> xr.DataArray:
+    """``(lag, variable)`` damping of damped persistence, fitted on the training part of ``store``
+    (:func:`conv2dlstm.baselines.fit_damping`), logged; lags ``1..lead_steps``."""
+    rho = baselines.fit_damping(store, stats, max_lag=int(store.lead_steps), weights=weights, chunk_steps=chunk_steps)
+    for variable in rho["variable"].values:
+        values = ", ".join(f"{float(r):.3f}" for r in rho.sel(variable=variable).values)
+        log.info("damped persistence: %s anomaly autocorrelation at lags 1..%d (training period): %s",
+                 variable, rho.sizes["lag"], values)
+    if bool(rho.isnull().any()):
+        log.warning("damped persistence: the training record gives no autocorrelation for some lag; its forecast "
+                    "is NaN there")
+    return rho
+
+
+def unsupported_leads(store: Any, stats: xr.Dataset, *, split: str = SPLIT) -> dict[str, xr.DataArray]:
+    """Per baseline, the leads where its skill is not meaningful (climatology days without training
+    days, :func:`conv2dlstm.baselines.not_meaningful_leads`), with a warning naming them."""
+    train_times = baselines.training_times(store.time, stats)
+    window = baselines.climatology_window(stats)
+    support = baselines.climatology_support(train_times, window)
+    init, valid = store.init_times(split), store.valid_times(split)
+    flags = baselines.not_meaningful_leads(init, valid, support)
+    start, end = baselines.training_period(stats)
+    for name, bad in flags.items():
+        if bool(bad.any()):
+            leads = [int(k) for k in bad["lead"].values[bad.values]]
+            days = sorted({str(pd.Timestamp(t).date()) for t in np.asarray(valid).ravel()
+                           if not bool(support.sel(dayofyear=pd.Timestamp(t).day_of_year))})
+            log.warning(
+                "%s relies on the training climatology of days that no training day supports (training period "
+                "%s..%s, climatology window %d days; unsupported %s days: %s%s): skill against it is marked not "
+                "meaningful (NaN, skill_vs_%s_meaningful = 0) at lead(s) %s", name, start, end, window, split,
+                ", ".join(days[:5]), " ..." if len(days) > 5 else "", name, leads,
+            )
+    return flags
 
 
 def evaluate_split(
@@ -849,13 +1082,18 @@ def evaluate_split(
     writer: PredictionsWriter,
     shown_sample: int,
     checkpoint: Path,
+    nonnegative: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, xr.DataArray, tuple[xr.DataArray, xr.DataArray]]:
     """Predict and score the test windows batch by batch, writing the predictions with ``writer``.
 
+    Before the test windows, damped persistence's damping is fitted on the store's training part
+    (:func:`damping`) and the leads whose baselines rely on an unsupported climatology are found
+    (:func:`unsupported_leads`).
+
     Returns:
-        The scores (layout of :func:`score_forecasts`), the lead-1 RMSE per grid cell
-        ``(variable, lat, lon)``, and the lead-1 truth and prediction ``(variable, lat, lon)`` of
-        sample ``shown_sample``.
+        The scores (layout of :func:`score_forecasts`, plus the ``rho`` rows of damped persistence),
+        the lead-1 RMSE per grid cell ``(variable, lat, lon)``, and the lead-1 truth and prediction
+        ``(variable, lat, lon)`` of sample ``shown_sample``.
     """
     n = int(store.starts(SPLIT).size)
     init_all = np.asarray(store.init_times(SPLIT), dtype="datetime64[ns]")  # (N,)
@@ -864,7 +1102,10 @@ def evaluate_split(
     mask = xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
     targets = [str(v) for v in store.target_variables]
     expected = (int(store.lead_steps), len(targets), lat.size, lon.size)
-    scores, cell_rmse = StreamingScores(metrics.area_weights(lat, mask)), CellRmse(mask)
+    weights = metrics.area_weights(lat, mask)
+    scores, cell_rmse = StreamingScores(weights), CellRmse(mask)
+    rho = damping(store, stats, weights=weights, chunk_steps=max(batch_size, 1) * expected[0])
+    not_meaningful = unsupported_leads(store, stats)
     shown: tuple[xr.DataArray, xr.DataArray] | None = None
     log.info("predicting %d test windows on %s in batches of %d", n, device, batch_size)
     for i0 in range(0, n, batch_size):
@@ -885,6 +1126,8 @@ def evaluate_split(
             variables=targets,
             mask=mask,
             stats=stats,
+            rho=rho,
+            nonnegative=nonnegative,
         )
         scores.add(forecasts, truth, forecasts["climatology"])
         cell_rmse.add(forecasts["model"].sel(lead=1), truth.sel(lead=1))
@@ -894,7 +1137,22 @@ def evaluate_split(
             shown = (truth.isel(time=j).sel(lead=1).copy(), forecasts["model"].isel(time=j).sel(lead=1).copy())
     if shown is None:
         raise DataError(f"sample {shown_sample} for maps.png is not one of the {n} test windows")
-    return scores.table(), cell_rmse.result(), shown
+    leads = np.arange(1, expected[0] + 1, dtype="int64")
+    rho_rows = _tidy(rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho")
+    table = pd.concat([scores.table(not_meaningful), rho_rows], ignore_index=True)
+    return table, cell_rmse.result(), shown
+
+
+def line_labels(table: pd.DataFrame) -> pd.Series:
+    """Legend label of each row: the model name, with a note on baselines whose skill is not meaningful."""
+    flags = table[table["metric"].str.endswith("_meaningful")]
+    flagged = {
+        metric[len("skill_vs_"):-len("_meaningful")]
+        for metric, value in zip(flags["metric"], flags["value"], strict=True)
+        if value == 0
+    }
+    note = " (climatology unsupported: skill not meaningful)"
+    return table["model"].where(~table["model"].isin(flagged), table["model"] + note)
 
 
 def write_figures(
@@ -907,9 +1165,10 @@ def write_figures(
     who: str,
     period: str,
     units: Mapping[str, str],
+    model_name: str,
 ) -> None:
-    """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``maps.png`` and ``rmse_map.png`` in ``staging``."""
-    labelled = table.assign(label=table["model"])
+    """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png``, ``maps.png`` and ``rmse_map.png`` in ``staging``."""
+    labelled = table.assign(label=line_labels(table))
     plots.lines_vs_lead(
         labelled[labelled["metric"] == "rmse"],
         staging / "rmse_vs_lead.png",
@@ -920,7 +1179,14 @@ def write_figures(
         labelled[labelled["metric"] == "acc"],
         staging / "acc_vs_lead.png",
         ylabel="anomaly correlation (ACC)",
-        title=f"{who} vs persistence: ACC by lead, test initial times {period}",
+        title=f"{who} vs persistence and damped persistence: ACC by lead, test initial times {period}",
+    )
+    skills = skill_intervals(table[table["model"] == model_name])
+    plots.skill_vs_lead(
+        skills.assign(label="vs " + skills["baseline"]),
+        staging / "skill_vs_lead.png",
+        title=f"{who}: RMSE skill 1 - RMSE/RMSE(baseline) with 95% block-bootstrap intervals, test initial "
+        f"times {period} (filled: the interval excludes 0)",
     )
     plots.forecast_maps(shown[0], shown[1], staging / "maps.png", title=f"{who}: {shown_title}", units=dict(units))
     plots.field_maps(
@@ -1008,6 +1274,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
                     writer=writer,
                     shown_sample=k,
                     checkpoint=checkpoint,
+                    nonnegative=nonnegative_targets(ckpt),
                 )
             table = metrics_table(scores, run=run, model_name=model_name)
             write_csv(table, staging / "metrics.csv")
@@ -1021,6 +1288,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
                 who=who,
                 period=period,
                 units=units,
+                model_name=model_name,
             )
             commit_outputs(staging, out_dir, OUTPUT_FILES)
         finally:

@@ -16,11 +16,11 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from conv2dlstm.baselines import BASELINE_NAMES, BASELINES
 from conv2dlstm.fsutil import atomic_output
 
 LAND_COLOR = "0.8"
-BASELINES: tuple[str, ...] = ("persistence", "climatology")
-_BASELINE_STYLE = {"persistence": ("0.35", "--", "s"), "climatology": ("0.6", ":", "^")}
+_NOT_MEANINGFUL = "not meaningful: climatology unsupported by training days"
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -40,6 +40,14 @@ def _title(fig: Figure, title: str) -> None:
     fig.suptitle(textwrap.fill(title, chars))
 
 
+def _baseline_of(row_label: str, model: str | None) -> str | None:
+    """The baseline a line belongs to (by its ``model`` column, else its label), or None for a model."""
+    for name in (model, row_label):
+        if name in BASELINES:
+            return name
+    return None
+
+
 def lines_vs_lead(
     scores: pd.DataFrame,
     path: str | os.PathLike,
@@ -50,23 +58,32 @@ def lines_vs_lead(
     """One panel per variable, one line per label: ``value`` against ``lead``.
 
     Args:
-        scores: columns ``label``, ``variable``, ``lead``, ``value``. Labels named like a baseline
-            (``persistence``, ``climatology``) are drawn grey and dashed, the others solid.
+        scores: columns ``label``, ``variable``, ``lead``, ``value`` and optionally ``model``. Lines
+            of a baseline (its ``model``, or a label named like one) are drawn grey in the
+            baseline's style (:data:`conv2dlstm.baselines.BASELINES`), the others solid.
         path: PNG file to write.
         ylabel: axis label (metric and units).
         title: figure title.
     """
     variables = list(dict.fromkeys(scores["variable"]))
     fig, axes = _panels(max(len(variables), 1))
-    models = ordered_labels(scores["label"])
+    _draw_lines(axes, variables, scores, ylabel)
+    _title(fig, title)
+    _save(fig, path)
+
+
+def _draw_lines(axes: Sequence, variables: Sequence[str], scores: pd.DataFrame, ylabel: str) -> None:
+    models = scores.set_index("label")["model"].to_dict() if "model" in scores else {}
+    labels = ordered_labels(scores["label"], models)
     for ax, variable in zip(axes, variables, strict=False):
         sub = scores[scores["variable"] == variable]
-        for label in models:
+        for label in labels:
             line = sub[sub["label"] == label].sort_values("lead")
             if line.empty or line["value"].isna().all():
                 continue
-            if label in _BASELINE_STYLE:
-                color, style, marker = _BASELINE_STYLE[label]
+            baseline = _baseline_of(label, models.get(label))
+            if baseline is not None:
+                color, style, marker = BASELINES[baseline].style
                 ax.plot(line["lead"], line["value"], color=color, linestyle=style, marker=marker, label=label)
             else:
                 ax.plot(line["lead"], line["value"], linestyle="-", marker="o", label=label)
@@ -78,6 +95,84 @@ def lines_vs_lead(
             ax.set_xticks(leads)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+
+
+def _skill_axes(ax, rows: pd.DataFrame, *, group: str, color_of: dict[str, str] | None = None) -> None:
+    """Skill against lead with its interval shaded, one line per ``group`` value.
+
+    ``rows``: columns ``group``, ``lead``, ``skill``, ``lower``, ``upper``, ``significant``,
+    ``meaningful``. Markers are filled where the interval excludes 0 (significant) and hollow
+    elsewhere; leads whose skill is not meaningful are left out and named in the legend.
+    """
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    for i, (label, line) in enumerate(rows.groupby(group, sort=False)):
+        line = line.sort_values("lead")
+        ok = line[line["meaningful"].astype(bool) & line["skill"].notna()]
+        color = (color_of or {}).get(label, f"C{i}")
+        if ok.empty:
+            ax.plot([], [], color=color, linestyle="none", marker="x", label=f"{label}: {_NOT_MEANINGFUL}")
+            continue
+        dropped = sorted(set(line["lead"]) - set(ok["lead"]))
+        name = f"{label} (lead {', '.join(map(str, dropped))}: {_NOT_MEANINGFUL})" if dropped else str(label)
+        ax.plot(ok["lead"], ok["skill"], color=color, linestyle="-", label=name)
+        if ok["lower"].notna().any():
+            ax.fill_between(ok["lead"], ok["lower"], ok["upper"], color=color, alpha=0.2, linewidth=0)
+        sig = ok["significant"].astype(bool)
+        ax.plot(ok["lead"][sig], ok["skill"][sig], color=color, linestyle="none", marker="o")
+        ax.plot(ok["lead"][~sig], ok["skill"][~sig], color=color, linestyle="none", marker="o",
+                markerfacecolor="white")
+    if not rows.empty and not (rows["meaningful"].astype(bool) & rows["skill"].notna()).any():
+        ax.text(0.5, 0.5, _NOT_MEANINGFUL, transform=ax.transAxes, ha="center", va="center", color="0.4")
+    leads = sorted(rows["lead"].unique())
+    if leads:
+        ax.set_xticks(leads)
+    ax.set_xlabel("lead (steps after the initial time)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def skill_vs_lead(skills: pd.DataFrame, path: str | os.PathLike, *, title: str) -> None:
+    """One panel per variable: skill ``1 - RMSE/RMSE(baseline)`` against lead, one line per ``label``.
+
+    Args:
+        skills: columns ``label`` (e.g. ``vs persistence``), ``baseline``, ``variable``, ``lead``,
+            ``skill``, ``lower``, ``upper`` (the 95% interval, shaded), ``significant`` (filled
+            marker: the interval excludes 0) and ``meaningful`` (False: left out, named in the legend).
+        path: PNG file to write.
+        title: figure title.
+    """
+    variables = list(dict.fromkeys(skills["variable"])) or [""]
+    fig, axes = _panels(len(variables))
+    colors = {f"vs {b}": f"C{i}" for i, b in enumerate(BASELINE_NAMES)}  # the same colour per baseline in every panel
+    for ax, variable in zip(axes, variables, strict=True):
+        _skill_axes(ax, skills[skills["variable"] == variable], group="label", color_of=colors)
+        ax.set_title(str(variable))
+        ax.set_ylabel("RMSE skill vs baseline (1 is perfect, 0 no gain)")
+    _title(fig, title)
+    _save(fig, path)
+
+
+def compare_figure(rmse: pd.DataFrame, skills: pd.DataFrame, path: str | os.PathLike, *, title: str) -> None:
+    """RMSE against lead (first row) and, per baseline, each run's skill with its interval (one row each).
+
+    Args:
+        rmse: as for :func:`lines_vs_lead` (columns ``label``, ``variable``, ``lead``, ``value``, ``model``).
+        skills: columns ``label`` (the run), ``baseline``, ``variable``, ``lead`` and the interval
+            columns of :func:`skill_vs_lead`.
+        path: PNG file to write.
+        title: figure title.
+    """
+    variables = list(dict.fromkeys(rmse["variable"])) or [""]
+    present = [b for b in BASELINE_NAMES if b in set(skills["baseline"])]
+    fig = Figure(figsize=(max(4.6 * len(variables), 8.0), 3.4 * (1 + len(present))), layout="constrained")
+    grid = fig.subplots(1 + len(present), len(variables), squeeze=False)
+    _draw_lines(grid[0], variables, rmse, "area-weighted RMSE (physical units)")
+    for row, baseline in zip(grid[1:], present, strict=True):
+        for ax, variable in zip(row, variables, strict=True):
+            sub = skills[(skills["baseline"] == baseline) & (skills["variable"] == variable)]
+            _skill_axes(ax, sub, group="label")
+            ax.set_title(f"{variable}: skill vs {baseline} (filled: 95% interval excludes 0)")
+            ax.set_ylabel("RMSE skill")
     _title(fig, title)
     _save(fig, path)
 
@@ -165,7 +260,16 @@ def field_maps(
     _save(fig, path)
 
 
-def ordered_labels(labels: Sequence[str]) -> list[str]:
-    """Labels with the baselines last, in a fixed order."""
+def ordered_labels(labels: Sequence[str], models: dict[str, str] | None = None) -> list[str]:
+    """Labels with the baselines last, in the order of :data:`conv2dlstm.baselines.BASELINE_NAMES`.
+
+    ``models`` maps a label to its model name when labels are not the names themselves.
+    """
     labels = list(dict.fromkeys(labels))
-    return [lab for lab in labels if lab not in BASELINES] + [lab for lab in BASELINES if lab in labels]
+    rank = {name: i for i, name in enumerate(BASELINE_NAMES)}
+
+    def baseline(label: str) -> str | None:
+        return _baseline_of(label, (models or {}).get(label))
+
+    models_first = [lab for lab in labels if baseline(lab) is None]
+    return models_first + sorted((lab for lab in labels if baseline(lab) is not None), key=lambda b: rank[baseline(b)])

@@ -1,5 +1,6 @@
 rule evaluate:
-    """Score one run, persistence and climatology on the test period; log into the run's MLflow run."""
+    """Score one run, persistence, climatology and damped persistence on the test period, with bootstrap
+    skill intervals; log into the run's MLflow run."""
     input:
         windows=rules.windows.output,
         stats=rules.normalize.output,
@@ -16,6 +17,12 @@ rule evaluate:
         acc=report(
             f"{OUT}/evaluate/{{run}}/acc_vs_lead.png",
             caption="../report/acc_vs_lead.rst",
+            category="Evaluation",
+            subcategory="{run}",
+        ),
+        skill=report(
+            f"{OUT}/evaluate/{{run}}/skill_vs_lead.png",
+            caption="../report/skill_vs_lead.rst",
             category="Evaluation",
             subcategory="{run}",
         ),
