@@ -16,6 +16,7 @@ from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
 from conv2dlstm import windows as wn
 from conv2dlstm.config import validate_config
+from conv2dlstm.data import WindowsStore
 from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import sha256_file
 from conv2dlstm.zarrstore import write_store
@@ -272,7 +273,8 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     ds = source()
     cfg = store_config()
     data_path = tmp_path / "regrid" / "x.zarr"
-    write_store(ds.chunk({"time": 16}), data_path)
+    gaps = {"time_gaps": 1, "missing_steps": 2, "longest_gap_days": 2.0, "missing_dates": ["2020-01-05..2020-01-06"]}
+    write_store(ds.chunk({"time": 16}).assign_attrs(gaps), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
     nz.write_stats(fitted(ds), stats_path)
     out = tmp_path / "windows" / "x.zarr"
@@ -295,6 +297,9 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     assert attrs["input_variables"] == ["sst", "chl"] and attrs["target_variables"] == ["sst"]
     assert attrs["input_steps"] == 3 and attrs["lead_steps"] == 2 and attrs["format_version"] == 1
     assert attrs["stats_sha256"] == sha256_file(stats_path)
+    assert attrs["source_gaps"] == gaps  # the regridded store's gaps travel on to training's MLflow tags
+    assert WindowsStore(out).gap_tags() == {"data.time_gaps": "1", "data.missing_steps": "2",
+                                            "data.longest_gap_days": "2.0", "data.missing_dates": "2020-01-05..2020-01-06"}
 
     store = xr.open_zarr(out)
     assert store["data"].dims == ("time", "variable", "lat", "lon")

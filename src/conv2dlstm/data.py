@@ -95,6 +95,15 @@ class WindowsStore:
             if st.size and (st.min() < 0 or st.max() + span > self.time.size):
                 raise DataError(f"windows store {self.path}: {s}_start indexes windows outside the time axis")
 
+    def gap_tags(self) -> dict[str, str]:
+        """``data.<name>`` MLflow tags of the gaps in the source data (the windows step copies the
+        regridded store's gap attributes into ``source_gaps``), within MLflow's tag length limit."""
+        out = {}
+        for key, value in dict(self.attrs.get("source_gaps") or {}).items():
+            text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            out[f"data.{key}"] = text if len(text) <= 5000 else text[:4990] + " ..."
+        return out
+
     @property
     def shape(self) -> tuple[int, int]:
         """Grid size ``(H, W)`` = ``(lat, lon)``."""

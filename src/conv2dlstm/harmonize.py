@@ -847,15 +847,23 @@ def check_plausible(
     config keys that relax the range.
     """
     summary = range_summary(ds, units)
-    if not summary.data_vars:
-        return
-    summary = summary.compute()
+    if summary.data_vars:
+        raise_implausible(summary.compute(), ds["time"].values, units, file_of=file_of)
+
+
+def raise_implausible(
+    summary: xr.Dataset, times: np.ndarray, units: Mapping[str, UnitSpec], *,
+    file_of: Callable[[Any], str | None] | None = None,
+) -> None:
+    """The verdict of :func:`check_plausible` on a computed :func:`range_summary` of the data whose
+    time axis is ``times`` (so that the summary can be computed together with other work)."""
     problems: list[str] = []
     names: list[str] = []
-    times = ds["time"].values
-    for name in ds.data_vars:
-        if f"{name}.count" not in summary:
+    for key in summary.data_vars:
+        name = str(key)
+        if not name.endswith(".count"):
             continue
+        name = name[: -len(".count")]
         counts = summary[f"{name}.count"].values
         total = int(counts.sum())
         if total == 0:
@@ -882,6 +890,8 @@ def check_plausible(
 
 # ---- gaps in the time axis -------------------------------------------------------------------------
 
+GAP_ATTRS = ("time_gaps", "missing_steps", "longest_gap_days", "missing_dates")
+"""Gap attributes of the regridded store that the windows store carries on and training tags."""
 GAP_FACTOR = 1.5
 """Consecutive times further apart than this many nominal steps enclose a gap."""
 MAX_LISTED_GAPS = 100

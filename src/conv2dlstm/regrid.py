@@ -333,9 +333,15 @@ def main(
         cfg["grid"]["method"],
         list(ds.data_vars),
     )
+    source = prepare(raw, cfg)
+    summary = hz.range_summary(source, rules.units)  # values outside harmonize.units' ranges
+
+    def check_plausible(results: tuple[Any, ...]) -> None:  # stops the step before the store is committed
+        if summary.data_vars:
+            hz.raise_implausible(results[0], source["time"].values, rules.units, file_of=sources.file_of)
+
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
-        # values outside harmonize.units' ranges stop the step before anything is written
-        hz.check_plausible(prepare(raw, cfg), rules.units, file_of=sources.file_of)
         t1 = time.perf_counter()
-        zarrstore.write_store(ds, Path(out))
+        # one pass over the source: the range check is computed with the write, not before it
+        zarrstore.write_store(ds, Path(out), also=[summary] if summary.data_vars else [], before_commit=check_plausible)
     log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])

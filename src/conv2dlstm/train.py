@@ -856,6 +856,7 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                 "windows_store": str(store.path),
                 "data_on_device": isinstance(loop.train_source, InMemoryWindows),
                 **provenance.mlflow_tags(inputs.record),
+                **store.gap_tags(),  # data.time_gaps, data.longest_gap_days, ...
                 **(sweep or {}),
             }
             superseded = inputs.stale.run_id if inputs.stale is not None else None

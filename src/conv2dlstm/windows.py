@@ -185,6 +185,7 @@ def build_store(
             "time_chunk": time_chunk,
             "stats_sha256": stats_sha256,
             "format_version": FORMAT_VERSION,
+            "source_gaps": {k: ds.attrs[k] for k in hz.GAP_ATTRS if k in ds.attrs},  # of the regridded period
             **{f"{s}_period": f"{cfg['splits'][s]['start']}..{cfg['splits'][s]['end']}" for s in SPLITS},
         },
     )

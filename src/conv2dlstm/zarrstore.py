@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,13 +161,26 @@ def read_errors(store: str | Path, *, what: str, step: str, detail: str = "", co
                        step) from exc
 
 
-def write_store(ds: xr.Dataset, out: Path, *, writing: str | None = None) -> None:
+def write_store(
+    ds: xr.Dataset,
+    out: Path,
+    *,
+    writing: str | None = None,
+    also: Sequence[Any] = (),
+    before_commit: Callable[[tuple[Any, ...]], None] | None = None,
+) -> None:
     """Write ``ds`` (lazy) as a Zarr v3 store at ``out`` atomically and record its chunk digests.
 
     Each data variable with Dask chunks is written one Zarr chunk per Dask chunk (streaming, memory
     bounded by a chunk); metadata is consolidated so that a plain ``xr.open_zarr`` opens the store
     without probing every array. ``writing`` names the store in a Dask failure message.
+
+    ``also``: lazy (Dask) collections computed in the same pass as the write, so that inputs they
+    share with it are read once (e.g. a plausibility check of the source); their results go to
+    ``before_commit``, which may raise to discard the store before it is moved into place.
     """
+    import dask
+
     from conv2dlstm.daskutil import compute_errors
     from conv2dlstm.fsutil import atomic_output
 
@@ -179,5 +192,8 @@ def write_store(ds: xr.Dataset, out: Path, *, writing: str | None = None) -> Non
             encoding[name] = {"chunks": tuple(c[0] for c in ds[name].chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
     with atomic_output(out) as tmp, compute_errors(writing or f"writing {out}"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+        write = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
+        _, *results = dask.compute(write, *also)
+        if before_commit is not None:
+            before_commit(tuple(results))
         _write_record(tmp, record_chunks(tmp))
