@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,44 @@ def test_verify_command(tmp_path, capsys):
     assert "1 damaged store(s)" in err and "snakemake --forcerun" in err
     assert cli_main(["verify", str(tmp_path)]) == 2
     assert "is not a Zarr store" in capsys.readouterr().err
+
+
+def _damage(store: Path, how: str) -> None:
+    chunk = next((store / "data").glob("c.1.*"))
+    if how == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(np.random.default_rng(1).bytes(chunk.stat().st_size))
+
+
+@pytest.mark.parametrize(
+    ("step", "how", "words"),
+    [
+        ("train", "deleted", r"chunk c\.1\.0\.0\.0 of array 'data' is missing"),
+        ("train", "garbage", r"reading it failed \(array 'data', time"),
+        ("evaluate", "deleted", r"chunk c\.1\.0\.0\.0 of array 'data' is missing"),
+    ],
+)
+def test_steps_stop_on_a_damaged_windows_store(step, how, words, tmp_path, capsys, monkeypatch):
+    """What used to read as NaN ('training diverged ... lower train.learning_rate') or change
+    metrics.csv silently: exit status 2, the store and the step named, nothing written."""
+    import json
+
+    from conv2dlstm.config import validate_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=60)
+    _damage(fx.store, how)
+    cfg = validate_config({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                           "model": {"convlstm": {"hidden_channels": [2]}},
+                           "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "data_on_device": "always"}})
+    out = tmp_path / "out"
+    args = [step, "--config-json", json.dumps(cfg), "--run", "convlstm", "--windows", str(fx.store),
+            "--stats", str(fx.stats)]
+    args += ["--out-dir", str(out)] if step == "train" else ["--checkpoint", str(tmp_path / "model.pt"), "--out-dir", str(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: windows store .*w\.zarr is damaged: " + words, err), err
+    assert "rebuild it with the windows step (snakemake --forcerun windows)" in err
+    assert "Traceback" not in err and "diverged" not in err
+    assert not (out / "model.pt").exists() and not (out / "metrics.csv").exists()
