@@ -108,6 +108,21 @@ def bench_train(work: Path) -> dict:
     return out
 
 
+def bench_shared_cpu(work: Path) -> dict:
+    """Training samples/s alone and next to a busy neighbour, default vs passive OpenMP waiting."""
+    sys.path.insert(0, str(HERE))
+    import shared_cpu
+
+    out = {}
+    for name in ("default", "passive"):
+        policy = shared_cpu.POLICIES[name]
+        alone = shared_cpu.measure(policy, seconds=8, neighbour=False)
+        shared = shared_cpu.measure(policy, seconds=8, neighbour=True)
+        out |= {f"shared_cpu_{name}_alone": alone, f"shared_cpu_{name}_shared": shared,
+                f"shared_cpu_{name}_ratio": shared / alone}
+    return out
+
+
 def bench_pipeline(work: Path) -> dict:
     """The whole default pipeline in a clean copy of the tracked files, as `make run` runs it."""
     sys.path.insert(0, str(REPO))
@@ -128,6 +143,11 @@ def check(results: dict, targets: dict) -> list[str]:
         missed.append(f"regrid {results['regrid_seconds']:.1f} s > {targets['regrid_seconds_max']} s")
     if results["stream_samples_per_s"] < targets["stream_samples_per_s_min"]:
         missed.append(f"streaming {results['stream_samples_per_s']:.0f}/s < {targets['stream_samples_per_s_min']}/s")
+    if results["shared_cpu_passive_ratio"] < targets["shared_cpu_ratio_min"]:
+        missed.append(f"shared CPU: {results['shared_cpu_passive_ratio']:.2f} of the alone speed "
+                      f"< {targets['shared_cpu_ratio_min']}")
+    if results["shared_cpu_passive_alone"] < targets["passive_alone_vs_default_min"] * results["shared_cpu_default_alone"]:
+        missed.append("passive OpenMP waiting is slower alone than the default")
     for name, floor in targets["train_samples_per_s_min"].items():
         got = results[f"train_samples_per_s_{name}_cpu"]
         if got < floor:
@@ -148,6 +168,7 @@ def main() -> int:
         results.update(bench_regrid(work))
         results.update(bench_stream(work))
         results.update(bench_train(work))
+        results.update(bench_shared_cpu(work))
         if args.pipeline:
             results.update(bench_pipeline(work))
     finally:

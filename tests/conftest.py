@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import conv2dlstm  # noqa: F401  (sets OMP_WAIT_POLICY before any test module imports torch)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -77,6 +79,19 @@ def run_snakemake(cwd: Path, *args: str, timeout: int = 1500, env: dict[str, str
         )
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}\n{logs}")
     return proc
+
+
+TINY = REPO / "tests/configs/tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A workflow copy in which the tiny pipeline (``tests/configs/tiny.yaml``, as ``tiny.yaml``) ran
+    to completion. Shared by the rerun and forecast tests; a test that changes it works on a copy."""
+    wf = copy_workflow(tmp_path_factory.mktemp("tiny") / "wf")
+    shutil.copy(TINY, wf / "tiny.yaml")
+    run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
+    return wf
 
 
 @pytest.fixture(scope="session")
