@@ -631,8 +631,8 @@ def start_run(
     with _active(run, tracker):
         _log_params_once(client, run.info.run_id, flatten(cfg), fixed_params)
         git = git_state()
-        all_tags = {"run": run_name, **git, "mlflow.source.git.commit": git["git.commit"], **job_tags(),
-                    **package_versions(), **(tags or {})}
+        source = {"mlflow.source.git.commit": git["git.commit"]} if git["git.commit"] != "unknown" else {}
+        all_tags = {"run": run_name, **git, **source, **job_tags(), **package_versions(), **(tags or {})}
         retry(f"tagging run {run.info.run_id}", lambda: mlflow.set_tags({k: str(v) for k, v in all_tags.items()}))
         yield tracker
 
