@@ -143,6 +143,9 @@ def check(results: dict, targets: dict) -> list[str]:
         missed.append(f"regrid {results['regrid_seconds']:.1f} s > {targets['regrid_seconds_max']} s")
     if results["stream_samples_per_s"] < targets["stream_samples_per_s_min"]:
         missed.append(f"streaming {results['stream_samples_per_s']:.0f}/s < {targets['stream_samples_per_s_min']}/s")
+    loader_ratio = results["stream_samples_per_s"] / results["train_samples_per_s_convlstm_cpu"]
+    if loader_ratio < targets["loader_vs_train_min"]:
+        missed.append(f"the Zarr loader feeds {loader_ratio:.1f}x the training speed < {targets['loader_vs_train_min']}x")
     if results["shared_cpu_passive_ratio"] < targets["shared_cpu_ratio_min"]:
         missed.append(f"shared CPU: {results['shared_cpu_passive_ratio']:.2f} of the alone speed "
                       f"< {targets['shared_cpu_ratio_min']}")
