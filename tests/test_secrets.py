@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -52,10 +52,10 @@ SECRET_ENV = {
     "AWS_SECRET_ACCESS_KEY": "aws-secret-8e2d4c-S3CR3T",
     "CONV2DLSTM_TEST_TOKEN": TOKEN,
 }
-SECRETS = [
+SECRETS = list(dict.fromkeys([
     LOGIN, PASSWORD, TOKEN, URL_PASSWORD, *SECRET_ENV.values(),
     base64.b64encode(f"{LOGIN}:{PASSWORD}".encode()).decode(),  # the Authorization header's value
-]
+]))
 
 
 class AuthFileServer(FileServer):
@@ -97,15 +97,24 @@ def write_netrc(path: Path, host: str = "127.0.0.1", login: str = LOGIN, passwor
     return path
 
 
-def leaks(root: Path, texts: dict[str, str], *, planted: set[Path]) -> list[str]:
-    """Where any of :data:`SECRETS` occurs: in a file under ``root`` (read as bytes, recursively,
-    the planted sources excepted) or in one of ``texts`` (name -> captured console output)."""
+def snapshot(root: Path) -> dict[Path, bytes]:
+    """The files under ``root`` and their contents (inputs that :func:`leaks` skips while unchanged)."""
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def leaks(root: Path, texts: dict[str, str], *, planted: set[Path], inputs: dict[Path, bytes] | None = None) -> list[str]:
+    """Where any of :data:`SECRETS` occurs: in a file under ``root`` (read as bytes, recursively;
+    the planted sources, and ``inputs`` while unchanged, excepted) or in one of ``texts`` (name ->
+    captured console output)."""
     found = []
     needles = [(s, s.encode()) for s in SECRETS]
+    inputs = inputs or {}
     for path in sorted(root.rglob("*")):
         if path in planted or not path.is_file() or path.is_symlink():
             continue
         data = path.read_bytes()
+        if inputs.get(path) == data:
+            continue
         found += [f"{path.relative_to(root)}: {s}" for s, b in needles if b in data]
     for name, text in texts.items():
         found += [f"{name}: {s}" for s, _ in needles if s in text]
@@ -146,10 +155,15 @@ def fetch_cfg(url: str, **source: object) -> dict:
         ("https://ghp_abc123@host/a.nc", "https://***@host/a.nc"),
         ("http://u:p@ss@host:8080/x", "http://u:***@host:8080/x"),
         ("https://h/a.nc?token=abc&day=1", "https://h/a.nc?token=***&day=1"),
-        ("https://h/a.nc?X-Amz-Signature=ab&X-Amz-Credential=cd&x=1", "https://h/a.nc?X-Amz-Signature=***&X-Amz-Credential=***&x=1"),
-        ("https://h/a.nc?sig=ab&api_key=cd&subscription-key=ef&keyword=sst", "https://h/a.nc?sig=***&api_key=***&subscription-key=***&keyword=sst"),
+        ("https://h/a.nc?X-Amz-Signature=ab&X-Amz-Credential=cd&x=1",
+         "https://h/a.nc?X-Amz-Signature=***&X-Amz-Credential=***&x=1"),
+        ("https://h/a.nc?sig=ab&api_key=cd&subscription-key=ef&keyword=sst",
+         "https://h/a.nc?sig=***&api_key=***&subscription-key=***&keyword=sst"),
         ("https://h/a.nc?token=$MY_TOKEN", "https://h/a.nc?token=$MY_TOKEN"),
-        ("Max retries exceeded with url: /a.nc?access_token=abc (Caused by", "Max retries exceeded with url: /a.nc?access_token=*** (Caused by"),
+        ("error: https://h/a.nc?token=$MY_TOKEN: failed", "error: https://h/a.nc?token=$MY_TOKEN: failed"),
+        ("error: https://h/a.nc?token=abc: failed", "error: https://h/a.nc?token=***: failed"),
+        ("Max retries exceeded with url: /a.nc?access_token=abc (Caused by",
+         "Max retries exceeded with url: /a.nc?access_token=*** (Caused by"),
         ("{'Authorization': 'Basic dXNlcjpwdw=='}", "{'Authorization': 'Basic ***'}"),
         ("postgresql://mlflow:pw@db/mlflow", "postgresql://mlflow:***@db/mlflow"),
         ("file:resources/a@b/x.nc", "file:resources/a@b/x.nc"),
@@ -284,6 +298,18 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
                           capture_output=True, text=True, timeout=300)
 
 
+def test_the_leak_search_reads_hidden_directories_and_databases(tmp_path: Path) -> None:
+    (tmp_path / ".snakemake" / "metadata").mkdir(parents=True)
+    (tmp_path / ".snakemake" / "metadata" / "abc").write_text(json.dumps({"params": [TOKEN]}))
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("create table params (key text, value text)")
+        db.execute("insert into params values ('source.url', ?)", (f"https://h/?t={PASSWORD}",))
+    (tmp_path / "input.txt").write_text(LOGIN)
+    found = leaks(tmp_path, {"console": f"x {URL_PASSWORD} y"}, planted=set(),
+                  inputs=snapshot(tmp_path) | {tmp_path / "mlflow.db": b"", tmp_path / ".snakemake/metadata/abc": b""})
+    assert found == [f".snakemake/metadata/abc: {TOKEN}", f"mlflow.db: {PASSWORD}", f"console: {URL_PASSWORD}"]
+
+
 def test_no_secret_is_written_down_by_the_fetch_cli(served: Path, tmp_path: Path) -> None:
     home, work = tmp_path / "home", tmp_path / "work"
     netrc = write_netrc(home / ".netrc")
@@ -320,6 +346,8 @@ def test_no_secret_is_written_down_by_the_fetch_cli(served: Path, tmp_path: Path
     down = run("down", {"url": srv.url(TEMPLATE) + "?token=$CONV2DLSTM_TEST_TOKEN"}, "--log-level", "DEBUG")
     assert down.returncode == 2 and "ConnectionError" in console["down"], console["down"]
     assert "Traceback" in console["down"] and "token=***" in console["down"], console["down"]
+    assert "error: http://127.0.0.1:" in console["down"] and "?token=$CONV2DLSTM_TEST_TOKEN: failed after 2 attempt(s)" \
+        in console["down"], console["down"]
     # a password in the URL: refused before anything runs, shown redacted, with the fix
     refused = run("refused", {"url": f"http://someone:{URL_PASSWORD}@127.0.0.1:9/{TEMPLATE}"})
     assert refused.returncode == 2, console["refused"]
@@ -345,6 +373,7 @@ def test_no_secret_is_written_down_by_the_pipeline(tmp_path: Path) -> None:
     home = tmp_path / "home"
     netrc = write_netrc(home / ".netrc")
     wf = copy_workflow(tmp_path / "wf")
+    inputs = snapshot(wf)  # the workflow's own files (this test's source among them) are no output
     env = job_env({"HOME": str(home), **SECRET_ENV})
     env.pop("NETRC", None)
     console: dict[str, str] = {}
@@ -364,9 +393,11 @@ def test_no_secret_is_written_down_by_the_pipeline(tmp_path: Path) -> None:
     assert (wf / "results/compare.csv").is_file()
     with sqlite3.connect(wf / "mlflow.db") as db:
         params = dict(db.execute("select key, value from params").fetchall())
-    assert params["source.url"] == url  # the MLflow run holds the variable's name, not its value
+    assert params and params.get("source.url", url) == url  # the variable's name, not its value
 
-    # the server gone: the fetch job fails with the token in its request URL
+    # the server gone: the fetch job fails with the token in its request URL (the verified files
+    # removed first: a forced fetch keeps them and would not ask the server)
+    shutil.rmtree(wf / "resources/raw")
     failed = subprocess.run(
         [str(Path(sys.executable).parent / "snakemake"), "--cores", "1", "--forcerun", "fetch", "--until", "fetch",
          "--configfile", config("down.yaml", url, retries=0)],
@@ -386,4 +417,4 @@ def test_no_secret_is_written_down_by_the_pipeline(tmp_path: Path) -> None:
     assert refused.returncode != 0 and "someone:***@127.0.0.1:9" in console["refused"], console["refused"]
 
     assert (wf / ".snakemake/metadata").is_dir() and (wf / "mlflow.db").is_file()
-    assert leaks(tmp_path, console, planted=planted) == []
+    assert leaks(tmp_path, console, planted=planted, inputs=inputs) == []

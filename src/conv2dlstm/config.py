@@ -5,17 +5,17 @@ what a schema cannot express: calendar dates, chronological splits each long eno
 grid in the longitude convention, unique run names, and for every run (each ``runs`` entry merged
 over ``model`` and ``train``, as :func:`run_config` gives it) its overrides against the schema, a
 global batch divisible by ``train.gpus``, and a ``conv2d_lstm`` that fits the grid and
-``model.conv2d_lstm.max_parameters``. It also refuses any credential written in a URL (user info, a literal
-secret query parameter: credentials come from ~/.netrc or the environment, :mod:`conv2dlstm.redact`),
-a ``source.url`` template with a placeholder other than ``{date}`` (with an optional strftime
-format), and ``source.variables`` for the kinds that would ignore it (url, files). Everything the configuration alone decides is checked here,
-so Snakemake stops when it parses the configuration, before any job. Every error is a
-:class:`~conv2dlstm.errors.ConfigError` naming the key, the bad value and the fix. Snakemake
-validates once (``workflow/rules/common.smk``); each CLI step validates the configuration it
-receives again, so the package is usable without Snakemake. Only jsonschema and PyYAML are imported
-(both Snakemake dependencies; :mod:`conv2dlstm.modelsize` is arithmetic, :mod:`conv2dlstm.redact`
-the standard library), so the Snakefile can use
-this module directly.
+``model.conv2d_lstm.max_parameters``. It also refuses a credential written in a URL (user info, a
+literal secret query parameter: credentials come from ~/.netrc or the environment,
+:mod:`conv2dlstm.redact`), a ``source.url`` placeholder other than ``{date}`` (with an optional
+strftime format), and ``source.variables`` for the kinds that would ignore it (url, files).
+Everything the configuration alone decides is checked here, so Snakemake stops when it parses the
+configuration, before any job. Every error is a :class:`~conv2dlstm.errors.ConfigError` naming the
+key, the bad value and the fix. Snakemake validates once (``workflow/rules/common.smk``); each CLI
+step validates the configuration it receives again, so the package is usable without Snakemake.
+Only jsonschema and PyYAML are imported (both Snakemake dependencies; :mod:`conv2dlstm.modelsize`
+is arithmetic, :mod:`conv2dlstm.redact` the standard library), so the Snakefile can use this module
+directly.
 """
 
 from __future__ import annotations
@@ -412,9 +412,12 @@ def _check_url_template(cfg: dict[str, Any]) -> None:
         return
     shown = redact_url(template)
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ConfigError(f"config key source.url: {shown!r} is not a valid template ({exc}); {URL_PLACEHOLDERS}") from None
+        raise ConfigError(
+            f"config key source.url: {shown!r} is not a valid template ({exc}); {URL_PLACEHOLDERS}"
+        ) from None
+    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
     for name, spec, conv in fields:
         field = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
         if name != "date" or conv:

@@ -46,6 +46,7 @@ ENV_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 request is made. It has no braces, so a URL template's ``str.format`` leaves it alone."""
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s'\"<>]*)@")
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;#?\s'\"<>/]+)=(?P<value>[^&;#\s'\"<>)]*)")
+_TRAILING = ".,:;!?"
 _AUTH_HEADER = re.compile(
     r"(?P<head>\b(?:Proxy-)?Authorization['\"]?\s*[:=]\s*['\"]?(?:[A-Za-z]+\s+)?)[^\s'\",}]+", re.I
 )
@@ -72,10 +73,13 @@ def _redact_userinfo(match: re.Match[str]) -> str:
 
 
 def _redact_param(match: re.Match[str]) -> str:
+    """``=***`` for a secret-looking parameter's value; punctuation that ends it is taken to end
+    the sentence around the URL (``...?token=$T: failed``) and kept."""
     value = match["value"]
-    if not value or not is_secret_name(match["name"]) or ENV_REF.fullmatch(value):
+    core = value.rstrip(_TRAILING)
+    if not core or not is_secret_name(match["name"]) or ENV_REF.fullmatch(core):
         return match[0]
-    return f"{match['lead']}{match['name']}={REDACTED}"
+    return f"{match['lead']}{match['name']}={REDACTED}{value[len(core):]}"
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
