@@ -10,6 +10,7 @@ include: "workflow/rules/normalize.smk"
 include: "workflow/rules/windows.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/forecast.smk"
 
 
 rule all:

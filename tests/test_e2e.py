@@ -13,6 +13,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from conv2dlstm.baselines import BASELINE_NAMES
 from conv2dlstm.data import WindowsStore
 from tests.conftest import copy_workflow, run_snakemake
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.e2e
 def _model_beats_baselines(metrics: pd.DataFrame, variable: str, baselines: tuple[str, ...]) -> None:
     rmse = metrics[(metrics.metric == "rmse") & (metrics.variable == variable)]
     table = rmse.pivot_table(index="lead", columns="model", values="value")
-    model = [c for c in table.columns if c not in ("persistence", "climatology")]
+    model = [c for c in table.columns if c not in BASELINE_NAMES]
     assert len(model) == 1, table
     for baseline in baselines:
         worse = table[table[model[0]] >= table[baseline]]
@@ -53,7 +54,11 @@ def test_default_pipeline(local_default_run: Path):
     assert list(metrics.columns) == ["run", "model", "variable", "lead", "metric", "value"]
     _model_beats_baselines(metrics, "sst", ("persistence", "climatology"))
     compare = pd.read_csv(wf / "results/compare.csv")
-    assert {"convlstm", "persistence", "climatology"} <= set(compare.iloc[:, :2].astype(str).values.ravel())
+    assert {"convlstm", *BASELINE_NAMES} <= set(compare.iloc[:, :2].astype(str).values.ravel())
+    # the gain is real: the 95% interval of the skill lies above zero at every lead
+    run = compare.set_index("name").loc["convlstm"]
+    assert run["better_than_persistence"] == "yes" and run["better_than_climatology"] == "yes", run
+    assert (wf / "results/evaluate/convlstm/skill_vs_lead.png").is_file()
 
     # every job logged and the heavy ones benchmarked
     for rule in ("synth", "fetch", "regrid", "normalize", "windows", "compare"):
@@ -116,7 +121,7 @@ def test_sweep_two_runs_in_mlflow_and_report(local_default_run: Path, tmp_path: 
     for rule in ("synth", "fetch", "regrid", "normalize", "windows"):
         assert f"rule {rule}:" not in out, f"{rule} re-ran"
     compare = pd.read_csv(wf / "results/compare.csv")
-    assert {"small", "notebook", "persistence", "climatology"} == set(compare["name"])
+    assert {"small", "notebook", *BASELINE_NAMES} == set(compare["name"])
 
     with sqlite3.connect(wf / "mlflow.db") as db:
         runs = db.execute(
@@ -139,5 +144,5 @@ def test_sweep_two_runs_in_mlflow_and_report(local_default_run: Path, tmp_path: 
     run_snakemake(wf, "--configfile", str(sweep), "--report", "report.zip")
     with zipfile.ZipFile(wf / "report.zip") as report:
         names = report.namelist()
-    for plot in ("rmse_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png", "compare.png"):
+    for plot in ("rmse_vs_lead.png", "acc_vs_lead.png", "skill_vs_lead.png", "maps.png", "rmse_map.png", "compare.png"):
         assert any(n.endswith(plot) for n in names), plot

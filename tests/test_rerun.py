@@ -164,15 +164,6 @@ def _planned(wf: Path, configfile: Path) -> set[str]:
     return rules - {"all"}
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A workflow copy in which the tiny pipeline ran to completion."""
-    wf = copy_workflow(tmp_path_factory.mktemp("tiny") / "wf")
-    shutil.copy(TINY, wf / "tiny.yaml")
-    run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
-    return wf
-
-
 def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
     specs = {s.name: s for s in keys.key_specs()}
     assert set(CHANGES) | set(REFUSED) == set(specs), "every schema key needs a row in CHANGES or REFUSED"

@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model.pt of each run (its mlflow_run_id.txt names the MLflow run)")
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-plot", type=Path, required=True)
+
+    p = sub.add_parser("forecast", help="forecast from the latest input days with the champion (or a given) model; "
+                       "writes CF netCDF and Zarr in the WeatherBench 2 layout")
+    _add_config(p)
+    p.add_argument("--stats", type=Path, required=True, help="the statistics file of the model's run (normalize output)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint file (model.pt, best.pt)")
+    which.add_argument("--run-id", default=None, help="an MLflow run id (its artifact checkpoints/best.pt)")
+    p.add_argument("--init-date", default=None, help="initial date YYYY-MM-DD (default: source.end)")
+    p.add_argument("--out-nc", type=Path, required=True, help="netCDF output")
+    p.add_argument("--out-zarr", type=Path, required=True, help="Zarr output (a directory)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="fetched input files and downloaded checkpoints (default <resources_dir>/forecast/<name>)")
     return parser
 
 
@@ -162,6 +175,12 @@ def _dispatch(args: argparse.Namespace) -> None:
     from conv2dlstm.keys import step_view
 
     full = _config(args)
+    if step == "forecast":  # reads what evaluate may read: the data keys, devices, tracking, paths
+        importlib.import_module("conv2dlstm.forecast").main(
+            step_view(full, "evaluate"), stats=args.stats, out_nc=args.out_nc, out_zarr=args.out_zarr,
+            work_dir=args.work_dir, checkpoint=args.checkpoint, run_id=args.run_id, init_date=args.init_date,
+        )
+        return
     # Each step sees only the keys that determine it or run it (conv2dlstm.keys): reading any other
     # key is a KeyError, not a silent dependency that would not rerun the step when it changes.
     cfg = step_view(run_config(full, args.run) if step in ("train", "evaluate") else full, step)
