@@ -130,3 +130,17 @@ def test_config_file_equals_the_schema_defaults(repo_root):
 
     raw = yaml.safe_load((repo_root / "config/config.yaml").read_text())
     assert raw == validate_config({})
+
+
+def test_schema_has_no_stray_keys():
+    """A comma in a flow-style description splits it into keys with no value (YAML): none may exist."""
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                assert value is not None or key == "default", f"stray key {path}.{key}: quote the description"
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    walk(load_schema(), "schema")

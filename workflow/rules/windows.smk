@@ -6,7 +6,7 @@ rule windows:
     output:
         directory(f"{OUT}/windows/{NAME}.zarr"),
     params:
-        determines=result_json(config, "windows"),
+        determines=lambda wildcards: result_json(config, "windows"),
     threads: 4
     resources:
         mem_mb=4000,
