@@ -318,3 +318,71 @@ def test_climatology_support_is_where_circular_smooth_needs_no_interpolation(mon
         np.testing.assert_array_equal(support, np.isfinite(smooth[:, 0]))
         assert support.sum() < 366
     assert normalize.DAYS == baselines.DAYS_OF_YEAR
+
+
+# ---------------------------------------------------------------------------------------------
+# fit_damping: the training part of a windows store, streamed, with gaps
+
+
+class _Store:
+    """The interface fit_damping reads (conv2dlstm.data.WindowsStore) over an in-memory normalized cube."""
+
+    def __init__(self, physical: xr.DataArray, mean: float, std: float) -> None:
+        self.time = physical["time"].values
+        self.lat, self.lon = GRID_LAT, GRID_LON
+        self.mask = GRID_MASK.values
+        self.target_variables, self.target_channels = ["sst"], [0]
+        self._data = ((physical - mean) / std).fillna(0.0).transpose("time", "variable", "lat", "lon").values
+        self.reads: list[int] = []
+
+    def read_time_range(self, start: int, stop: int) -> np.ndarray:
+        self.reads.append(stop - start)
+        return self._data[start:stop].astype("float32")
+
+
+@pytest.mark.parametrize("chunk_steps", [1, 7, 64, 10_000])
+def test_fit_damping_equals_the_nan_filled_training_record_whatever_the_chunks(chunk_steps):
+    stats = _grid_stats().assign(mean=("variable", [15.0]), std=("variable", [2.0]))
+    stats.attrs.update(train_start="2019-01-01", train_end="2019-12-31")
+    times = pd.date_range("2019-01-01", "2020-03-31", freq="D")
+    field = _ar1_field(times, PHI, seed=3, stats=stats)
+    missing = pd.DatetimeIndex(["2019-02-10", "2019-06-01", "2019-06-02", "2019-06-03", "2019-06-04", "2019-06-05"])
+    present = field.drop_sel(time=missing)  # a store's time axis skips the missing days
+    store = _Store(present, 15.0, 2.0)
+    weights = metrics.area_weights(GRID_LAT, GRID_MASK)
+    rho = baselines.fit_damping(store, stats, max_lag=3, weights=weights, chunk_steps=chunk_steps)
+    # reference: the training year on its full daily axis, the missing days NaN, in one piece
+    train = field.sel(time=slice("2019-01-01", "2019-12-31")).copy()
+    train.loc[{"time": missing}] = np.nan
+    stored = (((train - 15.0) / 2.0).astype("float32") * np.float32(2.0) + np.float32(15.0))  # float32 round trip
+    expected = baselines.anomaly_autocorrelation(baselines.anomalies(stored, stats), 3, weights)
+    np.testing.assert_allclose(rho.values, expected.values, rtol=1e-5)
+    assert np.allclose(rho.sel(variable="sst").values, PHI ** np.arange(1, 4), atol=0.05)
+    assert max(store.reads) <= chunk_steps  # memory: one chunk at a time
+    assert sum(store.reads) == 365 - missing.size  # only the training steps are read
+
+
+def test_fit_damping_needs_the_training_period():
+    stats = _grid_stats().assign(mean=("variable", [15.0]), std=("variable", [2.0]))
+    times = pd.date_range("2019-01-01", periods=20, freq="D")
+    store = _Store(_ar1_field(times, PHI, seed=3, stats=stats), 15.0, 2.0)
+    with pytest.raises(DataError, match="no attribute.*train_start.*normalize step"):
+        baselines.fit_damping(store, stats, max_lag=2)
+    stats.attrs.update(train_start="2018-01-01", train_end="2018-12-31")
+    with pytest.raises(DataError, match="holds 0 time step.*2018-01-01..2018-12-31"):
+        baselines.fit_damping(store, stats, max_lag=2)
+
+
+def test_not_meaningful_leads_flag_initial_and_valid_days_per_baseline():
+    support = baselines.climatology_support(pd.date_range("2019-01-01", "2019-03-31"), window=1)  # Jan-Mar
+    init = pd.DatetimeIndex(["2019-03-30", "2019-03-31"]).values  # supported initial days
+    valid = init[:, None] + np.arange(1, 3)[None, :] * np.timedelta64(1, "D")  # 31 Mar .. 2 Apr
+    flags = baselines.not_meaningful_leads(init, valid, support)
+    assert set(flags) == set(baselines.BASELINE_NAMES)
+    assert flags["persistence"].values.tolist() == [False, False]
+    assert flags["climatology"].values.tolist() == [True, True]  # 1 Apr (lead 1 of 31 Mar) is unsupported
+    assert flags["damped_persistence"].values.tolist() == [True, True]
+    late = pd.DatetimeIndex(["2019-04-02"]).values  # unsupported initial day, valid days in the next January
+    flags = baselines.not_meaningful_leads(late, np.array([[np.datetime64("2020-01-05")]]), support)
+    assert flags["climatology"].values.tolist() == [False]
+    assert flags["damped_persistence"].values.tolist() == [True]  # its initial anomaly needs clim(2 Apr)

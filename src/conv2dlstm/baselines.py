@@ -26,7 +26,6 @@ the windows store (the statistics' training period), streamed chunk by chunk.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -36,8 +35,6 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm.errors import DataError
-
-log = logging.getLogger(__name__)
 
 DAYS_OF_YEAR = 366
 """Length of the climatology's ``dayofyear`` axis (``conv2dlstm.normalize.DAYS``)."""
