@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
+from tests._mlflow_server import MlflowServer
+from tests.conftest import REPO, copy_workflow, run_snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -50,57 +47,6 @@ CHROMIUM = _find(("chromium", "chromium-browser", "google-chrome"), ("/usr/bin/c
 CHROMEDRIVER = _find(("chromedriver",), ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Wait until ``url`` answers 200 (the server process, if given, must stay alive)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before {url} answered")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-        time.sleep(0.5)
-
-
-def start_mlflow_server(cwd: Path, backend: str, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on 127.0.0.1 and a free port, answering ``/health``: (process, base URL)."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1", *extra],
-                                cwd=cwd, env=job_env(), stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/health", 120, proc)
-    except Exception:
-        stop_server(proc)
-        raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}") from None
-    return proc, base
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's main process stops its workers too; then wait for it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def sweep_workflow(tmp_path_factory) -> Path:
     """A workflow copy in which a two-run sweep of the tiny pipeline ran (the sweep grid form)."""
@@ -117,11 +63,8 @@ def sweep_workflow(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_ui(sweep_workflow: Path) -> Iterator[str]:
     """``mlflow server`` on the sweep's ``mlflow.db``; yields its base URL."""
-    proc, base = start_mlflow_server(sweep_workflow, "sqlite:///mlflow.db", sweep_workflow / "mlflow-server.log")
-    try:
-        yield base
-    finally:
-        stop_server(proc)
+    with MlflowServer(sweep_workflow, "sqlite:///mlflow.db") as server:
+        yield server.url
 
 
 @pytest.fixture
