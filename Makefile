@@ -12,7 +12,12 @@ PYTEST_ARGS ?=
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run run-seed test test-fast lint report mlflow-ui bench clean
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+
+.PHONY: setup run run-seed test test-fast lint report mlflow-ui mlflow-server bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,8 +50,16 @@ lint: setup
 report: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report report.zip
 
+## mlflow-ui: the MLflow UI on this machine's mlflow.db; first prints the address of CONFIG's training runs
 mlflow-ui: setup
+	-$(BIN)/python -m conv2dlstm ui-address --config $(CONFIG)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+## mlflow-server: a tracking server for many jobs (a cluster's login node, docs/slurm.md); jobs log to it
+## with MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT) and upload artifacts through it (--serve-artifacts)
+mlflow-server: setup
+	$(BIN)/mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
+		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 bench: setup
 	$(BIN)/python bench/run.py --check

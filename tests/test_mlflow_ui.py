@@ -195,11 +195,16 @@ def _search_charts(driver, text: str) -> None:
 def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str, browser, screenshots) -> None:
     from selenium.webdriver.common.by import By
 
+    from conv2dlstm.tracking import ui_address
+
     driver, base = browser, mlflow_ui
     exp_id = _experiment_id(sweep_workflow)
 
-    # 1. The README's address opens the experiment on its training runs: both runs in the table.
-    driver.get(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    # 1. The README's address (python -m conv2dlstm ui-address) opens the experiment on its training
+    #    runs: both runs in the table.
+    address = ui_address(f"sqlite:///{sweep_workflow}/mlflow.db", EXPERIMENT, base)
+    assert address == f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    driver.get(address)
     for run in RUNS:
         _wait(driver, lambda d, r=run: _visible(d, f"//a[normalize-space()='{r}']"), f"run {run} in the runs table")
     _close_assistant(driver)

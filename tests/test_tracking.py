@@ -312,3 +312,20 @@ def test_backfill_logs_the_epochs_a_run_lacks(tmp_path) -> None:
         run_id = tracker.run_id
     history = MlflowClient(uri).get_metric_history(run_id, "val_loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.0), (3, 2.0 / 3), (4, 0.5)]
+
+
+def test_ui_address_opens_the_training_runs(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingError, match="does not exist yet"):
+        tracking.ui_address(uri, "exp-ui")
+    cfg = validate_config({"experiment": "exp-ui", "mlflow": {"tracking_uri": uri}})
+    with tracking.start_run(cfg, "r", tracking_uri=uri):
+        pass
+    from mlflow import MlflowClient
+
+    exp_id = MlflowClient(uri).get_experiment_by_name("exp-ui").experiment_id
+    assert tracking.ui_address(uri, "exp-ui") == \
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert tracking.ui_address(uri, "exp-ui", "http://login01:5000/").startswith("http://login01:5000/#/experiments/")
+    with pytest.raises(TrackingError, match="experiment 'nope' is not in"):
+        tracking.ui_address(uri, "nope")

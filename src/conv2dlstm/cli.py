@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate-config", help="validate a configuration and print it with defaults filled in")
     _add_config(p)
 
+    p = sub.add_parser("ui-address", help="print the MLflow UI address of the configuration's experiment "
+                       "(its training runs)")
+    _add_config(p)
+    p.add_argument("--base", default=None,
+                   help="where the UI is served (default: the tracking server, or http://127.0.0.1:5000)")
+
     p = sub.add_parser("synth", help="generate the embedded synthetic ocean in its real file format")
     _add_config(p)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -160,6 +166,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         return
     if step == "verify":
         _verify(args.stores)
+        return
+    if step == "ui-address":
+        from conv2dlstm import tracking
+
+        cfg = _config(args)
+        print(tracking.ui_address(tracking.resolve_tracking_uri(cfg), cfg["experiment"], args.base))
         return
     if step == "compare":
         view = None

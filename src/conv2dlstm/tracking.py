@@ -245,6 +245,28 @@ def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": dirty}
 
 
+UI_QUERY = "workflowType=machine_learning"
+"""The MLflow 3.17 UI shows an experiment's training runs only in its "Model training" mode: a
+global switch (top left, remembered by the browser) that ignores the experiment's kind tag, and that
+this query sets."""
+
+
+def ui_address(uri: str, experiment: str, base: str | None = None) -> str:
+    """The address of ``experiment``'s training runs in the MLflow UI serving the store ``uri``:
+    ``<base>/#/experiments/<id>/runs?workflowType=machine_learning``. ``base`` defaults to the server
+    itself for an http(s) store, else ``http://127.0.0.1:5000`` (``make mlflow-ui``).
+    :class:`TrackingError` when the store does not hold the experiment yet."""
+    if base is None:
+        base = uri if urllib.parse.urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise TrackingError(f"MLflow store {uri} does not exist yet ({path}); run the pipeline first")
+    exp = retry(f"reading experiment {experiment!r}", lambda: _client(uri).get_experiment_by_name(experiment))
+    if exp is None:
+        raise TrackingError(f"MLflow experiment {experiment!r} is not in {uri} yet; run the pipeline first")
+    return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?{UI_QUERY}"
+
+
 def job_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``slurm.job_id`` (``SLURM_JOB_ID``) and ``slurm.cluster`` (``SLURM_CLUSTER_NAME``) inside a
     SLURM job; nothing elsewhere."""
