@@ -133,6 +133,12 @@ RUN_CHANGES = {
     "second run": ([{"name": "convlstm"}, {"name": "b", "train": {"seed": 1}}], {"train", "evaluate", "compare"}),
 }
 
+# The sweep grid, which validation expands into runs entries named from their values: (sweep, steps planned).
+SWEEP_CHANGES = {
+    "one point, the run itself": ({"model.name": ["convlstm"]}, set()),
+    "two learning rates": ({"train.learning_rate": [0.003, 0.001]}, {"train", "evaluate", "compare"}),
+}
+
 
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
@@ -179,6 +185,8 @@ def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
         cases.append((name, changed, expected))
     for label, (runs, expected) in RUN_CHANGES.items():
         cases.append((f"runs: {label}", {**base, "runs": runs}, expected))
+    for label, (sweep, expected) in SWEEP_CHANGES.items():
+        cases.append((f"sweep: {label}", {**base, "sweep": sweep}, expected))
     # the changed configs live outside the workflow copy: the dry-runs leave tiny_run untouched
     files = []
     for i, (_, changed, _) in enumerate(cases):
