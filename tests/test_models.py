@@ -292,7 +292,7 @@ def _floored(name: str, *, per_cell: bool = False, floor=None) -> tuple[torch.nn
     base = shape_kwargs(12, 10, c_in=2, c_out=2) | SMALL[name]
     if name == "convlstm":
         base["residual_channels"] = [0, 1]  # persistence-like: a negative input gives a negative output
-    kwargs = base | {"nonnegative_channels": [1], "floor_per_cell": per_cell}
+    kwargs = base | {"nonnegative_channels": [1], "floor_per_cell": per_cell, "floor_sharpness": 10.0}
     torch.manual_seed(3)
     free = build_model(name, **base).eval()
     floored = build_model(name, **kwargs).eval()
@@ -309,11 +309,13 @@ def _floored(name: str, *, per_cell: bool = False, floor=None) -> tuple[torch.nn
 def test_nonnegative_target_is_never_negative_where_the_free_model_is(tmp_path, name: str, per_cell: bool) -> None:
     mean, std = 0.8, 0.4  # physical = normalized * std + mean; 0 physical is -2 normalized
     free, floored, kwargs = _floored(name, per_cell=per_cell)
-    if name == "conv2d_lstm":  # push the dense head's bias far below the floor
+    if name == "conv2d_lstm":  # the dense head's bias: every other cell far below the floor, the others above
+        bias = torch.tensor([-6.0, 3.0]).repeat(free.head[-1].bias.numel() // 2)
         with torch.no_grad():
-            free.head[-1].bias.fill_(-6.0)
-            floored.head[-1].bias.fill_(-6.0)
+            free.head[-1].bias.copy_(bias)
+            floored.head[-1].bias.copy_(bias)
     x = torch.full((4, 3, 2, 12, 10), -5.0) + 0.1 * torch.randn(4, 3, 2, 12, 10)  # far below the training range
+    x[:2] = torch.randn(2, 3, 2, 12, 10)  # and windows in the usual range
     with torch.no_grad():
         y_free, y_floor = free(x), floored(x)
     assert (y_free[:, :, 1] * std + mean < 0).any(), "the unconstrained model must go negative in this case"
@@ -322,9 +324,11 @@ def test_nonnegative_target_is_never_negative_where_the_free_model_is(tmp_path, 
     assert torch.equal(y_floor[:, :1, 0], y_free[:, :1, 0])
     if name == "conv2d_lstm":
         assert torch.equal(y_floor[:, :, 0], y_free[:, :, 0])
-    high = y_free[:, :, 1] > 2.0  # well above the floor the output is (nearly) the raw output
-    if high.any():
-        assert torch.allclose(y_floor[:, :, 1][high], y_free[:, :, 1][high], atol=1e-3)
+    # from one std above the floor on, the output is the raw output (sharpness 10: within 5e-6 std)
+    free1, floor1 = y_free[:, :1, 1], y_floor[:, :1, 1]  # lead 1: ConvLSTM feeds later leads back
+    high = free1 > -2.0 + 1.0
+    assert high.any() and torch.allclose(floor1[high], free1[high], atol=1e-5)
+    assert kwargs["floor_sharpness"] == 10.0
     # the floor travels in the checkpoint: load_model rebuilds the floored model from the file alone
     path = tmp_path / "ckpt.pt"
     torch.save({"model_name": name, "model_kwargs": kwargs, "model_state": floored.state_dict()}, path)
@@ -353,6 +357,7 @@ def test_model_kwargs_floor_the_nonnegative_targets_only() -> None:
     kwargs = model_kwargs_from_config(cfg["model"], target_variables=["sst", "no3"],
                                       nonnegative=cfg["variables"]["nonnegative"], floor_per_cell=True, **common)
     assert kwargs["nonnegative_channels"] == [1] and kwargs["floor_per_cell"] is True
+    assert kwargs["floor_sharpness"] == 10.0
     sst_only = model_kwargs_from_config(cfg["model"], target_variables=["sst"],
                                         nonnegative=cfg["variables"]["nonnegative"], **common)
     assert "nonnegative_channels" not in sst_only  # unchanged kwargs: earlier checkpoints still resume
