@@ -147,7 +147,7 @@ def skill_vs_lead(skills: pd.DataFrame, path: str | os.PathLike, *, title: str) 
     for ax, variable in zip(axes, variables, strict=True):
         _skill_axes(ax, skills[skills["variable"] == variable], group="label", color_of=colors)
         ax.set_title(str(variable))
-        ax.set_ylabel("RMSE skill vs baseline (1 is perfect, 0 no gain)")
+        ax.set_ylabel("RMSE skill vs baseline")
     _title(fig, title)
     _save(fig, path)
 
