@@ -4,7 +4,8 @@ A two-run sweep of the tiny pipeline (two learning rates, the ``sweep`` grid) is
 Snakemake; ``mlflow server`` serves its ``mlflow.db`` on 127.0.0.1. Then, as the README's
 "Comparing runs" says: open the experiment's runs, see both runs, select both, Compare, find the
 parameter that differs; in the chart view find the ``val_loss`` and ``test_rmse_*`` charts; open
-one run's artifacts and see its evaluation plots. Every step waits for what it needs on the page
+one run's artifacts and see its evaluation plots; see the best run as the registered model's
+``champion`` and load it with ``mlflow.pytorch.load_model("models:/<experiment>@champion")``. Every step waits for what it needs on the page
 (a single-page app renders late); screenshots (PNG) go to a directory the test prints, and are
 copied to ``$CONV2DLSTM_SCREENSHOTS`` when that is set.
 
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests._mlflow_server import MlflowServer
@@ -55,6 +57,7 @@ def sweep_workflow(tmp_path_factory) -> Path:
     cfg["experiment"] = EXPERIMENT
     cfg["train"]["epochs"] = 2
     cfg["sweep"] = {"train.learning_rate": [0.001, 0.003]}
+    cfg["mlflow"]["log_model"] = True  # the compare step registers the champion
     (wf / "ui.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_snakemake(wf, "--cores", "2", "--configfile", "ui.yaml")
     return wf
@@ -271,3 +274,20 @@ def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str,
                                                           i) > 300] or False, "the plot image")[0]
     assert image.size["width"] > 300
     screenshots(driver, "06-run-artifacts-plot")
+
+    # 5. The best run by validation loss is the registered model's champion, in the UI and in Python.
+    driver.get(f"{base}/#/models/{EXPERIMENT}")
+    _wait(driver, lambda d: _visible(d, "//*[contains(., 'champion') and not(*[contains(., 'champion')])]"),
+          "the champion alias")  # "@&nbsp;champion"
+    _close_assistant(driver)
+    screenshots(driver, "07-model-registry-champion")
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{sweep_workflow}/mlflow.db"
+    client = MlflowClient(uri)
+    runs = client.search_runs([exp_id])
+    best = min(runs, key=lambda r: r.data.metrics["best_val_loss"])
+    assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == best.info.run_id
+    mlflow.set_tracking_uri(uri)
+    assert isinstance(mlflow.pytorch.load_model(f"models:/{EXPERIMENT}@champion"), torch.nn.Module)

@@ -53,6 +53,7 @@ def test_the_best_run_by_validation_loss_becomes_the_champion(tmp_path: Path, mo
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias("champ", "champion")
     assert version.tags["run"] == "b" and float(version.tags["best_val_loss"]) == 0.3
+    assert "by validation loss" in client.get_registered_model("champ").description
     assert float(version.tags["test_rmse_sst_lead1"]) == pytest.approx(3.0)  # for reporting only
 
     # registering again changes nothing; a better run moves the alias to a new version

@@ -177,11 +177,18 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
         log.info("registry: models:/%s@%s -> version %s (run %s, %s %.6g)%s", name, CHAMPION_ALIAS, version,
                  best.info.run_name, SELECT_METRIC, best.data.metrics[SELECT_METRIC],
                  f", was version {current.version}" if current is not None else "")
-    tags = {"run": best.info.run_name, "run_id": run_id, SELECT_METRIC: best.data.metrics[SELECT_METRIC],
-            **{k: v for k, v in best.data.metrics.items() if k.startswith("test_rmse_")}}
+    scores = {SELECT_METRIC: best.data.metrics[SELECT_METRIC],
+              **{k: v for k, v in best.data.metrics.items() if k.startswith("test_rmse_")}}
+    tags = {"run": best.info.run_name, "run_id": run_id, **{k: f"{v:.6g}" for k, v in scores.items()}}
     for key, value in tags.items():
         tracking.retry("tagging the model version",
-                       lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
+                       lambda k=key, v=value: client.set_model_version_tag(name, version, k, v))
+    registered = tracking.retry("reading the registered model", lambda: client.get_registered_model(name))
+    if not registered.description:
+        tracking.retry("describing the registered model", lambda: client.update_registered_model(name, description=(
+            f"The best run of experiment {experiment} by validation loss ({SELECT_METRIC}), registered by the "
+            f"compare step of the pipeline; load it with mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}'). "
+            "Version tags: the run, its validation loss and, for reporting only, its test RMSE.")))
     return Champion(name, version, run_id, best.info.run_name, best.data.metrics[SELECT_METRIC], model.model_uri)
 
 
