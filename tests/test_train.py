@@ -541,3 +541,22 @@ def test_set_deadline_keeps_a_margin():
     assert float(env[DEADLINE_ENV]) == pytest.approx(deadline, abs=1e-3)
     assert deadline - now == pytest.approx(120 * 60 - 360, abs=5)  # 5% of 2 h
     assert set_deadline(24 * 60, environ=env) - time.time() == pytest.approx(24 * 3600 - 600, abs=5)  # at most 10 min
+
+
+def test_nonnegative_target_is_trained_with_its_floor_from_the_statistics(tmp_path) -> None:
+    """A concentration target: the checkpoint's model floors it at -mean/std of the statistics, and the
+    model rebuilt from the file alone predicts nothing below 0 physical units, even for inputs far
+    below anything seen in training."""
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=30, height=12, width=10, variables=("no3",))
+    cfg = quick_config(tmp_path)
+    cfg["variables"].update({"inputs": ["no3"], "targets": ["no3"]})
+    out = tmp_path / "out"
+    train.main(cfg, run="no3", windows=fx.store, stats=fx.stats, out_dir=out)
+    model, ckpt = load_model(out / "model.pt")
+    assert ckpt["model_kwargs"]["nonnegative_channels"] == [0] and ckpt["model_kwargs"]["floor_per_cell"] is False
+    floor = ckpt["model_state"]["output_floor.floor"]
+    assert torch.allclose(floor.flatten(), torch.tensor([-fx.mean[0] / fx.std[0]]), rtol=1e-6)
+    x = torch.full((2, fx.input_steps, 1, 12, 10), -50.0)  # normalized: far below 0 physical
+    with torch.no_grad():
+        physical = model(x) * float(fx.std[0]) + float(fx.mean[0])
+    assert (physical >= -1e-5).all()
