@@ -23,7 +23,7 @@ rule forecast:
         nc=f"{OUT}/forecast/latest.nc",
         zarr=directory(f"{OUT}/forecast/latest.zarr"),
     params:
-        determines=forecast_determines(config),
+        determines=lambda wildcards: forecast_determines(config),  # per job: braces of source.url are not wildcards
         work_dir=f"{RES}/forecast/{NAME}",
     log:
         f"{LOGS}/forecast/latest.log",
@@ -45,7 +45,7 @@ rule forecast_date:
     wildcard_constraints:
         date=r"\d{4}-\d{2}-\d{2}",
     params:
-        determines=forecast_determines(config),
+        determines=lambda wildcards: forecast_determines(config),  # per job: braces of source.url are not wildcards
         work_dir=f"{RES}/forecast/{NAME}",
     log:
         f"{LOGS}/forecast/{{date}}.log",
