@@ -49,3 +49,12 @@ def train_gpus(config: dict[str, Any], run: str) -> int:
 
     train = run_config(config, run)["train"]
     return 0 if train["device"] == "cpu" else int(train["gpus"])
+
+
+def forecast_determines(config: dict[str, Any]) -> str:
+    """The config values that determine a forecast's inputs, as canonical JSON (the forecast rules'
+    params): the fetch and regrid keys (``source.end`` among them: the latest initial date) and the
+    normalize keys (the statistics)."""
+    from conv2dlstm.keys import result_config
+
+    return json.dumps({step: result_config(config, step) for step in ("fetch", "regrid", "normalize")}, sort_keys=True)

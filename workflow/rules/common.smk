@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from conv2dlstm.config import validate_config, run_names
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.keys import result_json
-from conv2dlstm.workflow import export_config, export_package_path, train_gpus
+from conv2dlstm.workflow import export_config, export_package_path, forecast_determines, train_gpus
 
 try:
     config.update(validate_config(config))

@@ -4,16 +4,6 @@
 # (targets before --configfile, which takes several files)
 # The model is models:/<experiment>@champion (registered by compare), else the only run's model.pt;
 # for a given MLflow run or checkpoint call the step itself: python -m conv2dlstm forecast --help.
-import json
-
-
-def forecast_determines(config):
-    """The config values that determine a forecast's inputs: the fetch and regrid keys (source.end
-    among them: the latest initial date) and the normalize keys (the statistics)."""
-    return json.dumps({step: json.loads(result_json(config, step)) for step in ("fetch", "regrid", "normalize")},
-                      sort_keys=True)
-
-
 rule forecast:
     """Forecast from the latest input days (ending on source.end) with the champion model."""
     input:
