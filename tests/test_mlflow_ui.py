@@ -195,7 +195,8 @@ def _search_charts(driver, text: str) -> None:
     box.send_keys(text)
 
 
-def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str, browser, screenshots) -> None:
+def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str, browser, screenshots,
+                                           monkeypatch) -> None:
     from selenium.webdriver.common.by import By
 
     from conv2dlstm.tracking import ui_address
@@ -289,5 +290,6 @@ def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str,
     runs = client.search_runs([exp_id])
     best = min(runs, key=lambda r: r.data.metrics["best_val_loss"])
     assert client.get_model_version_by_alias(EXPERIMENT, "champion").run_id == best.info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test (set_tracking_uri exports it)
     mlflow.set_tracking_uri(uri)
     assert isinstance(mlflow.pytorch.load_model(f"models:/{EXPERIMENT}@champion"), torch.nn.Module)

@@ -15,6 +15,13 @@ from conv2dlstm.config import validate_config
 EXAMPLE = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    """No tracking URI from the environment, and none left behind: ``mlflow.set_tracking_uri``
+    exports ``MLFLOW_TRACKING_URI``, which overrides a configuration's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+
+
 def _log_run(cfg: dict, name: str, val_loss: float, *, model: bool = True, tags: dict | None = None,
              seed: int = 0) -> tuple[str, torch.nn.Module]:
     """One finished MLflow run of ``cfg``'s experiment with ``best_val_loss`` and, optionally, a model."""
@@ -72,7 +79,6 @@ def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_p
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = validate_config({"experiment": "nomodel", "mlflow": {"tracking_uri": uri, "log_model": False},
                            "sweep": {"train.seed": [1, 2]}})

@@ -16,6 +16,13 @@ from conv2dlstm.config import flatten, validate_config
 from conv2dlstm.errors import TrackingError
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    """No tracking URI from the environment, and none left behind: ``mlflow.set_tracking_uri``
+    exports ``MLFLOW_TRACKING_URI``, which overrides a configuration's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
