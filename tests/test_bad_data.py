@@ -485,7 +485,7 @@ CASES = [
     Case("renamed-variable-in-kelvin", renamed_variable_in_kelvin, None, [], values_are(20.0)),
     Case("canonical-unit-unreadable", bad_canonical_unit, "regrid",
          [r"config key harmonize\.units\.sst\.unit: 'bananas' is not a unit pint can read"]),
-    Case("range-min-above-max", range_min_above_max, "regrid",
+    Case("range-min-above-max", range_min_above_max, "fetch",  # the config alone decides: before any step
          [r"config key harmonize\.units\.sst: min 30 is above max 10; swap them"]),
     # duplicate time stamps: named, refused, or resolved on request
     Case("duplicate-day-refused", duplicate_day, "regrid",

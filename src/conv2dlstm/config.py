@@ -463,7 +463,7 @@ def _check_source(cfg: dict[str, Any]) -> None:
 
 def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     """Checks across keys, in order: source and URLs (:func:`_check_source`), dates, splits (order,
-    then length), grid, region, runs.
+    then length), grid, region, unit ranges, runs.
 
     ``given`` are the top-level sections the caller supplied. Only the longitude-convention check
     uses it: it is skipped when ``grid`` was filled in from defaults (a step view may hold
@@ -481,7 +481,17 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     _check_split_lengths(cfg, dates)
     _check_grid(cfg, given)
     _check_region(cfg)
+    _check_unit_ranges(cfg)
     _check_runs(cfg)
+
+
+def _check_unit_ranges(cfg: dict[str, Any]) -> None:
+    """Each ``harmonize.units`` range has min <= max (a unit's spelling is checked by the regrid
+    step, which holds the units library)."""
+    for name, spec in sorted(cfg.get("harmonize", {}).get("units", {}).items()):
+        lo, hi = spec.get("min"), spec.get("max")
+        if lo is not None and hi is not None and lo > hi:
+            raise ConfigError(f"config key harmonize.units.{name}: min {lo:g} is above max {hi:g}; swap them")
 
 
 def _check_schema(cfg: dict[str, Any], schema: dict[str, Any]) -> None:
