@@ -96,10 +96,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_default_run(tmp_path_factory) -> Path:
-    """A workflow copy in which the whole default pipeline ran locally (``snakemake --cores 2``).
-
-    Shared by the end-to-end tests and the SLURM test (which compares its results with these).
-    """
+    """A workflow copy in which the whole default pipeline ran locally (``snakemake --cores 2``),
+    shared by the end-to-end tests of the default configuration."""
     wf = copy_workflow(tmp_path_factory.mktemp("default") / "wf")
     run_snakemake(wf, "--cores", "2")
     return wf

@@ -295,28 +295,29 @@ def test_tiny_workflow_runs_through_sbatch(slurm_cluster: Cluster, tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole default pipeline, compared with a local run.
+# The whole pipeline, compared with a local run.
 
 
 def _default_outputs(wf: Path) -> tuple[Path, list[Path]]:
-    """The windows store and every run's metrics.csv of a finished default pipeline."""
+    """The windows store and every run's metrics.csv of a finished pipeline."""
     windows = sorted((wf / "results" / "windows").glob("*.zarr"))
     metrics = sorted((wf / "results" / "evaluate").glob("*/metrics.csv"))
     assert len(windows) == 1 and metrics, f"missing outputs under {wf / 'results'}"
     return windows[0], metrics
 
 
-def test_default_pipeline_on_slurm_matches_local_run(
-    slurm_cluster: Cluster, local_default_run: Path, tmp_path: Path
-) -> None:
+def test_pipeline_on_slurm_matches_local_run(slurm_cluster: Cluster, tiny_run: Path, tmp_path: Path) -> None:
+    """The whole pipeline (the tiny configuration: the same rules and profile on less data) through
+    sbatch gives exactly the outputs of the local run."""
     import zarr
 
     wf = copy_workflow(tmp_path / "wf")
+    shutil.copy(tiny_run / "tiny.yaml", wf / "tiny.yaml")
     profile = write_merged_profile(tmp_path / "profile")
     env = slurm_cluster.env(SBATCH_GPU_PARTITION="gpu")
 
     result = snakemake_session(
-        ["--profile", str(profile)], cwd=wf, env=env, timeout=PIPELINE_TIMEOUT_S
+        ["--profile", str(profile), "--configfile", "tiny.yaml"], cwd=wf, env=env, timeout=PIPELINE_TIMEOUT_S
     )
     assert result.returncode == 0, failure_report(result, wf)
 
@@ -331,10 +332,8 @@ def test_default_pipeline_on_slurm_matches_local_run(
     assert all(scontrol_job(slurm_cluster, j)["Partition"] == "gpu" for j, _ in jobs["train"])
 
     windows, metrics = _default_outputs(wf)
-    local_windows, local_metrics = _default_outputs(local_default_run)
-    assert [m.relative_to(wf) for m in metrics] == [
-        m.relative_to(local_default_run) for m in local_metrics
-    ]
+    local_windows, local_metrics = _default_outputs(tiny_run)
+    assert [m.relative_to(wf) for m in metrics] == [m.relative_to(tiny_run) for m in local_metrics]
 
     # The data steps are deterministic: exactly the same values, not just close ones.
     got, want = zarr.open_group(windows, mode="r"), zarr.open_group(local_windows, mode="r")
