@@ -66,7 +66,7 @@ def read_run_ids(models: Sequence[Path]) -> dict[str, str]:
         if run_id:
             out[model.parent.name] = run_id
         else:
-            log.warning("registry: %s is missing or empty; run %s is not tagged", path, model.parent.name)
+            log.warning("%s is missing or empty; run %s is not tagged with the sweep", path, model.parent.name)
     return out
 
 
@@ -83,7 +83,7 @@ def tag_sweep(client: Any, run_ids: Mapping[str, str], tags: Mapping[str, str]) 
         except MlflowException as exc:
             if tracking.transient(exc):
                 raise
-            log.warning("registry: MLflow run %s of run %s is not in this store; not tagged", run_id, name)
+            log.warning("MLflow run %s of run %s is not in this store; not tagged", run_id, name)
             continue
         if any(held.get(k) != v for k, v in tags.items()):
             batch = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -150,7 +150,7 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
     client = tracking._client(uri)
     exp = tracking.retry(f"reading experiment {experiment!r}", lambda: client.get_experiment_by_name(experiment))
     if exp is None:
-        log.warning("registry: experiment %r is not in %s; no model registered", experiment, uri)
+        log.warning("experiment %r is not in %s; no model registered", experiment, uri)
         return None
     best, model, skipped = None, None, []
     for run in candidates(client, exp.experiment_id, windows):
@@ -160,10 +160,10 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
             break
         skipped.append(run.info.run_name)
     if skipped:
-        log.warning("registry: run(s) %s of experiment %r have a lower %s but logged no model "
+        log.warning("run(s) %s of experiment %r have a lower %s but logged no model "
                     "(mlflow.log_model was false); they are not registered", skipped, experiment, SELECT_METRIC)
     if best is None or model is None:
-        log.warning("registry: no finished run of experiment %r logged a model; nothing registered", experiment)
+        log.warning("no finished run of experiment %r logged a model; nothing registered", experiment)
         return None
     name, run_id = experiment, best.info.run_id
     version = _version_of(client, name, run_id, model)
@@ -174,7 +174,7 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
     if current is None or str(current.version) != version:
         tracking.retry("setting the champion alias",
                        lambda: client.set_registered_model_alias(name, CHAMPION_ALIAS, version))
-        log.info("registry: models:/%s@%s -> version %s (run %s, %s %.6g)%s", name, CHAMPION_ALIAS, version,
+        log.info("models:/%s@%s -> version %s (run %s, %s %.6g)%s", name, CHAMPION_ALIAS, version,
                  best.info.run_name, SELECT_METRIC, best.data.metrics[SELECT_METRIC],
                  f", was version {current.version}" if current is not None else "")
     scores = {SELECT_METRIC: best.data.metrics[SELECT_METRIC],
@@ -205,9 +205,9 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
     run_ids = read_run_ids(models)
     tagged = tag_sweep(client, run_ids, sweep_tags(cfg))
     if tagged:
-        log.info("registry: tagged run(s) %s with this sweep", tagged)
+        log.info("tagged run(s) %s with this sweep", tagged)
     if not cfg["mlflow"]["log_model"]:
-        log.warning("registry: mlflow.log_model is false, so no run logged a model; models:/%s@%s is not "
+        log.warning("mlflow.log_model is false, so no run logged a model; models:/%s@%s is not "
                     "registered (set mlflow.log_model: true and retrain to register the best run)",
                     cfg["experiment"], CHAMPION_ALIAS)
         return None
