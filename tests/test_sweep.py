@@ -93,3 +93,20 @@ def test_sweep_tags_group_the_runs_of_one_configuration():
     other_data = validate_config({"sweep": {"train.seed": [1, 2]}, "windows": {"stride": 2}})
     assert sweep_tags(other_data)["sweep"] != tags["sweep"]
     assert sweep_tags(validate_config({}))["sweep.runs"] == "convlstm"
+
+
+def test_torchrun_workers_get_the_sweep_tags_of_the_whole_configuration():
+    """A worker's configuration holds only its run, so the launcher passes the sweep tags along."""
+    import json
+    from pathlib import Path
+
+    from conv2dlstm import cli, train
+
+    full = validate_config({"sweep": {"train.seed": [1, 2]}})
+    tags = sweep_tags(full)
+    argv = train.worker_argv(run_config(full, "seed2"), run="seed2", windows=Path("w.zarr"), stats=Path("s.nc"),
+                             out_dir=Path("o"), sweep=tags)
+    args = cli.build_parser().parse_args(argv)
+    assert json.loads(args.sweep_json) == tags
+    assert "--sweep-json" not in train.worker_argv(run_config(full, "seed2"), run="seed2", windows=Path("w.zarr"),
+                                                   stats=Path("s.nc"), out_dir=Path("o"))

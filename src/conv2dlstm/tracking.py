@@ -9,7 +9,9 @@
 - :func:`mark_superseded` - tag a run replaced by a fresh training (``superseded``, ``superseded_by``).
 
 The experiment is created with the tag ``mlflow.experimentKind = custom_model_development``
-(:data:`EXPERIMENT_TAGS`), so the MLflow UI opens it on its training runs, not on its GenAI pages.
+(:data:`EXPERIMENT_TAGS`). The UI of MLflow 3.17 does not choose its page by that tag but by its
+global "GenAI / Model training" switch: :func:`ui_address` gives the address that opens the
+experiment's training runs.
 Every run is tagged with its name (``run``), the git commit (also as ``mlflow.source.git.commit``,
 which the UI shows), the SLURM job id when there is one (``slurm.job_id`` from ``SLURM_JOB_ID``)
 and whatever the caller adds (train: provenance digests and the ``sweep`` tags).
@@ -67,8 +69,9 @@ log = logging.getLogger(__name__)
 VERSIONED_PACKAGES = ("torch", "xarray", "zarr", "dask", "mlflow", "numpy")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
-"""Tags of a new experiment: the MLflow UI (3.x) opens a ``custom_model_development`` experiment on
-its runs table; without the tag it opens the GenAI overview (traces, prompts)."""
+"""Tags of a new experiment: its kind, model development (not GenAI). MLflow 3.17's UI decides its page
+by its own "Model training" switch instead (:data:`UI_QUERY`); the tag states the kind for the
+tools and UI versions that read it."""
 WAIT_ENV = "CONV2DLSTM_MLFLOW_WAIT_S"
 DEFAULT_WAIT_S = 300.0
 """How long a call into the tracking store is retried while it fails for a transient reason."""
