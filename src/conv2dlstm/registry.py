@@ -92,14 +92,6 @@ def tag_sweep(client: Any, run_ids: Mapping[str, str], tags: Mapping[str, str]) 
     return tagged
 
 
-def _logged_model(client: Any, experiment_id: str, run_id: str) -> Any | None:
-    """The READY model named :data:`MODEL_NAME` that run ``run_id`` logged, or None."""
-    found = tracking.retry(f"searching the models of run {run_id}", lambda: client.search_logged_models(
-        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'"))
-    ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
-    return ready[0] if ready else None
-
-
 def candidates(client: Any, experiment_id: str, windows: set[str] | None = None) -> list[Any]:
     """The experiment's FINISHED, not superseded runs with a finite ``best_val_loss`` (and, when
     ``windows`` is given, a windows digest in it), best first."""
@@ -154,7 +146,7 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
         return None
     best, model, skipped = None, None, []
     for run in candidates(client, exp.experiment_id, windows):
-        model = _logged_model(client, exp.experiment_id, run.info.run_id)
+        model = tracking.logged_model(client, exp.experiment_id, run.info.run_id, MODEL_NAME)
         if model is not None:
             best = run
             break

@@ -479,10 +479,8 @@ class Tracker:
 
     def logged_model_uri(self, name: str = "model") -> str | None:
         """The URI of the model ``name`` this run already logged (status READY), or None."""
-        found = retry(f"searching the models of run {self.run_id}", lambda: self.client.search_logged_models(
-            [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'"))
-        ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
-        return ready[0].model_uri if ready else None
+        model = logged_model(self.client, self.experiment_id, self.run_id, name)
+        return None if model is None else model.model_uri
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, *, name: str = "model") -> str:
         """Log ``model`` (eval mode, CPU) with a signature inferred from ``input_example``, a real
@@ -508,6 +506,15 @@ class Tracker:
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         ))
         return info.model_uri
+
+
+def logged_model(client: Any, experiment_id: str, run_id: str, name: str = "model") -> Any | None:
+    """The model ``name`` (an MLflow ``LoggedModel``) that run ``run_id`` logged completely (status
+    READY), or None."""
+    found = retry(f"searching the models of run {run_id}", lambda: client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"))
+    ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
+    return ready[0] if ready else None
 
 
 def changed_params(existing: dict[str, str], params: dict[str, str]) -> list[str]:
