@@ -70,24 +70,32 @@ def read_run_ids(models: Sequence[Path]) -> dict[str, str]:
     return out
 
 
-def tag_sweep(client: Any, run_ids: Mapping[str, str], tags: Mapping[str, str]) -> list[str]:
-    """Set ``tags`` on each run of ``run_ids`` whose tags differ; returns the run names tagged. Runs
-    the store does not hold are skipped with a warning (they were logged to another store)."""
-    from mlflow.entities import RunTag
+def held_runs(client: Any, run_ids: Mapping[str, str]) -> dict[str, Any]:
+    """``run name -> MLflow run`` of the ``run_ids`` the store holds; the others (logged to another
+    store) are left out with a warning."""
     from mlflow.exceptions import MlflowException
 
-    tagged = []
+    out = {}
     for name, run_id in run_ids.items():
         try:
-            held = tracking.retry(f"reading run {run_id}", lambda r=run_id: client.get_run(r)).data.tags
+            out[name] = tracking.retry(f"reading run {run_id}", lambda r=run_id: client.get_run(r))
         except MlflowException as exc:
             if tracking.transient(exc):
                 raise
-            log.warning("MLflow run %s of run %s is not in this store; not tagged", run_id, name)
-            continue
-        if any(held.get(k) != v for k, v in tags.items()):
-            batch = [RunTag(k, str(v)) for k, v in tags.items()]
-            tracking.retry(f"tagging run {run_id}", lambda r=run_id: client.log_batch(r, tags=batch))
+            log.warning("MLflow run %s of run %s is not in this store; left out", run_id, name)
+    return out
+
+
+def tag_sweep(client: Any, runs: Mapping[str, Any], tags: Mapping[str, str]) -> list[str]:
+    """Set ``tags`` on each of ``runs`` (name -> MLflow run) whose tags differ; returns the names tagged."""
+    from mlflow.entities import RunTag
+
+    tagged = []
+    batch = [RunTag(k, str(v)) for k, v in tags.items()]
+    for name, run in runs.items():
+        if any(run.data.tags.get(k) != v for k, v in tags.items()):
+            tracking.retry(f"tagging run {run.info.run_id}",
+                           lambda r=run.info.run_id: client.log_batch(r, tags=batch))
             tagged.append(name)
     return tagged
 
@@ -194,8 +202,8 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
     tracking.check_tracking(uri)
     tracking.bound_http_retries(uri)
     client = tracking._client(uri)
-    run_ids = read_run_ids(models)
-    tagged = tag_sweep(client, run_ids, sweep_tags(cfg))
+    runs = held_runs(client, read_run_ids(models))
+    tagged = tag_sweep(client, runs, sweep_tags(cfg))
     if tagged:
         log.info("tagged run(s) %s with this sweep", tagged)
     if not cfg["mlflow"]["log_model"]:
@@ -203,15 +211,5 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
                     "registered (set mlflow.log_model: true and retrain to register the best run)",
                     cfg["experiment"], CHAMPION_ALIAS)
         return None
-    windows: set[str] | None = None
-    if run_ids:
-        windows = set()
-        for run_id in run_ids.values():
-            try:
-                digest = client.get_run(run_id).data.tags.get(WINDOWS_TAG)
-            except Exception:  # noqa: BLE001 - a run of another store was warned about above
-                continue
-            if digest:
-                windows.add(digest)
-        windows = windows or None
+    windows = {r.data.tags[WINDOWS_TAG] for r in runs.values() if r.data.tags.get(WINDOWS_TAG)} or None
     return register_champion(uri, cfg["experiment"], windows=windows)
