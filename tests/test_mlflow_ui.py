@@ -28,8 +28,6 @@ import yaml
 from tests._mlflow_server import MlflowServer
 from tests.conftest import REPO, copy_workflow, run_snakemake
 
-pytestmark = pytest.mark.e2e
-
 TINY = REPO / "tests/configs/tiny.yaml"
 EXPERIMENT = "ui-sweep"
 RUNS = ("lr0.001", "lr0.003")
@@ -47,6 +45,13 @@ def _find(names: tuple[str, ...], fallbacks: tuple[str, ...]) -> str | None:
 
 CHROMIUM = _find(("chromium", "chromium-browser", "google-chrome"), ("/usr/bin/chromium", "/usr/lib/chromium/chromium"))
 CHROMEDRIVER = _find(("chromedriver",), ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"))
+
+# Skipped before any fixture runs (the sweep takes a minute) where there is no browser to drive.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +77,7 @@ def mlflow_ui(sweep_workflow: Path) -> Iterator[str]:
 
 @pytest.fixture
 def browser() -> Iterator:
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+    """Headless chromium driven by chromedriver (Debian's), 1600 x 1000."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
