@@ -242,6 +242,7 @@ def test_changed_learning_rate_trains_a_new_model_in_a_new_mlflow_run(tiny_run: 
     (old_id, _, old_params, old_tags), (new_id, status, new_params, _) = runs
     assert old_params["train.learning_rate"] == "0.003" and new_params["train.learning_rate"] == "0.0005"
     assert status == "FINISHED" and old_tags.get("superseded_by") == new_id
+    assert runs[1][3]["data.time_gaps"] == "0" and runs[1][3]["data.missing_dates"] == ""  # gaps of the data
     ckpt = torch.load(model, map_location="cpu", weights_only=True)
     assert ckpt["mlflow_run_id"] == new_id
     assert "test_rmse_sst_lead1" in {k for k in _metric_keys(wf, new_id)}
