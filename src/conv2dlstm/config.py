@@ -27,6 +27,7 @@ import hashlib
 import json
 import string
 import urllib.parse
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -602,17 +603,25 @@ def run_config(cfg: dict[str, Any], run: str) -> dict[str, Any]:
         raise ConfigError(f"run {run!r}: {exc}") from exc
 
 
+def flat_items(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": leaf}`` in sorted key order (an empty mapping is a leaf)."""
+    out: dict[str, Any] = {}
+    for key in sorted(mapping):
+        value = mapping[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flat_items(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Flat ``a.b.c -> value`` strings with stable keys (MLflow params line up across runs)."""
-    out: dict[str, str] = {}
-    for key in sorted(cfg):
-        value = cfg[key]
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
-    return out
+    return {
+        name: json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
+        for name, value in flat_items(cfg, prefix).items()
+    }
 
 
 def config_digest(cfg: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from conv2dlstm import keys
+from conv2dlstm.config import flat_items
 from conv2dlstm.errors import DataError
 
 ATTR = "provenance"
@@ -213,20 +214,6 @@ def digest_of(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------------
 # What differs
 
-
-def flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> ``{"a.b.c": leaf}`` (an empty mapping is a leaf)."""
-    out: dict[str, Any] = {}
-    for key in sorted(mapping):
-        value = mapping[key]
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 _ABSENT = "(absent)"
 _MISSING = object()
 
@@ -237,7 +224,7 @@ def _show(value: Any) -> str:
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``"key: old -> new"`` for each leaf of two result configurations that differs, by key name."""
-    a, b = flat(old), flat(new)
+    a, b = flat_items(old), flat_items(new)
     return [
         f"{name}: {_show(a.get(name, _MISSING))} -> {_show(b.get(name, _MISSING))}"
         for name in sorted(set(a) | set(b))
