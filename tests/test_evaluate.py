@@ -429,6 +429,18 @@ def _windows_dataset(times: pd.DatetimeIndex, anomaly: np.ndarray | None = None)
     )
 
 
+def sst_config(root: Path, *, hidden_channels: list[int], batch_size: int) -> dict:
+    """SST -> SST on the test windows with a small ConvLSTM on the CPU, tracked in ``root``."""
+    return validate_config({
+        "variables": {"inputs": ["sst"], "targets": ["sst"]},
+        "windows": {"input_steps": INPUT_STEPS, "lead_steps": LEAD_STEPS},
+        "model": {"name": "convlstm", "convlstm": {"hidden_channels": hidden_channels, "kernel_size": 3}},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_model": False},
+        "train": {"device": "cpu"},
+        "evaluate": {"batch_size": batch_size},
+    })
+
+
 @pytest.fixture(scope="module")
 def pipeline_inputs(tmp_path_factory):
     import mlflow
@@ -445,16 +457,7 @@ def pipeline_inputs(tmp_path_factory):
     stats = root / "stats.nc"
     _stats_dataset().to_netcdf(stats)
 
-    cfg = validate_config(
-        {
-            "variables": {"inputs": ["sst"], "targets": ["sst"]},
-            "windows": {"input_steps": INPUT_STEPS, "lead_steps": LEAD_STEPS},
-            "model": {"name": "convlstm", "convlstm": {"hidden_channels": [4], "kernel_size": 3}},
-            "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_model": False},
-            "train": {"device": "cpu"},
-            "evaluate": {"batch_size": 4},
-        }
-    )
+    cfg = sst_config(root, hidden_channels=[4], batch_size=4)
     kwargs = models.model_kwargs_from_config(
         cfg["model"],
         input_variables=["sst"],
@@ -1042,14 +1045,7 @@ def ar1_inputs(tmp_path_factory):
                "lead_steps": LEAD_STEPS, "stats_sha256": "0" * 64, "format_version": 1,
                **provenance.to_attrs(windows_record)},
     ).pipe(lambda ds: write_store(ds.chunk({"time": 64}), root / "windows.zarr"))
-    cfg = validate_config({
-        "variables": {"inputs": ["sst"], "targets": ["sst"]},
-        "windows": {"input_steps": INPUT_STEPS, "lead_steps": LEAD_STEPS},
-        "model": {"name": "convlstm", "convlstm": {"hidden_channels": [2], "kernel_size": 3}},
-        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_model": False},
-        "train": {"device": "cpu"},
-        "evaluate": {"batch_size": 64},
-    })
+    cfg = sst_config(root, hidden_channels=[2], batch_size=64)
     kwargs = models.model_kwargs_from_config(cfg["model"], input_variables=["sst"], target_variables=["sst"],
                                              input_steps=INPUT_STEPS, lead_steps=LEAD_STEPS, height=AR_LAT.size,
                                              width=AR_LON.size)

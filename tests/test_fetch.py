@@ -18,7 +18,7 @@ from conv2dlstm import fetch, regrid, synthetic
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
-from tests._servers import FileServer
+from tests._servers import FileServer, write_oisst_days
 
 START, END = "2019-01-30", "2019-02-03"  # 5 days across a month boundary
 DAYS = pd.date_range(START, END)
@@ -35,12 +35,7 @@ def fetch_cfg(**source: object) -> dict:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five OISST-like daily files in the NCEI layout (8 x 8 cells), as the synth step writes them."""
-    root = tmp_path_factory.mktemp("served") / "oisst"
-    cfg = validate_config(
-        {"synthetic": {"kind": "oisst", "start": START, "end": END, "lat": [30.125, 31.875], "lon": [290.125, 291.875]}}
-    )
-    synthetic.main(cfg, out_dir=root)
-    return root
+    return write_oisst_days(tmp_path_factory.mktemp("served") / "oisst", START, END)
 
 
 @pytest.fixture()

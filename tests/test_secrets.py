@@ -33,7 +33,7 @@ from conv2dlstm import fetch, synthetic
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DownloadError
 from conv2dlstm.redact import redact_text, redact_url, url_secret_problem
-from tests._servers import FileServer
+from tests._servers import FileServer, write_oisst_days
 from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
 
 START, END = "2019-01-30", "2019-02-01"
@@ -124,12 +124,7 @@ def leaks(root: Path, texts: dict[str, str], *, planted: set[Path], inputs: dict
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three OISST-like daily files in the NCEI layout, as the synth step writes them."""
-    root = tmp_path_factory.mktemp("served") / "oisst"
-    cfg = validate_config(
-        {"synthetic": {"kind": "oisst", "start": START, "end": END, "lat": [30.125, 31.875], "lon": [290.125, 291.875]}}
-    )
-    synthetic.main(cfg, out_dir=root)
-    return root
+    return write_oisst_days(tmp_path_factory.mktemp("served") / "oisst", START, END)
 
 
 @pytest.fixture()
