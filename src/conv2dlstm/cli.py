@@ -135,28 +135,6 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return load_config(args.config, json_text=args.config_json)
 
 
-def _verify(stores: list[Path]) -> None:
-    """Full check of each store; prints one line per store and raises naming the damaged ones."""
-    from conv2dlstm import zarrstore
-    from conv2dlstm.errors import DataError
-
-    damaged = []
-    for store in stores:
-        if not (store / "zarr.json").is_file():
-            raise DataError(f"{store} is not a Zarr store (no zarr.json); give a regridded or windows store")
-        problems = zarrstore.verify(store)
-        print(f"{store}: {'ok' if not problems else 'DAMAGED'}")
-        for problem in problems:
-            print(f"  {problem}")
-        if problems:
-            damaged.append(str(store))
-    if damaged:
-        raise DataError(
-            f"{len(damaged)} damaged store(s): {', '.join(damaged)}; rebuild each with the step that writes it "
-            "(regrid for results/regrid/, windows for results/windows/: snakemake --forcerun <step>)"
-        )
-
-
 def _dispatch(args: argparse.Namespace) -> None:
     step = args.step
     if step == "validate-config":
@@ -165,7 +143,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
         return
     if step == "verify":
-        _verify(args.stores)
+        from conv2dlstm import zarrstore
+
+        for store, problems in zarrstore.verify_stores(args.stores):  # raises after the last, if damaged
+            print(f"{store}: {'ok' if not problems else 'DAMAGED'}", *(f"  {p}" for p in problems), sep="\n")
         return
     if step == "ui-address":
         from conv2dlstm import tracking

@@ -131,6 +131,24 @@ def verify(store: str | Path, *, what: str = "Zarr store", step: str = "its") ->
     return problems
 
 
+def verify_stores(stores: Sequence[Path]) -> Iterator[tuple[Path, list[str]]]:
+    """:func:`verify` each store in turn, yielding ``(store, problems)``; after the last, a
+    :class:`DataError` naming the damaged ones (and at once for a path that is not a Zarr store)."""
+    damaged = []
+    for store in map(Path, stores):
+        if not (store / _METADATA).is_file():
+            raise DataError(f"{store} is not a Zarr store (no {_METADATA}); give a regridded or windows store")
+        problems = verify(store)
+        if problems:
+            damaged.append(str(store))
+        yield store, problems
+    if damaged:
+        raise DataError(
+            f"{len(damaged)} damaged store(s): {', '.join(damaged)}; rebuild each with the step that writes it "
+            "(regrid for results/regrid/, windows for results/windows/: snakemake --forcerun <step>)"
+        )
+
+
 _CODEC_WORDS = ("decompress", "codec", "zstd", "blosc", "crc32c", "checksum")
 
 
