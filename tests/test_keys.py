@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conv2dlstm import keys
+from tests._plan import steps_planned_by
 from conv2dlstm.config import flatten, load_schema, run_config, validate_config
 
 
@@ -101,14 +102,14 @@ def test_a_step_cannot_read_a_key_of_a_later_step():
 def test_planned_steps_are_the_determined_steps_and_everything_downstream():
     cfg = validate_config({})
     spec = {s.name: s for s in keys.key_specs()}
-    assert keys.steps_planned_by(spec["source.retries"], cfg) == set()
-    assert keys.steps_planned_by(spec["splits.val"], cfg) == {"windows", "train", "evaluate", "compare"}
-    assert keys.steps_planned_by(spec["evaluate.plot_date"], cfg) == {"evaluate", "compare"}
-    assert keys.steps_planned_by(spec["outdir"], cfg) == {"regrid", "normalize", "windows", "train", "evaluate", "compare"}
-    assert keys.steps_planned_by(spec["synthetic.seed"], cfg) == set(keys.STEPS)
+    assert steps_planned_by(spec["source.retries"], cfg) == set()
+    assert steps_planned_by(spec["splits.val"], cfg) == {"windows", "train", "evaluate", "compare"}
+    assert steps_planned_by(spec["evaluate.plot_date"], cfg) == {"evaluate", "compare"}
+    assert steps_planned_by(spec["outdir"], cfg) == {"regrid", "normalize", "windows", "train", "evaluate", "compare"}
+    assert steps_planned_by(spec["synthetic.seed"], cfg) == set(keys.STEPS)
     real = validate_config({"synthetic": {"kind": "none"}})
-    assert keys.steps_planned_by(spec["synthetic.seed"], real) == set()
-    assert "synth" not in keys.steps_planned_by(spec["name"], real)
+    assert steps_planned_by(spec["synthetic.seed"], real) == set()
+    assert "synth" not in steps_planned_by(spec["name"], real)
 
 
 def test_an_unannotated_key_is_refused(monkeypatch):

@@ -2,7 +2,7 @@
 
 - For every key of the configuration schema: after a complete run, changing that key alone makes
   `snakemake --dry-run` plan exactly the steps its x-steps annotation names, and those downstream
-  of them (conv2dlstm.keys.steps_planned_by); a runtime key plans nothing.
+  of them (tests/_plan.py); a runtime key plans nothing.
 - A changed learning rate trains a new model, recorded in a new MLflow run with the new rate.
 - Fixing the input data after a complete run retrains from scratch, and the result equals a run
   on the fixed data in another directory, bit for bit (windows store, weights, metrics.csv).
@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from conv2dlstm import keys
+from tests._plan import steps_planned_by
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
@@ -181,7 +182,7 @@ def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
     for name, change in CHANGES.items():
         changed = _merge(base, change)
         assert keys.get(validate_config(changed), name) != keys.get(validate_config(base), name), name
-        expected = keys.steps_planned_by(specs[name], validate_config(base))
+        expected = steps_planned_by(specs[name], validate_config(base))
         cases.append((name, changed, expected))
     for label, (runs, expected) in RUN_CHANGES.items():
         cases.append((f"runs: {label}", {**base, "runs": runs}, expected))

@@ -185,19 +185,3 @@ def step_view(cfg: dict[str, Any], step: str) -> dict[str, Any]:
         if key in cfg:
             out[key] = copy.deepcopy(cfg[key])
     return out
-
-
-def steps_planned_by(spec: KeySpec, cfg: dict[str, Any]) -> set[str]:
-    """The steps whose outputs change when the key changes: those it determines (or whose paths it
-    names) under ``cfg``, and every step downstream of them. ``synth`` only when the config
-    generates data."""
-    direct = set(spec.steps) if spec.output_path else {s for s in STEPS if spec.determines(s, cfg)}
-    if cfg["synthetic"]["kind"] == "none":
-        direct.discard("synth")
-    if not direct:
-        return set()
-    first = min(STEPS.index(s) for s in direct)
-    planned = set(STEPS[first:])
-    if cfg["synthetic"]["kind"] == "none":
-        planned.discard("synth")
-    return planned
