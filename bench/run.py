@@ -53,8 +53,9 @@ def bench_stream(work: Path) -> dict:
 
     cfg = load_config(REPO / "config" / "config.yaml")
     normalize.main(cfg, data=work / "regrid.zarr", out=work / "stats.nc", threads=2, memory_mb=4000)
-    windows.main(cfg, data=work / "regrid.zarr", stats=work / "stats.nc", out=work / "windows.zarr",
-                 threads=2, memory_mb=4000)
+    windows.main(
+        cfg, data=work / "regrid.zarr", stats=work / "stats.nc", out=work / "windows.zarr", threads=2, memory_mb=4000
+    )
     store = WindowsStore(work / "windows.zarr")
     order = np.random.default_rng(0).permutation(len(store.starts("train")))[:300]
     t0 = time.perf_counter()
@@ -77,17 +78,26 @@ def bench_train(work: Path) -> dict:
     for device in devices:
         for name in ("convlstm", "conv2d_lstm"):
             kwargs = model_kwargs_from_config(
-                {**cfg["model"], "name": name}, input_variables=["sst"], target_variables=["sst"],
-                input_steps=5, lead_steps=3, height=25, width=25,
+                {**cfg["model"], "name": name},
+                input_variables=["sst"],
+                target_variables=["sst"],
+                input_steps=5,
+                lead_steps=3,
+                height=25,
+                width=25,
             )
             model = build_model(name, **kwargs).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             batch = 16 if device == "cpu" else 256
             x = torch.randn(batch, 5, 1, 25, 25, device=device)  # (batch, time, channel, lat, lon)
             y = torch.randn(batch, 3, 1, 25, 25, device=device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+            autocast = (
+                torch.autocast("cuda", dtype=torch.bfloat16)
+                if device == "cuda"
+                else torch.autocast("cpu", enabled=False)
+            )
 
-            def step() -> None:
+            def step(model=model, opt=opt, x=x, y=y, autocast=autocast) -> None:
                 opt.zero_grad(set_to_none=True)
                 with autocast:
                     loss = torch.nn.functional.mse_loss(model(x).float(), y)
@@ -118,8 +128,11 @@ def bench_shared_cpu(work: Path) -> dict:
         policy = shared_cpu.POLICIES[name]
         alone = shared_cpu.measure(policy, seconds=8, neighbour=False)
         shared = shared_cpu.measure(policy, seconds=8, neighbour=True)
-        out |= {f"shared_cpu_{name}_alone": alone, f"shared_cpu_{name}_shared": shared,
-                f"shared_cpu_{name}_ratio": shared / alone}
+        out |= {
+            f"shared_cpu_{name}_alone": alone,
+            f"shared_cpu_{name}_shared": shared,
+            f"shared_cpu_{name}_ratio": shared / alone,
+        }
     return out
 
 
@@ -145,11 +158,18 @@ def check(results: dict, targets: dict) -> list[str]:
         missed.append(f"streaming {results['stream_samples_per_s']:.0f}/s < {targets['stream_samples_per_s_min']}/s")
     loader_ratio = results["stream_samples_per_s"] / results["train_samples_per_s_convlstm_cpu"]
     if loader_ratio < targets["loader_vs_train_min"]:
-        missed.append(f"the Zarr loader feeds {loader_ratio:.1f}x the training speed < {targets['loader_vs_train_min']}x")
+        missed.append(
+            f"the Zarr loader feeds {loader_ratio:.1f}x the training speed < {targets['loader_vs_train_min']}x"
+        )
     if results["shared_cpu_passive_ratio"] < targets["shared_cpu_ratio_min"]:
-        missed.append(f"shared CPU: {results['shared_cpu_passive_ratio']:.2f} of the alone speed "
-                      f"< {targets['shared_cpu_ratio_min']}")
-    if results["shared_cpu_passive_alone"] < targets["passive_alone_vs_default_min"] * results["shared_cpu_default_alone"]:
+        missed.append(
+            f"shared CPU: {results['shared_cpu_passive_ratio']:.2f} of the alone speed "
+            f"< {targets['shared_cpu_ratio_min']}"
+        )
+    if (
+        results["shared_cpu_passive_alone"]
+        < targets["passive_alone_vs_default_min"] * results["shared_cpu_default_alone"]
+    ):
         missed.append("passive OpenMP waiting is slower alone than the default")
     for name, floor in targets["train_samples_per_s_min"].items():
         got = results[f"train_samples_per_s_{name}_cpu"]

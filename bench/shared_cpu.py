@@ -76,8 +76,12 @@ def _env(policy: dict[str, str]) -> dict[str, str]:
 
 
 def _start(policy: dict[str, str], seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(seconds), str(REPO / "config/config.yaml")],
-                            env=_env(policy), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(seconds), str(REPO / "config/config.yaml")],
+        env=_env(policy),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def measure(policy: dict[str, str], *, seconds: float, neighbour: bool) -> float:

@@ -55,7 +55,11 @@ class MlflowServer:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(exe), "server", *self.args, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                cwd=self.cwd, env=job_env(), stdout=out, stderr=subprocess.STDOUT)
+                cwd=self.cwd,
+                env=job_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_http(f"{self.url}/health", START_TIMEOUT_S, self.proc)
         except Exception:
@@ -82,6 +86,7 @@ class MlflowServer:
     def __enter__(self) -> MlflowServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

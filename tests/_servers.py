@@ -71,16 +71,16 @@ class FileServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.0"  # one request per connection: truncation closes cleanly
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence stderr
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
             def _relative(self) -> str:
                 return urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
 
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server API
+            def do_HEAD(self) -> None:
                 self._serve(body=False)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 self._serve(body=True)
 
             def _serve(self, *, body: bool) -> None:

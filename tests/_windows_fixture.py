@@ -56,8 +56,7 @@ def _digest(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
-def moving_waves(n_time: int, n_var: int, height: int, width: int, *, seed: int = 0,
-                 noise: float = 0.0) -> np.ndarray:
+def moving_waves(n_time: int, n_var: int, height: int, width: int, *, seed: int = 0, noise: float = 0.0) -> np.ndarray:
     """``(time, variable, lat, lon)``: a sum of sinusoids in ``lon - time`` (one cell per step eastward)."""
     rng = np.random.default_rng(seed)
     t = np.arange(n_time)[:, None, None]
@@ -80,7 +79,7 @@ def default_mask(height: int, width: int, land_columns: int = 2) -> np.ndarray:
     mask = np.ones((height, width), dtype=bool)
     mask[:, :land_columns] = False
     if height >= 6 and width >= 6:
-        mask[height // 2: height // 2 + 2, width // 2: width // 2 + 2] = False
+        mask[height // 2 : height // 2 + 2, width // 2 : width // 2 + 2] = False
     return mask
 
 
@@ -145,8 +144,14 @@ def make_windows_store(
         clim[d - 1] = train[doy == d].mean(axis=0)  # NaN on land
     clim = np.where(mask, clim, np.nan)
     regrid_digest = _digest(physical, mask, variables, str(time[0]))
-    settings = {"input_variables": input_variables, "target_variables": target_variables, "input_steps": input_steps,
-                "lead_steps": lead_steps, "stride": stride, "split_fractions": list(split_fractions)}
+    settings = {
+        "input_variables": input_variables,
+        "target_variables": target_variables,
+        "input_steps": input_steps,
+        "lead_steps": lead_steps,
+        "stride": stride,
+        "split_fractions": list(split_fractions),
+    }
     stats_record = provenance.make_record("normalize", _digest(variables, n_train), {"regrid": regrid_digest})
     windows_record = provenance.make_record(
         "windows", _digest(settings), {"regrid": regrid_digest, "stats": stats_record["digest"]}
@@ -190,9 +195,22 @@ def make_windows_store(
     chunk = time_chunk or (input_steps + lead_steps)
     zarrstore.write_store(ds.chunk({"time": chunk}), path)  # as the windows step writes it
     return WindowsFixture(
-        store=path, stats=stats_path, physical=physical, normalized=normalized, mask=mask, time=time,
-        lat=lat, lon=lon, variables=variables, input_variables=input_variables,
-        target_variables=target_variables, input_steps=input_steps, lead_steps=lead_steps,
-        starts=starts, mean=mean, std=std, windows_digest=windows_record["digest"],
+        store=path,
+        stats=stats_path,
+        physical=physical,
+        normalized=normalized,
+        mask=mask,
+        time=time,
+        lat=lat,
+        lon=lon,
+        variables=variables,
+        input_variables=input_variables,
+        target_variables=target_variables,
+        input_steps=input_steps,
+        lead_steps=lead_steps,
+        starts=starts,
+        mean=mean,
+        std=std,
+        windows_digest=windows_record["digest"],
         stats_digest=stats_record["digest"],
     )

@@ -33,10 +33,16 @@ def snakemake_exe() -> str:
 
 def copy_workflow(dest: Path) -> Path:
     """Copy the tracked workflow files (no results, no data) to ``dest``, as a fresh clone would have."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if not src.exists() or src.is_dir():
@@ -77,7 +83,9 @@ def run_snakemake(cwd: Path, *args: str, timeout: int = 1500, env: dict[str, str
         logs = "\n".join(
             f"--- {p.relative_to(cwd)}\n{p.read_text()[-3000:]}" for p in sorted(cwd.glob("results/**/logs/**/*.log"))
         )
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}\n{logs}")
+        pytest.fail(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}\n{logs}"
+        )
     return proc
 
 

@@ -47,7 +47,10 @@ def shared_scheduler() -> Iterator[None]:
     import distributed
 
     cluster = distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address=None,
         silence_logs=logging.ERROR,
     )
     with pytest.MonkeyPatch.context() as mp:
@@ -253,8 +256,12 @@ def salinity_spellings(ctx: Ctx) -> dict:
 
 
 def nitrate_volume_units(ctx: Ctx) -> dict:
-    daily(ctx.data, var="no3", units=["mmol m-3", "mmol/m3", "umol/l", "µmol L-1", "mol m-3", "mmol.m-3"],
-          value=[5.0, 5.0, 5.0, 5.0, 0.005, 5.0])
+    daily(
+        ctx.data,
+        var="no3",
+        units=["mmol m-3", "mmol/m3", "umol/l", "µmol L-1", "mol m-3", "mmol.m-3"],
+        value=[5.0, 5.0, 5.0, 5.0, 0.005, 5.0],
+    )
     return {**url_source(ctx), "variables": {"inputs": ["no3"], "targets": ["no3"]}}
 
 
@@ -265,8 +272,11 @@ def oxygen_per_mass(ctx: Ctx) -> dict:
 
 def oxygen_per_mass_declared(ctx: Ctx) -> dict:
     daily(ctx.data, var="o2", units="umol kg-1", value=250.0)
-    return {**url_source(ctx), "variables": {"inputs": ["o2"], "targets": ["o2"]},
-            "harmonize": {"units": {"o2": {"unit": "umol/kg", "min": 0.0, "max": 500.0}}}}
+    return {
+        **url_source(ctx),
+        "variables": {"inputs": ["o2"], "targets": ["o2"]},
+        "harmonize": {"units": {"o2": {"unit": "umol/kg", "min": 0.0, "max": 500.0}}},
+    }
 
 
 def chlorophyll_mass_units(ctx: Ctx) -> dict:
@@ -281,8 +291,11 @@ def undeclared_variable_mixed_units(ctx: Ctx) -> dict:
 
 def undeclared_variable_declared(ctx: Ctx) -> dict:
     daily(ctx.data, var="ssh", units=["m", "m", "m", "cm", "cm", "cm"], value=[0.5, 0.5, 0.5, 50.0, 50.0, 50.0])
-    return {**url_source(ctx), "variables": {"inputs": ["ssh"], "targets": ["ssh"]},
-            "harmonize": {"units": {"ssh": {"unit": "m", "min": -5.0, "max": 5.0}}}}
+    return {
+        **url_source(ctx),
+        "variables": {"inputs": ["ssh"], "targets": ["ssh"]},
+        "harmonize": {"units": {"ssh": {"unit": "m", "min": -5.0, "max": 5.0}}},
+    }
 
 
 def renamed_variable_in_kelvin(ctx: Ctx) -> dict:
@@ -440,119 +453,319 @@ def bad_method(ctx: Ctx) -> dict:
 RAW = r"raw/"  # fetched (url) files live in the work folder's raw/
 CASES = [
     # units: converted when recognisable, refused when not
-    Case("mixed-degC-K-converted", mixed_celsius_kelvin, None,
-         [r"'sst' converted from 'K' to 'degC' \(x \* 1 - 273\.15\)", r"the files mix units"],
-         both(values_are(20.0), lambda s: s["sst"].attrs["units"] == "degC" or pytest.fail("units"))),
-    Case("all-kelvin-converted", all_kelvin, None, [],
-         values_are([18.0, 19.0, 20.0, 21.0, 22.0, 23.0]), log_level=logging.INFO),
+    Case(
+        "mixed-degC-K-converted",
+        mixed_celsius_kelvin,
+        None,
+        [r"'sst' converted from 'K' to 'degC' \(x \* 1 - 273\.15\)", r"the files mix units"],
+        both(values_are(20.0), lambda s: s["sst"].attrs["units"] == "degC" or pytest.fail("units")),
+    ),
+    Case(
+        "all-kelvin-converted",
+        all_kelvin,
+        None,
+        [],
+        values_are([18.0, 19.0, 20.0, 21.0, 22.0, 23.0]),
+        log_level=logging.INFO,
+    ),
     Case("cf-celsius-spellings", cf_celsius_spellings, None, [], values_are(20.0)),
     Case("fahrenheit-converted", fahrenheit, None, [], values_are(20.0)),
-    Case("unit-not-convertible", unconvertible_unit, "regrid",
-         [r"variable 'sst' in .*sst\.20200105\.nc and .*sst\.20200106\.nc has units 'mmol m-3'",
-          r"cannot be converted to its canonical unit 'degC' \(harmonize\.units\.sst\.unit\)",
-          r"Units found: 'degC' in .*sst\.20200101\.nc.*'mmol m-3' in",
-          r"Fix the files' units attribute, or set harmonize\.units\.sst\.unit"]),
-    Case("unit-unreadable", unreadable_unit, "regrid",
-         [r"has units 'furlongs per banana'", r"not a unit pint can read", r"harmonize\.units\.sst\.unit"]),
-    Case("no-units-attribute-assumed-canonical", no_units_attribute, None,
-         [r"'sst' has no units attribute in .*sst\.20200101\.nc.* and 3 more files",
-          r"taken to be in its canonical unit 'degC'", r"range -3\.\.40 degC is still checked"], values_are(20.0)),
-    Case("kelvin-labelled-celsius-out-of-range", kelvin_labelled_celsius, "regrid",
-         [r"180 value\(s\) of 'sst' lie outside its plausible range -3\.\.40 degC \(harmonize\.units\.sst\)",
-          r"at 3 of 6 time steps", r"range from 20 to 293\.15",
-          r"the first is at 2020-01-04 12:00:00 in \S*sst\.20200104\.nc",
-          r"units attribute", r"widen harmonize\.units\.sst\.min/max"]),
-    Case("one-spike-out-of-range", one_hot_spike, "regrid",
-         [r"1 value\(s\) of 'sst' lie outside", r"at 1 of 6 time steps", r"range from 20 to 45",
-          r"first is at 2020-01-04 12:00:00 in \S*sst\.20200104\.nc", r"harmonize\.units\.sst\.min/max"]),
-    Case("undeclared-fill-value-below-min", undeclared_fill_value, "regrid",
-         [r"1 value\(s\) of 'sst' lie outside", r"range from -999 to 20",
-          r"first is at 2020-01-02 12:00:00 in \S*sst\.20200102\.nc", r"_FillValue"]),
+    Case(
+        "unit-not-convertible",
+        unconvertible_unit,
+        "regrid",
+        [
+            r"variable 'sst' in .*sst\.20200105\.nc and .*sst\.20200106\.nc has units 'mmol m-3'",
+            r"cannot be converted to its canonical unit 'degC' \(harmonize\.units\.sst\.unit\)",
+            r"Units found: 'degC' in .*sst\.20200101\.nc.*'mmol m-3' in",
+            r"Fix the files' units attribute, or set harmonize\.units\.sst\.unit",
+        ],
+    ),
+    Case(
+        "unit-unreadable",
+        unreadable_unit,
+        "regrid",
+        [r"has units 'furlongs per banana'", r"not a unit pint can read", r"harmonize\.units\.sst\.unit"],
+    ),
+    Case(
+        "no-units-attribute-assumed-canonical",
+        no_units_attribute,
+        None,
+        [
+            r"'sst' has no units attribute in .*sst\.20200101\.nc.* and 3 more files",
+            r"taken to be in its canonical unit 'degC'",
+            r"range -3\.\.40 degC is still checked",
+        ],
+        values_are(20.0),
+    ),
+    Case(
+        "kelvin-labelled-celsius-out-of-range",
+        kelvin_labelled_celsius,
+        "regrid",
+        [
+            r"180 value\(s\) of 'sst' lie outside its plausible range -3\.\.40 degC \(harmonize\.units\.sst\)",
+            r"at 3 of 6 time steps",
+            r"range from 20 to 293\.15",
+            r"the first is at 2020-01-04 12:00:00 in \S*sst\.20200104\.nc",
+            r"units attribute",
+            r"widen harmonize\.units\.sst\.min/max",
+        ],
+    ),
+    Case(
+        "one-spike-out-of-range",
+        one_hot_spike,
+        "regrid",
+        [
+            r"1 value\(s\) of 'sst' lie outside",
+            r"at 1 of 6 time steps",
+            r"range from 20 to 45",
+            r"first is at 2020-01-04 12:00:00 in \S*sst\.20200104\.nc",
+            r"harmonize\.units\.sst\.min/max",
+        ],
+    ),
+    Case(
+        "undeclared-fill-value-below-min",
+        undeclared_fill_value,
+        "regrid",
+        [
+            r"1 value\(s\) of 'sst' lie outside",
+            r"range from -999 to 20",
+            r"first is at 2020-01-02 12:00:00 in \S*sst\.20200102\.nc",
+            r"_FillValue",
+        ],
+    ),
     Case("spike-accepted-by-relaxed-range", spike_with_relaxed_range, None, []),
-    Case("salinity-cf-spellings", salinity_spellings, None, [],
-         both(values_are(35.0, "sss"), lambda s: s["sss"].attrs["units"] == "psu" or pytest.fail("units"))),
-    Case("nitrate-volume-units", nitrate_volume_units, None, [r"'no3' converted from 'mol m-3' to 'mmol m-3'"],
-         values_are(5.0, "no3")),
-    Case("oxygen-per-mass-refused", oxygen_per_mass, "regrid",
-         [r"'o2' in .* has units 'umol/kg'", r"\[substance\] / \[mass\]", r"\[substance\] / \[length\] \*\* 3",
-          r"harmonize\.units\.o2\.unit"]),
+    Case(
+        "salinity-cf-spellings",
+        salinity_spellings,
+        None,
+        [],
+        both(values_are(35.0, "sss"), lambda s: s["sss"].attrs["units"] == "psu" or pytest.fail("units")),
+    ),
+    Case(
+        "nitrate-volume-units",
+        nitrate_volume_units,
+        None,
+        [r"'no3' converted from 'mol m-3' to 'mmol m-3'"],
+        values_are(5.0, "no3"),
+    ),
+    Case(
+        "oxygen-per-mass-refused",
+        oxygen_per_mass,
+        "regrid",
+        [
+            r"'o2' in .* has units 'umol/kg'",
+            r"\[substance\] / \[mass\]",
+            r"\[substance\] / \[length\] \*\* 3",
+            r"harmonize\.units\.o2\.unit",
+        ],
+    ),
     Case("oxygen-per-mass-declared", oxygen_per_mass_declared, None, [], values_are(250.0, "o2")),
     Case("chlorophyll-mass-units", chlorophyll_mass_units, None, [], values_are(0.4, "chl")),
-    Case("undeclared-variable-mixed-units", undeclared_variable_mixed_units, "regrid",
-         [r"variable 'ssh' has different units in different files: 'm' in .*; 'cm' in",
-          r"no harmonize\.units entry", r"add harmonize\.units\.ssh"]),
+    Case(
+        "undeclared-variable-mixed-units",
+        undeclared_variable_mixed_units,
+        "regrid",
+        [
+            r"variable 'ssh' has different units in different files: 'm' in .*; 'cm' in",
+            r"no harmonize\.units entry",
+            r"add harmonize\.units\.ssh",
+        ],
+    ),
     Case("undeclared-variable-given-an-entry", undeclared_variable_declared, None, [], values_are(0.5, "ssh")),
     Case("renamed-variable-in-kelvin", renamed_variable_in_kelvin, None, [], values_are(20.0)),
-    Case("canonical-unit-unreadable", bad_canonical_unit, "regrid",
-         [r"config key harmonize\.units\.sst\.unit: 'bananas' is not a unit pint can read"]),
-    Case("range-min-above-max", range_min_above_max, "fetch",  # the config alone decides: before any step
-         [r"config key harmonize\.units\.sst: min 30 is above max 10; swap them"]),
+    Case(
+        "canonical-unit-unreadable",
+        bad_canonical_unit,
+        "regrid",
+        [r"config key harmonize\.units\.sst\.unit: 'bananas' is not a unit pint can read"],
+    ),
+    Case(
+        "range-min-above-max",
+        range_min_above_max,
+        "fetch",  # the config alone decides: before any step
+        [r"config key harmonize\.units\.sst: min 30 is above max 10; swap them"],
+    ),
     # duplicate time stamps: named, refused, or resolved on request
-    Case("duplicate-day-refused", duplicate_day, "regrid",
-         [r"time 2020-01-03 12:00:00 appears in both \S*sst\.20200103\.nc and \S*sst\.20200103b\.nc",
-          r"not merged", r"harmonize\.duplicates to first .*or last"]),
-    Case("duplicate-day-keep-first", lambda ctx: duplicate_day(ctx, "first"), None,
-         [r"harmonize\.duplicates first: 1 time stamp\(s\) repeat", r"dropped 1 step\(s\) from \S*sst\.20200103b\.nc"],
-         values_are(20.0)),
-    Case("duplicate-day-keep-last", lambda ctx: duplicate_day(ctx, "last"), None,
-         [r"harmonize\.duplicates last", r"dropped 1 step\(s\) from \S*sst\.20200103\.nc"],
-         values_are([20.0, 20.0, 25.0, 20.0, 20.0, 20.0])),
-    Case("duplicate-within-one-file", duplicate_within_one_file, "regrid",
-         [r"time 2020-01-03 12:00:00 appears twice in \S*all\.nc", r"harmonize\.duplicates"]),
-    Case("overlapping-files-refused", overlapping_files, "regrid",
-         [r"appears in both \S*part1\.nc and \S*part2\.nc \(2 time stamps repeat"]),
-    Case("overlapping-files-keep-last", overlapping_files_last, None, [],
-         values_are([20.0, 20.0, 21.0, 21.0, 21.0, 21.0])),
+    Case(
+        "duplicate-day-refused",
+        duplicate_day,
+        "regrid",
+        [
+            r"time 2020-01-03 12:00:00 appears in both \S*sst\.20200103\.nc and \S*sst\.20200103b\.nc",
+            r"not merged",
+            r"harmonize\.duplicates to first .*or last",
+        ],
+    ),
+    Case(
+        "duplicate-day-keep-first",
+        lambda ctx: duplicate_day(ctx, "first"),
+        None,
+        [r"harmonize\.duplicates first: 1 time stamp\(s\) repeat", r"dropped 1 step\(s\) from \S*sst\.20200103b\.nc"],
+        values_are(20.0),
+    ),
+    Case(
+        "duplicate-day-keep-last",
+        lambda ctx: duplicate_day(ctx, "last"),
+        None,
+        [r"harmonize\.duplicates last", r"dropped 1 step\(s\) from \S*sst\.20200103\.nc"],
+        values_are([20.0, 20.0, 25.0, 20.0, 20.0, 20.0]),
+    ),
+    Case(
+        "duplicate-within-one-file",
+        duplicate_within_one_file,
+        "regrid",
+        [r"time 2020-01-03 12:00:00 appears twice in \S*all\.nc", r"harmonize\.duplicates"],
+    ),
+    Case(
+        "overlapping-files-refused",
+        overlapping_files,
+        "regrid",
+        [r"appears in both \S*part1\.nc and \S*part2\.nc \(2 time stamps repeat"],
+    ),
+    Case(
+        "overlapping-files-keep-last",
+        overlapping_files_last,
+        None,
+        [],
+        values_are([20.0, 20.0, 21.0, 21.0, 21.0, 21.0]),
+    ),
     # gaps: reported in the log and the store's attributes
-    Case("gap-reported", gap_inside, None,
-         [r"regrid: 1 gap\(s\) in the time axis, 2 missing step\(s\) of 1 day, the longest 2 day\(s\): "
-          r"2020-01-03\.\.2020-01-04"],
-         attrs_are(time_gaps=1, missing_steps=2, longest_gap_days=2.0, missing_dates=["2020-01-03..2020-01-04"])),
-    Case("gaps-at-both-ends-reported", gaps_at_both_ends, None, [r"2 gap\(s\)"],
-         attrs_are(time_gaps=2, missing_steps=4, missing_dates=["2020-01-01", "2020-01-06..2020-01-08"])),
-    Case("no-gap", no_gap, None, [r"no gap in the time axis"],
-         attrs_are(time_gaps=0, missing_steps=0, longest_gap_days=0.0, missing_dates=[]), log_level=logging.INFO),
+    Case(
+        "gap-reported",
+        gap_inside,
+        None,
+        [
+            r"regrid: 1 gap\(s\) in the time axis, 2 missing step\(s\) of 1 day, the longest 2 day\(s\): "
+            r"2020-01-03\.\.2020-01-04"
+        ],
+        attrs_are(time_gaps=1, missing_steps=2, longest_gap_days=2.0, missing_dates=["2020-01-03..2020-01-04"]),
+    ),
+    Case(
+        "gaps-at-both-ends-reported",
+        gaps_at_both_ends,
+        None,
+        [r"2 gap\(s\)"],
+        attrs_are(time_gaps=2, missing_steps=4, missing_dates=["2020-01-01", "2020-01-06..2020-01-08"]),
+    ),
+    Case(
+        "no-gap",
+        no_gap,
+        None,
+        [r"no gap in the time axis"],
+        attrs_are(time_gaps=0, missing_steps=0, longest_gap_days=0.0, missing_dates=[]),
+        log_level=logging.INFO,
+    ),
     # missing dates upstream: refused, or tolerated up to source.max_missing and reported
-    Case("http-404-refused", http_404, "fetch",
-         [r"sst\.20200103\.nc: HTTP 404", r"source\.url", r"source\.start", r"source\.max_missing tolerates"]),
-    Case("http-404-tolerated", lambda ctx: http_404(ctx, max_missing=1), None,
-         [r"no file upstream for 2020-01-03", r"tolerated as a gap", r"1 gap\(s\)",
-          r"1 date\(s\) had no file upstream"],
-         attrs_are(time_gaps=1, missing_dates=["2020-01-03"], missing_upstream=["2020-01-03"])),
-    Case("http-404-too-many", lambda ctx: http_404(ctx, max_missing=1, absent=(1, 3)), "fetch",
-         [r"at least 2 dates of source\.start\.\.source\.end \(2020-01-01\.\.2020-01-06\) have no file upstream",
-          r"more than source\.max_missing = 1", r"2020-01-02 \(http://\S+/sst\.20200102\.nc\)",
-          r"raise source\.max_missing"]),
-    Case("file-url-missing-date-tolerated", missing_file_url_tolerated, None, [r"no file upstream for 2020-01-05"],
-         attrs_are(missing_dates=["2020-01-05"])),
-    Case("every-date-missing", every_date_missing, "fetch",
-         [r"no date of source\.start\.\.source\.end \(2020-01-01\.\.2020-01-06\) has a file upstream"]),
+    Case(
+        "http-404-refused",
+        http_404,
+        "fetch",
+        [r"sst\.20200103\.nc: HTTP 404", r"source\.url", r"source\.start", r"source\.max_missing tolerates"],
+    ),
+    Case(
+        "http-404-tolerated",
+        lambda ctx: http_404(ctx, max_missing=1),
+        None,
+        [r"no file upstream for 2020-01-03", r"tolerated as a gap", r"1 gap\(s\)", r"1 date\(s\) had no file upstream"],
+        attrs_are(time_gaps=1, missing_dates=["2020-01-03"], missing_upstream=["2020-01-03"]),
+    ),
+    Case(
+        "http-404-too-many",
+        lambda ctx: http_404(ctx, max_missing=1, absent=(1, 3)),
+        "fetch",
+        [
+            r"at least 2 dates of source\.start\.\.source\.end \(2020-01-01\.\.2020-01-06\) have no file upstream",
+            r"more than source\.max_missing = 1",
+            r"2020-01-02 \(http://\S+/sst\.20200102\.nc\)",
+            r"raise source\.max_missing",
+        ],
+    ),
+    Case(
+        "file-url-missing-date-tolerated",
+        missing_file_url_tolerated,
+        None,
+        [r"no file upstream for 2020-01-05"],
+        attrs_are(missing_dates=["2020-01-05"]),
+    ),
+    Case(
+        "every-date-missing",
+        every_date_missing,
+        "fetch",
+        [r"no date of source\.start\.\.source\.end \(2020-01-01\.\.2020-01-06\) has a file upstream"],
+    ),
     # refused before this issue, and still refused with a clear message
     Case("misspelt-key", misspelt_key, "fetch", [r"config key source: unknown key\(s\) 'ulr'", r"check the spelling"]),
-    Case("misspelt-duplicates-policy", misspelt_policy, "fetch",
-         [r"config key harmonize\.duplicates: 'keep' is not one of \['error', 'first', 'last'\]"]),
+    Case(
+        "misspelt-duplicates-policy",
+        misspelt_policy,
+        "fetch",
+        [r"config key harmonize\.duplicates: 'keep' is not one of \['error', 'first', 'last'\]"],
+    ),
     Case("truncated-download", truncated_download, "fetch", [r"sst\.20200102\.nc", r"truncated"]),
-    Case("corrupt-download", corrupt_download, "fetch",
-         [r"sst\.20200104\.nc: the downloaded file is not a readable netCDF file"]),
-    Case("checksum-mismatch", checksum_mismatch, "fetch",
-         [r"sst\.20200103\.nc: SHA-256 [0-9a-f]{64} does not match source\.checksums\['sst\.20200103\.nc'\]"]),
-    Case("corrupt-local-file", corrupt_local_file, "fetch",
-         [r"source\.paths: \S*sst\.20200102\.nc is not a readable netCDF file"]),
-    Case("glob-matches-nothing", glob_matches_nothing, "fetch",
-         [r"config key source\.paths: '\S*oisst\.\*\.nc' matches no file", r"fix the path"]),
-    Case("empty-period", empty_period, "regrid",
-         [r"2021-01-01\.\.2021-01-31 contains no time step of the data, which covers 2020-01-01\.\.2020-01-06",
-          r"source\.start/end"]),
-    Case("grid-outside-data", grid_outside_data, "regrid",
-         [r"target grid lat .* is outside the source coverage", r"shrink config grid\.lat"]),
-    Case("wrong-variable-name", wrong_variable_name, "regrid",
-         [r"variables \['sts'\] \(config variables\.inputs/targets\) are not in the harmonized source",
-          r"available variables are \['sst'\]", r"harmonize\.rename"]),
-    Case("fetched-file-deleted", no_gap, "regrid",
-         [r"1 listed file\(s\) are missing \(first: \S*sst\.20200103\.nc\)", r"run the fetch step again"],
-         after_fetch=delete_a_fetched_file),
-    Case("manifest-missing", no_gap, "regrid", [r"manifest \S*manifest\.json does not exist; run the fetch step"],
-         after_fetch=delete_the_manifest),
+    Case(
+        "corrupt-download",
+        corrupt_download,
+        "fetch",
+        [r"sst\.20200104\.nc: the downloaded file is not a readable netCDF file"],
+    ),
+    Case(
+        "checksum-mismatch",
+        checksum_mismatch,
+        "fetch",
+        [r"sst\.20200103\.nc: SHA-256 [0-9a-f]{64} does not match source\.checksums\['sst\.20200103\.nc'\]"],
+    ),
+    Case(
+        "corrupt-local-file",
+        corrupt_local_file,
+        "fetch",
+        [r"source\.paths: \S*sst\.20200102\.nc is not a readable netCDF file"],
+    ),
+    Case(
+        "glob-matches-nothing",
+        glob_matches_nothing,
+        "fetch",
+        [r"config key source\.paths: '\S*oisst\.\*\.nc' matches no file", r"fix the path"],
+    ),
+    Case(
+        "empty-period",
+        empty_period,
+        "regrid",
+        [
+            r"2021-01-01\.\.2021-01-31 contains no time step of the data, which covers 2020-01-01\.\.2020-01-06",
+            r"source\.start/end",
+        ],
+    ),
+    Case(
+        "grid-outside-data",
+        grid_outside_data,
+        "regrid",
+        [r"target grid lat .* is outside the source coverage", r"shrink config grid\.lat"],
+    ),
+    Case(
+        "wrong-variable-name",
+        wrong_variable_name,
+        "regrid",
+        [
+            r"variables \['sts'\] \(config variables\.inputs/targets\) are not in the harmonized source",
+            r"available variables are \['sst'\]",
+            r"harmonize\.rename",
+        ],
+    ),
+    Case(
+        "fetched-file-deleted",
+        no_gap,
+        "regrid",
+        [r"1 listed file\(s\) are missing \(first: \S*sst\.20200103\.nc\)", r"run the fetch step again"],
+        after_fetch=delete_a_fetched_file,
+    ),
+    Case(
+        "manifest-missing",
+        no_gap,
+        "regrid",
+        [r"manifest \S*manifest\.json does not exist; run the fetch step"],
+        after_fetch=delete_the_manifest,
+    ),
     Case("bad-regrid-method", bad_method, "fetch", [r"config key grid\.method: 'bilinear' is not one of"]),
 ]
 
@@ -561,8 +774,16 @@ def run_step(step: str, cfg: dict, ctx: Ctx, capsys: pytest.CaptureFixture[str])
     """Run one CLI step as ``python -m conv2dlstm <step>`` does; return its exit status and stderr."""
     args = {
         "fetch": ["--out-dir", str(ctx.raw)],
-        "regrid": ["--manifest", str(ctx.raw / "manifest.json"), "--out", str(ctx.store),
-                   "--threads", "1", "--memory-mb", "1024"],
+        "regrid": [
+            "--manifest",
+            str(ctx.raw / "manifest.json"),
+            "--out",
+            str(ctx.store),
+            "--threads",
+            "1",
+            "--memory-mb",
+            "1024",
+        ],
     }[step]
     capsys.readouterr()
     rc = cli.main(["--log-level", "WARNING", step, "--config-json", json.dumps(cfg), *args])
@@ -579,8 +800,13 @@ def assert_words(text: str, words: list[str], case: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_data(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
-                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_data(
+    case: Case,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     caplog.set_level(case.log_level, logger="conv2dlstm")
     with ExitStack() as stack:
@@ -589,8 +815,15 @@ def test_bad_data(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]
         base = {
             "name": "bad",
             "synthetic": {"kind": "none"},
-            "source": {"kind": "url", "start": START, "end": END, "retries": 0, "backoff_s": 0.0,
-                       "timeout_s": 10, "parallel": 2},
+            "source": {
+                "kind": "url",
+                "start": START,
+                "end": END,
+                "retries": 0,
+                "backoff_s": 0.0,
+                "timeout_s": 10,
+                "parallel": 2,
+            },
             "grid": GRID,
         }
         cfg = merge(base, over)

@@ -49,9 +49,7 @@ def test_persistence_is_perfect_on_a_constant_field():
     last = _init_field(values[init][:, [0]], times[init]).where(MASK)
     forecast = baselines.persistence(last, lead_steps)
     valid = init[:, None] + np.arange(1, lead_steps + 1)
-    truth = xr.DataArray(
-        values[valid][:, :, [0]], dims=forecast.dims, coords=forecast.coords
-    ).where(MASK)
+    truth = xr.DataArray(values[valid][:, :, [0]], dims=forecast.dims, coords=forecast.coords).where(MASK)
     rmse = metrics.rmse(forecast, truth, metrics.area_weights(LAT, MASK))
     np.testing.assert_array_equal(rmse.values, np.zeros((lead_steps, 1)))
 
@@ -98,7 +96,9 @@ def test_climatology_selects_variables_in_order():
     vt = xr.DataArray(pd.date_range("2021-03-01", periods=2).values, dims="time")
     out = baselines.climatology(vt, stats, ["no3", "sst"])
     assert list(out["variable"].values) == ["no3", "sst"]
-    np.testing.assert_allclose(out.sel(variable="no3").values, stats["climatology"].sel(dayofyear=[60, 61], variable="no3").values)
+    np.testing.assert_allclose(
+        out.sel(variable="no3").values, stats["climatology"].sel(dayofyear=[60, 61], variable="no3").values
+    )
 
 
 def test_climatology_errors():
@@ -275,7 +275,7 @@ def test_climatology_support_eight_months_leaves_the_unseen_months_unsupported()
     assert support.dims == ("dayofyear",) and support.sizes["dayofyear"] == 366
     supported = np.flatnonzero(support.values) + 1
     # day d is supported when a training day lies in d-15..d+15 (circular over 366 days)
-    expected = np.r_[1:244 + 15, 366 - 14:367]
+    expected = np.r_[1 : 244 + 15, 366 - 14 : 367]
     np.testing.assert_array_equal(supported, expected)
     oct_nov = pd.date_range("2021-10-01", "2021-11-30", freq="D").day_of_year.to_numpy()
     assert not support.sel(dayofyear=oct_nov).any()
@@ -354,7 +354,7 @@ def test_fit_damping_equals_the_nan_filled_training_record_whatever_the_chunks(c
     # reference: the training year on its full daily axis, the missing days NaN, in one piece
     train = field.sel(time=slice("2019-01-01", "2019-12-31")).copy()
     train.loc[{"time": missing}] = np.nan
-    stored = (((train - 15.0) / 2.0).astype("float32") * np.float32(2.0) + np.float32(15.0))  # float32 round trip
+    stored = ((train - 15.0) / 2.0).astype("float32") * np.float32(2.0) + np.float32(15.0)  # float32 round trip
     expected = baselines.anomaly_autocorrelation(baselines.anomalies(stored, stats), 3, weights)
     np.testing.assert_allclose(rho.values, expected.values, rtol=1e-5)
     assert np.allclose(rho.sel(variable="sst").values, PHI ** np.arange(1, 4), atol=0.05)

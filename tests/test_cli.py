@@ -27,7 +27,9 @@ def test_bad_config_exits_2_with_named_key(capsys):
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "conv2dlstm", "validate-config", "--config", str(tmp_path / "nope.yaml")],
-        capture_output=True, text=True, env=job_env(),
+        capture_output=True,
+        text=True,
+        env=job_env(),
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
@@ -44,8 +46,10 @@ def test_validate_config_shows_what_snakemake_runs_with(capsys, repo_root, tmp_p
 
     base = yaml.safe_load((repo_root / "config/config.yaml").read_text())
     user = tmp_path / "my.yaml"
-    user.write_text("grid: {lat: {start: 22.0, stop: 40.0, step: 2.0}}\nsource: {checksums: {a.nc: '" + "0" * 64 + "'}}\n"
-                    "runs: [{name: a, train: {epochs: 2}}]\n")
+    user.write_text(
+        "grid: {lat: {start: 22.0, stop: 40.0, step: 2.0}}\nsource: {checksums: {a.nc: '" + "0" * 64 + "'}}\n"
+        "runs: [{name: a, train: {epochs: 2}}]\n"
+    )
     for path in (repo_root / "config/seed_no3.yaml", repo_root / "config/sweep.yaml", user):
         merged = copy.deepcopy(base)
         update_config(merged, yaml.safe_load(path.read_text()))

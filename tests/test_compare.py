@@ -25,7 +25,9 @@ def _rows(run: str, model: str, scores: dict[str, list[float]], variable: str = 
     ]
 
 
-def _metrics_csv(path: Path, run: str, model: str, rmse: list[float], acc: list[float], persistence_rmse=PERSISTENCE_RMSE) -> Path:
+def _metrics_csv(
+    path: Path, run: str, model: str, rmse: list[float], acc: list[float], persistence_rmse=PERSISTENCE_RMSE
+) -> Path:
     rows = _rows(
         run,
         model,
@@ -38,7 +40,9 @@ def _metrics_csv(path: Path, run: str, model: str, rmse: list[float], acc: list[
             "skill_vs_climatology": [1 - m / c for m, c in zip(rmse, CLIMATOLOGY_RMSE, strict=True)],
         },
     )
-    rows += _rows(run, "persistence", {"rmse": persistence_rmse, "mae": [1.5, 3.0], "bias": [0.0, 0.0], "acc": [0.9, 0.7]})
+    rows += _rows(
+        run, "persistence", {"rmse": persistence_rmse, "mae": [1.5, 3.0], "bias": [0.0, 0.0], "acc": [0.9, 0.7]}
+    )
     rows += _rows(run, "climatology", {"rmse": CLIMATOLOGY_RMSE, "mae": [3.0, 3.0], "bias": [0.2, 0.2]})
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
@@ -174,9 +178,18 @@ def test_compare_discards_partials_of_a_killed_attempt(two_runs, tmp_path, caplo
 def _interval_rows(run: str, model: str, baseline: str, skill, lower, upper, meaningful=(1.0, 1.0)) -> list[dict]:
     prefix = f"skill_vs_{baseline}"
     significant = [float(lo > 0 or up < 0) for lo, up in zip(lower, upper, strict=True)]
-    return _rows(run, model, {prefix: skill, f"{prefix}_lower": lower, f"{prefix}_upper": upper,
-                              f"{prefix}_significant": significant, f"{prefix}_meaningful": list(meaningful),
-                              f"{prefix}_block_length": [1.0, 1.0]})
+    return _rows(
+        run,
+        model,
+        {
+            prefix: skill,
+            f"{prefix}_lower": lower,
+            f"{prefix}_upper": upper,
+            f"{prefix}_significant": significant,
+            f"{prefix}_meaningful": list(meaningful),
+            f"{prefix}_block_length": [1.0, 1.0],
+        },
+    )
 
 
 def test_better_only_where_the_interval_excludes_zero(tmp_path):
@@ -185,11 +198,13 @@ def test_better_only_where_the_interval_excludes_zero(tmp_path):
     rows = _rows("a", "convlstm", {"rmse": [1.0, 2.0]})
     rows += _interval_rows("a", "convlstm", "persistence", [0.5, 0.1], [0.3, -0.05], [0.7, 0.2])
     rows += _interval_rows("a", "convlstm", "damped_persistence", [0.05, 0.02], [-0.1, -0.1], [0.2, 0.1])
-    rows += _interval_rows("a", "convlstm", "climatology", [np.nan, np.nan], [np.nan, np.nan], [np.nan, np.nan],
-                           meaningful=(0.0, 0.0))
+    rows += _interval_rows(
+        "a", "convlstm", "climatology", [np.nan, np.nan], [np.nan, np.nan], [np.nan, np.nan], meaningful=(0.0, 0.0)
+    )
     rows += _rows("a", "persistence", {"rmse": [2.0, 2.2]})
-    rows += _interval_rows("a", "persistence", "climatology", [np.nan, 0.4], [np.nan, 0.3], [np.nan, 0.5],
-                           meaningful=(0.0, 1.0))
+    rows += _interval_rows(
+        "a", "persistence", "climatology", [np.nan, 0.4], [np.nan, 0.3], [np.nan, 0.5], meaningful=(0.0, 1.0)
+    )
     rows += _rows("a", "climatology", {"rmse": [4.0, 4.0]})
     rows += _rows("a", "damped_persistence", {"rmse": [1.05, 2.05]})
     path = tmp_path / "metrics.csv"

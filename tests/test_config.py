@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conv2dlstm.config import (
-    conv2d_lstm_parameters,
     config_digest,
+    conv2d_lstm_parameters,
     date_keys,
     flatten,
     load_config,
@@ -180,7 +180,7 @@ def test_step_views_of_a_0_360_config_validate_alone():
             "grid": {"lon": {"start": 281.0, "stop": 305.0, "step": 1.0}},
         }
     )
-    for step in STEPS[STEPS.index("fetch"):]:  # synth does not see harmonize nor grid
+    for step in STEPS[STEPS.index("fetch") :]:  # synth does not see harmonize nor grid
         part = load_config(json_text=json.dumps(step_view(cfg, step)))
         assert part["harmonize"]["lon_convention"] == "0..360"
     with pytest.raises(ConfigError, match="grid.lon"):
@@ -217,8 +217,14 @@ def test_run_overrides_are_validated_with_the_config(runs, fragment):
 
 
 def test_run_overrides_that_are_valid_pass():
-    cfg = validate_config({"runs": [{"name": "a", "train": {"learning_rate": 0.1}},
-                                    {"name": "b", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}}]})
+    cfg = validate_config(
+        {
+            "runs": [
+                {"name": "a", "train": {"learning_rate": 0.1}},
+                {"name": "b", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}},
+            ]
+        }
+    )
     assert run_config(cfg, "a")["train"]["learning_rate"] == 0.1
     assert run_config(cfg, "b")["model"]["conv2d_lstm"]["filters"] == [8]
 
@@ -244,13 +250,17 @@ def test_batch_size_must_divide_over_gpus(cfg, where):
 
 def test_batch_size_divisible_by_gpus_passes():
     validate_config({"train": {"batch_size": 30, "gpus": 1}})
-    validate_config({"train": {"batch_size": 32, "gpus": 4}, "runs": [{"name": "a"}, {"name": "b", "train": {"gpus": 8}}]})
+    validate_config(
+        {"train": {"batch_size": 32, "gpus": 4}, "runs": [{"name": "a"}, {"name": "b", "train": {"gpus": 8}}]}
+    )
     # the top-level train section is not a run when runs are listed: only the runs are checked
     validate_config({"train": {"batch_size": 30, "gpus": 4}, "runs": [{"name": "a", "train": {"batch_size": 32}}]})
 
 
-GLOBAL_QUARTER_DEGREE = {"lat": {"start": -89.875, "stop": 89.875, "step": 0.25},
-                         "lon": {"start": -179.875, "stop": 179.875, "step": 0.25}}
+GLOBAL_QUARTER_DEGREE = {
+    "lat": {"start": -89.875, "stop": 89.875, "step": 0.25},
+    "lon": {"start": -179.875, "stop": 179.875, "step": 0.25},
+}
 
 
 def test_conv2d_lstm_too_large_for_the_grid_is_refused():
@@ -276,21 +286,34 @@ def test_conv2d_lstm_limit_is_the_configured_one():
 
 
 def test_conv2d_lstm_size_is_checked_per_run():
-    runs = [{"name": "small", "model": {"name": "convlstm"}},
-            {"name": "notebook", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 1000}}}]
-    with pytest.raises(ConfigError, match=r"^runs\[1\] \(name 'notebook'\): config key model.conv2d_lstm.max_parameters: "
-                                          r"model conv2d_lstm would have 423,891 parameters"):
+    runs = [
+        {"name": "small", "model": {"name": "convlstm"}},
+        {"name": "notebook", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 1000}}},
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"^runs\[1\] \(name 'notebook'\): config key model.conv2d_lstm.max_parameters: "
+        r"model conv2d_lstm would have 423,891 parameters",
+    ):
         validate_config({"runs": runs})
     # an inactive architecture is not checked: the top-level conv2d_lstm is never built here
-    validate_config({"model": {"name": "conv2d_lstm"}, "grid": GLOBAL_QUARTER_DEGREE,
-                     "runs": [{"name": "a", "model": {"name": "convlstm"}}]})
+    validate_config(
+        {
+            "model": {"name": "conv2d_lstm"},
+            "grid": GLOBAL_QUARTER_DEGREE,
+            "runs": [{"name": "a", "model": {"name": "convlstm"}}],
+        }
+    )
     validate_config({"grid": GLOBAL_QUARTER_DEGREE})  # convlstm: any grid
 
 
 def test_conv2d_lstm_count_follows_grid_variables_and_leads():
     small = conv2d_lstm_parameters(validate_config({}))
-    more = conv2d_lstm_parameters(validate_config({"variables": {"inputs": ["sst", "sss"], "targets": ["sst", "sss"]},
-                                                   "windows": {"lead_steps": 4}}))
+    more = conv2d_lstm_parameters(
+        validate_config(
+            {"variables": {"inputs": ["sst", "sss"], "targets": ["sst", "sss"]}, "windows": {"lead_steps": 4}}
+        )
+    )
     finer = conv2d_lstm_parameters(validate_config({"grid": {"lat": {"start": 21.0, "stop": 45.0, "step": 0.5}}}))
     assert small < more and small < finer
 
@@ -300,10 +323,16 @@ def test_grid_too_small_for_conv2d_lstm_blocks():
     with pytest.raises(ConfigError) as info:
         validate_config({"model": {"name": "conv2d_lstm"}, "grid": tiny})
     msg = str(info.value)
-    assert msg.startswith("config key model.conv2d_lstm: the 5x5 grid (lat x lon cells of grid.lat and grid.lon) is too small")
+    assert msg.startswith(
+        "config key model.conv2d_lstm: the 5x5 grid (lat x lon cells of grid.lat and grid.lon) is too small"
+    )
     assert "5x5 -> 1x1 -> -1x-1" in msg
-    for fix in ("fewer model.conv2d_lstm.filters", "smaller model.conv2d_lstm.kernel_size", "a larger grid",
-                "model.name: convlstm"):
+    for fix in (
+        "fewer model.conv2d_lstm.filters",
+        "smaller model.conv2d_lstm.kernel_size",
+        "a larger grid",
+        "model.name: convlstm",
+    ):
         assert fix in msg
     validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}, "grid": tiny})  # 5 -> 1
     with pytest.raises(ConfigError, match=r"runs\[0\] \(name 'nb'\): config key model.conv2d_lstm: the 5x5 grid"):
@@ -319,8 +348,11 @@ def test_convlstm_even_kernel_is_refused():
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_split_shorter_than_a_window_is_refused(split):
-    periods = {"train": ("2019-01-01", "2020-12-31"), "val": ("2021-01-01", "2021-06-30"),
-               "test": ("2021-07-01", "2021-12-31")}
+    periods = {
+        "train": ("2019-01-01", "2020-12-31"),
+        "val": ("2021-01-01", "2021-06-30"),
+        "test": ("2021-07-01", "2021-12-31"),
+    }
     start = periods[split][0]
     short = {split: {"start": start, "end": str(dt.date.fromisoformat(start) + dt.timedelta(days=6))}}  # 7 days
     with pytest.raises(ConfigError) as info:
@@ -339,21 +371,37 @@ def test_windows_longer_than_a_split_are_refused():
 
 def test_date_keys_are_every_key_using_the_date_definition():
     assert set(date_keys()) == {
-        "synthetic.start", "synthetic.end", "source.start", "source.end",
+        "synthetic.start",
+        "synthetic.end",
+        "source.start",
+        "source.end",
         *(f"splits.{s}.{e}" for s in ("train", "val", "test") for e in ("start", "end")),
     }
 
 
-@pytest.mark.parametrize("key", [
-    "synthetic.start", "synthetic.end", "source.start", "source.end",
-    "splits.train.start", "splits.train.end", "splits.val.start", "splits.val.end",
-    "splits.test.start", "splits.test.end",
-])
-@pytest.mark.parametrize(("value", "reason"), [
-    ("2019-05-32", "day is out of range for month"),
-    ("2019-02-29", "day is out of range for month"),  # 2019 is not a leap year
-    ("2019-13-01", "month must be in 1..12"),
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "synthetic.start",
+        "synthetic.end",
+        "source.start",
+        "source.end",
+        "splits.train.start",
+        "splits.train.end",
+        "splits.val.start",
+        "splits.val.end",
+        "splits.test.start",
+        "splits.test.end",
+    ],
+)
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("2019-05-32", "day is out of range for month"),
+        ("2019-02-29", "day is out of range for month"),  # 2019 is not a leap year
+        ("2019-13-01", "month must be in 1..12"),
+    ],
+)
 def test_impossible_dates_name_their_key(key, value, reason):
     cfg: dict = {}
     *parents, leaf = key.split(".")
@@ -365,9 +413,7 @@ def test_impossible_dates_name_their_key(key, value, reason):
     node[leaf] = value
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)
-    assert str(info.value) == (
-        f"config key {key}: {value!r} is not a calendar date ({reason}); write it as YYYY-MM-DD"
-    )
+    assert str(info.value) == (f"config key {key}: {value!r} is not a calendar date ({reason}); write it as YYYY-MM-DD")
 
 
 def test_leap_day_is_a_date():
@@ -396,17 +442,29 @@ def test_train_view_of_a_checked_config_validates_alone():
     checks read (grid, variables, windows, splits, model, train), so it passes as the whole did."""
     from conv2dlstm.keys import RUN_STEPS, step_view
 
-    cfg = validate_config({
-        "grid": {"lat": {"start": 5.75, "stop": 17.5, "step": 0.25}, "lon": {"start": 73.0, "stop": 79.75, "step": 0.25}},
-        "variables": {"inputs": ["fe", "po4", "si"], "targets": ["no3"]},
-        "windows": {"input_steps": 2, "lead_steps": 1},
-        "splits": {"train": {"start": "2019-01-01", "end": "2019-01-10"},
-                   "val": {"start": "2019-01-11", "end": "2019-01-13"},
-                   "test": {"start": "2019-01-14", "end": "2019-01-16"}},
-        "train": {"batch_size": 30},
-        "runs": [{"name": "nb", "model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 952_000}},
-                  "train": {"gpus": 3}}],
-    })
+    cfg = validate_config(
+        {
+            "grid": {
+                "lat": {"start": 5.75, "stop": 17.5, "step": 0.25},
+                "lon": {"start": 73.0, "stop": 79.75, "step": 0.25},
+            },
+            "variables": {"inputs": ["fe", "po4", "si"], "targets": ["no3"]},
+            "windows": {"input_steps": 2, "lead_steps": 1},
+            "splits": {
+                "train": {"start": "2019-01-01", "end": "2019-01-10"},
+                "val": {"start": "2019-01-11", "end": "2019-01-13"},
+                "test": {"start": "2019-01-14", "end": "2019-01-16"},
+            },
+            "train": {"batch_size": 30},
+            "runs": [
+                {
+                    "name": "nb",
+                    "model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 952_000}},
+                    "train": {"gpus": 3},
+                }
+            ],
+        }
+    )
     for step in RUN_STEPS:
         view = step_view(run_config(cfg, "nb"), step)
         assert validate_config({**view, "runs": [{"name": "nb"}]})["train"]["gpus"] == 3

@@ -18,9 +18,19 @@ from tests._windows_fixture import make_windows_store
 def fx(tmp_path_factory):
     """Three variables; inputs (sst, no3), targets (no3, po4): the channel maps differ."""
     path = tmp_path_factory.mktemp("windows") / "w.zarr"
-    return make_windows_store(path, n_time=30, height=6, width=7, variables=("sst", "no3", "po4"),
-                              input_variables=["sst", "no3"], target_variables=["no3", "po4"],
-                              input_steps=3, lead_steps=2, time_chunk=4, seed=3)
+    return make_windows_store(
+        path,
+        n_time=30,
+        height=6,
+        width=7,
+        variables=("sst", "no3", "po4"),
+        input_variables=["sst", "no3"],
+        target_variables=["no3", "po4"],
+        input_steps=3,
+        lead_steps=2,
+        time_chunk=4,
+        seed=3,
+    )
 
 
 def test_metadata(fx) -> None:
@@ -44,8 +54,8 @@ def test_sample_is_hand_slice(fx) -> None:
         t0 = int(fx.starts[split][i])
         x, y = store.sample(split, i)
         assert x.dtype == np.float32 and x.shape == (3, 2, 6, 7) and y.shape == (2, 2, 6, 7)
-        np.testing.assert_array_equal(x, fx.normalized[t0:t0 + 3, [0, 1]])
-        np.testing.assert_array_equal(y, fx.normalized[t0 + 3:t0 + 5, [1, 2]])
+        np.testing.assert_array_equal(x, fx.normalized[t0 : t0 + 3, [0, 1]])
+        np.testing.assert_array_equal(y, fx.normalized[t0 + 3 : t0 + 5, [1, 2]])
     with pytest.raises(IndexError, match="out of range for the 2 val windows"):
         store.sample("val", 2)
 
@@ -54,8 +64,9 @@ def test_times(fx) -> None:
     store = WindowsStore(fx.store)
     # val window 1 starts on day 19 (2020-01-20): inputs 20, 21, 22 January; leads 23 and 24 January.
     assert store.init_times("val")[1] == np.datetime64("2020-01-22")
-    np.testing.assert_array_equal(store.valid_times("val")[1],
-                                  np.array(["2020-01-23", "2020-01-24"], dtype="datetime64[ns]"))
+    np.testing.assert_array_equal(
+        store.valid_times("val")[1], np.array(["2020-01-23", "2020-01-24"], dtype="datetime64[ns]")
+    )
     assert store.valid_times("train").shape == (14, 2)
 
 

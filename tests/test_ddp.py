@@ -36,13 +36,22 @@ TIMEOUT_S = 240
 
 def ddp_config(db: Path, gpus: int, experiment: str = "test-ddp", **train_overrides) -> dict:
     """A tiny ConvLSTM; 81 training windows in global batches of 2 (one window per process and step)."""
-    return validate_config({
-        "experiment": experiment,
-        "mlflow": {"tracking_uri": f"sqlite:///{db}", "log_model": False},
-        "model": {"name": "convlstm", "convlstm": {"hidden_channels": [8]}},
-        "train": {"epochs": EPOCHS, "batch_size": 2, "learning_rate": 0.01, "device": "cpu", "gpus": gpus,
-                  "patience": 10} | train_overrides,
-    })
+    return validate_config(
+        {
+            "experiment": experiment,
+            "mlflow": {"tracking_uri": f"sqlite:///{db}", "log_model": False},
+            "model": {"name": "convlstm", "convlstm": {"hidden_channels": [8]}},
+            "train": {
+                "epochs": EPOCHS,
+                "batch_size": 2,
+                "learning_rate": 0.01,
+                "device": "cpu",
+                "gpus": gpus,
+                "patience": 10,
+            }
+            | train_overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,24 +77,45 @@ def reference(store, mlflow_db, tmp_path_factory) -> Path:
             mp.delenv("MLFLOW_TRACKING_URI", raising=False)
             for name in distributed.TORCHRUN_ENV:
                 mp.delenv(name, raising=False)
-            train.main(ddp_config(mlflow_db, gpus=1, experiment="test-ddp-single"), run="convlstm",
-                       windows=store.store, stats=store.stats, out_dir=out)
+            train.main(
+                ddp_config(mlflow_db, gpus=1, experiment="test-ddp-single"),
+                run="convlstm",
+                windows=store.store,
+                stats=store.stats,
+                out_dir=out,
+            )
     finally:
         torch.set_num_threads(threads)
     return out
 
 
 def cli_args(cfg: dict, store, out: Path) -> list[str]:
-    return ["train", "--config-json", json.dumps(cfg), "--run", "convlstm", "--windows", str(store.store),
-            "--stats", str(store.stats), "--out-dir", str(out)]
+    return [
+        "train",
+        "--config-json",
+        json.dumps(cfg),
+        "--run",
+        "convlstm",
+        "--windows",
+        str(store.store),
+        "--stats",
+        str(store.stats),
+        "--out-dir",
+        str(out),
+    ]
 
 
 def start_cli(cfg: dict, store, out: Path) -> subprocess.Popen:
     """``python -m conv2dlstm train ...`` in a subprocess, one torch thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", *distributed.TORCHRUN_ENV)}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "conv2dlstm", *cli_args(cfg, store, out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "conv2dlstm", *cli_args(cfg, store, out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -135,8 +165,9 @@ def assert_matches_reference(out: Path, reference: Path) -> None:
     ours, ref = history(out), history(reference)
     assert [int(r["epoch"]) for r in ours] == [int(r["epoch"]) for r in ref] == list(range(1, EPOCHS + 1))
     for column in ("train_loss", "val_loss"):
-        np.testing.assert_allclose([float(r[column]) for r in ours], [float(r[column]) for r in ref], rtol=1e-5,
-                                   err_msg=column)
+        np.testing.assert_allclose(
+            [float(r[column]) for r in ours], [float(r[column]) for r in ref], rtol=1e-5, err_msg=column
+        )
     assert [r["lr"] for r in ours] == [r["lr"] for r in ref]
     _, ckpt = load_model(out / "model.pt")  # the unwrapped model's state: no "module." prefix
     _, ref_ckpt = load_model(reference / "model.pt")
@@ -200,8 +231,9 @@ def test_averaged_share_gradients_equal_the_batch_gradient(world_size: int, batc
     for rank in range(world_size):
         share = shard_batches([list(range(batch_size))], rank, world_size)[0]
         idx = share or [0]
-        loss = train.share_loss(forward(idx), y[idx], weights, batch_size=batch_size, world_size=world_size,
-                                has_share=bool(share))
+        loss = train.share_loss(
+            forward(idx), y[idx], weights, batch_size=batch_size, world_size=world_size, has_share=bool(share)
+        )
         total = [t + g for t, g in zip(total, grads(loss))]
     for t, e in zip(total, expected):
         torch.testing.assert_close(t / world_size, e, rtol=1e-5, atol=1e-7)
@@ -211,8 +243,13 @@ def test_worker_arguments_give_the_same_run_config() -> None:
     cfg = run_config(validate_config({"runs": [{"name": "small", "train": {"gpus": 2, "batch_size": 4}}]}), "small")
     argv = train.worker_argv(cfg, run="small", windows=Path("w.zarr"), stats=Path("s.nc"), out_dir=Path("o"))
     args = cli.build_parser().parse_args(argv)
-    assert (args.step, args.run, args.windows, args.stats, args.out_dir) == \
-        ("train", "small", Path("w.zarr"), Path("s.nc"), Path("o"))
+    assert (args.step, args.run, args.windows, args.stats, args.out_dir) == (
+        "train",
+        "small",
+        Path("w.zarr"),
+        Path("s.nc"),
+        Path("o"),
+    )
     assert run_config(load_config(json_text=args.config_json), "small") == cfg
     # torchrun hands every argument after the module to the workers untouched
     from torch.distributed.run import parse_args

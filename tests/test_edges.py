@@ -75,8 +75,10 @@ def test_hdf_error_is_a_full_disk_only_when_space_is_low(tmp_path: Path, monkeyp
         with atomic_output(tmp_path / "a.nc"):
             raise RuntimeError("NetCDF: HDF error")
     with pytest.raises(DiskFullError), atomic_output(tmp_path / "model.pt"):
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,8 +96,11 @@ def _big_netcdf(path: Path, mib: float = 2.0) -> Path:
     rng = np.random.default_rng(0)
     ds = xr.Dataset(
         {"sst": (("time", "lat", "lon"), rng.random((1, n, 512), dtype="float32"))},
-        coords={"time": np.array(["2019-01-01"], dtype="datetime64[ns]"),
-                "lat": np.linspace(-60, 60, n), "lon": np.linspace(0, 359, 512)},
+        coords={
+            "time": np.array(["2019-01-01"], dtype="datetime64[ns]"),
+            "lat": np.linspace(-60, 60, n),
+            "lon": np.linspace(0, 359, 512),
+        },
     )
     ds.to_netcdf(path, engine="netcdf4")
     return path
@@ -110,7 +115,7 @@ def test_the_cli_exits_2_naming_the_path_when_the_disk_fills(
     src = _big_netcdf(tmp_path / "big.nc", mib=0.1)
     real_copy = shutil.copyfileobj
 
-    def copy_until_full(fin, fout, length=0):  # noqa: ANN001 - shutil's signature
+    def copy_until_full(fin, fout, length=0):
         real_copy(fin, fout, length)
         raise _enospc()
 
@@ -163,7 +168,9 @@ def _namespace_skip_reason() -> str | None:
         return "unshare or mount is not installed"
     probe = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     if probe.returncode != 0:
         return f"cannot mount a tmpfs in a user namespace here (unshare: {probe.stderr.strip()[:200]})"
@@ -182,23 +189,41 @@ def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path)
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
     proc = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-         'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4"', "sh",
-         str(mnt), sys.executable, str(script), str(cfg)],
-        capture_output=True, text=True, timeout=300, env=job_env(),
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4"',
+            "sh",
+            str(mnt),
+            sys.executable,
+            str(script),
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=job_env(),
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT "):])
+    result = json.loads(lines[0][len("RESULT ") :])
     fetched = result["fetch"]
     assert fetched["rc"] == 2, fetched
-    assert f"error: no space left on device writing {mnt / 'raw' / 'big.nc'}: the disk holding {mnt / 'raw'} is full" \
-        in fetched["stderr"], fetched
+    assert (
+        f"error: no space left on device writing {mnt / 'raw' / 'big.nc'}: the disk holding {mnt / 'raw'} is full"
+        in fetched["stderr"]
+    ), fetched
     assert fetched["left"] == [], fetched  # no partial file, no manifest
     for kind, name in (("netcdf", "out.nc"), ("zarr", "out.zarr")):
         got = result[kind]
         assert got["error"] == "DiskFullError", got
-        assert got["message"].startswith(f"no space left on device writing {mnt / name}: the disk holding {mnt} is full")
+        assert got["message"].startswith(
+            f"no space left on device writing {mnt / name}: the disk holding {mnt} is full"
+        )
         assert got["left"] == [], got
     assert "HDF error" in result["netcdf"]["cause"]  # netCDF-4 says only this; the free space decides
     assert "No space left on device" in result["zarr"]["cause"]
@@ -251,8 +276,14 @@ def test_good_source_url_templates_pass(url: str) -> None:
 def test_snakemake_names_source_url_for_a_bad_placeholder(snakemake_exe: str, workflow_copy: Path) -> None:
     """Refused while Snakemake parses the configuration, not as a WildcardError of the fetch rule."""
     (workflow_copy / "bad.yaml").write_text(yaml.safe_dump({"source": {"url": "file:data/{day}.nc"}}))
-    proc = subprocess.run([snakemake_exe, "-n", "--cores", "1", "--configfile", "bad.yaml"], cwd=workflow_copy,
-                          capture_output=True, text=True, env=job_env(), timeout=300)
+    proc = subprocess.run(
+        [snakemake_exe, "-n", "--cores", "1", "--configfile", "bad.yaml"],
+        cwd=workflow_copy,
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "invalid configuration: config key source.url: placeholder {day}" in out, out[-3000:]

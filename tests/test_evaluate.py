@@ -28,7 +28,9 @@ def _forecast(values: np.ndarray, variables=("sst",), n_lead: int = 2) -> xr.Dat
     n = values.shape[0]
     init = pd.date_range("2021-07-01", periods=n, freq="D").values
     valid = init[:, None] + np.arange(1, n_lead + 1)[None, :] * np.timedelta64(1, "D")
-    return evaluate.forecast_array(values, init_times=init, valid_times=valid, variables=list(variables), lat=LAT, lon=LON)
+    return evaluate.forecast_array(
+        values, init_times=init, valid_times=valid, variables=list(variables), lat=LAT, lon=LON
+    )
 
 
 def _shape(n=5, n_lead=2, n_var=1):
@@ -94,7 +96,10 @@ def scored():
 def test_score_forecasts_hand_values(scored):
     def value(model, metric, variable="sst", lead=1):
         sel = scored[
-            (scored["model"] == model) & (scored["metric"] == metric) & (scored["variable"] == variable) & (scored["lead"] == lead)
+            (scored["model"] == model)
+            & (scored["metric"] == metric)
+            & (scored["variable"] == variable)
+            & (scored["lead"] == lead)
         ]
         assert len(sel) == 1
         return float(sel["value"].iloc[0])
@@ -135,7 +140,12 @@ def test_metrics_csv_columns_and_values(scored, tmp_path):
     assert set(back["model"]) == {"convlstm", "persistence", "climatology"}
     assert back["lead"].dtype.kind == "i"
     assert list(dict.fromkeys(back["model"])) == ["convlstm", "persistence", "climatology"]
-    row = back[(back["model"] == "convlstm") & (back["metric"] == "skill_vs_climatology") & (back["variable"] == "no3") & (back["lead"] == 2)]
+    row = back[
+        (back["model"] == "convlstm")
+        & (back["metric"] == "skill_vs_climatology")
+        & (back["variable"] == "no3")
+        & (back["lead"] == 2)
+    ]
     assert float(row["value"].iloc[0]) == pytest.approx(0.75)
     assert not list(tmp_path.glob(".*partial"))
 
@@ -214,8 +224,12 @@ def test_plots_write_png(tmp_path, scored):
     plots.lines_vs_lead(table[table["metric"] == "rmse"], tmp_path / "rmse.png", ylabel="RMSE", title="t")
     rng = np.random.default_rng(1)
     fc = _forecast(rng.normal(size=_shape(n_var=2)), variables=("sst", "no3")).where(MASK)
-    plots.forecast_maps(fc.isel(time=0, lead=0), (fc + 1).isel(time=0, lead=0), tmp_path / "maps.png", title="t", units={"sst": "degC"})
-    plots.field_maps(metrics.rmse_per_cell(fc.sel(lead=1), fc.sel(lead=1) * 0, MASK), tmp_path / "rmse_map.png", title="t")
+    plots.forecast_maps(
+        fc.isel(time=0, lead=0), (fc + 1).isel(time=0, lead=0), tmp_path / "maps.png", title="t", units={"sst": "degC"}
+    )
+    plots.field_maps(
+        metrics.rmse_per_cell(fc.sel(lead=1), fc.sel(lead=1) * 0, MASK), tmp_path / "rmse_map.png", title="t"
+    )
     for name in ("rmse.png", "maps.png", "rmse_map.png"):
         assert _is_png(tmp_path / name)
         height, width = imread(tmp_path / name).shape[:2]
@@ -321,7 +335,11 @@ def test_commit_outputs_moves_marker_last(tmp_path):
         (out / name).write_text("old")
         (staging / name).write_text("new")
     evaluate.commit_outputs(staging, out, ["a.nc", "metrics.csv", "b.png"])
-    assert {f.name: f.read_text() for f in out.iterdir() if f.is_file()} == {"a.nc": "new", "metrics.csv": "new", "b.png": "new"}
+    assert {f.name: f.read_text() for f in out.iterdir() if f.is_file()} == {
+        "a.nc": "new",
+        "metrics.csv": "new",
+        "b.png": "new",
+    }
     # a commit that fails part way leaves no metrics.csv: the result reads as not done
     for name in ("a.nc", "b.png", "metrics.csv"):
         (staging / name).write_text("newer")
@@ -353,8 +371,9 @@ STATS_RECORD = provenance.make_record("normalize", "c" * 16, {"regrid": "a" * 16
 
 def _windows_record(anomalies: bool) -> dict:
     """The provenance of a windows store: the two stores of these tests hold different data."""
-    return provenance.make_record("windows", "d" * 16, {"regrid": ("b" if anomalies else "a") * 16,
-                                                        "stats": STATS_RECORD["digest"]})
+    return provenance.make_record(
+        "windows", "d" * 16, {"regrid": ("b" if anomalies else "a") * 16, "stats": STATS_RECORD["digest"]}
+    )
 
 
 def _train_record(cfg: dict, anomalies: bool) -> dict:
@@ -385,8 +404,13 @@ def _stats_dataset() -> xr.Dataset:
         },
         coords={"variable": ["sst"], "dayofyear": doy, "lat": LAT, "lon": LON},
         # a 61-day climatology window: the training days (January) support the test days (to 1 March)
-        attrs={"train_start": "2021-01-01", "train_end": "2021-01-31", "per_pixel": 0, "climatology_window": 61,
-               **provenance.to_attrs(STATS_RECORD)},
+        attrs={
+            "train_start": "2021-01-01",
+            "train_end": "2021-01-31",
+            "per_pixel": 0,
+            "climatology_window": 61,
+            **provenance.to_attrs(STATS_RECORD),
+        },
     )
 
 
@@ -431,14 +455,16 @@ def _windows_dataset(times: pd.DatetimeIndex, anomaly: np.ndarray | None = None)
 
 def sst_config(root: Path, *, hidden_channels: list[int], batch_size: int) -> dict:
     """SST -> SST on the test windows with a small ConvLSTM on the CPU, tracked in ``root``."""
-    return validate_config({
-        "variables": {"inputs": ["sst"], "targets": ["sst"]},
-        "windows": {"input_steps": INPUT_STEPS, "lead_steps": LEAD_STEPS},
-        "model": {"name": "convlstm", "convlstm": {"hidden_channels": hidden_channels, "kernel_size": 3}},
-        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_model": False},
-        "train": {"device": "cpu"},
-        "evaluate": {"batch_size": batch_size},
-    })
+    return validate_config(
+        {
+            "variables": {"inputs": ["sst"], "targets": ["sst"]},
+            "windows": {"input_steps": INPUT_STEPS, "lead_steps": LEAD_STEPS},
+            "model": {"name": "convlstm", "convlstm": {"hidden_channels": hidden_channels, "kernel_size": 3}},
+            "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "log_model": False},
+            "train": {"device": "cpu"},
+            "evaluate": {"batch_size": batch_size},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -513,7 +539,9 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = pipeline_inputs
     out_dir = p["root"] / "evaluate" / "convlstm"
-    evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"], out_dir=out_dir)
+    evaluate.main(
+        p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"], out_dir=out_dir
+    )
     for name in evaluate.OUTPUT_FILES:
         assert (out_dir / name).is_file(), name
     assert not list(out_dir.glob(".*"))
@@ -562,13 +590,21 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     assert logged["skill_vs_climatology_meaningful_sst_lead2"] == 1.0  # the 61-day window supports the test days
     assert "damped_persistence_rho_sst_lead1" in logged
     artifacts = {a.path for a in client.list_artifacts(p["run_id"], "evaluate")}
-    assert {"evaluate/metrics.csv", "evaluate/rmse_vs_lead.png", "evaluate/skill_vs_lead.png", "evaluate/maps.png"} <= artifacts
+    assert {
+        "evaluate/metrics.csv",
+        "evaluate/rmse_vs_lead.png",
+        "evaluate/skill_vs_lead.png",
+        "evaluate/maps.png",
+    } <= artifacts
 
     # provenance: of the checkpoint, windows and statistics, in predictions.nc and as MLflow tags
     trained = _train_record(p["cfg"], anomalies=False)
     record = provenance.read_netcdf(out_dir / "predictions.nc", step="evaluate")
-    assert record == provenance.for_step(p["cfg"], "evaluate", {
-        "checkpoint": trained["digest"], "windows": _windows_record(False)["digest"], "stats": STATS_RECORD["digest"]})
+    assert record == provenance.for_step(
+        p["cfg"],
+        "evaluate",
+        {"checkpoint": trained["digest"], "windows": _windows_record(False)["digest"], "stats": STATS_RECORD["digest"]},
+    )
     assert provenance.digest_of(out_dir / "predictions.nc") == record["digest"]
     tags = client.get_run(p["run_id"]).data.tags
     assert tags["evaluate.provenance.digest"] == record["digest"]
@@ -582,7 +618,9 @@ def test_evaluate_bad_plot_date_leaves_no_output(pipeline_inputs, monkeypatch):
     cfg = {**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "plot_date": "1999-01-01"}}
     out_dir = p["root"] / "evaluate" / "bad"
     with pytest.raises(ConfigError, match="evaluate.plot_date"):
-        evaluate.main(cfg, run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"], out_dir=out_dir)
+        evaluate.main(
+            cfg, run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"], out_dir=out_dir
+        )
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
@@ -603,7 +641,9 @@ def test_evaluate_unknown_mlflow_run_fails_and_leaves_no_output(pipeline_inputs,
     checkpoint = _variant_checkpoint(p, "train_norun", mlflow_run_id="0" * 32)
     out_dir = p["root"] / "evaluate" / "norun"
     with pytest.raises(TrackingError, match="0" * 32):
-        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
+        evaluate.main(
+            p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir
+        )
     assert not out_dir.exists() or list(out_dir.iterdir()) == []  # checked before any work: no output
 
 
@@ -613,7 +653,9 @@ def test_evaluate_checkpoint_for_other_variables_is_refused(pipeline_inputs, mon
     checkpoint = _variant_checkpoint(p, "train_no3", target_variables=["no3"])
     out_dir = p["root"] / "evaluate" / "no3"
     with pytest.raises(DataError, match=r"target_variables \['no3'\]"):
-        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
+        evaluate.main(
+            p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir
+        )
     assert not out_dir.exists()
 
 
@@ -648,8 +690,9 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = pipeline_inputs
     run_id = _new_mlflow_run(p, "anomalies")
-    checkpoint = _variant_checkpoint(p, "train_anomalies", mlflow_run_id=run_id,
-                                     provenance=_train_record(p["cfg"], anomalies=True))
+    checkpoint = _variant_checkpoint(
+        p, "train_anomalies", mlflow_run_id=run_id, provenance=_train_record(p["cfg"], anomalies=True)
+    )
     cfg = {**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "plot_date": "2021-02-23"}}  # in the second batch
     out_dir = p["root"] / "evaluate" / "anomalies"
     kwargs = {"run": "convlstm", "windows": p["windows_anomalies"], "stats": p["stats"], "checkpoint": checkpoint}
@@ -699,10 +742,15 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
         truth, clim = phys[init_idx + lead], seasonal[init_idx + lead]
         damped = clim + rho * (phys[init_idx] - seasonal[init_idx])
         err = damped - truth
-        assert value("damped_persistence", "rmse", lead) == pytest.approx(math.sqrt(_weighted_mean(err**2).mean()),
-                                                                          rel=1e-4)
-        forecasts = {"convlstm": pred_all[:, lead - 1], "persistence": phys[init_idx], "climatology": clim,
-                     "damped_persistence": damped}
+        assert value("damped_persistence", "rmse", lead) == pytest.approx(
+            math.sqrt(_weighted_mean(err**2).mean()), rel=1e-4
+        )
+        forecasts = {
+            "convlstm": pred_all[:, lead - 1],
+            "persistence": phys[init_idx],
+            "climatology": clim,
+            "damped_persistence": damped,
+        }
         mse = {name: _weighted_mean((f - truth) ** 2) for name, f in forecasts.items()}
         for baseline in ("persistence", "climatology", "damped_persistence"):
             expected = metrics.bootstrap_skill(mse["convlstm"], mse[baseline], seed=0)
@@ -714,13 +762,16 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
             assert value("convlstm", f"skill_vs_{baseline}_meaningful", lead) == 1.0
             assert expected.lower < expected.upper  # a real interval, not a point
         expected = metrics.bootstrap_skill(mse["damped_persistence"], mse["persistence"], seed=0)
-        assert value("damped_persistence", "skill_vs_persistence_lower", lead) == pytest.approx(expected.lower, abs=1e-4)
+        assert value("damped_persistence", "skill_vs_persistence_lower", lead) == pytest.approx(
+            expected.lower, abs=1e-4
+        )
 
     client = mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"])
     logged = client.get_run(run_id).data.metrics
     assert logged["test_acc_sst_lead1"] == pytest.approx(value("convlstm", "acc", 1))
     assert logged["skill_vs_damped_persistence_upper_sst_lead2"] == pytest.approx(
-        value("convlstm", "skill_vs_damped_persistence_upper", 2))
+        value("convlstm", "skill_vs_damped_persistence_upper", 2)
+    )
     assert logged["climatology_rmse_sst_lead2"] == pytest.approx(value("climatology", "rmse", 2))
 
     # a rerun replaces the files and logs nothing twice
@@ -799,7 +850,9 @@ def test_evaluate_bad_statistics_fail_before_any_output(pipeline_inputs, monkeyp
         match = "different lat coordinates; re-run the normalize and windows steps"
     out_dir = p["root"] / "evaluate" / f"stats_{problem}"
     with pytest.raises(DataError, match=match):
-        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=stats, checkpoint=p["checkpoint"], out_dir=out_dir)
+        evaluate.main(
+            p["cfg"], run="convlstm", windows=p["windows"], stats=stats, checkpoint=p["checkpoint"], out_dir=out_dir
+        )
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
@@ -815,7 +868,9 @@ def test_evaluate_failure_mid_prediction_leaves_old_outputs(pipeline_inputs, mon
     out_dir.mkdir(parents=True)
     (out_dir / "metrics.csv").write_text("previous result\n")
     with pytest.raises(DataError, match=r"predicts shape \(3, 1, 3, 4\) per window"):
-        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir)
+        evaluate.main(
+            p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=checkpoint, out_dir=out_dir
+        )
     assert [f.name for f in out_dir.iterdir()] == ["metrics.csv"]  # no staging folder left, old result kept
     assert (out_dir / "metrics.csv").read_text() == "previous result\n"
 
@@ -823,8 +878,14 @@ def test_evaluate_failure_mid_prediction_leaves_old_outputs(pipeline_inputs, mon
 def _refused(p: dict, name: str, checkpoint: Path, match: str, *, windows: Path | None = None, cfg: dict | None = None):
     out_dir = p["root"] / "evaluate" / name
     with pytest.raises(DataError, match=match) as info:
-        evaluate.main(cfg or p["cfg"], run="convlstm", windows=windows or p["windows"], stats=p["stats"],
-                      checkpoint=checkpoint, out_dir=out_dir)
+        evaluate.main(
+            cfg or p["cfg"],
+            run="convlstm",
+            windows=windows or p["windows"],
+            stats=p["stats"],
+            checkpoint=checkpoint,
+            out_dir=out_dir,
+        )
     assert "rerun the train step" in str(info.value) and "snakemake --forcerun train" in str(info.value)
     assert not out_dir.exists()
 
@@ -834,8 +895,14 @@ def test_evaluate_refuses_a_checkpoint_trained_on_other_windows(pipeline_inputs,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = pipeline_inputs
     old, new = _windows_record(False)["digest"], _windows_record(True)["digest"]
-    _refused(p, "other_windows", p["checkpoint"], rf"trained on windows digest {old} but the windows given have "
-             rf"digest {new}", windows=p["windows_anomalies"])
+    _refused(
+        p,
+        "other_windows",
+        p["checkpoint"],
+        rf"trained on windows digest {old} but the windows given have "
+        rf"digest {new}",
+        windows=p["windows_anomalies"],
+    )
 
 
 def test_evaluate_refuses_a_checkpoint_of_other_statistics_or_config(pipeline_inputs, monkeypatch):
@@ -843,15 +910,22 @@ def test_evaluate_refuses_a_checkpoint_of_other_statistics_or_config(pipeline_in
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = pipeline_inputs
-    other_stats = provenance.make_record("train", keys.result_digest(p["cfg"], "train"),
-                                         {"windows": _windows_record(False)["digest"], "stats": "e" * 16})
+    other_stats = provenance.make_record(
+        "train", keys.result_digest(p["cfg"], "train"), {"windows": _windows_record(False)["digest"], "stats": "e" * 16}
+    )
     checkpoint = _variant_checkpoint(p, "train_other_stats", provenance=other_stats)
-    _refused(p, "other_stats", checkpoint, rf"trained on stats digest e{{16}} but the stats given have digest "
-             rf"{STATS_RECORD['digest']}")
+    _refused(
+        p,
+        "other_stats",
+        checkpoint,
+        rf"trained on stats digest e{{16}} but the stats given have digest "
+        rf"{STATS_RECORD['digest']}",
+    )
 
     changed = {**p["cfg"], "train": {**p["cfg"]["train"], "learning_rate": 0.5}}
-    _refused(p, "other_config", p["checkpoint"], r"another configuration \(train.learning_rate: 0.003 -> 0.5\)",
-             cfg=changed)
+    _refused(
+        p, "other_config", p["checkpoint"], r"another configuration \(train.learning_rate: 0.003 -> 0.5\)", cfg=changed
+    )
 
     ckpt = torch.load(p["checkpoint"], weights_only=True)
     del ckpt["provenance"]
@@ -870,8 +944,14 @@ def test_evaluate_discards_partials_of_a_killed_attempt(pipeline_inputs, monkeyp
     (out_dir / ".evaluate.abcd1234.partial").mkdir(parents=True)  # a killed run's staging folder
     (out_dir / ".metrics.csv.1234abcd.partial").write_text("half a table")
     with caplog.at_level(logging.INFO, logger="conv2dlstm"):
-        evaluate.main(p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"],
-                      out_dir=out_dir)
+        evaluate.main(
+            p["cfg"],
+            run="convlstm",
+            windows=p["windows"],
+            stats=p["stats"],
+            checkpoint=p["checkpoint"],
+            out_dir=out_dir,
+        )
     assert sorted(f.name for f in out_dir.iterdir()) == sorted(evaluate.OUTPUT_FILES)
     assert caplog.text.count("discarded") == 2
 
@@ -892,8 +972,9 @@ def _white_noise_case(n: int, model_sd: float, baseline_sd: float, seed: int):
     return forecasts, truth
 
 
-@pytest.mark.parametrize(("model_sd", "skill", "significant"), [(1.0, 0.5, True), (2.0, 0.0, False)],
-                         ids=["half-the-error", "no-gain"])
+@pytest.mark.parametrize(
+    ("model_sd", "skill", "significant"), [(1.0, 0.5, True), (2.0, 0.0, False)], ids=["half-the-error", "no-gain"]
+)
 def test_streaming_skill_interval_known_case(model_sd, skill, significant):
     """Errors of standard deviation 1 (or 2) against 2: the RMSE skill is 0.5 (or 0). The streamed
     evaluation's 95% interval contains it, and excludes zero exactly when there is a gain."""
@@ -940,8 +1021,9 @@ def test_clip_nonnegative_only_the_named_variables():
     xr.testing.assert_identical(clipped.sel(variable="sst"), da.sel(variable="sst"))
 
 
-def test_evaluate_on_a_short_record_marks_the_climatology_not_meaningful(pipeline_inputs, monkeypatch, caplog,
-                                                                         tmp_path):
+def test_evaluate_on_a_short_record_marks_the_climatology_not_meaningful(
+    pipeline_inputs, monkeypatch, caplog, tmp_path
+):
     """A 1-day climatology window: the January training days support no test day (February): skill
     against climatology and damped persistence is NaN and flagged in metrics.csv, MLflow, the log
     and compare.csv; skill against persistence is unaffected."""
@@ -955,12 +1037,19 @@ def test_evaluate_on_a_short_record_marks_the_climatology_not_meaningful(pipelin
     p = pipeline_inputs
     stats = _write_stats(p, "stats_short.nc", _stats_dataset().assign_attrs(climatology_window=1))
     run_id = _new_mlflow_run(p, "short")
-    checkpoint = _variant_checkpoint(p, "train_short", mlflow_run_id=run_id,
-                                     provenance=_train_record(p["cfg"], anomalies=True))
+    checkpoint = _variant_checkpoint(
+        p, "train_short", mlflow_run_id=run_id, provenance=_train_record(p["cfg"], anomalies=True)
+    )
     out_dir = p["root"] / "evaluate" / "short"
     with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
-        evaluate.main(p["cfg"], run="convlstm", windows=p["windows_anomalies"], stats=stats, checkpoint=checkpoint,
-                      out_dir=out_dir)
+        evaluate.main(
+            p["cfg"],
+            run="convlstm",
+            windows=p["windows_anomalies"],
+            stats=stats,
+            checkpoint=checkpoint,
+            out_dir=out_dir,
+        )
     assert "climatology relies on the training climatology of days that no training day supports" in caplog.text
     assert "damped_persistence relies on" in caplog.text and "2021-02-18" in caplog.text  # the first valid day
     table = pd.read_csv(out_dir / "metrics.csv")
@@ -1017,7 +1106,8 @@ def ar1_inputs(tmp_path_factory):
     data[:, :, ~mask] = 0.0
     span = INPUT_STEPS + LEAD_STEPS
     starts = {
-        "train": np.arange(0, n_train - span + 1), "val": np.arange(n_train, n_train + n_val - span + 1),
+        "train": np.arange(0, n_train - span + 1),
+        "val": np.arange(n_train, n_train + n_val - span + 1),
         "test": np.arange(n_train + n_val, times.size - span + 1),
     }
     stats_record = provenance.make_record("normalize", "c" * 16, {"regrid": "f" * 16})
@@ -1025,14 +1115,20 @@ def ar1_inputs(tmp_path_factory):
     clim = np.where(mask, np.broadcast_to(seasonal[:1], (366, AR_LAT.size, AR_LON.size)), np.nan)[:, None]
     xr.Dataset(
         {
-            "mean": ("variable", [MEAN]), "std": ("variable", [STD]),
+            "mean": ("variable", [MEAN]),
+            "std": ("variable", [STD]),
             "climatology": (("dayofyear", "variable", "lat", "lon"), clim),
             "mask": (("lat", "lon"), mask),
             "variable_units": ("variable", np.array(["degC"], dtype=object)),
         },
         coords={"variable": ["sst"], "dayofyear": np.arange(1, 367), "lat": AR_LAT, "lon": AR_LON},
-        attrs={"train_start": str(times[0].date()), "train_end": str(times[n_train - 1].date()), "per_pixel": 0,
-               "climatology_window": 31, **provenance.to_attrs(stats_record)},
+        attrs={
+            "train_start": str(times[0].date()),
+            "train_end": str(times[n_train - 1].date()),
+            "per_pixel": 0,
+            "climatology_window": 31,
+            **provenance.to_attrs(stats_record),
+        },
     ).to_netcdf(root / "stats.nc")
     xr.Dataset(
         {
@@ -1041,14 +1137,26 @@ def ar1_inputs(tmp_path_factory):
             **{f"{s}_start": (f"{s}_sample", v.astype("int64")) for s, v in starts.items()},
         },
         coords={"time": times, "variable": np.array(["sst"], dtype=object), "lat": AR_LAT, "lon": AR_LON},
-        attrs={"input_variables": ["sst"], "target_variables": ["sst"], "input_steps": INPUT_STEPS,
-               "lead_steps": LEAD_STEPS, "stats_sha256": "0" * 64, "format_version": 1,
-               **provenance.to_attrs(windows_record)},
+        attrs={
+            "input_variables": ["sst"],
+            "target_variables": ["sst"],
+            "input_steps": INPUT_STEPS,
+            "lead_steps": LEAD_STEPS,
+            "stats_sha256": "0" * 64,
+            "format_version": 1,
+            **provenance.to_attrs(windows_record),
+        },
     ).pipe(lambda ds: write_store(ds.chunk({"time": 64}), root / "windows.zarr"))
     cfg = sst_config(root, hidden_channels=[2], batch_size=64)
-    kwargs = models.model_kwargs_from_config(cfg["model"], input_variables=["sst"], target_variables=["sst"],
-                                             input_steps=INPUT_STEPS, lead_steps=LEAD_STEPS, height=AR_LAT.size,
-                                             width=AR_LON.size)
+    kwargs = models.model_kwargs_from_config(
+        cfg["model"],
+        input_variables=["sst"],
+        target_variables=["sst"],
+        input_steps=INPUT_STEPS,
+        lead_steps=LEAD_STEPS,
+        height=AR_LAT.size,
+        width=AR_LON.size,
+    )
     torch.manual_seed(0)
     client = mlflow.MlflowClient(cfg["mlflow"]["tracking_uri"])
     experiment_id = client.create_experiment(cfg["experiment"], artifact_location=(root / "mlruns").as_uri())
@@ -1056,14 +1164,22 @@ def ar1_inputs(tmp_path_factory):
     client.set_terminated(run_id)
     checkpoint = root / "train" / "best.pt"
     checkpoint.parent.mkdir()
-    torch.save({
-        "model_name": "convlstm", "model_kwargs": kwargs,
-        "model_state": models.build_model("convlstm", **kwargs).state_dict(), "config": cfg,
-        "input_variables": ["sst"], "target_variables": ["sst"], "mlflow_run_id": run_id,
-        "provenance": provenance.for_step(cfg, "train", {"windows": windows_record["digest"],
-                                                         "stats": stats_record["digest"]}),
-        "result_config": keys.result_config(cfg, "train"),
-    }, checkpoint)
+    torch.save(
+        {
+            "model_name": "convlstm",
+            "model_kwargs": kwargs,
+            "model_state": models.build_model("convlstm", **kwargs).state_dict(),
+            "config": cfg,
+            "input_variables": ["sst"],
+            "target_variables": ["sst"],
+            "mlflow_run_id": run_id,
+            "provenance": provenance.for_step(
+                cfg, "train", {"windows": windows_record["digest"], "stats": stats_record["digest"]}
+            ),
+            "result_config": keys.result_config(cfg, "train"),
+        },
+        checkpoint,
+    )
     return {"root": root, "cfg": cfg, "checkpoint": checkpoint}
 
 
@@ -1075,8 +1191,14 @@ def test_evaluate_damped_persistence_on_ar1_anomalies_has_the_analytic_skill(ar1
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = ar1_inputs
     out_dir = p["root"] / "evaluate"
-    evaluate.main(p["cfg"], run="convlstm", windows=p["root"] / "windows.zarr", stats=p["root"] / "stats.nc",
-                  checkpoint=p["checkpoint"], out_dir=out_dir)
+    evaluate.main(
+        p["cfg"],
+        run="convlstm",
+        windows=p["root"] / "windows.zarr",
+        stats=p["root"] / "stats.nc",
+        checkpoint=p["checkpoint"],
+        out_dir=out_dir,
+    )
     table = pd.read_csv(out_dir / "metrics.csv")
     value = table.set_index(["model", "metric", "lead"])["value"]
     rows = evaluate.skill_intervals(table)

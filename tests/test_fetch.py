@@ -273,7 +273,9 @@ def test_zarr_over_http_subset_by_time_variables_and_region(zarr_root: Path, tmp
     manifest = json.loads(manifest_path.read_text())
     assert manifest["kind"] == "zarr" and manifest["format"] == "zarr"
     store = Path(manifest["files"][0]["path"])
-    assert store == (tmp_path / "raw" / "remote.zarr") or store.resolve() == (tmp_path / "raw" / "remote.zarr").resolve()
+    assert (
+        store == (tmp_path / "raw" / "remote.zarr") or store.resolve() == (tmp_path / "raw" / "remote.zarr").resolve()
+    )
     assert manifest["files"][0]["sha256"] == sha256_tree(store)
     ds = fetch.open_fetched(manifest_path)
     assert list(ds.data_vars) == ["sst"]
@@ -316,8 +318,9 @@ def raw_grid(lon: np.ndarray, time_name: str = "time") -> xr.Dataset:
 
 def test_subset_uses_harmonize_period_and_region_rules() -> None:
     raw = raw_grid(np.arange(280.0, 300.0, 1.0))  # 0..360 longitudes
-    cfg = validate_config({"source": {"start": "2020-01-02", "end": "2020-01-04"},
-                           "region": {"lat": [33.0, 35.0], "lon": [-75.0, -72.0]}})
+    cfg = validate_config(
+        {"source": {"start": "2020-01-02", "end": "2020-01-04"}, "region": {"lat": [33.0, 35.0], "lon": [-75.0, -72.0]}}
+    )
     sub = fetch.subset(raw, cfg, "test source")
     # Whole days, end included, noon stamps: Jan 2, 3 and 4.
     assert [str(t)[:16] for t in sub["time"].values] == [f"2020-01-0{d}T12:00" for d in (2, 3, 4)]
@@ -378,13 +381,20 @@ def _copernicus_skip_reason() -> str | None:
 def test_copernicus_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real, tiny download (2 days, about 1 x 1 degree of surface nitrate); needs the internet."""
     monkeypatch.chdir(tmp_path)
-    cfg = validate_config({
-        "name": "bgc",
-        "source": {"kind": "copernicus", "dataset_id": "cmems_mod_glo_bgc_my_0.25deg_P1D-m",
-                   "start": "2019-01-01", "end": "2019-01-02", "variables": ["no3"]},
-        "variables": {"inputs": ["no3"], "targets": ["no3"]},
-        "region": {"lat": [30.0, 31.0], "lon": [-40.0, -39.0]},
-    })
+    cfg = validate_config(
+        {
+            "name": "bgc",
+            "source": {
+                "kind": "copernicus",
+                "dataset_id": "cmems_mod_glo_bgc_my_0.25deg_P1D-m",
+                "start": "2019-01-01",
+                "end": "2019-01-02",
+                "variables": ["no3"],
+            },
+            "variables": {"inputs": ["no3"], "targets": ["no3"]},
+            "region": {"lat": [30.0, 31.0], "lon": [-40.0, -39.0]},
+        }
+    )
     manifest_path = fetch.main(cfg, out_dir=tmp_path / "raw")
     manifest = json.loads(manifest_path.read_text())
     assert manifest["kind"] == "copernicus" and manifest["format"] == "netcdf"

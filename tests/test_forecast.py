@@ -123,8 +123,9 @@ def test_forecast_with_the_champion_a_run_id_or_a_checkpoint(wf, test_init, tmp_
     common = ["--config", "tiny.yaml", "--stats", STATS, "--init-date", f"{test_init:%Y-%m-%d}"]
     for label, extra in (("champion", []), ("run", ["--run-id", run_id]), ("file", ["--checkpoint", MODEL])):
         out = tmp_path / label
-        code, err = _cli(wf, monkeypatch, capsys, *common, *extra, "--out-nc", str(out / "f.nc"),
-                         "--out-zarr", str(out / "f.zarr"))
+        code, err = _cli(
+            wf, monkeypatch, capsys, *common, *extra, "--out-nc", str(out / "f.nc"), "--out-zarr", str(out / "f.zarr")
+        )
         assert code == 0, err
         with xr.open_dataset(out / "f.nc") as ds:
             np.testing.assert_array_equal(ds["sst"].values[0], expected)
@@ -171,5 +172,6 @@ def test_check_grid_names_both_grids():
     stats = xr.Dataset(coords={"lat": [30.5, 31.5], "lon": [-69.5, -68.5]})
     forecast.check_grid("the input", np.array([30.5, 31.5]), np.array([-69.5, -68.5]), stats, stats_path=Path("s.nc"))
     with pytest.raises(Exception, match=r"the input has lat 3 cells 30.5..32.5 but the model's grid .* 2 cells"):
-        forecast.check_grid("the input", np.array([30.5, 31.5, 32.5]), np.array([-69.5, -68.5]), stats,
-                            stats_path=Path("s.nc"))
+        forecast.check_grid(
+            "the input", np.array([30.5, 31.5, 32.5]), np.array([-69.5, -68.5]), stats, stats_path=Path("s.nc")
+        )

@@ -71,8 +71,9 @@ def test_0_360_convention_and_sorting() -> None:
 
 
 def test_wrap_longitude_values() -> None:
-    np.testing.assert_array_equal(wrap_longitude(np.array([0, 180, 181, 359.75, -190]), "-180..180"),
-                                  [0, -180, -179, -0.25, 170])
+    np.testing.assert_array_equal(
+        wrap_longitude(np.array([0, 180, 181, 359.75, -190]), "-180..180"), [0, -180, -179, -0.25, 170]
+    )
     np.testing.assert_array_equal(wrap_longitude(np.array([-0.25, -180, 10]), "0..360"), [359.75, 180, 10])
 
 
@@ -210,8 +211,10 @@ def test_select_region_and_errors() -> None:
 
 def test_select_period_includes_whole_end_day() -> None:
     times = pd.date_range("2020-01-01", "2020-01-05 18:00", freq="6h")
-    ds = xr.Dataset({"v": (("time", "lat", "lon"), np.zeros((times.size, 1, 1)))},
-                    coords={"time": times, "lat": [0.0], "lon": [0.0]})
+    ds = xr.Dataset(
+        {"v": (("time", "lat", "lon"), np.zeros((times.size, 1, 1)))},
+        coords={"time": times, "lat": [0.0], "lon": [0.0]},
+    )
     sub = select_period(ds, "2020-01-02", "2020-01-03")
     assert sub.sizes["time"] == 8
     assert pd.Timestamp(sub["time"].values[-1]) == pd.Timestamp("2020-01-03 18:00")
@@ -241,8 +244,11 @@ def test_select_period_on_raw_unsorted_times_and_other_names() -> None:
     raw = xr.Dataset({"v": (("t",), np.arange(4.0))}, coords={"valid_time": ("t", times)})
     sub = select_period(raw, "2020-01-02", "2020-01-03", time="valid_time")
     np.testing.assert_array_equal(sub["v"].values, [2.0, 3.0])  # source order kept
-    with pytest.raises(DataError, match=r"^the source 2021-01-01\.\.2021-01-02 contains no time step.*"
-                                        r"2020-01-01\.\.2020-01-05; fix it$"):
+    with pytest.raises(
+        DataError,
+        match=r"^the source 2021-01-01\.\.2021-01-02 contains no time step.*"
+        r"2020-01-01\.\.2020-01-05; fix it$",
+    ):
         select_period(raw, "2021-01-01", "2021-01-02", time="valid_time", what="the source", fix="fix it")
 
 
@@ -374,8 +380,11 @@ def test_convert_units_per_file_lazily_and_labels_the_canonical_unit() -> None:
 
 def test_convert_units_refuses_naming_files_and_units() -> None:
     rules = SourceRules(units={"sst": UnitSpec("degC", -3.0, 40.0)}, variables=("sst",))
-    with pytest.raises(DataError, match=r"'sst' in f1\.nc has units 'W m-2'.*Units found: 'degC' in f0\.nc; "
-                                        r"'W m-2' in f1\.nc.*harmonize\.units\.sst\.unit"):
+    with pytest.raises(
+        DataError,
+        match=r"'sst' in f1\.nc has units 'W m-2'.*Units found: 'degC' in f0\.nc; "
+        r"'W m-2' in f1\.nc.*harmonize\.units\.sst\.unit",
+    ):
         convert_units(_files(["degC", "W m-2"], [20.0, 20.0]), rules)
     # a variable without an entry keeps its unit, which must agree across the files
     plain = SourceRules(variables=("sst",))
@@ -390,8 +399,11 @@ def test_duplicate_times_are_refused_or_resolved_explicitly() -> None:
     a, b, c = _files(["degC"] * 3, [20.0, 21.0, 22.0])
     dup = SourceFile("dup.nc", b.ds.copy(data={"sst": b.ds["sst"].data + 5}))
     files = [a, b, dup, c]
-    with pytest.raises(DataError, match=r"time 2020-01-02 00:00:00 appears in both f1\.nc and dup\.nc.*"
-                                        r"harmonize\.duplicates to first .*or last"):
+    with pytest.raises(
+        DataError,
+        match=r"time 2020-01-02 00:00:00 appears in both f1\.nc and dup\.nc.*"
+        r"harmonize\.duplicates to first .*or last",
+    ):
         resolve_duplicate_times(files)
     first = resolve_duplicate_times(files, "first")
     assert [f.path for f in first] == ["f0.nc", "f1.nc", "f2.nc"]
@@ -415,17 +427,22 @@ def test_plausibility_is_a_chunked_reduction_naming_time_and_file() -> None:
     values = np.full((6, 2, 2), 20.0, np.float32)
     values[3, 0, 1] = 45.0
     values[4, 1, 1] = np.nan  # land or missing is not counted
-    ds = xr.Dataset({"sst": (("time", "lat", "lon"), values)},
-                    coords={"time": pd.date_range("2020-01-01", periods=6), "lat": [1.0, 2.0], "lon": [3.0, 4.0]})
+    ds = xr.Dataset(
+        {"sst": (("time", "lat", "lon"), values)},
+        coords={"time": pd.date_range("2020-01-01", periods=6), "lat": [1.0, 2.0], "lon": [3.0, 4.0]},
+    )
     ds = ds.chunk({"time": 2})
     units = {"sst": UnitSpec("degC", -3.0, 40.0)}
     summary = range_summary(ds, units)
     assert summary["sst.count"].chunks == ((6,),)  # lazy: one small result per time chunk
     long = xr.concat([ds] * 100, "time").chunk({"time": 1})
     assert max(range_summary(long, units)["sst.count"].chunks[0]) <= 256  # memory bounded by a chunk
-    with pytest.raises(DataError, match=r"^1 value\(s\) of 'sst' lie outside its plausible range -3\.\.40 degC "
-                                        r"\(harmonize\.units\.sst\), at 1 of 6 time steps; .* from 20 to 45; the "
-                                        r"first is at 2020-01-04 00:00:00 in day4\.nc.*widen harmonize\.units\.sst"):
+    with pytest.raises(
+        DataError,
+        match=r"^1 value\(s\) of 'sst' lie outside its plausible range -3\.\.40 degC "
+        r"\(harmonize\.units\.sst\), at 1 of 6 time steps; .* from 20 to 45; the "
+        r"first is at 2020-01-04 00:00:00 in day4\.nc.*widen harmonize\.units\.sst",
+    ):
         check_plausible(ds, units, file_of=lambda t: f"day{pd.Timestamp(t).day}.nc")
     check_plausible(ds, {"sst": UnitSpec("degC", -3.0, 50.0)})
     check_plausible(ds, {"sst": UnitSpec("degC", None, None)})  # no bounds: nothing computed
@@ -436,9 +453,13 @@ def test_time_gaps_inside_and_at_the_ends_of_the_period() -> None:
     days = pd.to_datetime(["2020-01-02", "2020-01-03", "2020-01-06", "2020-01-07", "2020-01-08"]) + pd.Timedelta("12h")
     gaps = time_gaps(days.values, "2020-01-01", "2020-01-10")
     assert gaps.ranges() == ["2020-01-01", "2020-01-04..2020-01-05", "2020-01-09..2020-01-10"]
-    assert gaps.attrs() == {"time_gaps": 3, "missing_steps": 5, "longest_gap_days": 2.0,
-                            "missing_dates": ["2020-01-01", "2020-01-04..2020-01-05", "2020-01-09..2020-01-10"],
-                            "time_step": "1 day"}
+    assert gaps.attrs() == {
+        "time_gaps": 3,
+        "missing_steps": 5,
+        "longest_gap_days": 2.0,
+        "missing_dates": ["2020-01-01", "2020-01-04..2020-01-05", "2020-01-09..2020-01-10"],
+        "time_step": "1 day",
+    }
     assert "3 gap(s)" in gaps.describe()
     complete = time_gaps(pd.date_range("2020-01-01", "2020-01-10").values, "2020-01-01", "2020-01-10")
     assert complete.gaps == () and complete.describe() == "no gap in the time axis"
@@ -452,8 +473,12 @@ def test_source_rules_from_the_configuration() -> None:
     from conv2dlstm.config import validate_config
     from conv2dlstm.errors import ConfigError
 
-    cfg = validate_config({"variables": {"inputs": ["fe", "po4"], "targets": ["no3"]},
-                           "harmonize": {"units": {"fe": {"max": 0.01}}, "duplicates": "last"}})
+    cfg = validate_config(
+        {
+            "variables": {"inputs": ["fe", "po4"], "targets": ["no3"]},
+            "harmonize": {"units": {"fe": {"max": 0.01}}, "duplicates": "last"},
+        }
+    )
     rules = SourceRules.from_config(cfg)
     assert rules.variables == ("fe", "po4", "no3") and rules.duplicates == "last"
     assert rules.units["fe"] == UnitSpec("mmol m-3", 0.0, 0.01)  # the other fields keep their defaults

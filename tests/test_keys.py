@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conv2dlstm import keys
-from tests._plan import steps_planned_by
 from conv2dlstm.config import flatten, load_schema, run_config, validate_config
+from tests._plan import steps_planned_by
 
 
 def _leaf_names(schema: dict, sub: dict, prefix: str = "") -> set[str]:
@@ -135,6 +135,7 @@ def test_config_file_equals_the_schema_defaults(repo_root):
 
 def test_schema_has_no_stray_keys():
     """A comma in a flow-style description splits it into keys with no value (YAML): none may exist."""
+
     def walk(node, path):
         if isinstance(node, dict):
             for key, value in node.items():

@@ -58,7 +58,9 @@ def test_area_weights_are_cosines_of_cell_centres():
     assert float(w.mean()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("lat", [np.arange(80.5, 90.0, 1.0), np.arange(85.0, 90.01, 1.25), np.arange(-90.0, -84.0, 2.0)])
+@pytest.mark.parametrize(
+    "lat", [np.arange(80.5, 90.0, 1.0), np.arange(85.0, 90.01, 1.25), np.arange(-90.0, -84.0, 2.0)]
+)
 def test_area_weights_regional_polar_box_stays_finite(lat):
     lon = np.array([0.0, 1.0])
     w = metrics.area_weights(lat, _mask(np.ones((lat.size, 2)), lat, lon))
@@ -100,7 +102,9 @@ def test_rmse_mae_bias_hand_computed(chunked):
     # the order matters: mean over time of per-time RMSEs would be (sqrt2 + sqrt3) / 2
     assert float(rmse) != pytest.approx((math.sqrt(2) + math.sqrt(3)) / 2)
     assert float(metrics.mse(forecast, truth, w)) == pytest.approx(2.5)
-    assert float(metrics.mae(forecast, truth, w)) == pytest.approx(((W0 * 1 + W60 * 2) / 2 + (W0 * 2 + W60 * 1) / 2) / 2)
+    assert float(metrics.mae(forecast, truth, w)) == pytest.approx(
+        ((W0 * 1 + W60 * 2) / 2 + (W0 * 2 + W60 * 1) / 2) / 2
+    )
     assert float(metrics.mae(forecast, truth, w)) == pytest.approx(1.5)
     assert float(metrics.bias(forecast, truth, w)) == pytest.approx(((W0 + 2 * W60) / 2 + (2 * W0 - W60) / 2) / 2)
     assert float(metrics.bias(forecast, truth, w)) == pytest.approx(7 / 6)
@@ -275,8 +279,12 @@ def test_per_time_scores_and_time_mean():
     assert per_time.dims == ("time",)
     np.testing.assert_allclose(per_time.values[:2], [2.0, 3.0])
     assert np.isnan(per_time.values[2])
-    np.testing.assert_allclose(metrics.mae_per_time(forecast, truth, w).values[:2], [(W0 + 2 * W60) / 2, (2 * W0 + W60) / 2])
-    np.testing.assert_allclose(metrics.bias_per_time(forecast, truth, w).values[:2], [(W0 + 2 * W60) / 2, (2 * W0 - W60) / 2])
+    np.testing.assert_allclose(
+        metrics.mae_per_time(forecast, truth, w).values[:2], [(W0 + 2 * W60) / 2, (2 * W0 + W60) / 2]
+    )
+    np.testing.assert_allclose(
+        metrics.bias_per_time(forecast, truth, w).values[:2], [(W0 + 2 * W60) / 2, (2 * W0 - W60) / 2]
+    )
     assert float(metrics.time_mean(per_time)) == pytest.approx(2.5)
     assert float(metrics.mse(forecast, truth, w)) == pytest.approx(2.5)
     clim = _field(np.full((3, 2, 1), -1.0))

@@ -5,9 +5,9 @@ Snakemake; ``mlflow server`` serves its ``mlflow.db`` on 127.0.0.1. Then, as the
 "Comparing runs" says: open the experiment's runs, see both runs, select both, Compare, find the
 parameter that differs; in the chart view find the ``val_loss`` and ``test_rmse_*`` charts; open
 one run's artifacts and see its evaluation plots; see the best run as the registered model's
-``champion`` and load it with ``mlflow.pytorch.load_model("models:/<experiment>@champion")``. Every step waits for what it needs on the page
-(a single-page app renders late); screenshots (PNG) go to a directory the test prints, and are
-copied to ``$CONV2DLSTM_SCREENSHOTS`` when that is set.
+``champion`` and load it with ``mlflow.pytorch.load_model("models:/<experiment>@champion")``. Every
+step waits for what it needs on the page (a single-page app renders late); screenshots (PNG) go to
+a directory the test prints, and are copied to ``$CONV2DLSTM_SCREENSHOTS`` when that is set.
 
 Skipped, with the reason, only where chromium or chromedriver cannot be found.
 """
@@ -49,8 +49,10 @@ CHROMEDRIVER = _find(("chromedriver",), ("/usr/bin/chromedriver", "/usr/lib/chro
 # Skipped before any fixture runs (the sweep takes a minute) where there is no browser to drive.
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                       reason="chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)"),
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)",
+    ),
 ]
 
 
@@ -83,8 +85,14 @@ def browser() -> Iterator:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1600,1000", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -133,8 +141,9 @@ def _wait(driver, condition, what: str, timeout: float = WAIT_S):
         return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
     except TimeoutException:
         body = driver.find_element("tag name", "body").text[:3000]
-        raise AssertionError(f"timed out after {timeout} s waiting for {what} at {driver.current_url}; "
-                             f"the page shows:\n{body}") from None
+        raise AssertionError(
+            f"timed out after {timeout} s waiting for {what} at {driver.current_url}; the page shows:\n{body}"
+        ) from None
 
 
 def _xpath_text(text: str) -> str:
@@ -199,8 +208,9 @@ def _search_charts(driver, text: str) -> None:
     box.send_keys(text)
 
 
-def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str, browser, screenshots,
-                                           monkeypatch) -> None:
+def test_compare_two_runs_in_the_mlflow_ui(
+    sweep_workflow: Path, mlflow_ui: str, browser, screenshots, monkeypatch
+) -> None:
     from selenium.webdriver.common.by import By
 
     from conv2dlstm.tracking import ui_address
@@ -221,13 +231,24 @@ def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str,
     screenshots(driver, "01-runs-table")
 
     # 2. Select both runs and compare them: the learning rate is the parameter that differs.
-    boxes = _wait(driver, lambda d: [b for b in d.find_elements(
-        By.CSS_SELECTOR, "input[aria-label^='Press Space to toggle row selection']")] or False, "row checkboxes")
+    boxes = _wait(
+        driver,
+        lambda d: (
+            [b for b in d.find_elements(By.CSS_SELECTOR, "input[aria-label^='Press Space to toggle row selection']")]
+            or False
+        ),
+        "row checkboxes",
+    )
     assert len(boxes) == 2, "one selection box per run"
     for box in boxes:
         _click(driver, box)
-    compare = _wait(driver, lambda d: (lambda b: b if b and b.is_enabled() else False)(
-        _visible(d, "//button[@data-testid='runs-compare-button']")), "the Compare button")
+    compare = _wait(
+        driver,
+        lambda d: (lambda b: b if b and b.is_enabled() else False)(
+            _visible(d, "//button[@data-testid='runs-compare-button']")
+        ),
+        "the Compare button",
+    )
     _click(driver, compare)
     _wait(driver, lambda d: _visible(d, "//*[contains(normalize-space(), 'Comparing 2 Runs')]"), "the compare page")
     for run in RUNS:
@@ -235,14 +256,25 @@ def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str,
     _settled(driver)
     screenshots(driver, "02-compare-runs")
     # "Show diff only" of the Parameters section: the learning rate stays, parameters with one value go
-    _click(driver, _wait(driver, lambda d: _visible(d, "//button[@role='switch' and "
-                                                       "@aria-label='Parameters - Show diff only']"),
-                         "the 'Show diff only' switch of the parameters"))
-    row = _wait(driver, lambda d: _visible(d, "//tr[th[normalize-space()='train.learning_rate']]"),
-                "the train.learning_rate row")
+    _click(
+        driver,
+        _wait(
+            driver,
+            lambda d: _visible(d, "//button[@role='switch' and @aria-label='Parameters - Show diff only']"),
+            "the 'Show diff only' switch of the parameters",
+        ),
+    )
+    row = _wait(
+        driver,
+        lambda d: _visible(d, "//tr[th[normalize-space()='train.learning_rate']]"),
+        "the train.learning_rate row",
+    )
     assert sorted(c.text for c in row.find_elements(By.TAG_NAME, "td")) == ["0.001", "0.003"], row.text
-    _wait(driver, lambda d: not _visible(d, "//tr[th[normalize-space()='train.epochs']]"),
-          "parameters with one value to be hidden")
+    _wait(
+        driver,
+        lambda d: not _visible(d, "//tr[th[normalize-space()='train.epochs']]"),
+        "parameters with one value to be hidden",
+    )
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
     screenshots(driver, "03-compare-parameter-that-differs")
 
@@ -256,34 +288,59 @@ def test_compare_two_runs_in_the_mlflow_ui(sweep_workflow: Path, mlflow_ui: str,
     screenshots(driver, "04-charts-val_loss")
     _search_charts(driver, "test_rmse_")
     for lead in (1, 2, 3):
-        _wait(driver, lambda d, t=f"test_rmse_sst_lead{lead}": _chart_cards(d, t) or False,
-              f"the test_rmse_sst_lead{lead} chart")
+        _wait(
+            driver,
+            lambda d, t=f"test_rmse_sst_lead{lead}": _chart_cards(d, t) or False,
+            f"the test_rmse_sst_lead{lead} chart",
+        )
     _settled(driver)
     screenshots(driver, "05-charts-test_rmse")
 
     # 4. One run's artifacts: the evaluation plots, shown as images.
     _click(driver, _wait(driver, lambda d: _visible(d, f"//a[normalize-space()='{RUNS[0]}']"), "the run link"))
-    tab = _wait(driver, lambda d: _visible(d, "//*[@role='tab' and normalize-space()='Artifacts'] | "
-                                              "//button[normalize-space()='Artifacts'] | //a[normalize-space()='Artifacts']"),
-                "the Artifacts tab")
+    tab = _wait(
+        driver,
+        lambda d: _visible(
+            d,
+            "//*[@role='tab' and normalize-space()='Artifacts'] | "
+            "//button[normalize-space()='Artifacts'] | //a[normalize-space()='Artifacts']",
+        ),
+        "the Artifacts tab",
+    )
     _click(driver, tab)
     _close_assistant(driver)
     _click(driver, _wait(driver, lambda d: _visible(d, _xpath_text("evaluate")), "the evaluate folder"))
     for plot in ("rmse_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png"):
         _wait(driver, lambda d, p=plot: _visible(d, _xpath_text(p)), f"{plot} in the artifacts")
     _click(driver, _visible(driver, _xpath_text("rmse_vs_lead.png")))
-    _wait(driver, lambda d: _visible(d, "//*[contains(normalize-space(text()), 'evaluate/rmse_vs_lead.png')]"),
-          "the preview of evaluate/rmse_vs_lead.png")
-    image = _wait(driver, lambda d: [i for i in d.find_elements(By.TAG_NAME, "img") if i.is_displayed()
-                                     and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
-                                                          i) > 300] or False, "the plot image")[0]
+    _wait(
+        driver,
+        lambda d: _visible(d, "//*[contains(normalize-space(text()), 'evaluate/rmse_vs_lead.png')]"),
+        "the preview of evaluate/rmse_vs_lead.png",
+    )
+    image = _wait(
+        driver,
+        lambda d: (
+            [
+                i
+                for i in d.find_elements(By.TAG_NAME, "img")
+                if i.is_displayed()
+                and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) > 300
+            ]
+            or False
+        ),
+        "the plot image",
+    )[0]
     assert image.size["width"] > 300
     screenshots(driver, "06-run-artifacts-plot")
 
     # 5. The best run by validation loss is the registered model's champion, in the UI and in Python.
     driver.get(f"{base}/#/models/{EXPERIMENT}")
-    _wait(driver, lambda d: _visible(d, "//*[contains(., 'champion') and not(*[contains(., 'champion')])]"),
-          "the champion alias")  # "@&nbsp;champion"
+    _wait(
+        driver,
+        lambda d: _visible(d, "//*[contains(., 'champion') and not(*[contains(., 'champion')])]"),
+        "the champion alias",
+    )  # "@&nbsp;champion"
     _close_assistant(driver)
     screenshots(driver, "07-model-registry-champion")
     import mlflow.pytorch

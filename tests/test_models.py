@@ -25,8 +25,14 @@ SMALL = {
 
 
 def shape_kwargs(height: int, width: int, *, c_in: int = 2, c_out: int = 1, t_in: int = 3, t_out: int = 2) -> dict:
-    return {"in_channels": c_in, "out_channels": c_out, "input_steps": t_in, "lead_steps": t_out,
-            "height": height, "width": width}
+    return {
+        "in_channels": c_in,
+        "out_channels": c_out,
+        "input_steps": t_in,
+        "lead_steps": t_out,
+        "height": height,
+        "width": width,
+    }
 
 
 @pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
@@ -52,8 +58,9 @@ def test_output_shape(name: str, height: int, width: int) -> None:
 def test_conv2d_lstm_parameter_count_matches_allocated(height: int, width: int, kw: dict) -> None:
     model = Conv2dLSTM(**shape_kwargs(height, width, c_in=3, c_out=2, t_out=4), **kw)
     full = {"filters": [32, 64], "kernel_size": 3, "lstm_units": 64, "dense_units": 64} | kw
-    expected = conv2d_lstm_parameter_count(in_channels=3, out_channels=2, lead_steps=4, height=height,
-                                           width=width, **full)
+    expected = conv2d_lstm_parameter_count(
+        in_channels=3, out_channels=2, lead_steps=4, height=height, width=width, **full
+    )
     assert count_parameters(model) == expected
 
 
@@ -62,9 +69,21 @@ def test_conv2d_lstm_notebook_count_on_default_grid() -> None:
     conv = (1 * 32 * 9 + 32) + (32 * 64 * 9 + 64)
     lstm = 4 * 64 * (1024 + 64 + 2)
     dense = 64 * 64 + 64 + 64 * (3 * 625) + 3 * 625
-    assert conv2d_lstm_parameter_count(in_channels=1, out_channels=1, lead_steps=3, height=25, width=25,
-                                       filters=[32, 64], kernel_size=3, lstm_units=64, dense_units=64) \
-        == conv + lstm + dense == 423_891
+    assert (
+        conv2d_lstm_parameter_count(
+            in_channels=1,
+            out_channels=1,
+            lead_steps=3,
+            height=25,
+            width=25,
+            filters=[32, 64],
+            kernel_size=3,
+            lstm_units=64,
+            dense_units=64,
+        )
+        == conv + lstm + dense
+        == 423_891
+    )
 
 
 def test_conv2d_lstm_refuses_large_grid_before_allocating() -> None:
@@ -72,8 +91,17 @@ def test_conv2d_lstm_refuses_large_grid_before_allocating() -> None:
     with pytest.raises(ConfigError) as info:
         build_model("conv2d_lstm", **shape_kwargs(720, 1440, c_in=1, t_out=3))
     msg = str(info.value)
-    expected = conv2d_lstm_parameter_count(in_channels=1, out_channels=1, lead_steps=3, height=720, width=1440,
-                                           filters=[32, 64], kernel_size=3, lstm_units=64, dense_units=64)
+    expected = conv2d_lstm_parameter_count(
+        in_channels=1,
+        out_channels=1,
+        lead_steps=3,
+        height=720,
+        width=1440,
+        filters=[32, 64],
+        kernel_size=3,
+        lstm_units=64,
+        dense_units=64,
+    )
     assert f"{expected:,}" in msg
     assert "720x1440" in msg
     assert "model.name: convlstm" in msg
@@ -81,8 +109,17 @@ def test_conv2d_lstm_refuses_large_grid_before_allocating() -> None:
 
 
 def test_conv2d_lstm_limit_is_configurable() -> None:
-    n = conv2d_lstm_parameter_count(in_channels=2, out_channels=1, lead_steps=2, height=12, width=10,
-                                    filters=[4, 8], kernel_size=3, lstm_units=8, dense_units=8)
+    n = conv2d_lstm_parameter_count(
+        in_channels=2,
+        out_channels=1,
+        lead_steps=2,
+        height=12,
+        width=10,
+        filters=[4, 8],
+        kernel_size=3,
+        lstm_units=8,
+        dense_units=8,
+    )
     build_model("conv2d_lstm", **shape_kwargs(12, 10), **SMALL["conv2d_lstm"], max_parameters=n)
     with pytest.raises(ConfigError, match=f"{n:,} parameters"):
         build_model("conv2d_lstm", **shape_kwargs(12, 10), **SMALL["conv2d_lstm"], max_parameters=n - 1)
@@ -99,12 +136,18 @@ def test_conv2d_lstm_grid_too_small() -> None:
 CONFIG_SHAPES = {
     "default 25x25 sst": {},
     "seed 48x28 fe,po4,si->no3": {
-        "grid": {"lat": {"start": 5.75, "stop": 17.5, "step": 0.25}, "lon": {"start": 73.0, "stop": 79.75, "step": 0.25}},
+        "grid": {
+            "lat": {"start": 5.75, "stop": 17.5, "step": 0.25},
+            "lon": {"start": 73.0, "stop": 79.75, "step": 0.25},
+        },
         "variables": {"inputs": ["fe", "po4", "si"], "targets": ["no3"]},
         "windows": {"input_steps": 5, "lead_steps": 1},
     },
     "odd 13x11, two targets, one block k5": {
-        "grid": {"lat": {"start": 30.0, "stop": 36.0, "step": 0.5}, "lon": {"start": -70.0, "stop": -65.0, "step": 0.5}},
+        "grid": {
+            "lat": {"start": 30.0, "stop": 36.0, "step": 0.5},
+            "lon": {"start": -70.0, "stop": -65.0, "step": 0.5},
+        },
         "variables": {"inputs": ["sst", "sss"], "targets": ["sst", "sss"]},
         "windows": {"input_steps": 3, "lead_steps": 2},
         "model": {"conv2d_lstm": {"filters": [6], "kernel_size": 5, "lstm_units": 7, "dense_units": 3}},
@@ -128,17 +171,30 @@ def test_conv2d_lstm_count_from_config_equals_built_model(overrides: dict) -> No
     grid = target_grid(cfg["grid"])  # the grid the regrid step writes, and the windows store holds
     assert grid_shape(cfg["grid"]) == (grid.sizes["lat"], grid.sizes["lon"])
     kwargs = model_kwargs_from_config(
-        cfg["model"], input_variables=cfg["variables"]["inputs"], target_variables=cfg["variables"]["targets"],
-        input_steps=cfg["windows"]["input_steps"], lead_steps=cfg["windows"]["lead_steps"],
-        height=grid.sizes["lat"], width=grid.sizes["lon"],
+        cfg["model"],
+        input_variables=cfg["variables"]["inputs"],
+        target_variables=cfg["variables"]["targets"],
+        input_steps=cfg["windows"]["input_steps"],
+        lead_steps=cfg["windows"]["lead_steps"],
+        height=grid.sizes["lat"],
+        width=grid.sizes["lon"],
     )
     assert conv2d_lstm_parameters(cfg) == count_parameters(build_model("conv2d_lstm", **kwargs))
 
 
 @pytest.mark.parametrize(
     ("start", "stop", "step"),
-    [(21.0, 45.0, 1.0), (5.75, 17.5, 0.25), (-79.0, -55.0, 1.0), (0.0, 6.5, 1.0), (0.1, 0.7, 0.2),
-     (-89.875, 89.875, 0.25), (280.125, 305.875, 0.25), (1.0, 1.0, 0.5), (0.0, 1.0, 0.1)],
+    [
+        (21.0, 45.0, 1.0),
+        (5.75, 17.5, 0.25),
+        (-79.0, -55.0, 1.0),
+        (0.0, 6.5, 1.0),
+        (0.1, 0.7, 0.2),
+        (-89.875, 89.875, 0.25),
+        (280.125, 305.875, 0.25),
+        (1.0, 1.0, 0.5),
+        (0.0, 1.0, 0.1),
+    ],
 )
 def test_axis_cells_equals_regrid_axis(start: float, stop: float, step: float) -> None:
     from conv2dlstm.modelsize import axis_cells
@@ -157,8 +213,10 @@ def test_modelsize_is_torch_free() -> None:
 
 
 def test_convlstm_size_independent_of_grid() -> None:
-    counts = {count_parameters(ConvLSTM(**shape_kwargs(h, w), hidden_channels=[8, 16])) for h, w in
-              [(12, 10), (48, 28), (101, 7)]}
+    counts = {
+        count_parameters(ConvLSTM(**shape_kwargs(h, w), hidden_channels=[8, 16]))
+        for h, w in [(12, 10), (48, 28), (101, 7)]
+    }
     assert len(counts) == 1
     # encoder cells (2+8)->4*8, (8+16)->4*16 and forecaster (1+8)->4*8, (8+16)->4*16, 3x3; head 24->1.
     expected = (10 * 32 * 9 + 32) + (24 * 64 * 9 + 64) + (9 * 32 * 9 + 32) + (24 * 64 * 9 + 64) + (24 + 1)
@@ -173,8 +231,11 @@ def test_convlstm_even_kernel_refused() -> None:
 def test_convlstm_residual_skip_is_persistence_when_head_is_zero() -> None:
     torch.manual_seed(0)
     # inputs (a, b, c); targets (c, d, a): c and a have a skip, d has none.
-    model = ConvLSTM(**shape_kwargs(12, 10, c_in=3, c_out=3), hidden_channels=[4],
-                     residual_channels=residual_channels_for(["a", "b", "c"], ["c", "d", "a"]))
+    model = ConvLSTM(
+        **shape_kwargs(12, 10, c_in=3, c_out=3),
+        hidden_channels=[4],
+        residual_channels=residual_channels_for(["a", "b", "c"], ["c", "d", "a"]),
+    )
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
@@ -200,8 +261,15 @@ def test_unknown_model_name() -> None:
 @pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
 def test_model_kwargs_from_config_builds(name: str) -> None:
     cfg = validate_config({"model": {"name": name}})
-    kwargs = model_kwargs_from_config(cfg["model"], input_variables=["sst", "no3"], target_variables=["no3"],
-                                      input_steps=5, lead_steps=3, height=25, width=25)
+    kwargs = model_kwargs_from_config(
+        cfg["model"],
+        input_variables=["sst", "no3"],
+        target_variables=["no3"],
+        input_steps=5,
+        lead_steps=3,
+        height=25,
+        width=25,
+    )
     assert kwargs["in_channels"] == 2 and kwargs["out_channels"] == 1
     if name == "convlstm":
         assert kwargs["hidden_channels"] == [16, 16] and kwargs["residual_channels"] == [1]
@@ -268,7 +336,9 @@ def test_load_model_dict_without_model_name(tmp_path) -> None:
 def test_load_model_mismatching_state(tmp_path) -> None:
     other = build_model("convlstm", **shape_kwargs(12, 10), hidden_channels=[8], kernel_size=3)
     _, path = _saved_checkpoint(tmp_path, model_state=other.state_dict())
-    with pytest.raises(DataError, match=rf"(?s)checkpoint {path} has weights that do not fit its convlstm model.*re-run"):
+    with pytest.raises(
+        DataError, match=rf"(?s)checkpoint {path} has weights that do not fit its convlstm model.*re-run"
+    ):
         load_model(path)
 
 
@@ -354,12 +424,22 @@ def test_output_floor_must_be_set_and_fit() -> None:
 def test_model_kwargs_floor_the_nonnegative_targets_only() -> None:
     cfg = validate_config({})
     common = dict(input_variables=["fe", "po4"], input_steps=5, lead_steps=1, height=25, width=25)
-    kwargs = model_kwargs_from_config(cfg["model"], target_variables=["sst", "no3"],
-                                      nonnegative=cfg["variables"]["nonnegative"], floor_per_cell=True, **common)
+    kwargs = model_kwargs_from_config(
+        cfg["model"],
+        target_variables=["sst", "no3"],
+        nonnegative=cfg["variables"]["nonnegative"],
+        floor_per_cell=True,
+        **common,
+    )
     assert kwargs["nonnegative_channels"] == [1] and kwargs["floor_per_cell"] is True
     assert kwargs["floor_sharpness"] == 10.0
-    sst_only = model_kwargs_from_config(cfg["model"], target_variables=["sst"],
-                                        nonnegative=cfg["variables"]["nonnegative"], **common)
+    sst_only = model_kwargs_from_config(
+        cfg["model"], target_variables=["sst"], nonnegative=cfg["variables"]["nonnegative"], **common
+    )
     assert "nonnegative_channels" not in sst_only  # unchanged kwargs: earlier checkpoints still resume
-    assert build_model("convlstm", **sst_only).state_dict().keys() == build_model(
-        "convlstm", **model_kwargs_from_config(cfg["model"], target_variables=["sst"], **common)).state_dict().keys()
+    assert (
+        build_model("convlstm", **sst_only).state_dict().keys()
+        == build_model("convlstm", **model_kwargs_from_config(cfg["model"], target_variables=["sst"], **common))
+        .state_dict()
+        .keys()
+    )

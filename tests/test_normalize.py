@@ -46,8 +46,13 @@ def leaky_dataset(seed: int = 0) -> tuple[xr.Dataset, int]:
 
 
 def fit(ds: xr.Dataset, **kw: object) -> xr.Dataset:
-    args = {"train_start": "2019-01-01", "train_end": "2019-12-31", "variables": ["sst", "no3"],
-            "per_pixel": False, "climatology_window": 1}
+    args = {
+        "train_start": "2019-01-01",
+        "train_end": "2019-12-31",
+        "variables": ["sst", "no3"],
+        "per_pixel": False,
+        "climatology_window": 1,
+    }
     args.update(kw)
     return nz.fit_stats(ds, **args)
 
@@ -119,8 +124,7 @@ def test_per_pixel_std_is_floored_relative_to_the_pooled_std() -> None:
     assert np.abs(z[1, 1]) < 1e3
     # A variable constant everywhere in the training period has no pooled spread: std 1.
     flat = regridded(times, np.where(np.isfinite(sst), 4.0, np.nan))
-    flat_stats = nz.fit_stats(flat, train_start="2019-01-01", train_end="2019-12-31", variables=["sst"],
-                              per_pixel=True)
+    flat_stats = nz.fit_stats(flat, train_start="2019-01-01", train_end="2019-12-31", variables=["sst"], per_pixel=True)
     assert (flat_stats["std"].values == 1.0).all()
 
 
@@ -231,13 +235,17 @@ def test_main_writes_stats_netcdf(tmp_path: Path, caplog) -> None:
     ds, n_train = leaky_dataset(4)
     data = tmp_path / "regrid" / "oisst.zarr"
     write_store(ds.chunk({"time": 128}).assign_attrs(provenance.to_attrs(REGRID_RECORD)), data)
-    cfg = validate_config({
-        "variables": {"inputs": ["sst", "no3"], "targets": ["sst"]},
-        "splits": {"train": {"start": "2019-01-01", "end": "2019-12-31"},
-                   "val": {"start": "2020-01-01", "end": "2020-06-30"},
-                   "test": {"start": "2020-07-01", "end": "2020-12-31"}},
-        "normalize": {"climatology_window": 15},
-    })
+    cfg = validate_config(
+        {
+            "variables": {"inputs": ["sst", "no3"], "targets": ["sst"]},
+            "splits": {
+                "train": {"start": "2019-01-01", "end": "2019-12-31"},
+                "val": {"start": "2020-01-01", "end": "2020-06-30"},
+                "test": {"start": "2020-07-01", "end": "2020-12-31"},
+            },
+            "normalize": {"climatology_window": 15},
+        }
+    )
     out = tmp_path / "normalize" / "oisst.nc"
     out.parent.mkdir()
     (out.parent / ".oisst.nc.1234abcd.partial").write_bytes(b"left by a killed attempt")

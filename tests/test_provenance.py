@@ -12,10 +12,9 @@ import pytest
 import torch
 import xarray as xr
 
-from conv2dlstm import fetch, keys, provenance
+from conv2dlstm import fetch, keys, provenance, train
 from conv2dlstm import normalize as nz
 from conv2dlstm import regrid as rg
-from conv2dlstm import train
 from conv2dlstm import windows as wn
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
@@ -28,16 +27,23 @@ from tests.test_regrid import write_daily_files
 
 def test_record_digest_by_hand() -> None:
     record = provenance.make_record("windows", "c" * 16, {"stats": "s" * 16, "regrid": "r" * 16})
-    canonical = json.dumps({"config_digest": "c" * 16, "inputs": {"regrid": "r" * 16, "stats": "s" * 16},
-                            "step": "windows"}, sort_keys=True)
-    assert record == {"step": "windows", "config_digest": "c" * 16,
-                      "inputs": {"regrid": "r" * 16, "stats": "s" * 16},
-                      "digest": hashlib.sha256(canonical.encode()).hexdigest()[:16]}
+    canonical = json.dumps(
+        {"config_digest": "c" * 16, "inputs": {"regrid": "r" * 16, "stats": "s" * 16}, "step": "windows"},
+        sort_keys=True,
+    )
+    assert record == {
+        "step": "windows",
+        "config_digest": "c" * 16,
+        "inputs": {"regrid": "r" * 16, "stats": "s" * 16},
+        "digest": hashlib.sha256(canonical.encode()).hexdigest()[:16],
+    }
     assert list(record["inputs"]) == ["regrid", "stats"]  # sorted: the order given does not matter
     # every field enters the digest
-    others = [provenance.make_record("windows", "d" * 16, {"stats": "s" * 16, "regrid": "r" * 16}),
-              provenance.make_record("windows", "c" * 16, {"stats": "t" * 16, "regrid": "r" * 16}),
-              provenance.make_record("train", "c" * 16, {"stats": "s" * 16, "windows": "r" * 16})]
+    others = [
+        provenance.make_record("windows", "d" * 16, {"stats": "s" * 16, "regrid": "r" * 16}),
+        provenance.make_record("windows", "c" * 16, {"stats": "t" * 16, "regrid": "r" * 16}),
+        provenance.make_record("train", "c" * 16, {"stats": "s" * 16, "windows": "r" * 16}),
+    ]
     assert len({record["digest"], *(o["digest"] for o in others)}) == 4
     with pytest.raises(ValueError, match=r"records inputs \['regrid', 'stats'\]"):
         provenance.make_record("windows", "c" * 16, {"regrid": "r"})
@@ -52,8 +58,9 @@ def test_for_step_uses_the_result_digest_only() -> None:
     assert provenance.for_step(runtime, "train", inputs) == record
     changed = validate_config({"train": {"learning_rate": 0.5}})
     assert provenance.for_step(changed, "train", inputs)["digest"] != record["digest"]
-    assert provenance.for_step(changed, "regrid", {"manifest": "m"}) == provenance.for_step(cfg, "regrid",
-                                                                                            {"manifest": "m"})
+    assert provenance.for_step(changed, "regrid", {"manifest": "m"}) == provenance.for_step(
+        cfg, "regrid", {"manifest": "m"}
+    )
 
 
 def test_validate_errors_name_the_artifact_and_the_step() -> None:
@@ -79,13 +86,22 @@ def test_differences_name_changed_keys_and_inputs() -> None:
     old_cfg = {"train": {"learning_rate": 0.01, "epochs": 2}, "model": {"name": "convlstm"}}
     new_cfg = {"train": {"learning_rate": 0.02, "epochs": 2}, "model": {"name": "convlstm", "extra": [1, 2]}}
     assert provenance.differences(old, new, old_config=old_cfg, new_config=new_cfg) == [
-        "model.extra: (absent) -> [1, 2]", "train.learning_rate: 0.01 -> 0.02", "input windows changed: w1 -> w2"]
-    assert provenance.differences(old, new) == [f"result configuration {'a' * 16} -> {'b' * 16}",
-                                                "input windows changed: w1 -> w2"]
+        "model.extra: (absent) -> [1, 2]",
+        "train.learning_rate: 0.01 -> 0.02",
+        "input windows changed: w1 -> w2",
+    ]
+    assert provenance.differences(old, new) == [
+        f"result configuration {'a' * 16} -> {'b' * 16}",
+        "input windows changed: w1 -> w2",
+    ]
     assert provenance.differences(old, old) == []
     assert provenance.mlflow_tags(old) == {
-        "provenance.digest": old["digest"], "provenance.config_digest": "a" * 16, "provenance.step": "train",
-        "provenance.inputs.stats": "s", "provenance.inputs.windows": "w1"}
+        "provenance.digest": old["digest"],
+        "provenance.config_digest": "a" * 16,
+        "provenance.step": "train",
+        "provenance.inputs.stats": "s",
+        "provenance.inputs.windows": "w1",
+    }
 
 
 def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
@@ -131,37 +147,58 @@ def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
 def pipeline_config(root: Path) -> dict:
     """The data steps and a tiny training on 28 days of OISST-like files; paths and the tracking
     store inside ``root`` (path and runtime keys: they must not change any digest)."""
-    return validate_config({
-        "experiment": "provenance",
-        "synthetic": {"kind": "none"},
-        "source": {"kind": "files", "paths": [str(root / "raw" / "*.nc")], "start": "2020-01-01",
-                   "end": "2020-01-28"},
-        "grid": {"lat": {"start": 20.5, "stop": 21.5, "step": 1.0}, "lon": {"start": -79.5, "stop": -78.5, "step": 1.0}},
-        "variables": {"inputs": ["sst"], "targets": ["sst"]},
-        "splits": {"train": {"start": "2020-01-01", "end": "2020-01-14"},
-                   "val": {"start": "2020-01-15", "end": "2020-01-21"},
-                   "test": {"start": "2020-01-22", "end": "2020-01-28"}},
-        "windows": {"input_steps": 2, "lead_steps": 1},
-        "model": {"name": "convlstm", "convlstm": {"hidden_channels": [2]}},
-        "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
-        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "log_model": False},
-    })
+    return validate_config(
+        {
+            "experiment": "provenance",
+            "synthetic": {"kind": "none"},
+            "source": {
+                "kind": "files",
+                "paths": [str(root / "raw" / "*.nc")],
+                "start": "2020-01-01",
+                "end": "2020-01-28",
+            },
+            "grid": {
+                "lat": {"start": 20.5, "stop": 21.5, "step": 1.0},
+                "lon": {"start": -79.5, "stop": -78.5, "step": 1.0},
+            },
+            "variables": {"inputs": ["sst"], "targets": ["sst"]},
+            "splits": {
+                "train": {"start": "2020-01-01", "end": "2020-01-14"},
+                "val": {"start": "2020-01-15", "end": "2020-01-21"},
+                "test": {"start": "2020-01-22", "end": "2020-01-28"},
+            },
+            "windows": {"input_steps": 2, "lead_steps": 1},
+            "model": {"name": "convlstm", "convlstm": {"hidden_channels": [2]}},
+            "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
+            "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "log_model": False},
+        }
+    )
 
 
 def run_pipeline(root: Path) -> dict[str, Path]:
     """fetch, regrid, normalize, windows and train in ``root``, each step given its config view."""
     write_daily_files(root / "raw", n_days=30)
     cfg = pipeline_config(root)
-    paths = {"manifest": root / "resources/raw/x/manifest.json", "regrid": root / "results/regrid/x.zarr",
-             "stats": root / "results/normalize/x.nc", "windows": root / "results/windows/x.zarr",
-             "train": root / "results/train/convlstm"}
+    paths = {
+        "manifest": root / "resources/raw/x/manifest.json",
+        "regrid": root / "results/regrid/x.zarr",
+        "stats": root / "results/normalize/x.nc",
+        "windows": root / "results/windows/x.zarr",
+        "train": root / "results/train/convlstm",
+    }
     fetch.main(keys.step_view(cfg, "fetch"), out_dir=paths["manifest"].parent)
     rg.main(keys.step_view(cfg, "regrid"), manifest=paths["manifest"], out=paths["regrid"], memory_mb=1024)
     nz.main(keys.step_view(cfg, "normalize"), data=paths["regrid"], out=paths["stats"], memory_mb=1024)
-    wn.main(keys.step_view(cfg, "windows"), data=paths["regrid"], stats=paths["stats"], out=paths["windows"],
-            memory_mb=1024)
-    train.main(keys.step_view(cfg, "train"), run="convlstm", windows=paths["windows"], stats=paths["stats"],
-               out_dir=paths["train"])
+    wn.main(
+        keys.step_view(cfg, "windows"), data=paths["regrid"], stats=paths["stats"], out=paths["windows"], memory_mb=1024
+    )
+    train.main(
+        keys.step_view(cfg, "train"),
+        run="convlstm",
+        windows=paths["windows"],
+        stats=paths["stats"],
+        out_dir=paths["train"],
+    )
     return paths
 
 

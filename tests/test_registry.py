@@ -22,8 +22,9 @@ def _no_tracking_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
 
 
-def _log_run(cfg: dict, name: str, val_loss: float, *, model: bool = True, tags: dict | None = None,
-             seed: int = 0) -> tuple[str, torch.nn.Module]:
+def _log_run(
+    cfg: dict, name: str, val_loss: float, *, model: bool = True, tags: dict | None = None, seed: int = 0
+) -> tuple[str, torch.nn.Module]:
     """One finished MLflow run of ``cfg``'s experiment with ``best_val_loss`` and, optionally, a model."""
     torch.manual_seed(seed)
     net = torch.nn.Linear(4, 3)
@@ -74,14 +75,14 @@ def test_the_best_run_by_validation_loss_becomes_the_champion(tmp_path: Path, mo
     assert registry.register_champion(uri, "champ").run_name == "other-data"
 
 
-def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_path: Path, monkeypatch,
-                                                                          caplog) -> None:
+def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_path: Path, monkeypatch, caplog) -> None:
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = validate_config({"experiment": "nomodel", "mlflow": {"tracking_uri": uri, "log_model": False},
-                           "sweep": {"train.seed": [1, 2]}})
+    cfg = validate_config(
+        {"experiment": "nomodel", "mlflow": {"tracking_uri": uri, "log_model": False}, "sweep": {"train.seed": [1, 2]}}
+    )
     models = []
     for name in ("seed1", "seed2"):
         run_id, _ = _log_run(cfg, name, 0.4, model=False, tags={"sweep": "old"})

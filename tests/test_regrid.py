@@ -72,8 +72,10 @@ def test_conservative_half_land_cell(min_fraction: float, is_ocean: bool) -> Non
     values = VALUES.copy()
     values[:, 0] = np.nan  # western column is land: half of the target cell's area
     out = rg.regrid(
-        cube(values, SRC_LAT, SRC_LON), one_cell_target(20.0, 10.0, 40.0),
-        method="conservative", min_ocean_fraction=min_fraction,
+        cube(values, SRC_LAT, SRC_LON),
+        one_cell_target(20.0, 10.0, 40.0),
+        method="conservative",
+        min_ocean_fraction=min_fraction,
     )
     result = out["sst"].values[:, 0, 0]
     if is_ocean:
@@ -234,7 +236,7 @@ def write_daily_files(directory: Path, n_days: int = 6) -> list[Path]:
     lon = np.arange(280.125, 282.0, 0.25)  # 8 -> -79.875..-78.125
     rng = np.random.default_rng(5)
     paths = []
-    for day, t in enumerate(pd.date_range("2019-12-30", periods=n_days, freq="D")):
+    for t in pd.date_range("2019-12-30", periods=n_days, freq="D"):
         sst = 20 + rng.normal(size=(1, 1, lat.size, lon.size))
         sst[..., :3, :2] = np.nan
         ds = xr.Dataset(
@@ -255,8 +257,11 @@ def step_config(**grid: object) -> dict:
     return validate_config(
         {
             "source": {"start": "2020-01-01", "end": "2020-01-04"},
-            "grid": {"lat": {"start": 20.5, "stop": 21.5, "step": 1.0},
-                     "lon": {"start": -79.5, "stop": -78.5, "step": 1.0}, **grid},
+            "grid": {
+                "lat": {"start": 20.5, "stop": 21.5, "step": 1.0},
+                "lon": {"start": -79.5, "stop": -78.5, "step": 1.0},
+                **grid,
+            },
         }
     )
 
@@ -313,8 +318,9 @@ def test_main_end_to_end(tmp_path: Path, caplog) -> None:
     assert "discarded" in caplog.text and ".oisst.zarr.1234abcd.partial" in caplog.text
     (out.parent / ".other.zarr.1234abcd.partial").rmdir()
     manifest_sha = json.loads(manifest.read_text())["sha256"]
-    assert provenance.read_zarr(out, step="regrid") == provenance.for_step(step_config(), "regrid",
-                                                                           {"manifest": manifest_sha})
+    assert provenance.read_zarr(out, step="regrid") == provenance.for_step(
+        step_config(), "regrid", {"manifest": manifest_sha}
+    )
     store = xr.open_zarr(out)
     assert store.sizes == {"time": 4, "lat": 2, "lon": 2}
     assert store.attrs["source_manifest_sha256"] == sha256_file(manifest)

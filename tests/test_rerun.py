@@ -26,10 +26,10 @@ import torch
 import yaml
 
 from conv2dlstm import keys
-from tests._plan import steps_planned_by
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
+from tests._plan import steps_planned_by
 from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,9 @@ CHANGES: dict[str, dict] = {
     "synthetic.resolution": {"synthetic": {"resolution": 0.5}},
     "synthetic.seed": {"synthetic": {"seed": 1}},
     "source.kind": {"source": {"kind": "files"}},
-    "source.url": {"source": {"url": "file:./resources/synthetic/oisst/{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc"}},
+    "source.url": {
+        "source": {"url": "file:./resources/synthetic/oisst/{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc"}
+    },
     "source.start": {"source": {"start": "2019-01-02"}},
     "source.end": {"source": {"end": "2019-06-29"}},
     "source.frequency": {"source": {"frequency": "1D"}},
@@ -65,8 +67,10 @@ CHANGES: dict[str, dict] = {
     "source.backoff_s": {"source": {"backoff_s": 2.0}},
     "source.timeout_s": {"source": {"timeout_s": 10}},
     "harmonize.level": {"harmonize": {"level": 1}},
-    "harmonize.lon_convention": {"harmonize": {"lon_convention": "0..360"},
-                                 "grid": {"lon": {"start": 290.5, "stop": 294.5, "step": 1.0}}},
+    "harmonize.lon_convention": {
+        "harmonize": {"lon_convention": "0..360"},
+        "grid": {"lon": {"start": 290.5, "stop": 294.5, "step": 1.0}},
+    },
     "harmonize.rename": {"harmonize": {"rename": {"analysed_sst": "sst"}}},
     "harmonize.duplicates": {"harmonize": {"duplicates": "first"}},
     "harmonize.units": {"harmonize": {"units": {"sst": {"max": 35.0}}}},
@@ -155,13 +159,19 @@ def _tiny() -> dict:
 def _planned(wf: Path, configfile: Path) -> set[str]:
     """The rules `snakemake --dry-run` would run (its job stats table), without `all`."""
     exe = Path(sys.executable).parent / "snakemake"
-    proc = subprocess.run([str(exe), "-n", "--cores", "2", "--configfile", str(configfile)], cwd=wf,
-                          capture_output=True, text=True, env=job_env(), timeout=300)
+    proc = subprocess.run(
+        [str(exe), "-n", "--cores", "2", "--configfile", str(configfile)],
+        cwd=wf,
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     if "Nothing to be done" in out:
         return set()
-    table = out[out.index("Job stats:"):]
+    table = out[out.index("Job stats:") :]
     rules = set()
     for line in table.splitlines()[3:]:
         parts = line.split()
@@ -197,8 +207,9 @@ def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
     assert _planned(tiny_run, tiny_run / "tiny.yaml") == set(), "the complete run must have nothing to do"
     with ThreadPoolExecutor(2) as pool:
         planned = list(pool.map(lambda f: _planned(tiny_run, f), files))
-    wrong = {name: (sorted(got), sorted(expected))
-             for (name, _, expected), got in zip(cases, planned) if got != expected}
+    wrong = {
+        name: (sorted(got), sorted(expected)) for (name, _, expected), got in zip(cases, planned) if got != expected
+    }
     assert not wrong, f"key: (planned, expected) {wrong}"
 
 
@@ -216,11 +227,18 @@ def _mlflow_runs(wf: Path, experiment: str = "tiny") -> list[tuple[str, str, dic
     with sqlite3.connect(wf / "mlflow.db") as db:
         runs = db.execute(
             "select r.run_uuid, r.status from runs r join experiments e on r.experiment_id = e.experiment_id"
-            " where e.name = ? order by r.start_time", (experiment,)).fetchall()
-        return [(rid, status,
-                 dict(db.execute("select key, value from params where run_uuid = ?", (rid,)).fetchall()),
-                 dict(db.execute("select key, value from tags where run_uuid = ?", (rid,)).fetchall()))
-                for rid, status in runs]
+            " where e.name = ? order by r.start_time",
+            (experiment,),
+        ).fetchall()
+        return [
+            (
+                rid,
+                status,
+                dict(db.execute("select key, value from params where run_uuid = ?", (rid,)).fetchall()),
+                dict(db.execute("select key, value from tags where run_uuid = ?", (rid,)).fetchall()),
+            )
+            for rid, status in runs
+        ]
 
 
 def test_changed_learning_rate_trains_a_new_model_in_a_new_mlflow_run(tiny_run: Path, tmp_path: Path):
@@ -299,8 +317,9 @@ def test_fixed_input_data_retrains_from_scratch_and_equals_a_fresh_run(tiny_run:
     # two directories, one config, the same data: identical windows, weights and metrics
     assert sha256_tree(wf / "results/windows/oisst.zarr") == sha256_tree(tiny_run / "results/windows/oisst.zarr")
     assert _same_weights(wf / "results/train/convlstm/model.pt", tiny_run / "results/train/convlstm/model.pt")
-    assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == \
-        (tiny_run / "results/evaluate/convlstm/metrics.csv").read_bytes()
+    assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == (
+        tiny_run / "results/evaluate/convlstm/metrics.csv"
+    ).read_bytes()
 
 
 def test_interrupted_training_rerun_equals_an_uninterrupted_run(tiny_run: Path, tmp_path: Path):
@@ -310,8 +329,15 @@ def test_interrupted_training_rerun_equals_an_uninterrupted_run(tiny_run: Path, 
         target = wf / out
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     exe = Path(sys.executable).parent / "snakemake"
-    proc = subprocess.Popen([str(exe), "--cores", "2", "--configfile", "tiny.yaml"], cwd=wf, env=job_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "--cores", "2", "--configfile", "tiny.yaml"],
+        cwd=wf,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     history = wf / "results/train/convlstm/history.csv"
     deadline = time.monotonic() + 600
     while not (history.is_file() and len(history.read_text().splitlines()) >= 2):  # one epoch done
@@ -327,5 +353,6 @@ def test_interrupted_training_rerun_equals_an_uninterrupted_run(tiny_run: Path, 
     log = (wf / "results/logs/train/convlstm.log").read_text()
     assert "resuming" in log.lower(), log[-3000:]
     assert _same_weights(wf / "results/train/convlstm/model.pt", tiny_run / "results/train/convlstm/model.pt")
-    assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == \
-        (tiny_run / "results/evaluate/convlstm/metrics.csv").read_bytes()
+    assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == (
+        tiny_run / "results/evaluate/convlstm/metrics.csv"
+    ).read_bytes()

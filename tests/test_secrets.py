@@ -52,10 +52,18 @@ SECRET_ENV = {
     "AWS_SECRET_ACCESS_KEY": "aws-secret-8e2d4c-S3CR3T",
     "CONV2DLSTM_TEST_TOKEN": TOKEN,
 }
-SECRETS = list(dict.fromkeys([
-    LOGIN, PASSWORD, TOKEN, URL_PASSWORD, *SECRET_ENV.values(),
-    base64.b64encode(f"{LOGIN}:{PASSWORD}".encode()).decode(),  # the Authorization header's value
-]))
+SECRETS = list(
+    dict.fromkeys(
+        [
+            LOGIN,
+            PASSWORD,
+            TOKEN,
+            URL_PASSWORD,
+            *SECRET_ENV.values(),
+            base64.b64encode(f"{LOGIN}:{PASSWORD}".encode()).decode(),  # the Authorization header's value
+        ]
+    )
+)
 
 
 class AuthFileServer(FileServer):
@@ -102,7 +110,9 @@ def snapshot(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
 
 
-def leaks(root: Path, texts: dict[str, str], *, planted: set[Path], inputs: dict[Path, bytes] | None = None) -> list[str]:
+def leaks(
+    root: Path, texts: dict[str, str], *, planted: set[Path], inputs: dict[Path, bytes] | None = None
+) -> list[str]:
     """Where any of :data:`SECRETS` occurs: in a file under ``root`` (read as bytes, recursively;
     the planted sources, and ``inputs`` while unchanged, excepted) or in one of ``texts`` (name ->
     captured console output)."""
@@ -150,15 +160,21 @@ def fetch_cfg(url: str, **source: object) -> dict:
         ("https://ghp_abc123@host/a.nc", "https://***@host/a.nc"),
         ("http://u:p@ss@host:8080/x", "http://u:***@host:8080/x"),
         ("https://h/a.nc?token=abc&day=1", "https://h/a.nc?token=***&day=1"),
-        ("https://h/a.nc?X-Amz-Signature=ab&X-Amz-Credential=cd&x=1",
-         "https://h/a.nc?X-Amz-Signature=***&X-Amz-Credential=***&x=1"),
-        ("https://h/a.nc?sig=ab&api_key=cd&subscription-key=ef&keyword=sst",
-         "https://h/a.nc?sig=***&api_key=***&subscription-key=***&keyword=sst"),
+        (
+            "https://h/a.nc?X-Amz-Signature=ab&X-Amz-Credential=cd&x=1",
+            "https://h/a.nc?X-Amz-Signature=***&X-Amz-Credential=***&x=1",
+        ),
+        (
+            "https://h/a.nc?sig=ab&api_key=cd&subscription-key=ef&keyword=sst",
+            "https://h/a.nc?sig=***&api_key=***&subscription-key=***&keyword=sst",
+        ),
         ("https://h/a.nc?token=$MY_TOKEN", "https://h/a.nc?token=$MY_TOKEN"),
         ("error: https://h/a.nc?token=$MY_TOKEN: failed", "error: https://h/a.nc?token=$MY_TOKEN: failed"),
         ("error: https://h/a.nc?token=abc: failed", "error: https://h/a.nc?token=***: failed"),
-        ("Max retries exceeded with url: /a.nc?access_token=abc (Caused by",
-         "Max retries exceeded with url: /a.nc?access_token=*** (Caused by"),
+        (
+            "Max retries exceeded with url: /a.nc?access_token=abc (Caused by",
+            "Max retries exceeded with url: /a.nc?access_token=*** (Caused by",
+        ),
         ("{'Authorization': 'Basic dXNlcjpwdw=='}", "{'Authorization': 'Basic ***'}"),
         ("postgresql://mlflow:pw@db/mlflow", "postgresql://mlflow:***@db/mlflow"),
         ("file:resources/a@b/x.nc", "file:resources/a@b/x.nc"),
@@ -179,20 +195,38 @@ def test_a_resolved_environment_token_is_redacted_wherever_it_appears(monkeypatc
 @pytest.mark.parametrize(
     ("key", "cfg", "where"),
     [
-        ("source.url", {"source": {"url": f"https://someone:{URL_PASSWORD}@data.example.org/{{date:%Y%m%d}}.nc"}},
-         "machine data.example.org login <user> password <password>"),
+        (
+            "source.url",
+            {"source": {"url": f"https://someone:{URL_PASSWORD}@data.example.org/{{date:%Y%m%d}}.nc"}},
+            "machine data.example.org login <user> password <password>",
+        ),
         ("source.url", {"source": {"url": f"https://{URL_PASSWORD}@data.example.org/{{date:%Y%m%d}}.nc"}}, "~/.netrc"),
-        ("source.url", {"source": {"url": f"https://h/{{date:%Y%m%d}}.nc?access_token={URL_PASSWORD}"}},
-         "?token=$MY_TOKEN"),
+        (
+            "source.url",
+            {"source": {"url": f"https://h/{{date:%Y%m%d}}.nc?access_token={URL_PASSWORD}"}},
+            "?token=$MY_TOKEN",
+        ),
         ("source.store", {"source": {"kind": "zarr", "store": f"https://u:{URL_PASSWORD}@h/era5.zarr"}}, "~/.netrc"),
-        ("source.store", {"source": {"kind": "zarr", "store": f"s3://{URL_PASSWORD}@bucket/era5.zarr"}},
-         "AWS_SECRET_ACCESS_KEY"),
-        ("source.paths[1]", {"source": {"kind": "files", "paths": ["a.nc", f"https://u:{URL_PASSWORD}@h/b.nc"]}},
-         "local files only"),
-        ("mlflow.tracking_uri", {"mlflow": {"tracking_uri": f"postgresql://mlflow:{URL_PASSWORD}@db/mlflow"}},
-         "~/.pgpass"),
-        ("mlflow.tracking_uri", {"mlflow": {"tracking_uri": f"https://mlflow.example.org/?token={URL_PASSWORD}"}},
-         "MLFLOW_TRACKING_TOKEN"),
+        (
+            "source.store",
+            {"source": {"kind": "zarr", "store": f"s3://{URL_PASSWORD}@bucket/era5.zarr"}},
+            "AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            "source.paths[1]",
+            {"source": {"kind": "files", "paths": ["a.nc", f"https://u:{URL_PASSWORD}@h/b.nc"]}},
+            "local files only",
+        ),
+        (
+            "mlflow.tracking_uri",
+            {"mlflow": {"tracking_uri": f"postgresql://mlflow:{URL_PASSWORD}@db/mlflow"}},
+            "~/.pgpass",
+        ),
+        (
+            "mlflow.tracking_uri",
+            {"mlflow": {"tracking_uri": f"https://mlflow.example.org/?token={URL_PASSWORD}"}},
+            "MLFLOW_TRACKING_TOKEN",
+        ),
         ("dask.scheduler_address", {"dask": {"scheduler_address": f"tls://u:{URL_PASSWORD}@10.0.0.1:8786"}}, "tls"),
     ],
 )
@@ -248,11 +282,16 @@ def test_http_401_says_where_the_credentials_go(
 ) -> None:
     monkeypatch.delenv("NETRC", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    with pytest.raises(DownloadError, match=r"HTTP 401.*no credentials for 127\.0\.0\.1 in ~/\.netrc: add a line "
-                                            r"'machine 127\.0\.0\.1 login <user> password <password>'"):
+    with pytest.raises(
+        DownloadError,
+        match=r"HTTP 401.*no credentials for 127\.0\.0\.1 in ~/\.netrc: add a line "
+        r"'machine 127\.0\.0\.1 login <user> password <password>'",
+    ):
         fetch.main(fetch_cfg(auth_server.url(TEMPLATE)), out_dir=tmp_path / "raw")
     write_netrc(tmp_path / "home" / ".netrc", password="not-the-password")
-    with pytest.raises(DownloadError, match=r"HTTP 401.*refused the credentials for 127\.0\.0\.1 from ~/\.netrc") as err:
+    with pytest.raises(
+        DownloadError, match=r"HTTP 401.*refused the credentials for 127\.0\.0\.1 from ~/\.netrc"
+    ) as err:
         fetch.main(fetch_cfg(auth_server.url(TEMPLATE)), out_dir=tmp_path / "raw")
     assert "not-the-password" not in str(err.value)
     (tmp_path / "home" / ".netrc").write_text(f"machine 127.0.0.1 login {LOGIN} password\n{PASSWORD} x\n")
@@ -275,8 +314,9 @@ def test_zarr_http_store_authenticates_with_netrc(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     write_netrc(tmp_path / "home" / ".netrc")
     with AuthFileServer(root, login=LOGIN, password=PASSWORD) as srv:
-        cfg = validate_config({"name": "z", "source": {"kind": "zarr", "store": srv.url("sst.zarr"),
-                                                       "start": START, "end": END}})
+        cfg = validate_config(
+            {"name": "z", "source": {"kind": "zarr", "store": srv.url("sst.zarr"), "start": START, "end": END}}
+        )
         manifest = json.loads(fetch.main(cfg, out_dir=tmp_path / "raw").read_text())
         assert srv.refused == 0
     assert manifest["files"][0]["url"] == cfg["source"]["store"]
@@ -289,8 +329,9 @@ def test_zarr_http_store_authenticates_with_netrc(tmp_path: Path, monkeypatch: p
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "conv2dlstm", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "conv2dlstm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_leak_search_reads_hidden_directories_and_databases(tmp_path: Path) -> None:
@@ -300,8 +341,12 @@ def test_the_leak_search_reads_hidden_directories_and_databases(tmp_path: Path) 
         db.execute("create table params (key text, value text)")
         db.execute("insert into params values ('source.url', ?)", (f"https://h/?t={PASSWORD}",))
     (tmp_path / "input.txt").write_text(LOGIN)
-    found = leaks(tmp_path, {"console": f"x {URL_PASSWORD} y"}, planted=set(),
-                  inputs=snapshot(tmp_path) | {tmp_path / "mlflow.db": b"", tmp_path / ".snakemake/metadata/abc": b""})
+    found = leaks(
+        tmp_path,
+        {"console": f"x {URL_PASSWORD} y"},
+        planted=set(),
+        inputs=snapshot(tmp_path) | {tmp_path / "mlflow.db": b"", tmp_path / ".snakemake/metadata/abc": b""},
+    )
     assert found == [f".snakemake/metadata/abc: {TOKEN}", f"mlflow.db: {PASSWORD}", f"console: {URL_PASSWORD}"]
 
 
@@ -341,8 +386,10 @@ def test_no_secret_is_written_down_by_the_fetch_cli(served: Path, tmp_path: Path
     down = run("down", {"url": srv.url(TEMPLATE) + "?token=$CONV2DLSTM_TEST_TOKEN"}, "--log-level", "DEBUG")
     assert down.returncode == 2 and "ConnectionError" in console["down"], console["down"]
     assert "Traceback" in console["down"] and "token=***" in console["down"], console["down"]
-    assert "error: http://127.0.0.1:" in console["down"] and "?token=$CONV2DLSTM_TEST_TOKEN: failed after 2 attempt(s)" \
-        in console["down"], console["down"]
+    assert (
+        "error: http://127.0.0.1:" in console["down"]
+        and "?token=$CONV2DLSTM_TEST_TOKEN: failed after 2 attempt(s)" in console["down"]
+    ), console["down"]
     # a password in the URL: refused before anything runs, shown redacted, with the fix
     refused = run("refused", {"url": f"http://someone:{URL_PASSWORD}@127.0.0.1:9/{TEMPLATE}"})
     assert refused.returncode == 2, console["refused"]
@@ -375,8 +422,11 @@ def test_no_secret_is_written_down_by_the_pipeline(tmp_path: Path) -> None:
     planted = {netrc}
 
     def config(name: str, url: str, **source: object) -> str:
-        cfg = {**tiny, "synthetic": {**tiny["synthetic"], "kind": "none"},
-               "source": {**tiny["source"], "url": url, "parallel": 4, **source}}
+        cfg = {
+            **tiny,
+            "synthetic": {**tiny["synthetic"], "kind": "none"},
+            "source": {**tiny["source"], "url": url, "parallel": 4, **source},
+        }
         (wf / name).write_text(yaml.safe_dump(cfg))
         return name
 
@@ -394,18 +444,41 @@ def test_no_secret_is_written_down_by_the_pipeline(tmp_path: Path) -> None:
     # removed first: a forced fetch keeps them and would not ask the server)
     shutil.rmtree(wf / "resources/raw")
     failed = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "--cores", "1", "--forcerun", "fetch", "--until", "fetch",
-         "--configfile", config("down.yaml", url, retries=0)],
-        cwd=wf, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "--cores",
+            "1",
+            "--forcerun",
+            "fetch",
+            "--until",
+            "fetch",
+            "--configfile",
+            config("down.yaml", url, retries=0),
+        ],
+        cwd=wf,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     console["failed fetch"] = failed.stdout + failed.stderr
     assert failed.returncode != 0
     assert "Connection" in (wf / "results/logs/fetch.log").read_text()
     # a password in the URL: Snakemake stops while parsing the configuration
     refused = subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1", "--configfile",
-         config("refused.yaml", f"http://someone:{URL_PASSWORD}@127.0.0.1:9/{TEMPLATE}")],
-        cwd=wf, env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "-n",
+            "--cores",
+            "1",
+            "--configfile",
+            config("refused.yaml", f"http://someone:{URL_PASSWORD}@127.0.0.1:9/{TEMPLATE}"),
+        ],
+        cwd=wf,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     planted.add(wf / "refused.yaml")
     console["refused"] = refused.stdout + refused.stderr

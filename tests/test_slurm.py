@@ -75,20 +75,19 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     missing = [exe for exe in DAEMONS if not _installed(exe)]
     if missing:
         pytest.skip(
-            f"{', '.join(missing)} not installed; the SLURM tests need `apt-get install -y "
-            "slurm-wlm munge` (and root)"
+            f"{', '.join(missing)} not installed; the SLURM tests need `apt-get install -y slurm-wlm munge` (and root)"
         )
     cdir = tmp_path_factory.mktemp("slurm-cluster")
     try:
         try:
             started = subprocess.run(
                 ["bash", str(SCRIPTS / "start-cluster.sh"), str(cdir)],
-                capture_output=True, text=True, timeout=180,
+                capture_output=True,
+                text=True,
+                timeout=180,
             )
         except subprocess.TimeoutExpired as exc:
-            pytest.fail(
-                f"start-cluster.sh did not finish in 180 s\n{exc.stderr}\n{_cluster_logs(cdir)}"
-            )
+            pytest.fail(f"start-cluster.sh did not finish in 180 s\n{exc.stderr}\n{_cluster_logs(cdir)}")
         if started.returncode != 0:
             pytest.fail(
                 f"the SLURM test cluster did not start (rc {started.returncode}):\n"
@@ -100,7 +99,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
     finally:
         subprocess.run(
             ["bash", str(SCRIPTS / "stop-cluster.sh"), str(cdir)],
-            capture_output=True, text=True, timeout=180,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
 
 
@@ -110,7 +111,12 @@ def snakemake_session(
     """Run Snakemake in its own session; on a timeout kill the whole group and unlock the directory."""
     cmd = [sys.executable, "-m", "snakemake", *args]
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd,
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -137,7 +143,10 @@ def snakemake_session(
 def _unlock(cwd: Path, env: dict[str, str]) -> None:
     subprocess.run(
         [sys.executable, "-m", "snakemake", "--unlock", "--cores", "1"],
-        cwd=cwd, env=env, capture_output=True, timeout=120,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        timeout=120,
     )
 
 
@@ -153,7 +162,11 @@ def scontrol_job(cluster: Cluster, job_id: str) -> dict[str, str]:
     """``scontrol show job`` as key -> value; finished jobs stay visible for MinJobAge (an hour)."""
     out = subprocess.run(
         ["scontrol", "--oneliner", "show", "job", job_id],
-        env=cluster.env(), capture_output=True, text=True, timeout=30, check=True,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
 
@@ -200,15 +213,11 @@ def test_deep_merge_keeps_other_keys_and_removes_null() -> None:
 def test_dry_run_resolves_partitions_per_rule(tmp_path: Path) -> None:
     """`snakemake --profile slurm -n` in the repo root: the GPU partition goes to train only."""
     wf = copy_workflow(tmp_path / "wf")
-    env = job_env(
-        {"SBATCH_PARTITION": "cpuq", "SBATCH_GPU_PARTITION": "gpuq", "SBATCH_ACCOUNT": "proj1"}
-    )
+    env = job_env({"SBATCH_PARTITION": "cpuq", "SBATCH_GPU_PARTITION": "gpuq", "SBATCH_ACCOUNT": "proj1"})
     result = snakemake_session(["--profile", "slurm", "-n"], cwd=wf, env=env, timeout=180)
     assert result.returncode == 0, result.stdout[-4000:]
     blocks = re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", result.stdout, re.M | re.S)
-    resources = {
-        name: re.search(r"resources: (.*)", body)[1] for name, body in blocks if "resources:" in body
-    }
+    resources = {name: re.search(r"resources: (.*)", body)[1] for name, body in blocks if "resources:" in body}
     for rule in NON_LOCAL_RULES:
         assert "slurm_account=proj1" in resources[rule], resources[rule]
         expected = "gpuq" if rule == "train" else "cpuq"
@@ -338,9 +347,7 @@ def test_pipeline_on_slurm_matches_local_run(slurm_cluster: Cluster, tiny_run: P
     # The data steps are deterministic: exactly the same values, not just close ones.
     got, want = zarr.open_group(windows, mode="r"), zarr.open_group(local_windows, mode="r")
     for name in ("data", "mask", "train_start", "val_start", "test_start"):
-        np.testing.assert_array_equal(
-            np.asarray(got[name][...]), np.asarray(want[name][...]), err_msg=name
-        )
+        np.testing.assert_array_equal(np.asarray(got[name][...]), np.asarray(want[name][...]), err_msg=name)
 
     # Training on the CPU is deterministic (fixed seeds, deterministic kernels) and both runs use
     # 2 threads per step on the same machine: the metrics are equal to the last bit.

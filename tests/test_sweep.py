@@ -13,26 +13,44 @@ from conv2dlstm.sweep import sweep_runs, sweep_tags
 
 
 def test_grid_expands_to_the_cartesian_product_in_the_order_written():
-    cfg = validate_config({"sweep": {"train.learning_rate": [0.001, 0.003], "model.name": ["convlstm", "conv2d_lstm"]},
-                           "grid": {"lat": {"start": 30.5, "stop": 44.5, "step": 1.0}}})
+    cfg = validate_config(
+        {
+            "sweep": {"train.learning_rate": [0.001, 0.003], "model.name": ["convlstm", "conv2d_lstm"]},
+            "grid": {"lat": {"start": 30.5, "stop": 44.5, "step": 1.0}},
+        }
+    )
     assert run_names(cfg) == ["lr0.001-convlstm", "lr0.001-conv2d_lstm", "lr0.003-convlstm", "lr0.003-conv2d_lstm"]
     assert cfg["sweep"] == {}  # downstream sees plain runs entries
-    assert cfg["runs"][1] == {"name": "lr0.001-conv2d_lstm", "train": {"learning_rate": 0.001},
-                              "model": {"name": "conv2d_lstm"}}
+    assert cfg["runs"][1] == {
+        "name": "lr0.001-conv2d_lstm",
+        "train": {"learning_rate": 0.001},
+        "model": {"name": "conv2d_lstm"},
+    }
     run = run_config(cfg, "lr0.003-conv2d_lstm")
     assert run["train"]["learning_rate"] == 0.003 and run["model"]["name"] == "conv2d_lstm"
     assert validate_config(cfg) == cfg  # validating again changes nothing
 
 
 def test_grid_adds_to_explicit_runs_and_names_are_valid_wildcards():
-    cfg = validate_config({
-        "runs": [{"name": "mine", "train": {"epochs": 2}}],
-        "sweep": {"model.convlstm.hidden_channels": [[8, 8], [4]], "train.bf16": [True, False],
-                  "train.weight_decay": [1e-05], "train.lr_schedule": ["constant"]},
-    })
+    cfg = validate_config(
+        {
+            "runs": [{"name": "mine", "train": {"epochs": 2}}],
+            "sweep": {
+                "model.convlstm.hidden_channels": [[8, 8], [4]],
+                "train.bf16": [True, False],
+                "train.weight_decay": [1e-05],
+                "train.lr_schedule": ["constant"],
+            },
+        }
+    )
     names = run_names(cfg)
-    assert names == ["mine", "hc8x8-bf16-wd1e-05-constant", "hc8x8-nobf16-wd1e-05-constant",
-                     "hc4-bf16-wd1e-05-constant", "hc4-nobf16-wd1e-05-constant"]
+    assert names == [
+        "mine",
+        "hc8x8-bf16-wd1e-05-constant",
+        "hc8x8-nobf16-wd1e-05-constant",
+        "hc4-bf16-wd1e-05-constant",
+        "hc4-nobf16-wd1e-05-constant",
+    ]
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
     assert run_config(cfg, "hc4-nobf16-wd1e-05-constant")["model"]["convlstm"]["hidden_channels"] == [4]
 
@@ -87,8 +105,14 @@ def test_sweep_tags_group_the_runs_of_one_configuration():
     tags = sweep_tags(cfg)
     assert re.fullmatch(r"[0-9a-f]{12}", tags["sweep"]) and tags["sweep.runs"] == "seed1,seed2"
     assert sweep_tags(validate_config({"sweep": {"train.seed": [1, 2]}})) == tags
-    assert sweep_tags(validate_config({"runs": [{"name": "seed1", "train": {"seed": 1}},
-                                                {"name": "seed2", "train": {"seed": 2}}]})) == tags
+    assert (
+        sweep_tags(
+            validate_config(
+                {"runs": [{"name": "seed1", "train": {"seed": 1}}, {"name": "seed2", "train": {"seed": 2}}]}
+            )
+        )
+        == tags
+    )
     assert sweep_tags(validate_config({"sweep": {"train.seed": [1, 3]}}))["sweep"] != tags["sweep"]
     other_data = validate_config({"sweep": {"train.seed": [1, 2]}, "windows": {"stride": 2}})
     assert sweep_tags(other_data)["sweep"] != tags["sweep"]
@@ -104,9 +128,16 @@ def test_torchrun_workers_get_the_sweep_tags_of_the_whole_configuration():
 
     full = validate_config({"sweep": {"train.seed": [1, 2]}})
     tags = sweep_tags(full)
-    argv = train.worker_argv(run_config(full, "seed2"), run="seed2", windows=Path("w.zarr"), stats=Path("s.nc"),
-                             out_dir=Path("o"), sweep=tags)
+    argv = train.worker_argv(
+        run_config(full, "seed2"),
+        run="seed2",
+        windows=Path("w.zarr"),
+        stats=Path("s.nc"),
+        out_dir=Path("o"),
+        sweep=tags,
+    )
     args = cli.build_parser().parse_args(argv)
     assert json.loads(args.sweep_json) == tags
-    assert "--sweep-json" not in train.worker_argv(run_config(full, "seed2"), run="seed2", windows=Path("w.zarr"),
-                                                   stats=Path("s.nc"), out_dir=Path("o"))
+    assert "--sweep-json" not in train.worker_argv(
+        run_config(full, "seed2"), run="seed2", windows=Path("w.zarr"), stats=Path("s.nc"), out_dir=Path("o")
+    )

@@ -15,7 +15,13 @@ from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
 
-SMALL_OISST = {"kind": "oisst", "start": "2019-01-30", "end": "2019-02-02", "lat": [30.125, 33.875], "lon": [290.125, 293.875]}
+SMALL_OISST = {
+    "kind": "oisst",
+    "start": "2019-01-30",
+    "end": "2019-02-02",
+    "lat": [30.125, 33.875],
+    "lon": [290.125, 293.875],
+}
 SEED_BOX = {"lat": [5.75, 17.5], "lon": [73.0, 79.75]}
 
 
@@ -66,7 +72,9 @@ def test_oisst_files_have_the_ncei_layout_and_packing(tmp_path: Path) -> None:
         nc.set_auto_maskandscale(False)
         raw = nc["sst"][0, 0]
         assert nc["lat"].dtype == np.float32 and nc["lat"].units == "degrees_north"
-    land = synthetic.land_mask(synthetic.axis_centres(30.125, 33.875, 0.25), synthetic.axis_centres(290.125, 293.875, 0.25))
+    land = synthetic.land_mask(
+        synthetic.axis_centres(30.125, 33.875, 0.25), synthetic.axis_centres(290.125, 293.875, 0.25)
+    )
     ds = xr.open_dataset(path)
     assert ds["sst"].dtype == np.float32
     assert ds["time"].values[0] == np.datetime64("2019-02-01T12:00")

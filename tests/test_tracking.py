@@ -34,7 +34,7 @@ def http_server(status: int) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 answering every GET with ``status``."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain")
             self.end_headers()
@@ -121,8 +121,9 @@ def test_start_run_logs_config_and_tags_and_resumes(tmp_path) -> None:
     assert run.data.params == flatten(cfg)
     tags = run.data.tags
     assert tags["stats_sha256"] == "abc"
-    assert {"git.commit", "git.dirty", "version.torch", "version.mlflow", "version.zarr",
-            "version.conv2dlstm"} <= set(tags)
+    assert {"git.commit", "git.dirty", "version.torch", "version.mlflow", "version.zarr", "version.conv2dlstm"} <= set(
+        tags
+    )
 
     # A preempted training reopens its run; a training interrupted by SystemExit ends KILLED.
     with pytest.raises(SystemExit), tracking.start_run(cfg, "run-a", run_id=run_id, tracking_uri=uri) as tracker:
@@ -159,8 +160,10 @@ def test_reopened_run_keeps_the_params_of_its_model(tmp_path, caplog) -> None:
     with tracking.start_run(cfg, "run-b", tracking_uri=uri, fixed_params=fixed) as tracker:
         run_id = tracker.run_id
     runtime = validate_config({"experiment": "exp-b", "mlflow": {"tracking_uri": uri}, "train": {"device": "auto"}})
-    with caplog.at_level(logging.WARNING, logger="conv2dlstm"), \
-            tracking.start_run(runtime, "run-b", run_id=run_id, tracking_uri=uri, fixed_params=fixed):
+    with (
+        caplog.at_level(logging.WARNING, logger="conv2dlstm"),
+        tracking.start_run(runtime, "run-b", run_id=run_id, tracking_uri=uri, fixed_params=fixed),
+    ):
         pass
     assert "keeps its first values of params ['train.device']" in caplog.text
     client = MlflowClient(uri)
@@ -229,9 +232,13 @@ def test_transient_errors() -> None:
     from mlflow.exceptions import MlflowException
 
     assert tracking.transient(_locked())
-    assert tracking.transient(MlflowException(
-        "API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool"
-        "(host='127.0.0.1', port=9): Max retries exceeded with url", error_code="INTERNAL_ERROR"))
+    assert tracking.transient(
+        MlflowException(
+            "API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool"
+            "(host='127.0.0.1', port=9): Max retries exceeded with url",
+            error_code="INTERNAL_ERROR",
+        )
+    )
     assert tracking.transient(ConnectionRefusedError(111, "Connection refused"))
     assert not tracking.transient(MlflowException("Run 'x' not found", error_code="RESOURCE_DOES_NOT_EXIST"))
     assert not tracking.transient(MlflowException("Invalid value", error_code="INVALID_PARAMETER_VALUE"))
@@ -280,8 +287,10 @@ def test_metrics_wait_while_the_store_fails_and_are_sent_in_order_later(tmp_path
         return real_send(self, item)
 
     monkeypatch.setattr(tracking.Tracker, "_send", send)
-    with caplog.at_level(logging.WARNING, logger="conv2dlstm"), \
-            tracking.start_run(cfg, "r", tracking_uri=uri) as tracker:
+    with (
+        caplog.at_level(logging.WARNING, logger="conv2dlstm"),
+        tracking.start_run(cfg, "r", tracking_uri=uri) as tracker,
+    ):
         assert tracker.log_metrics({"val_loss": 1.0}, step=1)
         down["on"] = True
         assert not tracker.log_metrics({"val_loss": 0.9}, step=2)
@@ -293,8 +302,12 @@ def test_metrics_wait_while_the_store_fails_and_are_sent_in_order_later(tmp_path
         run_id = tracker.run_id
     assert "cannot log metrics to run" in caplog.text and "training goes on" in caplog.text
     history = MlflowClient(uri).get_metric_history(run_id, "val_loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
-        [(1, 1.0), (2, 0.9), (3, 0.8), (4, 0.7)]
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (1, 1.0),
+        (2, 0.9),
+        (3, 0.8),
+        (4, 0.7),
+    ]
     assert len({m.timestamp for m in history}) >= 2  # each kept its own time
 
     down["on"] = True
@@ -310,8 +323,9 @@ def test_backfill_logs_the_epochs_a_run_lacks(tmp_path) -> None:
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = validate_config({"experiment": "exp-backfill", "mlflow": {"tracking_uri": uri}})
-    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1, "samples_per_s": 5.0}
-            for e in (1, 2, 3, 4)]
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_loss": 2.0 / e, "lr": 0.1, "samples_per_s": 5.0} for e in (1, 2, 3, 4)
+    ]
     with tracking.start_run(cfg, "r", tracking_uri=uri) as tracker:
         tracker.log_metrics({k: v for k, v in rows[0].items() if k != "epoch"}, step=1)
         assert tracker.backfill(rows, ("train_loss", "val_loss", "lr", "samples_per_s")) == 3
@@ -331,8 +345,10 @@ def test_ui_address_opens_the_training_runs(tmp_path) -> None:
     from mlflow import MlflowClient
 
     exp_id = MlflowClient(uri).get_experiment_by_name("exp-ui").experiment_id
-    assert tracking.ui_address(uri, "exp-ui") == \
-        f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert (
+        tracking.ui_address(uri, "exp-ui")
+        == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    )
     assert tracking.ui_address(uri, "exp-ui", "http://login01:5000/").startswith("http://login01:5000/#/experiments/")
     with pytest.raises(TrackingError, match="experiment 'nope' is not in"):
         tracking.ui_address(uri, "nope")

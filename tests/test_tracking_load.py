@@ -48,8 +48,9 @@ def prepared(tmp_path_factory) -> Path:
     cfg["mlflow"]["log_model"] = True
     cfg["sweep"] = {"train.seed": list(SEEDS)}
     (wf / "load.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    run_snakemake(wf, "results/windows/oisst.zarr", "results/normalize/oisst.nc", "--cores", "2",
-                  "--configfile", "load.yaml")  # targets first: --configfile takes several files
+    run_snakemake(
+        wf, "results/windows/oisst.zarr", "results/normalize/oisst.nc", "--cores", "2", "--configfile", "load.yaml"
+    )  # targets first: --configfile takes several files
     return wf
 
 
@@ -93,8 +94,9 @@ def _no_lock_errors(*logs: Path) -> None:
 def _train_eight(wf: Path, env: dict[str, str]) -> list[Path]:
     """Train the eight runs at once through Snakemake; their logs."""
     targets = [f"results/train/{run}/model.pt" for run in RUNS]
-    run_snakemake(wf, *targets, "--cores", "8", "--set-threads", "train=1", "--configfile", "load.yaml", env=env,
-                  timeout=900)
+    run_snakemake(
+        wf, *targets, "--cores", "8", "--set-threads", "train=1", "--configfile", "load.yaml", env=env, timeout=900
+    )
     logs = sorted((wf / "results/logs/train").glob("*.log"))
     assert [p.stem for p in logs] == sorted(RUNS)
     return logs
@@ -111,8 +113,13 @@ def test_eight_jobs_at_once_into_one_sqlite_store(prepared: Path, tmp_path: Path
 def test_eight_jobs_at_once_through_an_mlflow_server(prepared: Path, tmp_path: Path) -> None:
     wf = tmp_path / "wf"
     shutil.copytree(prepared, wf, symlinks=True)
-    with MlflowServer(tmp_path, f"sqlite:///{tmp_path}/server.db", "--serve-artifacts",
-                      "--artifacts-destination", str(tmp_path / "server-artifacts")) as server:
+    with MlflowServer(
+        tmp_path,
+        f"sqlite:///{tmp_path}/server.db",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    ) as server:
         logs = _train_eight(wf, job_env({"MLFLOW_TRACKING_URI": server.url}))
         _check_store(server.url)
     assert not (wf / "mlflow.db").exists() and not (wf / "mlruns").exists(), "nothing logged beside the workflow"
@@ -135,8 +142,13 @@ def one_thread():
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch) -> MlflowServer:
     """A real server with artifacts served through it; the training process talks to it only."""
-    srv = MlflowServer(tmp_path, f"sqlite:///{tmp_path}/server.db", "--serve-artifacts",
-                       "--artifacts-destination", str(tmp_path / "server-artifacts"))
+    srv = MlflowServer(
+        tmp_path,
+        f"sqlite:///{tmp_path}/server.db",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    )
     srv.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.url)
     for key, value in tracking.HTTP_RETRY_DEFAULTS.items():  # set here so the test restores them
@@ -146,11 +158,13 @@ def server(tmp_path: Path, monkeypatch) -> MlflowServer:
 
 
 def _config(tmp_path: Path, epochs: int) -> dict:
-    return validate_config({
-        "experiment": "outage",
-        "model": {"name": "convlstm", "convlstm": {"hidden_channels": [4]}},
-        "train": {"epochs": epochs, "batch_size": 8, "patience": epochs, "device": "cpu", "learning_rate": 0.01},
-    })
+    return validate_config(
+        {
+            "experiment": "outage",
+            "model": {"name": "convlstm", "convlstm": {"hidden_channels": [4]}},
+            "train": {"epochs": epochs, "batch_size": 8, "patience": epochs, "device": "cpu", "learning_rate": 0.01},
+        }
+    )
 
 
 def _stop_and_start(monkeypatch, server: MlflowServer, *, stop_at: int, start_at: int | None):
@@ -169,8 +183,9 @@ def _stop_and_start(monkeypatch, server: MlflowServer, *, stop_at: int, start_at
     return real
 
 
-def test_training_goes_on_while_the_server_is_away(tmp_path: Path, server: MlflowServer, monkeypatch, caplog,
-                                                   one_thread) -> None:
+def test_training_goes_on_while_the_server_is_away(
+    tmp_path: Path, server: MlflowServer, monkeypatch, caplog, one_thread
+) -> None:
     from mlflow import MlflowClient
 
     fx = make_windows_store(tmp_path / "w.zarr", n_time=40, height=10, width=12)
@@ -194,7 +209,8 @@ def test_training_goes_on_while_the_server_is_away(tmp_path: Path, server: Mlflo
 
 
 def test_server_away_at_the_end_stops_before_model_pt_and_the_rerun_only_logs(
-        tmp_path: Path, server: MlflowServer, monkeypatch, caplog, one_thread) -> None:
+    tmp_path: Path, server: MlflowServer, monkeypatch, caplog, one_thread
+) -> None:
     from mlflow import MlflowClient
 
     fx = make_windows_store(tmp_path / "w.zarr", n_time=40, height=10, width=12)

@@ -27,12 +27,14 @@ OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt",
 
 
 def tiny_config(tmp_path: Path, **train_overrides) -> dict:
-    return validate_config({
-        "experiment": "test-train",
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "model": {"name": "convlstm", "convlstm": {"hidden_channels": [4, 4]}},
-        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01, "device": "cpu"} | train_overrides,
-    })
+    return validate_config(
+        {
+            "experiment": "test-train",
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            "model": {"name": "convlstm", "convlstm": {"hidden_channels": [4, 4]}},
+            "train": {"epochs": 2, "batch_size": 8, "learning_rate": 0.01, "device": "cpu"} | train_overrides,
+        }
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +101,8 @@ def test_index_batches_and_cap() -> None:
 
 
 def test_short_training_logs_run_model_and_artifacts(tmp_path) -> None:
-    from mlflow import MlflowClient
     import mlflow.pytorch
+    from mlflow import MlflowClient
 
     fx = make_windows_store(tmp_path / "w.zarr", n_time=40, height=10, width=12)
     cfg = tiny_config(tmp_path)
@@ -125,7 +127,7 @@ def test_short_training_logs_run_model_and_artifacts(tmp_path) -> None:
     assert ckpt["input_variables"] == ["sst"] and ckpt["target_variables"] == ["sst"]
     model, best = load_model(out / "best.pt")
     assert best["epoch"] == best["best_epoch"] and best["best_val_loss"] == min(float(r["val_loss"]) for r in rows)
-    x = torch.from_numpy(np.stack([fx.normalized[s:s + 3] for s in fx.starts["val"][:2]]))  # (2, 3, 1, 10, 12)
+    x = torch.from_numpy(np.stack([fx.normalized[s : s + 3] for s in fx.starts["val"][:2]]))  # (2, 3, 1, 10, 12)
     with torch.no_grad():
         expected = model(x)
     assert expected.shape == (2, 2, 1, 10, 12)
@@ -141,8 +143,9 @@ def test_short_training_logs_run_model_and_artifacts(tmp_path) -> None:
     for name in ("train_loss", "val_loss", "lr", "samples_per_s"):
         history = client.get_metric_history(run_id, name)
         assert sorted(m.step for m in history) == [1, 2], name
-    assert [m.value for m in sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)] \
-        == pytest.approx([float(r["val_loss"]) for r in rows])
+    assert [
+        m.value for m in sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
+    ] == pytest.approx([float(r["val_loss"]) for r in rows])
     tags = run.data.tags
     assert tags["stats_sha256"] == tags["data.stats_sha256"]
     assert tags["provenance.digest"] == record["digest"] and tags["provenance.inputs.windows"] == fx.windows_digest
@@ -182,8 +185,9 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
 
 
 def test_no_validation_windows(tmp_path) -> None:
-    fx = make_windows_store(tmp_path / "w.zarr", n_time=20, height=6, width=7, input_steps=3, lead_steps=2,
-                            split_fractions=(0.7, 0.1, 0.2))
+    fx = make_windows_store(
+        tmp_path / "w.zarr", n_time=20, height=6, width=7, input_steps=3, lead_steps=2, split_fractions=(0.7, 0.1, 0.2)
+    )
     with pytest.raises(DataError, match="no val windows; lengthen splits.val"):
         train.main(tiny_config(tmp_path), run="convlstm", windows=fx.store, stats=fx.stats, out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -213,8 +217,11 @@ def stale_folders(out: Path) -> list[Path]:
 
 
 def fresh_start_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "conv2dlstm.train" and r.levelno == logging.WARNING and "starting fresh" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "conv2dlstm.train" and r.levelno == logging.WARNING and "starting fresh" in r.getMessage()
+    ]
 
 
 def test_changed_learning_rate_starts_afresh_in_a_new_mlflow_run(tmp_path, caplog) -> None:
@@ -242,7 +249,8 @@ def test_changed_learning_rate_starts_afresh_in_a_new_mlflow_run(tmp_path, caplo
     [folder] = stale_folders(out)
     assert str(folder) in warning
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["last.pt", "best.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"])
+        ["last.pt", "best.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"]
+    )
     stale = torch.load(folder / "last.pt", weights_only=True)
     assert stale["finished"] and stale["result_config"]["train"]["learning_rate"] == 0.01
     assert (folder / "mlflow_run_id.txt").read_text().strip() == old_run_id
@@ -331,19 +339,29 @@ def test_resume_problems_names_each_difference() -> None:
     old_cfg = {"train": {"learning_rate": 0.01, "epochs": 2}}
     new_cfg = {"train": {"learning_rate": 0.02, "epochs": 2}}
     old = provenance.make_record("train", "a" * 16, {"windows": "w1", "stats": "s"})
-    ckpt = {"format_version": train.CHECKPOINT_VERSION, "model_name": "convlstm", "model_kwargs": kwargs,
-            "provenance": old, "result_config": old_cfg}
+    ckpt = {
+        "format_version": train.CHECKPOINT_VERSION,
+        "model_name": "convlstm",
+        "model_kwargs": kwargs,
+        "provenance": old,
+        "result_config": old_cfg,
+    }
     same = dict(model_name="convlstm", model_kwargs=kwargs)
     assert train.resume_problems(ckpt, old, result_config=old_cfg, **same) == []
     new = provenance.make_record("train", "b" * 16, {"windows": "w2", "stats": "s"})
     assert train.resume_problems(ckpt, new, result_config=new_cfg, **same) == [
-        "train.learning_rate: 0.01 -> 0.02", "input windows changed: w1 -> w2"]
-    assert train.resume_problems(ckpt, old, result_config=old_cfg, model_name="convlstm",
-                                 model_kwargs={"hidden_channels": [8]})[0].startswith("it holds a convlstm model")
+        "train.learning_rate: 0.01 -> 0.02",
+        "input windows changed: w1 -> w2",
+    ]
+    assert train.resume_problems(
+        ckpt, old, result_config=old_cfg, model_name="convlstm", model_kwargs={"hidden_channels": [8]}
+    )[0].startswith("it holds a convlstm model")
     legacy = {k: v for k, v in ckpt.items() if k != "provenance"}
     assert "no provenance record" in train.resume_problems(legacy, old, result_config=old_cfg, **same)[0]
-    assert "checkpoint format" in train.resume_problems({**ckpt, "format_version": 0}, old, result_config=old_cfg,
-                                                        **same)[0]
+    assert (
+        "checkpoint format"
+        in train.resume_problems({**ckpt, "format_version": 0}, old, result_config=old_cfg, **same)[0]
+    )
 
 
 def test_retire_files_moves_into_a_new_timestamped_folder(tmp_path) -> None:
@@ -377,8 +395,14 @@ def test_train_discards_partials_of_a_killed_attempt(tmp_path, caplog) -> None:
 def test_conv2d_lstm_streaming_from_zarr(tmp_path) -> None:
     """The notebook network, windows streamed from Zarr, latitude-weighted loss, plateau schedule."""
     fx = make_windows_store(tmp_path / "w.zarr", n_time=30, height=12, width=10)
-    cfg = tiny_config(tmp_path, epochs=2, data_on_device="never", latitude_weighted_loss=True,
-                      lr_schedule="plateau", max_batches_per_epoch=2)
+    cfg = tiny_config(
+        tmp_path,
+        epochs=2,
+        data_on_device="never",
+        latitude_weighted_loss=True,
+        lr_schedule="plateau",
+        max_batches_per_epoch=2,
+    )
     cfg["model"]["name"] = "conv2d_lstm"
     cfg["model"]["conv2d_lstm"].update({"filters": [4, 4], "lstm_units": 8, "dense_units": 8})
     cfg["mlflow"]["log_model"] = False
@@ -412,8 +436,8 @@ def test_training_learns_moving_pattern(tmp_path) -> None:
     out = tmp_path / "out"
     train.main(cfg, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
     starts = fx.starts["val"]
-    y = np.stack([fx.normalized[s + 3:s + 5] for s in starts])  # (n, 2, 1, H, W)
-    last = np.stack([fx.normalized[s + 2:s + 3] for s in starts])  # (n, 1, 1, H, W)
+    y = np.stack([fx.normalized[s + 3 : s + 5] for s in starts])  # (n, 2, 1, H, W)
+    last = np.stack([fx.normalized[s + 2 : s + 3] for s in starts])  # (n, 1, 1, H, W)
     zero_loss = masked_loss_np(np.zeros_like(y), y, fx.mask)
     persistence_loss = masked_loss_np(np.broadcast_to(last, y.shape), y, fx.mask)
     best_val = torch.load(out / "best.pt", weights_only=True)["best_val_loss"]
@@ -441,7 +465,10 @@ def child(cfg: dict, fx, out: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(cfg), str(fx.store), str(fx.stats), str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -474,8 +501,10 @@ def test_sigterm_then_resume_gives_identical_weights(tmp_path) -> None:
     assert proc.returncode == 143, output
     state = torch.load(interrupted / "last.pt", weights_only=True)
     assert not state["finished"] and 1 <= state["epoch"] < 8
-    assert "stopped on SIGTERM" in output and f"a rerun resumes from {interrupted / 'last.pt'} after epoch " \
-        f"{state['epoch']}" in output, output
+    assert (
+        "stopped on SIGTERM" in output
+        and f"a rerun resumes from {interrupted / 'last.pt'} after epoch {state['epoch']}" in output
+    ), output
     assert not (interrupted / "model.pt").exists()
     client = MlflowClient(cfg["mlflow"]["tracking_uri"])
     assert client.get_run(run_id).info.status == "KILLED"
@@ -511,9 +540,27 @@ def test_deadline_checkpoints_before_the_time_limit_and_resumes(tmp_path) -> Non
 
     def cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "conv2dlstm", "train", "--config-json", json.dumps(cfg), "--run", run,
-             "--windows", str(fx.store), "--stats", str(fx.stats), "--out-dir", str(out), *extra],
-            env=env, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "conv2dlstm",
+                "train",
+                "--config-json",
+                json.dumps(cfg),
+                "--run",
+                run,
+                "--windows",
+                str(fx.store),
+                "--stats",
+                str(fx.stats),
+                "--out-dir",
+                str(out),
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
     reference, limited = tmp_path / "reference", tmp_path / "limited"

@@ -56,8 +56,9 @@ def test_stride_and_explicit_step() -> None:
     got = wn.window_starts(times, start="2020-01-01", end="2020-01-12", input_steps=2, lead_steps=1, stride=3)
     np.testing.assert_array_equal(got, [0, 3, 6, 9])
     # With a 2-day nominal step, consecutive days are not consecutive steps: no window.
-    none = wn.window_starts(times, start="2020-01-01", end="2020-01-12", input_steps=2, lead_steps=1,
-                            step=np.timedelta64(2, "D"))
+    none = wn.window_starts(
+        times, start="2020-01-01", end="2020-01-12", input_steps=2, lead_steps=1, step=np.timedelta64(2, "D")
+    )
     assert none.size == 0
 
 
@@ -71,13 +72,17 @@ def test_noon_stamps_at_a_split_boundary() -> None:
     val = wn.window_starts(times.values, start="2020-01-11", end="2020-01-20", input_steps=3, lead_steps=2)
     assert str(times[val[0]])[:16] == "2020-01-11 12:00"  # the next day opens the next split
     # The training slice of the statistics uses the same boundary.
-    ds = xr.Dataset({"sst": (("time", "lat", "lon"), np.zeros((times.size, 1, 1), np.float32))},
-                    coords={"time": times, "lat": [0.0], "lon": [0.0]})
+    ds = xr.Dataset(
+        {"sst": (("time", "lat", "lon"), np.zeros((times.size, 1, 1), np.float32))},
+        coords={"time": times, "lat": [0.0], "lon": [0.0]},
+    )
     sliced = nz.training_slice(ds, train["start"], train["end"])
     assert [str(t)[:16] for t in sliced["time"].values[[0, -1]]] == ["2020-01-01T12:00", "2020-01-10T12:00"]
     assert sliced.sizes["time"] == 10
-    assert nz.fit_stats(ds, train_start=train["start"], train_end=train["end"], variables=["sst"]).attrs[
-        "train_steps"] == 10
+    assert (
+        nz.fit_stats(ds, train_start=train["start"], train_end=train["end"], variables=["sst"]).attrs["train_steps"]
+        == 10
+    )
 
 
 def test_inferred_step_is_the_most_common_difference() -> None:
@@ -88,8 +93,12 @@ def test_inferred_step_is_the_most_common_difference() -> None:
 
 
 def test_window_longer_than_the_data() -> None:
-    assert wn.window_starts(days("2020-01-01", "2020-01-03"), start="2020-01-01", end="2020-01-03",
-                            input_steps=3, lead_steps=1).size == 0
+    assert (
+        wn.window_starts(
+            days("2020-01-01", "2020-01-03"), start="2020-01-01", end="2020-01-03", input_steps=3, lead_steps=1
+        ).size
+        == 0
+    )
 
 
 # ------------------------------------------------------------------ the store
@@ -124,19 +133,24 @@ def source() -> xr.Dataset:
 
 
 def store_config(**windows: int) -> dict:
-    return validate_config({
-        "variables": {"inputs": ["sst", "chl"], "targets": ["sst"]},
-        "splits": {"train": {"start": "2020-01-01", "end": "2020-01-20"},
-                   "val": {"start": "2020-01-21", "end": "2020-01-27"},
-                   "test": {"start": "2020-01-28", "end": "2020-02-03"}},
-        "windows": {"input_steps": 3, "lead_steps": 2, **windows},
-        "normalize": {"climatology_window": 3},
-    })
+    return validate_config(
+        {
+            "variables": {"inputs": ["sst", "chl"], "targets": ["sst"]},
+            "splits": {
+                "train": {"start": "2020-01-01", "end": "2020-01-20"},
+                "val": {"start": "2020-01-21", "end": "2020-01-27"},
+                "test": {"start": "2020-01-28", "end": "2020-02-03"},
+            },
+            "windows": {"input_steps": 3, "lead_steps": 2, **windows},
+            "normalize": {"climatology_window": 3},
+        }
+    )
 
 
 def fitted(ds: xr.Dataset) -> xr.Dataset:
-    stats = nz.fit_stats(ds, train_start="2020-01-01", train_end="2020-01-20", variables=["sst", "chl"],
-                         climatology_window=3)
+    stats = nz.fit_stats(
+        ds, train_start="2020-01-01", train_end="2020-01-20", variables=["sst", "chl"], climatology_window=3
+    )
     return stats.assign_attrs(provenance.to_attrs(STATS_RECORD))
 
 
@@ -203,7 +217,7 @@ def _damage_stats(stats_path: Path, how: str) -> None:
     else:  # a variable dropped: "no_mask", "no_climatology"
         with xr.open_dataset(stats_path) as opened:
             stats = opened.load()
-        stats.drop_vars(how[len("no_"):]).to_netcdf(stats_path)
+        stats.drop_vars(how[len("no_") :]).to_netcdf(stats_path)
 
 
 @pytest.mark.parametrize(
@@ -298,8 +312,12 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     assert attrs["input_steps"] == 3 and attrs["lead_steps"] == 2 and attrs["format_version"] == 1
     assert attrs["stats_sha256"] == sha256_file(stats_path)
     assert attrs["source_gaps"] == gaps  # the regridded store's gaps travel on to training's MLflow tags
-    assert WindowsStore(out).gap_tags() == {"data.time_gaps": "1", "data.missing_steps": "2",
-                                            "data.longest_gap_days": "2.0", "data.missing_dates": "2020-01-05..2020-01-06"}
+    assert WindowsStore(out).gap_tags() == {
+        "data.time_gaps": "1",
+        "data.missing_steps": "2",
+        "data.longest_gap_days": "2.0",
+        "data.missing_dates": "2020-01-05..2020-01-06",
+    }
 
     store = xr.open_zarr(out)
     assert store["data"].dims == ("time", "variable", "lat", "lon")
@@ -316,12 +334,12 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     tin, tout = attrs["input_steps"], attrs["lead_steps"]
     times = store["time"].values
     src = ds.sel(time=times)
-    expected_x = np.stack([(src[v].values[t0:t0 + tin] - mean[i]) / std[i] for i, v in enumerate(["sst", "chl"])], 1)
+    expected_x = np.stack([(src[v].values[t0 : t0 + tin] - mean[i]) / std[i] for i, v in enumerate(["sst", "chl"])], 1)
     expected_x = np.where(mask & np.isfinite(expected_x), expected_x, 0.0)
-    x = store["data"].values[t0:t0 + tin, [0, 1]]
+    x = store["data"].values[t0 : t0 + tin, [0, 1]]
     np.testing.assert_allclose(x, expected_x, rtol=1e-5, atol=1e-6)
-    y = store["data"].values[t0 + tin:t0 + tin + tout, [0]]
-    expected_y = (src["sst"].values[t0 + tin:t0 + tin + tout] - mean[0]) / std[0]
+    y = store["data"].values[t0 + tin : t0 + tin + tout, [0]]
+    expected_y = (src["sst"].values[t0 + tin : t0 + tin + tout] - mean[0]) / std[0]
     np.testing.assert_allclose(y[:, 0], np.where(mask, expected_y, 0.0), rtol=1e-5, atol=1e-6)
     assert str(times[t0 + tin - 1])[:10] == "2020-01-24"  # initial time of val sample 1 (starts Jan 22)
     assert not np.isnan(store["data"].values).any()

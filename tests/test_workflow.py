@@ -12,9 +12,7 @@ from tests.conftest import job_env
 
 
 def _snakemake(exe: str, cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [exe, *args], cwd=cwd, capture_output=True, text=True, env=job_env(), timeout=timeout
-    )
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, env=job_env(), timeout=timeout)
 
 
 def test_lint_has_no_findings(snakemake_exe, repo_root):
@@ -59,7 +57,13 @@ def test_train_gpus_follow_the_run_config():
     from conv2dlstm.workflow import train_gpus
 
     cfg = validate_config(
-        {"runs": [{"name": "one"}, {"name": "four", "train": {"gpus": 4}}, {"name": "cpu", "train": {"device": "cpu", "gpus": 2}}]}
+        {
+            "runs": [
+                {"name": "one"},
+                {"name": "four", "train": {"gpus": 4}},
+                {"name": "cpu", "train": {"device": "cpu", "gpus": 2}},
+            ]
+        }
     )
     assert [train_gpus(cfg, r) for r in ("one", "four", "cpu")] == [1, 4, 0]
 

@@ -20,8 +20,10 @@ from tests._windows_fixture import make_windows_store
 def _store(path: Path) -> Path:
     time = pd.date_range("2020-01-01", periods=12, freq="D")
     values = np.arange(12 * 3 * 4, dtype=np.float32).reshape(12, 3, 4)
-    ds = xr.Dataset({"sst": (("time", "lat", "lon"), values)},
-                    coords={"time": time, "lat": [1.0, 2.0, 3.0], "lon": [1.0, 2.0, 3.0, 4.0]})
+    ds = xr.Dataset(
+        {"sst": (("time", "lat", "lon"), values)},
+        coords={"time": time, "lat": [1.0, 2.0, 3.0], "lon": [1.0, 2.0, 3.0, 4.0]},
+    )
     zarrstore.write_store(ds.chunk({"time": 4}), path)
     return path
 
@@ -43,8 +45,11 @@ def test_deleted_chunk_is_an_error_not_nan(tmp_path):
     store = _store(tmp_path / "a.zarr")
     _chunk(store, "sst", "c.1.0.0").unlink()
     assert np.isnan(xr.open_zarr(store)["sst"].values[5]).all()  # what Zarr alone reads: fill values
-    with pytest.raises(DataError, match=r"a\.zarr is damaged: chunk c\.1\.0\.0 of array 'sst' is missing; rebuild "
-                                        r"it with the regrid step \(snakemake --forcerun regrid\)"):
+    with pytest.raises(
+        DataError,
+        match=r"a\.zarr is damaged: chunk c\.1\.0\.0 of array 'sst' is missing; rebuild "
+        r"it with the regrid step \(snakemake --forcerun regrid\)",
+    ):
         zarrstore.check_chunks(store, what="the regridded store", step="regrid")
     assert zarrstore.verify(store) == ["array 'sst': chunk c.1.0.0 is missing"]
 
@@ -73,8 +78,11 @@ def test_store_without_record_names_the_step(tmp_path):
 def test_windows_store_refuses_a_deleted_chunk_on_open(tmp_path):
     fx = make_windows_store(tmp_path / "w.zarr")
     next((fx.store / "data").glob("c.1.*")).unlink()
-    with pytest.raises(DataError, match=r"windows store .*w\.zarr is damaged: chunk c\.1\.0\.0\.0 of array 'data' "
-                                        r"is missing; rebuild it with the windows step"):
+    with pytest.raises(
+        DataError,
+        match=r"windows store .*w\.zarr is damaged: chunk c\.1\.0\.0\.0 of array 'data' "
+        r"is missing; rebuild it with the windows step",
+    ):
         WindowsStore(fx.store)
 
 
@@ -84,8 +92,11 @@ def test_garbage_chunk_reads_as_a_named_error(tmp_path):
     path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))  # same size: passes the open check
     store = WindowsStore(fx.store)
     store.read_time_range(0, 2)  # other chunks read fine
-    with pytest.raises(DataError, match=r"windows store .* is damaged: reading it failed \(array 'data', time "
-                                        r"\d+\.\.\d+\): RuntimeError: .*rebuild it with the windows step"):
+    with pytest.raises(
+        DataError,
+        match=r"windows store .* is damaged: reading it failed \(array 'data', time "
+        r"\d+\.\.\d+\): RuntimeError: .*rebuild it with the windows step",
+    ):
         store.read_time_range(0, store.time.size)
 
 
@@ -140,13 +151,30 @@ def test_steps_stop_on_a_damaged_windows_store(step, how, words, tmp_path, capsy
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fx = make_windows_store(tmp_path / "w.zarr", n_time=60)
     _damage(fx.store, how)
-    cfg = validate_config({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-                           "model": {"convlstm": {"hidden_channels": [2]}},
-                           "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "data_on_device": "always"}})
+    cfg = validate_config(
+        {
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            "model": {"convlstm": {"hidden_channels": [2]}},
+            "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "data_on_device": "always"},
+        }
+    )
     out = tmp_path / "out"
-    args = [step, "--config-json", json.dumps(cfg), "--run", "convlstm", "--windows", str(fx.store),
-            "--stats", str(fx.stats)]
-    args += ["--out-dir", str(out)] if step == "train" else ["--checkpoint", str(tmp_path / "model.pt"), "--out-dir", str(out)]
+    args = [
+        step,
+        "--config-json",
+        json.dumps(cfg),
+        "--run",
+        "convlstm",
+        "--windows",
+        str(fx.store),
+        "--stats",
+        str(fx.stats),
+    ]
+    args += (
+        ["--out-dir", str(out)]
+        if step == "train"
+        else ["--checkpoint", str(tmp_path / "model.pt"), "--out-dir", str(out)]
+    )
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert re.search(r"error: windows store .*w\.zarr is damaged: " + words, err), err

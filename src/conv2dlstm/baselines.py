@@ -114,9 +114,7 @@ def climatology(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequenc
         ``(*valid_times.dims, variable, lat, lon)`` DataArray in physical units.
     """
     if "climatology" not in stats:
-        raise DataError(
-            "the statistics file has no 'climatology' variable; rebuild it with the normalize step"
-        )
+        raise DataError("the statistics file has no 'climatology' variable; rebuild it with the normalize step")
     clim = stats["climatology"]
     if variables is not None:
         missing = [v for v in variables if v not in clim["variable"].values]
@@ -266,9 +264,11 @@ class AnomalyAutocorrelation:
             return
         if self._variables is None:
             self._setup(chunk)
-        elif not np.array_equal(np.asarray(chunk["variable"].values), self._variables) or set(
-            chunk.dims
-        ) != {"time", "variable", *self._cell_dims}:
+        elif not np.array_equal(np.asarray(chunk["variable"].values), self._variables) or set(chunk.dims) != {
+            "time",
+            "variable",
+            *self._cell_dims,
+        }:
             raise DataError(
                 "AnomalyAutocorrelation.add: the chunk's variables or pooled dimensions differ from the "
                 f"first chunk's ({list(self._variables)}, {self._cell_dims})"
@@ -319,9 +319,7 @@ class AnomalyAutocorrelation:
         return self._frame(rho, "rho")
 
 
-def anomaly_autocorrelation(
-    anomalies: xr.DataArray, max_lag: int, weights: xr.DataArray | None = None
-) -> xr.DataArray:
+def anomaly_autocorrelation(anomalies: xr.DataArray, max_lag: int, weights: xr.DataArray | None = None) -> xr.DataArray:
     """One-shot :class:`AnomalyAutocorrelation` of a whole (training-period) anomaly record.
 
     Returns the ``(lag, variable)`` pooled lag autocorrelation for lags ``1..max_lag``.
@@ -597,7 +595,8 @@ def fit_damping(
         times = np.full(values.shape[0], all_times[a], dtype="datetime64[ns]")  # climatology day of each row
         times[rows] = all_times[a:b]
         normed = xr.DataArray(
-            values, dims=("time", "variable", "lat", "lon"),
+            values,
+            dims=("time", "variable", "lat", "lon"),
             coords={"time": times, "variable": targets, "lat": lat, "lon": lon},
         )
         physical = normalize.denormalize(normed, stats).where(mask).transpose(*normed.dims)

@@ -42,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate-config", help="validate a configuration and print it with defaults filled in")
     _add_config(p)
 
-    p = sub.add_parser("ui-address", help="print the MLflow UI address of the configuration's experiment "
-                       "(its training runs)")
+    p = sub.add_parser(
+        "ui-address", help="print the MLflow UI address of the configuration's experiment (its training runs)"
+    )
     _add_config(p)
-    p.add_argument("--base", default=None,
-                   help="where the UI is served (default: the tracking server, or http://127.0.0.1:5000)")
+    p.add_argument(
+        "--base", default=None, help="where the UI is served (default: the tracking server, or http://127.0.0.1:5000)"
+    )
 
     p = sub.add_parser("synth", help="generate the embedded synthetic ocean in its real file format")
     _add_config(p)
@@ -82,12 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument(
-        "--time-limit-minutes", type=float, default=None,
+        "--time-limit-minutes",
+        type=float,
+        default=None,
         help="the job's time limit: checkpoint and exit non-zero shortly before it (rerun resumes)",
     )
-    p.add_argument("--sweep-json", default=None,
-                   help="MLflow sweep tags as JSON (default: derived from the configuration's runs; passed to "
-                        "torchrun workers, whose configuration holds one run)")
+    p.add_argument(
+        "--sweep-json",
+        default=None,
+        help="MLflow sweep tags as JSON (default: derived from the configuration's runs; passed to "
+        "torchrun workers, whose configuration holds one run)",
+    )
 
     p = sub.add_parser("evaluate", help="score a trained run and the baselines on the test period")
     _add_config(p)
@@ -97,30 +104,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
 
-    p = sub.add_parser("verify", help="check every chunk of a pipeline Zarr store against the digests it was written with")
+    p = sub.add_parser(
+        "verify", help="check every chunk of a pipeline Zarr store against the digests it was written with"
+    )
     p.add_argument("stores", type=Path, nargs="+", help="regridded or windows stores (.zarr)")
 
-    p = sub.add_parser("compare", help="one table and one plot comparing all runs and baselines; with a "
-                       "configuration, also tags the sweep's MLflow runs and registers the best model (champion)")
+    p = sub.add_parser(
+        "compare",
+        help="one table and one plot comparing all runs and baselines; with a "
+        "configuration, also tags the sweep's MLflow runs and registers the best model (champion)",
+    )
     _add_config(p)
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics.csv of each run")
-    p.add_argument("--models", type=Path, nargs="*", default=[],
-                   help="model.pt of each run (its mlflow_run_id.txt names the MLflow run)")
+    p.add_argument(
+        "--models",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="model.pt of each run (its mlflow_run_id.txt names the MLflow run)",
+    )
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-plot", type=Path, required=True)
 
-    p = sub.add_parser("forecast", help="forecast from the latest input days with the champion (or a given) model; "
-                       "writes CF netCDF and Zarr in the WeatherBench 2 layout")
+    p = sub.add_parser(
+        "forecast",
+        help="forecast from the latest input days with the champion (or a given) model; "
+        "writes CF netCDF and Zarr in the WeatherBench 2 layout",
+    )
     _add_config(p)
-    p.add_argument("--stats", type=Path, required=True, help="the statistics file of the model's run (normalize output)")
+    p.add_argument(
+        "--stats", type=Path, required=True, help="the statistics file of the model's run (normalize output)"
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint file (model.pt, best.pt)")
     which.add_argument("--run-id", default=None, help="an MLflow run id (its artifact checkpoints/best.pt)")
     p.add_argument("--init-date", default=None, help="initial date YYYY-MM-DD (default: source.end)")
     p.add_argument("--out-nc", type=Path, required=True, help="netCDF output")
     p.add_argument("--out-zarr", type=Path, required=True, help="Zarr output (a directory)")
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help="fetched input files and downloaded checkpoints (default <resources_dir>/forecast/<name>)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="fetched input files and downloaded checkpoints (default <resources_dir>/forecast/<name>)",
+    )
     return parser
 
 
@@ -129,7 +155,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.config_json is not None and not args.config_json.strip():
         raise ConfigError(
-            "--config-json is empty (the rules pass \"$CONV2DLSTM_CONFIG\", which the Snakefile sets); run "
+            '--config-json is empty (the rules pass "$CONV2DLSTM_CONFIG", which the Snakefile sets); run '
             "the step through Snakemake, or give the configuration with --config FILE"
         )
     return load_config(args.config, json_text=args.config_json)
@@ -170,8 +196,14 @@ def _dispatch(args: argparse.Namespace) -> None:
     full = _config(args)
     if step == "forecast":  # reads what evaluate may read: the data keys, devices, tracking, paths
         importlib.import_module("conv2dlstm.forecast").main(
-            step_view(full, "evaluate"), stats=args.stats, out_nc=args.out_nc, out_zarr=args.out_zarr,
-            work_dir=args.work_dir, checkpoint=args.checkpoint, run_id=args.run_id, init_date=args.init_date,
+            step_view(full, "evaluate"),
+            stats=args.stats,
+            out_nc=args.out_nc,
+            out_zarr=args.out_zarr,
+            work_dir=args.work_dir,
+            checkpoint=args.checkpoint,
+            run_id=args.run_id,
+            init_date=args.init_date,
         )
         return
     # Each step sees only the keys that determine it or run it (conv2dlstm.keys): reading any other
@@ -203,7 +235,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         train.main(cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep)
     elif step == "evaluate":
         importlib.import_module("conv2dlstm.evaluate").main(
-            cfg, run=args.run, windows=args.windows, stats=args.stats, checkpoint=args.checkpoint,
+            cfg,
+            run=args.run,
+            windows=args.windows,
+            stats=args.stats,
+            checkpoint=args.checkpoint,
             out_dir=args.out_dir,
         )
     else:  # pragma: no cover - argparse restricts the choices

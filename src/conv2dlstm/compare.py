@@ -185,8 +185,9 @@ def _labels(rows: pd.DataFrame) -> pd.Series:
     return rows["name"].where(~named, rows["name"] + " (" + rows["model"] + ")")
 
 
-def main(*, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None = None,
-         models: list[Path] | None = None) -> None:
+def main(
+    *, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None = None, models: list[Path] | None = None
+) -> None:
     """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE and skill vs lead).
 
     With the configuration ``cfg`` (and the runs' ``model.pt``), then tag the runs with their sweep

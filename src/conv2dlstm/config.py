@@ -161,9 +161,7 @@ def _check_splits(cfg: dict[str, Any], dates: dict[str, dt.date]) -> None:
     for split in SPLITS:
         if dates[f"splits.{split}.end"] < dates[f"splits.{split}.start"]:
             p = cfg["splits"][split]
-            raise ConfigError(
-                f"config key splits.{split}: end {p['end']} is before start {p['start']}; swap them"
-            )
+            raise ConfigError(f"config key splits.{split}: end {p['end']} is before start {p['start']}; swap them")
     for a, b in (("train", "val"), ("val", "test")):
         if dates[f"splits.{b}.start"] <= dates[f"splits.{a}.end"]:
             raise ConfigError(
@@ -532,8 +530,10 @@ def _expand_sweep(cfg: dict[str, Any]) -> None:
         grid = sweep_runs(cfg["sweep"])
         clash = sorted({r["name"] for r in grid} & {r["name"] for r in cfg["runs"]})
         if clash:
-            raise ConfigError(f"config keys sweep and runs: the grid's run name(s) {clash} are also names of runs "
-                              "entries; rename those runs entries (or drop them: the grid already has them)")
+            raise ConfigError(
+                f"config keys sweep and runs: the grid's run name(s) {clash} are also names of runs "
+                "entries; rename those runs entries (or drop them: the grid already has them)"
+            )
         cfg["runs"] = [*cfg["runs"], *grid]
         cfg["sweep"] = {}
 

@@ -55,7 +55,7 @@ class WindowsStore:
             with warnings.catch_warnings():  # consolidated metadata is optional in Zarr v3
                 warnings.filterwarnings("ignore", message=".*consolidated metadata", category=RuntimeWarning)
                 ds = xr.open_zarr(self.path, chunks=None, consolidated=None)
-        except Exception as exc:  # noqa: BLE001 - any failure to open means a broken store
+        except Exception as exc:
             raise DataError(f"windows store {self.path} cannot be opened as Zarr ({exc}); rebuild it") from exc
         missing = [v for v in _REQUIRED_VARS if v not in ds.variables]
         missing += [a for a in _REQUIRED_ATTRS if a not in ds.attrs]
@@ -199,8 +199,9 @@ class InMemoryWindows:
         self.cube = cube.to(self.device)
         self.starts = torch.as_tensor(store.starts(split) - start, dtype=torch.long, device=self.device)  # (n,)
         self.input_offsets = torch.arange(store.input_steps, device=self.device)  # (T_in,)
-        self.target_offsets = torch.arange(store.input_steps, store.input_steps + store.lead_steps,
-                                           device=self.device)  # (T_out,)
+        self.target_offsets = torch.arange(
+            store.input_steps, store.input_steps + store.lead_steps, device=self.device
+        )  # (T_out,)
         self.input_channels = torch.as_tensor(store.input_channels, device=self.device)  # (C_in,)
         self.target_channels = torch.as_tensor(store.target_channels, device=self.device)  # (C_out,)
 

@@ -70,8 +70,9 @@ class Context:
         """``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` as torchrun sets them (defaults 0, 0, 1)."""
         env = os.environ if env is None else env
         try:
-            values = {k: int(env.get(k, default)) for k, default in (("RANK", "0"), ("LOCAL_RANK", "0"),
-                                                                     ("WORLD_SIZE", "1"))}
+            values = {
+                k: int(env.get(k, default)) for k, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"))
+            }
         except ValueError as exc:
             raise ConfigError(
                 f"RANK / LOCAL_RANK / WORLD_SIZE in the environment are not integers ({exc}); unset them, or "
@@ -95,12 +96,19 @@ def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
 def torchrun_command(argv: Sequence[str], nprocs: int, *, python: str | None = None) -> list[str]:
     """``python -m torch.distributed.run ... -m -- conv2dlstm <argv>`` starting ``nprocs`` local workers."""
     return [
-        python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nprocs}",
         f"--signals-to-handle={','.join(s.name for s in TORCHRUN_SIGNALS)}",
         f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
         # "--": torchrun's parser would reject worker options that abbreviate two of its own
         # (``--run`` -> ``--run-path``, ``--run_path``); after it, nothing is parsed as torchrun's
-        "-m", "--", "conv2dlstm", *argv,
+        "-m",
+        "--",
+        "conv2dlstm",
+        *argv,
     ]
 
 
@@ -117,7 +125,7 @@ def maybe_relaunch(argv: Sequence[str], nprocs: int, *, python: str | None = Non
     if nprocs <= 1 or under_torchrun():
         return None
     cmd = torchrun_command(argv, nprocs, python=python)
-    log.info("starting %d training processes: %s", nprocs, " ".join(cmd[:cmd.index("--") + 2] + ["..."]))
+    log.info("starting %d training processes: %s", nprocs, " ".join(cmd[: cmd.index("--") + 2] + ["..."]))
     received: list[int] = []
     started: list[subprocess.Popen] = []
 
@@ -183,7 +191,10 @@ def process_group(ctx: Context, device: torch.device) -> Iterator[None]:
         yield
         return
     dist.init_process_group(
-        backend=backend_for(device), rank=ctx.rank, world_size=ctx.world_size, timeout=COLLECTIVE_TIMEOUT,
+        backend=backend_for(device),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=COLLECTIVE_TIMEOUT,
         device_id=device if device.type == "cuda" else None,
     )
     try:
@@ -202,7 +213,9 @@ def wrap_model(model: nn.Module, ctx: Context, device: torch.device) -> nn.Modul
     if not ctx.distributed:
         return model
     return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=False,
     )
 
 

@@ -296,7 +296,11 @@ def skill_frame(
                 "_block_length": table["block_length"].astype("float64"),
             }
             frames += [_tidy(da, model=name, metric=prefix + suffix) for suffix, da in values.items()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "variable", "lead", "metric", "value"])
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["model", "variable", "lead", "metric", "value"])
+    )
 
 
 def _score_frame(scores: Mapping[str, Mapping[str, xr.DataArray]], skills: pd.DataFrame) -> pd.DataFrame:
@@ -457,7 +461,7 @@ def metrics_table(scores: pd.DataFrame, *, run: str, model_name: str, source: st
 
 def _mean_metric(metric: str) -> bool:
     """Whether a metric gets a mean over leads in MLflow: the scores and the point skills."""
-    return metric in SCORES or (metric.startswith("skill_vs_") and metric[len("skill_vs_"):] in BASELINE_NAMES)
+    return metric in SCORES or (metric.startswith("skill_vs_") and metric[len("skill_vs_") :] in BASELINE_NAMES)
 
 
 def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
@@ -504,7 +508,7 @@ def skill_intervals(table: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
         rows = table[table["metric"].isin([prefix + suffix for suffix in SKILL_METRICS])]
         if rows.empty:
             continue
-        fields = rows.assign(field=rows["metric"].str[len(prefix):])
+        fields = rows.assign(field=rows["metric"].str[len(prefix) :])
         wide = fields.groupby([by, "variable", "lead", "field"], sort=False)["value"].first().unstack("field")
         wide = wide.reindex(columns=list(SKILL_METRICS))
         parts.append(
@@ -555,7 +559,7 @@ def open_stats(path: str | os.PathLike, variables: Sequence[str]) -> Iterator[xr
         raise DataError(f"statistics file {path} does not exist; {_STATS_FIX}")
     try:
         opened = xr.open_dataset(path, cache=False)  # climatology read per batch, never cached whole
-    except Exception as exc:  # noqa: BLE001 - any failure to open means a broken file
+    except Exception as exc:
         raise DataError(f"statistics file {path} cannot be read ({exc}); {_STATS_FIX}") from exc
     with opened:
         missing = [name for name in STATS_VARIABLES if name not in opened.data_vars]
@@ -575,7 +579,7 @@ def open_stats(path: str | os.PathLike, variables: Sequence[str]) -> Iterator[xr
                 "std": opened["std"].load().astype("float32"),
                 "mask": opened["mask"].load(),
             }
-        except Exception as exc:  # noqa: BLE001 - a corrupt variable
+        except Exception as exc:
             raise DataError(f"statistics file {path} cannot be read ({exc}); {_STATS_FIX}") from exc
         yield opened.assign(small)
 
@@ -704,7 +708,10 @@ class PredictionsWriter:
                 "lead": (("lead",), "i8", np.arange(1, n_lead + 1, dtype="int64"), {}),
                 "lead_time": (("lead",), "f8", _hours(lead_time), {"dtype": "timedelta64[ns]", "units": "hours"}),
                 "valid_time": (
-                    ("time", "lead"), "f8", _hours(valid_times), {"units": TIME_UNITS, "calendar": TIME_CALENDAR}
+                    ("time", "lead"),
+                    "f8",
+                    _hours(valid_times),
+                    {"units": TIME_UNITS, "calendar": TIME_CALENDAR},
                 ),
                 "lat": (("lat",), "f8", np.asarray(lat, dtype="float64"), {}),
                 "lon": (("lon",), "f8", np.asarray(lon, dtype="float64"), {}),
@@ -1041,11 +1048,16 @@ def damping(store: Any, stats: xr.Dataset, *, weights: xr.DataArray, chunk_steps
     rho = baselines.fit_damping(store, stats, max_lag=int(store.lead_steps), weights=weights, chunk_steps=chunk_steps)
     for variable in rho["variable"].values:
         values = ", ".join(f"{float(r):.3f}" for r in rho.sel(variable=variable).values)
-        log.info("damped persistence: %s anomaly autocorrelation at lags 1..%d (training period): %s",
-                 variable, rho.sizes["lag"], values)
+        log.info(
+            "damped persistence: %s anomaly autocorrelation at lags 1..%d (training period): %s",
+            variable,
+            rho.sizes["lag"],
+            values,
+        )
     if bool(rho.isnull().any()):
-        log.warning("damped persistence: the training record gives no autocorrelation for some lag; its forecast "
-                    "is NaN there")
+        log.warning(
+            "damped persistence: the training record gives no autocorrelation for some lag; its forecast is NaN there"
+        )
     return rho
 
 
@@ -1061,13 +1073,26 @@ def unsupported_leads(store: Any, stats: xr.Dataset, *, split: str = SPLIT) -> d
     for name, bad in flags.items():
         if bool(bad.any()):
             leads = [int(k) for k in bad["lead"].values[bad.values]]
-            days = sorted({str(pd.Timestamp(t).date()) for t in np.asarray(valid).ravel()
-                           if not bool(support.sel(dayofyear=pd.Timestamp(t).day_of_year))})
+            days = sorted(
+                {
+                    str(pd.Timestamp(t).date())
+                    for t in np.asarray(valid).ravel()
+                    if not bool(support.sel(dayofyear=pd.Timestamp(t).day_of_year))
+                }
+            )
             log.warning(
                 "%s relies on the training climatology of days that no training day supports (training period "
                 "%s..%s, climatology window %d days; unsupported %s days: %s%s): skill against it is marked not "
-                "meaningful (NaN, skill_vs_%s_meaningful = 0) at lead(s) %s", name, start, end, window, split,
-                ", ".join(days[:5]), " ..." if len(days) > 5 else "", name, leads,
+                "meaningful (NaN, skill_vs_%s_meaningful = 0) at lead(s) %s",
+                name,
+                start,
+                end,
+                window,
+                split,
+                ", ".join(days[:5]),
+                " ..." if len(days) > 5 else "",
+                name,
+                leads,
             )
     return flags
 
@@ -1147,7 +1172,7 @@ def line_labels(table: pd.DataFrame) -> pd.Series:
     """Legend label of each row: the model name, with a note on baselines whose skill is not meaningful."""
     flags = table[table["metric"].str.endswith("_meaningful")]
     flagged = {
-        metric[len("skill_vs_"):-len("_meaningful")]
+        metric[len("skill_vs_") : -len("_meaningful")]
         for metric, value in zip(flags["metric"], flags["value"], strict=True)
         if value == 0
     }
@@ -1167,7 +1192,8 @@ def write_figures(
     units: Mapping[str, str],
     model_name: str,
 ) -> None:
-    """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png``, ``maps.png`` and ``rmse_map.png`` in ``staging``."""
+    """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png``, ``maps.png`` and ``rmse_map.png``
+    in ``staging``."""
     labelled = table.assign(label=line_labels(table))
     plots.lines_vs_lead(
         labelled[labelled["metric"] == "rmse"],
@@ -1243,7 +1269,9 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
             train_config=keys.result_config(dict(cfg), "train"),
         )
         record = provenance.for_step(
-            cfg, "evaluate", {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}}
+            cfg,
+            "evaluate",
+            {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}},
         )
         units = variable_units(stats_ds)
         staging = staging_dir(out_dir)

@@ -85,7 +85,12 @@ class FetchedFile:
     bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": display_path(self.path), "url": redact_url(self.url), "sha256": self.sha256, "bytes": self.bytes}
+        return {
+            "path": display_path(self.path),
+            "url": redact_url(self.url),
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+        }
 
 
 class MissingUpstreamError(DownloadError):
@@ -244,8 +249,7 @@ def expand_urls(template: str, start: str, end: str, frequency: str) -> list[str
         raise ConfigError(f"config key source.frequency: {frequency!r} is not a pandas frequency ({exc})") from exc
     if len(dates) == 0:
         raise ConfigError(
-            f"config keys source.start/end/frequency: {start}..{end} at {frequency!r} contains no date; "
-            "check the range"
+            f"config keys source.start/end/frequency: {start}..{end} at {frequency!r} contains no date; check the range"
         )
     urls: list[str] = []
     seen: set[str] = set()
@@ -521,7 +525,9 @@ def run_parallel(
     stop = threading.Event()
     results: dict[int, FetchedFile | None] = {}
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="fetch") as pool:
-        futures: dict[Future[FetchedFile | None], int] = {pool.submit(worker, job, stop): i for i, job in enumerate(jobs)}
+        futures: dict[Future[FetchedFile | None], int] = {
+            pool.submit(worker, job, stop): i for i, job in enumerate(jobs)
+        }
         pending = set(futures)
         first_error: BaseException | None = None
         try:
@@ -594,7 +600,12 @@ class _MissingDates:
             ) from exc
         log.warning(
             "%s: no file upstream for %s (%s); tolerated as a gap in the time axis (%d of at most "
-            "source.max_missing = %d)", redact_url(job.url), date, exc, n, self.max_missing,
+            "source.max_missing = %d)",
+            redact_url(job.url),
+            date,
+            exc,
+            n,
+            self.max_missing,
         )
 
     def records(self) -> list[dict[str, str]]:
@@ -612,8 +623,11 @@ def fetch_urls(
     """
     urls = expand_urls(src["url"], src["start"], src["end"], src["frequency"])
     absent = _MissingDates(
-        int(src["max_missing"]), url_dates(src["url"], src["start"], src["end"], src["frequency"]),
-        f"{src['start']}..{src['end']}", [], threading.Lock(),
+        int(src["max_missing"]),
+        url_dates(src["url"], src["start"], src["end"], src["frequency"]),
+        f"{src['start']}..{src['end']}",
+        [],
+        threading.Lock(),
     )
     names: dict[str, str] = {}
     jobs = []
@@ -701,7 +715,9 @@ def is_zarr_store(path: Path) -> bool:
 def resolve_paths(patterns: list[str]) -> list[Path]:
     """Expand ``~``, environment variables and globs; every pattern must match something."""
     if not patterns:
-        raise ConfigError("config key source.paths: empty; kind files needs netCDF files or Zarr stores (globs allowed)")
+        raise ConfigError(
+            "config key source.paths: empty; kind files needs netCDF files or Zarr stores (globs allowed)"
+        )
     out: list[Path] = []
     for pattern in patterns:
         expanded = os.path.expandvars(os.path.expanduser(pattern))
@@ -1052,7 +1068,10 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
     write_manifest(manifest_path, manifest)
     log.info(
         "fetch: %d file(s), %.1f MB, in %.1f s -> %s",
-        len(files), sum(f.bytes for f in files) / 1e6, time.monotonic() - started, manifest_path,
+        len(files),
+        sum(f.bytes for f in files) / 1e6,
+        time.monotonic() - started,
+        manifest_path,
     )
     return manifest_path
 
@@ -1114,7 +1133,8 @@ def open_sources(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(
-            f"manifest {manifest}: {len(missing)} listed file(s) are missing (first: {missing[0]}); run the fetch step again"
+            f"manifest {manifest}: {len(missing)} listed file(s) are missing (first: {missing[0]}); "
+            "run the fetch step again"
         )
     rules = rules if rules is not None else hz.SourceRules()
     chunks = {} if chunks is None else chunks
@@ -1128,9 +1148,17 @@ def open_sources(
         parts = hz.convert_units(parts, rules)
         datasets = [part.ds for part in parts]
         try:
-            ds = datasets[0] if len(datasets) == 1 else xr.combine_by_coords(
-                datasets, data_vars="minimal", coords="minimal", compat="override", join="exact",
-                combine_attrs="override",
+            ds = (
+                datasets[0]
+                if len(datasets) == 1
+                else xr.combine_by_coords(
+                    datasets,
+                    data_vars="minimal",
+                    coords="minimal",
+                    compat="override",
+                    join="exact",
+                    combine_attrs="override",
+                )
             )
         except ValueError as exc:
             raise DataError(
@@ -1143,7 +1171,9 @@ def open_sources(
         raise
     ds.set_close(lambda: [each.close() for each in opened])
     return Sources(
-        ds, tuple(part.path for part in parts), _time_files(parts, dict(rules.rename)),
+        ds,
+        tuple(part.path for part in parts),
+        _time_files(parts, dict(rules.rename)),
         tuple(doc.get("missing", [])),
     )
 

@@ -157,8 +157,13 @@ def resolve_model(
             "(the compare step registers it when mlflow.log_model is true) and the configuration has no single "
             "trained run; give the model with --run-id <MLflow run id> or --checkpoint <model.pt>"
         )
-    log.warning("forecast: the experiment %r has no models:/%s@%s; using the configuration's run %s", experiment,
-                experiment, CHAMPION_ALIAS, local)
+    log.warning(
+        "forecast: the experiment %r has no models:/%s@%s; using the configuration's run %s",
+        experiment,
+        experiment,
+        CHAMPION_ALIAS,
+        local,
+    )
     return ModelSource(local, "", f"{local} (no champion registered)")
 
 
@@ -187,7 +192,10 @@ def model_problems(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]
     other input or target variables, or other data settings (:data:`DATA_STEPS` keys, the period
     aside) than those it was trained with."""
     problems = []
-    for key, wanted in (("input_variables", cfg["variables"]["inputs"]), ("target_variables", cfg["variables"]["targets"])):
+    for key, wanted in (
+        ("input_variables", cfg["variables"]["inputs"]),
+        ("target_variables", cfg["variables"]["targets"]),
+    ):
         trained = [str(v) for v in ckpt.get(key) or []]
         if trained != list(wanted):
             name = "variables.inputs" if key == "input_variables" else "variables.targets"
@@ -196,7 +204,8 @@ def model_problems(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]
     if isinstance(trained_cfg, Mapping):
         old, new = _flat_values(trained_cfg, DATA_STEPS), _flat_values(cfg, DATA_STEPS)
         changed = [
-            f"{k}: {json.dumps(old.get(k, '(absent)'), default=str)} -> {json.dumps(new.get(k, '(absent)'), default=str)}"
+            f"{k}: {json.dumps(old.get(k, '(absent)'), default=str)} -> "
+            f"{json.dumps(new.get(k, '(absent)'), default=str)}"
             for k in sorted(set(old) | set(new))
             if old.get(k, "(absent)") != new.get(k, "(absent)") and not k.startswith("variables.")
         ]
@@ -290,9 +299,7 @@ def last_steps(ds: xr.Dataset, n: int, init: pd.Timestamp) -> xr.Dataset:
 # The output
 
 
-def forecast_dataset(
-    forecast: xr.DataArray, *, units: Mapping[str, str], attrs: Mapping[str, Any]
-) -> xr.Dataset:
+def forecast_dataset(forecast: xr.DataArray, *, units: Mapping[str, str], attrs: Mapping[str, Any]) -> xr.Dataset:
     """The WeatherBench 2 / CF layout of a ``(time, lead, variable, lat, lon)`` forecast (module docstring)."""
     from conv2dlstm.evaluate import LONG_NAMES, STANDARD_NAMES
 
@@ -349,8 +356,12 @@ def forecast_digest(record_inputs: Mapping[str, str], data_config: Mapping[str, 
     (the fetch and regrid keys with the forecast's period) and its inputs' digests."""
     config_digest = hashlib.sha256(json.dumps(data_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     inputs = {name: str(record_inputs[name]) for name in sorted(record_inputs)}
-    return {"step": "forecast", "config_digest": config_digest, "inputs": inputs,
-            "digest": provenance.record_digest("forecast", config_digest, inputs)}
+    return {
+        "step": "forecast",
+        "config_digest": config_digest,
+        "inputs": inputs,
+        "digest": provenance.record_digest("forecast", config_digest, inputs),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,30 +422,43 @@ def main(
     from conv2dlstm.regrid import target_grid
 
     grid = target_grid(cfg["grid"])
-    check_grid("the configured grid (grid.lat, grid.lon)", grid["lat"].values, grid["lon"].values, stats64,
-               stats_path=stats)
+    check_grid(
+        "the configured grid (grid.lat, grid.lon)", grid["lat"].values, grid["lon"].values, stats64, stats_path=stats
+    )
 
     start = init - pd.Timedelta(days=n_in - 1)
     period = period_config(cfg, start, init)
     raw_dir = work_dir / f"{init:%Y-%m-%d}"
-    log.info("forecast: model %s; inputs %s..%s (%d steps) fetched into %s", source.how, f"{start:%Y-%m-%d}",
-             f"{init:%Y-%m-%d}", n_in, raw_dir)
+    log.info(
+        "forecast: model %s; inputs %s..%s (%d steps) fetched into %s",
+        source.how,
+        f"{start:%Y-%m-%d}",
+        f"{init:%Y-%m-%d}",
+        n_in,
+        raw_dir,
+    )
     ds, manifest = regridded_inputs(period, raw_dir)
     check_grid("the regridded input", ds["lat"].values, ds["lon"].values, stats64, stats_path=stats)
     ds = last_steps(ds, n_in, init)
     x = windows.normalized_cube(ds, stats64, inputs).values  # (T_in, C_in, H, W) float32, land 0
     missing = int((ds[inputs].to_dataarray("variable").isnull() & stats64["mask"]).sum())
     if missing:
-        log.warning("forecast: %d ocean values of the inputs are missing; they enter the model as the training "
-                    "mean (0 normalized)", missing)
+        log.warning(
+            "forecast: %d ocean values of the inputs are missing; they enter the model as the training "
+            "mean (0 normalized)",
+            missing,
+        )
     device = resolve_device(cfg["train"]["device"])
     pred = evaluate.predict_batch(model.to(device).eval(), x[None], device=device)  # (1, T_out, C_out, H, W)
 
     init_time = np.asarray(ds["time"].values[-1:], dtype="datetime64[ns]")
     step = (np.diff(ds["time"].values)[0] if n_in > 1 else np.timedelta64(1, "D")).astype("timedelta64[ns]")
     valid = init_time[:, None] + step * np.arange(1, n_out + 1)[None, :]
-    mask = xr.DataArray(np.asarray(stats64["mask"].values, dtype=bool), dims=("lat", "lon"),
-                        coords={"lat": stats64["lat"].values, "lon": stats64["lon"].values})
+    mask = xr.DataArray(
+        np.asarray(stats64["mask"].values, dtype=bool),
+        dims=("lat", "lon"),
+        coords={"lat": stats64["lat"].values, "lon": stats64["lon"].values},
+    )
     manifest_digest = provenance.manifest_digest(manifest)
     record_out = forecast_digest(
         {"checkpoint": record["digest"], "stats": record["inputs"]["stats"], "manifest": manifest_digest},
@@ -442,26 +466,45 @@ def main(
     )
     with evaluate.open_stats(stats, targets) as stats32:
         physical = evaluate.physical(
-            evaluate.forecast_array(pred, init_times=init_time, valid_times=valid, variables=targets,
-                                    lat=mask["lat"].values, lon=mask["lon"].values, name="forecast"),
-            stats32, mask,
+            evaluate.forecast_array(
+                pred,
+                init_times=init_time,
+                valid_times=valid,
+                variables=targets,
+                lat=mask["lat"].values,
+                lon=mask["lon"].values,
+                name="forecast",
+            ),
+            stats32,
+            mask,
         )
         physical = evaluate.clip_nonnegative(physical, evaluate.nonnegative_targets(ckpt))
         units = evaluate.variable_units(stats32)
-    out = forecast_dataset(physical, units=units, attrs={
-        "model_name": str(ckpt.get("model_name", "")),
-        "model_run_id": run_id,
-        "model_source": source.how,
-        "checkpoint": source.checkpoint.name,
-        "checkpoint_digest": record["digest"],
-        "stats_digest": record["inputs"]["stats"],
-        "input_manifest_sha256": manifest_digest,
-        "input_period": f"{pd.Timestamp(ds['time'].values[0]):%Y-%m-%dT%H:%M}..{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M}",
-        "initial_time": f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M:%S}",
-        **provenance.to_attrs(record_out),
-    })
+    out = forecast_dataset(
+        physical,
+        units=units,
+        attrs={
+            "model_name": str(ckpt.get("model_name", "")),
+            "model_run_id": run_id,
+            "model_source": source.how,
+            "checkpoint": source.checkpoint.name,
+            "checkpoint_digest": record["digest"],
+            "stats_digest": record["inputs"]["stats"],
+            "input_manifest_sha256": manifest_digest,
+            "input_period": f"{pd.Timestamp(ds['time'].values[0]):%Y-%m-%dT%H:%M}.."
+            f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M}",
+            "initial_time": f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M:%S}",
+            **provenance.to_attrs(record_out),
+        },
+    )
     write_outputs(out, out_nc=out_nc, out_zarr=out_zarr)
-    log.info("forecast: %s initialized %s, leads %s -> %s, %s (provenance %s)", ", ".join(targets),
-             out.attrs["initial_time"], ", ".join(str(pd.Timedelta(t)) for t in out["prediction_timedelta"].values),
-             out_nc, out_zarr, record_out["digest"])
+    log.info(
+        "forecast: %s initialized %s, leads %s -> %s, %s (provenance %s)",
+        ", ".join(targets),
+        out.attrs["initial_time"],
+        ", ".join(str(pd.Timedelta(t)) for t in out["prediction_timedelta"].values),
+        out_nc,
+        out_zarr,
+        record_out["digest"],
+    )
     return out

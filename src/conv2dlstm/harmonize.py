@@ -442,9 +442,7 @@ def check_unit_spec(name: str, spec: UnitSpec) -> None:
             "mmol m-3, mg/m3, umol/kg, ...)"
         ) from None
     if spec.min is not None and spec.max is not None and spec.min > spec.max:
-        raise ConfigError(
-            f"config key harmonize.units.{name}: min {spec.min:g} is above max {spec.max:g}; swap them"
-        )
+        raise ConfigError(f"config key harmonize.units.{name}: min {spec.min:g} is above max {spec.max:g}; swap them")
 
 
 def _bound(value: Any) -> float | None:
@@ -539,8 +537,10 @@ def resolve_duplicate_times(
     if policy == "error":
         more = f" ({len(groups)} time stamps repeat, in {_files_text(involved)})" if len(groups) > 1 else ""
         keep = (
-            f"first (keep the earlier step in {where[0]}) or last (the later one)" if inside else
-            f"first (keep the one in {where[0]}, the earlier in the manifest) or last (keep the one in {where[-1]})"
+            f"first (keep the earlier step in {where[0]}) or last (the later one)"
+            if inside
+            else f"first (keep the one in {where[0]}, the earlier in the manifest) "
+            f"or last (keep the one in {where[-1]})"
         )
         raise DataError(
             f"time {shown} appears {place}{more}: two files (or steps) for the same time; the source "
@@ -555,7 +555,13 @@ def resolve_duplicate_times(
     log.warning(
         "harmonize.duplicates %s: %d time stamp(s) repeat, e.g. %s %s; kept the %s occurrence (%s) and "
         "dropped %d step(s) from %s",
-        policy, len(groups), shown, place, policy, kept_file, int(drop.sum()),
+        policy,
+        len(groups),
+        shown,
+        place,
+        policy,
+        kept_file,
+        int(drop.sum()),
         _files_text([files[i].path for i in sorted(dropped)]),
     )
     out: list[SourceFile] = []
@@ -578,15 +584,11 @@ UNIT_ALIASES: dict[str, str] = {
     **dict.fromkeys(
         ("celsius", "degree_celsius", "degrees_celsius", "degree_c", "degrees_c", "deg_c", "degc", "°c"), "degC"
     ),
-    **dict.fromkeys(
-        ("kelvin", "degree_kelvin", "degrees_kelvin", "degree_k", "degrees_k", "deg_k", "degk", "k"), "K"
-    ),
+    **dict.fromkeys(("kelvin", "degree_kelvin", "degrees_kelvin", "degree_k", "degrees_k", "deg_k", "degk", "k"), "K"),
     **dict.fromkeys(
         ("fahrenheit", "degree_fahrenheit", "degrees_fahrenheit", "degree_f", "degrees_f", "deg_f", "degf"), "degF"
     ),
-    **dict.fromkeys(
-        ("psu", "pss", "pss-78", "pss78", "practical_salinity_unit", "practical_salinity_units"), "psu"
-    ),
+    **dict.fromkeys(("psu", "pss", "pss-78", "pss78", "practical_salinity_unit", "practical_salinity_units"), "psu"),
 }
 """CF / UDUNITS spellings that pint does not read as meant (lower case, blanks as ``_``) -> pint."""
 SALINITY_NUMBERS = (1.0, 1e-3)
@@ -628,7 +630,7 @@ def parse_unit(text: str) -> Any:
     registry = unit_registry()
     try:
         quantity = registry.parse_expression(cf_to_pint(text))
-    except Exception as exc:  # noqa: BLE001 - pint raises many types (UndefinedUnitError, AssertionError, ...)
+    except Exception as exc:
         raise ValueError(f"{text!r} is not a unit pint can read ({type(exc).__name__}: {exc})") from None
     return quantity if isinstance(quantity, registry.Quantity) else registry.Quantity(quantity)
 
@@ -691,7 +693,7 @@ def unit_conversion(source: str, canonical: str) -> Affine:
         offset = convert(0.0)
         scale = convert(1.0) - offset
         check = convert(2.0)
-    except Exception as exc:  # noqa: BLE001 - DimensionalityError, OffsetUnitCalculusError, ...
+    except Exception as exc:
         raise ValueError(
             f"{source!r} ({src.dimensionality}) cannot be converted to {canonical!r} ({dst.dimensionality})"
         ) from exc
@@ -738,8 +740,11 @@ def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[Sourc
                     f"has no harmonize.units entry, so it is not converted: add harmonize.units.{name} with "
                     "its canonical unit and plausible min and max, or fix the files"
                 )
-            log.info("harmonize: %r has no harmonize.units entry: kept in %r, range not checked",
-                     name, next(iter(by_unit)) or "(no units)")
+            log.info(
+                "harmonize: %r has no harmonize.units entry: kept in %r, range not checked",
+                name,
+                next(iter(by_unit)) or "(no units)",
+            )
             continue
         conversions[name] = {}
         for unit, paths in by_unit.items():
@@ -747,7 +752,11 @@ def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[Sourc
                 log.warning(
                     "harmonize: %r has no units attribute in %s; taken to be in its canonical unit %r "
                     "(harmonize.units.%s); its plausible range %s is still checked",
-                    name, _files_text(paths), spec.unit, name, spec.range_text(),
+                    name,
+                    _files_text(paths),
+                    spec.unit,
+                    name,
+                    spec.range_text(),
                 )
                 conversions[name][unit] = Affine(1.0, 0.0)
                 continue
@@ -763,8 +772,16 @@ def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[Sourc
             conv = conversions[name][unit]
             if not conv.identity:
                 level = logging.WARNING if len(by_unit) > 1 else logging.INFO
-                log.log(level, "harmonize: %r converted from %r to %r (%s) in %s%s", name, unit, spec.unit,
-                        conv.text(), _files_text(paths), "; the files mix units" if len(by_unit) > 1 else "")
+                log.log(
+                    level,
+                    "harmonize: %r converted from %r to %r (%s) in %s%s",
+                    name,
+                    unit,
+                    spec.unit,
+                    conv.text(),
+                    _files_text(paths),
+                    "; the files mix units" if len(by_unit) > 1 else "",
+                )
     out: list[SourceFile] = []
     for f in files:
         ds = f.ds
@@ -828,8 +845,14 @@ def range_summary(ds: xr.Dataset, units: Mapping[str, UnitSpec]) -> xr.Dataset:
             tc = int(max(1, min(MAX_CHECK_TIME_CHUNK, CHECK_CHUNK_BYTES // (8 * cells))))
             data = x.data.rechunk({0: tc, **{i: -1 for i in range(1, x.ndim)}})
             stats = dask_array.map_blocks(
-                _block_stats, data, lo, hi, drop_axis=list(range(1, x.ndim)), new_axis=0,
-                chunks=((3,), data.chunks[0]), dtype=np.float64,
+                _block_stats,
+                data,
+                lo,
+                hi,
+                drop_axis=list(range(1, x.ndim)),
+                new_axis=0,
+                chunks=((3,), data.chunks[0]),
+                dtype=np.float64,
             )
         for i, what in enumerate(("count", "min", "max")):
             out[f"{name}.{what}"] = xr.DataArray(stats[i], dims=("time",), coords={"time": x["time"]})
@@ -852,7 +875,10 @@ def check_plausible(
 
 
 def raise_implausible(
-    summary: xr.Dataset, times: np.ndarray, units: Mapping[str, UnitSpec], *,
+    summary: xr.Dataset,
+    times: np.ndarray,
+    units: Mapping[str, UnitSpec],
+    *,
     file_of: Callable[[Any], str | None] | None = None,
 ) -> None:
     """The verdict of :func:`check_plausible` on a computed :func:`range_summary` of the data whose

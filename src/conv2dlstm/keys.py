@@ -115,8 +115,13 @@ def key_specs() -> tuple[KeySpec, ...]:
             if path in RUN_KEYS:
                 continue
             if "x-steps" in resolved:
-                specs.append(KeySpec(path, _parse_steps(".".join(path), resolved["x-steps"]),
-                                     bool(resolved.get("x-output-path", False))))
+                specs.append(
+                    KeySpec(
+                        path,
+                        _parse_steps(".".join(path), resolved["x-steps"]),
+                        bool(resolved.get("x-output-path", False)),
+                    )
+                )
             elif "properties" in resolved:
                 walk(resolved, path)
             else:

@@ -343,9 +343,7 @@ def block_length(loss_difference: np.ndarray) -> int:
     return int(min(cap, max(1, math.ceil(integral_time_scale(x) - 1e-9))))
 
 
-def circular_block_indices(
-    n: int, block: int, n_resamples: int, rng: np.random.Generator
-) -> np.ndarray:
+def circular_block_indices(n: int, block: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``n_resamples`` circular-block-bootstrap resamples of a series of length ``n``.
 
     Each resample concatenates ``ceil(n / block)`` blocks of ``block`` consecutive indices whose
@@ -473,15 +471,11 @@ def bootstrap_skill_table(
     m_values = np.asarray(model.values, dtype=np.float64)
     b_values = np.asarray(baseline.values, dtype=np.float64)
     for pos in np.ndindex(*shape):
-        res = bootstrap_skill(
-            m_values[pos], b_values[pos], n_resamples=n_resamples, confidence=confidence, seed=seed
-        )
+        res = bootstrap_skill(m_values[pos], b_values[pos], n_resamples=n_resamples, confidence=confidence, seed=seed)
         fields["skill"][pos], fields["lower"][pos], fields["upper"][pos] = res.skill, res.lower, res.upper
         counts["block_length"][pos], counts["n"][pos] = res.block_length, res.n
     coords = {k: v for k, v in model.coords.items() if time_dim not in v.dims}
-    out = xr.Dataset(
-        {k: (tuple(other), v) for k, v in {**fields, **counts}.items()}, coords=coords
-    )
+    out = xr.Dataset({k: (tuple(other), v) for k, v in {**fields, **counts}.items()}, coords=coords)
     out["significant"] = excludes_zero(out["lower"], out["upper"])
     out.attrs["confidence"] = float(confidence)
     return out

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from conv2dlstm.errors import ConfigError, DataError
-from conv2dlstm.modelsize import (  # noqa: F401 - re-exported: the arithmetic lives in a torch-free module
+from conv2dlstm.modelsize import (
     conv2d_lstm_grid_problem,
     conv2d_lstm_parameter_count,
     conv2d_lstm_size_problem,
@@ -76,8 +76,16 @@ class OutputFloor(nn.Module):
     checkpoint) before the first forward pass, which otherwise raises ``RuntimeError``.
     """
 
-    def __init__(self, out_channels: int, channels: Sequence[int], *, height: int, width: int,
-                 per_cell: bool = False, sharpness: float = FLOOR_SHARPNESS) -> None:
+    def __init__(
+        self,
+        out_channels: int,
+        channels: Sequence[int],
+        *,
+        height: int,
+        width: int,
+        per_cell: bool = False,
+        sharpness: float = FLOOR_SHARPNESS,
+    ) -> None:
         super().__init__()
         if not sharpness > 0:
             raise ConfigError(f"floor_sharpness {sharpness} must be positive")
@@ -118,7 +126,8 @@ class OutputFloor(nn.Module):
         self._checked = False
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """``y`` ``(..., C_out, H, W)`` with the floored channels replaced by ``floor + softplus(b (y - floor)) / b``."""
+        """``y`` ``(..., C_out, H, W)`` with the floored channels replaced by
+        ``floor + softplus(b (y - floor)) / b``."""
         if not self._checked:
             if bool(torch.isnan(self.floor).any()):
                 raise RuntimeError(
@@ -144,8 +153,9 @@ def nonnegative_channels(target_variables: Sequence[str], nonnegative: Sequence[
     return [i for i, v in enumerate(target_variables) if v in names]
 
 
-def _output_floor(out_channels: int, channels: Sequence[int] | None, height: int, width: int,
-                  per_cell: bool, sharpness: float) -> OutputFloor | None:
+def _output_floor(
+    out_channels: int, channels: Sequence[int] | None, height: int, width: int, per_cell: bool, sharpness: float
+) -> OutputFloor | None:
     if not channels:
         return None
     return OutputFloor(out_channels, channels, height=height, width=width, per_cell=per_cell, sharpness=sharpness)
@@ -190,8 +200,14 @@ class Conv2dLSTM(nn.Module):
         if problem:
             raise ConfigError(f"model conv2d_lstm: {problem}")
         n_params = conv2d_lstm_parameter_count(
-            in_channels=in_channels, out_channels=out_channels, lead_steps=lead_steps, height=height,
-            width=width, filters=filters, kernel_size=kernel_size, lstm_units=lstm_units,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            lead_steps=lead_steps,
+            height=height,
+            width=width,
+            filters=filters,
+            kernel_size=kernel_size,
+            lstm_units=lstm_units,
             dense_units=dense_units,
         )
         problem = conv2d_lstm_size_problem(n_params, height, width, max_parameters)
@@ -213,8 +229,9 @@ class Conv2dLSTM(nn.Module):
             nn.ReLU(),
             nn.Linear(dense_units, lead_steps * out_channels * height * width),
         )
-        self.output_floor = _output_floor(out_channels, nonnegative_channels, height, width, floor_per_cell,
-                                          floor_sharpness)
+        self.output_floor = _output_floor(
+            out_channels, nonnegative_channels, height, width, floor_per_cell, floor_sharpness
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]  # x: (B, T_in, C_in, H, W)
@@ -236,14 +253,11 @@ class ConvLSTMCell(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
         super().__init__()
         self.hidden_channels = hidden_channels
-        self.conv = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size,
-                              padding=kernel_size // 2)
+        self.conv = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding=kernel_size // 2)
         with torch.no_grad():  # forget-gate bias 1: remember by default at the start of training
-            self.conv.bias[hidden_channels:2 * hidden_channels].fill_(1.0)
+            self.conv.bias[hidden_channels : 2 * hidden_channels].fill_(1.0)
 
-    def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state  # x: (B, C_x, H, W); h, c: (B, C_h, H, W)
         i, f, o, g = self.conv(torch.cat([x, h], dim=1)).chunk(4, dim=1)  # each (B, C_h, H, W)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -300,8 +314,9 @@ class ConvLSTM(nn.Module):
             ConvLSTMCell(c_in, c_h, kernel_size) for c_in, c_h in zip([out_channels, *hidden[:-1]], hidden)
         )
         self.head = nn.Conv2d(sum(hidden), out_channels, kernel_size=1)
-        self.output_floor = _output_floor(out_channels, nonnegative_channels, height, width, floor_per_cell,
-                                          floor_sharpness)
+        self.output_floor = _output_floor(
+            out_channels, nonnegative_channels, height, width, floor_per_cell, floor_sharpness
+        )
         if residual_channels is None:
             self.residual = None
         else:
@@ -428,8 +443,11 @@ def model_kwargs_from_config(
         raise ConfigError(f"model.name {name!r} is not one of {list(_REGISTRY)}")
     floored = nonnegative_channels(target_variables, nonnegative)
     if floored:
-        kwargs |= {"nonnegative_channels": floored, "floor_per_cell": bool(floor_per_cell),
-                   "floor_sharpness": FLOOR_SHARPNESS}
+        kwargs |= {
+            "nonnegative_channels": floored,
+            "floor_per_cell": bool(floor_per_cell),
+            "floor_sharpness": FLOOR_SHARPNESS,
+        }
     return kwargs
 
 

@@ -225,7 +225,10 @@ def floor_std(std: xr.DataArray, pooled: xr.DataArray, mask: xr.DataArray) -> xr
             log.warning(
                 "normalize: %d ocean cell(s) of %s vary less than %g x its pooled std %g in the training "
                 "period; their std is raised to %g",
-                int(n), name, STD_FLOOR_FRACTION, float(pooled.sel(variable=name)),
+                int(n),
+                name,
+                STD_FLOOR_FRACTION,
+                float(pooled.sel(variable=name)),
                 float(floor.sel(variable=name)),
             )
     return xr.where(low, floor, std).transpose(*std.dims)
@@ -344,9 +347,11 @@ def main(
     upstream = provenance.from_attrs(ds.attrs, where=f"the regridded store {data}", step="regrid")
     record = provenance.for_step(cfg, "normalize", {"regrid": upstream["digest"]})
     address = cfg["dask"]["scheduler_address"]
-    with dask_client(threads=threads, memory_mb=memory_mb, address=address), compute_errors(
-        f"fitting statistics on {data}"
-    ), zarrstore.read_errors(data, what=REGRIDDED, step="regrid", codec_only=True):
+    with (
+        dask_client(threads=threads, memory_mb=memory_mb, address=address),
+        compute_errors(f"fitting statistics on {data}"),
+        zarrstore.read_errors(data, what=REGRIDDED, step="regrid", codec_only=True),
+    ):
         stats = fit_stats(
             ds,
             train_start=train["start"],

@@ -119,8 +119,7 @@ def _skill_axes(ax, rows: pd.DataFrame, *, group: str, color_of: dict[str, str] 
             ax.fill_between(ok["lead"], ok["lower"], ok["upper"], color=color, alpha=0.2, linewidth=0)
         sig = ok["significant"].astype(bool)
         ax.plot(ok["lead"][sig], ok["skill"][sig], color=color, linestyle="none", marker="o")
-        ax.plot(ok["lead"][~sig], ok["skill"][~sig], color=color, linestyle="none", marker="o",
-                markerfacecolor="white")
+        ax.plot(ok["lead"][~sig], ok["skill"][~sig], color=color, linestyle="none", marker="o", markerfacecolor="white")
     if not rows.empty and not (rows["meaningful"].astype(bool) & rows["skill"].notna()).any():
         ax.text(0.5, 0.5, _NOT_MEANINGFUL, transform=ax.transAxes, ha="center", va="center", color="0.4")
     leads = sorted(rows["lead"].unique())

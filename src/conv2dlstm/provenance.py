@@ -20,7 +20,7 @@ Where each artifact keeps its record, and what its inputs are:
 | normalize | statistics netCDF | global attribute ``provenance`` (JSON string) | ``regrid`` |
 | windows | Zarr store | attribute ``provenance`` (JSON string) | ``regrid``, ``stats`` |
 | train | ``last.pt``, ``best.pt``, ``model.pt`` | entry ``provenance`` (a dict) | ``windows``, ``stats`` |
-| evaluate | ``predictions.nc`` (and MLflow tags) | global attribute ``provenance`` | ``checkpoint``, ``windows``, ``stats`` |
+| evaluate | ``predictions.nc``, MLflow tags | global attr. ``provenance`` | ``checkpoint``, ``windows``, ``stats`` |
 
 The digest of an input is the ``digest`` of its record (for the manifest: its ``sha256``). Readers:
 :func:`manifest_digest`, :func:`read_zarr`, :func:`read_netcdf`, :func:`read_checkpoint` (or
@@ -113,7 +113,11 @@ def validate(value: Any, *, where: str, step: str | None) -> dict[str, Any]:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: its provenance record is not JSON ({exc}); {fix}") from exc
-    if not isinstance(value, Mapping) or any(k not in value for k in FIELDS) or not isinstance(value["inputs"], Mapping):
+    if (
+        not isinstance(value, Mapping)
+        or any(k not in value for k in FIELDS)
+        or not isinstance(value["inputs"], Mapping)
+    ):
         raise DataError(f"{where}: its provenance record {value!r} lacks some of {list(FIELDS)}; {fix}")
     record = {k: value[k] for k in FIELDS}
     record["inputs"] = {str(k): str(v) for k, v in sorted(value["inputs"].items())}
@@ -153,7 +157,7 @@ def read_zarr(path: str | os.PathLike, *, step: str) -> dict[str, Any]:
     path = Path(path)
     try:
         attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
-    except Exception as exc:  # noqa: BLE001 - any failure to open means a missing or broken store
+    except Exception as exc:
         raise DataError(f"{step} store {path} cannot be opened ({exc}); {_rerun(step)}") from exc
     return from_attrs(attrs, where=f"{step} store {path}", step=step)
 
@@ -178,7 +182,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to load means a missing or broken file
+    except Exception as exc:
         raise DataError(f"checkpoint {path} cannot be read ({exc}); {_rerun('train')}") from exc
     return from_checkpoint(ckpt, where=f"checkpoint {path}")
 
@@ -204,7 +208,7 @@ def digest_of(path: str | os.PathLike) -> str:
 
         try:
             value = zarr.open_group(str(path), mode="r").attrs.get(ATTR)
-        except Exception as exc:  # noqa: BLE001 - any failure to open means a missing or broken store
+        except Exception as exc:
             raise DataError(f"store {path} cannot be opened ({exc}); rerun the step that wrote it") from exc
     else:
         raise ValueError(f"{path}: no provenance reader for {path.suffix!r} files (json, zarr, nc, pt)")

@@ -33,8 +33,20 @@ REDACTED = "***"
 SECRET_NAMES = frozenset({"key", "sig", "pass", "pwd", "auth", "authorization", "jwt"})
 """Query parameter names that are secrets as a whole (compared lower-cased)."""
 SECRET_NAME_PARTS = (
-    "token", "secret", "password", "passwd", "signature", "credential", "apikey", "api_key", "api-key",
-    "accesskey", "access_key", "access-key", "private", "session",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "signature",
+    "credential",
+    "apikey",
+    "api_key",
+    "api-key",
+    "accesskey",
+    "access_key",
+    "access-key",
+    "private",
+    "session",
 )
 """Query parameter names containing one of these (lower-cased) are secrets: ``access_token``,
 ``X-Amz-Signature``, ``X-Amz-Credential``, ``X-Amz-Security-Token``, ``client_secret``, ..."""
@@ -79,7 +91,7 @@ def _redact_param(match: re.Match[str]) -> str:
     core = value.rstrip(_TRAILING)
     if not core or not is_secret_name(match["name"]) or ENV_REF.fullmatch(core):
         return match[0]
-    return f"{match['lead']}{match['name']}={REDACTED}{value[len(core):]}"
+    return f"{match['lead']}{match['name']}={REDACTED}{value[len(core) :]}"
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
@@ -148,9 +160,11 @@ def url_secret_problem(url: str) -> str | None:
 def env_refs(url: str) -> list[str]:
     """Names of the environment variables that query parameters of ``url`` reference as their whole
     value (``?token=$NAME``), in order."""
-    return list(dict.fromkeys(
-        m["value"][1:] for m in _QUERY_PARAM.finditer(_split_query(url)[1]) if ENV_REF.fullmatch(m["value"])
-    ))
+    return list(
+        dict.fromkeys(
+            m["value"][1:] for m in _QUERY_PARAM.finditer(_split_query(url)[1]) if ENV_REF.fullmatch(m["value"])
+        )
+    )
 
 
 def resolve_env_refs(url: str, environ: Mapping[str, str] | None = None) -> str:
@@ -182,7 +196,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record is logging's business, not ours
+        except Exception:
             return True
         redacted = redact_text(message)
         if redacted != message:
@@ -194,8 +208,6 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def redacting_excepthook(
-    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
-) -> None:
+def redacting_excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     """A :data:`sys.excepthook` that prints an uncaught exception's traceback redacted."""
     sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))

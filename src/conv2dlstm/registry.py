@@ -94,8 +94,7 @@ def tag_sweep(client: Any, runs: Mapping[str, Any], tags: Mapping[str, str]) -> 
     batch = [RunTag(k, str(v)) for k, v in tags.items()]
     for name, run in runs.items():
         if any(run.data.tags.get(k) != v for k, v in tags.items()):
-            tracking.retry(f"tagging run {run.info.run_id}",
-                           lambda r=run.info.run_id: client.log_batch(r, tags=batch))
+            tracking.retry(f"tagging run {run.info.run_id}", lambda r=run.info.run_id: client.log_batch(r, tags=batch))
             tagged.append(name)
     return tagged
 
@@ -103,8 +102,10 @@ def tag_sweep(client: Any, runs: Mapping[str, Any], tags: Mapping[str, str]) -> 
 def candidates(client: Any, experiment_id: str, windows: set[str] | None = None) -> list[Any]:
     """The experiment's FINISHED, not superseded runs with a finite ``best_val_loss`` (and, when
     ``windows`` is given, a windows digest in it), best first."""
-    runs = tracking.retry("searching the experiment's runs", lambda: client.search_runs(
-        [experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000))
+    runs = tracking.retry(
+        "searching the experiment's runs",
+        lambda: client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000),
+    )
     out = []
     for run in runs:
         loss = run.data.metrics.get(SELECT_METRIC)
@@ -121,8 +122,9 @@ def _version_of(client: Any, name: str, run_id: str, model: Any) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    versions = tracking.retry("searching model versions", lambda: client.search_model_versions(
-        f"name = '{name}' and run_id = '{run_id}'"))
+    versions = tracking.retry(
+        "searching model versions", lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    )
     if versions:
         return str(max(int(v.version) for v in versions))
     try:
@@ -160,8 +162,13 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
             break
         skipped.append(run.info.run_name)
     if skipped:
-        log.warning("run(s) %s of experiment %r have a lower %s but logged no model "
-                    "(mlflow.log_model was false); they are not registered", skipped, experiment, SELECT_METRIC)
+        log.warning(
+            "run(s) %s of experiment %r have a lower %s but logged no model "
+            "(mlflow.log_model was false); they are not registered",
+            skipped,
+            experiment,
+            SELECT_METRIC,
+        )
     if best is None or model is None:
         log.warning("no finished run of experiment %r logged a model; nothing registered", experiment)
         return None
@@ -172,23 +179,42 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
     except MlflowException:
         current = None
     if current is None or str(current.version) != version:
-        tracking.retry("setting the champion alias",
-                       lambda: client.set_registered_model_alias(name, CHAMPION_ALIAS, version))
-        log.info("models:/%s@%s -> version %s (run %s, %s %.6g)%s", name, CHAMPION_ALIAS, version,
-                 best.info.run_name, SELECT_METRIC, best.data.metrics[SELECT_METRIC],
-                 f", was version {current.version}" if current is not None else "")
-    scores = {SELECT_METRIC: best.data.metrics[SELECT_METRIC],
-              **{k: v for k, v in best.data.metrics.items() if k.startswith("test_rmse_")}}
+        tracking.retry(
+            "setting the champion alias", lambda: client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        )
+        log.info(
+            "models:/%s@%s -> version %s (run %s, %s %.6g)%s",
+            name,
+            CHAMPION_ALIAS,
+            version,
+            best.info.run_name,
+            SELECT_METRIC,
+            best.data.metrics[SELECT_METRIC],
+            f", was version {current.version}" if current is not None else "",
+        )
+    scores = {
+        SELECT_METRIC: best.data.metrics[SELECT_METRIC],
+        **{k: v for k, v in best.data.metrics.items() if k.startswith("test_rmse_")},
+    }
     tags = {"run": best.info.run_name, "run_id": run_id, **{k: f"{v:.6g}" for k, v in scores.items()}}
     for key, value in tags.items():
-        tracking.retry("tagging the model version",
-                       lambda k=key, v=value: client.set_model_version_tag(name, version, k, v))
+        tracking.retry(
+            "tagging the model version", lambda k=key, v=value: client.set_model_version_tag(name, version, k, v)
+        )
     registered = tracking.retry("reading the registered model", lambda: client.get_registered_model(name))
     if not registered.description:
-        tracking.retry("describing the registered model", lambda: client.update_registered_model(name, description=(
-            f"The best run of experiment {experiment} by validation loss ({SELECT_METRIC}), registered by the "
-            f"compare step of the pipeline; load it with mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}'). "
-            "Version tags: the run, its validation loss and, for reporting only, its test RMSE.")))
+        tracking.retry(
+            "describing the registered model",
+            lambda: client.update_registered_model(
+                name,
+                description=(
+                    f"The best run of experiment {experiment} by validation loss ({SELECT_METRIC}), registered by the "
+                    "compare step of the pipeline; load it with "
+                    f"mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}'). "
+                    "Version tags: the run, its validation loss and, for reporting only, its test RMSE."
+                ),
+            ),
+        )
     return Champion(name, version, run_id, best.info.run_name, best.data.metrics[SELECT_METRIC], model.model_uri)
 
 
@@ -207,9 +233,12 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
     if tagged:
         log.info("tagged run(s) %s with this sweep", tagged)
     if not cfg["mlflow"]["log_model"]:
-        log.warning("mlflow.log_model is false, so no run logged a model; models:/%s@%s is not "
-                    "registered (set mlflow.log_model: true and retrain to register the best run)",
-                    cfg["experiment"], CHAMPION_ALIAS)
+        log.warning(
+            "mlflow.log_model is false, so no run logged a model; models:/%s@%s is not "
+            "registered (set mlflow.log_model: true and retrain to register the best run)",
+            cfg["experiment"],
+            CHAMPION_ALIAS,
+        )
         return None
     windows = {r.data.tags[WINDOWS_TAG] for r in runs.values() if r.data.tags.get(WINDOWS_TAG)} or None
     return register_champion(uri, cfg["experiment"], windows=windows)

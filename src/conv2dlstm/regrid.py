@@ -314,8 +314,12 @@ def main(
     gaps = hz.time_gaps(ds["time"].values, cfg["source"]["start"], cfg["source"]["end"])
     ds.attrs.update(gaps.attrs())
     ds.attrs["missing_upstream"] = [str(m.get("date", "?")) for m in sources.missing]
-    log.log(logging.WARNING if gaps.gaps else logging.INFO, "regrid: %s%s", gaps.describe(),
-            f" ({len(sources.missing)} date(s) had no file upstream: source.max_missing)" if sources.missing else "")
+    log.log(
+        logging.WARNING if gaps.gaps else logging.INFO,
+        "regrid: %s%s",
+        gaps.describe(),
+        f" ({len(sources.missing)} date(s) had no file upstream: source.max_missing)" if sources.missing else "",
+    )
     ds.attrs["source_manifest"] = str(manifest)
     ds.attrs["source_manifest_sha256"] = sha256_file(manifest)
     ds.attrs["source_sha256"] = str(json.loads(manifest.read_text()).get("sha256", ""))

@@ -113,10 +113,12 @@ def check_key(key: str) -> dict[str, Any]:
         keys = _section_keys(section)
         under = [k for k in keys if k.startswith(key + ".")]
         if under:
-            raise ConfigError(f"config key sweep: {key!r} is a section, not a key; sweep one of its keys: "
-                              f"{', '.join(under)}")
-        raise ConfigError(f"config key sweep: unknown key {key!r} (check the spelling); the {section} keys are "
-                          f"{', '.join(keys)}")
+            raise ConfigError(
+                f"config key sweep: {key!r} is a section, not a key; sweep one of its keys: {', '.join(under)}"
+            )
+        raise ConfigError(
+            f"config key sweep: unknown key {key!r} (check the spelling); the {section} keys are {', '.join(keys)}"
+        )
     return schema
 
 
@@ -185,8 +187,10 @@ def sweep_runs(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
         names = [point_name(p, schemas, full=True) for p in points]
     if len(set(names)) < len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError(f"config key sweep: the points {dupes} would share a run name; give values that "
-                          "differ as text, or list those runs in `runs` with names of your own")
+        raise ConfigError(
+            f"config key sweep: the points {dupes} would share a run name; give values that "
+            "differ as text, or list those runs in `runs` with names of your own"
+        )
     runs = []
     for name, point in zip(names, points, strict=True):
         if not NAME_PATTERN.match(name):  # pragma: no cover - _part keeps only allowed characters

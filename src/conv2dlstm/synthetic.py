@@ -59,7 +59,12 @@ _BLOCK_DAYS = 64  # days generated at once when writing OISST files (bounds memo
 # Per-variable packing attributes of the real OISST v2.1 files.
 OISST_VAR_ATTRS: dict[str, dict[str, Any]] = {
     "sst": {"long_name": "Daily sea surface temperature", "units": "Celsius", "valid_min": -300, "valid_max": 4500},
-    "anom": {"long_name": "Daily sea surface temperature anomalies", "units": "Celsius", "valid_min": -1200, "valid_max": 1200},
+    "anom": {
+        "long_name": "Daily sea surface temperature anomalies",
+        "units": "Celsius",
+        "valid_min": -1200,
+        "valid_max": 1200,
+    },
     "err": {
         "long_name": "Estimated error standard deviation of analysed_sst",
         "units": "Celsius",
@@ -110,9 +115,7 @@ def _unit(values: np.ndarray) -> np.ndarray:
     return (values - values.min()) / span
 
 
-def land_mask(
-    lat: np.ndarray, lon: np.ndarray, *, coast: Literal["west", "east"] = "west"
-) -> np.ndarray:
+def land_mask(lat: np.ndarray, lon: np.ndarray, *, coast: Literal["west", "east"] = "west") -> np.ndarray:
     """Smooth synthetic land mask, ``(lat, lon)`` bool, True on land.
 
     Shapes are defined relative to the box spanned by ``lat`` and ``lon``. ``coast="west"``: a
@@ -208,9 +211,7 @@ _EDDY_BIN_DAYS = 32
 _EDDY_MAX_LIFE = 90.0
 
 
-def _eddies_born_in_bin(
-    seed: int, b: int, lat: np.ndarray, lon: np.ndarray
-) -> list[dict[str, float]]:
+def _eddies_born_in_bin(seed: int, b: int, lat: np.ndarray, lon: np.ndarray) -> list[dict[str, float]]:
     """Eddies born in absolute 32-day bin ``b`` (since 1978-01-01), a pure function of (seed, b, box)."""
     rng = np.random.default_rng([seed, 2, b])
     lat0, lat1 = float(lat.min()) - 2.0, float(lat.max()) + 10.0
@@ -267,9 +268,7 @@ def _eddy_field(t: np.ndarray, lat: np.ndarray, lon: np.ndarray, seed: int) -> n
     return out
 
 
-def oisst_fields(
-    times: pd.DatetimeIndex, lat: np.ndarray, lon: np.ndarray, seed: int
-) -> dict[str, np.ndarray]:
+def oisst_fields(times: pd.DatetimeIndex, lat: np.ndarray, lon: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Synthetic OISST variables ``sst, anom, err, ice``, each ``(time, lat, lon)`` float32, NaN on land.
 
     ``anom = sst - sst_climatology``. Each day depends only on its date, the grid and the seed.
@@ -309,7 +308,9 @@ def _oisst_global_attrs(seed: int, lat: np.ndarray, lon: np.ndarray, resolution:
             "waves and eddies and small noise. Not an observation."
         ),
         "source": "conv2dlstm.synthetic",
-        "institution": "conv2dlstm (synthetic data; layout of NOAA/National Centers for Environmental Information OISST)",
+        "institution": (
+            "conv2dlstm (synthetic data; layout of NOAA/National Centers for Environmental Information OISST)"
+        ),
         "product_version": "Version v02r01",
         "processing_level": "NOAA Level 4",
         "naming_authority": "gov.noaa.ncei",
@@ -353,9 +354,7 @@ def _coord_attrs(lat: np.ndarray, lon: np.ndarray, resolution: float) -> dict[st
     }
 
 
-def oisst_dataset(
-    times: pd.DatetimeIndex | list[Any], lat: np.ndarray, lon: np.ndarray, seed: int = 0
-) -> xr.Dataset:
+def oisst_dataset(times: pd.DatetimeIndex | list[Any], lat: np.ndarray, lon: np.ndarray, seed: int = 0) -> xr.Dataset:
     """In-memory synthetic OISST, decoded, dims ``(time, zlev, lat, lon)``.
 
     Variables are float32 with NaN on land; ``time`` is at 12:00 of each day like the real files.
@@ -394,9 +393,7 @@ def oisst_dataset(
     )
     ds["time"].encoding = {"units": OISST_TIME_UNITS, "dtype": "float32"}
     for name in OISST_VARIABLES:
-        ds[name].attrs.update(
-            {k: np.int16(OISST_VAR_ATTRS[name][k]) for k in ("valid_min", "valid_max")}
-        )
+        ds[name].attrs.update({k: np.int16(OISST_VAR_ATTRS[name][k]) for k in ("valid_min", "valid_max")})
     return ds
 
 
@@ -466,9 +463,7 @@ def write_oisst_day(
         nc.setncatts(attrs)
 
 
-def write_oisst(
-    out_dir: Path, times: pd.DatetimeIndex, lat: np.ndarray, lon: np.ndarray, seed: int
-) -> list[Path]:
+def write_oisst(out_dir: Path, times: pd.DatetimeIndex, lat: np.ndarray, lon: np.ndarray, seed: int) -> list[Path]:
     """Write one file per day under ``out_dir`` in the NCEI layout; returns the paths in time order."""
     paths = []
     times = pd.DatetimeIndex(times).floor("D")
@@ -566,9 +561,7 @@ def bgc_fields(
         coeffs[name] = _ar1(rng, n_t + lag, phi)  # (lag + time, mode); row lag + i is time i
         gains[name] = rng.uniform(0.6, 1.0, n_modes)
     beta = rng.choice([-1.0, 1.0], n_modes) * rng.uniform(0.6, 1.0, n_modes)
-    driven = sum(
-        w * gains[name] * coeffs[name][lag - k : lag - k + n_t] for name, k, w in _NO3_DRIVERS
-    )  # (time, mode)
+    driven = sum(w * gains[name] * coeffs[name][lag - k : lag - k + n_t] for name, k, w in _NO3_DRIVERS)  # (time, mode)
     mode_coeffs = {name: gains[name] * coeffs[name][lag:] for name in BGC_INPUTS}
     mode_coeffs["no3"] = beta * driven
 
@@ -686,7 +679,14 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> None:
         log.info("synth: discarded %s left by an interrupted run", stray)
     log.info(
         "synthetic %s: %d days %s..%s on %d x %d cells (seed %d) -> %s",
-        kind, len(times), syn["start"], syn["end"], len(lat), len(lon), seed, out_dir,
+        kind,
+        len(times),
+        syn["start"],
+        syn["end"],
+        len(lat),
+        len(lon),
+        seed,
+        out_dir,
     )
     with atomic_output(out_dir) as tmp:
         tmp.mkdir(parents=True)

@@ -78,12 +78,20 @@ DEFAULT_WAIT_S = 300.0
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 """MLflow client settings for an http(s) store, unless the environment sets them (see module docstring)."""
 _TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
-_TRANSIENT_TEXT = ("database is locked", "database table is locked", "Max retries exceeded", "Connection refused",
-                   "Connection aborted", "Connection reset", "timed out", "Bad Gateway", "Service Unavailable")
+_TRANSIENT_TEXT = (
+    "database is locked",
+    "database table is locked",
+    "Max retries exceeded",
+    "Connection refused",
+    "Connection aborted",
+    "Connection reset",
+    "timed out",
+    "Bad Gateway",
+    "Service Unavailable",
+)
 T = TypeVar("T")
 _FIX = (
-    "start the server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a usable store "
-    "(e.g. sqlite:///mlflow.db)"
+    "start the server, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a usable store (e.g. sqlite:///mlflow.db)"
 )
 
 
@@ -117,8 +125,14 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def retry(what: str, call: Callable[[], T], *, budget_s: float | None = None, first_delay_s: float = 0.5,
-          max_delay_s: float = 30.0) -> T:
+def retry(
+    what: str,
+    call: Callable[[], T],
+    *,
+    budget_s: float | None = None,
+    first_delay_s: float = 0.5,
+    max_delay_s: float = 30.0,
+) -> T:
     """``call()``, repeated with exponential backoff (and jitter) while it raises a :func:`transient`
     error, for up to ``budget_s`` seconds (default :func:`wait_budget_s`); the last error is raised.
     ``what`` names the operation in the warnings."""
@@ -134,8 +148,14 @@ def retry(what: str, call: Callable[[], T], *, budget_s: float | None = None, fi
             if not transient(exc) or left <= 0:
                 raise
             pause = min(delay * (1.0 + 0.25 * random.random()), max_delay_s, left)
-            log.warning("MLflow: %s failed (attempt %d: %s); retrying in %.1f s (giving up after %.0f s more)",
-                        what, attempt, _short(exc), pause, left)
+            log.warning(
+                "MLflow: %s failed (attempt %d: %s); retrying in %.1f s (giving up after %.0f s more)",
+                what,
+                attempt,
+                _short(exc),
+                pause,
+                left,
+            )
             time.sleep(pause)
             delay = min(delay * 2, max_delay_s)
             attempt += 1
@@ -153,7 +173,7 @@ def local_store_path(uri: str) -> Path | None:
     """The file of a ``sqlite:///`` URI or the directory of a ``file:`` / plain-path URI; None for remote stores."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
         path = path.split("?", 1)[0]
         if not path or path == ":memory:":
             return None
@@ -237,8 +257,9 @@ def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
     where = str(path or Path(__file__).resolve().parent)
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", where, *args], check=True, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", where, *args], check=True, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -327,8 +348,9 @@ def check_run(uri: str, run_id: str) -> None:
         retry(f"reading run {run_id}", lambda: client.get_run(run_id))
     except MlflowException as exc:
         if transient(exc):
-            raise TrackingError(f"MLflow tracking store {uri} failed while reading run {run_id} ({_short(exc)}); "
-                                f"{_FIX}") from exc
+            raise TrackingError(
+                f"MLflow tracking store {uri} failed while reading run {run_id} ({_short(exc)}); {_FIX}"
+            ) from exc
         raise TrackingError(
             f"MLflow run {run_id} is not in the tracking store {uri}; train the run again or point "
             "MLFLOW_TRACKING_URI / mlflow.tracking_uri at the store it was logged to"
@@ -362,12 +384,18 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
             kind = exp.tags.get(EXPERIMENT_KIND_TAG, "")
             if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
                 for key, value in EXPERIMENT_TAGS.items():
-                    retry("tagging the experiment", lambda k=key, v=value: client.set_experiment_tag(
-                        exp.experiment_id, k, v))
+                    retry(
+                        "tagging the experiment",
+                        lambda k=key, v=value: client.set_experiment_tag(exp.experiment_id, k, v),
+                    )
             return exp.experiment_id
         try:
-            return retry(f"creating experiment {name!r}", lambda: client.create_experiment(
-                name, artifact_location=_artifact_location(uri, name), tags=EXPERIMENT_TAGS))
+            return retry(
+                f"creating experiment {name!r}",
+                lambda: client.create_experiment(
+                    name, artifact_location=_artifact_location(uri, name), tags=EXPERIMENT_TAGS
+                ),
+            )
         except MlflowException:  # created meanwhile by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -420,15 +448,23 @@ class Tracker:
         while self.pending:
             item = self.pending[0]
             try:
-                retry(f"logging metrics of step {item.step} to run {self.run_id}", lambda: self._send(item),
-                      budget_s=budget_s)
+                retry(
+                    f"logging metrics of step {item.step} to run {self.run_id}",
+                    lambda item=item: self._send(item),
+                    budget_s=budget_s,
+                )
             except Exception as exc:
                 if not transient(exc):
                     raise
                 self.failing = True
-                log.warning("MLflow: cannot log metrics to run %s in %s (%s); %d step(s) kept, sent with the next "
-                            "metrics (training goes on)", self.run_id, self.uri or "the store", _short(exc),
-                            len(self.pending))
+                log.warning(
+                    "MLflow: cannot log metrics to run %s in %s (%s); %d step(s) kept, sent with the next "
+                    "metrics (training goes on)",
+                    self.run_id,
+                    self.uri or "the store",
+                    _short(exc),
+                    len(self.pending),
+                )
                 return False
             self.pending.pop(0)
             if self.failing:
@@ -436,13 +472,15 @@ class Tracker:
                 self.failing = False
         return True
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, *,
-                    budget_s: float | None = None) -> bool:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, *, budget_s: float | None = None) -> bool:
         """Log ``metrics`` at ``step`` after any still pending. On a transient failure warn, keep them
         pending and return False (no exception). While the store is failing a call tries once;
         otherwise it retries for ``budget_s`` (default 30 s, within the wait budget)."""
-        self.pending.append(_Pending({k: float(v) for k, v in metrics.items()}, 0 if step is None else int(step),
-                                     int(time.time() * 1000)))
+        self.pending.append(
+            _Pending(
+                {k: float(v) for k, v in metrics.items()}, 0 if step is None else int(step), int(time.time() * 1000)
+            )
+        )
         if budget_s is None:
             budget_s = 0.0 if self.failing else min(30.0, wait_budget_s())
         return self.flush(budget_s=budget_s)
@@ -453,15 +491,22 @@ class Tracker:
         many steps were added (they are pending, not lost, if the store fails)."""
         if not rows or not keys:
             return 0
-        held = retry(f"reading the {keys[0]} history of run {self.run_id}",
-                     lambda: {m.step for m in self.client.get_metric_history(self.run_id, keys[0])})
+        held = retry(
+            f"reading the {keys[0]} history of run {self.run_id}",
+            lambda: {m.step for m in self.client.get_metric_history(self.run_id, keys[0])},
+        )
         missing = [r for r in rows if int(r[step_key]) not in held]
         for row in missing:
-            self.pending.append(_Pending({k: float(row[k]) for k in keys if k in row}, int(row[step_key]),
-                                         int(time.time() * 1000)))
+            self.pending.append(
+                _Pending({k: float(row[k]) for k in keys if k in row}, int(row[step_key]), int(time.time() * 1000))
+            )
         if missing:
-            log.warning("MLflow run %s lacked the metrics of step(s) %s (not sent by an earlier process); logging "
-                        "them from the training history", self.run_id, [int(r[step_key]) for r in missing])
+            log.warning(
+                "MLflow run %s lacked the metrics of step(s) %s (not sent by an earlier process); logging "
+                "them from the training history",
+                self.run_id,
+                [int(r[step_key]) for r in missing],
+            )
             self.flush()
         return len(missing)
 
@@ -474,8 +519,10 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         import mlflow
 
-        retry(f"uploading {Path(path).name} to run {self.run_id}",
-              lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id))
+        retry(
+            f"uploading {Path(path).name} to run {self.run_id}",
+            lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id),
+        )
 
     def logged_model_uri(self, name: str = "model") -> str | None:
         """The URI of the model ``name`` this run already logged (status READY), or None."""
@@ -498,21 +545,28 @@ class Tracker:
         example = np.ascontiguousarray(input_example, dtype=np.float32)
         with torch.no_grad():
             output = model(torch.from_numpy(example)).numpy()
-        info = retry(f"logging the model of run {self.run_id}", lambda: mlflow.pytorch.log_model(
-            model,
-            name=name,
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        ))
+        info = retry(
+            f"logging the model of run {self.run_id}",
+            lambda: mlflow.pytorch.log_model(
+                model,
+                name=name,
+                signature=infer_signature(example, output),
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            ),
+        )
         return info.model_uri
 
 
 def logged_model(client: Any, experiment_id: str, run_id: str, name: str = "model") -> Any | None:
     """The model ``name`` (an MLflow ``LoggedModel``) that run ``run_id`` logged completely (status
     READY), or None."""
-    found = retry(f"searching the models of run {run_id}", lambda: client.search_logged_models(
-        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"))
+    found = retry(
+        f"searching the models of run {run_id}",
+        lambda: client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"
+        ),
+    )
     ready = [m for m in found if str(getattr(m.status, "name", m.status)).upper().endswith("READY")]
     return ready[0] if ready else None
 
@@ -542,8 +596,9 @@ def _log_params_once(client: Any, run_id: str, params: dict[str, str], fixed: Co
             "of this run, or rerun the train step"
         )
     if changed:
-        log.warning("MLflow run %s keeps its first values of params %s (runtime settings that changed since)",
-                    run_id, changed)
+        log.warning(
+            "MLflow run %s keeps its first values of params %s (runtime settings that changed since)", run_id, changed
+        )
     new = {k: v for k, v in params.items() if k not in existing}
     if new:
         retry(f"logging the params of run {run_id}", lambda: mlflow.log_params(new, run_id=run_id))
@@ -605,8 +660,11 @@ def _active(run: Any, tracker: Tracker) -> Iterator[None]:
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
         if tracker.pending and not tracker.flush(budget_s=0):
-            log.warning("MLflow: the metrics of step(s) %s were not sent to run %s",
-                        [p.step for p in tracker.pending], tracker.run_id)
+            log.warning(
+                "MLflow: the metrics of step(s) %s were not sent to run %s",
+                [p.step for p in tracker.pending],
+                tracker.run_id,
+            )
         _end_run(status)
         raise
     if not tracker.flush():
@@ -657,8 +715,9 @@ def start_run(
     if run_id is not None:
         run = retry(f"reopening run {run_id}", lambda: mlflow.start_run(run_id=run_id))
     else:
-        run = retry(f"creating run {run_name!r}",
-                    lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name))
+        run = retry(
+            f"creating run {run_name!r}", lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+        )
     tracker = Tracker(run.info.run_id, run.info.experiment_id, uri=uri, client=client)
     with _active(run, tracker):
         _log_params_once(client, run.info.run_id, flatten(cfg), fixed_params)

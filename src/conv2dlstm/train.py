@@ -140,8 +140,15 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) 
     return sse / total
 
 
-def share_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, *, batch_size: int,
-               world_size: int, has_share: bool = True) -> torch.Tensor:
+def share_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    batch_size: int,
+    world_size: int,
+    has_share: bool = True,
+) -> torch.Tensor:
     """Loss of one rank's share of a global batch, such that DDP's averaged gradient is the gradient
     of :func:`masked_mse` over the whole batch.
 
@@ -179,8 +186,12 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": [version, list(internal), gauss_next],
     }
 
@@ -191,8 +202,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["gauss"]))
+    np.random.set_state(
+        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
 
@@ -200,8 +212,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def deterministic() -> Iterator[None]:
     """Deterministic kernels where torch has them (warnings, not errors, elsewhere); restored after."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     try:
@@ -298,8 +313,9 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int, 
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
-                                                          patience=max(1, patience // 2))
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.5, patience=max(1, patience // 2)
+        )
     if name == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     raise ConfigError(f"train.lr_schedule {name!r} is not one of cosine, plateau, constant")
@@ -311,7 +327,7 @@ def index_batches(order: torch.Tensor, batch_size: int, max_batches: int = 0) ->
     At most ``max_batches`` batches (0 = all).
     """
     idx = order.tolist()
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     return batches[:max_batches] if max_batches > 0 else batches
 
 
@@ -365,8 +381,9 @@ def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
         torch.save(checkpoint, tmp)
 
 
-def train_record(cfg: dict[str, Any], windows: Path, stats: Path, *,
-                 windows_attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_record(
+    cfg: dict[str, Any], windows: Path, stats: Path, *, windows_attrs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The provenance record of training with ``cfg`` on the windows store ``windows`` (whose
     attributes may be given when already open) and the statistics ``stats``."""
     windows = Path(windows)
@@ -396,8 +413,14 @@ def is_complete(out_dir: Path, digest: str) -> bool:
     return checkpoint_digest(torch.load(model, map_location="cpu", weights_only=True, mmap=True)) == digest
 
 
-def resume_problems(ckpt: dict[str, Any], expected: dict[str, Any], *, result_config: dict[str, Any],
-                    model_name: str, model_kwargs: dict[str, Any]) -> list[str]:
+def resume_problems(
+    ckpt: dict[str, Any],
+    expected: dict[str, Any],
+    *,
+    result_config: dict[str, Any],
+    model_name: str,
+    model_kwargs: dict[str, Any],
+) -> list[str]:
     """Why training cannot resume from the checkpoint ``ckpt`` (the content of ``last.pt``) for the
     provenance record ``expected``: one phrase per difference, empty when it can.
 
@@ -410,11 +433,14 @@ def resume_problems(ckpt: dict[str, Any], expected: dict[str, Any], *, result_co
         old = provenance.from_checkpoint(ckpt, where="it")
     except DataError as exc:
         return [str(exc).split(";")[0]]
-    problems = provenance.differences(old, expected, old_config=ckpt.get(provenance.RESULT_CONFIG_KEY),
-                                      new_config=result_config)
+    problems = provenance.differences(
+        old, expected, old_config=ckpt.get(provenance.RESULT_CONFIG_KEY), new_config=result_config
+    )
     if not problems and (ckpt.get("model_name") != model_name or ckpt.get("model_kwargs") != model_kwargs):
-        problems.append(f"it holds a {ckpt.get('model_name')} model {ckpt.get('model_kwargs')}, the configuration "
-                        f"builds {model_name} {model_kwargs}")
+        problems.append(
+            f"it holds a {ckpt.get('model_name')} model {ckpt.get('model_kwargs')}, the configuration "
+            f"builds {model_name} {model_kwargs}"
+        )
     return problems
 
 
@@ -443,8 +469,9 @@ def retire_files(out_dir: Path, names: tuple[str, ...] = RUN_FILES, *, now: dt.d
     return folder
 
 
-def _data_source(store: WindowsStore, split: str, mode: str, device: torch.device,
-                 processes: int = 1) -> WindowDataset | InMemoryWindows:
+def _data_source(
+    store: WindowsStore, split: str, mode: str, device: torch.device, processes: int = 1
+) -> WindowDataset | InMemoryWindows:
     """In-memory windows when they fit (CPU processes share the host's memory), else streaming from Zarr."""
     fraction = 0.25 / processes if device.type == "cpu" else 0.25
     if use_in_memory(mode, store.cube_nbytes(split), device, fraction=fraction):
@@ -475,14 +502,16 @@ class Loop:
     eval_net: nn.Module | None = None  # what validation calls when not ``net`` (the unwrapped model under DDP)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                              enabled=self.bf16 and self.device.type == "cuda")
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "cuda"
+        )
 
     def _iterate(
         self, source: WindowDataset | InMemoryWindows, batches: list[list[int]]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter_batches(source, batches, device=self.device, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+        return iter_batches(
+            source, batches, device=self.device, num_workers=self.num_workers, pin_memory=self.device.type == "cuda"
+        )
 
     def stop_signal(self) -> int | None:
         """The signal to stop on, agreed by all ranks (an all-reduce under DDP), or None."""
@@ -493,8 +522,9 @@ class Loop:
         :func:`masked_mse` in one process, :func:`share_loss` under DDP."""
         if not self.ctx.distributed:
             return masked_mse(pred, target, self.weights)
-        return share_loss(pred, target, self.weights, batch_size=batch_size, world_size=self.ctx.world_size,
-                          has_share=has_share)
+        return share_loss(
+            pred, target, self.weights, batch_size=batch_size, world_size=self.ctx.world_size, has_share=has_share
+        )
 
     def train_epoch(self, desc: str) -> tuple[float, int]:
         """One pass over the shuffled training windows; returns (mean loss, samples seen), over all ranks."""
@@ -511,8 +541,14 @@ class Loop:
         total = torch.zeros((), device=self.device)
         seen = 0
         start = time.perf_counter()
-        with tqdm(total=n_batches, desc=desc, unit="batch", leave=False, file=sys.stderr,
-                  disable=not sys.stderr.isatty() or not self.ctx.is_main) as bar:
+        with tqdm(
+            total=n_batches,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            file=sys.stderr,
+            disable=not sys.stderr.isatty() or not self.ctx.is_main,
+        ) as bar:
             # x (b, T_in, C_in, H, W), y (b, T_out, C_out, H, W); b = B / W under DDP
             for (x, y), batch, share in zip(self._iterate(self.train_source, inputs), batches, shares):
                 if (signum := self.stop_signal()) is not None:
@@ -561,9 +597,19 @@ class Loop:
 # ----------------------------------------------------------------------------------------------
 
 
-def _checkpoint(loop: Loop, progress: Progress, *, model_name: str, model_kwargs: dict[str, Any],
-                cfg: dict[str, Any], store: WindowsStore, run_id: str, run: str, record: dict[str, Any],
-                result_config: dict[str, Any]) -> dict[str, Any]:
+def _checkpoint(
+    loop: Loop,
+    progress: Progress,
+    *,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    cfg: dict[str, Any],
+    store: WindowsStore,
+    run_id: str,
+    run: str,
+    record: dict[str, Any],
+    result_config: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "format_version": CHECKPOINT_VERSION,
         "run": run,
@@ -608,8 +654,9 @@ def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device
         )
 
 
-def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path,
-                sweep: Mapping[str, str] | None = None) -> list[str]:
+def worker_argv(
+    cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path, sweep: Mapping[str, str] | None = None
+) -> list[str]:
     """Arguments of ``python -m conv2dlstm`` with which a torchrun worker calls :func:`main` as this process.
 
     The CLI derives the run's configuration with ``config.run_config(config, run)``; listing the run
@@ -619,9 +666,19 @@ def worker_argv(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, ou
     level = logging.getLevelName(logging.getLogger("conv2dlstm").getEffectiveLevel())
     config = {**cfg, "runs": [{"name": run}]}
     return [
-        "--log-level", level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
-        "train", "--config-json", json.dumps(config), "--run", run,
-        "--windows", str(windows), "--stats", str(stats), "--out-dir", str(out_dir),
+        "--log-level",
+        level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+        "train",
+        "--config-json",
+        json.dumps(config),
+        "--run",
+        run,
+        "--windows",
+        str(windows),
+        "--stats",
+        str(stats),
+        "--out-dir",
+        str(out_dir),
         *(["--sweep-json", json.dumps(dict(sweep), sort_keys=True)] if sweep else []),
     ]
 
@@ -655,15 +712,17 @@ def _read_run_id(out_dir: Path) -> str | None:
     return (path.read_text().strip() or None) if path.is_file() else None
 
 
-def _resume_or_stale(out_dir: Path, record: dict[str, Any], result_config: dict[str, Any], model_name: str,
-                     model_kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, Stale | None]:
+def _resume_or_stale(
+    out_dir: Path, record: dict[str, Any], result_config: dict[str, Any], model_name: str, model_kwargs: dict[str, Any]
+) -> tuple[dict[str, Any] | None, Stale | None]:
     """``(last.pt, None)`` when training resumes from it; ``(None, Stale)`` when files of another
     training are in ``out_dir``; ``(None, None)`` when there are none."""
     last_path = out_dir / "last.pt"
     last = torch.load(last_path, map_location="cpu", weights_only=True) if last_path.is_file() else None
     if last is not None:
-        reasons = resume_problems(last, record, result_config=result_config, model_name=model_name,
-                                  model_kwargs=model_kwargs)
+        reasons = resume_problems(
+            last, record, result_config=result_config, model_name=model_name, model_kwargs=model_kwargs
+        )
         if not reasons:
             return last, None
     else:
@@ -695,9 +754,15 @@ def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Pa
     model_name = cfg["model"]["name"]
     h, w = store.shape
     model_kwargs = model_kwargs_from_config(
-        cfg["model"], input_variables=store.input_variables, target_variables=store.target_variables,
-        input_steps=store.input_steps, lead_steps=store.lead_steps, height=h, width=w,
-        nonnegative=cfg["variables"]["nonnegative"], floor_per_cell=bool(cfg["normalize"]["per_pixel"]),
+        cfg["model"],
+        input_variables=store.input_variables,
+        target_variables=store.target_variables,
+        input_steps=store.input_steps,
+        lead_steps=store.lead_steps,
+        height=h,
+        width=w,
+        nonnegative=cfg["variables"]["nonnegative"],
+        floor_per_cell=bool(cfg["normalize"]["per_pixel"]),
     )
     resume, stale = _resume_or_stale(out_dir, record, result_config, model_name, model_kwargs)
     floor = output_floor(stats, store.target_variables, model_kwargs)
@@ -724,8 +789,9 @@ def output_floor(stats: Path, target_variables: list[str], model_kwargs: dict[st
     return floor_from_stats(mean.values, std.values)
 
 
-def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path,
-         sweep: Mapping[str, str] | None = None) -> None:
+def main(
+    cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path, sweep: Mapping[str, str] | None = None
+) -> None:
     """Train run ``run`` (``cfg`` is that run's full config) on the windows store; outputs in ``out_dir``.
 
     ``sweep``: MLflow tags grouping the runs of the whole configuration (:func:`conv2dlstm.sweep.sweep_tags`),
@@ -751,8 +817,12 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
     ctx = distributed.Context.from_env()
     launch = tcfg["gpus"] > 1 and not distributed.under_torchrun()
     if ctx.distributed and tcfg["gpus"] != ctx.world_size:
-        log.warning("train.gpus = %d, but torchrun started %d processes; training with %d", tcfg["gpus"],
-                    ctx.world_size, ctx.world_size)
+        log.warning(
+            "train.gpus = %d, but torchrun started %d processes; training with %d",
+            tcfg["gpus"],
+            ctx.world_size,
+            ctx.world_size,
+        )
     device = resolve_device(tcfg["device"])
     check_world_size(tcfg, tcfg["gpus"] if launch else ctx.world_size, device)
     if device.type == "cuda":  # deterministic cuBLAS; read when CUDA starts
@@ -769,8 +839,12 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: 
         argv = worker_argv(cfg, run=run, windows=windows, stats=stats, out_dir=out_dir, sweep=sweep)
         code = distributed.maybe_relaunch(argv, tcfg["gpus"])
         if code:
-            log.error("the %d training processes of run %s failed (exit status %d); their output is above",
-                      tcfg["gpus"], run, code)
+            log.error(
+                "the %d training processes of run %s failed (exit status %d); their output is above",
+                tcfg["gpus"],
+                run,
+                code,
+            )
             raise SystemExit(code)
         return
     device = distributed.worker_device(ctx, device)
@@ -793,8 +867,17 @@ def _ignore_stop_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> None:
             signal.signal(s, signal.SIG_IGN)
 
 
-def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.Context, device: torch.device,
-           uri: str | None, out_dir: Path, sweep: Mapping[str, str] | None = None) -> None:
+def _train(
+    cfg: dict[str, Any],
+    *,
+    run: str,
+    inputs: _Inputs,
+    ctx: distributed.Context,
+    device: torch.device,
+    uri: str | None,
+    out_dir: Path,
+    sweep: Mapping[str, str] | None = None,
+) -> None:
     """The training of :func:`main` in one process (one rank of ``ctx``)."""
     tcfg = cfg["train"]
     store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
@@ -822,9 +905,13 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
             scheduler.load_state_dict(resume["scheduler_state"])
             generator.set_state(resume["generator_state"])
             set_rng_state(resume["rng_state"])
-            progress = Progress(epoch=resume["epoch"], best_val_loss=resume["best_val_loss"],
-                                best_epoch=resume["best_epoch"], epochs_since_best=resume["epochs_since_best"],
-                                history=list(resume["history"]))
+            progress = Progress(
+                epoch=resume["epoch"],
+                best_val_loss=resume["best_val_loss"],
+                best_epoch=resume["best_epoch"],
+                epochs_since_best=resume["epochs_since_best"],
+                history=list(resume["history"]),
+            )
             if ctx.is_main:
                 log.info("resuming run %s after epoch %d from %s", run, progress.epoch, last_path)
         mode = tcfg["data_on_device"]
@@ -832,19 +919,28 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
         loop = Loop(
             model=model,
             net=torch.compile(wrapped) if tcfg["compile"] else wrapped,
-            optimizer=optimizer, scheduler=scheduler, generator=generator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
             train_source=_data_source(store, "train", mode, device, ctx.world_size),
             val_source=_data_source(store, "val", mode, device, ctx.world_size),
             weights=loss_weights(store.mask, store.lat, tcfg["latitude_weighted_loss"]).to(device),
-            device=device, batch_size=tcfg["batch_size"], max_batches=tcfg["max_batches_per_epoch"],
-            grad_clip=tcfg["grad_clip"], bf16=tcfg["bf16"], num_workers=tcfg["num_workers"], stop=stop, ctx=ctx,
+            device=device,
+            batch_size=tcfg["batch_size"],
+            max_batches=tcfg["max_batches_per_epoch"],
+            grad_clip=tcfg["grad_clip"],
+            bf16=tcfg["bf16"],
+            num_workers=tcfg["num_workers"],
+            stop=stop,
+            ctx=ctx,
             eval_net=(torch.compile(model) if tcfg["compile"] else model) if ctx.distributed else None,
         )
         if ctx.is_main:
             run_id_file = out_dir / RUN_ID_FILE
             # A fresh start never reopens an MLflow run: its params would describe another model.
-            previous_run_id = None if resume is None else (
-                _read_run_id(out_dir) or str(resume.get("mlflow_run_id") or "") or None)
+            previous_run_id = (
+                None if resume is None else (_read_run_id(out_dir) or str(resume.get("mlflow_run_id") or "") or None)
+            )
             tags = {
                 "run": run,
                 "model_name": model_name,
@@ -863,8 +959,13 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
             if superseded:
                 tags["supersedes"] = superseded
             tracker_cm: contextlib.AbstractContextManager = tracking.start_run(
-                cfg, run, run_id=previous_run_id, tags=tags, tracking_uri=uri,
-                fixed_params=tuple(flatten(inputs.result_config)))
+                cfg,
+                run,
+                run_id=previous_run_id,
+                tags=tags,
+                tracking_uri=uri,
+                fixed_params=tuple(flatten(inputs.result_config)),
+            )
         else:
             tracker_cm = contextlib.nullcontext()
         with tracker_cm as tracker:
@@ -881,9 +982,18 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                 write_text(summary_path, model_summary(model, model_name, model_kwargs, store))
 
             def checkpoint() -> dict[str, Any]:
-                return _checkpoint(loop, progress, model_name=model_name, model_kwargs=model_kwargs, cfg=cfg,
-                                   store=store, run_id=tracker.run_id, run=run, record=inputs.record,
-                                   result_config=inputs.result_config)
+                return _checkpoint(
+                    loop,
+                    progress,
+                    model_name=model_name,
+                    model_kwargs=model_kwargs,
+                    cfg=cfg,
+                    store=store,
+                    run_id=tracker.run_id,
+                    run=run,
+                    record=inputs.record,
+                    result_config=inputs.result_config,
+                )
 
             if resume is None and ctx.is_main:
                 save_checkpoint(last_path, checkpoint())  # the state at the start of epoch 1
@@ -891,9 +1001,14 @@ def _train(cfg: dict[str, Any], *, run: str, inputs: _Inputs, ctx: distributed.C
                 _fit(loop, progress, tcfg, tracker, checkpoint, last_path, best_path, out_dir)
             except TrainingInterrupted as stop_:
                 if ctx.is_main:
-                    log.warning("run %s stopped on %s; a rerun resumes from %s after epoch %d%s",
-                                run, stop_.reason, last_path, progress.epoch,
-                                " (at the start of epoch 1)" if progress.epoch == 0 else "")
+                    log.warning(
+                        "run %s stopped on %s; a rerun resumes from %s after epoch %d%s",
+                        run,
+                        stop_.reason,
+                        last_path,
+                        progress.epoch,
+                        " (at the start of epoch 1)" if progress.epoch == 0 else "",
+                    )
                 raise
             if ctx.is_main:
                 _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"], run=run)
@@ -906,12 +1021,24 @@ def _retire(stale: Stale, *, run: str, out_dir: Path) -> None:
     log.warning(
         "run %s: starting fresh, in a new MLflow run: the training in %s differs from this one (%s); "
         "its files %s are moved to %s",
-        run, out_dir, "; ".join(stale.reasons), list(stale.files), folder,
+        run,
+        out_dir,
+        "; ".join(stale.reasons),
+        list(stale.files),
+        folder,
     )
 
 
-def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking.Tracker | None,
-         checkpoint: Callable[[], dict[str, Any]], last_path: Path, best_path: Path, out_dir: Path) -> None:
+def _fit(
+    loop: Loop,
+    progress: Progress,
+    tcfg: dict[str, Any],
+    tracker: tracking.Tracker | None,
+    checkpoint: Callable[[], dict[str, Any]],
+    last_path: Path,
+    best_path: Path,
+    out_dir: Path,
+) -> None:
     """Epochs until ``train.epochs`` or early stopping; checkpoints and logs after each (rank 0 only;
     ``tracker`` is None on the other ranks)."""
     epochs = tcfg["epochs"]
@@ -935,8 +1062,14 @@ def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking
             loop.scheduler.step(val_loss)
         else:
             loop.scheduler.step()
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-               "samples_per_s": seen / train_seconds, "seconds": seconds}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": lr,
+            "samples_per_s": seen / train_seconds,
+            "seconds": seconds,
+        }
         progress.epoch = epoch
         progress.history.append(row)
         improved = val_loss < progress.best_val_loss
@@ -950,8 +1083,17 @@ def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking
                 metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(loop.device) / 2**20
             if tracker is not None:  # never raises for a store that is down: the metrics wait (tracking.Tracker)
                 tracker.log_metrics(metrics, step=epoch)
-            log.info("epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s", epoch, epochs,
-                     train_loss, val_loss, " (best)" if improved else "", lr, row["samples_per_s"], seconds)
+            log.info(
+                "epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s",
+                epoch,
+                epochs,
+                train_loss,
+                val_loss,
+                " (best)" if improved else "",
+                lr,
+                row["samples_per_s"],
+                seconds,
+            )
             ckpt = checkpoint()
             if improved:
                 save_checkpoint(best_path, ckpt)
@@ -960,12 +1102,24 @@ def _fit(loop: Loop, progress: Progress, tcfg: dict[str, Any], tracker: tracking
         if (signum := loop.stop_signal()) is not None:
             raise TrainingInterrupted(signum)
     if progress.epochs_since_best >= tcfg["patience"] and main_rank:
-        log.info("early stopping after epoch %d: no improvement for %d epochs (best epoch %d)", progress.epoch,
-                 progress.epochs_since_best, progress.best_epoch)
+        log.info(
+            "early stopping after epoch %d: no improvement for %d epochs (best epoch %d)",
+            progress.epoch,
+            progress.epochs_since_best,
+            progress.best_epoch,
+        )
 
 
-def _finish(progress: Progress, tracker: tracking.Tracker, checkpoint: Callable[[], dict[str, Any]],
-            store: WindowsStore, out_dir: Path, *, log_model: bool, run: str = "") -> None:
+def _finish(
+    progress: Progress,
+    tracker: tracking.Tracker,
+    checkpoint: Callable[[], dict[str, Any]],
+    store: WindowsStore,
+    out_dir: Path,
+    *,
+    log_model: bool,
+    run: str = "",
+) -> None:
     """Log the best model and artifacts, mark ``last.pt`` finished, write ``model.pt`` last.
 
     Everything must reach MLflow first (per-epoch metrics still pending included, each call retried
@@ -998,5 +1152,9 @@ def _finish(progress: Progress, tracker: tracking.Tracker, checkpoint: Callable[
     save_checkpoint(out_dir / "last.pt", checkpoint())
     with atomic_output(out_dir / "model.pt") as tmp:
         shutil.copyfile(best_path, tmp)
-    log.info("run complete: best epoch %d, validation loss %.5f; %s", progress.best_epoch, progress.best_val_loss,
-             out_dir / "model.pt")
+    log.info(
+        "run complete: best epoch %d, validation loss %.5f; %s",
+        progress.best_epoch,
+        progress.best_val_loss,
+        out_dir / "model.pt",
+    )

@@ -60,7 +60,9 @@ def _chunk_files(store: Path) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for meta in sorted(store.glob(f"*/{_METADATA}")):
         folder = meta.parent
-        out[folder.name] = sorted(p for p in folder.iterdir() if p.is_file() and (p.name == "c" or p.name.startswith("c.")))
+        out[folder.name] = sorted(
+            p for p in folder.iterdir() if p.is_file() and (p.name == "c" or p.name.startswith("c."))
+        )
     return out
 
 
@@ -113,7 +115,10 @@ def check_chunks(store: str | Path, *, what: str, step: str) -> None:
             raise _damaged(what, store, f"chunk {chunk.key} of array {chunk.array!r} is missing", step) from None
         if size != chunk.size:
             raise _damaged(
-                what, store, f"chunk {chunk.key} of array {chunk.array!r} has {size} bytes, {chunk.size} were written", step
+                what,
+                store,
+                f"chunk {chunk.key} of array {chunk.array!r} has {size} bytes, {chunk.size} were written",
+                step,
             )
 
 
@@ -124,7 +129,9 @@ def verify(store: str | Path, *, what: str = "Zarr store", step: str = "its") ->
     recorded = {(c.array, c.key): c for c in read_record(store, what=what, step=step)}
     present = {(a, p.name): p for a, paths in _chunk_files(store).items() for p in paths}
     problems = [f"array {a!r}: chunk {k} is missing" for (a, k) in sorted(recorded.keys() - present.keys())]
-    problems += [f"array {a!r}: chunk {k} was not written with the store" for (a, k) in sorted(present.keys() - recorded.keys())]
+    problems += [
+        f"array {a!r}: chunk {k} was not written with the store" for (a, k) in sorted(present.keys() - recorded.keys())
+    ]
     for key in sorted(recorded.keys() & present.keys()):
         if _file_sha256(present[key]) != recorded[key].sha256:
             problems.append(f"array {key[0]!r}: chunk {key[1]} differs from what was written")
@@ -163,7 +170,9 @@ def is_codec_error(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def read_errors(store: str | Path, *, what: str, step: str, detail: str = "", codec_only: bool = False) -> Iterator[None]:
+def read_errors(
+    store: str | Path, *, what: str, step: str, detail: str = "", codec_only: bool = False
+) -> Iterator[None]:
     """Turn an error raised while reading the store's chunks into a :class:`DataError` naming the
     store and the step. Project errors pass through unchanged; with ``codec_only`` (around a
     computation that does more than read) only failures to decode a chunk are turned."""
@@ -171,12 +180,13 @@ def read_errors(store: str | Path, *, what: str, step: str, detail: str = "", co
         yield
     except Conv2dLstmError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a failure while reading chunks means a damaged chunk
+    except Exception as exc:
         if codec_only and not is_codec_error(exc):
             raise
         where = f" ({detail})" if detail else ""
-        raise _damaged(what, Path(store), f"reading it failed{where}: {type(exc).__name__}: {str(exc)[:200]}",
-                       step) from exc
+        raise _damaged(
+            what, Path(store), f"reading it failed{where}: {type(exc).__name__}: {str(exc)[:200]}", step
+        ) from exc
 
 
 def write_store(
