@@ -90,7 +90,13 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 def _format_error(error: jsonschema.ValidationError) -> str:
     where = _key_path(error)
-    if error.validator == "additionalProperties":
+    # jsonschema's stubs type schema and instance as possibly unset (errors built by hand); a validator's
+    # additionalProperties error always carries the object schema and the object
+    if (
+        error.validator == "additionalProperties"
+        and isinstance(error.schema, Mapping)
+        and isinstance(error.instance, Mapping)
+    ):
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         return (
@@ -99,7 +105,7 @@ def _format_error(error: jsonschema.ValidationError) -> str:
         )
     if error.validator == "enum":
         return f"config key {where}: {error.instance!r} is not one of {error.validator_value}"
-    if error.validator == "pattern" and error.validator_value.startswith("^[0-9]{4}"):
+    if error.validator == "pattern" and str(error.validator_value).startswith("^[0-9]{4}"):
         return f"config key {where}: {error.instance!r} is not a date; write it as YYYY-MM-DD"
     return f"config key {where}: {error.message}"
 

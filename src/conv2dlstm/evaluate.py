@@ -91,9 +91,9 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -408,7 +408,7 @@ class StreamingScores:
                 count = self._counts[(name, metric)]
                 mean = (self._sums[(name, metric)] / count.where(count > 0)).transpose("lead", "variable")
                 if metric == "mse":
-                    out[name]["rmse"] = np.sqrt(mean)
+                    out[name]["rmse"] = cast(xr.DataArray, np.sqrt(mean))  # a DataArray ufunc
                 else:
                     out[name][metric] = mean
         return out
@@ -435,6 +435,8 @@ class CellRmse:
         total = squared.fillna(0.0).astype("float64").sum("time")
         count = squared.notnull().sum("time")
         if self._sum is not None:
+            if self._count is None:
+                raise RuntimeError("CellRmse holds a sum of squared errors without its count")
             with xr.set_options(arithmetic_join="exact"):
                 total, count = self._sum + total, self._count + count
         self._sum, self._count = total, count
@@ -443,7 +445,8 @@ class CellRmse:
         """``(variable, lat, lon)`` RMSE, NaN on land and where no error was finite."""
         if self._sum is None or self._count is None:
             raise DataError("no batch was scored; the test split has no window")
-        return np.sqrt(self._sum / self._count.where(self._count > 0)).transpose("variable", "lat", "lon")
+        rms = cast(xr.DataArray, np.sqrt(self._sum / self._count.where(self._count > 0)))  # a DataArray ufunc
+        return rms.transpose("variable", "lat", "lon")
 
 
 def metrics_table(scores: pd.DataFrame, *, run: str, model_name: str, source: str = "model") -> pd.DataFrame:
@@ -650,7 +653,7 @@ def predictions_dataset(
 
 def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:
     """Write ``ds`` as compressed netCDF4 atomically (float variables NaN-filled on land)."""
-    encoding: dict[str, dict[str, Any]] = {
+    encoding: dict[Hashable, dict[str, Any]] = {
         name: {"zlib": True, "complevel": 4, "_FillValue": np.float32(np.nan)} for name in ds.data_vars
     }
     for name in ("time", "valid_time"):
@@ -1018,7 +1021,13 @@ def batch_forecasts(
         with the coordinates of :func:`forecast_array`.
     """
     lat, lon = mask["lat"].values, mask["lon"].values
-    coords = {"init_times": init_times, "valid_times": valid_times, "variables": variables, "lat": lat, "lon": lon}
+    coords: dict[str, Any] = {
+        "init_times": init_times,
+        "valid_times": valid_times,
+        "variables": variables,
+        "lat": lat,
+        "lon": lon,
+    }
     forecast = clip_nonnegative(physical(forecast_array(pred, name="prediction", **coords), stats, mask), nonnegative)
     truth = physical(forecast_array(y, name="truth", **coords), stats, mask)
     at_init = physical(

@@ -49,7 +49,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,8 +327,8 @@ def forecast_dataset(forecast: xr.DataArray, *, units: Mapping[str, str], attrs:
     return ds
 
 
-def _encoding(ds: xr.Dataset, *, netcdf: bool) -> dict[str, dict[str, Any]]:
-    enc: dict[str, dict[str, Any]] = {name: {"_FillValue": np.float32(np.nan)} for name in ds.data_vars}
+def _encoding(ds: xr.Dataset, *, netcdf: bool) -> dict[Hashable, dict[str, Any]]:
+    enc: dict[Hashable, dict[str, Any]] = {name: {"_FillValue": np.float32(np.nan)} for name in ds.data_vars}
     if netcdf:
         for name in ds.data_vars:
             enc[name] |= {"zlib": True, "complevel": 4}
@@ -396,8 +396,8 @@ def main(
 
     stats, out_nc, out_zarr = Path(stats), Path(out_nc), Path(out_zarr)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(cfg)
-    for out in (out_nc, out_zarr):
-        for stray in discard_partials(out.parent, of=out.name):
+    for output in (out_nc, out_zarr):
+        for stray in discard_partials(output.parent, of=output.name):
             log.info("forecast: discarded %s left by an interrupted run", stray)
     init = initial_date(init_date, cfg)
     source = resolve_model(cfg, checkpoint=checkpoint, run_id=run_id, work_dir=work_dir)

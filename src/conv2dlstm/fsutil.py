@@ -98,11 +98,12 @@ def disk_full_cause(exc: BaseException, where: str | os.PathLike) -> BaseExcepti
 def _size(n: int | None) -> str:
     if n is None:
         return "unknown"
+    size: float = n
     for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} bytes"  # pragma: no cover
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} bytes"  # pragma: no cover
 
 
 def disk_full_error(target: str | os.PathLike, cause: BaseException) -> DiskFullError:

@@ -33,7 +33,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -58,7 +58,7 @@ AXIS_NAMES: dict[str, tuple[str, ...]] = {
 """Recognised source names of each axis role, in order of preference."""
 
 T = TypeVar("T", xr.Dataset, xr.DataArray)
-DateLike = str | pd.Timestamp | np.datetime64
+DateLike: TypeAlias = str | pd.Timestamp | np.datetime64
 
 
 def find_names(ds: xr.Dataset, names: Sequence[str]) -> list[str]:
@@ -536,7 +536,7 @@ def resolve_duplicate_times(
     involved = sorted({files[i].path for owner_list in groups.values() for i, _ in owner_list})
     if policy == "error":
         more = f" ({len(groups)} time stamps repeat, in {_files_text(involved)})" if len(groups) > 1 else ""
-        keep = (
+        choices = (
             f"first (keep the earlier step in {where[0]}) or last (the later one)"
             if inside
             else f"first (keep the one in {where[0]}, the earlier in the manifest) "
@@ -544,7 +544,7 @@ def resolve_duplicate_times(
         )
         raise DataError(
             f"time {shown} appears {place}{more}: two files (or steps) for the same time; the source "
-            f"files are not merged. Remove the wrong file (or step), or set harmonize.duplicates to {keep}"
+            f"files are not merged. Remove the wrong file (or step), or set harmonize.duplicates to {choices}"
         )
     drop = index.duplicated(keep=policy)
     dropped: dict[int, list[int]] = {}
@@ -603,7 +603,7 @@ def unit_registry() -> Any:
     dimension: it converts to nothing but itself and the :data:`SALINITY_NUMBERS` spellings."""
     import pint
 
-    registry = pint.UnitRegistry()
+    registry: pint.UnitRegistry[Any] = pint.UnitRegistry()
     registry.define("practical_salinity_unit = [practical_salinity] = psu")
     return registry
 

@@ -82,7 +82,7 @@ def get(cfg: dict[str, Any], dotted: str) -> Any:
 
 
 def _parse_steps(name: str, raw: Any) -> dict[str, dict[str, tuple[Any, ...]] | None]:
-    items = {s: True for s in raw} if isinstance(raw, list) else dict(raw)
+    items: dict[str, Any] = {s: True for s in raw} if isinstance(raw, list) else dict(raw)
     out: dict[str, dict[str, tuple[Any, ...]] | None] = {}
     for step, condition in items.items():
         if step not in STEPS:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import xarray as xr
@@ -125,7 +125,7 @@ def spatial_mean(field: xr.DataArray, weights: xr.DataArray) -> xr.DataArray:
 
 def time_mean(per_time: xr.DataArray, time_dim: Hashable = "time") -> xr.DataArray:
     """Mean over forecast times of per-time scores; NaN (undefined) times are left out."""
-    return per_time.mean(time_dim, skipna=True)
+    return per_time.mean(time_dim, skipna=True)  # type: ignore[arg-type]  # xarray takes any Hashable dim
 
 
 def mse_per_time(
@@ -178,9 +178,13 @@ def acc_per_time(
     f_anom = f_anom.where(valid)
     t_anom = t_anom.where(valid)
     num = (f_anom * t_anom).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
-    den = np.sqrt(
-        (f_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
-        * (t_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
+    # numpy's stubs return an ndarray from a ufunc; on a DataArray it returns a DataArray (__array_ufunc__)
+    den = cast(
+        xr.DataArray,
+        np.sqrt(
+            (f_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
+            * (t_anom**2).weighted(weights).sum(SPATIAL_DIMS, skipna=True)
+        ),
     )
     return (num / den.where(den > 0)).transpose(*[d for d in forecast.dims if d not in SPATIAL_DIMS], ...)
 
@@ -196,7 +200,7 @@ def rmse(
     forecast: xr.DataArray, truth: xr.DataArray, weights: xr.DataArray, *, time_dim: Hashable = "time"
 ) -> xr.DataArray:
     """Root mean squared error: ``sqrt`` of :func:`mse` (spatial mean, then time mean, then sqrt)."""
-    return np.sqrt(mse(forecast, truth, weights, time_dim=time_dim))
+    return cast(xr.DataArray, np.sqrt(mse(forecast, truth, weights, time_dim=time_dim)))  # a DataArray ufunc
 
 
 def mae(
@@ -246,7 +250,8 @@ def rmse_per_cell(
         raise DataError(f"forecast has dimensions {forecast.dims} and lacks the time dimension {time_dim!r}")
     forecast, truth = _aligned(forecast, truth, names=("forecast", "truth"))
     squared = ((forecast - truth) ** 2).where(mask.astype(bool))
-    return np.sqrt(squared.mean(time_dim, skipna=True))
+    rms = np.sqrt(squared.mean(time_dim, skipna=True))  # type: ignore[arg-type]  # xarray takes any Hashable dim
+    return cast(xr.DataArray, rms)  # a DataArray ufunc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -75,6 +75,9 @@ class OutputFloor(nn.Module):
     floored channels; it starts as NaN there and must be set (:meth:`set_floor`, or loading a
     checkpoint) before the first forward pass, which otherwise raises ``RuntimeError``.
     """
+
+    selected: torch.Tensor
+    floor: torch.Tensor
 
     def __init__(
         self,
@@ -254,8 +257,11 @@ class ConvLSTMCell(nn.Module):
         super().__init__()
         self.hidden_channels = hidden_channels
         self.conv = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding=kernel_size // 2)
+        bias = self.conv.bias
+        if bias is None:  # nn.Conv2d has a bias unless bias=False
+            raise RuntimeError("the ConvLSTM cell's convolution has no bias")
         with torch.no_grad():  # forget-gate bias 1: remember by default at the start of training
-            self.conv.bias[hidden_channels : 2 * hidden_channels].fill_(1.0)
+            bias[hidden_channels : 2 * hidden_channels].fill_(1.0)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state  # x: (B, C_x, H, W); h, c: (B, C_h, H, W)
@@ -279,6 +285,9 @@ class ConvLSTM(nn.Module):
     ``nonnegative_channels`` are floored (:class:`OutputFloor`) at every lead, before the prediction
     is fed back to the forecaster.
     """
+
+    residual_index: torch.Tensor
+    residual_keep: torch.Tensor
 
     def __init__(
         self,
@@ -348,7 +357,7 @@ class ConvLSTM(nn.Module):
         b, t_in, _, h, w = x.shape  # x: (B, T_in, C_in, H, W)
         states = [
             (x.new_zeros(b, cell.hidden_channels, h, w), x.new_zeros(b, cell.hidden_channels, h, w))
-            for cell in self.encoder
+            for cell in cast(Sequence[ConvLSTMCell], self.encoder)  # nn.ModuleList is not generic
         ]
         for t in range(t_in):
             inp = x[:, t]  # (B, C_in, H, W)

@@ -270,5 +270,11 @@ def ordered_labels(labels: Sequence[str], models: dict[str, str] | None = None) 
     def baseline(label: str) -> str | None:
         return _baseline_of(label, (models or {}).get(label))
 
+    def baseline_rank(label: str) -> int:
+        name = baseline(label)
+        if name is None:
+            raise ValueError(f"label {label!r} is not a baseline")
+        return rank[name]
+
     models_first = [lab for lab in labels if baseline(lab) is None]
-    return models_first + sorted((lab for lab in labels if baseline(lab) is not None), key=lambda b: rank[baseline(b)])
+    return models_first + sorted((lab for lab in labels if baseline(lab) is not None), key=baseline_rank)

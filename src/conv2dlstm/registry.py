@@ -20,6 +20,7 @@ moves when another run becomes the best. With ``mlflow.log_model: false`` nothin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -78,7 +79,7 @@ def held_runs(client: Any, run_ids: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for name, run_id in run_ids.items():
         try:
-            out[name] = tracking.retry(f"reading run {run_id}", lambda r=run_id: client.get_run(r))
+            out[name] = tracking.retry(f"reading run {run_id}", functools.partial(client.get_run, run_id))
         except MlflowException as exc:
             if tracking.transient(exc):
                 raise
@@ -94,7 +95,9 @@ def tag_sweep(client: Any, runs: Mapping[str, Any], tags: Mapping[str, str]) -> 
     batch = [RunTag(k, str(v)) for k, v in tags.items()]
     for name, run in runs.items():
         if any(run.data.tags.get(k) != v for k, v in tags.items()):
-            tracking.retry(f"tagging run {run.info.run_id}", lambda r=run.info.run_id: client.log_batch(r, tags=batch))
+            tracking.retry(
+                f"tagging run {run.info.run_id}", functools.partial(client.log_batch, run.info.run_id, tags=batch)
+            )
             tagged.append(name)
     return tagged
 
@@ -199,7 +202,7 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
     tags = {"run": best.info.run_name, "run_id": run_id, **{k: f"{v:.6g}" for k, v in scores.items()}}
     for key, value in tags.items():
         tracking.retry(
-            "tagging the model version", lambda k=key, v=value: client.set_model_version_tag(name, version, k, v)
+            "tagging the model version", functools.partial(client.set_model_version_tag, name, version, key, value)
         )
     registered = tracking.retry("reading the registered model", lambda: client.get_registered_model(name))
     if not registered.description:

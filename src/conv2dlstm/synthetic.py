@@ -646,8 +646,9 @@ def _grid(syn: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             raise ConfigError(
                 f"config key synthetic.{key}: null; the synthetic ocean needs an explicit [min, max] range"
             )
-    lat = axis_centres(*syn["lat"], syn["resolution"], name="lat")
-    lon = axis_centres(*syn["lon"], syn["resolution"], name="lon")
+    (lat_lo, lat_hi), (lon_lo, lon_hi) = syn["lat"], syn["lon"]
+    lat = axis_centres(lat_lo, lat_hi, syn["resolution"], name="lat")
+    lon = axis_centres(lon_lo, lon_hi, syn["resolution"], name="lon")
     if lat.min() < -90 or lat.max() > 90:
         raise ConfigError(f"config key synthetic.lat: {syn['lat']} is outside -90..90")
     return lat, lon

@@ -41,6 +41,7 @@ Many jobs at once, and stores that go away:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
@@ -52,7 +53,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -161,12 +162,12 @@ def retry(
             attempt += 1
 
 
-def bound_http_retries(uri: str, environ: dict[str, str] | None = None) -> None:
+def bound_http_retries(uri: str, environ: MutableMapping[str, str] | None = None) -> None:
     """For an http(s) ``uri``, set :data:`HTTP_RETRY_DEFAULTS` where the environment does not."""
-    environ = os.environ if environ is None else environ
+    env = os.environ if environ is None else environ
     if urllib.parse.urlparse(uri).scheme in ("http", "https"):
         for key, value in HTTP_RETRY_DEFAULTS.items():
-            environ.setdefault(key, value)
+            env.setdefault(key, value)
 
 
 def local_store_path(uri: str) -> Path | None:
@@ -386,7 +387,7 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
                 for key, value in EXPERIMENT_TAGS.items():
                     retry(
                         "tagging the experiment",
-                        lambda k=key, v=value: client.set_experiment_tag(exp.experiment_id, k, v),
+                        functools.partial(client.set_experiment_tag, exp.experiment_id, key, value),
                     )
             return exp.experiment_id
         try:
@@ -450,7 +451,7 @@ class Tracker:
             try:
                 retry(
                     f"logging metrics of step {item.step} to run {self.run_id}",
-                    lambda item=item: self._send(item),
+                    functools.partial(self._send, item),
                     budget_s=budget_s,
                 )
             except Exception as exc:

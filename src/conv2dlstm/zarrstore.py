@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,11 +213,12 @@ def write_store(
     from conv2dlstm.fsutil import atomic_output
 
     ds = ds.copy()
-    encoding: dict[str, Any] = {}
+    encoding: dict[Hashable, Any] = {}
     for name in ds.data_vars:
         ds[name].encoding = {}
-        if ds[name].chunks is not None:
-            encoding[name] = {"chunks": tuple(c[0] for c in ds[name].chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
+        chunks = ds[name].chunks
+        if chunks is not None:
+            encoding[name] = {"chunks": tuple(c[0] for c in chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
     with atomic_output(out) as tmp, compute_errors(writing or f"writing {out}"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
         write = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
