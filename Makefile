@@ -44,7 +44,11 @@ test: setup
 test-fast: PYTEST_ARGS = -m "not e2e and not slurm"
 test-fast: test
 
+## lint: ruff (lint rules and formatting), mypy (src/conv2dlstm, pyproject.toml) and the Snakefile's lint
 lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench workflow
+	$(BIN)/mypy
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
 report: setup
