@@ -4,9 +4,12 @@ failures that leave nothing partial; local files and globs; a Zarr store subset 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +134,57 @@ def test_transient_503s_are_retried_with_backoff(server: FileServer, tmp_path: P
         fetch.main(fetch_cfg(url=server.url(TEMPLATE), retries=1), out_dir=tmp_path / "fail")
     assert server.url(RELATIVE[0]) in str(info.value) and "2 attempt" in str(info.value)
     assert not (tmp_path / "fail" / "manifest.json").exists() and leftovers(tmp_path / "fail") == []
+
+
+class BusyServer(FileServer):
+    """A :class:`FileServer` that answers its first ``busy`` GETs with 503 and ``Retry-After: <retry_after>``."""
+
+    def __init__(self, root: Path, *, busy: int, retry_after: str) -> None:
+        self.busy = busy
+        self.retry_after = retry_after
+        super().__init__(root)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        base = super()._handler_class()
+        server = self
+
+        class BusyHandler(base):  # type: ignore[misc, valid-type]
+            def _serve(self, *, body: bool) -> None:
+                with server._lock:
+                    busy = body and server.busy > 0
+                    server.busy -= busy
+                if not busy:
+                    super()._serve(body=body)
+                    return
+                self.send_response(503)
+                self.send_header("Retry-After", server.retry_after)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        return BusyHandler
+
+
+@pytest.mark.parametrize(("retry_after", "wait_s"), [("3600", 0.5), ("0", 0.3)])
+def test_retry_after_is_honoured_up_to_the_cap_and_logged(
+    served: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    retry_after: str,
+    wait_s: float,
+) -> None:
+    """The wait before a retry is the server's Retry-After, at most MAX_RETRY_AFTER_S, and never
+    shorter than the backoff; each retry logs one line naming the URL, the answer and the wait."""
+    monkeypatch.setattr(fetch, "MAX_RETRY_AFTER_S", 0.5)
+    with BusyServer(served, busy=1, retry_after=retry_after) as srv:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            fetch.main(fetch_cfg(url=srv.url(TEMPLATE), parallel=1, backoff_s=0.3), out_dir=tmp_path / "raw")
+        elapsed = time.monotonic() - start
+        assert srv.gets() == len(DAYS)  # the 503 is not counted: it never reached FileServer
+    assert wait_s <= elapsed < 30
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries == [f"{srv.url(RELATIVE[0])}: HTTP 503 Service Unavailable; retry 1/2 in {wait_s:.1f} s"]
 
 
 def test_truncated_body_is_an_error_naming_the_url(server: FileServer, tmp_path: Path) -> None:

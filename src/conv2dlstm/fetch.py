@@ -6,10 +6,13 @@ Source kinds (``cfg["source"]["kind"]``):
     A URL template expanded with ``{date}`` (a :class:`pandas.Timestamp`, so ``{date:%Y%m%d}``
     works) over ``pd.date_range(start, end, freq=frequency)``. ``http(s)://`` URLs are downloaded
     with :mod:`requests`; ``file:///abs/path`` and ``file:relative/path`` (relative to the working
-    directory) are copied. Downloads run in parallel, are retried with exponential backoff on
-    transient failures (connection errors, timeouts, truncated bodies, HTTP 5xx and 429; never on
-    404), stream to a hidden ``*.partial`` name and are renamed into place only after they have
-    been verified (``source.checksums``, ``Content-Length``, and that the file opens as netCDF).
+    directory) are copied. Downloads run in parallel and stream to a hidden ``*.partial`` name,
+    renamed into place only after they have been verified (``source.checksums``,
+    ``Content-Length``, and that the file opens as netCDF). Transient failures are retried with
+    exponential backoff, ``source.backoff_s`` doubling, at most ``source.retries`` times: HTTP
+    408, 425, 429 and 5xx answers, connection errors and timeouts by urllib3's ``Retry`` mounted on
+    the :mod:`requests` session (:class:`HttpRetry`, which honours a server's ``Retry-After`` up to
+    :data:`MAX_RETRY_AFTER_S`), a body cut short by a loop around the whole download; never 404.
     Each verified file gets a ``.<name>.sha256`` sidecar, so an interrupted set resumes: files
     whose checksum matches the sidecar or the previous manifest are not downloaded again. A date
     whose file does not exist upstream (HTTP 404/410, or a missing ``file:`` path) stops the fetch,
@@ -48,11 +51,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
 import xarray as xr
+from urllib3.exceptions import InvalidHeader
+from urllib3.util.retry import Retry
 
 from conv2dlstm import __version__
 from conv2dlstm import harmonize as hz
@@ -64,9 +70,11 @@ log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # defence in depth: every URL this module logs is redacted
 
 MANIFEST_NAME = "manifest.json"
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 425, 429, *range(500, 600)})
+"""HTTP answers retried (by :class:`HttpRetry`): timeouts, too many requests and every server error."""
 CHUNK_BYTES = 1 << 20
 MAX_RETRY_AFTER_S = 60.0
+"""The longest wait before a retry that a server's ``Retry-After`` can ask for."""
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
 REGION_MARGIN_CELLS = 2
 """Source cells kept beyond each side of ``region`` by the fetch pre-cut (regrid cuts exactly)."""
@@ -97,12 +105,13 @@ class MissingUpstreamError(DownloadError):
     """The file of one date does not exist upstream (HTTP 404/410, or no such ``file:`` path)."""
 
 
-class _Transient(Exception):
-    """A failure worth retrying (connection, timeout, truncation, HTTP 5xx/429)."""
+class _BrokenBody(Exception):
+    """The body of a 200 answer ended early (connection broken, fewer bytes than ``Content-Length``):
+    the whole download is repeated (urllib3's ``Retry`` ends when the headers have arrived)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+
+class _Cancelled(Exception):
+    """Another file failed while this one waited to retry."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,14 +335,132 @@ def url_scheme(url: str) -> str:
     return scheme
 
 
-class _SessionPool:
-    """One :class:`requests.Session` per worker thread (sessions are not thread-safe)."""
+class HttpRetry(Retry):
+    """urllib3's :class:`~urllib3.util.retry.Retry` with the fetch step's schedule and messages.
 
-    def __init__(self, pool_size: int) -> None:
+    - waits ``backoff_factor * 2**k`` seconds before retry ``k + 1`` (urllib3 itself does not wait
+      before the first retry), or what the server's ``Retry-After`` asks when that is longer, at
+      most :data:`MAX_RETRY_AFTER_S`; a ``Retry-After`` that is neither seconds nor an HTTP date is
+      ignored (urllib3 would fail the request);
+    - logs one warning per retry naming the URL (redacted), what failed and the wait; urllib3's own
+      "Retrying" warning, which quotes the request URL unredacted, is dropped
+      (:class:`_DropUrllib3RetryWarning`);
+    - a wait ends early, raising :class:`_Cancelled`, once ``stop`` is set (another file failed).
+    """
+
+    def __init__(self, *args: Any, stop: threading.Event | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+
+    def new(self, **kw: Any) -> Self:
+        retry = super().new(**kw)
+        retry.stop = self.stop
+        return retry
+
+    def get_backoff_time(self) -> float:
+        retries = len(self.history)
+        return 0.0 if retries == 0 else self.backoff_factor * 2 ** (retries - 1)
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        try:
+            seconds = float(retry_after)  # RFC 9110 says whole seconds; a fraction does no harm
+        except ValueError:
+            try:
+                seconds = super().parse_retry_after(retry_after)  # an HTTP date
+            except InvalidHeader:
+                return 0.0
+        return min(seconds, MAX_RETRY_AFTER_S) if seconds > 0 else 0.0  # NaN too
+
+    def delay(self, response: Any = None) -> float:
+        """Seconds to wait before the next attempt, after ``response`` (None after an error)."""
+        backoff = self.get_backoff_time()
+        if response is not None and self.respect_retry_after_header:
+            after = self.get_retry_after(response)
+            if after is not None:
+                return max(after, backoff)
+        return backoff
+
+    def sleep(self, response: Any = None) -> None:
+        seconds = self.delay(response)
+        if self.stop is None:
+            time.sleep(seconds)
+        elif self.stop.wait(seconds):
+            raise _Cancelled()
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)  # raises when exhausted
+        if error is not None:
+            what = f"{type(error).__name__}: {redact_text(str(error))}"
+        else:
+            what = f"HTTP {response.status} {response.reason}" if response is not None else "failed"
+        done = len(retry.history)
+        limit = done + retry.total if isinstance(retry.total, int) else done
+        log.warning(
+            "%s: %s; retry %d/%d in %.1f s", _request_shown(_pool, url), what, done, limit, retry.delay(response)
+        )
+        return retry
+
+
+def _request_shown(pool: Any, url: str | None) -> str:
+    """The URL urllib3 requests (``url`` a path on ``pool``'s host), redacted."""
+    url = url or ""
+    if url.startswith("/") and pool is not None:
+        default = {"http": 80, "https": 443}.get(pool.scheme)
+        port = "" if pool.port in (None, default) else f":{pool.port}"
+        url = f"{pool.scheme}://{pool.host}{port}{url}"
+    return redact_text(url)
+
+
+class _DropUrllib3RetryWarning(logging.Filter):
+    """Drops urllib3's "Retrying (...) after connection broken" warning for an :class:`HttpRetry`,
+    which logs its own line (URL redacted)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and args and isinstance(args[0], HttpRetry))
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_DropUrllib3RetryWarning())
+for _name in ("urllib3.connectionpool", "urllib3.util.retry"):  # their debug lines quote request URLs
+    logging.getLogger(_name).addFilter(RedactingFilter())
+
+
+def http_retry(retries: int, backoff_s: float, stop: threading.Event | None = None) -> HttpRetry:
+    """The retry policy of the HTTP requests of kind ``url`` (``source.retries``, ``source.backoff_s``).
+
+    GET only; :data:`RETRY_STATUS` answers (never 404/410: :class:`MissingUpstreamError`),
+    connection errors and timeouts. Once the retries are spent on an HTTP status, the last answer
+    is returned (``raise_on_status=False``) and :func:`_http_get` says how many attempts failed.
+    """
+    return HttpRetry(
+        total=retries,
+        backoff_factor=backoff_s,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=frozenset({"GET"}),
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        stop=stop,
+    )
+
+
+class _SessionPool:
+    """One :class:`requests.Session` per worker thread (sessions are not thread-safe), each with
+    ``retry`` mounted for http:// and https://."""
+
+    def __init__(self, pool_size: int, retry: Retry) -> None:
         self._local = threading.local()
         self._sessions: list[Any] = []
         self._lock = threading.Lock()
         self._pool_size = pool_size
+        self._retry = retry
 
     def get(self) -> Any:
         session = getattr(self._local, "session", None)
@@ -342,7 +469,7 @@ class _SessionPool:
             from requests.adapters import HTTPAdapter
 
             session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=0)
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size, max_retries=self._retry)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = USER_AGENT
@@ -356,14 +483,6 @@ class _SessionPool:
             for s in self._sessions:
                 s.close()
             self._sessions.clear()
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    with contextlib.suppress(ValueError):
-        return max(0.0, float(value))
-    return None
 
 
 def credentials_hint(url: str) -> str:
@@ -392,8 +511,13 @@ def credentials_hint(url: str) -> str:
     return f"the server refused the credentials for {host} from {where}: check them there{token}"
 
 
-def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -> None:
-    """One GET of ``url`` into ``dest``; raises :class:`_Transient` or :class:`DownloadError`.
+DOWN_HINT = "the server or the network may be down (retry later, or raise source.retries / source.timeout_s)"
+
+
+def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str, retries: int) -> None:
+    """Download ``url`` into ``dest``: one GET, which the session's :class:`HttpRetry` repeats on a
+    transient failure up to ``retries`` times. Raises :class:`_BrokenBody` when the body ends early,
+    :class:`MissingUpstreamError` on 404/410, else :class:`DownloadError`.
 
     ``url`` is as configured (``$NAME`` query values unresolved); the request goes to
     :func:`request_url` of it, without explicit auth, so requests takes the host's credentials from
@@ -401,6 +525,7 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -
     show ``url`` redacted and pass what requests says through :func:`redact_text`.
     """
     import requests
+    from urllib3.exceptions import MaxRetryError
 
     shown = redact_url(url)
     try:
@@ -408,8 +533,11 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -
             status = resp.status_code
             if status in (404, 410):
                 raise MissingUpstreamError(f"{shown}: HTTP {status} {resp.reason} (no such file); {hint}")
-            if status in RETRY_STATUS or status >= 500:
-                raise _Transient(f"HTTP {status} {resp.reason}", _retry_after(resp.headers.get("Retry-After")))
+            if status in RETRY_STATUS:  # what HttpRetry returns once the retries are spent
+                history = getattr(getattr(resp.raw, "retries", None), "history", ())
+                raise DownloadError(
+                    f"{shown}: failed after {len(history) + 1} attempt(s): HTTP {status} {resp.reason}; {DOWN_HINT}"
+                )
             if status in (401, 403):
                 raise DownloadError(
                     f"{shown}: HTTP {status} {resp.reason}; the server refuses access: {credentials_hint(url)}"
@@ -426,13 +554,17 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str) -
                         received += len(block)
             except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as exc:
                 of = f" of {expected}" if expected is not None else ""
-                raise _Transient(
+                raise _BrokenBody(
                     f"connection broken after {received}{of} bytes, truncated ({redact_text(str(exc))})"
                 ) from exc
             if expected is not None and received != expected:
-                raise _Transient(f"truncated: received {received} of {expected} bytes (Content-Length)")
+                raise _BrokenBody(f"truncated: received {received} of {expected} bytes (Content-Length)")
     except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _Transient(f"{type(exc).__name__}: {redact_text(str(exc))}") from exc
+        # retried by HttpRetry: a MaxRetryError inside says the retries were spent
+        attempts = retries + 1 if exc.args and isinstance(exc.args[0], MaxRetryError) else 1
+        raise DownloadError(
+            f"{shown}: failed after {attempts} attempt(s): {type(exc).__name__}: {redact_text(str(exc))}; {DOWN_HINT}"
+        ) from exc
     except requests.RequestException as exc:
         raise DownloadError(f"{shown}: {type(exc).__name__}: {redact_text(str(exc))}") from exc
 
@@ -466,34 +598,34 @@ def _fetch_one(
     hint: str,
     stop: threading.Event,
 ) -> FetchedFile:
-    """Download, verify and atomically place one file (retrying transient failures); messages show
-    the URL redacted."""
+    """Download, verify and atomically place one file; messages show the URL redacted.
+
+    The HTTP request retries by itself (the sessions' :class:`HttpRetry`); a body that ends early
+    (:class:`_BrokenBody`) repeats the whole download, at most ``retries`` times, waiting
+    ``backoff_s * 2**k`` before repeat ``k + 1``.
+    """
     scheme = url_scheme(job.url)
     shown = redact_url(job.url)
+    cancelled = f"{shown}: cancelled after another file failed"
     with atomic_output(job.dest) as tmp:
-        attempt = 0
-        while True:
+        for attempt in range(retries + 1):
             if stop.is_set():
-                raise DownloadError(f"{shown}: cancelled after another file failed")
+                raise DownloadError(cancelled)
             try:
                 if scheme == "file":
                     _file_copy(job.url, tmp, hint)
                 else:
-                    _http_get(job.url, tmp, sessions.get(), timeout_s, hint)
+                    _http_get(job.url, tmp, sessions.get(), timeout_s, hint, retries)
                 break
-            except _Transient as exc:
+            except _Cancelled as exc:
+                raise DownloadError(cancelled) from exc
+            except _BrokenBody as exc:
                 if attempt >= retries:
-                    raise DownloadError(
-                        f"{shown}: failed after {attempt + 1} attempt(s): {exc}; the server or the "
-                        "network may be down (retry later, or raise source.retries / source.timeout_s)"
-                    ) from exc
+                    raise DownloadError(f"{shown}: failed after {attempt + 1} attempt(s): {exc}; {DOWN_HINT}") from exc
                 delay = backoff_s * 2**attempt
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_S))
                 log.warning("%s: %s; retry %d/%d in %.1f s", shown, exc, attempt + 1, retries, delay)
-                attempt += 1
                 if stop.wait(delay):
-                    raise DownloadError(f"{shown}: cancelled after another file failed") from exc
+                    raise DownloadError(cancelled) from exc
         sha = _verify(tmp, job.url, job.dest.name, job.expected_sha256)
         size = tmp.stat().st_size
     with atomic_output(_sidecar(job.dest)) as tmp_sidecar:
@@ -519,10 +651,16 @@ def _reuse(job: _UrlJob, known: dict[str, str]) -> FetchedFile | None:
 
 
 def run_parallel(
-    jobs: list[_UrlJob], worker: Callable[[_UrlJob, threading.Event], FetchedFile | None], parallel: int
+    jobs: list[_UrlJob],
+    worker: Callable[[_UrlJob, threading.Event], FetchedFile | None],
+    parallel: int,
+    stop: threading.Event | None = None,
 ) -> list[FetchedFile | None]:
-    """Run ``worker`` over ``jobs`` on ``parallel`` threads; on the first failure cancel the rest and raise it."""
-    stop = threading.Event()
+    """Run ``worker`` over ``jobs`` on ``parallel`` threads; on the first failure cancel the rest and raise it.
+
+    ``stop`` (a new event by default), handed to each worker, is set on the first failure.
+    """
+    stop = threading.Event() if stop is None else stop
     results: dict[int, FetchedFile | None] = {}
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="fetch") as pool:
         futures: dict[Future[FetchedFile | None], int] = {
@@ -658,7 +796,8 @@ def fetch_urls(
             f"check source.url (template {src['url']!r}) and the date range source.start..source.end "
             f"({src['start']}..{src['end']})"
         )
-        sessions = _SessionPool(src["parallel"])
+        stop = threading.Event()
+        sessions = _SessionPool(src["parallel"], http_retry(src["retries"], src["backoff_s"], stop))
         counter = {"n": 0}
         lock = threading.Lock()
 
@@ -683,7 +822,7 @@ def fetch_urls(
             return result
 
         try:
-            fetched = run_parallel([job for _, job in todo], worker, src["parallel"])
+            fetched = run_parallel([job for _, job in todo], worker, src["parallel"], stop)
         finally:
             sessions.close()
         for (i, _), f in zip(todo, fetched):
