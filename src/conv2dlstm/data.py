@@ -241,6 +241,10 @@ def available_memory_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+DATA_ON_DEVICE = ("auto", "always", "never")
+"""Values of config key ``train.data_on_device`` (see :func:`use_in_memory`)."""
+
+
 def use_in_memory(mode: str, nbytes: int, device: torch.device, fraction: float = 0.25) -> bool:
     """Whether to keep windows on the device: ``always``, ``never``, or ``auto`` (when ``nbytes`` is under
     ``fraction`` of the device's free memory)."""
@@ -249,7 +253,7 @@ def use_in_memory(mode: str, nbytes: int, device: torch.device, fraction: float 
     if mode == "never":
         return False
     if mode != "auto":
-        raise ValueError(f"data_on_device mode {mode!r} is not one of auto, always, never")
+        raise ValueError(f"config key train.data_on_device: {mode!r} is not one of {list(DATA_ON_DEVICE)}")
     return nbytes <= fraction * available_memory_bytes(device)
 
 

@@ -51,7 +51,6 @@ from conv2dlstm.modelsize import (
     conv_stack_sizes,
 )
 
-MODEL_NAMES = ("convlstm", "conv2d_lstm")
 FLOOR_SHARPNESS = 10.0
 """Sharpness ``b`` of the output floor, per normalized unit (module docstring)."""
 
@@ -385,6 +384,8 @@ class ConvLSTM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[nn.Module]] = {"convlstm": ConvLSTM, "conv2d_lstm": Conv2dLSTM}
+MODEL_NAMES = tuple(_REGISTRY)
+"""The networks :func:`build_model` builds (config key ``model.name``)."""
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -661,6 +661,10 @@ def _times(syn: dict[str, Any]) -> pd.DatetimeIndex:
     return pd.date_range(start, end, freq="D")
 
 
+KINDS = ("none", "oisst", "cmems_bgc")
+"""Values of config key ``synthetic.kind``: nothing, daily OISST files, or one CMEMS-like BGC file."""
+
+
 def main(cfg: dict[str, Any], *, out_dir: Path) -> None:
     """Generate the synthetic ocean of ``cfg["synthetic"]`` into ``out_dir`` (replaced atomically)."""
     syn = cfg["synthetic"]
@@ -670,8 +674,8 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> None:
             "config key synthetic.kind: 'none' generates nothing; set it to oisst or cmems_bgc, or do "
             "not run the synth step"
         )
-    if kind not in ("oisst", "cmems_bgc"):
-        raise ConfigError(f"config key synthetic.kind: {kind!r} is not one of ['none', 'oisst', 'cmems_bgc']")
+    if kind not in KINDS:
+        raise ConfigError(f"config key synthetic.kind: {kind!r} is not one of {list(KINDS)}")
     lat, lon = _grid(syn)
     times = _times(syn)
     seed = int(syn["seed"])
