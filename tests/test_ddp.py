@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 CPU processes (gloo, real torchrun through the real CLI) against 1 process.
+"""Data-parallel training: 2 CPU processes (gloo, real torchrun started as the train rule starts it,
+running the real CLI) against 1 process.
 
 The two-process runs must give the single-process loss curve and weights up to float rounding: the
 gradients and losses are float32 sums taken in another order (the all-reduce adds the ranks'
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -106,11 +108,14 @@ def cli_args(cfg: dict, store, out: Path) -> list[str]:
 
 
 def start_cli(cfg: dict, store, out: Path) -> subprocess.Popen:
-    """``python -m conv2dlstm train ...`` in a subprocess, one torch thread per process."""
+    """What the train rule runs for the run (``torchrun ... -m -- conv2dlstm train ...`` for
+    ``train.gpus: 2``) in a subprocess, this interpreter's bin first on PATH, one torch thread per process."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", *distributed.TORCHRUN_ENV)}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    launcher = shlex.split(distributed.rule_launcher(cfg, "convlstm"))
     return subprocess.Popen(
-        [sys.executable, "-m", "conv2dlstm", *cli_args(cfg, store, out)],
+        [*launcher, *cli_args(cfg, store, out)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -151,14 +156,13 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def worker_pid(launcher: int, rank: int) -> int:
-    """The torchrun worker of ``rank`` under the CLI process ``launcher`` (launcher -> torchrun -> workers)."""
-    for torchrun in children(launcher):
-        for pid in children(torchrun):
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in environ:
-                return pid
-    raise AssertionError(f"no worker of rank {rank} under process {launcher}")
+def worker_pid(torchrun: int, rank: int) -> int:
+    """The worker of ``rank`` that the process ``torchrun`` started."""
+    for pid in children(torchrun):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under process {torchrun}")
 
 
 def assert_matches_reference(out: Path, reference: Path) -> None:
@@ -239,6 +243,24 @@ def test_averaged_share_gradients_equal_the_batch_gradient(world_size: int, batc
         torch.testing.assert_close(t / world_size, e, rtol=1e-5, atol=1e-7)
 
 
+def test_the_rule_launches_torchrun_for_more_than_one_process() -> None:
+    cfg = validate_config(
+        {"runs": [{"name": "one"}, {"name": "cpu2", "train": {"gpus": 2, "device": "cpu", "batch_size": 4}}]}
+    )
+    assert distributed.rule_launcher(cfg, "one") == "python -m conv2dlstm"
+    torchrun = distributed.rule_launcher(cfg, "cpu2")
+    assert shlex.split(torchrun) == distributed.launch_command(2)
+    assert torchrun.startswith("torchrun --standalone --nproc-per-node=2 --signals-to-handle=SIGTERM,SIGINT,")
+    assert torchrun.endswith(" --shutdown-timeout=120 -m -- conv2dlstm")
+
+
+def test_distributed_is_torch_free() -> None:
+    """The Snakefile imports it (the train rule's launcher) where torch may not be installed."""
+    code = "import sys, conv2dlstm.distributed; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_worker_arguments_give_the_same_run_config() -> None:
     cfg = run_config(validate_config({"runs": [{"name": "small", "train": {"gpus": 2, "batch_size": 4}}]}), "small")
     argv = train.worker_argv(cfg, run="small", windows=Path("w.zarr"), stats=Path("s.nc"), out_dir=Path("o"))
@@ -254,7 +276,9 @@ def test_worker_arguments_give_the_same_run_config() -> None:
     # torchrun hands every argument after the module to the workers untouched
     from torch.distributed.run import parse_args
 
-    parsed = parse_args(distributed.torchrun_command(argv, 2)[3:])
+    command = distributed.launch_command(2)
+    assert command[0] == "torchrun"
+    parsed = parse_args([*command[1:], *argv])
     assert (parsed.module, parsed.training_script, parsed.training_script_args) == (True, "conv2dlstm", argv)
     assert parsed.nproc_per_node == "2" and parsed.standalone and "SIGUSR1" in parsed.signals_to_handle
 
@@ -266,11 +290,29 @@ def test_context_from_environment() -> None:
     assert (ctx.rank, ctx.world_size, ctx.distributed, ctx.is_main) == (1, 2, True, False)
     with pytest.raises(ConfigError, match="RANK=2, LOCAL_RANK=0, WORLD_SIZE=2 in the environment are inconsistent"):
         distributed.Context.from_env({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
-    assert distributed.maybe_relaunch(["--help"], 1) is None  # one process: nothing to launch
+
+
+def test_more_than_one_process_outside_torchrun_is_refused_at_once(store, tmp_path, capsys, monkeypatch) -> None:
+    """``python -m conv2dlstm train`` of a run with train.gpus: 2: exit status 2, nothing written,
+    the error names the value and the torchrun command."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in distributed.TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cfg = ddp_config(tmp_path / "mlflow.db", gpus=2)
+    out = tmp_path / "out"
+    assert cli.main(cli_args(cfg, store, out)) == 2
+    err = capsys.readouterr().err
+    assert "train.gpus = 2 (run convlstm) trains with 2 processes started by torchrun" in err
+    assert f"start it as `{shlex.join(distributed.launch_command(2))} train <the same arguments>`" in err
+    assert "or set train.gpus to 1" in err
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+    distributed.require_torchrun(2, "convlstm", {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})  # a worker
+    distributed.require_torchrun(1, "convlstm", {})  # one process
 
 
 def test_batch_not_divisible_by_processes(store, tmp_path, capsys, monkeypatch) -> None:
-    """In the launching CLI (exit status 2, nothing started or written) and in a torchrun worker."""
+    """In a plain CLI process (exit status 2, nothing written; before the launcher's error, which
+    torchrun would not fix alone) and in a torchrun worker."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = ddp_config(tmp_path / "mlflow.db", gpus=2)
     cfg["train"]["batch_size"] = 3  # past validation, which refuses it as well (tests/test_config.py)
@@ -298,7 +340,6 @@ def test_two_processes_give_the_single_process_run(store, reference, mlflow_db, 
     out = tmp_path / "out"
     code, output = finish(start_cli(cfg, store, out))
     assert code == 0, output
-    assert "starting 2 training processes" in output
     assert {p.name for p in out.iterdir()} == OUTPUTS  # rank 0 alone writes, nothing partial
     assert output.count("run complete") == 1 and output.count("epoch 1/5") == 1
     assert_matches_reference(out, reference)
@@ -309,25 +350,25 @@ def test_two_processes_give_the_single_process_run(store, reference, mlflow_db, 
 
 
 def test_signals_stop_all_ranks_and_resume(store, reference, mlflow_db, tmp_path) -> None:
-    """SIGTERM to the launching CLI (forwarded), then SIGUSR1 to rank 1 alone (all ranks agree to
-    stop at the same step); each time rank 0 leaves a consistent last.pt and a KILLED MLflow run,
-    and the resumed run ends as the uninterrupted single-process one."""
+    """SIGTERM to torchrun (which passes it on to the workers), then SIGUSR1 to rank 1 alone (all
+    ranks agree to stop at the same step); each time rank 0 leaves a consistent last.pt and a KILLED
+    MLflow run, and the resumed run ends as the uninterrupted single-process one."""
     from mlflow import MlflowClient
 
     cfg = ddp_config(mlflow_db, gpus=2, experiment="test-ddp-signals")
     out = tmp_path / "out"
     client = MlflowClient(cfg["mlflow"]["tracking_uri"])
     done = 0
-    for target in ("launcher", "rank 1"):
+    for target, signum in (("torchrun", signal.SIGTERM), ("rank 1", signal.SIGUSR1)):
         proc = start_cli(cfg, store, out)
         wait_for_epochs(proc, out, done + 1)
-        if target == "launcher":
-            proc.send_signal(signal.SIGTERM)
-        else:
-            os.kill(worker_pid(proc.pid, rank=1), signal.SIGUSR1)
+        os.kill(proc.pid if target == "torchrun" else worker_pid(proc.pid, rank=1), signum)
         code, output = finish(proc)
-        # the launcher exits 128 + the signal it forwarded; torchrun reports a failed worker as 1
-        assert code == (128 + signal.SIGTERM if target == "launcher" else 1), output
+        # the workers exit 128 + signal (torchrun reports it for a worker that stopped first);
+        # torchrun itself exits 1, after a signal as after a failed worker
+        assert code == 1, output
+        assert f"run convlstm stopped on {signum.name}" in output, output
+        assert target == "torchrun" or f"(exitcode: {128 + signum})" in output, output
         state = torch.load(out / "last.pt", weights_only=True)
         assert not state["finished"] and done < state["epoch"] < EPOCHS, (target, state["epoch"])
         assert len(state["history"]) == len(history(out)) == state["epoch"]

@@ -1,47 +1,48 @@
 """Data-parallel training over several processes (``torch.nn.parallel.DistributedDataParallel``).
 
-``train.gpus > 1`` trains with one process per GPU. A plain ``python -m conv2dlstm train ...``
-re-executes itself under torchrun (:func:`maybe_relaunch`)::
+``train.gpus > 1`` trains with one process per GPU, started by torchrun: the train rule runs
+(:func:`launch_command`, its ``launcher`` resource, chosen per run by :func:`rule_launcher`)::
 
-    python -m torch.distributed.run --standalone --nproc-per-node=<gpus> ... -m -- conv2dlstm <argv>
+    torchrun --standalone --nproc-per-node=<gpus> --signals-to-handle=... --shutdown-timeout=120 \\
+        -m -- conv2dlstm train ...
 
-and each process torchrun starts (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in its environment, read
-by :meth:`Context.from_env`) joins one process group (:func:`process_group`): NCCL on CUDA, one GPU
-``cuda:LOCAL_RANK`` per process; gloo on the CPU, where ``train.gpus`` is simply the number of
-processes (``train.device: cpu`` + ``train.gpus: 2`` trains with two CPU processes).
+and ``python -m conv2dlstm train ...`` when ``train.gpus`` is 1. Each process torchrun starts
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in its environment, read by :meth:`Context.from_env`) joins
+one process group (:func:`process_group`): NCCL on CUDA, one GPU ``cuda:LOCAL_RANK`` per process;
+gloo on the CPU, where ``train.gpus`` is simply the number of processes (``train.device: cpu`` +
+``train.gpus: 2`` trains with two CPU processes). A run with ``train.gpus > 1`` started as a plain
+process, outside torchrun, stops at once naming the torchrun command (:func:`require_torchrun`).
 
-Signals: the launching process forwards SIGTERM, SIGUSR1 and SIGINT to torchrun, which forwards
-them to every worker (``--signals-to-handle``) and gives them ``SHUTDOWN_TIMEOUT_S`` to exit; the
-launcher then exits with 128 + the signal number, as a single training process does.
+Signals: torchrun passes SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1 on to every worker
+(``--signals-to-handle``; its default set lacks SIGUSR1) and gives them ``SHUTDOWN_TIMEOUT_S`` to
+exit. The workers stop at the same batch boundary and exit with 128 + the signal number, as a
+single training process does; torchrun itself then exits with status 1 (after a signal, and when a
+worker fails). A second signal to torchrun cuts the workers' graceful stop short.
 
 The collectives the training loop needs (:func:`all_reduce_sum`, :func:`agree_on_signal`,
-:func:`barrier`) are no-ops in a single process, so the loop has one code path.
+:func:`barrier`) are no-ops in a single process, so the loop has one code path. This module imports
+torch only inside the functions that need it: the Snakefile imports it (:func:`rule_launcher`) in an
+environment without torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
+import shlex
 import signal
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from conv2dlstm.errors import ConfigError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # torchrun's default set plus SIGUSR1 (SLURM's usual pre-emption warning); it passes them on to the workers
 TORCHRUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 SHUTDOWN_TIMEOUT_S = 120  # torchrun waits this long for workers to stop after a signal, then kills them
@@ -76,7 +77,7 @@ class Context:
         except ValueError as exc:
             raise ConfigError(
                 f"RANK / LOCAL_RANK / WORLD_SIZE in the environment are not integers ({exc}); unset them, or "
-                "start training through torchrun (train.gpus > 1 does that)"
+                "start training through torchrun (the train rule does when train.gpus > 1)"
             ) from exc
         ctx = cls(rank=values["RANK"], local_rank=values["LOCAL_RANK"], world_size=values["WORLD_SIZE"])
         if ctx.world_size < 1 or not 0 <= ctx.rank < ctx.world_size or ctx.local_rank < 0:
@@ -93,73 +94,55 @@ def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
     return any(k in env for k in TORCHRUN_ENV)
 
 
-def torchrun_command(argv: Sequence[str], nprocs: int, *, python: str | None = None) -> list[str]:
-    """``python -m torch.distributed.run ... -m -- conv2dlstm <argv>`` starting ``nprocs`` local workers."""
+def train_processes(config: dict[str, Any], run: str) -> int:
+    """Training processes of ``run``: its ``train.gpus`` (GPUs, or CPU processes with ``train.device: cpu``)."""
+    from conv2dlstm.config import run_config
+
+    return int(run_config(config, run)["train"]["gpus"])
+
+
+def launch_command(nprocs: int) -> list[str]:
+    """The command, followed by the step and its arguments, that runs ``python -m conv2dlstm`` as
+    ``nprocs`` training processes: that itself for one, else ``torchrun ... -m -- conv2dlstm``
+    starting ``nprocs`` local workers.
+
+    ``--``: torchrun's parser would reject worker options that abbreviate two of its own
+    (``--run`` -> ``--run-path``, ``--run_path``); after it, nothing is parsed as torchrun's.
+    """
+    if nprocs <= 1:
+        return ["python", "-m", "conv2dlstm"]
     return [
-        python or sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "torchrun",
         "--standalone",
         f"--nproc-per-node={nprocs}",
         f"--signals-to-handle={','.join(s.name for s in TORCHRUN_SIGNALS)}",
         f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-        # "--": torchrun's parser would reject worker options that abbreviate two of its own
-        # (``--run`` -> ``--run-path``, ``--run_path``); after it, nothing is parsed as torchrun's
         "-m",
         "--",
         "conv2dlstm",
-        *argv,
     ]
 
 
-def maybe_relaunch(argv: Sequence[str], nprocs: int, *, python: str | None = None) -> int | None:
-    """Run ``python -m conv2dlstm <argv>`` as ``nprocs`` torchrun workers and return the exit status.
+def rule_launcher(config: dict[str, Any], run: str) -> str:
+    """The train rule's launcher of ``run`` as a shell command (:func:`launch_command`).
 
-    Returns None, starting nothing, when ``nprocs <= 1`` or when this process is already a worker
-    (:func:`under_torchrun`). Otherwise blocks until torchrun exits. torchrun runs in its own session,
-    so a signal sent to this process's group (a terminal's Ctrl-C, ``kill -TERM -<pgid>``) reaches
-    torchrun only through this process: the first SIGTERM, SIGUSR1 and SIGINT are forwarded (a
-    repeated one would make torchrun abandon its workers' graceful stop). After a forwarded signal
-    a failed run returns 128 + that signal's number (torchrun itself exits 1 when a worker fails).
+    The rule declares it as a resource, not a param: ``train.gpus`` determines no result, so a
+    changed value must not rerun the step (params are Snakemake's rerun trigger, :mod:`conv2dlstm.keys`).
     """
-    if nprocs <= 1 or under_torchrun():
-        return None
-    cmd = torchrun_command(argv, nprocs, python=python)
-    log.info("starting %d training processes: %s", nprocs, " ".join(cmd[: cmd.index("--") + 2] + ["..."]))
-    received: list[int] = []
-    started: list[subprocess.Popen] = []
+    return shlex.join(launch_command(train_processes(config, run)))
 
-    def forward(signum: int, frame: Any) -> None:
-        if signum in received:  # torchrun would cut its workers' graceful shutdown short
-            return
-        received.append(signum)
-        if started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(started[0].pid, signum)
 
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
-    try:
-        proc = subprocess.Popen(cmd, start_new_session=True)
-        started.append(proc)
-        for signum in received:  # arrived while starting
-            os.killpg(proc.pid, signum)
-        try:
-            code = proc.wait()
-        except BaseException:  # not a forwarded signal: do not leave the workers behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
-            raise
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if code < 0:  # torchrun itself killed by a signal
-        code = 128 - code
-    if code != 0 and received:
-        code = 128 + received[0]
-    return code
+def require_torchrun(gpus: int, run: str, env: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` when ``gpus > 1`` processes are asked for but this process was
+    not started by torchrun (:func:`under_torchrun`): it names the command to start it with."""
+    if gpus <= 1 or under_torchrun(env):
+        return
+    command = shlex.join([*launch_command(gpus), "train"])
+    raise ConfigError(
+        f"train.gpus = {gpus} (run {run}) trains with {gpus} processes started by torchrun, but this is a "
+        f"plain process; start it as `{command} <the same arguments>` (what the Snakemake rule train "
+        "runs), or set train.gpus to 1"
+    )
 
 
 def backend_for(device: torch.device) -> str:
@@ -171,6 +154,8 @@ def worker_device(ctx: Context, device: torch.device) -> torch.device:
     """This process's device: ``cuda:LOCAL_RANK`` on CUDA (made current), else ``device`` unchanged."""
     if device.type != "cuda" or not ctx.distributed:
         return device
+    import torch
+
     count = torch.cuda.device_count()
     if ctx.local_rank >= count:
         raise ConfigError(
@@ -190,6 +175,8 @@ def process_group(ctx: Context, device: torch.device) -> Iterator[None]:
     if not ctx.distributed:
         yield
         return
+    import torch.distributed as dist
+
     dist.init_process_group(
         backend=backend_for(device),
         rank=ctx.rank,
@@ -212,6 +199,8 @@ def wrap_model(model: nn.Module, ctx: Context, device: torch.device) -> nn.Modul
     """
     if not ctx.distributed:
         return model
+    from torch import nn
+
     return nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -222,6 +211,8 @@ def wrap_model(model: nn.Module, ctx: Context, device: torch.device) -> nn.Modul
 def all_reduce_sum(ctx: Context, tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over all ranks (in place; the tensor itself when not distributed)."""
     if ctx.distributed:
+        import torch.distributed as dist
+
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -233,6 +224,9 @@ def agree_on_signal(ctx: Context, signum: int | None, device: torch.device) -> i
     """
     if not ctx.distributed:
         return signum
+    import torch
+    import torch.distributed as dist
+
     flag = torch.tensor([signum or 0], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     value = int(flag.item())
@@ -242,4 +236,6 @@ def agree_on_signal(ctx: Context, signum: int | None, device: torch.device) -> i
 def barrier(ctx: Context, device: torch.device) -> None:
     """Wait until every rank gets here (nothing when not distributed)."""
     if ctx.distributed:
+        import torch.distributed as dist
+
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)

@@ -37,9 +37,10 @@ the wait budget (``CONV2DLSTM_MLFLOW_WAIT_S``); if they cannot, :class:`Tracking
 before ``model.pt`` is written, and a rerun resumes after the last epoch, trains no further, logs the
 epochs the run lacks (:meth:`conv2dlstm.tracking.Tracker.backfill`) and the rest.
 
-Data-parallel training (``train.gpus > 1``, see :mod:`conv2dlstm.distributed`): :func:`main` called
-in a plain process checks its inputs and runs itself again as ``train.gpus`` torchrun workers, one
-per GPU (on the CPU: that many gloo processes). Every worker draws the same seeded shuffled order
+Data-parallel training (``train.gpus > 1``, see :mod:`conv2dlstm.distributed`): the train rule
+starts ``python -m conv2dlstm train`` as ``train.gpus`` torchrun workers, one per GPU (on the CPU:
+that many gloo processes); started outside torchrun, :func:`main` stops at once naming the torchrun
+command. Every worker draws the same seeded shuffled order
 and takes its share of each global batch (:func:`conv2dlstm.data.shard_batches`), so a step sees the
 windows of one single-process step and, with the loss scaled as in :func:`share_loss`, applies
 the same gradient up to float rounding. Validation sums are all-reduced, so learning-rate schedule
@@ -250,7 +251,9 @@ def set_deadline(minutes: float, *, margin_s: float | None = None, environ: dict
     comes ``margin_s`` earlier (default: 5% of the limit, at most 10 minutes) so the checkpoint is
     written before the scheduler kills the job. Cluster schedulers do not always deliver their
     warning signal to the training process (see docs/slurm.md); this deadline does not depend on
-    them. Torchrun workers inherit it. Returns the deadline as a Unix time.
+    them. Under torchrun each worker sets its own from the same limit (they start within seconds of
+    each other, and the ranks agree on a stop at every batch boundary). Returns the deadline as a
+    Unix time.
     """
     environ = os.environ if environ is None else environ
     limit_s = minutes * 60.0
@@ -657,11 +660,14 @@ def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device
 def worker_argv(
     cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path, sweep: Mapping[str, str] | None = None
 ) -> list[str]:
-    """Arguments of ``python -m conv2dlstm`` with which a torchrun worker calls :func:`main` as this process.
+    """Arguments of ``python -m conv2dlstm`` (or of its torchrun command, :func:`distributed.launch_command`)
+    that call :func:`main` as it was called here, with a configuration that holds this run alone.
 
     The CLI derives the run's configuration with ``config.run_config(config, run)``; listing the run
     without overrides makes that return ``cfg`` itself. The ``sweep`` tags are passed as they are
-    (the worker's configuration holds only this run, so it cannot derive them).
+    (a configuration of this run alone cannot derive them). The train rule passes the whole
+    configuration instead (``--config-json "$CONV2DLSTM_CONFIG"``), from which each process
+    derives the sweep tags itself.
     """
     level = logging.getLevelName(logging.getLogger("conv2dlstm").getEffectiveLevel())
     config = {**cfg, "runs": [{"name": run}]}
@@ -734,10 +740,10 @@ def _resume_or_stale(
     return None, Stale(tuple(reasons), files, _read_run_id(out_dir) or recorded or None)
 
 
-def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Path) -> _Inputs:
+def _open_store(windows: Path, stats: Path) -> WindowsStore:
+    """The windows store, checked to hold train and val windows, once ``stats`` is known to exist."""
     store = WindowsStore(windows)
-    stats = Path(stats)
-    if not stats.is_file():
+    if not Path(stats).is_file():
         raise DataError(f"normalization statistics {stats} do not exist; run the normalize step first")
     for split in ("train", "val"):
         if store.starts(split).size == 0:
@@ -745,6 +751,12 @@ def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Pa
                 f"windows store {store.path} has no {split} windows; lengthen splits.{split} or shorten "
                 "windows.input_steps + windows.lead_steps"
             )
+    return store
+
+
+def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Path) -> _Inputs:
+    store = _open_store(windows, stats)
+    stats = Path(stats)
     stats_sha = sha256_file(stats)
     if store.attrs.get("stats_sha256") not in (None, stats_sha):
         log.warning("windows store %s was built from other statistics than %s", store.path, stats)
@@ -801,21 +813,24 @@ def main(
     these inputs; otherwise moves the files of the earlier training to ``out_dir/stale/<UTC timestamp>/``
     and starts afresh (module docstring). Returns at once when the run is complete (:func:`is_complete`).
 
-    ``train.gpus > 1`` (data-parallel; :mod:`conv2dlstm.distributed`): in a plain process, ``main``
-    checks the configuration and inputs, then runs ``python -m conv2dlstm train`` with the same
-    arguments as ``train.gpus`` torchrun workers and returns when they succeed; when they fail it
-    raises ``SystemExit`` with their status (128 + signal after a forwarded SIGTERM / SIGUSR1). In
-    a torchrun worker (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) it trains as one rank, on
-    ``cuda:LOCAL_RANK`` or, with ``train.device: cpu`` (or no GPU), as one of ``train.gpus`` CPU
-    processes. The global ``train.batch_size`` must be divisible by the number of processes.
+    ``train.gpus > 1`` (data-parallel; :mod:`conv2dlstm.distributed`): ``main`` runs in each of the
+    ``train.gpus`` processes torchrun starts (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) and trains
+    as one rank, on ``cuda:LOCAL_RANK`` or, with ``train.device: cpu`` (or no GPU), as one of
+    ``train.gpus`` CPU processes. The global ``train.batch_size`` must be divisible by the number of
+    processes. In a plain process it stops at once, before anything is written: after the checks
+    of what torchrun would not fix (batch size, devices, that the inputs exist) it raises
+    :class:`ConfigError` naming the torchrun command (:func:`conv2dlstm.distributed.require_torchrun`).
     """
+    tcfg = cfg["train"]
+    if tcfg["gpus"] > 1 and not distributed.under_torchrun():
+        check_world_size(tcfg, tcfg["gpus"], resolve_device(tcfg["device"]))
+        _open_store(windows, stats)
+        distributed.require_torchrun(tcfg["gpus"], run)
     out_dir = Path(out_dir)
     if (out_dir / "model.pt").is_file() and is_complete(out_dir, train_record(cfg, windows, stats)["digest"]):
         log.info("run %s is complete in %s; nothing to do", run, out_dir)
         return
-    tcfg = cfg["train"]
     ctx = distributed.Context.from_env()
-    launch = tcfg["gpus"] > 1 and not distributed.under_torchrun()
     if ctx.distributed and tcfg["gpus"] != ctx.world_size:
         log.warning(
             "train.gpus = %d, but torchrun started %d processes; training with %d",
@@ -824,29 +839,17 @@ def main(
             ctx.world_size,
         )
     device = resolve_device(tcfg["device"])
-    check_world_size(tcfg, tcfg["gpus"] if launch else ctx.world_size, device)
+    check_world_size(tcfg, ctx.world_size, device)
     if device.type == "cuda":  # deterministic cuBLAS; read when CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     uri = None
-    if ctx.is_main:  # the launcher and rank 0; the other ranks never touch MLflow
+    if ctx.is_main:  # rank 0 (or the only process); the other ranks never touch MLflow
         uri = tracking.resolve_tracking_uri(cfg)
         tracking.check_tracking(uri)
     inputs = _open_inputs(cfg, windows=windows, stats=stats, out_dir=out_dir)
     if ctx.is_main:
         for stray in discard_partials(out_dir):
             log.info("train: discarded %s left by an interrupted run", stray)
-    if launch:
-        argv = worker_argv(cfg, run=run, windows=windows, stats=stats, out_dir=out_dir, sweep=sweep)
-        code = distributed.maybe_relaunch(argv, tcfg["gpus"])
-        if code:
-            log.error(
-                "the %d training processes of run %s failed (exit status %d); their output is above",
-                tcfg["gpus"],
-                run,
-                code,
-            )
-            raise SystemExit(code)
-        return
     device = distributed.worker_device(ctx, device)
     with distributed.process_group(ctx, device):
         try:
