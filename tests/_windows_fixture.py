@@ -23,6 +23,7 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm import provenance, zarrstore
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.fsutil import sha256_file
 
 
@@ -169,6 +170,7 @@ def make_windows_store(
             "train_start": str(time[0].date()),
             "train_end": str(time[n_train - 1].date()),
             "per_pixel": 0,
+            "format_version": stats_file.FORMAT_VERSION,
             **provenance.to_attrs(stats_record),
         },
     )

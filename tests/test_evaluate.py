@@ -11,6 +11,7 @@ import pytest
 import xarray as xr
 
 from conv2dlstm import evaluate, keys, metrics, plots, provenance
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.zarrstore import write_store
@@ -206,7 +207,7 @@ def test_variable_units_from_stats():
         {"variable_units": ("variable", np.array(["degC", "mmol m-3"], dtype=object))},
         coords={"variable": ["sst", "no3"]},
     )
-    assert evaluate.variable_units(stats) == {"sst": "degC", "no3": "mmol m-3"}
+    assert stats_file.units(stats) == {"sst": "degC", "no3": "mmol m-3"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +410,7 @@ def _stats_dataset() -> xr.Dataset:
             "train_end": "2021-01-31",
             "per_pixel": 0,
             "climatology_window": 61,
+            "format_version": stats_file.FORMAT_VERSION,
             **provenance.to_attrs(STATS_RECORD),
         },
     )
@@ -818,14 +820,14 @@ def test_bad_statistics_file_names_path_and_normalize(tmp_path, problem):
         stats.to_netcdf(path)
     variables = ["no3"] if problem == "no_variable" else ["sst"]
     with pytest.raises(DataError, match=rf"(?s)statistics file {path}.*re-run the normalize step"):
-        with evaluate.open_stats(path, variables):
+        with stats_file.open_lazy(path, variables):
             pass
 
 
 def test_open_stats_loads_float32_statistics(tmp_path):
     path = tmp_path / "stats.nc"
     _stats_dataset().to_netcdf(path)
-    with evaluate.open_stats(path, ["sst"]) as stats:
+    with stats_file.open_lazy(path, ["sst"]) as stats:
         assert stats["mean"].dtype == np.float32 and stats["std"].dtype == np.float32
         valid = xr.DataArray(pd.date_range("2021-03-01", periods=2).values.reshape(1, 2), dims=("time", "lead"))
         clim = evaluate.climatology_at(valid, stats, ["sst"])
@@ -844,7 +846,7 @@ def test_evaluate_bad_statistics_fail_before_any_output(pipeline_inputs, monkeyp
     p = pipeline_inputs
     if problem == "no_climatology":
         stats = _write_stats(p, "stats_noclim.nc", _stats_dataset().drop_vars("climatology"))
-        match = r"lacks \['climatology'\].*re-run the normalize step"
+        match = r"has no \['climatology'\].*re-run the normalize step"
     else:
         stats = _write_stats(p, "stats_grid.nc", _stats_dataset().assign_coords(lat=LAT + 0.5))
         match = "different lat coordinates; re-run the normalize and windows steps"
@@ -1127,6 +1129,7 @@ def ar1_inputs(tmp_path_factory):
             "train_end": str(times[n_train - 1].date()),
             "per_pixel": 0,
             "climatology_window": 31,
+            "format_version": stats_file.FORMAT_VERSION,
             **provenance.to_attrs(stats_record),
         },
     ).to_netcdf(root / "stats.nc")

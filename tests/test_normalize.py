@@ -13,6 +13,7 @@ import xarray as xr
 
 from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
 from conv2dlstm.zarrstore import write_store
@@ -316,13 +317,13 @@ def test_load_stats_round_trip_and_errors(tmp_path: Path) -> None:
     ds, _ = leaky_dataset(6)
     path = tmp_path / "stats.nc"
     stats = fit(ds)
-    nz.write_stats(stats, path)
-    loaded = nz.load_stats(path)
-    for name in (*nz.REQUIRED_STATS, "variable_units"):
+    stats_file.write(stats, path)
+    loaded = stats_file.load(path)
+    for name in (*stats_file.REQUIRED, "variable_units"):
         xr.testing.assert_identical(loaded[name], stats[name])
     assert loaded["mask"].dtype == bool
     assert loaded.attrs["train_start"] == "2019-01-01"
     stats.drop_vars("mask").to_netcdf(path)
     with pytest.raises(DataError, match=r"has no \['mask'\].*re-run the normalize step") as info:
-        nz.load_stats(path)
+        stats_file.load(path)
     assert str(path) in str(info.value)

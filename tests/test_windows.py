@@ -15,6 +15,7 @@ import zarr
 from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
 from conv2dlstm import windows as wn
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.data import WindowsStore
 from conv2dlstm.errors import DataError
@@ -203,7 +204,7 @@ def _written(tmp_path: Path) -> tuple[Path, Path, dict]:
     data_path = tmp_path / "regrid" / "x.zarr"
     write_store(ds.chunk({"time": 16}), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
-    nz.write_stats(fitted(ds), stats_path)
+    stats_file.write(fitted(ds), stats_path)
     return data_path, stats_path, store_config()
 
 
@@ -223,7 +224,7 @@ def _damage_stats(stats_path: Path, how: str) -> None:
 @pytest.mark.parametrize(
     ("how", "match"),
     [
-        ("missing", r"does not exist; run the normalize step first"),
+        ("missing", r"does not exist; re-run the normalize step"),
         ("corrupt", r"(?s)cannot be read \(.*\); delete it and re-run the normalize step"),
         ("html", r"(?s)cannot be read \(.*\); delete it and re-run the normalize step"),
         ("no_mask", r"has no \['mask'\].*re-run the normalize step"),
@@ -236,7 +237,7 @@ def test_main_bad_statistics_file_names_the_path_and_the_step(tmp_path: Path, ho
     if how == "no_attrs":
         with xr.open_dataset(stats_path) as opened:
             stats = opened.load()
-        stats.attrs = {}
+        stats.attrs = {k: v for k, v in stats.attrs.items() if k not in ("train_start", "train_end")}
         stats.to_netcdf(stats_path)
     else:
         _damage_stats(stats_path, how)
@@ -290,7 +291,7 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     gaps = {"time_gaps": 1, "missing_steps": 2, "longest_gap_days": 2.0, "missing_dates": ["2020-01-05..2020-01-06"]}
     write_store(ds.chunk({"time": 16}).assign_attrs(gaps), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
-    nz.write_stats(fitted(ds), stats_path)
+    stats_file.write(fitted(ds), stats_path)
     out = tmp_path / "windows" / "x.zarr"
     (out.parent / ".x.zarr.1234abcd.partial").mkdir(parents=True)  # left by a killed attempt
     with caplog.at_level(logging.INFO, logger="conv2dlstm"):

@@ -84,14 +84,13 @@ overwritten. If logging fails after the commit the step fails, and a rerun logs 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -100,6 +99,7 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm import __version__, baselines, keys, metrics, plots, provenance
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 
@@ -122,8 +122,6 @@ OUTPUT_FILES: tuple[str, ...] = (
     "maps.png",
     "rmse_map.png",
 )
-STATS_VARIABLES: tuple[str, ...] = ("mean", "std", "climatology", "mask")
-_STATS_FIX = "re-run the normalize step (and the steps after it)"
 _STAGING_PREFIX, _STAGING_SUFFIX = ".evaluate.", ".partial"
 
 STANDARD_NAMES: dict[str, str] = {
@@ -534,69 +532,6 @@ def skill_intervals(table: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
 
 # --------------------------------------------------------------------------------------------------
 # Statistics
-
-
-def variable_units(stats: xr.Dataset) -> dict[str, str]:
-    """Units per variable from the statistics file's ``variable_units`` (empty strings if absent)."""
-    names = [str(v) for v in stats["variable"].values] if "variable" in stats.coords else []
-    if "variable_units" in stats:
-        return {n: str(u) for n, u in zip(names, np.asarray(stats["variable_units"].values).tolist(), strict=True)}
-    return {n: str(stats.attrs.get(f"units_{n}", "")) for n in names}
-
-
-@contextlib.contextmanager
-def open_stats(path: str | os.PathLike, variables: Sequence[str]) -> Iterator[xr.Dataset]:
-    """Open the normalization statistics for evaluation.
-
-    ``mean``, ``std`` and ``mask`` are loaded (``mean`` and ``std`` as float32, so that
-    denormalized float32 data stays float32); ``climatology`` stays lazy and is read, as float32,
-    only for the days a batch needs (see :func:`climatology_at`).
-
-    Raises:
-        DataError: naming ``path`` and the normalize step when the file is missing or unreadable,
-            lacks one of :data:`STATS_VARIABLES` or the ``variable`` coordinate, or has no
-            statistics for one of ``variables``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"statistics file {path} does not exist; {_STATS_FIX}")
-    try:
-        opened = xr.open_dataset(path, cache=False)  # climatology read per batch, never cached whole
-    except Exception as exc:
-        raise DataError(f"statistics file {path} cannot be read ({exc}); {_STATS_FIX}") from exc
-    with opened:
-        missing = [name for name in STATS_VARIABLES if name not in opened.data_vars]
-        if "variable" not in opened.coords:
-            missing.append("variable")
-        if missing:
-            raise DataError(f"statistics file {path} lacks {missing}; {_STATS_FIX}")
-        covered = [str(v) for v in opened["variable"].values]
-        absent = [v for v in variables if v not in covered]
-        if absent:
-            raise DataError(
-                f"statistics file {path} has no statistics for {absent} (it covers {covered}); {_STATS_FIX}"
-            )
-        try:
-            small = {
-                "mean": opened["mean"].load().astype("float32"),
-                "std": opened["std"].load().astype("float32"),
-                "mask": opened["mask"].load(),
-            }
-        except Exception as exc:
-            raise DataError(f"statistics file {path} cannot be read ({exc}); {_STATS_FIX}") from exc
-        yield opened.assign(small)
-
-
-def check_stats_grid(stats: xr.Dataset, lat: np.ndarray, lon: np.ndarray, *, stats_path: Path, windows: Path) -> None:
-    """Raise :class:`DataError` when the statistics' grid is not the windows store's grid."""
-    for name, values in (("lat", lat), ("lon", lon)):
-        if name not in stats.coords or not np.array_equal(
-            np.asarray(stats[name], dtype="float64"), np.asarray(values, dtype="float64")
-        ):
-            raise DataError(
-                f"statistics file {stats_path} and windows store {windows} have different {name} "
-                "coordinates; re-run the normalize and windows steps on the same regridded store"
-            )
 
 
 def climatology_at(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
@@ -1010,7 +945,7 @@ def batch_forecasts(
         init_times, valid_times: ``(B,)`` and ``(B, T_out)`` datetimes of the batch's windows.
         variables: the ``C_out`` target names.
         mask: ``(lat, lon)`` ocean mask with the grid's coordinates.
-        stats: statistics from :func:`open_stats`.
+        stats: statistics from :func:`conv2dlstm.artifacts.stats.open_lazy`.
         rho: ``(lag, variable)`` damping of damped persistence (:func:`conv2dlstm.baselines.fit_damping`);
             without it there is no damped persistence forecast.
         nonnegative: target variables that cannot be negative; the model's prediction and damped
@@ -1268,8 +1203,8 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     who = run if run == model_name else f"{run} ({model_name})"
     targets = [str(v) for v in store.target_variables]
 
-    with open_stats(stats, targets) as stats_ds:
-        check_stats_grid(stats_ds, store.lat, store.lon, stats_path=stats, windows=windows)
+    with stats_file.open_lazy(stats, targets) as stats_ds:
+        stats_file.check_grid(stats_ds, store.lat, store.lon, stats_path=stats, data=f"windows store {windows}")
         trained = check_provenance(
             ckpt,
             checkpoint=checkpoint,
@@ -1282,7 +1217,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
             "evaluate",
             {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}},
         )
-        units = variable_units(stats_ds)
+        units = stats_file.units(stats_ds)
         staging = staging_dir(out_dir)
         try:
             with PredictionsWriter(

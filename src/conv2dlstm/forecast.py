@@ -390,8 +390,8 @@ def main(
     downloaded checkpoints. Returns the dataset written.
     """
     from conv2dlstm import evaluate, models, windows
+    from conv2dlstm.artifacts import stats as stats_file
     from conv2dlstm.fsutil import discard_partials
-    from conv2dlstm.normalize import load_stats
     from conv2dlstm.train import resolve_device
 
     stats, out_nc, out_zarr = Path(stats), Path(out_nc), Path(out_zarr)
@@ -410,7 +410,7 @@ def main(
         )
     record = check_stats(ckpt, stats, checkpoint=source.checkpoint)
     run_id = source.run_id or str(ckpt.get("mlflow_run_id") or "")
-    stats64 = load_stats(stats)
+    stats64 = stats_file.load(stats)
     kwargs = ckpt["model_kwargs"]
     inputs, targets = [str(v) for v in ckpt["input_variables"]], [str(v) for v in ckpt["target_variables"]]
     n_in, n_out = int(kwargs["input_steps"]), int(kwargs["lead_steps"])
@@ -464,7 +464,7 @@ def main(
         {"checkpoint": record["digest"], "stats": record["inputs"]["stats"], "manifest": manifest_digest},
         {step_: keys.result_config(period, step_) for step_ in ("fetch", "regrid")},
     )
-    with evaluate.open_stats(stats, targets) as stats32:
+    with stats_file.open_lazy(stats, targets) as stats32:
         physical = evaluate.physical(
             evaluate.forecast_array(
                 pred,
@@ -479,7 +479,7 @@ def main(
             mask,
         )
         physical = evaluate.clip_nonnegative(physical, evaluate.nonnegative_targets(ckpt))
-        units = evaluate.variable_units(stats32)
+        units = stats_file.units(stats32)
     out = forecast_dataset(
         physical,
         units=units,

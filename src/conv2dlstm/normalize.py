@@ -38,6 +38,7 @@ import xarray as xr
 
 from conv2dlstm import harmonize as hz
 from conv2dlstm import zarrstore
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,6 @@ MIN_STD = 1e-12
 """A standard deviation at or below this is 0: the variable is constant (its std becomes 1)."""
 STD_FLOOR_FRACTION = 1e-3
 """Per-pixel std floor, as a fraction of the variable's pooled std over ocean training cells."""
-FORMAT_VERSION = 1
-REQUIRED_STATS = ("mean", "std", "climatology", "mask")
-"""Variables every statistics file has (see the module docstring)."""
 REGRIDDED = "the regridded store"
 """How messages name the regrid step's output."""
 
@@ -204,7 +202,7 @@ def fit_stats(
             "per_pixel": int(bool(per_pixel)),
             "climatology_window": int(climatology_window),
             "train_steps": int(train.sizes["time"]),
-            "format_version": FORMAT_VERSION,
+            "format_version": stats_file.FORMAT_VERSION,
         },
     )
     out["mask"].attrs["long_name"] = "ocean: finite at every time of every variable"
@@ -287,40 +285,6 @@ def open_regridded(path: Path) -> xr.Dataset:
     return ds
 
 
-def load_stats(path: Path) -> xr.Dataset:
-    """Load the statistics file ``path`` into memory (it is small).
-
-    :class:`DataError` naming the file and the normalize step when it is missing, unreadable, or
-    lacks one of :data:`REQUIRED_STATS` or the ``variable`` coordinate.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"the statistics file {path} does not exist; run the normalize step first")
-    try:
-        with xr.open_dataset(path) as opened:
-            stats = opened.load()
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise DataError(
-            f"the statistics file {path} cannot be read ({type(exc).__name__}: {exc}); delete it and re-run "
-            "the normalize step"
-        ) from exc
-    missing = [v for v in (*REQUIRED_STATS, "variable") if v not in stats.variables]
-    if missing:
-        raise DataError(
-            f"the statistics file {path} has no {missing} (it has {sorted(map(str, stats.variables))}): it was "
-            "not written by this version of the normalize step; delete it and re-run the normalize step"
-        )
-    return stats
-
-
-def write_stats(stats: xr.Dataset, out: Path) -> None:
-    """Write the statistics as netCDF at ``out`` atomically."""
-    from conv2dlstm.fsutil import atomic_output
-
-    with atomic_output(out) as tmp:
-        stats.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
-
-
 def main(
     cfg: Mapping[str, Any],
     *,
@@ -372,4 +336,4 @@ def main(
         out,
         record["digest"],
     )
-    write_stats(stats, out)
+    stats_file.write(stats, out)

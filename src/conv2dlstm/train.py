@@ -784,8 +784,8 @@ def _open_inputs(cfg: dict[str, Any], *, windows: Path, stats: Path, out_dir: Pa
 def output_floor(stats: Path, target_variables: list[str], model_kwargs: dict[str, Any]) -> np.ndarray | None:
     """``-mean / std`` of the floored targets (``model_kwargs["nonnegative_channels"]``), ``(K,)`` or
     ``(K, H, W)`` with per-pixel statistics; None when no target is floored."""
+    from conv2dlstm.artifacts.stats import load as load_stats
     from conv2dlstm.models import floor_from_stats
-    from conv2dlstm.normalize import load_stats
 
     channels = model_kwargs.get("nonnegative_channels") or []
     if not channels:

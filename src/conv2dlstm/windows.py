@@ -24,6 +24,7 @@ import xarray as xr
 from conv2dlstm import harmonize as hz
 from conv2dlstm import normalize as nz
 from conv2dlstm import zarrstore
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -87,16 +88,6 @@ def normalized_cube(ds: xr.Dataset, stats: xr.Dataset, variables: Sequence[str])
     return z.where(valid, 0.0).astype(np.float32).transpose("time", "variable", "lat", "lon").rename("data")
 
 
-def _check_grid(ds: xr.Dataset, stats: xr.Dataset) -> None:
-    for axis in ("lat", "lon"):
-        a, b = ds[axis].values, stats[axis].values
-        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-9):
-            raise DataError(
-                f"the {axis} of the data ({a.size} cells) differs from that of the statistics ({b.size} "
-                "cells); re-run the normalize step on this data"
-            )
-
-
 def _check_training_period(stats: xr.Dataset, cfg: Mapping[str, Any]) -> None:
     """:class:`DataError` unless the statistics record that they were fitted on ``splits.train``."""
     train = cfg["splits"]["train"]
@@ -152,7 +143,13 @@ def build_store(
     inputs = list(cfg["variables"]["inputs"])
     targets = list(cfg["variables"]["targets"])
     variables = list(dict.fromkeys([*inputs, *targets]))
-    _check_grid(ds, stats)
+    stats_file.check_grid(
+        stats,
+        ds["lat"].values,
+        ds["lon"].values,
+        stats_path=stats.encoding.get("source", "(in memory)"),
+        data=f"the regridded store {ds.encoding.get('source', '(in memory)')}",
+    )
     _check_training_period(stats, cfg)
     first = min(pd.Timestamp(cfg["splits"][s]["start"]) for s in SPLITS)
     last = max(pd.Timestamp(cfg["splits"][s]["end"]) for s in SPLITS)
@@ -215,7 +212,7 @@ def main(
     out = Path(out)
     for stray in discard_partials(out.parent, of=out.name):
         log.info("windows: discarded %s left by an interrupted run", stray)
-    st = nz.load_stats(Path(stats))
+    st = stats_file.load(Path(stats))
     ds = nz.open_regridded(Path(data))
     try:
         _check_training_period(st, cfg)

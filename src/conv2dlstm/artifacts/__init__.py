@@ -1,0 +1,9 @@
+"""The pipeline's on-disk artifacts, one module each, each the only owner of its contract.
+
+A module names what the artifact holds, its ``FORMAT_VERSION``, and the functions that write,
+open and validate it; every reader goes through it and so checks the format version. Steps import
+artifacts, never each other (the layout of each artifact: ``docs/architecture.md``).
+
+- :mod:`.stats`: the normalization statistics (``<outdir>/normalize/<name>.nc``), written by the
+  normalize step, read by windows, train, evaluate and forecast.
+"""

@@ -1,0 +1,30 @@
+"""Each artifact module refuses a file of another format version, naming the file and the step to rerun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conv2dlstm.artifacts import stats as stats_file
+from conv2dlstm.errors import DataError
+from tests._windows_fixture import make_windows_store
+
+
+@pytest.mark.parametrize("version", [None, stats_file.FORMAT_VERSION + 1])
+def test_stats_of_another_format_version_are_refused(tmp_path: Path, version) -> None:
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=20, height=4, width=5)
+    stats = stats_file.load(fx.stats)
+    assert stats.attrs["format_version"] == stats_file.FORMAT_VERSION
+    other = tmp_path / "other.nc"
+    if version is None:
+        del stats.attrs["format_version"]
+        stats.to_netcdf(other)
+    else:
+        stats.assign_attrs(format_version=version).to_netcdf(other)
+    match = rf"statistics file {other} has format_version {version}, this version reads 1.*re-run the normalize step"
+    with pytest.raises(DataError, match=match):
+        stats_file.load(other)
+    with pytest.raises(DataError, match=match):
+        with stats_file.open_lazy(other, ["sst"]):
+            pass
