@@ -47,12 +47,12 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import numpy as np
 import pandas as pd
@@ -1017,7 +1017,7 @@ _KEEP_ENCODING = ("dtype", "_FillValue", "scale_factor", "add_offset", "units", 
 
 def _prepare_for_zarr(ds: xr.Dataset, original: xr.Dataset) -> xr.Dataset:
     """Uniform Dask chunks (the source's chunk sizes) and encodings that do not pin old chunks."""
-    chunks: dict[str, int] = {}
+    chunks: dict[Hashable, int] = {}
     for var in original.variables.values():
         if var.chunks is not None:
             for dim, sizes in zip(var.dims, var.chunks):
@@ -1290,13 +1290,16 @@ def open_sources(
             ds = (
                 datasets[0]
                 if len(datasets) == 1
-                else xr.combine_by_coords(
-                    datasets,
-                    data_vars="minimal",
-                    coords="minimal",
-                    compat="override",
-                    join="exact",
-                    combine_attrs="override",
+                else cast(  # Datasets combine into a Dataset (a DataArray comes only from DataArrays)
+                    xr.Dataset,
+                    xr.combine_by_coords(
+                        datasets,
+                        data_vars="minimal",
+                        coords="minimal",
+                        compat="override",
+                        join="exact",
+                        combine_attrs="override",
+                    ),
                 )
             )
         except ValueError as exc:
@@ -1308,7 +1311,12 @@ def open_sources(
         for each in opened:
             each.close()
         raise
-    ds.set_close(lambda: [each.close() for each in opened])
+
+    def close_all() -> None:
+        for each in opened:
+            each.close()
+
+    ds.set_close(close_all)
     return Sources(
         ds,
         tuple(part.path for part in parts),

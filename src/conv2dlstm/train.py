@@ -63,10 +63,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ from conv2dlstm.config import flatten
 from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
-from conv2dlstm.models import build_model, count_parameters, load_model, model_kwargs_from_config
+from conv2dlstm.models import OutputFloor, build_model, count_parameters, load_model, model_kwargs_from_config
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,9 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The global random states, in types that ``torch.load(weights_only=True)`` accepts."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the legacy MT19937 tuple (np.random's default form; numpy's stub also allows its dict form)
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    _, keys, pos, has_gauss, gauss = state
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -244,7 +246,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM)
 DEADLINE_ENV = "CONV2DLSTM_TRAIN_DEADLINE"
 
 
-def set_deadline(minutes: float, *, margin_s: float | None = None, environ: dict[str, str] | None = None) -> float:
+def set_deadline(
+    minutes: float, *, margin_s: float | None = None, environ: MutableMapping[str, str] | None = None
+) -> float:
     """Record in the environment the time at which training must checkpoint and stop.
 
     ``minutes`` is the job's time limit (the train rule passes its ``runtime`` resource); the stop
@@ -263,7 +267,7 @@ def set_deadline(minutes: float, *, margin_s: float | None = None, environ: dict
     return deadline
 
 
-def arm_deadline(environ: dict[str, str] | None = None) -> float | None:
+def arm_deadline(environ: Mapping[str, str] | None = None) -> float | None:
     """Schedule SIGALRM at the deadline recorded by :func:`set_deadline`; returns seconds left."""
     environ = os.environ if environ is None else environ
     value = environ.get(DEADLINE_ENV)
@@ -487,7 +491,7 @@ class Loop:
     """Everything one epoch needs."""
 
     model: nn.Module  # the module whose state is saved (never wrapped)
-    net: nn.Module  # what training calls (DistributedDataParallel-wrapped and/or compiled)
+    net: Callable[[torch.Tensor], torch.Tensor]  # what training calls (the model, DDP-wrapped and/or compiled)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     generator: torch.Generator
@@ -502,7 +506,8 @@ class Loop:
     num_workers: int
     stop: StopFlag
     ctx: distributed.Context = field(default_factory=distributed.Context)
-    eval_net: nn.Module | None = None  # what validation calls when not ``net`` (the unwrapped model under DDP)
+    # what validation calls when not ``net`` (the unwrapped model under DDP, compiled or not)
+    eval_net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(
@@ -896,7 +901,7 @@ def _train(
         seed_everything(tcfg["seed"])
         model = build_model(model_name, **model_kwargs)
         if inputs.output_floor is not None:  # nonnegative targets (overwritten by a resumed model_state)
-            model.output_floor.set_floor(inputs.output_floor)
+            cast(OutputFloor, model.output_floor).set_floor(inputs.output_floor)  # built for nonnegative targets
         model = model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["learning_rate"], weight_decay=tcfg["weight_decay"])
         scheduler = make_scheduler(tcfg["lr_schedule"], optimizer, epochs=tcfg["epochs"], patience=tcfg["patience"])
