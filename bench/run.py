@@ -48,8 +48,8 @@ def bench_stream(work: Path) -> dict:
     import numpy as np
 
     from conv2dlstm import normalize, windows
+    from conv2dlstm.artifacts.windows_store import WindowsStore
     from conv2dlstm.config import load_config
-    from conv2dlstm.data import WindowsStore
 
     cfg = load_config(REPO / "config" / "config.yaml")
     normalize.main(cfg, data=work / "regrid.zarr", out=work / "stats.nc", threads=2, memory_mb=4000)

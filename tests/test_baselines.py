@@ -325,7 +325,8 @@ def test_climatology_support_is_where_circular_smooth_needs_no_interpolation(mon
 
 
 class _Store:
-    """The interface fit_damping reads (conv2dlstm.data.WindowsStore) over an in-memory normalized cube."""
+    """The interface fit_damping reads (conv2dlstm.artifacts.windows_store.WindowsStore) over an in-memory
+    normalized cube."""
 
     def __init__(self, physical: xr.DataArray, mean: float, std: float) -> None:
         self.time = physical["time"].values

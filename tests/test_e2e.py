@@ -13,8 +13,8 @@ import pytest
 import xarray as xr
 import zarr
 
+from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.baselines import BASELINE_NAMES
-from conv2dlstm.data import WindowsStore
 from tests.conftest import copy_workflow, run_snakemake
 
 pytestmark = pytest.mark.e2e

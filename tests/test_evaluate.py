@@ -787,9 +787,9 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
 
 
 def test_read_batch_matches_store_samples(pipeline_inputs):
-    from conv2dlstm import data
+    from conv2dlstm.artifacts.windows_store import WindowsStore
 
-    store = data.WindowsStore(pipeline_inputs["windows_anomalies"])
+    store = WindowsStore(pipeline_inputs["windows_anomalies"])
     cube = xr.open_zarr(pipeline_inputs["windows_anomalies"], consolidated=False)["data"].values
     starts = store.starts("test")
     for indices in ([0, 1, 2, 3], [0, 10], [7]):  # consecutive windows (one read), far apart, one

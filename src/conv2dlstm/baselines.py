@@ -514,7 +514,8 @@ def not_meaningful_leads(
 
 
 class TrainingRecord(Protocol):
-    """What :func:`fit_damping` reads: the windows store's interface (:class:`conv2dlstm.data.WindowsStore`)."""
+    """What :func:`fit_damping` reads: the windows store's interface
+    (:class:`conv2dlstm.artifacts.windows_store.WindowsStore`)."""
 
     time: np.ndarray
     lat: np.ndarray

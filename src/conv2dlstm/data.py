@@ -20,139 +20,13 @@ With data-parallel training each process reads only its share of every batch
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import xarray as xr
 
-from conv2dlstm import zarrstore
-from conv2dlstm.errors import DataError
-
-SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
-_REQUIRED_VARS = ("data", "mask", *(f"{s}_start" for s in SPLITS))
-_REQUIRED_ATTRS = ("input_variables", "target_variables", "input_steps", "lead_steps")
-WHAT = "windows store"
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
-
-
-class WindowsStore:
-    """Lazy, read-only view of a windows store; only the small arrays (coordinates, mask, starts) are read eagerly."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise DataError(f"windows store {self.path} does not exist; run the windows step first")
-        try:
-            with warnings.catch_warnings():  # consolidated metadata is optional in Zarr v3
-                warnings.filterwarnings("ignore", message=".*consolidated metadata", category=RuntimeWarning)
-                ds = xr.open_zarr(self.path, chunks=None, consolidated=None)
-        except Exception as exc:
-            raise DataError(f"windows store {self.path} cannot be opened as Zarr ({exc}); rebuild it") from exc
-        missing = [v for v in _REQUIRED_VARS if v not in ds.variables]
-        missing += [a for a in _REQUIRED_ATTRS if a not in ds.attrs]
-        if missing:
-            raise DataError(f"windows store {self.path} lacks {missing}; rebuild it with the windows step")
-        version = int(ds.attrs.get("format_version", 0))
-        if version != FORMAT_VERSION:
-            raise DataError(
-                f"windows store {self.path} has format_version {version}, expected {FORMAT_VERSION}; "
-                "rebuild it with the windows step of this version"
-            )
-        zarrstore.check_chunks(self.path, what=WHAT, step="windows")  # a deleted chunk is not NaN
-        self._ds = ds
-        self._data = ds["data"].variable  # lazily indexed (time, variable, lat, lon), no Dask
-        variables = [str(v) for v in ds["variable"].values]
-        self.variables = variables
-        self.input_variables = [str(v) for v in np.atleast_1d(ds.attrs["input_variables"])]
-        self.target_variables = [str(v) for v in np.atleast_1d(ds.attrs["target_variables"])]
-        unknown = sorted(set(self.input_variables + self.target_variables) - set(variables))
-        if unknown:
-            raise DataError(
-                f"windows store {self.path}: variables {unknown} are not in its variable coordinate {variables}; "
-                "rebuild it with the windows step"
-            )
-        self.input_channels = [variables.index(v) for v in self.input_variables]
-        self.target_channels = [variables.index(v) for v in self.target_variables]
-        self.input_steps = int(ds.attrs["input_steps"])
-        self.lead_steps = int(ds.attrs["lead_steps"])
-        self.attrs: dict[str, Any] = dict(ds.attrs)
-        self.time = ds["time"].values
-        self.lat = ds["lat"].values
-        self.lon = ds["lon"].values
-        self.mask = np.asarray(ds["mask"].values, dtype=bool)  # (lat, lon), True = ocean
-        self._starts = {s: np.asarray(ds[f"{s}_start"].values, dtype=np.int64) for s in SPLITS}
-        span = self.input_steps + self.lead_steps
-        for s, st in self._starts.items():
-            if st.size and (st.min() < 0 or st.max() + span > self.time.size):
-                raise DataError(f"windows store {self.path}: {s}_start indexes windows outside the time axis")
-
-    def gap_tags(self) -> dict[str, str]:
-        """``data.<name>`` MLflow tags of the gaps in the source data (the windows step copies the
-        regridded store's gap attributes into ``source_gaps``), within MLflow's tag length limit."""
-        out = {}
-        for key, value in dict(self.attrs.get("source_gaps") or {}).items():
-            text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-            out[f"data.{key}"] = text if len(text) <= 5000 else text[:4990] + " ..."
-        return out
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """Grid size ``(H, W)`` = ``(lat, lon)``."""
-        return int(self.lat.size), int(self.lon.size)
-
-    def starts(self, split: str) -> np.ndarray:
-        """Index into ``time`` of the first input step of each window of ``split``, ``(n,)`` int64."""
-        _check_split(split)
-        return self._starts[split]
-
-    def init_times(self, split: str) -> np.ndarray:
-        """Initial time (last input step) of each window, ``(n,)``."""
-        return self.time[self.starts(split) + self.input_steps - 1]
-
-    def valid_times(self, split: str) -> np.ndarray:
-        """Valid time of each lead (1-based ``k``: ``time[t0 + T_in - 1 + k]``), ``(n, T_out)``."""
-        lead = np.arange(1, self.lead_steps + 1)
-        return self.time[self.starts(split)[:, None] + self.input_steps - 1 + lead]
-
-    def read_time_range(self, start: int, stop: int) -> np.ndarray:
-        """``data[start:stop]`` as float32 numpy, ``(stop - start, V, H, W)``; a chunk that cannot be
-        decoded is a :class:`DataError` naming the store and the windows step."""
-        with zarrstore.read_errors(self.path, what=WHAT, step="windows", detail=f"array 'data', time {start}..{stop}"):
-            return np.asarray(self._data[start:stop].values, dtype=np.float32)
-
-    def sample(self, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``i`` of ``split``: ``x (T_in, C_in, H, W)``, ``y (T_out, C_out, H, W)``, float32."""
-        starts = self.starts(split)
-        if not -starts.size <= i < starts.size:
-            raise IndexError(f"sample {i} out of range for the {starts.size} {split} windows")
-        t0 = int(starts[i])
-        tin = self.input_steps
-        window = self.read_time_range(t0, t0 + tin + self.lead_steps)  # (T_in+T_out, V, H, W)
-        x = np.ascontiguousarray(window[:tin, self.input_channels])
-        y = np.ascontiguousarray(window[tin:, self.target_channels])
-        return x, y
-
-    def time_range(self, split: str) -> tuple[int, int]:
-        """``[start, stop)`` of the time indices that the windows of ``split`` span."""
-        starts = self.starts(split)
-        if not starts.size:
-            return 0, 0
-        return int(starts.min()), int(starts.max()) + self.input_steps + self.lead_steps
-
-    def cube_nbytes(self, split: str) -> int:
-        """Bytes of the cube slice that :class:`InMemoryWindows` would load for ``split``."""
-        start, stop = self.time_range(split)
-        h, w = self.shape
-        return (stop - start) * len(self.variables) * h * w * 4
+from conv2dlstm.artifacts.windows_store import WindowsStore, check_split
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -162,7 +36,7 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, split: str) -> None:
-        _check_split(split)
+        check_split(split)
         self.path = Path(path)
         self.split = split
         self._store: WindowsStore | None = None
@@ -191,7 +65,7 @@ class InMemoryWindows:
     """The cube slice spanned by one split's windows, loaded once onto ``device``; batches gathered by index."""
 
     def __init__(self, store: WindowsStore, split: str, device: str | torch.device = "cpu") -> None:
-        _check_split(split)
+        check_split(split)
         self.split = split
         self.device = torch.device(device)
         start, stop = store.time_range(split)

@@ -1178,13 +1178,14 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     configuration (:func:`check_provenance`); ``predictions.nc`` (attribute ``provenance``) and the
     MLflow run (tags ``evaluate.provenance.*``) record the evaluation's provenance.
     """
-    from conv2dlstm import data, models, tracking
+    from conv2dlstm import models, tracking
+    from conv2dlstm.artifacts.windows_store import WindowsStore
     from conv2dlstm.train import resolve_device
 
     windows, stats, checkpoint, out_dir = Path(windows), Path(stats), Path(checkpoint), Path(out_dir)
     for stray in discard_partials(out_dir):
         log.info("evaluate: discarded %s left by an interrupted run", stray)
-    store = data.WindowsStore(windows)
+    store = WindowsStore(windows)
     model, ckpt = models.load_model(checkpoint)
     _check_checkpoint(ckpt, store, checkpoint)
     run_id = resolve_run_id(checkpoint, ckpt)

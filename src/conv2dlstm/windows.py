@@ -25,12 +25,10 @@ from conv2dlstm import harmonize as hz
 from conv2dlstm import normalize as nz
 from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import stats as stats_file
+from conv2dlstm.artifacts.windows_store import FORMAT_VERSION, SPLITS
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
 
 
 def nominal_step(times: np.ndarray) -> np.timedelta64 | None:

@@ -6,4 +6,6 @@ artifacts, never each other (the layout of each artifact: ``docs/architecture.md
 
 - :mod:`.stats`: the normalization statistics (``<outdir>/normalize/<name>.nc``), written by the
   normalize step, read by windows, train, evaluate and forecast.
+- :mod:`.windows_store`: the windows store (``<outdir>/windows/<name>.zarr``), written by the
+  windows step, read by train, evaluate and forecast (:class:`~.windows_store.WindowsStore`).
 """
