@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import xarray as xr
 
+from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import DataError
+from conv2dlstm.zarrstore import write_store
 from tests._windows_fixture import make_windows_store
 
 
@@ -28,3 +33,20 @@ def test_stats_of_another_format_version_are_refused(tmp_path: Path, version) ->
     with pytest.raises(DataError, match=match):
         with stats_file.open_lazy(other, ["sst"]):
             pass
+
+
+@pytest.mark.parametrize("version", [None, regridded.FORMAT_VERSION + 1])
+def test_a_regridded_store_of_another_format_version_is_refused(tmp_path: Path, version) -> None:
+    ds = xr.Dataset(
+        {"sst": (("time", "lat", "lon"), np.zeros((4, 2, 3), dtype="float32"))},
+        coords={"time": pd.date_range("2020-01-01", periods=4), "lat": [0.5, 1.5], "lon": [0.5, 1.5, 2.5]},
+    )
+    path = tmp_path / "regrid.zarr"
+    write_store(ds.chunk({"time": 2}).assign_attrs({} if version is None else {"format_version": version}), path)
+    with pytest.raises(
+        DataError, match=rf"regridded store {path} has format_version {version}.*re-run the regrid step"
+    ):
+        regridded.open(path)
+    ok = tmp_path / "ok.zarr"
+    write_store(ds.chunk({"time": 2}).assign_attrs(format_version=regridded.FORMAT_VERSION), ok)
+    assert regridded.open(ok)["sst"].dims == ("time", "lat", "lon")

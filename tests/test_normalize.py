@@ -13,6 +13,7 @@ import xarray as xr
 
 from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
+from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
@@ -22,6 +23,9 @@ LAT = np.array([21.0, 22.0, 23.0])
 LON = np.array([-79.0, -78.0, -77.0, -76.0])
 REGRID_RECORD = provenance.make_record("regrid", "a" * 16, {"manifest": "b" * 64})
 """The provenance of the regridded stores these tests write (as the regrid step records it)."""
+
+REGRIDDED_ATTRS = {"format_version": regridded.FORMAT_VERSION}
+"""What a regridded store written by hand needs to be read as one."""
 
 
 def regridded(times: pd.DatetimeIndex, sst: np.ndarray, no3: np.ndarray | None = None) -> xr.Dataset:
@@ -235,7 +239,7 @@ def test_normalize_denormalize_round_trip(per_pixel: bool) -> None:
 def test_main_writes_stats_netcdf(tmp_path: Path, caplog) -> None:
     ds, n_train = leaky_dataset(4)
     data = tmp_path / "regrid" / "oisst.zarr"
-    write_store(ds.chunk({"time": 128}).assign_attrs(provenance.to_attrs(REGRID_RECORD)), data)
+    write_store(ds.chunk({"time": 128}).assign_attrs(REGRIDDED_ATTRS, **provenance.to_attrs(REGRID_RECORD)), data)
     cfg = validate_config(
         {
             "variables": {"inputs": ["sst", "no3"], "targets": ["sst"]},
@@ -282,10 +286,11 @@ def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, ho
     ds, _ = leaky_dataset(5)
     data = tmp_path / "regrid" / "oisst.zarr"
     if how == "no_time":
-        write_store(ds.isel(time=0).expand_dims("step").chunk({"step": 1}), data)  # no `time` dimension
+        no_time = ds.isel(time=0).expand_dims("step").chunk({"step": 1})
+        write_store(no_time.assign_attrs(REGRIDDED_ATTRS), data)  # no `time` dimension
         match = r"has no dimension\(s\) \['time'\].*re-run the regrid step"
     else:
-        write_store(ds.chunk({"time": 128}), data)
+        write_store(ds.chunk({"time": 128}).assign_attrs(REGRIDDED_ATTRS), data)
         if how == "missing":
             shutil.rmtree(data)
             match = "does not exist; run the regrid step first"
@@ -306,7 +311,7 @@ def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, ho
 def test_main_refuses_a_regridded_store_without_provenance(tmp_path: Path) -> None:
     ds, _ = leaky_dataset(5)
     data = tmp_path / "regrid" / "oisst.zarr"
-    write_store(ds.chunk({"time": 128}), data)  # as written by an older version
+    write_store(ds.chunk({"time": 128}).assign_attrs(REGRIDDED_ATTRS), data)  # no provenance record
     out = tmp_path / "normalize" / "oisst.nc"
     with pytest.raises(DataError, match=r"oisst.zarr has no provenance record.*rerun the regrid step"):
         nz.main(validate_config({"variables": {"inputs": ["sst"], "targets": ["sst"]}}), data=data, out=out)

@@ -15,6 +15,7 @@ import zarr
 from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
 from conv2dlstm import windows as wn
+from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.config import validate_config
@@ -202,7 +203,7 @@ def _written(tmp_path: Path) -> tuple[Path, Path, dict]:
     """A regridded store and its statistics on disk, and the configuration."""
     ds = source()
     data_path = tmp_path / "regrid" / "x.zarr"
-    write_store(ds.chunk({"time": 16}), data_path)
+    write_store(ds.chunk({"time": 16}).assign_attrs(format_version=regridded.FORMAT_VERSION), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
     stats_file.write(fitted(ds), stats_path)
     return data_path, stats_path, store_config()
@@ -289,7 +290,7 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     cfg = store_config()
     data_path = tmp_path / "regrid" / "x.zarr"
     gaps = {"time_gaps": 1, "missing_steps": 2, "longest_gap_days": 2.0, "missing_dates": ["2020-01-05..2020-01-06"]}
-    write_store(ds.chunk({"time": 16}).assign_attrs(gaps), data_path)
+    write_store(ds.chunk({"time": 16}).assign_attrs(gaps, format_version=regridded.FORMAT_VERSION), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
     stats_file.write(fitted(ds), stats_path)
     out = tmp_path / "windows" / "x.zarr"

@@ -38,6 +38,7 @@ import xarray as xr
 
 from conv2dlstm import harmonize as hz
 from conv2dlstm import zarrstore
+from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import DataError
 
@@ -48,8 +49,6 @@ MIN_STD = 1e-12
 """A standard deviation at or below this is 0: the variable is constant (its std becomes 1)."""
 STD_FLOOR_FRACTION = 1e-3
 """Per-pixel std floor, as a fraction of the variable's pooled std over ocean training cells."""
-REGRIDDED = "the regridded store"
-"""How messages name the regrid step's output."""
 
 
 def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
@@ -261,30 +260,6 @@ def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
         raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
 
 
-def open_regridded(path: Path) -> xr.Dataset:
-    """Open the regridded store ``path`` (Zarr) lazily; :class:`DataError` naming it when missing or unreadable."""
-    import zarr
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"the regridded store {path} does not exist; run the regrid step first")
-    try:
-        ds = xr.open_zarr(path)
-    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError) as exc:
-        raise DataError(
-            f"the regridded store {path} cannot be opened ({type(exc).__name__}: {exc}); delete it and re-run "
-            "the regrid step"
-        ) from exc
-    missing = [d for d in ("time", "lat", "lon") if d not in ds.dims]
-    if missing:
-        raise DataError(
-            f"the regridded store {path} has no dimension(s) {missing} (dimensions {list(ds.dims)}); "
-            "delete it and re-run the regrid step"
-        )
-    zarrstore.check_chunks(path, what=REGRIDDED, step="regrid")
-    return ds
-
-
 def main(
     cfg: Mapping[str, Any],
     *,
@@ -307,14 +282,14 @@ def main(
         log.info("normalize: discarded %s left by an interrupted run", stray)
     variables = list(dict.fromkeys([*cfg["variables"]["inputs"], *cfg["variables"]["targets"]]))
     train = cfg["splits"]["train"]
-    ds = open_regridded(Path(data))  # metadata only: a missing store fails before the cluster starts
+    ds = regridded.open(Path(data))  # metadata only: a missing store fails before the cluster starts
     upstream = provenance.from_attrs(ds.attrs, where=f"the regridded store {data}", step="regrid")
     record = provenance.for_step(cfg, "normalize", {"regrid": upstream["digest"]})
     address = cfg["dask"]["scheduler_address"]
     with (
         dask_client(threads=threads, memory_mb=memory_mb, address=address),
         compute_errors(f"fitting statistics on {data}"),
-        zarrstore.read_errors(data, what=REGRIDDED, step="regrid", codec_only=True),
+        zarrstore.read_errors(data, what=regridded.WHAT, step="regrid", codec_only=True),
     ):
         stats = fit_stats(
             ds,

@@ -29,12 +29,12 @@ import xarray as xr
 
 from conv2dlstm import harmonize as hz
 from conv2dlstm import zarrstore
+from conv2dlstm.artifacts import regridded
 from conv2dlstm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("conservative", "linear", "nearest")
-FORMAT_VERSION = 1
 CHUNK_BYTES = 64 * 1024 * 1024
 """Target size of one source time chunk (float64 working copy) while regridding."""
 MAX_TIME_CHUNK = 256
@@ -279,7 +279,7 @@ def regrid_dataset(raw: xr.Dataset, cfg: Mapping[str, Any]) -> xr.Dataset:
         "regrid_method": cfg["grid"]["method"],
         "min_ocean_fraction": float(cfg["grid"]["min_ocean_fraction"]),
         "lon_convention": cfg["harmonize"]["lon_convention"],
-        "format_version": FORMAT_VERSION,
+        "format_version": regridded.FORMAT_VERSION,
     }
     return out
 

@@ -24,6 +24,7 @@ import xarray as xr
 from conv2dlstm import harmonize as hz
 from conv2dlstm import normalize as nz
 from conv2dlstm import zarrstore
+from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.artifacts.windows_store import FORMAT_VERSION, SPLITS
 from conv2dlstm.errors import DataError
@@ -211,7 +212,7 @@ def main(
     for stray in discard_partials(out.parent, of=out.name):
         log.info("windows: discarded %s left by an interrupted run", stray)
     st = stats_file.load(Path(stats))
-    ds = nz.open_regridded(Path(data))
+    ds = regridded.open(Path(data))
     try:
         _check_training_period(st, cfg)
     except DataError as exc:
@@ -235,5 +236,5 @@ def main(
             store.sizes["test_sample"],
             record["digest"],
         )
-        with zarrstore.read_errors(data, what=nz.REGRIDDED, step="regrid", codec_only=True):
+        with zarrstore.read_errors(data, what=regridded.WHAT, step="regrid", codec_only=True):
             zarrstore.write_store(store, Path(out))
