@@ -11,7 +11,7 @@ import pytest
 
 from conv2dlstm import compare
 from conv2dlstm.errors import DataError
-from conv2dlstm.evaluate import CSV_COLUMNS
+from conv2dlstm.scores import CSV_COLUMNS
 
 PERSISTENCE_RMSE = [2.0, 4.0]
 CLIMATOLOGY_RMSE = [4.0, 4.0]

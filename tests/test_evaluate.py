@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import evaluate, keys, metrics, plots, provenance
+from conv2dlstm import evaluate, keys, metrics, plots, provenance, scores
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
@@ -132,7 +132,7 @@ def test_score_forecasts_hand_values(scored):
 
 
 def test_metrics_csv_columns_and_values(scored, tmp_path):
-    table = evaluate.metrics_table(scored, run="exp1", model_name="convlstm")
+    table = scores.metrics_table(scored, run="exp1", model_name="convlstm")
     path = tmp_path / "metrics.csv"
     evaluate.write_csv(table, path)
     back = pd.read_csv(path)
@@ -152,8 +152,8 @@ def test_metrics_csv_columns_and_values(scored, tmp_path):
 
 
 def test_mlflow_metric_names(scored):
-    table = evaluate.metrics_table(scored, run="exp1", model_name="convlstm")
-    names = evaluate.mlflow_metrics(table, model_name="convlstm")
+    table = scores.metrics_table(scored, run="exp1", model_name="convlstm")
+    names = scores.mlflow_metrics(table, model_name="convlstm")
     assert names["test_rmse_sst_lead1"] == pytest.approx(1.0)
     assert names["test_acc_no3_lead2"] == pytest.approx(1.0)
     assert names["persistence_rmse_sst_lead1"] == pytest.approx(2.0)
@@ -221,7 +221,7 @@ def _is_png(path: Path) -> bool:
 def test_plots_write_png(tmp_path, scored):
     from matplotlib.image import imread
 
-    table = evaluate.metrics_table(scored, run="exp1", model_name="convlstm").assign(label=lambda t: t["model"])
+    table = scores.metrics_table(scored, run="exp1", model_name="convlstm").assign(label=lambda t: t["model"])
     plots.lines_vs_lead(table[table["metric"] == "rmse"], tmp_path / "rmse.png", ylabel="RMSE", title="t")
     rng = np.random.default_rng(1)
     fc = _forecast(rng.normal(size=_shape(n_var=2)), variables=("sst", "no3")).where(MASK)
@@ -272,7 +272,7 @@ def test_streaming_scores_equal_metrics_definitions(forecast_set, sizes):
     reference = evaluate.score_forecasts(forecasts, truth, clim, weights)
     acc_ref = reference[(reference["model"] == "model") & (reference["metric"] == "acc")]["value"]
     assert np.isfinite(acc_ref).all() and (acc_ref.abs() < 1).all()  # a real, non-trivial model ACC
-    streaming = evaluate.StreamingScores(weights)
+    streaming = scores.StreamingScores(weights)
     for sl in _slices(7, sizes):
         streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), clim.isel(time=sl))
     pd.testing.assert_frame_equal(streaming.table(), reference, check_exact=False, rtol=1e-12, atol=0)
@@ -280,14 +280,14 @@ def test_streaming_scores_equal_metrics_definitions(forecast_set, sizes):
 
 def test_streaming_scores_need_a_batch():
     with pytest.raises(DataError, match="no batch"):
-        evaluate.StreamingScores(metrics.area_weights(LAT, MASK)).table()
+        scores.StreamingScores(metrics.area_weights(LAT, MASK)).table()
 
 
 @pytest.mark.parametrize("sizes", [[7], [3, 3, 1]], ids=["one", "3-3-1"])
 def test_cell_rmse_equals_rmse_per_cell(forecast_set, sizes):
     forecasts, truth, _ = forecast_set
     model, truth = forecasts["model"].sel(lead=1), truth.sel(lead=1)
-    cells = evaluate.CellRmse(MASK)
+    cells = scores.CellRmse(MASK)
     for sl in _slices(7, sizes):
         cells.add(model.isel(time=sl), truth.isel(time=sl))
     expected = metrics.rmse_per_cell(model, truth, MASK)
@@ -982,10 +982,10 @@ def test_streaming_skill_interval_known_case(model_sd, skill, significant):
     evaluation's 95% interval contains it, and excludes zero exactly when there is a gain."""
     forecasts, truth = _white_noise_case(300, model_sd, 2.0, seed=5)
     weights = metrics.area_weights(LAT, MASK)
-    streaming = evaluate.StreamingScores(weights)
+    streaming = scores.StreamingScores(weights)
     for sl in _slices(300, [64] * 5):
         streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), truth.isel(time=sl))
-    rows = evaluate.skill_intervals(streaming.table())
+    rows = scores.skill_intervals(streaming.table())
     rows = rows[rows["model"] == "model"]
     assert len(rows) == 2 and set(rows["baseline"]) == {"persistence"}
     for row in rows.itertuples():
@@ -999,7 +999,7 @@ def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
     weights = metrics.area_weights(LAT, MASK)
     flags = {"climatology": xr.DataArray([False, True, True], dims=("lead",), coords={"lead": [1, 2, 3]})}
     table = evaluate.score_forecasts(forecasts, truth, clim, weights, not_meaningful=flags)
-    rows = evaluate.skill_intervals(table)
+    rows = scores.skill_intervals(table)
     vs_clim = rows[(rows["model"] == "model") & (rows["baseline"] == "climatology")].set_index(["variable", "lead"])
     assert vs_clim.loc[("sst", 1), "meaningful"] and np.isfinite(vs_clim.loc[("sst", 1), "skill"])
     for lead in (2, 3):
@@ -1009,7 +1009,7 @@ def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
     own = rows[(rows["model"] == "climatology") & (rows["lead"] == 3)]
     assert not own["meaningful"].any()
     assert rows[(rows["model"] == "model") & (rows["baseline"] == "persistence")]["meaningful"].all()
-    names = evaluate.mlflow_metrics(evaluate.metrics_table(table, run="r", model_name="m"), model_name="m")
+    names = scores.mlflow_metrics(scores.metrics_table(table, run="r", model_name="m"), model_name="m")
     assert names["skill_vs_climatology_meaningful_sst_lead3"] == 0.0
     assert "skill_vs_climatology_sst_lead3" not in names and "skill_vs_climatology_sst_mean" not in names
     assert "skill_vs_persistence_sst_mean" in names
@@ -1204,7 +1204,7 @@ def test_evaluate_damped_persistence_on_ar1_anomalies_has_the_analytic_skill(ar1
     )
     table = pd.read_csv(out_dir / "metrics.csv")
     value = table.set_index(["model", "metric", "lead"])["value"]
-    rows = evaluate.skill_intervals(table)
+    rows = scores.skill_intervals(table)
     damped_vs = rows[rows["model"] == "damped_persistence"].set_index(["baseline", "lead"])
     for lead in (1, 2):
         decay = AR_PHI**lead

@@ -37,8 +37,8 @@ import pandas as pd
 from conv2dlstm import metrics, plots
 from conv2dlstm.baselines import BASELINE_NAMES
 from conv2dlstm.errors import DataError
-from conv2dlstm.evaluate import CSV_COLUMNS, skill_intervals
 from conv2dlstm.fsutil import atomic_output, discard_partials
+from conv2dlstm.scores import CSV_COLUMNS, skill_intervals
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def entries(table: pd.DataFrame) -> pd.DataFrame:
 
 def verdict(skills: pd.DataFrame) -> tuple[str, str]:
     """``(better_than, better_leads)`` of one entry, variable and baseline from its per-lead interval rows
-    (:func:`conv2dlstm.evaluate.skill_intervals`); see the module docstring."""
+    (:func:`conv2dlstm.scores.skill_intervals`); see the module docstring."""
     if skills.empty:
         return "", ""
     if not skills["meaningful"].all():
