@@ -11,6 +11,7 @@ import pytest
 import xarray as xr
 
 from conv2dlstm import evaluate, keys, metrics, plots, provenance, scores
+from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
@@ -305,7 +306,7 @@ def test_predictions_writer_in_batches_equals_in_memory_file(tmp_path):
     reference = tmp_path / "reference.nc"
     evaluate.write_netcdf(evaluate.predictions_dataset(fc, units=units, attrs={"run": "exp1"}), reference)
     streamed = tmp_path / "streamed.nc"
-    with evaluate.PredictionsWriter(
+    with predictions_file.PredictionsWriter(
         streamed,
         init_times=fc["time"].values,
         valid_times=fc["valid_time"].values,
@@ -327,6 +328,38 @@ def test_predictions_writer_in_batches_equals_in_memory_file(tmp_path):
     assert b["sst"].encoding["zlib"] and b["sst"].encoding["complevel"] == 4
     assert b["sst"].encoding["chunksizes"] == (1, 1, LAT.size, LON.size)
     assert np.isnan(b["sst"].values[..., ~MASK.values]).all()
+
+
+def test_predictions_file_format_version_is_checked(tmp_path):
+    import netCDF4
+
+    fc = _forecast(np.ones(_shape(n=2, n_lead=2)), n_lead=2).where(MASK)
+    path = tmp_path / "predictions.nc"
+    with predictions_file.PredictionsWriter(
+        path,
+        init_times=fc["time"].values,
+        valid_times=fc["valid_time"].values,
+        variables=["sst"],
+        lat=LAT,
+        lon=LON,
+        units={"sst": "degC"},
+    ) as writer:
+        writer.write(0, fc.values)
+    with predictions_file.open(path) as ds:
+        assert int(ds.attrs["format_version"]) == predictions_file.FORMAT_VERSION
+        np.testing.assert_array_equal(ds["sst"].values, fc.sel(variable="sst").values)
+    with netCDF4.Dataset(path, "a") as nc:
+        nc.setncattr("format_version", predictions_file.FORMAT_VERSION + 1)
+    with pytest.raises(DataError, match=rf"{path} has format_version 2.*re-run the evaluate step"):
+        predictions_file.open(path)
+    with netCDF4.Dataset(path, "a") as nc:
+        nc.delncattr("format_version")
+    with pytest.raises(DataError, match=rf"{path} has format_version None.*re-run the evaluate step"):
+        predictions_file.open(path)
+    (tmp_path / "garbage.nc").write_text("not a netCDF file\n")
+    for bad in (tmp_path / "garbage.nc", tmp_path / "missing.nc"):
+        with pytest.raises(DataError, match=rf"(?s){bad} .*re-run the evaluate step"):
+            predictions_file.open(bad)
 
 
 def test_commit_outputs_moves_marker_last(tmp_path):
@@ -551,7 +584,7 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     times = p["times"]
     test_starts = np.arange(45, times.size - INPUT_STEPS - LEAD_STEPS + 1)
     init_idx = test_starts + INPUT_STEPS - 1
-    with xr.open_dataset(out_dir / "predictions.nc") as ds:
+    with predictions_file.open(out_dir / "predictions.nc") as ds:
         ds = ds.load()
     np.testing.assert_array_equal(ds["time"].values, times.values[init_idx])
     np.testing.assert_array_equal(ds["valid_time"].values[:, 1], times.values[init_idx + 2])
@@ -705,7 +738,7 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
     init_idx = np.arange(45, times.size - INPUT_STEPS - LEAD_STEPS + 1) + INPUT_STEPS - 1  # 11 windows, 3 batches
     phys = _seasonal(times) + _anomaly(times)
     seasonal = _seasonal(times)
-    with xr.open_dataset(out_dir / "predictions.nc") as ds:
+    with predictions_file.open(out_dir / "predictions.nc") as ds:
         pred_all = ds["sst"].values.astype("float64")
     table = pd.read_csv(out_dir / "metrics.csv")
 

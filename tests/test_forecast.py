@@ -13,6 +13,7 @@ import xarray as xr
 import yaml
 
 from conv2dlstm import cli, forecast, provenance
+from conv2dlstm.artifacts import predictions as predictions_file
 from tests.conftest import run_snakemake
 
 pytestmark = pytest.mark.e2e
@@ -33,12 +34,12 @@ def wf(tiny_run: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def test_init(wf: Path) -> pd.Timestamp:
     """An initial time of the test period, in the middle of it."""
-    with xr.open_dataset(wf / PREDICTIONS) as ds:
+    with predictions_file.open(wf / PREDICTIONS) as ds:
         return pd.Timestamp(ds["time"].values[ds.sizes["time"] // 2])
 
 
 def _prediction_at(wf: Path, init: pd.Timestamp) -> xr.DataArray:
-    with xr.open_dataset(wf / PREDICTIONS) as ds:
+    with predictions_file.open(wf / PREDICTIONS) as ds:
         return ds["sst"].sel(time=init).load()  # (lead, lat, lon)
 
 
@@ -95,7 +96,7 @@ def test_forecast_layout_units_and_provenance(wf, rule_outputs):
     assert ds["latitude"].attrs["units"] == "degrees_north" and ds["longitude"].attrs["units"] == "degrees_east"
     assert ds["sst"].attrs["units"] == "degC" and ds["sst"].attrs["standard_name"] == "sea_surface_temperature"
     assert ds.attrs["Conventions"] == "CF-1.8"
-    with xr.open_dataset(wf / PREDICTIONS) as pred:
+    with predictions_file.open(wf / PREDICTIONS) as pred:
         assert ds.attrs["model_run_id"] == pred.attrs["mlflow_run_id"]
     assert ds.attrs["checkpoint_digest"] == provenance.read_checkpoint(wf / MODEL)["digest"]
     assert ds.attrs["stats_digest"] == provenance.digest_of(wf / STATS)

@@ -84,7 +84,6 @@ overwritten. If logging fails after the commit the step fails, and a rerun logs 
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
@@ -98,7 +97,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from conv2dlstm import __version__, baselines, keys, metrics, plots, provenance
+from conv2dlstm import baselines, keys, metrics, plots, provenance
+from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
@@ -122,7 +122,7 @@ ARTIFACT_DIR = "evaluate"
 MLFLOW_STEP = 0
 COMMIT_MARKER = "metrics.csv"
 OUTPUT_FILES: tuple[str, ...] = (
-    "predictions.nc",
+    predictions_file.FILENAME,
     "metrics.csv",
     "rmse_vs_lead.png",
     "acc_vs_lead.png",
@@ -131,37 +131,6 @@ OUTPUT_FILES: tuple[str, ...] = (
     "rmse_map.png",
 )
 _STAGING_PREFIX, _STAGING_SUFFIX = ".evaluate.", ".partial"
-
-STANDARD_NAMES: dict[str, str] = {
-    "sst": "sea_surface_temperature",
-    "sss": "sea_surface_salinity",
-    "no3": "mole_concentration_of_nitrate_in_sea_water",
-    "po4": "mole_concentration_of_phosphate_in_sea_water",
-    "si": "mole_concentration_of_silicate_in_sea_water",
-    "fe": "mole_concentration_of_dissolved_iron_in_sea_water",
-    "chl": "mass_concentration_of_chlorophyll_a_in_sea_water",
-    "o2": "mole_concentration_of_dissolved_molecular_oxygen_in_sea_water",
-}
-LONG_NAMES: dict[str, str] = {
-    "sst": "sea surface temperature",
-    "sss": "sea surface salinity",
-    "no3": "nitrate concentration",
-    "po4": "phosphate concentration",
-    "si": "silicate concentration",
-    "fe": "dissolved iron concentration",
-    "chl": "chlorophyll-a concentration",
-    "o2": "dissolved oxygen concentration",
-}
-COORD_ATTRS: dict[str, dict[str, str]] = {
-    "time": {"standard_name": "forecast_reference_time", "long_name": "forecast initial time"},
-    "lead": {"long_name": "lead step after the initial time", "units": "1"},
-    "lead_time": {"standard_name": "forecast_period", "long_name": "lead time"},
-    "valid_time": {"standard_name": "time", "long_name": "valid time of the forecast"},
-    "lat": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
-    "lon": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
-}
-TIME_UNITS = "hours since 1970-01-01"
-TIME_CALENDAR = "proleptic_gregorian"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,26 +249,6 @@ def climatology_at(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequ
 # predictions.nc
 
 
-def _variable_attrs(variable: str, units: Mapping[str, str]) -> dict[str, str]:
-    attrs = {
-        "long_name": f"predicted {LONG_NAMES.get(variable, variable)}",
-        "units": units.get(variable, "1") or "1",
-    }
-    if variable in STANDARD_NAMES:
-        attrs["standard_name"] = STANDARD_NAMES[variable]
-    return attrs
-
-
-def _global_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {
-        "Conventions": "CF-1.8",
-        "title": "Forecasts on the test period",
-        "source": f"conv2dlstm {__version__}",
-        "history": f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} conv2dlstm evaluate",
-        **(attrs or {}),
-    }
-
-
 def predictions_dataset(
     forecast: xr.DataArray,
     *,
@@ -308,18 +257,18 @@ def predictions_dataset(
 ) -> xr.Dataset:
     """CF-1.8 dataset of forecasts held in memory: one float32 variable per target, dims ``(time, lead, lat, lon)``.
 
-    :class:`PredictionsWriter` writes the same file batch by batch.
+    :class:`conv2dlstm.artifacts.predictions.PredictionsWriter` writes the same file batch by batch.
     """
     data_vars = {}
     for variable in forecast["variable"].values:
         variable = str(variable)
         da = forecast.sel(variable=variable, drop=True).astype("float32")
-        da.attrs = _variable_attrs(variable, units)
+        da.attrs = predictions_file.variable_attrs(variable, units)
         data_vars[variable] = da
     ds = xr.Dataset(data_vars)
-    for name, coord_attrs in COORD_ATTRS.items():
+    for name, coord_attrs in predictions_file.COORD_ATTRS.items():
         ds[name].attrs = dict(coord_attrs)
-    ds.attrs = _global_attrs(attrs)
+    ds.attrs = predictions_file.global_attrs(attrs)
     return ds
 
 
@@ -329,111 +278,14 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:
         name: {"zlib": True, "complevel": 4, "_FillValue": np.float32(np.nan)} for name in ds.data_vars
     }
     for name in ("time", "valid_time"):
-        encoding[name] = {"units": TIME_UNITS, "calendar": TIME_CALENDAR, "dtype": "float64"}
+        encoding[name] = {
+            "units": predictions_file.TIME_UNITS,
+            "calendar": predictions_file.TIME_CALENDAR,
+            "dtype": "float64",
+        }
     encoding["lead_time"] = {"units": "hours", "dtype": "float64"}
     with atomic_output(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
-
-
-def _hours(values: np.ndarray) -> np.ndarray:
-    """datetime64 (since 1970-01-01) or timedelta64 values as float64 hours."""
-    values = np.asarray(values)
-    if np.issubdtype(values.dtype, np.datetime64):
-        values = values.astype("datetime64[ns]") - np.datetime64("1970-01-01T00:00:00", "ns")
-    return values.astype("timedelta64[ns]") / np.timedelta64(1, "h")
-
-
-class PredictionsWriter:
-    """``predictions.nc`` written batch by batch; decodes (xarray) exactly like :func:`write_netcdf` of
-    :func:`predictions_dataset`.
-
-    The file is created with every coordinate (small: ``N`` initial times, ``N x T_out`` valid times)
-    and one empty float32 variable ``(time, lead, lat, lon)`` per target (zlib level 4, one chunk
-    per map, NaN fill); :meth:`write` fills the rows of one batch. Use as a context manager.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        init_times: np.ndarray,
-        valid_times: np.ndarray,
-        variables: Sequence[str],
-        lat: np.ndarray,
-        lon: np.ndarray,
-        units: Mapping[str, str],
-        attrs: Mapping[str, Any] | None = None,
-    ) -> None:
-        import netCDF4
-
-        init_times = np.asarray(init_times, dtype="datetime64[ns]")
-        valid_times = np.asarray(valid_times, dtype="datetime64[ns]")
-        n, n_lead = valid_times.shape
-        self.variables = [str(v) for v in variables]
-        self.shape = (n, n_lead, len(self.variables), len(lat), len(lon))
-        self._ds = netCDF4.Dataset(str(path), "w", format="NETCDF4")
-        try:
-            ds = self._ds
-            ds.set_auto_mask(False)
-            for dim, size in (("time", n), ("lead", n_lead), ("lat", len(lat)), ("lon", len(lon))):
-                ds.createDimension(dim, size)
-            lead_time = (valid_times[0] - init_times[0]) if n else np.zeros(n_lead, dtype="timedelta64[ns]")
-            coords: dict[str, tuple[tuple[str, ...], str, np.ndarray, dict[str, str]]] = {
-                "time": (("time",), "f8", _hours(init_times), {"units": TIME_UNITS, "calendar": TIME_CALENDAR}),
-                "lead": (("lead",), "i8", np.arange(1, n_lead + 1, dtype="int64"), {}),
-                "lead_time": (("lead",), "f8", _hours(lead_time), {"dtype": "timedelta64[ns]", "units": "hours"}),
-                "valid_time": (
-                    ("time", "lead"),
-                    "f8",
-                    _hours(valid_times),
-                    {"units": TIME_UNITS, "calendar": TIME_CALENDAR},
-                ),
-                "lat": (("lat",), "f8", np.asarray(lat, dtype="float64"), {}),
-                "lon": (("lon",), "f8", np.asarray(lon, dtype="float64"), {}),
-            }
-            for name, (dims, dtype, values, encoding_attrs) in coords.items():
-                var = ds.createVariable(name, dtype, dims)
-                var.setncatts({**COORD_ATTRS[name], **encoding_attrs})
-                var[...] = values
-            self._vars = {}
-            for variable in self.variables:
-                var = ds.createVariable(
-                    variable,
-                    "f4",
-                    ("time", "lead", "lat", "lon"),
-                    zlib=True,
-                    complevel=4,
-                    shuffle=True,
-                    chunksizes=(1, 1, len(lat), len(lon)),
-                    fill_value=np.float32(np.nan),
-                )
-                var.setncatts({**_variable_attrs(variable, units), "coordinates": "lead_time valid_time"})
-                self._vars[variable] = var
-            ds.setncatts(_global_attrs(attrs))
-        except BaseException:
-            self._ds.close()
-            raise
-
-    def write(self, start: int, values: np.ndarray) -> None:
-        """Write ``(B, T_out, C_out, lat, lon)`` physical values (NaN on land) as rows ``start:start+B``."""
-        b = values.shape[0]
-        if values.shape[1:] != self.shape[1:] or not 0 <= start <= self.shape[0] - b:
-            raise DataError(
-                f"predictions of shape {values.shape} at row {start} do not fit predictions.nc of shape {self.shape}"
-            )
-        for c, variable in enumerate(self.variables):
-            self._vars[variable][start : start + b] = np.asarray(values[:, :, c], dtype="float32")
-
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._ds.isopen():
-            self._ds.close()
-
-    def __enter__(self) -> PredictionsWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -785,7 +637,7 @@ def evaluate_split(
     *,
     device: Any,
     batch_size: int,
-    writer: PredictionsWriter,
+    writer: predictions_file.PredictionsWriter,
     shown_sample: int,
     checkpoint: Path,
     nonnegative: Sequence[str] = (),
@@ -958,8 +810,8 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
         units = stats_file.units(stats_ds)
         staging = staging_dir(out_dir)
         try:
-            with PredictionsWriter(
-                staging / "predictions.nc",
+            with predictions_file.PredictionsWriter(
+                staging / predictions_file.FILENAME,
                 init_times=store.init_times(SPLIT),
                 valid_times=store.valid_times(SPLIT),
                 variables=targets,
@@ -1008,7 +860,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
         uri,
         run_id,
         mlflow_metrics(table, model_name=model_name),
-        [out_dir / name for name in OUTPUT_FILES if name != "predictions.nc"],
+        [out_dir / name for name in OUTPUT_FILES if name != predictions_file.FILENAME],
         tags=provenance.mlflow_tags(record, prefix="evaluate.provenance"),
     )
     log.info("logged %d new metrics and the plots into MLflow run %s", logged, run_id)

@@ -301,7 +301,7 @@ def last_steps(ds: xr.Dataset, n: int, init: pd.Timestamp) -> xr.Dataset:
 
 def forecast_dataset(forecast: xr.DataArray, *, units: Mapping[str, str], attrs: Mapping[str, Any]) -> xr.Dataset:
     """The WeatherBench 2 / CF layout of a ``(time, lead, variable, lat, lon)`` forecast (module docstring)."""
-    from conv2dlstm.evaluate import LONG_NAMES, STANDARD_NAMES
+    from conv2dlstm.artifacts.predictions import LONG_NAMES, STANDARD_NAMES
 
     lead_time = np.asarray(forecast["lead_time"].values, dtype="timedelta64[ns]")
     data_vars = {}
