@@ -769,7 +769,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     """
     from conv2dlstm import models, tracking
     from conv2dlstm.artifacts.windows_store import WindowsStore
-    from conv2dlstm.train import resolve_device
+    from conv2dlstm.devices import resolve_device
 
     windows, stats, checkpoint, out_dir = Path(windows), Path(stats), Path(checkpoint), Path(out_dir)
     for stray in discard_partials(out_dir):

@@ -391,8 +391,8 @@ def main(
     """
     from conv2dlstm import evaluate, models, windows
     from conv2dlstm.artifacts import stats as stats_file
+    from conv2dlstm.devices import resolve_device
     from conv2dlstm.fsutil import discard_partials
-    from conv2dlstm.train import resolve_device
 
     stats, out_nc, out_zarr = Path(stats), Path(out_nc), Path(out_zarr)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(cfg)
