@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import evaluate, keys, metrics, plots, provenance, scores
+from conv2dlstm import evaluate, inference, keys, metrics, plots, provenance, scores
 from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
@@ -30,7 +30,7 @@ def _forecast(values: np.ndarray, variables=("sst",), n_lead: int = 2) -> xr.Dat
     n = values.shape[0]
     init = pd.date_range("2021-07-01", periods=n, freq="D").values
     valid = init[:, None] + np.arange(1, n_lead + 1)[None, :] * np.timedelta64(1, "D")
-    return evaluate.forecast_array(
+    return inference.forecast_array(
         values, init_times=init, valid_times=valid, variables=list(variables), lat=LAT, lon=LON
     )
 
@@ -51,7 +51,7 @@ def test_forecast_array_coordinates():
     assert da["valid_time"].dims == ("time", "lead")
     assert pd.Timestamp(da["valid_time"].values[2, 3]) == pd.Timestamp("2021-07-07")
     with pytest.raises(DataError, match="shape"):
-        evaluate.forecast_array(
+        inference.forecast_array(
             np.zeros((3, 2, 2, 3, 4)),
             init_times=da["time"].values,
             valid_times=da["valid_time"].values[:, :2],
@@ -826,7 +826,7 @@ def test_read_batch_matches_store_samples(pipeline_inputs):
     cube = xr.open_zarr(pipeline_inputs["windows_anomalies"], consolidated=False)["data"].values
     starts = store.starts("test")
     for indices in ([0, 1, 2, 3], [0, 10], [7]):  # consecutive windows (one read), far apart, one
-        x, y, last = evaluate.read_batch(store, "test", indices)
+        x, y, last = inference.read_batch(store, "test", indices)
         assert x.shape == (len(indices), INPUT_STEPS, 1, LAT.size, LON.size)
         assert y.shape == (len(indices), LEAD_STEPS, 1, LAT.size, LON.size)
         for j, i in enumerate(indices):
@@ -863,7 +863,7 @@ def test_open_stats_loads_float32_statistics(tmp_path):
     with stats_file.open_lazy(path, ["sst"]) as stats:
         assert stats["mean"].dtype == np.float32 and stats["std"].dtype == np.float32
         valid = xr.DataArray(pd.date_range("2021-03-01", periods=2).values.reshape(1, 2), dims=("time", "lead"))
-        clim = evaluate.climatology_at(valid, stats, ["sst"])
+        clim = inference.climatology_at(valid, stats, ["sst"])
         assert clim.dtype == np.float32 and clim.dims == ("time", "lead", "variable", "lat", "lon")
 
 
@@ -1050,7 +1050,7 @@ def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
 
 def test_clip_nonnegative_only_the_named_variables():
     da = _forecast(np.full(_shape(n=2, n_var=2), -1.0), variables=("sst", "no3")).where(MASK)
-    clipped = evaluate.clip_nonnegative(da, ["no3", "chl"])
+    clipped = inference.clip_nonnegative(da, ["no3", "chl"])
     assert (clipped.sel(variable="no3").fillna(0) == 0).all() and clipped.dtype == da.dtype
     assert np.isnan(clipped.sel(variable="no3").values[..., ~MASK.values]).all()  # land stays NaN
     xr.testing.assert_identical(clipped.sel(variable="sst"), da.sel(variable="sst"))

@@ -19,7 +19,7 @@
    they are never refitted. The last ``input_steps`` time steps are the inputs; they must be
    equally spaced and the last one must fall on the initial date.
 3. The prediction is made (one window, as the evaluate step does:
-   :func:`conv2dlstm.evaluate.predict_batch`), converted back to physical units and clipped at 0
+   :func:`conv2dlstm.inference.predict_batch`), converted back to physical units and clipped at 0
    for the model's nonnegative targets exactly as in evaluate, so that forecasting an initial time
    of the test period reproduces the evaluate step's ``predictions.nc`` for it.
 
@@ -389,7 +389,7 @@ def main(
     ``work_dir`` (default ``<resources_dir>/forecast/<name>``) holds the fetched input files and
     downloaded checkpoints. Returns the dataset written.
     """
-    from conv2dlstm import evaluate, models, windows
+    from conv2dlstm import inference, models, windows
     from conv2dlstm.artifacts import stats as stats_file
     from conv2dlstm.devices import resolve_device
     from conv2dlstm.fsutil import discard_partials
@@ -449,7 +449,7 @@ def main(
             missing,
         )
     device = resolve_device(cfg["train"]["device"])
-    pred = evaluate.predict_batch(model.to(device).eval(), x[None], device=device)  # (1, T_out, C_out, H, W)
+    pred = inference.predict_batch(model.to(device).eval(), x[None], device=device)  # (1, T_out, C_out, H, W)
 
     init_time = np.asarray(ds["time"].values[-1:], dtype="datetime64[ns]")
     step = (np.diff(ds["time"].values)[0] if n_in > 1 else np.timedelta64(1, "D")).astype("timedelta64[ns]")
@@ -465,8 +465,8 @@ def main(
         {step_: keys.result_config(period, step_) for step_ in ("fetch", "regrid")},
     )
     with stats_file.open_lazy(stats, targets) as stats32:
-        physical = evaluate.physical(
-            evaluate.forecast_array(
+        physical = inference.physical(
+            inference.forecast_array(
                 pred,
                 init_times=init_time,
                 valid_times=valid,
@@ -478,7 +478,7 @@ def main(
             stats32,
             mask,
         )
-        physical = evaluate.clip_nonnegative(physical, evaluate.nonnegative_targets(ckpt))
+        physical = inference.clip_nonnegative(physical, inference.nonnegative_targets(ckpt))
         units = stats_file.units(stats32)
     out = forecast_dataset(
         physical,
