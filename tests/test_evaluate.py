@@ -16,6 +16,7 @@ from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.zarrstore import write_store
+from tests import _reference
 
 LAT = np.array([20.0, 21.0, 22.0])
 LON = np.array([-60.0, -59.0, -58.0, -57.0])
@@ -92,7 +93,7 @@ def scored():
     clim = truth - 4.0
     forecasts = {"model": truth + 1.0, "persistence": truth + 2.0, "climatology": clim}
     weights = metrics.area_weights(LAT, MASK)
-    return evaluate.score_forecasts(forecasts, truth, clim, weights)
+    return _reference.score_forecasts(forecasts, truth, clim, weights)
 
 
 def test_score_forecasts_hand_values(scored):
@@ -174,9 +175,9 @@ def test_predictions_netcdf_is_cf_and_decodes(tmp_path):
     rng = np.random.default_rng(3)
     values = rng.normal(20, 2, size=_shape(n=4, n_lead=3, n_var=2)).astype("float32")
     fc = _forecast(values, variables=("sst", "no3"), n_lead=3).where(MASK)
-    ds = evaluate.predictions_dataset(fc, units={"sst": "degC", "no3": "mmol m-3"}, attrs={"run": "exp1"})
+    ds = _reference.predictions_dataset(fc, units={"sst": "degC", "no3": "mmol m-3"}, attrs={"run": "exp1"})
     path = tmp_path / "predictions.nc"
-    evaluate.write_netcdf(ds, path)
+    _reference.write_netcdf(ds, path)
     assert not list(tmp_path.glob(".*partial"))
     with xr.open_dataset(path) as back:
         back = back.load()
@@ -270,7 +271,7 @@ def forecast_set():
 def test_streaming_scores_equal_metrics_definitions(forecast_set, sizes):
     forecasts, truth, clim = forecast_set
     weights = metrics.area_weights(LAT, MASK)
-    reference = evaluate.score_forecasts(forecasts, truth, clim, weights)
+    reference = _reference.score_forecasts(forecasts, truth, clim, weights)
     acc_ref = reference[(reference["model"] == "model") & (reference["metric"] == "acc")]["value"]
     assert np.isfinite(acc_ref).all() and (acc_ref.abs() < 1).all()  # a real, non-trivial model ACC
     streaming = scores.StreamingScores(weights)
@@ -304,7 +305,7 @@ def test_predictions_writer_in_batches_equals_in_memory_file(tmp_path):
     fc = _forecast(values, variables=("sst", "no3"), n_lead=3).where(MASK)
     units = {"sst": "degC", "no3": "mmol m-3"}
     reference = tmp_path / "reference.nc"
-    evaluate.write_netcdf(evaluate.predictions_dataset(fc, units=units, attrs={"run": "exp1"}), reference)
+    _reference.write_netcdf(_reference.predictions_dataset(fc, units=units, attrs={"run": "exp1"}), reference)
     streamed = tmp_path / "streamed.nc"
     with predictions_file.PredictionsWriter(
         streamed,
@@ -1031,7 +1032,7 @@ def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
     forecasts, truth, clim = forecast_set
     weights = metrics.area_weights(LAT, MASK)
     flags = {"climatology": xr.DataArray([False, True, True], dims=("lead",), coords={"lead": [1, 2, 3]})}
-    table = evaluate.score_forecasts(forecasts, truth, clim, weights, not_meaningful=flags)
+    table = _reference.score_forecasts(forecasts, truth, clim, weights, not_meaningful=flags)
     rows = scores.skill_intervals(table)
     vs_clim = rows[(rows["model"] == "model") & (rows["baseline"] == "climatology")].set_index(["variable", "lead"])
     assert vs_clim.loc[("sst", 1), "meaningful"] and np.isfinite(vs_clim.loc[("sst", 1), "skill"])

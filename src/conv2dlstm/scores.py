@@ -120,7 +120,7 @@ def score_frame(scores: Mapping[str, Mapping[str, xr.DataArray]], skills: pd.Dat
 
 
 class StreamingScores:
-    """The table of :func:`conv2dlstm.evaluate.score_forecasts`, accumulated over batches of initial times.
+    """The score table of forecasts, accumulated over batches of initial times.
 
     :meth:`add` computes the per-initial-time scores of a batch with the ``*_per_time`` functions
     of :mod:`conv2dlstm.metrics` and keeps, per forecast, score, lead and variable, only their sum
@@ -183,8 +183,9 @@ class StreamingScores:
         return out
 
     def table(self, not_meaningful: Mapping[str, xr.DataArray] | None = None) -> pd.DataFrame:
-        """Tidy frame ``model, variable, lead, metric, value``, as the in-memory reference
-        :func:`conv2dlstm.evaluate.score_forecasts` returns."""
+        """Tidy frame ``model, variable, lead, metric, value``: the time-mean scores of each forecast, then
+        its skill rows (:func:`skill_frame`); the same table as the in-memory reference of the tests
+        (``tests/_reference.py``), which scores whole arrays with :mod:`conv2dlstm.metrics`."""
         if not self._sums:
             raise DataError("no batch was scored; the test split has no window")
         return score_frame(self.time_means(), skill_frame(self.mse_series(), not_meaningful))

@@ -100,8 +100,8 @@ def _hours(values: np.ndarray) -> np.ndarray:
 
 
 class PredictionsWriter:
-    """``predictions.nc`` written batch by batch; decodes (xarray) exactly like the file that the in-memory
-    reference :func:`conv2dlstm.evaluate.write_netcdf` writes of :func:`conv2dlstm.evaluate.predictions_dataset`.
+    """``predictions.nc`` written batch by batch; decodes (xarray) exactly like the file that the tests'
+    in-memory reference (``tests/_reference.py``) writes with xarray.
 
     The file is created with every coordinate (small: ``N`` initial times, ``N x T_out`` valid times)
     and one empty float32 variable ``(time, lead, lat, lon)`` per target (zlib level 4, one chunk
