@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from conv2dlstm import cli, distributed, train
+from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config import load_config, run_config, validate_config
 from conv2dlstm.data import shard_batches
 from conv2dlstm.errors import ConfigError
-from conv2dlstm.models import load_model
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conv2dlstm import models
+from conv2dlstm.artifacts import checkpoint
+from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.models import (
@@ -13,7 +16,6 @@ from conv2dlstm.models import (
     build_model,
     conv2d_lstm_parameter_count,
     count_parameters,
-    load_model,
     model_kwargs_from_config,
     residual_channels_for,
 )
@@ -349,6 +351,91 @@ def test_load_model_kwargs_of_another_version(tmp_path) -> None:
     _, path = _saved_checkpoint(tmp_path, model_name="unet")
     with pytest.raises(DataError, match=r"names the model 'unet'"):
         load_model(path)
+
+
+def _training_checkpoint(name: str = "convlstm") -> tuple[torch.nn.Module, dict]:
+    """A checkpoint as the train step builds it (artifacts.checkpoint.build)."""
+    torch.manual_seed(2)
+    kwargs = shape_kwargs(12, 10) | SMALL[name]
+    model = build_model(name, **kwargs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    progress = {"epoch": 3, "best_val_loss": 0.5, "best_epoch": 2, "epochs_since_best": 1, "history": [{"epoch": 1}]}
+    ckpt = checkpoint.build(
+        run="r",
+        model_name=name,
+        model_kwargs=kwargs,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=torch.Generator().manual_seed(0),
+        rng_state={"torch": torch.get_rng_state()},
+        progress=progress,
+        finished=False,
+        config={},
+        input_variables=["a", "b"],
+        target_variables=["a"],
+        mlflow_run_id="0" * 32,
+        record={"digest": "d" * 16},
+        result_config={},
+    )
+    return model, ckpt
+
+
+def test_checkpoint_build_save_load_restore(tmp_path) -> None:
+    """One list of entries for writer and reader; the model rebuilt from the file alone; the training
+    state restored into fresh objects."""
+    model, ckpt = _training_checkpoint()
+    assert tuple(ckpt) == checkpoint.KEYS and ckpt["format_version"] == checkpoint.FORMAT_VERSION
+    path = tmp_path / checkpoint.LAST
+    checkpoint.save(path, ckpt)
+    loaded = checkpoint.load(path)
+    assert loaded.keys() == ckpt.keys() and checkpoint.digest(loaded) == "d" * 16
+    rebuilt = checkpoint.rebuild_model(loaded, path=path)
+    assert not rebuilt.training
+    x = torch.randn(2, 3, 2, 12, 10)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+    fresh = build_model("convlstm", **ckpt["model_kwargs"])
+    optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    generator = torch.Generator()
+    rng, progress = checkpoint.restore(
+        loaded, model=fresh, optimizer=optimizer, scheduler=scheduler, generator=generator
+    )
+    assert progress == {
+        "epoch": 3,
+        "best_val_loss": 0.5,
+        "best_epoch": 2,
+        "epochs_since_best": 1,
+        "history": [{"epoch": 1}],
+    }
+    assert torch.equal(rng["torch"], ckpt["rng_state"]["torch"]) and optimizer.param_groups[0]["lr"] == 0.01
+    assert torch.equal(generator.get_state(), ckpt["generator_state"])
+    # evaluate and forecast still call models.load_model: the same reader
+    assert models.load_model(path)[1].keys() == ckpt.keys()
+
+
+def test_checkpoint_of_another_version_or_lacking_entries_is_refused(tmp_path) -> None:
+    _, ckpt = _training_checkpoint()
+    path = tmp_path / "best.pt"
+    torch.save({**ckpt, "format_version": 0}, path)
+    with pytest.raises(
+        checkpoint.IncompatibleCheckpoint,
+        match=rf"checkpoint {path} has checkpoint format 0, this version reads 1.*re-run the train step",
+    ) as info:
+        checkpoint.load(path)
+    assert info.value.problems == ("has checkpoint format 0, this version reads 1",)
+    with pytest.raises(DataError, match="has checkpoint format 0"):
+        load_model(path)  # the model reader checks the version too
+    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer_state", "history")}, path)
+    with pytest.raises(DataError, match=r"lacks \['optimizer_state', 'history'\].*re-run the train step"):
+        checkpoint.load(path)
+    load_model(path)  # the model alone is all it needs
+    torch.save({k: ckpt[k] for k in checkpoint.MODEL_KEYS}, path)
+    with pytest.raises(DataError, match=r"has checkpoint format None"):
+        checkpoint.load(path)
+    load_model(path)  # a model-only checkpoint without a version (written by hand) is accepted
 
 
 # ---------------------------------------------------------------------------------------------

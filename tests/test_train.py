@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conv2dlstm import keys, provenance, train
+from conv2dlstm.artifacts import checkpoint
+from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config import flatten, validate_config
 from conv2dlstm.errors import DataError, TrackingError
-from conv2dlstm.models import load_model
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
@@ -340,7 +341,7 @@ def test_resume_problems_names_each_difference() -> None:
     new_cfg = {"train": {"learning_rate": 0.02, "epochs": 2}}
     old = provenance.make_record("train", "a" * 16, {"windows": "w1", "stats": "s"})
     ckpt = {
-        "format_version": train.CHECKPOINT_VERSION,
+        "format_version": checkpoint.FORMAT_VERSION,
         "model_name": "convlstm",
         "model_kwargs": kwargs,
         "provenance": old,

@@ -1,8 +1,8 @@
 """Forecast networks mapping ``x (B, T_in, C_in, H, W)`` to ``y (B, T_out, C_out, H, W)``.
 
 Two architectures, built by name with :func:`build_model` from plain keyword arguments (the same
-``model_kwargs`` are stored in every checkpoint, so :func:`load_model` rebuilds a model from its
-file alone):
+``model_kwargs`` are stored in every checkpoint, so :func:`conv2dlstm.artifacts.checkpoint.rebuild_model`
+rebuilds a model from its file alone):
 
 - ``conv2d_lstm`` (:class:`Conv2dLSTM`): the original notebook network. Each input frame goes through
   ``Conv2D + ReLU + MaxPool(2)`` blocks, is flattened, an LSTM runs over time, and dense layers
@@ -24,7 +24,7 @@ and ``y`` equals ``raw`` to within ``4e-6`` std from one std above the floor on.
 the output near the mean is shifted by up to 0.1 std and its gradient damped, and the seed
 task's Conv2D-LSTM never left its initial plateau; from ``b = 5`` on it trains like the
 unconstrained network. The floor is a buffer of the model: it is saved in the checkpoint's
-``model_state`` and :func:`load_model` rebuilds the floored model from the file alone;
+``model_state`` and :func:`~conv2dlstm.artifacts.checkpoint.load_model` rebuilds the floored model from the file alone;
 ``model_kwargs`` carry which channels are floored, whether per cell and the sharpness
 (``nonnegative_channels``, ``floor_per_cell``, ``floor_sharpness``). The train step sets the buffer
 from the statistics with :meth:`OutputFloor.set_floor` (:func:`floor_from_stats`).
@@ -33,9 +33,7 @@ from the statistics with :meth:`OutputFloor.set_floor` (:func:`floor_from_stats`
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -134,7 +132,7 @@ class OutputFloor(nn.Module):
             if bool(torch.isnan(self.floor).any()):
                 raise RuntimeError(
                     "the output floor of the nonnegative channels was never set: call set_floor (the train step "
-                    "does, from the statistics) or load the model from its checkpoint (models.load_model)"
+                    "does, from the statistics) or load the model from its checkpoint (artifacts.checkpoint.load_model)"
                 )
             self._checked = True
         floor = self.floor.to(y.dtype)
@@ -466,47 +464,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-CHECKPOINT_KEYS: tuple[str, ...] = ("model_name", "model_kwargs", "model_state")
-
-
-def _checkpoint_error(path: str | os.PathLike, problem: str) -> DataError:
-    return DataError(
-        f"checkpoint {path} {problem}; re-run the train step to write a checkpoint of this version "
-        "(remove the run's train output folder to start it afresh)"
-    )
-
-
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint file alone; returns ``(model, checkpoint)``, model in eval mode on the CPU.
+    """``(model, checkpoint)`` of a checkpoint file: :func:`conv2dlstm.artifacts.checkpoint.load_model`,
+    which owns the checkpoint format (kept here for the evaluate and forecast steps, which call it)."""
+    from conv2dlstm.artifacts import checkpoint
 
-    A file that is missing, truncated or not a checkpoint of this package (no ``model_name``,
-    ``model_kwargs`` and ``model_state``, or weights that do not fit the rebuilt network) raises a
-    :class:`DataError` naming ``path`` and the fix.
-    """
-    if not Path(path).is_file():
-        raise _checkpoint_error(path, "does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise _checkpoint_error(
-            path, f"cannot be read as a PyTorch checkpoint (a truncated or foreign file: {exc})"
-        ) from exc
-    if not isinstance(checkpoint, dict):
-        raise _checkpoint_error(path, f"holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise _checkpoint_error(path, f"lacks {missing} (an old or foreign checkpoint)")
-    name, kwargs = checkpoint["model_name"], checkpoint["model_kwargs"]
-    if name not in _REGISTRY:
-        raise _checkpoint_error(path, f"names the model {name!r}, which is not one of {list(_REGISTRY)}")
-    if not isinstance(kwargs, dict):
-        raise _checkpoint_error(path, f"has model_kwargs of type {type(kwargs).__name__}, not a dict")
-    try:
-        model = build_model(name, **kwargs)
-    except (TypeError, ValueError, ConfigError) as exc:
-        raise _checkpoint_error(path, f"has model_kwargs that do not build a {name} model ({exc})") from exc
-    try:
-        model.load_state_dict(checkpoint["model_state"])
-    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
-        raise _checkpoint_error(path, f"has weights that do not fit its {name} model ({exc})") from exc
-    return model.eval(), checkpoint
+    return checkpoint.load_model(path)

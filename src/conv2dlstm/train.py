@@ -73,17 +73,17 @@ import torch
 from torch import nn
 
 from conv2dlstm import distributed, keys, provenance, tracking
+from conv2dlstm.artifacts import checkpoint
 from conv2dlstm.config import flatten
 from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
-from conv2dlstm.models import OutputFloor, build_model, count_parameters, load_model, model_kwargs_from_config
+from conv2dlstm.models import OutputFloor, build_model, count_parameters, model_kwargs_from_config
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "samples_per_s", "seconds")
-RUN_FILES = ("last.pt", "best.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt")
+RUN_FILES = (*checkpoint.NAMES, "history.csv", "mlflow_run_id.txt", "model_summary.txt")
 """The files of a run in ``out_dir``; a fresh start moves those present into :data:`STALE_DIR`."""
 EPOCH_METRICS = ("train_loss", "val_loss", "lr", "samples_per_s")
 """The per-epoch MLflow metrics (step = epoch); ``history.csv`` and every checkpoint hold them too."""
@@ -383,11 +383,6 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
         writer.writerows(history)
 
 
-def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
 def train_record(
     cfg: dict[str, Any], windows: Path, stats: Path, *, windows_attrs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -402,22 +397,19 @@ def train_record(
     return provenance.for_step(cfg, "train", inputs)
 
 
-def checkpoint_digest(ckpt: dict[str, Any]) -> str | None:
-    """The provenance digest a checkpoint records (None when it records none)."""
-    record = ckpt.get(provenance.ATTR)
-    return str(record.get("digest")) if isinstance(record, dict) and record.get("digest") else None
-
-
 def is_complete(out_dir: Path, digest: str) -> bool:
     """A run is complete when ``last.pt`` says finished and ``last.pt`` and ``model.pt`` both record
     the provenance ``digest`` (that of the current configuration and inputs)."""
-    last, model = out_dir / "last.pt", out_dir / "model.pt"
+    last, model = out_dir / checkpoint.LAST, out_dir / checkpoint.MODEL
     if not (model.is_file() and last.is_file()):
         return False
-    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    if not state.get("finished", False) or checkpoint_digest(state) != digest:
+    try:
+        state = checkpoint.load(last, mmap=True)
+        if not state["finished"] or checkpoint.digest(state) != digest:
+            return False
+        return checkpoint.digest(checkpoint.load(model, mmap=True)) == digest
+    except checkpoint.IncompatibleCheckpoint:
         return False
-    return checkpoint_digest(torch.load(model, map_location="cpu", weights_only=True, mmap=True)) == digest
 
 
 def resume_problems(
@@ -434,8 +426,8 @@ def resume_problems(
     Changed result config keys are named with their old and new values (from the result
     configuration the checkpoint stores), changed inputs by name with both digests.
     """
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        return [f"it has checkpoint format {ckpt.get('format_version')}, this version writes {CHECKPOINT_VERSION}"]
+    if problem := checkpoint.version_problem(ckpt):
+        return [f"it {problem}"]
     try:
         old = provenance.from_checkpoint(ckpt, where="it")
     except DataError as exc:
@@ -605,44 +597,6 @@ class Loop:
 # ----------------------------------------------------------------------------------------------
 
 
-def _checkpoint(
-    loop: Loop,
-    progress: Progress,
-    *,
-    model_name: str,
-    model_kwargs: dict[str, Any],
-    cfg: dict[str, Any],
-    store: WindowsStore,
-    run_id: str,
-    run: str,
-    record: dict[str, Any],
-    result_config: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "format_version": CHECKPOINT_VERSION,
-        "run": run,
-        "model_name": model_name,
-        "model_kwargs": model_kwargs,
-        "model_state": {k: v.detach().cpu().clone() for k, v in loop.model.state_dict().items()},
-        "optimizer_state": loop.optimizer.state_dict(),
-        "scheduler_state": loop.scheduler.state_dict(),
-        "rng_state": rng_state(),
-        "generator_state": loop.generator.get_state(),
-        "epoch": progress.epoch,
-        "best_val_loss": progress.best_val_loss,
-        "best_epoch": progress.best_epoch,
-        "epochs_since_best": progress.epochs_since_best,
-        "finished": progress.finished,
-        "history": list(progress.history),
-        "config": cfg,
-        "input_variables": list(store.input_variables),
-        "target_variables": list(store.target_variables),
-        "mlflow_run_id": run_id,
-        provenance.ATTR: record,
-        provenance.RESULT_CONFIG_KEY: result_config,
-    }
-
-
 def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device) -> None:
     """Raise :class:`ConfigError` when ``world_size`` processes cannot share ``tcfg`` on ``device``."""
     if world_size <= 1:
@@ -728,16 +682,21 @@ def _resume_or_stale(
 ) -> tuple[dict[str, Any] | None, Stale | None]:
     """``(last.pt, None)`` when training resumes from it; ``(None, Stale)`` when files of another
     training are in ``out_dir``; ``(None, None)`` when there are none."""
-    last_path = out_dir / "last.pt"
-    last = torch.load(last_path, map_location="cpu", weights_only=True) if last_path.is_file() else None
-    if last is not None:
-        reasons = resume_problems(
-            last, record, result_config=result_config, model_name=model_name, model_kwargs=model_kwargs
-        )
-        if not reasons:
-            return last, None
-    else:
+    last_path = out_dir / checkpoint.LAST
+    last: dict[str, Any] | None = None
+    if not last_path.is_file():
         reasons = ["there is no last.pt"]
+    else:
+        try:
+            last = checkpoint.load(last_path)
+        except checkpoint.IncompatibleCheckpoint as exc:
+            last, reasons = exc.checkpoint, [f"it {problem}" for problem in exc.problems]
+        else:
+            reasons = resume_problems(
+                last, record, result_config=result_config, model_name=model_name, model_kwargs=model_kwargs
+            )
+            if not reasons:
+                return last, None
     files = tuple(name for name in RUN_FILES if (out_dir / name).is_file())
     if not files:
         return None, None
@@ -889,7 +848,7 @@ def _train(
     """The training of :func:`main` in one process (one rank of ``ctx``)."""
     tcfg = cfg["train"]
     store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    last_path, best_path = out_dir / checkpoint.LAST, out_dir / checkpoint.BEST
     distributed.barrier(ctx, device)  # every rank has read last.pt before rank 0 writes it again
     if ctx.is_main and inputs.stale is not None:
         _retire(inputs.stale, run=run, out_dir=out_dir)
@@ -908,18 +867,11 @@ def _train(
         generator = torch.Generator().manual_seed(tcfg["seed"])
         progress = Progress()
         if resume is not None:
-            model.load_state_dict(resume["model_state"])
-            optimizer.load_state_dict(resume["optimizer_state"])
-            scheduler.load_state_dict(resume["scheduler_state"])
-            generator.set_state(resume["generator_state"])
-            set_rng_state(resume["rng_state"])
-            progress = Progress(
-                epoch=resume["epoch"],
-                best_val_loss=resume["best_val_loss"],
-                best_epoch=resume["best_epoch"],
-                epochs_since_best=resume["epochs_since_best"],
-                history=list(resume["history"]),
+            saved_rng, saved_progress = checkpoint.restore(
+                resume, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator
             )
+            set_rng_state(saved_rng)
+            progress = Progress(**saved_progress)
             if ctx.is_main:
                 log.info("resuming run %s after epoch %d from %s", run, progress.epoch, last_path)
         mode = tcfg["data_on_device"]
@@ -989,24 +941,30 @@ def _train(
                 summary_path = out_dir / "model_summary.txt"
                 write_text(summary_path, model_summary(model, model_name, model_kwargs, store))
 
-            def checkpoint() -> dict[str, Any]:
-                return _checkpoint(
-                    loop,
-                    progress,
+            def state() -> dict[str, Any]:
+                return checkpoint.build(
+                    run=run,
                     model_name=model_name,
                     model_kwargs=model_kwargs,
-                    cfg=cfg,
-                    store=store,
-                    run_id=tracker.run_id,
-                    run=run,
+                    model=loop.model,
+                    optimizer=loop.optimizer,
+                    scheduler=loop.scheduler,
+                    generator=loop.generator,
+                    rng_state=rng_state(),
+                    progress=vars(progress),
+                    finished=progress.finished,
+                    config=cfg,
+                    input_variables=store.input_variables,
+                    target_variables=store.target_variables,
+                    mlflow_run_id=tracker.run_id,
                     record=inputs.record,
                     result_config=inputs.result_config,
                 )
 
             if resume is None and ctx.is_main:
-                save_checkpoint(last_path, checkpoint())  # the state at the start of epoch 1
+                checkpoint.save(last_path, state())  # the state at the start of epoch 1
             try:
-                _fit(loop, progress, tcfg, tracker, checkpoint, last_path, best_path, out_dir)
+                _fit(loop, progress, tcfg, tracker, state, last_path, best_path, out_dir)
             except TrainingInterrupted as stop_:
                 if ctx.is_main:
                     log.warning(
@@ -1019,7 +977,7 @@ def _train(
                     )
                 raise
             if ctx.is_main:
-                _finish(progress, tracker, checkpoint, store, out_dir, log_model=cfg["mlflow"]["log_model"], run=run)
+                _finish(progress, tracker, state, store, out_dir, log_model=cfg["mlflow"]["log_model"], run=run)
         distributed.barrier(ctx, device)  # the other ranks wait for rank 0's files and MLflow run
 
 
@@ -1042,7 +1000,7 @@ def _fit(
     progress: Progress,
     tcfg: dict[str, Any],
     tracker: tracking.Tracker | None,
-    checkpoint: Callable[[], dict[str, Any]],
+    state: Callable[[], dict[str, Any]],
     last_path: Path,
     best_path: Path,
     out_dir: Path,
@@ -1102,11 +1060,11 @@ def _fit(
                 row["samples_per_s"],
                 seconds,
             )
-            ckpt = checkpoint()
+            ckpt = state()
             if improved:
-                save_checkpoint(best_path, ckpt)
+                checkpoint.save(best_path, ckpt)
             write_history(out_dir / "history.csv", progress.history)
-            save_checkpoint(last_path, ckpt)
+            checkpoint.save(last_path, ckpt)
         if (signum := loop.stop_signal()) is not None:
             raise TrainingInterrupted(signum)
     if progress.epochs_since_best >= tcfg["patience"] and main_rank:
@@ -1121,7 +1079,7 @@ def _fit(
 def _finish(
     progress: Progress,
     tracker: tracking.Tracker,
-    checkpoint: Callable[[], dict[str, Any]],
+    state: Callable[[], dict[str, Any]],
     store: WindowsStore,
     out_dir: Path,
     *,
@@ -1134,13 +1092,13 @@ def _finish(
     for the wait budget of :mod:`conv2dlstm.tracking`); otherwise :class:`TrackingError` ends the
     step before ``model.pt``, and a rerun resumes after the last epoch and only logs.
     """
-    best_path = out_dir / "best.pt"
+    best_path = out_dir / checkpoint.BEST
     try:
         tracker.log_metrics({"best_val_loss": progress.best_val_loss, "best_epoch": progress.best_epoch})
         if not tracker.flush():
             raise TrackingError(f"metrics of step(s) {[p.step for p in tracker.pending]} were not accepted")
         if log_model:
-            best_model, _ = load_model(best_path)
+            best_model = checkpoint.rebuild_model(checkpoint.load(best_path), path=best_path)
             n = min(2, store.starts("val").size)
             example = np.stack([store.sample("val", i)[0] for i in range(n)])  # (n, T_in, C_in, H, W)
             tracker.log_model(best_model, example)
@@ -1157,8 +1115,8 @@ def _finish(
             "MLflow run lacks"
         ) from exc
     progress.finished = True
-    save_checkpoint(out_dir / "last.pt", checkpoint())
-    with atomic_output(out_dir / "model.pt") as tmp:
+    checkpoint.save(out_dir / checkpoint.LAST, state())
+    with atomic_output(out_dir / checkpoint.MODEL) as tmp:
         shutil.copyfile(best_path, tmp)
     log.info(
         "run complete: best epoch %d, validation loss %.5f; %s",

@@ -4,6 +4,8 @@ A module names what the artifact holds, its ``FORMAT_VERSION``, and the function
 open and validate it; every reader goes through it and so checks the format version. Steps import
 artifacts, never each other (the layout of each artifact: ``docs/architecture.md``).
 
+- :mod:`.checkpoint`: the training checkpoints (``<outdir>/train/<run>/{last,best,model}.pt``),
+  written by the train step, read by train (resume), evaluate and forecast (the model alone).
 - :mod:`.regridded`: the regridded store (``<outdir>/regrid/<name>.zarr``), written by the regrid
   step, read by normalize and windows.
 - :mod:`.stats`: the normalization statistics (``<outdir>/normalize/<name>.nc``), written by the
