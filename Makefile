@@ -17,7 +17,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
-.PHONY: setup run run-seed test test-fast lint report mlflow-ui mlflow-server bench clean
+.PHONY: setup run run-seed test test-fast lint report mlflow-ui mlflow-server bench bench-scale bench-keras clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,8 +65,22 @@ mlflow-server: setup
 	$(BIN)/mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
 		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
+## bench: every CPU benchmark, its table printed and its targets (bench/targets.yaml) checked; runs all
+## three, then fails if one missed a target (about 30 minutes on 2 cores; docs/performance.md)
 bench: setup
-	$(BIN)/python bench/run.py --check
+	rc=0; \
+	$(BIN)/python bench/run.py --check || rc=1; \
+	$(BIN)/python bench/scale.py --check || rc=1; \
+	$(BIN)/python bench/keras_side_by_side.py --check || rc=1; \
+	exit $$rc
+
+## bench-scale: peak memory and time of every step at 1x, 4x and 16x the default data volume
+bench-scale: setup
+	$(BIN)/python bench/scale.py --check
+
+## bench-keras: the notebook's network, this project against Keras (creates .venv-keras once, 1.6 GB)
+bench-keras: setup
+	$(BIN)/python bench/keras_side_by_side.py --check
 
 clean:
 	rm -rf results resources .snakemake mlflow.db mlruns report.zip
