@@ -123,7 +123,6 @@ from conv2dlstm.scores import (
 log = logging.getLogger(__name__)
 
 SPLIT = "test"
-BASELINE_NAMES = baselines.BASELINE_NAMES  # the names live in conv2dlstm.baselines (BASELINES)
 RUN_ID_FILE = "mlflow_run_id.txt"
 ARTIFACT_DIR = "evaluate"
 MLFLOW_STEP = 0
@@ -337,8 +336,9 @@ def batch_forecasts(
             persistence are clipped at 0 there (:func:`clip_nonnegative`).
 
     Returns:
-        ``{"model", *BASELINE_NAMES}`` forecasts and the truth, each ``(time, lead, variable, lat, lon)``
-        with the coordinates of :func:`forecast_array`.
+        The forecasts ``model`` and those of :data:`conv2dlstm.baselines.BASELINE_NAMES`, and the truth,
+        each ``(time, lead, variable, lat, lon)`` with the coordinates of
+        :func:`conv2dlstm.inference.forecast_array`.
     """
     lat, lon = mask["lat"].values, mask["lon"].values
     coords: dict[str, Any] = {
