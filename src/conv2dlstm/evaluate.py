@@ -1,46 +1,43 @@
-"""Evaluate step: score a trained run and three baselines on the test period, with skill intervals.
+"""Evaluate step: score a trained run and the baselines on the test period, commit the outputs, log them.
 
-:func:`main` predicts the test windows batch by batch with the trained network, converts
-predictions, truth and the baselines to physical units, and scores all of them with the same
-functions of :mod:`conv2dlstm.metrics` (area-weighted, land excluded) per target variable and lead.
-The baselines (:data:`conv2dlstm.baselines.BASELINES`) are persistence, the training climatology
-and damped anomaly persistence, whose damping ``rho(lead)`` is fitted on the training part of the
-windows store (the statistics' training period) before the test windows are read
-(:func:`damping`).
+This module is the step, and only the step: :func:`main` resolves the training run's MLflow run id
+(:func:`resolve_run_id`) and checks that the checkpoint was trained on these windows and statistics
+with this configuration (:func:`check_provenance`), all before any work; :func:`evaluate_split`
+drives the batches; the outputs are staged and committed (:func:`staging_dir`,
+:func:`commit_outputs`), the figures drawn (:func:`write_figures`), and the scores logged into
+MLflow (:func:`log_to_mlflow`). The work itself lives in the modules it imports:
 
-Is the gain real? For every forecast and every other baseline, per variable and lead, the skill
-``1 - RMSE/RMSE(baseline)`` gets a 95% interval from a paired circular block bootstrap over initial
-times (:func:`skill_frame`, :func:`conv2dlstm.metrics.bootstrap_skill`): the per-initial-time MSE
-series are resampled in blocks of consecutive initial times whose length is the integral time scale
-(decorrelation time) of the loss difference, so that serially correlated errors do not make the
-interval too narrow; 1000 resamples, seed 0 (reproducible). A model is better than a baseline at a
-lead only where the interval lies above zero.
+- :mod:`conv2dlstm.inference`: reading the test windows, predicting each on its own with the
+  network (so that a window's prediction does not depend on its batch and the forecast step
+  reproduces it exactly), denormalizing, clipping the checkpoint's nonnegative targets at 0;
+- :mod:`conv2dlstm.baselines`: persistence, the training climatology and damped anomaly
+  persistence, whose damping ``rho(lead)`` is fitted on the training part of the windows store
+  before the test windows are read (:func:`damping`);
+- :mod:`conv2dlstm.scores`: the scores (area-weighted, land excluded, per target variable and
+  lead), the skill ``1 - RMSE/RMSE(baseline)`` of every forecast against every other baseline with
+  a 95% paired circular block-bootstrap interval over initial times (1000 resamples, seed 0), the
+  ``metrics.csv`` table and the MLflow metric names;
+- :mod:`conv2dlstm.artifacts.predictions`: the ``predictions.nc`` artifact and its writer;
+- :mod:`conv2dlstm.plots`: the figures.
 
 Honest on short records: a baseline that uses the climatology of a day that no training day
 supports (:func:`conv2dlstm.baselines.climatology_support`, the statistics' training period and
 climatology window; climatology: the valid day; damped persistence: the initial and the valid day)
-has its skill marked not meaningful at that lead: the skill and its interval are NaN, the
-``skill_vs_<baseline>_meaningful`` row is 0, the log warns, the plots say so.
+has its skill marked not meaningful at that lead (:func:`unsupported_leads`): the skill and its
+interval are NaN, the ``skill_vs_<baseline>_meaningful`` row is 0, the log warns, the plots say so.
 
-Outputs in ``out_dir``:
+Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
 
-- ``predictions.nc``: CF-1.8 netCDF, one variable per target, dims ``(time, lead, lat, lon)`` with
-  ``time`` the initial time, ``lead_time(lead)`` and ``valid_time(time, lead)`` coordinates;
+- ``predictions.nc``: CF-1.8 netCDF, one variable per target, dims ``(time, lead, lat, lon)``
+  (:mod:`conv2dlstm.artifacts.predictions`);
 - ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``. ``model`` is the run's model
   or a baseline; metrics ``rmse``, ``mae``, ``bias``, ``acc`` (not for climatology), ``rho`` (damped
   persistence: its damping), and per baseline ``skill_vs_<baseline>`` with ``_lower``, ``_upper``
   (the 95% interval), ``_significant`` (1: the interval excludes 0), ``_meaningful`` (0: the
-  climatology is unsupported; the four before are NaN) and ``_block_length`` (:func:`skill_frame`);
+  climatology is unsupported; the four before are NaN) and ``_block_length``
+  (:func:`conv2dlstm.scores.skill_frame`);
 - ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals),
   ``maps.png``, ``rmse_map.png``.
-
-Target variables that cannot be negative (the checkpoint's floored channels,
-:func:`nonnegative_targets`) have their predictions and damped persistence clipped at 0 after
-denormalizing (:func:`clip_nonnegative`; the network's output floor already keeps them there up
-to float rounding).
-
-Each window is predicted on its own (:func:`predict_batch`), so a window's prediction does not
-depend on the other windows of its batch and the forecast step reproduces it exactly.
 
 Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
 test period. Per batch the step holds the inputs, the prediction, the truth and the baselines
@@ -51,18 +48,19 @@ upcast to float64) and the float64 temporaries of the metric code: the peak is a
 steps. Across batches it keeps only:
 
 - per score, model and ``(lead, variable)``: the sum and the count of the per-initial-time scores
-  (:class:`StreamingScores`). Each per-time score (the weighted spatial mean of the squared, absolute
-  and signed error, and the anomaly correlation) depends on one initial time only, so the time
-  mean taken at the end equals the definition of :mod:`conv2dlstm.metrics` on the whole test set;
+  (:class:`conv2dlstm.scores.StreamingScores`). Each per-time score (the weighted spatial mean of
+  the squared, absolute and signed error, and the anomaly correlation) depends on one initial time
+  only, so the time mean taken at the end equals the definition of :mod:`conv2dlstm.metrics` on
+  the whole test set;
 - per forecast the per-initial-time MSE series, ``N x T_out x C_out`` floats for ``N`` test
   windows, for the bootstrap;
-- the per-cell sum of squared errors at lead 1 for ``rmse_map.png`` (:class:`CellRmse`,
-  ``C_out x H x W``);
+- the per-cell sum of squared errors at lead 1 for ``rmse_map.png``
+  (:class:`conv2dlstm.scores.CellRmse`, ``C_out x H x W``);
 - the one sample shown in ``maps.png``;
 - the time coordinates (``N x T_out`` datetimes).
 
-``predictions.nc`` is written batch by batch (:class:`PredictionsWriter`), and the climatology is
-read from the statistics file only for the days of year of the current batch.
+``predictions.nc`` is written batch by batch (:class:`conv2dlstm.artifacts.predictions.PredictionsWriter`),
+and the climatology is read from the statistics file only for the days of year of the current batch.
 
 Commit and logging. Every output is first written into one hidden staging folder
 ``out_dir/.evaluate.*.partial``; when all of them are complete they are moved into ``out_dir``
@@ -73,8 +71,9 @@ old files side by side but no ``metrics.csv``, so the step reads as not done (Sn
 deletes the outputs of a failed job) and a rerun replaces every file. A failure before the commit
 leaves ``out_dir`` as it was.
 
-Only then are the scores logged into the training run's MLflow run (:func:`mlflow_metrics`: metrics
-named like ``test_rmse_sst_lead1``, ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``,
+Only then are the scores logged into the training run's MLflow run
+(:func:`conv2dlstm.scores.mlflow_metrics`: metrics named like ``test_rmse_sst_lead1``,
+``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``,
 ``skill_vs_persistence_lower_sst_lead1``, ``skill_vs_climatology_meaningful_sst_lead1``, all at step
 0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
 any work starts. A rerun does not duplicate metrics: a metric whose latest logged value equals the
@@ -140,7 +139,7 @@ _STAGING_PREFIX, _STAGING_SUFFIX = ".evaluate.", ".partial"
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure helpers
+# Run id, checks before the work, small helpers
 
 
 def resolve_run_id(checkpoint: str | os.PathLike, ckpt: Mapping[str, Any]) -> str:
@@ -305,7 +304,7 @@ def log_to_mlflow(
 
 
 # --------------------------------------------------------------------------------------------------
-# Batches in physical units
+# The batches: forecasts, baselines and truth in physical units, scored
 
 
 def batch_forecasts(
@@ -495,6 +494,10 @@ def evaluate_split(
     rho_rows = tidy(rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho")
     table = pd.concat([scores.table(not_meaningful), rho_rows], ignore_index=True)
     return table, cell_rmse.result(), shown
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
 
 
 def line_labels(table: pd.DataFrame) -> pd.Series:

@@ -9,6 +9,13 @@ batch (:class:`StreamingScores`, :class:`CellRmse` for the per-cell RMSE map), a
 :data:`CSV_COLUMNS`), its flat MLflow metric names (:func:`mlflow_metrics`) and its skill rows in
 wide form (:func:`skill_intervals`, read by the evaluate step's plots and the compare step).
 
+Is the gain real? The skill interval comes from a paired circular block bootstrap over initial
+times (:func:`conv2dlstm.metrics.bootstrap_skill_table`): the per-initial-time MSE series are
+resampled in blocks of consecutive initial times whose length is the integral time scale
+(decorrelation time) of the loss difference, so that serially correlated errors do not make the
+interval too narrow; :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`
+(reproducible). A model is better than a baseline at a lead only where the interval lies above zero.
+
 Used by the evaluate step (:mod:`conv2dlstm.evaluate`), which writes the table, and the compare
 step (:mod:`conv2dlstm.compare`), which reads it. Nothing here reads or writes files.
 """
