@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import cli, distributed, train
+from conv2dlstm import cli, distributed, loop, train
 from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config import load_config, run_config, validate_config
 from conv2dlstm.data import shard_batches
@@ -220,7 +220,7 @@ def test_averaged_share_gradients_equal_the_batch_gradient(world_size: int, batc
     """DDP averages the ranks' gradients of share_loss: that must be the gradient of masked_mse."""
     gen = torch.Generator().manual_seed(0)
     net = torch.nn.Conv2d(1, 1, 3, padding=1)
-    weights = train.loss_weights(np.arange(30).reshape(5, 6) % 4 != 0, np.linspace(0, 60, 5), True)
+    weights = loop.loss_weights(np.arange(30).reshape(5, 6) % 4 != 0, np.linspace(0, 60, 5), True)
     x = torch.randn(batch_size, 2, 1, 5, 6, generator=gen)  # (B, T, C, H, W)
     y = torch.randn(batch_size, 2, 1, 5, 6, generator=gen)
 
@@ -230,12 +230,12 @@ def test_averaged_share_gradients_equal_the_batch_gradient(world_size: int, batc
     def forward(idx: list[int]) -> torch.Tensor:
         return net(x[idx].flatten(0, 1)).view(len(idx), 2, 1, 5, 6)
 
-    expected = grads(train.masked_mse(forward(list(range(batch_size))), y, weights))
+    expected = grads(loop.masked_mse(forward(list(range(batch_size))), y, weights))
     total = [torch.zeros_like(g) for g in expected]
     for rank in range(world_size):
         share = shard_batches([list(range(batch_size))], rank, world_size)[0]
         idx = share or [0]
-        loss = train.share_loss(
+        loss = loop.share_loss(
             forward(idx), y[idx], weights, batch_size=batch_size, world_size=world_size, has_share=bool(share)
         )
         total = [t + g for t, g in zip(total, grads(loss))]

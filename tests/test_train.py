@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import keys, provenance, train
+from conv2dlstm import keys, loop, provenance, train
 from conv2dlstm.artifacts import checkpoint
 from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config import flatten, validate_config
@@ -63,9 +63,9 @@ def test_masked_mse_hand_computed() -> None:
     pred = torch.tensor([[1.0, 5.0], [2.0, 0.0]]).view(1, 1, 1, 2, 2)
     target = torch.tensor([[0.0, -5.0], [0.0, 1.0]]).view(1, 1, 1, 2, 2)
     # squared errors on ocean: 1 (lat 0), 4 and 1 (lat 60).
-    plain = train.masked_mse(pred, target, train.loss_weights(mask, lat, False))
+    plain = loop.masked_mse(pred, target, loop.loss_weights(mask, lat, False))
     assert plain.item() == pytest.approx((1 + 4 + 1) / 3)
-    weighted = train.masked_mse(pred, target, train.loss_weights(mask, lat, True))
+    weighted = loop.masked_mse(pred, target, loop.loss_weights(mask, lat, True))
     assert weighted.item() == pytest.approx((1 * 1 + 0.5 * 4 + 0.5 * 1) / (1 + 0.5 + 0.5))
 
 
@@ -75,25 +75,25 @@ def test_land_values_cannot_change_the_loss(latitude_weighted: bool) -> None:
     mask = np.ones((6, 7), dtype=bool)
     mask[:, :2] = False
     mask[3, 4] = False
-    weights = train.loss_weights(mask, np.linspace(-60, 60, 6), latitude_weighted)
+    weights = loop.loss_weights(mask, np.linspace(-60, 60, 6), latitude_weighted)
     pred = torch.randn(3, 2, 2, 6, 7, generator=gen)
     target = torch.randn(3, 2, 2, 6, 7, generator=gen)
-    base = train.masked_mse(pred, target, weights)
+    base = loop.masked_mse(pred, target, weights)
     land = torch.from_numpy(~mask)
     for fill in (1e6, -3.0, float("nan"), float("inf")):
         p2 = torch.where(land, torch.full_like(pred, fill), pred)
         t2 = torch.where(land, torch.randn(3, 2, 2, 6, 7, generator=gen) * 100, target)
-        assert torch.equal(train.masked_mse(p2, t2, weights), base)
+        assert torch.equal(loop.masked_mse(p2, t2, weights), base)
     # gradients do not reach land cells either
     p = pred.clone().requires_grad_(True)
-    train.masked_mse(p, target, weights).backward()
+    loop.masked_mse(p, target, weights).backward()
     assert torch.all(p.grad[..., land] == 0) and torch.any(p.grad[..., ~land] != 0)
 
 
 def test_index_batches_and_cap() -> None:
     order = torch.tensor([4, 2, 0, 1, 3])
-    assert train.index_batches(order, 2) == [[4, 2], [0, 1], [3]]
-    assert train.index_batches(order, 2, max_batches=2) == [[4, 2], [0, 1]]
+    assert loop.index_batches(order, 2) == [[4, 2], [0, 1], [3]]
+    assert loop.index_batches(order, 2, max_batches=2) == [[4, 2], [0, 1]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ def test_deadline_checkpoints_before_the_time_limit_and_resumes(tmp_path) -> Non
 
 
 def test_set_deadline_keeps_a_margin():
-    from conv2dlstm.train import DEADLINE_ENV, set_deadline
+    from conv2dlstm.preemption import DEADLINE_ENV, set_deadline
 
     env: dict[str, str] = {}
     now = time.time()

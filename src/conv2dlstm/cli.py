@@ -228,7 +228,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif step == "train":
         train = importlib.import_module("conv2dlstm.train")
         if args.time_limit_minutes:
-            train.set_deadline(args.time_limit_minutes)
+            importlib.import_module("conv2dlstm.preemption").set_deadline(args.time_limit_minutes)
         from conv2dlstm.sweep import sweep_tags
 
         sweep = json.loads(args.sweep_json) if args.sweep_json else sweep_tags(full)

@@ -1,8 +1,11 @@
 """Training step: fit one run's network on the windows store, resumable after preemption.
 
-Loss: mean squared error over ocean cells only (the store's mask; land values cannot change it),
-optionally weighted by cos(latitude). AdamW, a per-epoch learning-rate schedule, gradient clipping,
-early stopping on the validation loss.
+This module is the step: its inputs, a fresh start or a resume, the files of an earlier training,
+MLflow, and :func:`main`. The epoch loop is :mod:`conv2dlstm.loop` (loss: mean squared error over
+ocean cells only, the store's mask, optionally weighted by cos(latitude); AdamW, a per-epoch
+learning-rate schedule, gradient clipping, early stopping on the validation loss); stopping on a
+signal or at the job's deadline is :mod:`conv2dlstm.preemption`; the checkpoint files are
+:mod:`conv2dlstm.artifacts.checkpoint`.
 
 Outputs in ``out_dir`` (checkpoint layout in ``docs/architecture.md``):
 
@@ -42,7 +45,7 @@ starts ``python -m conv2dlstm train`` as ``train.gpus`` torchrun workers, one pe
 that many gloo processes); started outside torchrun, :func:`main` stops at once naming the torchrun
 command. Every worker draws the same seeded shuffled order
 and takes its share of each global batch (:func:`conv2dlstm.data.shard_batches`), so a step sees the
-windows of one single-process step and, with the loss scaled as in :func:`share_loss`, applies
+windows of one single-process step and, with the loss scaled as in :func:`conv2dlstm.loop.share_loss`, applies
 the same gradient up to float rounding. Validation sums are all-reduced, so learning-rate schedule
 and early stopping agree on every rank. Rank 0 alone logs to MLflow and writes files; the stop
 flag of a signal is all-reduced at every batch boundary, so all ranks stop at the same step.
@@ -55,16 +58,10 @@ import csv
 import datetime as dt
 import json
 import logging
-import math
 import os
-import random
 import shutil
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -75,10 +72,24 @@ from torch import nn
 from conv2dlstm import distributed, keys, provenance, tracking
 from conv2dlstm.artifacts import checkpoint
 from conv2dlstm.config import flatten
-from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
+from conv2dlstm.data import InMemoryWindows, WindowsStore
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
+from conv2dlstm.loop import (
+    Loop,
+    Progress,
+    data_source,
+    deterministic,
+    fit,
+    loss_weights,
+    make_scheduler,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from conv2dlstm.loop import masked_mse as masked_mse  # re-exported: tests/test_accel_paths.py uses train.masked_mse
 from conv2dlstm.models import OutputFloor, build_model, count_parameters, model_kwargs_from_config
+from conv2dlstm.preemption import TrainingInterrupted, arm_deadline, ignore_stop_signals, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -92,215 +103,8 @@ STALE_DIR = "stale"
 RUN_ID_FILE = "mlflow_run_id.txt"
 
 
-class TrainingInterrupted(SystemExit):
-    """Training stopped on a signal after saving its state; exit status 128 + signal number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
-
-    @property
-    def reason(self) -> str:
-        """Why training stopped: the job's time limit (SIGALRM of :func:`set_deadline`) or the signal's name."""
-        if self.signum == signal.SIGALRM:
-            return "the job's time limit (--time-limit-minutes)"
-        try:
-            return signal.Signals(self.signum).name
-        except ValueError:
-            return f"signal {self.signum}"
-
-
 # ----------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------
-
-
-def loss_weights(mask: np.ndarray, lat: np.ndarray, latitude_weighted: bool) -> torch.Tensor:
-    """Per-cell loss weights ``(H, W)``: 0 on land, 1 (or cos(lat)) on ocean."""
-    w = np.asarray(mask, dtype=np.float64)  # (H, W)
-    if latitude_weighted:
-        w = w * np.cos(np.deg2rad(np.asarray(lat, dtype=np.float64)))[:, None]
-    return torch.as_tensor(w, dtype=torch.float32)
-
-
-def masked_sse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum of squared errors over cells with weight > 0, and the sum of the weights.
-
-    ``pred``, ``target``: ``(B, T, C, H, W)``; ``weights``: ``(H, W)``. Cells of zero weight (land)
-    are excluded even when they hold NaN.
-    """
-    sq = torch.where(weights > 0, (pred.float() - target.float()) ** 2, 0.0)  # (B, T, C, H, W)
-    sse = (sq * weights).sum()
-    n = pred.shape[0] * pred.shape[1] * pred.shape[2]
-    return sse, weights.sum() * n
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean squared error over ocean cells (see :func:`masked_sse`)."""
-    sse, total = masked_sse(pred, target, weights)
-    return sse / total
-
-
-def share_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    batch_size: int,
-    world_size: int,
-    has_share: bool = True,
-) -> torch.Tensor:
-    """Loss of one rank's share of a global batch, such that DDP's averaged gradient is the gradient
-    of :func:`masked_mse` over the whole batch.
-
-    One process minimises L = S / N: S the weighted sum of squared errors over the batch, N =
-    weights.sum() * batch_size * T_out * C_out its total weight (every window has the same ocean cells,
-    so N depends on the global batch size only and every rank knows it without an all-reduce).
-    Rank r of W holds S_r, the errors of its share (S = sum_r S_r), and DDP averages the gradients,
-    g = (1/W) sum_r grad(L_r). With L_r = W * S_r / N, g = grad(sum_r S_r / N) = grad(L): the
-    single-process gradient, up to the order of float summation. A rank without a share of a short
-    last batch runs a stand-in window with ``has_share=False``: L_r = 0 * S_r, a zero gradient.
-
-    ``pred``, ``target``: ``(b, T_out, C_out, H, W)``, the share; ``weights``: ``(H, W)``.
-    """
-    sse, _ = masked_sse(pred, target, weights)
-    total_weight = weights.sum() * (batch_size * pred.shape[1] * pred.shape[2])  # N of the global batch
-    return sse * (world_size if has_share else 0.0) / total_weight
-
-
-# ----------------------------------------------------------------------------------------------
-# Reproducibility
-# ----------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and python ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global random states, in types that ``torch.load(weights_only=True)`` accepts."""
-    # the legacy MT19937 tuple (np.random's default form; numpy's stub also allows its dict form)
-    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
-    _, keys, pos, has_gauss, gauss = state
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": [version, list(internal), gauss_next],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states saved by :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    npst = state["numpy"]
-    np.random.set_state(
-        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
-    )
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-@contextlib.contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic kernels where torch has them (warnings, not errors, elsewhere); restored after."""
-    previous = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark = previous[2]
-
-
-# ----------------------------------------------------------------------------------------------
-# Signals
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StopFlag:
-    """Set by the signal handler; the training loop acts on it at the next batch boundary."""
-
-    signum: int | None = None
-
-
-# SIGTERM / SIGUSR1: what a scheduler sends before a time limit; SIGALRM: the step's own deadline.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM)
-DEADLINE_ENV = "CONV2DLSTM_TRAIN_DEADLINE"
-
-
-def set_deadline(
-    minutes: float, *, margin_s: float | None = None, environ: MutableMapping[str, str] | None = None
-) -> float:
-    """Record in the environment the time at which training must checkpoint and stop.
-
-    ``minutes`` is the job's time limit (the train rule passes its ``runtime`` resource); the stop
-    comes ``margin_s`` earlier (default: 5% of the limit, at most 10 minutes) so the checkpoint is
-    written before the scheduler kills the job. Cluster schedulers do not always deliver their
-    warning signal to the training process (see docs/slurm.md); this deadline does not depend on
-    them. Under torchrun each worker sets its own from the same limit (they start within seconds of
-    each other, and the ranks agree on a stop at every batch boundary). Returns the deadline as a
-    Unix time.
-    """
-    environ = os.environ if environ is None else environ
-    limit_s = minutes * 60.0
-    margin = min(0.05 * limit_s, 600.0) if margin_s is None else margin_s
-    deadline = time.time() + max(limit_s - margin, 1.0)
-    environ[DEADLINE_ENV] = f"{deadline:.3f}"
-    return deadline
-
-
-def arm_deadline(environ: Mapping[str, str] | None = None) -> float | None:
-    """Schedule SIGALRM at the deadline recorded by :func:`set_deadline`; returns seconds left."""
-    environ = os.environ if environ is None else environ
-    value = environ.get(DEADLINE_ENV)
-    if not value or threading.current_thread() is not threading.main_thread():
-        return None
-    left = max(float(value) - time.time(), 0.001)
-    signal.setitimer(signal.ITIMER_REAL, left)
-    return left
-
-
-@contextlib.contextmanager
-def stop_on_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
-    """Replace the handlers of ``signums`` by one that only records the signal (main thread only)."""
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        flag.signum = signum
-
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield flag
-    finally:
-        if signal.SIGALRM in previous:
-            signal.setitimer(signal.ITIMER_REAL, 0)  # disarm the deadline before restoring SIGALRM
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces of the loop
+# Pieces of the step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -313,41 +117,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"train.device {name!r} is not one of auto, cpu, cuda")
     return torch.device(name)
-
-
-def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int, patience: int) -> Any:
-    """Per-epoch learning-rate schedule: cosine annealing to 0 over ``epochs``, halving on plateau, or constant."""
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=0.5, patience=max(1, patience // 2)
-        )
-    if name == "constant":
-        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    raise ConfigError(f"train.lr_schedule {name!r} is not one of cosine, plateau, constant")
-
-
-def index_batches(order: torch.Tensor, batch_size: int, max_batches: int = 0) -> list[list[int]]:
-    """Split a sample order into batches of ``batch_size`` (the last may be smaller).
-
-    At most ``max_batches`` batches (0 = all).
-    """
-    idx = order.tolist()
-    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    return batches[:max_batches] if max_batches > 0 else batches
-
-
-@dataclass
-class Progress:
-    """Training progress stored in every checkpoint."""
-
-    epoch: int = 0  # completed epochs
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    epochs_since_best: int = 0
-    finished: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def model_summary(model: nn.Module, name: str, kwargs: dict[str, Any], store: WindowsStore) -> str:
@@ -466,130 +235,6 @@ def retire_files(out_dir: Path, names: tuple[str, ...] = RUN_FILES, *, now: dt.d
     for name in present:
         os.replace(out_dir / name, folder / name)
     return folder
-
-
-def _data_source(
-    store: WindowsStore, split: str, mode: str, device: torch.device, processes: int = 1
-) -> WindowDataset | InMemoryWindows:
-    """In-memory windows when they fit (CPU processes share the host's memory), else streaming from Zarr."""
-    fraction = 0.25 / processes if device.type == "cpu" else 0.25
-    if use_in_memory(mode, store.cube_nbytes(split), device, fraction=fraction):
-        return InMemoryWindows(store, split, device)
-    return WindowDataset(store.path, split)
-
-
-@dataclass
-class Loop:
-    """Everything one epoch needs."""
-
-    model: nn.Module  # the module whose state is saved (never wrapped)
-    net: Callable[[torch.Tensor], torch.Tensor]  # what training calls (the model, DDP-wrapped and/or compiled)
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    generator: torch.Generator
-    train_source: WindowDataset | InMemoryWindows
-    val_source: WindowDataset | InMemoryWindows
-    weights: torch.Tensor  # (H, W) on device
-    device: torch.device
-    batch_size: int
-    max_batches: int
-    grad_clip: float
-    bf16: bool
-    num_workers: int
-    stop: StopFlag
-    ctx: distributed.Context = field(default_factory=distributed.Context)
-    # what validation calls when not ``net`` (the unwrapped model under DDP, compiled or not)
-    eval_net: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and self.device.type == "cuda"
-        )
-
-    def _iterate(
-        self, source: WindowDataset | InMemoryWindows, batches: list[list[int]]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter_batches(
-            source, batches, device=self.device, num_workers=self.num_workers, pin_memory=self.device.type == "cuda"
-        )
-
-    def stop_signal(self) -> int | None:
-        """The signal to stop on, agreed by all ranks (an all-reduce under DDP), or None."""
-        return distributed.agree_on_signal(self.ctx, self.stop.signum, self.device)
-
-    def step_loss(self, pred: torch.Tensor, target: torch.Tensor, batch_size: int, has_share: bool) -> torch.Tensor:
-        """The loss this process backpropagates for one step of a global batch of ``batch_size`` windows:
-        :func:`masked_mse` in one process, :func:`share_loss` under DDP."""
-        if not self.ctx.distributed:
-            return masked_mse(pred, target, self.weights)
-        return share_loss(
-            pred, target, self.weights, batch_size=batch_size, world_size=self.ctx.world_size, has_share=has_share
-        )
-
-    def train_epoch(self, desc: str) -> tuple[float, int]:
-        """One pass over the shuffled training windows; returns (mean loss, samples seen), over all ranks."""
-        from tqdm.auto import tqdm
-
-        self.model.train()
-        order = torch.randperm(len(self.train_source), generator=self.generator)  # (n_train,), same on every rank
-        batches = index_batches(order, self.batch_size, self.max_batches)  # the global batches
-        shares = shard_batches(batches, self.ctx.rank, self.ctx.world_size)  # this rank's part of each
-        # Every rank takes part in every step (DDP all-reduces the gradients): an empty share of a short
-        # last batch runs the batch's first window with loss weight 0 instead.
-        inputs = [share or batch[:1] for share, batch in zip(shares, batches)]
-        n_batches = len(batches)
-        total = torch.zeros((), device=self.device)
-        seen = 0
-        start = time.perf_counter()
-        with tqdm(
-            total=n_batches,
-            desc=desc,
-            unit="batch",
-            leave=False,
-            file=sys.stderr,
-            disable=not sys.stderr.isatty() or not self.ctx.is_main,
-        ) as bar:
-            # x (b, T_in, C_in, H, W), y (b, T_out, C_out, H, W); b = B / W under DDP
-            for (x, y), batch, share in zip(self._iterate(self.train_source, inputs), batches, shares):
-                if (signum := self.stop_signal()) is not None:
-                    raise TrainingInterrupted(signum)
-                with self._autocast():
-                    pred = self.net(x)  # (b, T_out, C_out, H, W)
-                loss = self.step_loss(pred, y, len(batch), bool(share))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                self.optimizer.step()
-                total += loss.detach() * len(batch)  # summed over ranks: W * (batch loss) * B
-                seen += len(batch)
-                bar.update(1)
-                if not bar.disable and (bar.n % 10 == 0 or bar.n == n_batches):
-                    bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - start):.0f}")
-        if (signum := self.stop_signal()) is not None:
-            raise TrainingInterrupted(signum)
-        total = distributed.all_reduce_sum(self.ctx, total)
-        return float(total) / (max(seen, 1) * self.ctx.world_size), seen
-
-    @torch.no_grad()
-    def val_loss(self) -> float:
-        """Masked MSE over all validation windows (in order); under DDP each rank scores its share and
-        the sums are all-reduced, so every rank returns the same value."""
-        self.model.eval()
-        net = self.net if self.eval_net is None else self.eval_net
-        batches = index_batches(torch.arange(len(self.val_source)), self.batch_size, self.max_batches)
-        shares = [s for s in shard_batches(batches, self.ctx.rank, self.ctx.world_size) if s]
-        sse = torch.zeros((), device=self.device)
-        weight = torch.zeros((), device=self.device)
-        for x, y in self._iterate(self.val_source, shares):
-            with self._autocast():
-                pred = net(x)
-            s, w = masked_sse(pred, y, self.weights)
-            sse += s
-            weight += w
-        if self.ctx.distributed:
-            sse, weight = distributed.all_reduce_sum(self.ctx, torch.stack([sse, weight]))
-        return float(sse / weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,15 +468,9 @@ def main(
                 # Every rank stopped at the same step. Already stopping, a rank ignores further stop
                 # signals (torchrun sends one to the others when the first rank exits), and all leave
                 # together once rank 0 has closed its MLflow run.
-                _ignore_stop_signals()
+                ignore_stop_signals()
                 distributed.barrier(ctx, device)
             raise
-
-
-def _ignore_stop_signals(signums: tuple[int, ...] = STOP_SIGNALS) -> None:
-    if threading.current_thread() is threading.main_thread():
-        for s in signums:
-            signal.signal(s, signal.SIG_IGN)
 
 
 def _train(
@@ -848,7 +487,7 @@ def _train(
     """The training of :func:`main` in one process (one rank of ``ctx``)."""
     tcfg = cfg["train"]
     store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
-    last_path, best_path = out_dir / checkpoint.LAST, out_dir / checkpoint.BEST
+    last_path = out_dir / checkpoint.LAST
     distributed.barrier(ctx, device)  # every rank has read last.pt before rank 0 writes it again
     if ctx.is_main and inputs.stale is not None:
         _retire(inputs.stale, run=run, out_dir=out_dir)
@@ -882,8 +521,8 @@ def _train(
             optimizer=optimizer,
             scheduler=scheduler,
             generator=generator,
-            train_source=_data_source(store, "train", mode, device, ctx.world_size),
-            val_source=_data_source(store, "val", mode, device, ctx.world_size),
+            train_source=data_source(store, "train", mode, device, ctx.world_size),
+            val_source=data_source(store, "val", mode, device, ctx.world_size),
             weights=loss_weights(store.mask, store.lat, tcfg["latitude_weighted_loss"]).to(device),
             device=device,
             batch_size=tcfg["batch_size"],
@@ -961,10 +600,31 @@ def _train(
                     result_config=inputs.result_config,
                 )
 
+            def end_of_epoch(row: dict[str, float], improved: bool) -> None:
+                if ctx.is_main:  # rank 0 alone logs and writes files
+                    _record_epoch(
+                        row,
+                        improved,
+                        epochs=tcfg["epochs"],
+                        device=device,
+                        tracker=tracker,
+                        state=state,
+                        history=progress.history,
+                        out_dir=out_dir,
+                    )
+
             if resume is None and ctx.is_main:
                 checkpoint.save(last_path, state())  # the state at the start of epoch 1
             try:
-                _fit(loop, progress, tcfg, tracker, state, last_path, best_path, out_dir)
+                fit(
+                    loop,
+                    progress,
+                    epochs=tcfg["epochs"],
+                    patience=tcfg["patience"],
+                    lr_schedule=tcfg["lr_schedule"],
+                    learning_rate=tcfg["learning_rate"],
+                    end_of_epoch=end_of_epoch,
+                )
             except TrainingInterrupted as stop_:
                 if ctx.is_main:
                     log.warning(
@@ -995,85 +655,40 @@ def _retire(stale: Stale, *, run: str, out_dir: Path) -> None:
     )
 
 
-def _fit(
-    loop: Loop,
-    progress: Progress,
-    tcfg: dict[str, Any],
-    tracker: tracking.Tracker | None,
+def _record_epoch(
+    row: dict[str, float],
+    improved: bool,
+    *,
+    epochs: int,
+    device: torch.device,
+    tracker: tracking.Tracker,
     state: Callable[[], dict[str, Any]],
-    last_path: Path,
-    best_path: Path,
+    history: list[dict[str, float]],
     out_dir: Path,
 ) -> None:
-    """Epochs until ``train.epochs`` or early stopping; checkpoints and logs after each (rank 0 only;
-    ``tracker`` is None on the other ranks)."""
-    epochs = tcfg["epochs"]
-    main_rank = loop.ctx.is_main
-    while progress.epoch < epochs and progress.epochs_since_best < tcfg["patience"]:
-        epoch = progress.epoch + 1
-        lr = loop.optimizer.param_groups[0]["lr"]
-        if loop.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(loop.device)
-        start = time.perf_counter()
-        train_loss, seen = loop.train_epoch(f"epoch {epoch}/{epochs}")
-        train_seconds = time.perf_counter() - start
-        val_loss = loop.val_loss()
-        seconds = time.perf_counter() - start
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise ConfigError(
-                f"training diverged in epoch {epoch} (train loss {train_loss}, validation loss {val_loss}); "
-                f"lower train.learning_rate (now {tcfg['learning_rate']}) or set train.grad_clip"
-            )
-        if tcfg["lr_schedule"] == "plateau":
-            loop.scheduler.step(val_loss)
-        else:
-            loop.scheduler.step()
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": lr,
-            "samples_per_s": seen / train_seconds,
-            "seconds": seconds,
-        }
-        progress.epoch = epoch
-        progress.history.append(row)
-        improved = val_loss < progress.best_val_loss
-        if improved:
-            progress.best_val_loss, progress.best_epoch, progress.epochs_since_best = val_loss, epoch, 0
-        else:
-            progress.epochs_since_best += 1
-        if main_rank:
-            metrics = {k: row[k] for k in EPOCH_METRICS}
-            if loop.device.type == "cuda":
-                metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(loop.device) / 2**20
-            if tracker is not None:  # never raises for a store that is down: the metrics wait (tracking.Tracker)
-                tracker.log_metrics(metrics, step=epoch)
-            log.info(
-                "epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s",
-                epoch,
-                epochs,
-                train_loss,
-                val_loss,
-                " (best)" if improved else "",
-                lr,
-                row["samples_per_s"],
-                seconds,
-            )
-            ckpt = state()
-            if improved:
-                checkpoint.save(best_path, ckpt)
-            write_history(out_dir / "history.csv", progress.history)
-            checkpoint.save(last_path, ckpt)
-        if (signum := loop.stop_signal()) is not None:
-            raise TrainingInterrupted(signum)
-    if progress.epochs_since_best >= tcfg["patience"] and main_rank:
-        log.info(
-            "early stopping after epoch %d: no improvement for %d epochs (best epoch %d)",
-            progress.epoch,
-            progress.epochs_since_best,
-            progress.best_epoch,
-        )
+    """After each epoch (rank 0): its metrics to MLflow and the log, then ``best.pt`` when the
+    validation loss improved, ``history.csv`` and ``last.pt``."""
+    epoch = int(row["epoch"])
+    metrics = {k: row[k] for k in EPOCH_METRICS}
+    if device.type == "cuda":
+        metrics["gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    tracker.log_metrics(metrics, step=epoch)  # never raises for a store that is down: the metrics wait
+    log.info(
+        "epoch %d/%d train_loss %.5f val_loss %.5f%s lr %.3g %.0f samples/s %.1f s",
+        epoch,
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        " (best)" if improved else "",
+        row["lr"],
+        row["samples_per_s"],
+        row["seconds"],
+    )
+    ckpt = state()
+    if improved:
+        checkpoint.save(out_dir / checkpoint.BEST, ckpt)
+    write_history(out_dir / "history.csv", history)
+    checkpoint.save(out_dir / checkpoint.LAST, ckpt)
 
 
 def _finish(
