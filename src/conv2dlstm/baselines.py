@@ -8,7 +8,7 @@ Persistence needs each *target* variable at the initial time. A target need not 
 so its value is taken from the windows store's ``data`` cube, which holds the union of the input and
 target variables at every time step: channel ``target_channels`` at time index
 ``start + input_steps - 1`` of each window (the last input step). The evaluate step reads it with
-the window itself through the store (:func:`conv2dlstm.evaluate.read_batch`).
+the window itself through the store (:func:`conv2dlstm.inference.read_batch`).
 
 Damped anomaly persistence (:func:`damped_persistence`) lets the initial anomaly decay towards the
 climatology with the anomalies' lag autocorrelation, fitted on the training period with the
