@@ -57,12 +57,12 @@ report: setup
 ## mlflow-ui: the MLflow UI on this machine's mlflow.db; first prints the address of CONFIG's training runs
 mlflow-ui: setup
 	-$(BIN)/python -m conv2dlstm ui-address --config $(CONFIG)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 ## mlflow-server: a tracking server for many jobs (a cluster's login node, docs/slurm.md); jobs log to it
 ## with MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT) and upload artifacts through it (--serve-artifacts)
 mlflow-server: setup
-	$(BIN)/mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
 		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 ## bench: every CPU benchmark, its table printed and its targets (bench/targets.yaml) checked; runs all

@@ -56,7 +56,8 @@ class MlflowServer:
             self.proc = subprocess.Popen(
                 [str(exe), "server", *self.args, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 cwd=self.cwd,
-                env=job_env(),
+                # no job-runner processes (MLflow's GenAI jobs; five huey consumers of ~200 MB each)
+                env=job_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
