@@ -18,6 +18,7 @@ import pytest
 import xarray as xr
 
 from conv2dlstm import fetch, regrid, synthetic
+from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
@@ -65,8 +66,8 @@ def test_url_over_http_writes_verified_files_and_manifest(server: FileServer, se
         assert path.parent.resolve() == out.resolve()
         assert entry["sha256"] == sha256_file(path) == sha256_file(served / rel)
         assert entry["bytes"] == path.stat().st_size
-    assert manifest["sha256"] == fetch.manifest_digest(
-        [fetch.FetchedFile(Path(f["path"]), f["url"], f["sha256"], f["bytes"]) for f in manifest["files"]]
+    assert manifest["sha256"] == manifest_file.digest(
+        [manifest_file.FetchedFile(Path(f["path"]), f["url"], f["sha256"], f["bytes"]) for f in manifest["files"]]
     )
     assert server.gets() == len(DAYS)
     assert leftovers(out) == []
@@ -75,6 +76,25 @@ def test_url_over_http_writes_verified_files_and_manifest(server: FileServer, se
     assert ds.sizes["time"] == len(DAYS) and ds.sizes["lat"] == 8
     expected = xr.open_dataset(served / RELATIVE[2])
     np.testing.assert_array_equal(ds["sst"].isel(time=2).values, expected["sst"].isel(time=0).values)
+
+
+def test_manifest_readers_check_its_format_version(served: Path, tmp_path: Path) -> None:
+    """The manifest artifact: written with its format version; a manifest of another version (or of
+    none) is refused naming the file and the fetch step, and gives no checksums to resume from."""
+    path = fetch.main(fetch_cfg(url=f"file://{served}/{TEMPLATE}"), out_dir=tmp_path / "raw")
+    doc = manifest_file.read(path)
+    assert doc["format_version"] == manifest_file.FORMAT_VERSION
+    assert [p.name for p in manifest_file.file_paths(doc, path)] == NAMES
+    assert manifest_file.checksums(path) == {n: sha256_file(tmp_path / "raw" / n) for n in NAMES}
+    for version in (0, None):
+        manifest_file.write(path, {**doc, "format_version": version})
+        with pytest.raises(
+            DataError, match=rf"manifest {path} has format_version {version}, this version reads 1.*fetch"
+        ):
+            manifest_file.read(path)
+        with pytest.raises(DataError, match="format_version"):
+            fetch.open_fetched(path)
+        assert manifest_file.checksums(path) == {}
 
 
 def test_file_urls_absolute_and_relative(served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

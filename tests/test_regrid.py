@@ -15,6 +15,7 @@ import zarr
 
 from conv2dlstm import provenance
 from conv2dlstm import regrid as rg
+from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.fsutil import sha256_file
@@ -300,11 +301,8 @@ def test_missing_variable_lists_available(tmp_path: Path) -> None:
 
 
 def write_manifest(tmp_path: Path, paths: list[Path]) -> Path:
-    files = [{"path": str(p), "url": f"file:{p}", "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
-    digest = __import__("hashlib").sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"kind": "url", "format": "netcdf", "files": files, "sha256": digest}))
-    return manifest
+    files = [manifest_file.FetchedFile(p, f"file:{p}", sha256_file(p), p.stat().st_size) for p in paths]
+    return manifest_file.write(tmp_path / manifest_file.NAME, manifest_file.build("url", "netcdf", files))
 
 
 def test_main_end_to_end(tmp_path: Path, caplog) -> None:

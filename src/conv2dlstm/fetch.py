@@ -27,8 +27,9 @@ Source kinds (``cfg["source"]["kind"]``):
     Copernicus Marine (optional ``copernicusmarine`` package, credentials from the environment),
     opened lazily, subset and written to ``<out_dir>/<name>.nc``.
 
-The manifest is written last, atomically, and only when every file succeeded; a failed fetch
-leaves no partial file and no manifest (complete, verified files stay for the next attempt).
+The manifest (:mod:`conv2dlstm.artifacts.manifest`) is written last, atomically, and only when
+every file succeeded; a failed fetch leaves no partial file and no manifest (complete, verified
+files stay for the next attempt).
 :func:`open_fetched` opens what a manifest lists as one lazy (Dask) dataset with the raw names;
 :func:`open_sources` also checks the files before merging them (duplicate time stamps, units:
 :class:`conv2dlstm.harmonize.SourceRules`) and says which file each time step came from.
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +47,7 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,8 @@ from urllib3.util.retry import Retry
 
 from conv2dlstm import __version__
 from conv2dlstm import harmonize as hz
+from conv2dlstm.artifacts import manifest as manifest_file
+from conv2dlstm.artifacts.manifest import FetchedFile, display_path
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file, sha256_tree, tree_bytes
 from conv2dlstm.redact import RedactingFilter, env_refs, redact_text, redact_url, resolve_env_refs
@@ -69,7 +71,6 @@ from conv2dlstm.redact import RedactingFilter, env_refs, redact_text, redact_url
 log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # defence in depth: every URL this module logs is redacted
 
-MANIFEST_NAME = "manifest.json"
 RETRY_STATUS = frozenset({408, 425, 429, *range(500, 600)})
 """HTTP answers retried (by :class:`HttpRetry`): timeouts, too many requests and every server error."""
 CHUNK_BYTES = 1 << 20
@@ -81,24 +82,6 @@ REGION_MARGIN_CELLS = 2
 USER_AGENT = f"conv2dlstm/{__version__} (python-requests)"
 # The netCDF-C / HDF5 libraries are not thread-safe: parallel download workers check files one at a time.
 _NETCDF_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class FetchedFile:
-    """One fetched or located file (or Zarr store) as listed in the manifest."""
-
-    path: Path
-    url: str
-    sha256: str
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": display_path(self.path),
-            "url": redact_url(self.url),
-            "sha256": self.sha256,
-            "bytes": self.bytes,
-        }
 
 
 class MissingUpstreamError(DownloadError):
@@ -115,75 +98,13 @@ class _Cancelled(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# paths, manifest
+# checksums of an earlier fetch
 # --------------------------------------------------------------------------------------------------
-
-
-def display_path(path: Path) -> str:
-    """``path`` relative to the working directory when it lies under it, else absolute."""
-    path = Path(path).absolute()
-    with contextlib.suppress(ValueError):
-        return str(path.relative_to(Path.cwd().absolute()))
-    return str(path)
-
-
-def manifest_digest(files: Iterable[FetchedFile]) -> str:
-    """SHA-256 over ``"<file name> <sha256>\\n"`` of each file, in manifest order."""
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{Path(f.path).name} {f.sha256}\n".encode())
-    return digest.hexdigest()
-
-
-def build_manifest(kind: str, fmt: str, files: list[FetchedFile], **extra: Any) -> dict[str, Any]:
-    """The manifest document (see docs/architecture.md)."""
-    return {
-        "kind": kind,
-        "format": fmt,
-        "files": [f.to_json() for f in files],
-        "sha256": manifest_digest(files),
-        **extra,
-    }
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest`` as JSON, atomically, every URL in it redacted (:func:`redact_text`)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(redact_text(json.dumps(manifest, indent=1)) + "\n")
-    return path
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Load and minimally check a manifest."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"manifest {path} does not exist; run the fetch step first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"manifest {path} is not valid JSON ({exc}); delete it and fetch again") from exc
-    if not isinstance(manifest, dict) or not manifest.get("files") or manifest.get("format") not in ("netcdf", "zarr"):
-        raise DataError(f"manifest {path} lists no files or has no format netcdf/zarr; delete it and fetch again")
-    return manifest
-
-
-def _manifest_file_path(entry: dict[str, Any], manifest_path: Path) -> Path:
-    """A manifest entry's path: as written (relative to the working directory), else next to the manifest."""
-    path = Path(entry["path"])
-    if path.is_absolute() or path.exists():
-        return path
-    beside = manifest_path.parent / path.name
-    return beside if beside.exists() else path
 
 
 def _previous_checksums(out_dir: Path) -> dict[str, str]:
     """File name -> sha256 from the previous manifest and the ``.<name>.sha256`` sidecars."""
-    known: dict[str, str] = {}
-    manifest = out_dir / MANIFEST_NAME
-    if manifest.is_file():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            for entry in json.loads(manifest.read_text())["files"]:
-                known[Path(entry["path"]).name] = entry["sha256"]
+    known = manifest_file.checksums(out_dir / manifest_file.NAME)
     for sidecar in out_dir.glob(".*.sha256"):
         with contextlib.suppress(OSError, IndexError):
             known[sidecar.name[1 : -len(".sha256")]] = sidecar.read_text().split()[0]
@@ -1186,7 +1107,7 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
     kind = src["kind"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST_NAME
+    manifest_path = out_dir / manifest_file.NAME
     known = _previous_checksums(out_dir)
     manifest_path.unlink(missing_ok=True)  # a failed fetch must not leave the previous manifest behind
     for stray in discard_partials(out_dir):
@@ -1203,8 +1124,8 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
         files, fmt = fetch_copernicus(cfg, out_dir), "netcdf"
     else:
         raise ConfigError(f"config key source.kind: {kind!r} is not one of url, files, zarr, copernicus")
-    manifest = build_manifest(kind, fmt, files, **({"missing": missing} if missing else {}))
-    write_manifest(manifest_path, manifest)
+    manifest = manifest_file.build(kind, fmt, files, **({"missing": missing} if missing else {}))
+    manifest_file.write(manifest_path, manifest)
     log.info(
         "fetch: %d file(s), %.1f MB, in %.1f s -> %s",
         len(files),
@@ -1267,8 +1188,8 @@ def open_sources(
     ``source.start..end`` (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
     """
     manifest = Path(manifest)
-    doc = read_manifest(manifest)
-    paths = [_manifest_file_path(entry, manifest) for entry in doc["files"]]
+    doc = manifest_file.read(manifest)
+    paths = manifest_file.file_paths(doc, manifest)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(

@@ -17,7 +17,6 @@ the chunks into the Zarr store.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -298,6 +297,7 @@ def main(
     ``sha256`` (:mod:`conv2dlstm.provenance`).
     """
     from conv2dlstm import fetch, provenance
+    from conv2dlstm.artifacts import manifest as manifest_file
     from conv2dlstm.daskutil import dask_client
     from conv2dlstm.fsutil import discard_partials, sha256_file
 
@@ -322,7 +322,7 @@ def main(
     )
     ds.attrs["source_manifest"] = str(manifest)
     ds.attrs["source_manifest_sha256"] = sha256_file(manifest)
-    ds.attrs["source_sha256"] = str(json.loads(manifest.read_text()).get("sha256", ""))
+    ds.attrs["source_sha256"] = str(manifest_file.read(manifest).get("sha256", ""))
     record = provenance.for_step(cfg, "regrid", {"manifest": provenance.manifest_digest(manifest)})
     ds.attrs.update(provenance.to_attrs(record))
     log.info(
