@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import fetch, regrid, synthetic
+from conv2dlstm import download, fetch, regrid, sources, synthetic
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
@@ -71,7 +71,7 @@ def test_url_over_http_writes_verified_files_and_manifest(server: FileServer, se
     )
     assert server.gets() == len(DAYS)
     assert leftovers(out) == []
-    ds = fetch.open_fetched(manifest_path)
+    ds = sources.open_fetched(manifest_path)
     assert ds["sst"].chunks is not None  # lazy (Dask)
     assert ds.sizes["time"] == len(DAYS) and ds.sizes["lat"] == 8
     expected = xr.open_dataset(served / RELATIVE[2])
@@ -93,7 +93,7 @@ def test_manifest_readers_check_its_format_version(served: Path, tmp_path: Path)
         ):
             manifest_file.read(path)
         with pytest.raises(DataError, match="format_version"):
-            fetch.open_fetched(path)
+            sources.open_fetched(path)
         assert manifest_file.checksums(path) == {}
 
 
@@ -195,7 +195,7 @@ def test_retry_after_is_honoured_up_to_the_cap_and_logged(
 ) -> None:
     """The wait before a retry is the server's Retry-After, at most MAX_RETRY_AFTER_S, and never
     shorter than the backoff; each retry logs one line naming the URL, the answer and the wait."""
-    monkeypatch.setattr(fetch, "MAX_RETRY_AFTER_S", 0.5)
+    monkeypatch.setattr(download, "MAX_RETRY_AFTER_S", 0.5)
     with BusyServer(served, busy=1, retry_after=retry_after) as srv:
         start = time.monotonic()
         with caplog.at_level(logging.WARNING):
@@ -288,7 +288,7 @@ def test_files_kind_with_a_glob_records_paths_without_copying(
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # nothing copied
     assert "time" not in manifest
     # open_fetched opens what was listed, all of it; the regrid step cuts source.start..end (one place).
-    ds = fetch.open_fetched(out / "manifest.json")
+    ds = sources.open_fetched(out / "manifest.json")
     assert [str(t)[:10] for t in ds["time"].values] == [f"{d:%Y-%m-%d}" for d in DAYS]
     assert all(str(t)[11:16] == "12:00" for t in ds["time"].values)  # OISST stamps days at noon
     prepared = regrid.prepare(ds, cfg)
@@ -351,7 +351,7 @@ def test_zarr_over_http_subset_by_time_variables_and_region(zarr_root: Path, tmp
         store == (tmp_path / "raw" / "remote.zarr") or store.resolve() == (tmp_path / "raw" / "remote.zarr").resolve()
     )
     assert manifest["files"][0]["sha256"] == sha256_tree(store)
-    ds = fetch.open_fetched(manifest_path)
+    ds = sources.open_fetched(manifest_path)
     assert list(ds.data_vars) == ["sst"]
     assert [str(t)[:10] for t in ds["time"].values] == [f"2019-03-{d:02d}" for d in range(5, 11)]
     # the region with a two-cell margin, converted to the store's 0..360 longitudes
@@ -376,7 +376,7 @@ def test_files_kind_accepts_a_zarr_store(zarr_root: Path, tmp_path: Path) -> Non
     manifest = json.loads(fetch.main(cfg, out_dir=tmp_path / "raw").read_text())
     assert manifest["format"] == "zarr"
     assert manifest["files"][0]["sha256"] == sha256_tree(zarr_root / "sst.zarr")
-    assert fetch.open_fetched(tmp_path / "raw" / "manifest.json").sizes["time"] == 20
+    assert sources.open_fetched(tmp_path / "raw" / "manifest.json").sizes["time"] == 20
 
 
 def raw_grid(lon: np.ndarray, time_name: str = "time") -> xr.Dataset:
@@ -477,7 +477,7 @@ def test_copernicus_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert path.name == "bgc.nc" and entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
     assert entry["url"] == "copernicusmarine:cmems_mod_glo_bgc_my_0.25deg_P1D-m"
     assert leftovers(tmp_path / "raw") == []
-    ds = fetch.open_fetched(manifest_path)
+    ds = sources.open_fetched(manifest_path)
     assert list(ds.data_vars) == ["no3"]
     assert [str(t)[:10] for t in ds["time"].values] == ["2019-01-01", "2019-01-02"]
     lat, lon = ds["latitude"].values, ds["longitude"].values

@@ -296,7 +296,7 @@ def main(
     The store's attribute ``provenance`` records the result configuration and the manifest's
     ``sha256`` (:mod:`conv2dlstm.provenance`).
     """
-    from conv2dlstm import fetch, provenance
+    from conv2dlstm import provenance, sources
     from conv2dlstm.artifacts import manifest as manifest_file
     from conv2dlstm.daskutil import dask_client
     from conv2dlstm.fsutil import discard_partials, sha256_file
@@ -308,17 +308,17 @@ def main(
     # cluster starts, so configuration errors fail fast and a parallel open uses local threads.
     t0 = time.perf_counter()
     rules = hz.SourceRules.from_config(cfg)
-    sources = fetch.open_sources(manifest, rules=rules)  # duplicates and units checked file by file
-    raw = sources.dataset
+    fetched = sources.open_sources(manifest, rules=rules)  # duplicates and units checked file by file
+    raw = fetched.dataset
     ds = regrid_dataset(raw, cfg)
     gaps = hz.time_gaps(ds["time"].values, cfg["source"]["start"], cfg["source"]["end"])
     ds.attrs.update(gaps.attrs())
-    ds.attrs["missing_upstream"] = [str(m.get("date", "?")) for m in sources.missing]
+    ds.attrs["missing_upstream"] = [str(m.get("date", "?")) for m in fetched.missing]
     log.log(
         logging.WARNING if gaps.gaps else logging.INFO,
         "regrid: %s%s",
         gaps.describe(),
-        f" ({len(sources.missing)} date(s) had no file upstream: source.max_missing)" if sources.missing else "",
+        f" ({len(fetched.missing)} date(s) had no file upstream: source.max_missing)" if fetched.missing else "",
     )
     ds.attrs["source_manifest"] = str(manifest)
     ds.attrs["source_manifest_sha256"] = sha256_file(manifest)
@@ -342,7 +342,7 @@ def main(
 
     def check_plausible(results: tuple[Any, ...]) -> None:  # stops the step before the store is committed
         if summary.data_vars:
-            hz.raise_implausible(results[0], source["time"].values, rules.units, file_of=sources.file_of)
+            hz.raise_implausible(results[0], source["time"].values, rules.units, file_of=fetched.file_of)
 
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
         t1 = time.perf_counter()
