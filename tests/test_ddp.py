@@ -261,9 +261,12 @@ def test_distributed_is_torch_free() -> None:
     assert out.strip() == "False"
 
 
-def test_worker_arguments_give_the_same_run_config() -> None:
-    cfg = run_config(validate_config({"runs": [{"name": "small", "train": {"gpus": 2, "batch_size": 4}}]}), "small")
-    argv = train.worker_argv(cfg, run="small", windows=Path("w.zarr"), stats=Path("s.nc"), out_dir=Path("o"))
+def test_torchrun_hands_the_rule_arguments_to_every_worker_untouched() -> None:
+    """The train rule's arguments after ``torchrun ... -m -- conv2dlstm``: the whole configuration,
+    from which each worker derives its run's (and the sweep tags)."""
+    full = validate_config({"runs": [{"name": "small", "train": {"gpus": 2, "batch_size": 4}}]})
+    argv = ["train", "--config-json", json.dumps(full), "--run", "small", "--windows", "w.zarr", "--stats", "s.nc"]
+    argv += ["--out-dir", "o", "--time-limit-minutes", "240"]
     args = cli.build_parser().parse_args(argv)
     assert (args.step, args.run, args.windows, args.stats, args.out_dir) == (
         "train",
@@ -272,7 +275,7 @@ def test_worker_arguments_give_the_same_run_config() -> None:
         Path("s.nc"),
         Path("o"),
     )
-    assert run_config(load_config(json_text=args.config_json), "small") == cfg
+    assert run_config(load_config(json_text=args.config_json), "small") == run_config(full, "small")
     # torchrun hands every argument after the module to the workers untouched
     from torch.distributed.run import parse_args
 

@@ -119,25 +119,16 @@ def test_sweep_tags_group_the_runs_of_one_configuration():
     assert sweep_tags(validate_config({}))["sweep.runs"] == "convlstm"
 
 
-def test_torchrun_workers_get_the_sweep_tags_of_the_whole_configuration():
-    """A worker's configuration holds only its run, so the launcher passes the sweep tags along."""
+def test_each_training_process_derives_the_sweep_tags_from_the_whole_configuration(monkeypatch, tmp_path):
+    """The train rule passes the whole configuration (to every torchrun worker alike); the CLI gives
+    train.main the run's configuration and the sweep tags of all runs."""
     import json
-    from pathlib import Path
 
     from conv2dlstm import cli, train
 
     full = validate_config({"sweep": {"train.seed": [1, 2]}})
-    tags = sweep_tags(full)
-    argv = train.worker_argv(
-        run_config(full, "seed2"),
-        run="seed2",
-        windows=Path("w.zarr"),
-        stats=Path("s.nc"),
-        out_dir=Path("o"),
-        sweep=tags,
-    )
-    args = cli.build_parser().parse_args(argv)
-    assert json.loads(args.sweep_json) == tags
-    assert "--sweep-json" not in train.worker_argv(
-        run_config(full, "seed2"), run="seed2", windows=Path("w.zarr"), stats=Path("s.nc"), out_dir=Path("o")
-    )
+    seen = {}
+    monkeypatch.setattr(train, "main", lambda cfg, **kwargs: seen.update(kwargs, seed=cfg["train"]["seed"]))
+    argv = ["train", "--config-json", json.dumps(full), "--run", "seed2", "--windows", "w.zarr", "--stats", "s.nc"]
+    assert cli.main([*argv, "--out-dir", str(tmp_path / "o")]) == 0
+    assert seen["sweep"] == sweep_tags(full) and seen["run"] == "seed2" and seen["seed"] == 2

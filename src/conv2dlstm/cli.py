@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from pathlib import Path
@@ -88,12 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="the job's time limit: checkpoint and exit non-zero shortly before it (rerun resumes)",
-    )
-    p.add_argument(
-        "--sweep-json",
-        default=None,
-        help="MLflow sweep tags as JSON (default: derived from the configuration's runs; passed to "
-        "torchrun workers, whose configuration holds one run)",
     )
 
     p = sub.add_parser("evaluate", help="score a trained run and the baselines on the test period")
@@ -231,8 +224,9 @@ def _dispatch(args: argparse.Namespace) -> None:
             importlib.import_module("conv2dlstm.preemption").set_deadline(args.time_limit_minutes)
         from conv2dlstm.sweep import sweep_tags
 
-        sweep = json.loads(args.sweep_json) if args.sweep_json else sweep_tags(full)
-        train.main(cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep)
+        train.main(
+            cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep_tags(full)
+        )
     elif step == "evaluate":
         importlib.import_module("conv2dlstm.evaluate").main(
             cfg,

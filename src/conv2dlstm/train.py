@@ -261,38 +261,6 @@ def check_world_size(tcfg: dict[str, Any], world_size: int, device: torch.device
         )
 
 
-def worker_argv(
-    cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, out_dir: Path, sweep: Mapping[str, str] | None = None
-) -> list[str]:
-    """Arguments of ``python -m conv2dlstm`` (or of its torchrun command, :func:`distributed.launch_command`)
-    that call :func:`main` as it was called here, with a configuration that holds this run alone.
-
-    The CLI derives the run's configuration with ``config.run_config(config, run)``; listing the run
-    without overrides makes that return ``cfg`` itself. The ``sweep`` tags are passed as they are
-    (a configuration of this run alone cannot derive them). The train rule passes the whole
-    configuration instead (``--config-json "$CONV2DLSTM_CONFIG"``), from which each process
-    derives the sweep tags itself.
-    """
-    level = logging.getLevelName(logging.getLogger("conv2dlstm").getEffectiveLevel())
-    config = {**cfg, "runs": [{"name": run}]}
-    return [
-        "--log-level",
-        level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
-        "train",
-        "--config-json",
-        json.dumps(config),
-        "--run",
-        run,
-        "--windows",
-        str(windows),
-        "--stats",
-        str(stats),
-        "--out-dir",
-        str(out_dir),
-        *(["--sweep-json", json.dumps(dict(sweep), sort_keys=True)] if sweep else []),
-    ]
-
-
 @dataclass(frozen=True)
 class Stale:
     """Files of an earlier training in ``out_dir`` that this one does not continue."""
