@@ -97,6 +97,14 @@ def test_manifest_readers_check_its_format_version(served: Path, tmp_path: Path)
         assert manifest_file.checksums(path) == {}
 
 
+def test_an_unknown_source_kind_names_the_kinds(tmp_path: Path) -> None:
+    cfg = fetch_cfg()
+    cfg["source"]["kind"] = "ftp"  # past the schema, which lists the same fetch.SOURCE_KINDS
+    with pytest.raises(ConfigError, match="source.kind: 'ftp' is not one of url, files, zarr, copernicus"):
+        fetch.main(cfg, out_dir=tmp_path / "raw")
+    assert fetch.SOURCE_KINDS == ("url", "files", "zarr", "copernicus")
+
+
 def test_file_urls_absolute_and_relative(served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(served.parent)
     absolute = fetch.main(fetch_cfg(url=f"file://{served}/{TEMPLATE}"), out_dir=tmp_path / "abs")

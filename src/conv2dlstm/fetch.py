@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # defence in depth: every URL this module logs is redacted
 
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
+SOURCE_KINDS = ("url", "files", "zarr", "copernicus")
+"""The source kinds :func:`main` fetches (config key ``source.kind``)."""
 REGION_MARGIN_CELLS = 2
 """Source cells kept beyond each side of ``region`` by the fetch pre-cut (regrid cuts exactly)."""
 
@@ -580,7 +582,7 @@ def main(cfg: dict[str, Any], *, out_dir: Path) -> Path:
     elif kind == "copernicus":
         files, fmt = fetch_copernicus(cfg, out_dir), "netcdf"
     else:
-        raise ConfigError(f"config key source.kind: {kind!r} is not one of url, files, zarr, copernicus")
+        raise ConfigError(f"config key source.kind: {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     manifest = manifest_file.build(kind, fmt, files, **({"missing": missing} if missing else {}))
     manifest_file.write(manifest_path, manifest)
     log.info(

@@ -157,6 +157,10 @@ def deterministic() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 
 
+LR_SCHEDULES = ("cosine", "plateau", "constant")
+"""The learning-rate schedules :func:`make_scheduler` builds (config key ``train.lr_schedule``)."""
+
+
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int, patience: int) -> Any:
     """Per-epoch learning-rate schedule: cosine annealing to 0 over ``epochs``, halving on plateau, or constant."""
     if name == "cosine":
@@ -167,7 +171,7 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int, 
         )
     if name == "constant":
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    raise ConfigError(f"train.lr_schedule {name!r} is not one of cosine, plateau, constant")
+    raise ConfigError(f"train.lr_schedule {name!r} is not one of {', '.join(LR_SCHEDULES)}")
 
 
 def index_batches(order: torch.Tensor, batch_size: int, max_batches: int = 0) -> list[list[int]]:
