@@ -21,7 +21,7 @@ from conv2dlstm import keys, loop, provenance, train
 from conv2dlstm.artifacts import checkpoint
 from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config import flatten, validate_config
-from conv2dlstm.errors import DataError, TrackingError
+from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
@@ -94,6 +94,19 @@ def test_index_batches_and_cap() -> None:
     order = torch.tensor([4, 2, 0, 1, 3])
     assert loop.index_batches(order, 2) == [[4, 2], [0, 1], [3]]
     assert loop.index_batches(order, 2, max_batches=2) == [[4, 2], [0, 1]]
+
+
+def test_schedules_and_devices_are_the_listed_choices() -> None:
+    from conv2dlstm.devices import DEVICES, resolve_device
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    for name in loop.LR_SCHEDULES:
+        loop.make_scheduler(name, optimizer, epochs=2, patience=2)
+    with pytest.raises(ConfigError, match="train.lr_schedule 'linear' is not one of cosine, plateau, constant"):
+        loop.make_scheduler("linear", optimizer, epochs=2, patience=2)
+    assert DEVICES == ("auto", "cpu", "cuda") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.device 'tpu' is not one of auto, cpu, cuda"):
+        resolve_device("tpu")
 
 
 # ---------------------------------------------------------------------------------------------

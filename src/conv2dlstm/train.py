@@ -73,6 +73,7 @@ from conv2dlstm import distributed, keys, provenance, tracking
 from conv2dlstm.artifacts import checkpoint
 from conv2dlstm.config import flatten
 from conv2dlstm.data import InMemoryWindows, WindowsStore
+from conv2dlstm.devices import resolve_device
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 from conv2dlstm.loop import (
@@ -106,17 +107,6 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 # ----------------------------------------------------------------------------------------------
 # Pieces of the step
 # ----------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is available; set train.device to auto or cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device {name!r} is not one of auto, cpu, cuda")
-    return torch.device(name)
 
 
 def model_summary(model: nn.Module, name: str, kwargs: dict[str, Any], store: WindowsStore) -> str:
