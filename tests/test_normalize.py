@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+from conv2dlstm import harmonize as hz
 from conv2dlstm import normalize as nz
 from conv2dlstm import provenance
 from conv2dlstm.artifacts import regridded
@@ -124,7 +125,7 @@ def test_per_pixel_std_is_floored_relative_to_the_pooled_std() -> None:
     np.testing.assert_allclose(std[2, 3], train[:, 2, 3].std(), rtol=1e-9)  # ordinary cells unchanged
     assert std[0, 0] == 1.0  # land
     # The melted cell's z-score is bounded by the floor (it was ~1e5 with the cell's own std).
-    z = nz.normalize(nz.stack_variables(ds.isel(time=[-1]), ["sst"]), stats).values[0, 0]
+    z = stats_file.normalize(hz.stack_variables(ds.isel(time=[-1]), ["sst"]), stats).values[0, 0]
     np.testing.assert_allclose(z[1, 2], 0.8 / (nz.STD_FLOOR_FRACTION * pooled), rtol=1e-5)
     assert np.abs(z[1, 1]) < 1e3
     # A variable constant everywhere in the training period has no pooled spread: std 1.
@@ -223,17 +224,17 @@ def test_missing_variable_is_named() -> None:
 def test_normalize_denormalize_round_trip(per_pixel: bool) -> None:
     ds, _ = leaky_dataset(3)
     stats = fit(ds, per_pixel=per_pixel)
-    x = nz.stack_variables(ds.isel(time=slice(0, 5)), ["no3", "sst"])  # other order than the stats
-    z = nz.normalize(x, stats)
+    x = hz.stack_variables(ds.isel(time=slice(0, 5)), ["no3", "sst"])  # other order than the stats
+    z = stats_file.normalize(x, stats)
     mean = stats["mean"].sel(variable="sst")
     std = stats["std"].sel(variable="sst")
     np.testing.assert_allclose(z.sel(variable="sst"), (x.sel(variable="sst") - mean) / std, rtol=1e-6)
-    xr.testing.assert_allclose(nz.denormalize(z, stats), x.astype(np.float64), rtol=1e-6)
+    xr.testing.assert_allclose(stats_file.denormalize(z, stats), x.astype(np.float64), rtol=1e-6)
     with pytest.raises(DataError, match="'variable' dimension"):
-        nz.normalize(ds["sst"], stats)
+        stats_file.normalize(ds["sst"], stats)
     if per_pixel:
         with pytest.raises(DataError, match="grid"):
-            nz.normalize(x.assign_coords(lat=x["lat"] + 0.5), stats)
+            stats_file.normalize(x.assign_coords(lat=x["lat"] + 0.5), stats)
 
 
 def test_main_writes_stats_netcdf(tmp_path: Path, caplog) -> None:

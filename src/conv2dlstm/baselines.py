@@ -556,7 +556,7 @@ def fit_damping(
 
     Reads the target variables of the windows store's time steps inside the statistics' training
     period (:func:`training_times`, the period the climatology was fitted on), ``chunk_steps`` steps
-    at a time, back in physical units (:func:`conv2dlstm.normalize.denormalize`, land NaN), subtracts
+    at a time, back in physical units (:func:`conv2dlstm.artifacts.stats.denormalize`, land NaN), subtracts
     the training climatology of each step's day of year (:func:`anomalies`) and feeds the anomalies
     to :class:`AnomalyAutocorrelation` (pooled over ocean cells with ``weights``). A missing step
     (a gap in the time axis) is filled with NaN rows so that no pair straddles it: ``min(gap,
@@ -567,7 +567,7 @@ def fit_damping(
         ``(lag, variable)`` float64 ``rho`` for lags ``1..max_lag`` (NaN where no pair was finite),
         with attribute ``pairs`` (the smallest number of products behind an estimate).
     """
-    from conv2dlstm import normalize
+    from conv2dlstm.artifacts import stats as stats_file
 
     all_times = np.asarray(store.time, dtype="datetime64[ns]")
     keep = np.flatnonzero(np.isin(all_times, training_times(all_times, stats)))
@@ -600,7 +600,7 @@ def fit_damping(
             dims=("time", "variable", "lat", "lon"),
             coords={"time": times, "variable": targets, "lat": lat, "lon": lon},
         )
-        physical = normalize.denormalize(normed, stats).where(mask).transpose(*normed.dims)
+        physical = stats_file.denormalize(normed, stats).where(mask).transpose(*normed.dims)
         anomaly = anomalies(physical, stats).drop_vars("time")  # rows need no spacing check: gaps are NaN rows
         accumulator.add(anomaly)
         previous = int(pos[-1])

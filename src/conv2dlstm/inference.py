@@ -119,9 +119,9 @@ def nonnegative_targets(ckpt: Mapping[str, Any]) -> list[str]:
 
 def physical(da: xr.DataArray, stats: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     """Normalized ``da`` (with a ``variable`` dimension) in physical units, NaN on land, dims kept."""
-    from conv2dlstm import normalize
+    from conv2dlstm.artifacts import stats as stats_file
 
-    return normalize.denormalize(da, stats).where(mask).transpose(*da.dims)
+    return stats_file.denormalize(da, stats).where(mask).transpose(*da.dims)
 
 
 def clip_nonnegative(da: xr.DataArray, nonnegative: Sequence[str]) -> xr.DataArray:

@@ -51,23 +51,6 @@ STD_FLOOR_FRACTION = 1e-3
 """Per-pixel std floor, as a fraction of the variable's pooled std over ocean training cells."""
 
 
-def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
-    """``ds[variables]`` as one DataArray ``(time, variable, lat, lon)`` (lazy when ``ds`` is).
-
-    The dataset's attributes (the regrid store's: its provenance, the manifest's path) are not
-    carried over, so nothing computed from the array inherits them.
-    """
-    missing = [v for v in variables if v not in ds.data_vars]
-    if missing:
-        raise DataError(
-            f"variables {missing} are not in the data; it has {sorted(map(str, ds.data_vars))}; fix "
-            "variables.inputs/targets or re-run the regrid step"
-        )
-    arr = ds[list(variables)].to_dataarray("variable")
-    arr.attrs = {}
-    return arr.transpose("time", "variable", "lat", "lon")
-
-
 def ocean_mask(arr: xr.DataArray) -> xr.DataArray:
     """``(lat, lon)`` bool: finite at every time of every variable of ``arr`` ``(time, variable, lat, lon)``."""
     mask = arr.notnull().all(("time", "variable"))
@@ -139,7 +122,7 @@ def fit_stats(
     ever missing is not ocean); statistics are taken over its cells only.
     """
     variables = list(dict.fromkeys(variables))
-    arr = stack_variables(ds, variables)  # (time, variable, lat, lon)
+    arr = hz.stack_variables(ds, variables)  # (time, variable, lat, lon)
     mask = ocean_mask(arr)
     if not bool(mask.any()):
         raise DataError(
@@ -229,35 +212,6 @@ def floor_std(std: xr.DataArray, pooled: xr.DataArray, mask: xr.DataArray) -> xr
                 float(floor.sel(variable=name)),
             )
     return xr.where(low, floor, std).transpose(*std.dims)
-
-
-def _select(stats: xr.Dataset, name: str, da: xr.DataArray) -> xr.DataArray:
-    if "variable" not in da.dims:
-        raise DataError(f"normalize/denormalize need a DataArray with a 'variable' dimension; got dims {da.dims}")
-    names = [str(v) for v in da["variable"].values]
-    unknown = sorted(set(names) - {str(v) for v in stats["variable"].values})
-    if unknown:
-        covered = [str(v) for v in stats["variable"].values]
-        raise DataError(f"variables {unknown} have no statistics; the statistics cover {covered}; re-run normalize")
-    return stats[name].sel(variable=names)
-
-
-def normalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
-    """``(da - mean) / std`` per variable (and per cell when the statistics are per pixel)."""
-    try:
-        with xr.set_options(arithmetic_join="exact", keep_attrs=True):
-            return (da - _select(stats, "mean", da)) / _select(stats, "std", da)
-    except ValueError as exc:
-        raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
-
-
-def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
-    """Inverse of :func:`normalize`: ``da * std + mean``, back to physical units."""
-    try:
-        with xr.set_options(arithmetic_join="exact", keep_attrs=True):
-            return da * _select(stats, "std", da) + _select(stats, "mean", da)
-    except ValueError as exc:
-        raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
 
 
 def main(

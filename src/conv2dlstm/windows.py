@@ -22,7 +22,6 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm import harmonize as hz
-from conv2dlstm import normalize as nz
 from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
@@ -81,8 +80,8 @@ def window_starts(
 
 def normalized_cube(ds: xr.Dataset, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
     """``(time, variable, lat, lon)`` float32: normalized ``variables``, land and missing values 0 (lazy)."""
-    arr = nz.stack_variables(ds, variables)
-    z = nz.normalize(arr, stats)
+    arr = hz.stack_variables(ds, variables)
+    z = stats_file.normalize(arr, stats)
     valid = z.notnull() & stats["mask"]
     return z.where(valid, 0.0).astype(np.float32).transpose("time", "variable", "lat", "lon").rename("data")
 

@@ -114,6 +114,35 @@ def check_grid(stats: xr.Dataset, lat: np.ndarray, lon: np.ndarray, *, stats_pat
             )
 
 
+def _select(stats: xr.Dataset, name: str, da: xr.DataArray) -> xr.DataArray:
+    if "variable" not in da.dims:
+        raise DataError(f"normalize/denormalize need a DataArray with a 'variable' dimension; got dims {da.dims}")
+    names = [str(v) for v in da["variable"].values]
+    unknown = sorted(set(names) - {str(v) for v in stats["variable"].values})
+    if unknown:
+        covered = [str(v) for v in stats["variable"].values]
+        raise DataError(f"variables {unknown} have no statistics; the statistics cover {covered}; re-run normalize")
+    return stats[name].sel(variable=names)
+
+
+def normalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
+    """``(da - mean) / std`` per variable (and per cell when the statistics are per pixel)."""
+    try:
+        with xr.set_options(arithmetic_join="exact", keep_attrs=True):
+            return (da - _select(stats, "mean", da)) / _select(stats, "std", da)
+    except ValueError as exc:
+        raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
+
+
+def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
+    """Inverse of :func:`normalize`: ``da * std + mean``, back to physical units."""
+    try:
+        with xr.set_options(arithmetic_join="exact", keep_attrs=True):
+            return da * _select(stats, "std", da) + _select(stats, "mean", da)
+    except ValueError as exc:
+        raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
+
+
 def units(stats: xr.Dataset) -> Mapping[str, str]:
     """Units per variable from ``variable_units`` (empty strings where absent)."""
     names = [str(v) for v in stats["variable"].values] if "variable" in stats.coords else []
