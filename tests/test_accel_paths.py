@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import train
+from conv2dlstm import loop, train
 from conv2dlstm.config import validate_config
 from conv2dlstm.models import build_model, model_kwargs_from_config
 from tests._windows_fixture import make_windows_store
@@ -63,7 +63,7 @@ def test_bf16_autocast_forward_loss_backward(tmp_path: Path, name: str) -> None:
     y = torch.randn(4, 3, 1, 12, 16)  # (batch, lead, target, lat, lon)
     mask = np.ones((12, 16), dtype=bool)
     mask[:, :3] = False  # land
-    weights = train.loss_weights(mask, np.linspace(-10, 10, 12), latitude_weighted=True)
+    weights = loop.loss_weights(mask, np.linspace(-10, 10, 12), latitude_weighted=True)
 
     with torch.no_grad():
         reference = model(x)
@@ -75,7 +75,7 @@ def test_bf16_autocast_forward_loss_backward(tmp_path: Path, name: str) -> None:
     ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pred = model(x)
-        loss = train.masked_mse(pred, y, weights)
+        loss = loop.masked_mse(pred, y, weights)
     for hook in hooks:
         hook.remove()
     assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}  # the convolutions ran in bfloat16

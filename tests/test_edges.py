@@ -25,7 +25,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from conv2dlstm import cli, fsutil
+from conv2dlstm import cli, download, fsutil
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DiskFullError, DownloadError
 from conv2dlstm.fsutil import atomic_output
@@ -110,7 +110,6 @@ def test_the_cli_exits_2_naming_the_path_when_the_disk_fills(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """ENOSPC injected where fetch copies a file: error message, status 2, no partial, no manifest."""
-    from conv2dlstm import fetch
 
     src = _big_netcdf(tmp_path / "big.nc", mib=0.1)
     real_copy = shutil.copyfileobj
@@ -119,7 +118,7 @@ def test_the_cli_exits_2_naming_the_path_when_the_disk_fills(
         real_copy(fin, fout, length)
         raise _enospc()
 
-    monkeypatch.setattr(fetch.shutil, "copyfileobj", copy_until_full)
+    monkeypatch.setattr(download.shutil, "copyfileobj", copy_until_full)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"source": {"url": f"file://{src}", "start": "2019-01-01", "end": "2019-01-01"}}))
     out = tmp_path / "raw"

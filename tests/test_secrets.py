@@ -29,7 +29,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from conv2dlstm import fetch, synthetic
+from conv2dlstm import download, fetch, synthetic
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DownloadError
 from conv2dlstm.redact import redact_text, redact_url, url_secret_problem
@@ -187,7 +187,7 @@ def test_redact_hides_user_info_secret_query_values_and_auth_headers(text: str, 
 
 def test_a_resolved_environment_token_is_redacted_wherever_it_appears(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONV2DLSTM_TEST_TOKEN", "tok/en+42!")
-    url = fetch.request_url("https://h/a.nc?code=$CONV2DLSTM_TEST_TOKEN")
+    url = download.request_url("https://h/a.nc?code=$CONV2DLSTM_TEST_TOKEN")
     assert url == "https://h/a.nc?code=tok%2Fen%2B42%21"  # 'code' does not look secret by name
     assert "tok" not in redact_url(url) and "tok" not in redact_text("it said tok/en+42! twice: tok%2Fen%2B42%21")
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil as shutil  # re-exported: tests/test_edges.py patches fetch.shutil (download.py copies file: URLs)
 import threading
 import time
 import urllib.parse
@@ -57,11 +56,9 @@ from conv2dlstm import download
 from conv2dlstm import harmonize as hz
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts.manifest import FetchedFile
-from conv2dlstm.download import request_url as request_url  # re-exported: tests/test_secrets.py calls fetch.request_url
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file, sha256_tree, tree_bytes
 from conv2dlstm.redact import RedactingFilter, redact_text, redact_url
-from conv2dlstm.sources import open_sources as open_sources  # re-exported: forecast.py calls fetch.open_sources
 
 log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # defence in depth: every URL this module logs is redacted

@@ -12,7 +12,7 @@
    ``init - (input_steps - 1) .. init`` are fetched through the configured source kind
    (:func:`conv2dlstm.fetch.main` with ``source.start``/``end`` set to those days, into
    ``--work-dir``), opened with the same checks and unit conversions
-   (:func:`conv2dlstm.fetch.open_sources`), harmonized and regridded by the regrid step's code
+   (:func:`conv2dlstm.sources.open_sources`), harmonized and regridded by the regrid step's code
    (:func:`conv2dlstm.regrid.regrid_dataset`), and normalized by the windows step's code
    (:func:`conv2dlstm.windows.normalized_cube`) with the statistics file of the model's own run:
    the statistics given (``--stats``) must have the provenance digest recorded in the checkpoint,
@@ -269,9 +269,10 @@ def regridded_inputs(cfg: Mapping[str, Any], raw_dir: Path) -> tuple[xr.Dataset,
     """Fetch ``cfg``'s source period into ``raw_dir`` and regrid it as the regrid step does; loaded."""
     from conv2dlstm import fetch, regrid
     from conv2dlstm import harmonize as hz
+    from conv2dlstm.sources import open_sources
 
     manifest = fetch.main(dict(cfg), out_dir=raw_dir)
-    sources = fetch.open_sources(manifest, rules=hz.SourceRules.from_config(cfg))
+    sources = open_sources(manifest, rules=hz.SourceRules.from_config(cfg))
     ds = regrid.regrid_dataset(sources.dataset, cfg).load()
     return ds, manifest
 

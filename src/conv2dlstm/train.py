@@ -88,7 +88,6 @@ from conv2dlstm.loop import (
     seed_everything,
     set_rng_state,
 )
-from conv2dlstm.loop import masked_mse as masked_mse  # re-exported: tests/test_accel_paths.py uses train.masked_mse
 from conv2dlstm.models import OutputFloor, build_model, count_parameters, model_kwargs_from_config
 from conv2dlstm.preemption import TrainingInterrupted, arm_deadline, ignore_stop_signals, stop_on_signals
 
