@@ -11,6 +11,7 @@ import pytest
 import xarray as xr
 
 from conv2dlstm import evaluate, inference, keys, metrics, plots, provenance, scores
+from conv2dlstm.artifacts import checkpoint as checkpoint_file
 from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import validate_config
@@ -539,6 +540,7 @@ def pipeline_inputs(tmp_path_factory):
     checkpoint.parent.mkdir()
     torch.save(
         {
+            "format_version": checkpoint_file.FORMAT_VERSION,
             "model_name": "convlstm",
             "model_kwargs": kwargs,
             "model_state": model.state_dict(),
@@ -1203,6 +1205,7 @@ def ar1_inputs(tmp_path_factory):
     checkpoint.parent.mkdir()
     torch.save(
         {
+            "format_version": checkpoint_file.FORMAT_VERSION,
             "model_name": "convlstm",
             "model_kwargs": kwargs,
             "model_state": models.build_model("convlstm", **kwargs).state_dict(),

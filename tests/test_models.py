@@ -289,7 +289,8 @@ def test_load_model_round_trip(tmp_path, name: str) -> None:
         kwargs["residual_channels"] = [0]
     model = build_model(name, **kwargs).eval()
     path = tmp_path / "ckpt.pt"
-    torch.save({"model_name": name, "model_kwargs": kwargs, "model_state": model.state_dict()}, path)
+    ckpt = {"model_name": name, "model_kwargs": kwargs, "model_state": model.state_dict()}
+    torch.save({"format_version": checkpoint.FORMAT_VERSION} | ckpt, path)
     loaded, ckpt = load_model(path)
     assert not loaded.training
     assert ckpt["model_name"] == name
@@ -301,7 +302,12 @@ def test_load_model_round_trip(tmp_path, name: str) -> None:
 def _saved_checkpoint(tmp_path, **changes) -> tuple[dict, object]:
     kwargs = shape_kwargs(12, 10) | SMALL["convlstm"]
     model = build_model("convlstm", **kwargs)
-    ckpt = {"model_name": "convlstm", "model_kwargs": kwargs, "model_state": model.state_dict()} | changes
+    ckpt = {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "model_name": "convlstm",
+        "model_kwargs": kwargs,
+        "model_state": model.state_dict(),
+    } | changes
     path = tmp_path / "best.pt"
     torch.save(ckpt, path)
     return ckpt, path
@@ -330,7 +336,8 @@ def test_load_model_foreign_file(tmp_path) -> None:
 def test_load_model_dict_without_model_name(tmp_path) -> None:
     kwargs = shape_kwargs(12, 10) | SMALL["convlstm"]
     path = tmp_path / "old.pt"
-    torch.save({"model_kwargs": kwargs, "model_state": build_model("convlstm", **kwargs).state_dict()}, path)
+    state = build_model("convlstm", **kwargs).state_dict()
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "model_kwargs": kwargs, "model_state": state}, path)
     with pytest.raises(DataError, match=rf"checkpoint {path} lacks \['model_name'\].*re-run the train step"):
         load_model(path)
 
@@ -435,7 +442,8 @@ def test_checkpoint_of_another_version_or_lacking_entries_is_refused(tmp_path) -
     torch.save({k: ckpt[k] for k in checkpoint.MODEL_KEYS}, path)
     with pytest.raises(DataError, match=r"has checkpoint format None"):
         checkpoint.load(path)
-    load_model(path)  # a model-only checkpoint without a version (written by hand) is accepted
+    with pytest.raises(DataError, match=r"has checkpoint format None"):
+        load_model(path)  # the model reader checks the version too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +496,8 @@ def test_nonnegative_target_is_never_negative_where_the_free_model_is(tmp_path, 
     assert kwargs["floor_sharpness"] == 10.0
     # the floor travels in the checkpoint: load_model rebuilds the floored model from the file alone
     path = tmp_path / "ckpt.pt"
-    torch.save({"model_name": name, "model_kwargs": kwargs, "model_state": floored.state_dict()}, path)
+    ckpt = {"model_name": name, "model_kwargs": kwargs, "model_state": floored.state_dict()}
+    torch.save({"format_version": checkpoint.FORMAT_VERSION} | ckpt, path)
     loaded, _ = load_model(path)
     assert "output_floor.floor" in floored.state_dict()
     with torch.no_grad():

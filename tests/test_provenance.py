@@ -16,6 +16,8 @@ from conv2dlstm import fetch, keys, provenance, train
 from conv2dlstm import normalize as nz
 from conv2dlstm import regrid as rg
 from conv2dlstm import windows as wn
+from conv2dlstm.artifacts import checkpoint as checkpoint_file
+from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
@@ -106,9 +108,10 @@ def test_differences_name_changed_keys_and_inputs() -> None:
 
 def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"files": [], "sha256": "m" * 64}))
+    listing = {"format_version": manifest_file.FORMAT_VERSION, "format": "netcdf", "files": [{"name": "a.nc"}]}
+    manifest.write_text(json.dumps({**listing, "sha256": "m" * 64}))
     assert provenance.manifest_digest(manifest) == provenance.digest_of(manifest) == "m" * 64
-    manifest.write_text("{}")
+    manifest.write_text(json.dumps(listing))
     with pytest.raises(DataError, match="has no top-level sha256; rerun the fetch step"):
         provenance.manifest_digest(manifest)
 
@@ -134,7 +137,10 @@ def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
 
     trained = provenance.make_record("train", "c" * 16, {"windows": "w", "stats": stats["digest"]})
     ckpt = tmp_path / "model.pt"
-    torch.save({"model_state": {"w": torch.zeros(2)}, "provenance": trained}, ckpt)
+    torch.save(
+        {"format_version": checkpoint_file.FORMAT_VERSION, "model_state": {"w": torch.zeros(2)}, "provenance": trained},
+        ckpt,
+    )
     assert provenance.read_checkpoint(ckpt) == trained and provenance.digest_of(ckpt) == trained["digest"]
     with pytest.raises(ValueError, match="no provenance reader for '.csv'"):
         provenance.digest_of(tmp_path / "metrics.csv")

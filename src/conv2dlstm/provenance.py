@@ -139,12 +139,12 @@ def from_checkpoint(ckpt: Mapping[str, Any], *, where: str) -> dict[str, Any]:
 
 
 def manifest_digest(path: str | os.PathLike) -> str:
-    """The top-level ``sha256`` of a fetch manifest (over its files' names and contents)."""
+    """The top-level ``sha256`` of a fetch manifest (over its files' names and contents), read through
+    :mod:`conv2dlstm.artifacts.manifest` (its format version checked)."""
+    from conv2dlstm.artifacts import manifest
+
     path = Path(path)
-    try:
-        value = json.loads(path.read_text()).get("sha256")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"manifest {path} cannot be read ({exc}); {_rerun('fetch')}") from exc
+    value = manifest.read(path).get("sha256")
     if not isinstance(value, str) or not value:
         raise DataError(f"manifest {path} has no top-level sha256; {_rerun('fetch')}")
     return value
@@ -176,14 +176,12 @@ def read_netcdf(path: str | os.PathLike, *, step: str = "normalize") -> dict[str
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The record of the checkpoint file ``path`` (memory-mapped: the weights are not read)."""
-    import torch
+    """The record of the checkpoint file ``path`` (memory-mapped: the weights are not read), read through
+    :mod:`conv2dlstm.artifacts.checkpoint` (its format version checked)."""
+    from conv2dlstm.artifacts import checkpoint
 
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise DataError(f"checkpoint {path} cannot be read ({exc}); {_rerun('train')}") from exc
+    ckpt = checkpoint.load(path, required=(), mmap=True)
     return from_checkpoint(ckpt, where=f"checkpoint {path}")
 
 

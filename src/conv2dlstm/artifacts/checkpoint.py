@@ -153,21 +153,18 @@ def _read(path: Path, *, mmap: bool) -> dict[str, Any]:
     return ckpt
 
 
-def load(
-    path: str | os.PathLike, *, required: Sequence[str] = KEYS, mmap: bool = False, unversioned: bool = False
-) -> dict[str, Any]:
+def load(path: str | os.PathLike, *, required: Sequence[str] = KEYS, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint ``path``, on the CPU, checked: of :data:`FORMAT_VERSION`, with the entries ``required``.
 
     A missing or unreadable file is a :class:`DataError`; a readable one of another version, or
     lacking entries, an :class:`IncompatibleCheckpoint` (its ``problems``: one phrase each). Both
     name ``path`` and the fix. ``mmap``: tensors stay on disk until used (for reading a few small
-    entries of a large file). ``unversioned``: a file without ``format_version`` is accepted (one of
-    another version never is): the model-only checkpoints some callers write (see :func:`load_model`).
+    entries of a large file).
     """
     path = Path(path)
     ckpt = _read(path, mmap=mmap)
     problems = []
-    if not (unversioned and "format_version" not in ckpt) and (problem := version_problem(ckpt)):
+    if problem := version_problem(ckpt):
         problems.append(problem)
     missing = [key for key in required if key not in ckpt]
     if missing:
@@ -234,5 +231,5 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     of this package (or weights that do not fit the rebuilt network) raises a :class:`DataError`
     naming ``path`` and the fix.
     """
-    ckpt = load(path, required=MODEL_KEYS, unversioned=True)
+    ckpt = load(path, required=MODEL_KEYS)
     return rebuild_model(ckpt, path=path), ckpt
