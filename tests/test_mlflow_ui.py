@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from tests._mlflow_server import MlflowServer
-from tests.conftest import REPO, copy_workflow, run_snakemake
+from tests.conftest import REPO, run_snakemake
 
 TINY = REPO / "tests/configs/tiny.yaml"
 EXPERIMENT = "ui-sweep"
@@ -57,9 +57,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def sweep_workflow(tmp_path_factory) -> Path:
-    """A workflow copy in which a two-run sweep of the tiny pipeline ran (the sweep grid form)."""
-    wf = copy_workflow(tmp_path_factory.mktemp("ui") / "wf")
+def sweep_workflow(tiny_run: Path, tmp_path_factory) -> Path:
+    """A copy of the complete tiny pipeline in which a two-run sweep ran (the sweep grid form): its
+    data steps are done, so only the two runs train, evaluate and compare."""
+    wf = tmp_path_factory.mktemp("ui") / "wf"
+    shutil.copytree(tiny_run, wf, symlinks=True)
     cfg = yaml.safe_load(TINY.read_text())
     cfg["experiment"] = EXPERIMENT
     cfg["train"]["epochs"] = 2

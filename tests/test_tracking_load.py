@@ -25,7 +25,7 @@ from conv2dlstm.config import validate_config
 from conv2dlstm.errors import TrackingError
 from tests._mlflow_server import MlflowServer
 from tests._windows_fixture import make_windows_store
-from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
+from tests.conftest import REPO, job_env, run_snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -38,19 +38,27 @@ LOCK_ERRORS = ("database is locked", "database table is locked", "Traceback", "O
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A workflow copy whose data steps ran (windows and statistics), with ``load.yaml``: the tiny
-    pipeline, a sweep of eight seeds, two epochs of two small batches, models logged."""
-    wf = copy_workflow(tmp_path_factory.mktemp("load") / "wf")
+def prepared(tiny_run: Path, tmp_path_factory) -> Path:
+    """A copy of the complete tiny pipeline (its windows and statistics are there), with ``load.yaml``:
+    the tiny pipeline, a sweep of eight seeds, two epochs of two small batches, models logged."""
+    wf = tmp_path_factory.mktemp("load") / "wf"
+    shutil.copytree(tiny_run, wf, symlinks=True)
     cfg = yaml.safe_load(TINY.read_text())
     cfg["experiment"] = EXPERIMENT
     cfg["train"].update({"epochs": EPOCHS, "batch_size": 4, "max_batches_per_epoch": 2, "device": "cpu"})
     cfg["mlflow"]["log_model"] = True
     cfg["sweep"] = {"train.seed": list(SEEDS)}
     (wf / "load.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    run_snakemake(
+    proc = run_snakemake(
         wf, "results/windows/oisst.zarr", "results/normalize/oisst.nc", "--cores", "2", "--configfile", "load.yaml"
     )  # targets first: --configfile takes several files
+    assert "Nothing to be done" in proc.stdout + proc.stderr  # the sweep changes no data step
+    for tracked in ("mlflow.db", "mlruns"):  # the tiny run's own records: these tests start with none
+        path = wf / tracked
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return wf
 
 
@@ -97,8 +105,8 @@ def _train_eight(wf: Path, env: dict[str, str]) -> list[Path]:
     run_snakemake(
         wf, *targets, "--cores", "8", "--set-threads", "train=1", "--configfile", "load.yaml", env=env, timeout=900
     )
-    logs = sorted((wf / "results/logs/train").glob("*.log"))
-    assert [p.stem for p in logs] == sorted(RUNS)
+    logs = [wf / "results/logs/train" / f"{run}.log" for run in sorted(RUNS)]  # (the tiny run's is there too)
+    assert all(log.is_file() for log in logs), logs
     return logs
 
 
