@@ -149,7 +149,7 @@ def test_default_run_is_model_name():
 def test_flatten_is_stable_and_flat():
     cfg = validate_config({})
     flat = flatten(cfg)
-    assert flat["train.epochs"] == "20"
+    assert flat["train.epochs"] == "10"
     assert flat["variables.inputs"] == json.dumps(["sst"])
     assert all(isinstance(v, str) for v in flat.values())
     assert list(flat) == sorted(flat)

@@ -43,6 +43,7 @@ from conv2dlstm.modelsize import (
     grid_shape,
 )
 from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
+from conv2dlstm.settings import Settings
 
 SCHEMA_FILE = "config.schema.yaml"
 DATE_REF = "#/$defs/date"
@@ -523,6 +524,7 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     _check_schema(cfg, schema)
     _expand_sweep(cfg)
     _check_semantics(cfg, given)
+    Settings.from_config(cfg)  # the typed view holds every validated configuration (types, enums)
     return cfg
 
 

@@ -444,7 +444,8 @@ def evaluate_split(
     (:func:`unsupported_leads`).
 
     Returns:
-        The scores (layout of :func:`score_forecasts`, plus the ``rho`` rows of damped persistence),
+        The scores (layout of :meth:`conv2dlstm.scores.StreamingScores.table`, plus the ``rho`` rows of
+        damped persistence),
         the lead-1 RMSE per grid cell ``(variable, lat, lon)``, and the lead-1 truth and prediction
         ``(variable, lat, lon)`` of sample ``shown_sample``.
     """

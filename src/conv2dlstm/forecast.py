@@ -59,6 +59,7 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm import __version__, keys, provenance
+from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import DataError, TrackingError
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def check_grid(what: str, lat: np.ndarray, lon: np.ndarray, stats: xr.Dataset, *
     for name, values in (("lat", lat), ("lon", lon)):
         ref = np.asarray(stats[name].values, dtype="float64")
         values = np.asarray(values, dtype="float64")
-        if values.shape != ref.shape or not np.allclose(values, ref, rtol=0, atol=1e-9):
+        if values.shape != ref.shape or not np.allclose(values, ref, rtol=0, atol=stats_file.GRID_ATOL):
             raise DataError(
                 f"{what} has {name} {_axis(values)} but the model's grid (statistics {stats_path}) has {_axis(ref)}; "
                 f"forecast on the grid the model was trained on (config grid.{name})"
@@ -391,7 +392,6 @@ def main(
     downloaded checkpoints. Returns the dataset written.
     """
     from conv2dlstm import inference, models, windows
-    from conv2dlstm.artifacts import stats as stats_file
     from conv2dlstm.devices import resolve_device
     from conv2dlstm.fsutil import discard_partials
 

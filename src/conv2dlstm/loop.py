@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from conv2dlstm import distributed
-from conv2dlstm.data import InMemoryWindows, WindowDataset, WindowsStore, iter_batches, shard_batches, use_in_memory
+from conv2dlstm.artifacts.windows_store import WindowsStore
+from conv2dlstm.data import InMemoryWindows, WindowDataset, iter_batches, shard_batches, use_in_memory
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.preemption import StopFlag, TrainingInterrupted
 

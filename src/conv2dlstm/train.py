@@ -71,8 +71,9 @@ from torch import nn
 
 from conv2dlstm import distributed, keys, provenance, tracking
 from conv2dlstm.artifacts import checkpoint
+from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.config import flatten
-from conv2dlstm.data import InMemoryWindows, WindowsStore
+from conv2dlstm.data import InMemoryWindows
 from conv2dlstm.devices import resolve_device
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file

@@ -2,7 +2,8 @@
 
 A module names what the artifact holds, its ``FORMAT_VERSION``, and the functions that write,
 open and validate it; every reader goes through it and so checks the format version. Steps import
-artifacts, never each other (the layout of each artifact: ``docs/architecture.md``).
+artifacts, never each other, but for the on-demand forecast step (the layout of each artifact
+and the exception: ``docs/architecture.md``).
 
 - :mod:`.checkpoint`: the training checkpoints (``<outdir>/train/<run>/{last,best,model}.pt``),
   written by the train step, read by train (resume), evaluate and forecast (the model alone).
