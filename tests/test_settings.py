@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import pytest
 import yaml
 
-from conv2dlstm import data, devices, fetch, harmonize, loop, models, regrid, settings, synthetic
+from conv2dlstm import data, devices, fetch, harmonize, loop, models, regridding, settings, synthetic
 from conv2dlstm.config import load_config, load_schema, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ CODE_CHOICES: dict[str, tuple[str, ...]] = {
     "source.kind": fetch.SOURCE_KINDS,
     "harmonize.lon_convention": harmonize.LON_CONVENTIONS,
     "harmonize.duplicates": harmonize.DUPLICATE_POLICIES,
-    "grid.method": regrid.METHODS,
+    "grid.method": regridding.METHODS,
     "model.name": models.MODEL_NAMES,
     "train.lr_schedule": loop.LR_SCHEDULES,
     "train.device": devices.DEVICES,
@@ -81,6 +81,28 @@ def test_every_schema_object_has_exactly_the_dataclass_fields() -> None:
         if "properties" in node and dataclasses.is_dataclass(hint):
             fields = {f.name for f in dataclasses.fields(hint)}
             assert fields == set(node["properties"]), (path or "<root>", hint.__name__)
+
+
+def _allows_null(node: dict[str, Any]) -> bool:
+    node = _resolve(node, SCHEMA)
+    types = node.get("type")
+    if types == "null" or (isinstance(types, list) and "null" in types):
+        return True
+    return any(_allows_null(branch) for key in ("oneOf", "anyOf") for branch in node.get(key, []))
+
+
+def _optional(hint: Any) -> bool:
+    return get_origin(hint) in (typing.Union, __import__("types").UnionType) and type(None) in get_args(hint)
+
+
+def test_a_field_is_optional_exactly_where_the_schema_allows_null() -> None:
+    """A validated config may hold None only where the schema allows null, and the view must take it."""
+    wrong = [
+        f"{path}: schema allows null {_allows_null(node)}, hint {hint}"
+        for path, node, hint in NODES
+        if path and _allows_null(node) != _optional(hint)
+    ]
+    assert not wrong, wrong
 
 
 def test_the_schema_has_enums() -> None:

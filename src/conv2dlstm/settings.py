@@ -47,8 +47,8 @@ class Synthetic:
     kind: SyntheticKind
     start: str
     end: str
-    lat: tuple[float, float]
-    lon: tuple[float, float]
+    lat: tuple[float, float] | None  # the schema's range allows null; the synth step then refuses it
+    lon: tuple[float, float] | None
     resolution: float
     seed: int
 
