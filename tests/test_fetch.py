@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import download, fetch, regrid, sources, synthetic
+from conv2dlstm import download, fetch, regridding, sources, synthetic
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
@@ -299,7 +299,7 @@ def test_files_kind_with_a_glob_records_paths_without_copying(
     ds = sources.open_fetched(out / "manifest.json")
     assert [str(t)[:10] for t in ds["time"].values] == [f"{d:%Y-%m-%d}" for d in DAYS]
     assert all(str(t)[11:16] == "12:00" for t in ds["time"].values)  # OISST stamps days at noon
-    prepared = regrid.prepare(ds, cfg)
+    prepared = regridding.prepare(ds, cfg)
     assert [str(t)[:16] for t in prepared["time"].values] == ["2019-01-31T12:00", "2019-02-01T12:00"]
 
 
@@ -492,6 +492,6 @@ def test_copernicus_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert 29.4 <= lat.min() <= 30.0 and 31.0 <= lat.max() <= 31.6  # the region, 0.5 degree wider
     assert -40.6 <= lon.min() <= -40.0 and -39.0 <= lon.max() <= -38.4
     assert ds.sizes.get("depth", 1) == 1  # harmonize.level 0: only the surface level is fetched
-    surface = regrid.prepare(ds, cfg)["no3"].values
+    surface = regridding.prepare(ds, cfg)["no3"].values
     assert surface.shape[0] == 2 and np.isfinite(surface).any()
     assert np.nanmin(surface) >= 0.0  # nitrate concentration, mmol m-3

@@ -166,7 +166,7 @@ CONFIG_SHAPES = {
 def test_conv2d_lstm_count_from_config_equals_built_model(overrides: dict) -> None:
     from conv2dlstm.config import conv2d_lstm_parameters
     from conv2dlstm.modelsize import grid_shape
-    from conv2dlstm.regrid import target_grid
+    from conv2dlstm.regridding import target_grid
 
     model_cfg = {"name": "conv2d_lstm", **overrides.get("model", {})}
     cfg = validate_config({**overrides, "model": model_cfg})
@@ -200,7 +200,7 @@ def test_conv2d_lstm_count_from_config_equals_built_model(overrides: dict) -> No
 )
 def test_axis_cells_equals_regrid_axis(start: float, stop: float, step: float) -> None:
     from conv2dlstm.modelsize import axis_cells
-    from conv2dlstm.regrid import axis_centres
+    from conv2dlstm.regridding import axis_centres
 
     assert axis_cells(start, stop, step) == axis_centres(start, stop, step).size
 

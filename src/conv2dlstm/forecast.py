@@ -13,8 +13,8 @@
    (:func:`conv2dlstm.fetch.main` with ``source.start``/``end`` set to those days, into
    ``--work-dir``), opened with the same checks and unit conversions
    (:func:`conv2dlstm.sources.open_sources`), harmonized and regridded by the regrid step's code
-   (:func:`conv2dlstm.regrid.regrid_dataset`), and normalized by the windows step's code
-   (:func:`conv2dlstm.windows.normalized_cube`) with the statistics file of the model's own run:
+   (:func:`conv2dlstm.regridding.regrid_dataset`), and normalized by the windows step's code
+   (:func:`conv2dlstm.artifacts.stats.normalized_cube`) with the statistics file of the model's own run:
    the statistics given (``--stats``) must have the provenance digest recorded in the checkpoint,
    they are never refitted. The last ``input_steps`` time steps are the inputs; they must be
    equally spaced and the last one must fall on the initial date.
@@ -268,13 +268,13 @@ def period_config(cfg: Mapping[str, Any], start: pd.Timestamp, end: pd.Timestamp
 
 def regridded_inputs(cfg: Mapping[str, Any], raw_dir: Path) -> tuple[xr.Dataset, Path]:
     """Fetch ``cfg``'s source period into ``raw_dir`` and regrid it as the regrid step does; loaded."""
-    from conv2dlstm import fetch, regrid
+    from conv2dlstm import fetch, regridding
     from conv2dlstm import harmonize as hz
     from conv2dlstm.sources import open_sources
 
     manifest = fetch.main(dict(cfg), out_dir=raw_dir)
     sources = open_sources(manifest, rules=hz.SourceRules.from_config(cfg))
-    ds = regrid.regrid_dataset(sources.dataset, cfg).load()
+    ds = regridding.regrid_dataset(sources.dataset, cfg).load()
     return ds, manifest
 
 
@@ -391,7 +391,7 @@ def main(
     ``work_dir`` (default ``<resources_dir>/forecast/<name>``) holds the fetched input files and
     downloaded checkpoints. Returns the dataset written.
     """
-    from conv2dlstm import inference, models, windows
+    from conv2dlstm import inference, models
     from conv2dlstm.devices import resolve_device
     from conv2dlstm.fsutil import discard_partials
 
@@ -420,7 +420,7 @@ def main(
             f"the model of {source.how} predicts a {kwargs['height']}x{kwargs['width']} grid but its statistics "
             f"{stats} are on {stats64.sizes['lat']}x{stats64.sizes['lon']}; give the statistics of its run"
         )
-    from conv2dlstm.regrid import target_grid
+    from conv2dlstm.regridding import target_grid
 
     grid = target_grid(cfg["grid"])
     check_grid(
@@ -441,7 +441,7 @@ def main(
     ds, manifest = regridded_inputs(period, raw_dir)
     check_grid("the regridded input", ds["lat"].values, ds["lon"].values, stats64, stats_path=stats)
     ds = last_steps(ds, n_in, init)
-    x = windows.normalized_cube(ds, stats64, inputs).values  # (T_in, C_in, H, W) float32, land 0
+    x = stats_file.normalized_cube(ds, stats64, inputs).values  # (T_in, C_in, H, W) float32, land 0
     missing = int((ds[inputs].to_dataarray("variable").isnull() & stats64["mask"]).sum())
     if missing:
         log.warning(

@@ -22,7 +22,7 @@ GRID_CELLS = "lat x lon cells of grid.lat and grid.lon"
 def axis_cells(start: float, stop: float, step: float) -> int:
     """Number of cell centres ``start, start + step, ...`` up to ``stop`` inclusive.
 
-    The same count as :func:`conv2dlstm.regrid.axis_centres` (which builds the target grid): a
+    The same count as :func:`conv2dlstm.regridding.axis_centres` (which builds the target grid): a
     ``stop`` that is not a whole number of steps from ``start`` is not reached.
     """
     return int(math.floor((float(stop) - float(start)) / float(step) + AXIS_TOLERANCE)) + 1

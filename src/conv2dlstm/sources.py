@@ -88,7 +88,7 @@ def open_sources(
     Then the files are combined by their coordinates (they must share every coordinate but the one
     they are concatenated along). ``rules`` None: duplicates refused, no unit conversion. Only
     coordinates and attributes are read. Nothing is selected: the regrid step cuts
-    ``source.start..end`` (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
+    ``source.start..end`` (:func:`conv2dlstm.regridding.prepare`), as it does for every kind.
     """
     manifest = Path(manifest)
     doc = manifest_file.read(manifest)
@@ -158,6 +158,6 @@ def open_fetched(
     repeated time stamps are refused (or resolved by ``rules.duplicates``) and, with ``rules``,
     units are converted file by file. Nothing is selected: for kind ``files`` every time step of the
     listed files is returned, and the regrid step cuts ``source.start..end``
-    (:func:`conv2dlstm.regrid.prepare`), as it does for every kind.
+    (:func:`conv2dlstm.regridding.prepare`), as it does for every kind.
     """
     return open_sources(manifest, chunks=chunks, rules=rules).dataset

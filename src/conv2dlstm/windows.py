@@ -13,7 +13,7 @@ normalized with land and missing values set to 0, chunked ``(time_chunk, all, al
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +76,6 @@ def window_starts(
     consecutive = (csum[last] - csum[first]) == length - 1
     valid = first[consecutive & inside[first] & inside[last]]
     return valid[::stride].astype(np.int64)
-
-
-def normalized_cube(ds: xr.Dataset, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
-    """``(time, variable, lat, lon)`` float32: normalized ``variables``, land and missing values 0 (lazy)."""
-    arr = hz.stack_variables(ds, variables)
-    z = stats_file.normalize(arr, stats)
-    valid = z.notnull() & stats["mask"]
-    return z.where(valid, 0.0).astype(np.float32).transpose("time", "variable", "lat", "lon").rename("data")
 
 
 def _check_training_period(stats: xr.Dataset, cfg: Mapping[str, Any]) -> None:
@@ -157,7 +149,9 @@ def build_store(
     starts = split_starts(times, cfg)
     w = cfg["windows"]
     time_chunk = int(w["time_chunk"]) or int(w["input_steps"] + w["lead_steps"])
-    data = normalized_cube(ds, stats, variables).chunk({"time": time_chunk, "variable": -1, "lat": -1, "lon": -1})
+    data = stats_file.normalized_cube(ds, stats, variables).chunk(
+        {"time": time_chunk, "variable": -1, "lat": -1, "lon": -1}
+    )
     data.attrs = {"long_name": "normalized values; land and missing set to 0"}
     out = xr.Dataset(
         {

@@ -143,6 +143,17 @@ def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
         raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
 
 
+def normalized_cube(ds: xr.Dataset, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
+    """``(time, variable, lat, lon)`` float32: normalized ``variables``, land and missing values 0 (lazy):
+    what the windows store holds and what a forecast feeds the model."""
+    from conv2dlstm import harmonize as hz
+
+    arr = hz.stack_variables(ds, variables)
+    z = normalize(arr, stats)
+    valid = z.notnull() & stats["mask"]
+    return z.where(valid, 0.0).astype(np.float32).transpose("time", "variable", "lat", "lon").rename("data")
+
+
 def units(stats: xr.Dataset) -> Mapping[str, str]:
     """Units per variable from ``variable_units`` (empty strings where absent)."""
     names = [str(v) for v in stats["variable"].values] if "variable" in stats.coords else []
