@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from conv2dlstm import provenance
+from conv2dlstm import provenance, regridding
 from conv2dlstm import regrid as rg
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
@@ -45,22 +45,24 @@ VALUES = np.array([[1.0, 2.0], [3.0, 4.0]])  # rows: lat 10, lat 30
 
 
 def test_target_grid_from_config() -> None:
-    grid = rg.target_grid({"lat": {"start": 21, "stop": 45, "step": 1}, "lon": {"start": -79, "stop": -55, "step": 1}})
+    grid = regridding.target_grid(
+        {"lat": {"start": 21, "stop": 45, "step": 1}, "lon": {"start": -79, "stop": -55, "step": 1}}
+    )
     assert grid.sizes == {"lat": 25, "lon": 25}
     assert grid["lat"].values[0] == 21 and grid["lat"].values[-1] == 45
     assert grid["lon"].attrs["step"] == 1.0
     assert "-79.5..-54.5" in grid["lon"].attrs["cell_bounds"]
-    fine = rg.target_grid(
+    fine = regridding.target_grid(
         {"lat": {"start": 0.125, "stop": 0.875, "step": 0.25}, "lon": {"start": 0, "stop": 0.7, "step": 0.1}}
     )
     np.testing.assert_allclose(fine["lat"].values, [0.125, 0.375, 0.625, 0.875])
     assert fine.sizes["lon"] == 8  # 0.7 reached despite floating-point steps
     with pytest.raises(ConfigError, match=r"grid\.lat.*at least 2 cells"):
-        rg.target_grid({"lat": {"start": 1, "stop": 1, "step": 1}, "lon": {"start": 0, "stop": 5, "step": 1}})
+        regridding.target_grid({"lat": {"start": 1, "stop": 1, "step": 1}, "lon": {"start": 0, "stop": 5, "step": 1}})
 
 
 def test_conservative_by_hand_with_cos_lat_weights() -> None:
-    out = rg.regrid(cube(VALUES, SRC_LAT, SRC_LON), one_cell_target(20.0, 10.0, 40.0), method="conservative")
+    out = regridding.regrid(cube(VALUES, SRC_LAT, SRC_LON), one_cell_target(20.0, 10.0, 40.0), method="conservative")
     # Equal-width cells: area proportional to cos(latitude of the centre).
     expected = (COS(10) * (1 + 2) + COS(30) * (3 + 4)) / (2 * COS(10) + 2 * COS(30))
     np.testing.assert_allclose(out["sst"].values[:, 0, 0], expected + np.arange(3), rtol=1e-6)
@@ -72,7 +74,7 @@ def test_conservative_by_hand_with_cos_lat_weights() -> None:
 def test_conservative_half_land_cell(min_fraction: float, is_ocean: bool) -> None:
     values = VALUES.copy()
     values[:, 0] = np.nan  # western column is land: half of the target cell's area
-    out = rg.regrid(
+    out = regridding.regrid(
         cube(values, SRC_LAT, SRC_LON),
         one_cell_target(20.0, 10.0, 40.0),
         method="conservative",
@@ -92,10 +94,10 @@ def test_conservative_ocean_fraction_is_area_weighted() -> None:
     fraction = (COS(10) + 2 * COS(30)) / (2 * COS(10) + 2 * COS(30))  # about 0.729
     src = cube(values, SRC_LAT, SRC_LON)
     tgt = one_cell_target(20.0, 10.0, 40.0)
-    kept = rg.regrid(src, tgt, method="conservative", min_ocean_fraction=fraction - 1e-4)
+    kept = regridding.regrid(src, tgt, method="conservative", min_ocean_fraction=fraction - 1e-4)
     expected = (COS(10) * 2 + COS(30) * 7) / (COS(10) + 2 * COS(30))
     np.testing.assert_allclose(kept["sst"].values[0, 0, 0], expected, rtol=1e-6)
-    dropped = rg.regrid(src, tgt, method="conservative", min_ocean_fraction=fraction + 1e-4)
+    dropped = regridding.regrid(src, tgt, method="conservative", min_ocean_fraction=fraction + 1e-4)
     assert np.isnan(dropped["sst"].values).all()
 
 
@@ -106,7 +108,7 @@ def test_conservative_gap_in_source_counts_as_missing(min_fraction: float, is_oc
     values = np.array([[1.0, 2.0, 5.0], [3.0, 4.0, 7.0]])
     attrs = {"step": 2.0}
     tgt = xr.Dataset(coords={"lat": ("lat", [11.0], attrs), "lon": ("lon", [1.0, 3.0], attrs)})
-    out = rg.regrid(cube(values, lat, lon), tgt, method="conservative", min_ocean_fraction=min_fraction)
+    out = regridding.regrid(cube(values, lat, lon), tgt, method="conservative", min_ocean_fraction=min_fraction)
     result = out["sst"].values[0, 0]
     w = COS(lat)
     np.testing.assert_allclose(result[0], (w[0] * 3 + w[1] * 7) / (2 * w.sum()), rtol=1e-6)
@@ -117,10 +119,10 @@ def test_conservative_gap_in_source_counts_as_missing(min_fraction: float, is_oc
 
 
 def test_cell_bounds() -> None:
-    lo, hi = rg.cell_bounds(np.array([0.5, 1.5, 3.5]))
+    lo, hi = regridding.cell_bounds(np.array([0.5, 1.5, 3.5]))
     np.testing.assert_array_equal(lo, [0.0, 1.0, 3.0])
     np.testing.assert_array_equal(hi, [1.0, 2.0, 4.0])
-    lo, hi = rg.cell_bounds(np.array([21.0, 22.0]), 1.0)
+    lo, hi = regridding.cell_bounds(np.array([21.0, 22.0]), 1.0)
     np.testing.assert_array_equal(lo, [20.5, 21.5])
     np.testing.assert_array_equal(hi, [21.5, 22.5])
 
@@ -144,7 +146,7 @@ def _areas(lat: np.ndarray, lon_step: float, lat_step: float, n_lon: int) -> np.
 
 def test_conservative_preserves_the_area_weighted_mean() -> None:
     src = quarter_degree(1, land=False)
-    out = rg.regrid(src, rg.target_grid(GRID), method="conservative")
+    out = regridding.regrid(src, regridding.target_grid(GRID), method="conservative")
     a_src = _areas(src["lat"].values, 0.25, 0.25, 16)
     a_tgt = _areas(out["lat"].values, 1.0, 1.0, 4)
     for t in range(TIMES.size):
@@ -155,7 +157,7 @@ def test_conservative_preserves_the_area_weighted_mean() -> None:
 
 def test_conservative_coast_cells_use_ocean_values_only() -> None:
     src = quarter_degree(2, land=True)
-    out = rg.regrid(src, rg.target_grid(GRID), method="conservative", min_ocean_fraction=0.5)
+    out = regridding.regrid(src, regridding.target_grid(GRID), method="conservative", min_ocean_fraction=0.5)
     # Target cell (0, 0) covers source rows 0..3, columns 0..3: all land -> NaN.
     assert np.isnan(out["sst"].values[:, 0, 0]).all()
     # Target cell (1, 1) covers rows 4..7, columns 4..7: land at rows 4,5 x column 4 (2 of 16 cells).
@@ -169,7 +171,7 @@ def test_conservative_coast_cells_use_ocean_values_only() -> None:
     frac = COS(src["lat"].values[6:8]).sum() / COS(src["lat"].values[4:8]).sum()
     assert frac < 0.5
     assert np.isnan(out["sst"].values[0, 1, 0])
-    relaxed = rg.regrid(src, rg.target_grid(GRID), method="conservative", min_ocean_fraction=0.45)
+    relaxed = regridding.regrid(src, regridding.target_grid(GRID), method="conservative", min_ocean_fraction=0.45)
     ocean = src["sst"].values[0, 6:8, 0:4].astype(np.float64)
     w = np.repeat(COS(src["lat"].values[6:8])[:, None], 4, axis=1)
     np.testing.assert_allclose(relaxed["sst"].values[0, 1, 0], np.sum(ocean * w) / w.sum(), rtol=1e-5)
@@ -182,7 +184,7 @@ def test_linear_by_hand() -> None:
     values = f(lat[:, None], lon[None, :])
     values[2, 2] = np.nan  # land
     tgt = xr.Dataset(coords={"lat": [0.25, 1.5], "lon": [10.5, 11.75]})
-    out = rg.regrid(cube(values, lat, lon), tgt, method="linear")["sst"].values[0]
+    out = regridding.regrid(cube(values, lat, lon), tgt, method="linear")["sst"].values[0]
     np.testing.assert_allclose(out[0], [f(0.25, 10.5), f(0.25, 11.75)], rtol=1e-6)
     np.testing.assert_allclose(out[1, 0], f(1.5, 10.5), rtol=1e-6)
     assert np.isnan(out[1, 1])  # next to land: no land value bleeds in
@@ -193,7 +195,7 @@ def test_nearest_by_hand() -> None:
     lon = np.array([10.0, 11.0, 12.0])
     values = 10 * np.arange(3)[:, None] + np.arange(3)[None, :]
     tgt = xr.Dataset(coords={"lat": [0.4, 1.6], "lon": [10.2, 11.9]})
-    out = rg.regrid(cube(values.astype(float), lat, lon), tgt, method="nearest")["sst"]
+    out = regridding.regrid(cube(values.astype(float), lat, lon), tgt, method="nearest")["sst"]
     np.testing.assert_array_equal(out.values[0], [[0, 2], [20, 22]])
     np.testing.assert_array_equal(out.values[2], [[2, 4], [22, 24]])
     assert out.dtype == np.float32
@@ -202,9 +204,9 @@ def test_nearest_by_hand() -> None:
 @pytest.mark.parametrize("method", ["conservative", "linear", "nearest"])
 def test_eager_and_dask_inputs_agree(method: str) -> None:
     src = quarter_degree(3, land=True)
-    tgt = rg.target_grid(GRID)
-    eager = rg.regrid(src, tgt, method=method)
-    lazy = rg.regrid(src.chunk({"time": 2, "lat": 5, "lon": 7}), tgt, method=method)
+    tgt = regridding.target_grid(GRID)
+    eager = regridding.regrid(src, tgt, method=method)
+    lazy = regridding.regrid(src.chunk({"time": 2, "lat": 5, "lon": 7}), tgt, method=method)
     assert lazy["sst"].chunks is not None
     assert lazy["sst"].chunks[0] == (2, 1)  # time chunks kept
     assert lazy["sst"].dtype == np.float32 and lazy["sst"].values.dtype == np.float32
@@ -219,12 +221,12 @@ def test_target_outside_source_names_both_extents(method: str) -> None:
     tgt, src_ext = ("20..26", "20..24") if method == "conservative" else ("20.5..25.5", "20.125..23.875")
     pattern = rf"target grid lat \(.*{re.escape(tgt)}\) is outside the source coverage \(.*{re.escape(src_ext)}\)"
     with pytest.raises(DataError, match=pattern):
-        rg.regrid(src, rg.target_grid(grid), method=method)
+        regridding.regrid(src, regridding.target_grid(grid), method=method)
 
 
 def test_unknown_method() -> None:
     with pytest.raises(ConfigError, match="bilinear"):
-        rg.regrid(quarter_degree(0, False), rg.target_grid(GRID), method="bilinear")
+        regridding.regrid(quarter_degree(0, False), regridding.target_grid(GRID), method="bilinear")
 
 
 # ---------------------------------------------------------------- the step on files
@@ -271,7 +273,7 @@ def test_regrid_dataset_and_write_store(tmp_path: Path) -> None:
     paths = write_daily_files(tmp_path / "raw")
     raw = xr.open_mfdataset(paths, combine="nested", concat_dim="time")
     cfg = step_config()
-    ds = rg.regrid_dataset(raw, cfg)
+    ds = regridding.regrid_dataset(raw, cfg)
     assert ds["sst"].chunks is not None and list(ds.data_vars) == ["sst"]
     out = tmp_path / "regrid" / "oisst.zarr"
     write_store(ds, out)
@@ -297,7 +299,7 @@ def test_missing_variable_lists_available(tmp_path: Path) -> None:
     cfg = step_config()
     cfg["variables"]["targets"] = ["no3"]
     with pytest.raises(DataError, match=r"\['no3'\].*available variables are \['ice', 'sst'\]"):
-        rg.regrid_dataset(raw, cfg)
+        regridding.regrid_dataset(raw, cfg)
 
 
 def write_manifest(tmp_path: Path, paths: list[Path]) -> Path:
@@ -329,3 +331,52 @@ def test_main_end_to_end(tmp_path: Path, caplog) -> None:
     with pytest.raises(DataError, match="outside the source coverage"):
         rg.main(step_config(lat={"start": 20.5, "stop": 30.5, "step": 1.0}), manifest=manifest, out=out)
     assert sorted(p.name for p in out.parent.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: xarray-regrid's conservative regridder, where both apply
+
+
+def _land_corner_source() -> xr.Dataset:
+    lat = np.arange(20.125, 30, 0.25)
+    lon = np.arange(-79.875, -70, 0.25)
+    values = np.random.default_rng(0).normal(size=(2, lat.size, lon.size))
+    values[:, :13, :9] = np.nan  # land covering parts of several target cells
+    return xr.Dataset({"sst": (("time", "lat", "lon"), values)}, coords={"time": [0, 1], "lat": lat, "lon": lon})
+
+
+ORACLE_GRID = {"lat": {"start": 21.0, "stop": 29.0, "step": 1.0}, "lon": {"start": -79.0, "stop": -71.0, "step": 1.0}}
+
+
+@pytest.mark.parametrize("min_ocean_fraction", [0.25, 0.5, 1.0])
+def test_conservative_equals_xarray_regrid_on_a_regular_grid(min_ocean_fraction: float) -> None:
+    """On a regular, gap-free source both are the same area-weighted, NaN-aware mean: a target cell
+    is ocean when its ocean fraction reaches ``min_ocean_fraction`` (xarray-regrid: its NaN fraction
+    is at most ``nan_threshold = 1 - min_ocean_fraction``)."""
+    import xarray_regrid  # noqa: F401  (registers the .regrid accessor)
+
+    ds = _land_corner_source()
+    target = regridding.target_grid(ORACLE_GRID)
+    ours = regridding.regrid(ds, target, method="conservative", min_ocean_fraction=min_ocean_fraction)["sst"]
+    grid = xr.Dataset(coords={"lat": target["lat"].values, "lon": target["lon"].values})
+    theirs = ds.regrid.conservative(grid, latitude_coord="lat", skipna=True, nan_threshold=1 - min_ocean_fraction)
+    theirs = theirs["sst"].transpose(*ours.dims)
+    assert np.isnan(ours).sum() > 0 and not np.isnan(ours).all()
+    np.testing.assert_array_equal(np.isnan(ours.values), np.isnan(theirs.values))
+    np.testing.assert_allclose(ours.values, theirs.values, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_a_gap_in_the_source_counts_as_missing_not_as_its_neighbours() -> None:
+    """Why the project has its own regridder: xarray-regrid infers source cells halfway between
+    neighbouring centres, so across a gap (columns missing from the source) the neighbours stretch
+    over it and a target cell inside the gap gets their values; here the gap is missing data."""
+    import xarray_regrid  # noqa: F401
+
+    ds = _land_corner_source().isel(lon=np.r_[0:10, 20:40])  # lon -77.375 .. -75.125 missing
+    target = regridding.target_grid(ORACLE_GRID)
+    ours = regridding.regrid(ds, target, method="conservative", min_ocean_fraction=0.5)["sst"]
+    grid = xr.Dataset(coords={"lat": target["lat"].values, "lon": target["lon"].values})
+    theirs = ds.regrid.conservative(grid, latitude_coord="lat")["sst"]
+    inside = {"lon": -76.0}  # the target column wholly inside the gap
+    assert np.isnan(ours.sel(inside)).all()
+    assert np.isfinite(theirs.sel(inside).isel(lat=slice(4, None))).all()
