@@ -13,7 +13,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from conv2dlstm import provenance, regridding
+from conv2dlstm import harmonize as hz
+from conv2dlstm import provenance, regridding, sources
 from conv2dlstm import regrid as rg
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config import validate_config
@@ -380,3 +381,99 @@ def test_a_gap_in_the_source_counts_as_missing_not_as_its_neighbours() -> None:
     inside = {"lon": -76.0}  # the target column wholly inside the gap
     assert np.isnan(ours.sel(inside)).all()
     assert np.isfinite(theirs.sel(inside).isel(lat=slice(4, None))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The step slab by slab: the same store as in one slab, one slab's files open at a time
+
+
+def _open_raw_files(directory: Path) -> set[str]:
+    """The files under ``directory`` that this process holds open (from /proc/self/fd)."""
+    out = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = Path(fd).readlink()
+        except OSError:
+            continue
+        if target.is_relative_to(directory.resolve()):
+            out.add(target.name)
+    return out
+
+
+def _slab_source(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
+    """Nine daily files listed out of time order, the 2020-01-03 file twice (the later copy +1 K)."""
+    raw = tmp_path / "raw"
+    paths = write_daily_files(raw, n_days=9)
+    copy = raw / "oisst.20200103.v2.nc"
+    with xr.open_dataset(paths[4]) as day:
+        fixed = day.load()
+    fixed["sst"] = fixed["sst"] + 1.0
+    fixed["sst"].attrs["units"] = "Celsius"
+    fixed.to_netcdf(copy)
+    listed = [paths[5], *paths[:5], copy, *paths[6:]]
+    return write_manifest(tmp_path, listed), raw, paths
+
+
+def test_slab_by_slab_equals_one_slab_and_holds_one_slab_open(tmp_path: Path, monkeypatch) -> None:
+    manifest, raw, paths = _slab_source(tmp_path)
+    cfg = step_config()
+    cfg["source"].update(start="2019-12-31", end="2020-01-07")
+    cfg["harmonize"]["duplicates"] = "last"
+    held: list[set[str]] = []
+    real_open_slab = sources.open_slab
+
+    def open_slab(catalog, members, **kwargs):  # the real one; records what is still open before it
+        held.append(_open_raw_files(raw))
+        return real_open_slab(catalog, members, **kwargs)
+
+    monkeypatch.setattr(sources, "open_slab", open_slab)
+    rg.main(cfg, manifest=manifest, out=tmp_path / "slabs.zarr", threads=1, memory_mb=1024, slab_steps=3)
+    assert len(held) == 3 and held == [set(), set(), set()]  # 8 days in slabs of 3; none left open before the next
+    monkeypatch.undo()
+    rg.main(cfg, manifest=manifest, out=tmp_path / "one.zarr", threads=1, memory_mb=1024)
+    slabs, one = xr.open_zarr(tmp_path / "slabs.zarr"), xr.open_zarr(tmp_path / "one.zarr")
+    assert slabs["sst"].encoding["chunks"] == (3, 2, 2) and one["sst"].encoding["chunks"][0] == 8
+    assert [str(t)[:10] for t in slabs["time"].values] == [f"2019-12-{d}" for d in (31,)] + [
+        f"2020-01-0{d}" for d in range(1, 8)
+    ]
+    xr.testing.assert_identical(slabs.load(), one.load())
+    # the later copy of 2020-01-03 won: its values are the first copy's + 1 (conservative means are linear)
+    with xr.open_dataset(paths[4]) as first_copy:
+        alone = regridding.regrid_dataset(first_copy.load(), cfg)
+    np.testing.assert_allclose(slabs["sst"].sel(time="2020-01-03").values, alone["sst"].values[0] + 1.0, rtol=1e-6)
+
+
+def test_an_implausible_value_in_a_late_slab_stops_the_step_naming_its_file(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    paths = write_daily_files(raw, n_days=9)
+    with xr.open_dataset(paths[7]) as day:
+        bad = day.load()
+    bad["sst"][0, 0, 5, 5] = 99.0  # 2020-01-06, in the third slab of 3 days
+    paths[7].unlink()
+    bad.to_netcdf(paths[7], encoding={"sst": {"dtype": "float32"}})
+    cfg = step_config()
+    cfg["source"].update(start="2019-12-30", end="2020-01-07")
+    out = tmp_path / "out.zarr"
+    with pytest.raises(DataError, match=r"'sst' lie outside .* 2020-01-06[ 0-9:]* in \S*oisst\.20200106\.nc"):
+        rg.main(cfg, manifest=write_manifest(tmp_path, paths), out=out, threads=1, memory_mb=1024, slab_steps=3)
+    assert not out.exists() and not list(tmp_path.glob(".out.zarr*"))
+
+
+def test_catalog_slabs_cut_the_period_in_time_order() -> None:
+    day = lambda d: pd.Timestamp(f"2020-01-{d:02d}").value  # noqa: E731
+    catalog = sources.Catalog(
+        Path("m.json"),
+        "netcdf",
+        (Path("b.nc"), Path("a.nc"), Path("static.nc")),
+        ("b.nc", "a.nc", "static.nc"),
+        (np.array([day(3), day(4), day(5)]), np.array([day(1), day(2)]), None),
+        (np.array([0, 2, 3]), np.array([0, 1]), None),
+        {},
+        hz.SourceRules(),
+    )
+    slabs = catalog.slabs("2020-01-02", "2020-01-05", 2)
+    as_lists = [[(i, None if p is None else p.tolist()) for i, p in slab] for slab in slabs]
+    assert as_lists == [[(2, None), (0, [0]), (1, [1])], [(2, None), (0, [2, 3])]]
+    assert (
+        catalog.file_of(np.datetime64("2020-01-04")) == "b.nc" and catalog.file_of(np.datetime64("2020-01-09")) is None
+    )

@@ -493,47 +493,42 @@ def time_keys(values: np.ndarray) -> list[Any]:
 # ---- duplicate time stamps ------------------------------------------------------------------------
 
 
-def resolve_duplicate_times(
-    files: Sequence[SourceFile], policy: str = "error", *, rename: Mapping[str, str] | None = None
-) -> list[SourceFile]:
-    """Find time stamps that occur more than once across ``files`` (or within one), before merging.
+def duplicate_steps(
+    keys: Sequence[Sequence[Any] | np.ndarray | None], paths: Sequence[str], policy: str = "error"
+) -> dict[int, list[int]]:
+    """Time stamps that occur more than once across files (or within one), before anything is merged.
 
-    Each file's time axis is the one :func:`find_axis` finds (only its coordinate is read; a file
-    without one is left alone). ``policy`` ``error`` raises :class:`DataError` naming the first
-    repeated time and both files; ``first`` keeps the occurrence in the earliest file (manifest
-    order) and ``last`` the one in the latest, dropping the others with a WARNING naming them. A
-    file left without any time step is dropped. Nothing is loaded but the time coordinates.
+    ``keys[i]`` are the :func:`time_keys` of file ``i``'s time axis (None: the file has none and is
+    left alone), ``paths[i]`` its path as shown in messages. ``policy`` ``error`` raises
+    :class:`DataError` naming the first repeated time and both files; ``first`` keeps the occurrence
+    in the earliest file (manifest order) and ``last`` the one in the latest, and the others are
+    returned, ``{file index: positions along its time axis}``, with a WARNING naming them.
     """
     if policy not in DUPLICATE_POLICIES:
         raise DataError(f"config key harmonize.duplicates: {policy!r} is not one of {list(DUPLICATE_POLICIES)}")
-    keys: list[Any] = []
+    flat: list[Any] = []
     owners: list[tuple[int, int]] = []  # (file index, position along its time axis)
-    axes: dict[int, str] = {}
-    for i, f in enumerate(files):
-        name = find_axis(f.ds, "time", rename=rename)
-        if name is None:
+    for i, found in enumerate(keys):
+        if found is None:
             continue
-        axes[i] = name
-        found = time_keys(f.ds[name].values)
-        keys.extend(found)
+        flat.extend(found)
         owners.extend((i, pos) for pos in range(len(found)))
-    if not keys:
-        return list(files)
-    index = pd.Index(keys)
+    if not flat:
+        return {}
+    index = pd.Index(flat)
     repeated = index.duplicated(keep=False)
     if not repeated.any():
-        return list(files)
+        return {}
     groups: dict[Any, list[tuple[int, int]]] = {}
-    for key, owner, rep in zip(keys, owners, repeated):
+    for key, owner, rep in zip(flat, owners, repeated):
         if rep:
             groups.setdefault(key, []).append(owner)
     first_key = min(groups)
-    value = files[groups[first_key][0][0]].ds[axes[groups[first_key][0][0]]].values
-    shown = stamp(np.atleast_1d(value)[groups[first_key][0][1]])
-    where = [files[i].path for i, _ in groups[first_key]]
+    shown = stamp(first_key)
+    where = [paths[i] for i, _ in groups[first_key]]
     inside = len(set(where)) == 1
     place = f"twice in {where[0]}" if inside else f"in both {where[0]} and {where[1]}"
-    involved = sorted({files[i].path for owner_list in groups.values() for i, _ in owner_list})
+    involved = sorted({paths[i] for owner_list in groups.values() for i, _ in owner_list})
     if policy == "error":
         more = f" ({len(groups)} time stamps repeat, in {_files_text(involved)})" if len(groups) > 1 else ""
         choices = (
@@ -551,7 +546,7 @@ def resolve_duplicate_times(
     for owner, d in zip(owners, drop):
         if d:
             dropped.setdefault(owner[0], []).append(owner[1])
-    kept_file = files[groups[first_key][0 if policy == "first" else -1][0]].path
+    kept_file = paths[groups[first_key][0 if policy == "first" else -1][0]]
     log.warning(
         "harmonize.duplicates %s: %d time stamp(s) repeat, e.g. %s %s; kept the %s occurrence (%s) and "
         "dropped %d step(s) from %s",
@@ -562,14 +557,29 @@ def resolve_duplicate_times(
         policy,
         kept_file,
         int(drop.sum()),
-        _files_text([files[i].path for i in sorted(dropped)]),
+        _files_text([paths[i] for i in sorted(dropped)]),
     )
+    return dropped
+
+
+def resolve_duplicate_times(
+    files: Sequence[SourceFile], policy: str = "error", *, rename: Mapping[str, str] | None = None
+) -> list[SourceFile]:
+    """:func:`duplicate_steps` on opened files: the repeated steps dropped as ``policy`` says.
+
+    Each file's time axis is the one :func:`find_axis` finds (only its coordinate is read; a file
+    without one is left alone). A file left without any time step is dropped (and closed).
+    """
+    axes = [find_axis(f.ds, "time", rename=rename) for f in files]
+    keys = [None if name is None else time_keys(f.ds[name].values) for f, name in zip(files, axes)]
+    dropped = duplicate_steps(keys, [f.path for f in files], policy)
     out: list[SourceFile] = []
     for i, f in enumerate(files):
-        if i not in dropped:
+        name = axes[i]
+        if i not in dropped or name is None:
             out.append(f)
             continue
-        dim = f.ds[axes[i]].dims[0]
+        dim = f.ds[name].dims[0]
         keep = np.setdiff1d(np.arange(f.ds.sizes[dim]), dropped[i])
         if keep.size == 0:
             f.ds.close()
@@ -712,6 +722,12 @@ def _units_found(by_unit: Mapping[str, Sequence[str]]) -> str:
     return "; ".join(f"{unit or '(no units attribute)'!r} in {_files_text(paths)}" for unit, paths in by_unit.items())
 
 
+UnitsFound = dict[str, dict[str, list[str]]]
+"""Variable (standard name) -> its ``units`` attribute as found -> the files with that unit."""
+Conversions = dict[str, dict[str, Affine]]
+"""Variable (standard name) -> unit found -> its conversion to the canonical unit."""
+
+
 def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[SourceFile]:
     """Convert each checked variable of each file to its canonical unit (before the files are merged).
 
@@ -723,14 +739,27 @@ def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[Sourc
     entry keeps its unit, which must be the same in every file (else :class:`DataError`). Lazy: only
     attributes are read.
     """
-    found: dict[str, dict[str, list[str]]] = {}
+    found: UnitsFound = {}
     for f in files:
-        for raw in f.ds.data_vars:
-            name = rules.standard_name(str(raw))
-            if rules.checks(name):
-                unit = str(f.ds[raw].attrs.get("units", "")).strip()
-                found.setdefault(name, {}).setdefault(unit, []).append(f.path)
-    conversions: dict[str, dict[str, Affine]] = {}
+        add_units(found, f.path, f.ds, rules)
+    conversions = unit_conversions(found, rules)
+    return [SourceFile(f.path, apply_unit_conversions(f.ds, conversions, rules)) for f in files]
+
+
+def add_units(found: UnitsFound, path: str, ds: xr.Dataset, rules: SourceRules) -> None:
+    """Record in ``found`` the ``units`` attribute of each checked variable of file ``path``."""
+    for raw in ds.data_vars:
+        name = rules.standard_name(str(raw))
+        if rules.checks(name):
+            unit = str(ds[raw].attrs.get("units", "")).strip()
+            found.setdefault(name, {}).setdefault(unit, []).append(path)
+
+
+def unit_conversions(found: UnitsFound, rules: SourceRules) -> Conversions:
+    """The conversion of every unit ``found`` to its variable's canonical unit (see :func:`convert_units`):
+    :class:`DataError` for a unit that cannot be converted, or for different units of a variable
+    without a ``harmonize.units`` entry; one log line per unit converted or assumed."""
+    conversions: Conversions = {}
     for name, by_unit in found.items():
         spec = rules.units.get(name)
         if spec is None:
@@ -782,22 +811,24 @@ def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[Sourc
                     _files_text(paths),
                     "; the files mix units" if len(by_unit) > 1 else "",
                 )
-    out: list[SourceFile] = []
-    for f in files:
-        ds = f.ds
-        for raw in list(ds.data_vars):
-            name = rules.standard_name(str(raw))
-            if name not in conversions:
-                continue
-            unit = str(ds[raw].attrs.get("units", "")).strip()
-            conv = conversions[name][unit]
-            var = conv.apply(ds[raw])
-            attrs = {k: v for k, v in var.attrs.items() if conv.identity or k not in _STALE_ATTRS}
-            attrs["units"] = rules.units[name].unit
-            var.attrs = attrs
-            ds = ds.assign({raw: var})
-        out.append(SourceFile(f.path, ds))
-    return out
+    return conversions
+
+
+def apply_unit_conversions(ds: xr.Dataset, conversions: Conversions, rules: SourceRules) -> xr.Dataset:
+    """One file's variables converted by ``conversions`` (from :func:`unit_conversions` over files that
+    include this one) and labelled with their canonical unit; lazy."""
+    for raw in list(ds.data_vars):
+        name = rules.standard_name(str(raw))
+        if name not in conversions:
+            continue
+        unit = str(ds[raw].attrs.get("units", "")).strip()
+        conv = conversions[name][unit]
+        var = conv.apply(ds[raw])
+        attrs = {k: v for k, v in var.attrs.items() if conv.identity or k not in _STALE_ATTRS}
+        attrs["units"] = rules.units[name].unit
+        var.attrs = attrs
+        ds = ds.assign({raw: var})
+    return ds
 
 
 # ---- plausible values ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The regrid step: open the fetched files, regrid them to config ``grid`` (:mod:`conv2dlstm.regridding`)
-and write the regridded store (:mod:`conv2dlstm.artifacts.regridded`), chunk by chunk.
+"""The regrid step: scan the fetched files, regrid them to config ``grid`` (:mod:`conv2dlstm.regridding`)
+slab of time by slab, and write the regridded store (:mod:`conv2dlstm.artifacts.regridded`), chunk
+by chunk. Only one slab's files are open at a time.
 """
 
 from __future__ import annotations
@@ -8,12 +9,22 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from conv2dlstm import harmonize as hz
 from conv2dlstm import regridding, zarrstore
 
+if TYPE_CHECKING:
+    from conv2dlstm.sources import Catalog
+
 log = logging.getLogger(__name__)
+
+
+SLAB_STEPS = 256
+"""Time steps regridded per slab (rounded to whole chunks of the regridded store): the files of one
+slab are open at a time, so the step's memory does not grow with the number of files."""
 
 
 def main(
@@ -23,62 +34,116 @@ def main(
     out: Path,
     threads: int = 1,
     memory_mb: int | None = None,
+    slab_steps: int = SLAB_STEPS,
 ) -> None:
     """Open the fetched files of ``manifest``, harmonize, regrid to config ``grid`` and write ``out`` (Zarr v3).
 
+    The files are scanned first, one at a time (:func:`conv2dlstm.sources.scan`: time stamps
+    repeated across files, units), then regridded and appended slab by slab of about
+    ``slab_steps`` time steps (:meth:`conv2dlstm.sources.Catalog.slabs`); values outside their
+    plausible range are counted with the write and refused before the store is moved into place.
     The store's attribute ``provenance`` records the result configuration and the manifest's
     ``sha256`` (:mod:`conv2dlstm.provenance`).
     """
+    import xarray as xr
+
     from conv2dlstm import provenance, sources
     from conv2dlstm.artifacts import manifest as manifest_file
     from conv2dlstm.daskutil import dask_client
+    from conv2dlstm.errors import DataError
     from conv2dlstm.fsutil import discard_partials, sha256_file
 
     manifest, out = Path(manifest), Path(out)
     for stray in discard_partials(out.parent, of=out.name):
         log.info("regrid: discarded %s left by an interrupted run", stray)
-    # Opening reads metadata only and building the graph computes nothing: both happen before the
-    # cluster starts, so configuration errors fail fast and a parallel open uses local threads.
+    # Scanning reads metadata only and building a slab's graph computes nothing: configuration
+    # errors and the checks across files fail before the cluster starts.
     t0 = time.perf_counter()
     rules = hz.SourceRules.from_config(cfg)
-    fetched = sources.open_sources(manifest, rules=rules)  # duplicates and units checked file by file
-    raw = fetched.dataset
-    ds = regridding.regrid_dataset(raw, cfg)
-    gaps = hz.time_gaps(ds["time"].values, cfg["source"]["start"], cfg["source"]["end"])
-    ds.attrs.update(gaps.attrs())
-    ds.attrs["missing_upstream"] = [str(m.get("date", "?")) for m in fetched.missing]
+    catalog = sources.scan(manifest, rules=rules)  # duplicates and units checked file by file
+    # a slab holds whole chunks of the store (appends never share a chunk), a chunk at most one slab
+    chunk = min(regridding.output_time_chunk(regridding.target_grid(cfg["grid"])), max(1, slab_steps))
+    slabs = catalog.slabs(cfg["source"]["start"], cfg["source"]["end"], chunk * max(1, slab_steps // chunk))
+    grid: dict[str, np.ndarray] = {}
+
+    def build(slab: list[tuple[int, Any]]) -> tuple[xr.Dataset, list[Any]]:
+        """One slab opened, harmonized, regridded (lazy), and its plausibility summary (lazy)."""
+        raw = sources.open_slab(catalog, slab)
+        try:
+            source = regridding.prepare(raw, cfg)
+            for axis in ("lat", "lon"):  # every slab on the first one's grid (the files must share it)
+                values = source[axis].values
+                if grid.setdefault(axis, values).shape != values.shape or not np.array_equal(grid[axis], values):
+                    raise DataError(
+                        f"manifest {manifest}: the files cannot be combined into one dataset (their {axis} "
+                        f"coordinates differ, e.g. in {catalog.names[slab[-1][0]]}); they must share their lat/lon "
+                        "grid and differ only along time"
+                    )
+            ds = regridding.regrid_dataset(raw, cfg, out_chunk=chunk)
+        except BaseException:
+            raw.close()
+            raise
+        ds.set_close(raw.close)
+        summary = hz.range_summary(source, rules.units)  # values outside harmonize.units' ranges
+        return ds, [summary] if summary.data_vars else []
+
+    first, first_also = build(slabs[0])  # configuration errors fail here, before the cluster starts
+    times = np.concatenate([_slab_times(catalog, slab) for slab in slabs]) if len(slabs) > 1 else first["time"].values
+    gaps = hz.time_gaps(times, cfg["source"]["start"], cfg["source"]["end"])
+    attrs = dict(first.attrs)
+    attrs.update(gaps.attrs())
+    attrs["missing_upstream"] = [str(m.get("date", "?")) for m in catalog.missing]
     log.log(
         logging.WARNING if gaps.gaps else logging.INFO,
         "regrid: %s%s",
         gaps.describe(),
-        f" ({len(fetched.missing)} date(s) had no file upstream: source.max_missing)" if fetched.missing else "",
+        f" ({len(catalog.missing)} date(s) had no file upstream: source.max_missing)" if catalog.missing else "",
     )
-    ds.attrs["source_manifest"] = str(manifest)
-    ds.attrs["source_manifest_sha256"] = sha256_file(manifest)
-    ds.attrs["source_sha256"] = str(manifest_file.read(manifest).get("sha256", ""))
+    attrs["source_manifest"] = str(manifest)
+    attrs["source_manifest_sha256"] = sha256_file(manifest)
+    attrs["source_sha256"] = str(manifest_file.read(manifest).get("sha256", ""))
     record = provenance.for_step(cfg, "regrid", {"manifest": provenance.manifest_digest(manifest)})
-    ds.attrs.update(provenance.to_attrs(record))
+    attrs.update(provenance.to_attrs(record))
     log.info(
-        "regrid: opened %s in %.1f s; %d steps %s..%s -> grid %d x %d (%s), variables %s",
+        "regrid: scanned %d file(s) of %s in %.1f s; %d steps %s..%s in %d slab(s) -> grid %d x %d (%s), variables %s",
+        len(catalog.paths),
         manifest,
         time.perf_counter() - t0,
-        ds.sizes["time"],
-        str(ds["time"].values[0])[:10],
-        str(ds["time"].values[-1])[:10],
-        ds.sizes["lat"],
-        ds.sizes["lon"],
+        times.size,
+        str(times[0])[:10],
+        str(times[-1])[:10],
+        len(slabs),
+        first.sizes["lat"],
+        first.sizes["lon"],
         cfg["grid"]["method"],
-        list(ds.data_vars),
+        list(first.data_vars),
     )
-    source = regridding.prepare(raw, cfg)
-    summary = hz.range_summary(source, rules.units)  # values outside harmonize.units' ranges
 
-    def check_plausible(results: tuple[Any, ...]) -> None:  # stops the step before the store is committed
-        if summary.data_vars:
-            hz.raise_implausible(results[0], source["time"].values, rules.units, file_of=fetched.file_of)
+    def part(n: int) -> zarrstore.Part:
+        def make() -> tuple[xr.Dataset, list[Any]]:
+            ds, also = (first, first_also) if n == 0 else build(slabs[n])
+            ds.attrs = attrs
+            return ds, also
+
+        return make
+
+    def check_plausible(results: list[tuple[Any, ...]]) -> None:  # stops the step before the store is committed
+        if results[0]:  # every slab has the same variables, so the same (or no) summary
+            summary = xr.concat([r[0] for r in results], dim="time")
+            hz.raise_implausible(summary, times, rules.units, file_of=catalog.file_of)
 
     with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
         t1 = time.perf_counter()
         # one pass over the source: the range check is computed with the write, not before it
-        zarrstore.write_store(ds, Path(out), also=[summary] if summary.data_vars else [], before_commit=check_plausible)
+        zarrstore.write_parts([part(n) for n in range(len(slabs))], Path(out), before_commit=check_plausible)
     log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])
+
+
+def _slab_times(catalog: Catalog, slab: list[tuple[int, Any]]) -> np.ndarray:
+    """The time axis of one slab (sorted kept keys of its files) as datetime64[ns]."""
+    keys = []
+    for i, pos in slab:
+        kept, where = catalog.keys[i], catalog.positions[i]
+        if pos is not None and kept is not None and where is not None:
+            keys.append(kept[np.searchsorted(where, pos)])
+    return np.sort(np.concatenate(keys)).view("datetime64[ns]")

@@ -249,6 +249,16 @@ def time_chunk(n_lat: int, n_lon: int, *, chunk_bytes: int = CHUNK_BYTES, maximu
     return int(max(1, min(maximum, chunk_bytes // (8 * max(1, n_lat * n_lon)))))
 
 
+OUTPUT_CHUNK_BYTES = 16 * 1024 * 1024
+"""Target size of one time chunk of the regridded store (float64 working copy)."""
+
+
+def output_time_chunk(target: xr.Dataset) -> int:
+    """Time steps per chunk of the regridded store on grid ``target``: :func:`time_chunk` of
+    :data:`OUTPUT_CHUNK_BYTES` (the grid alone decides it, so every slab of the source agrees)."""
+    return time_chunk(target.sizes["lat"], target.sizes["lon"], chunk_bytes=OUTPUT_CHUNK_BYTES)
+
+
 def prepare(raw: xr.Dataset, cfg: Mapping[str, Any]) -> xr.Dataset:
     """Harmonize, cut to ``source.start..end`` and ``region``, keep ``variables.inputs`` + ``targets``."""
     h = cfg["harmonize"]
@@ -266,18 +276,18 @@ def prepare(raw: xr.Dataset, cfg: Mapping[str, Any]) -> xr.Dataset:
     return ds[wanted]
 
 
-def regrid_dataset(raw: xr.Dataset, cfg: Mapping[str, Any]) -> xr.Dataset:
+def regrid_dataset(raw: xr.Dataset, cfg: Mapping[str, Any], *, out_chunk: int | None = None) -> xr.Dataset:
     """The whole regrid step on an opened (raw, lazy) dataset: prepare, regrid, chunk for writing.
 
-    The result is chunked ``(time_chunk, all lat, all lon)``; nothing is computed.
+    The result is chunked ``(out_chunk, all lat, all lon)`` (default :func:`output_time_chunk`);
+    nothing is computed.
     """
     ds = prepare(raw, cfg)
     target = target_grid(cfg["grid"])
     tc = time_chunk(ds.sizes["lat"], ds.sizes["lon"])
     ds = ds.chunk({"time": tc, "lat": -1, "lon": -1})
     out = regrid(ds, target, method=cfg["grid"]["method"], min_ocean_fraction=cfg["grid"]["min_ocean_fraction"])
-    out_tc = max(tc, time_chunk(out.sizes["lat"], out.sizes["lon"], chunk_bytes=16 * 1024 * 1024))
-    out = out.chunk({"time": out_tc, "lat": -1, "lon": -1})
+    out = out.chunk({"time": out_chunk or output_time_chunk(target), "lat": -1, "lon": -1})
     out.attrs = {
         "regrid_method": cfg["grid"]["method"],
         "min_ocean_fraction": float(cfg["grid"]["min_ocean_fraction"]),

@@ -207,22 +207,64 @@ def write_store(
     share with it are read once (e.g. a plausibility check of the source); their results go to
     ``before_commit``, which may raise to discard the store before it is moved into place.
     """
+    write_parts(
+        [lambda: (ds, also)],
+        out,
+        writing=writing,
+        before_commit=None if before_commit is None else lambda results: before_commit(results[0]),
+        close=False,
+    )
+
+
+Part = Callable[[], tuple[xr.Dataset, Sequence[Any]]]
+"""One part of a store written in parts: builds its lazy dataset and the collections computed with it."""
+
+
+def write_parts(
+    parts: Sequence[Part],
+    out: Path,
+    *,
+    append_dim: str = "time",
+    writing: str | None = None,
+    before_commit: Callable[[list[tuple[Any, ...]]], None] | None = None,
+    close: bool = True,
+) -> None:
+    """Write a store in parts along ``append_dim``, atomically, as :func:`write_store` writes one.
+
+    Each part is built only when its turn comes (so that only one is open at a time), computed
+    with its ``also`` collections in one pass, and appended; the first sets the store's chunks,
+    attributes and encoding. Every part but the last must hold a whole number of the first part's
+    chunks along ``append_dim`` (Zarr chunks are never shared between parts).
+    ``before_commit`` gets the results of every part's ``also``, in order. With ``close`` each
+    part's dataset is closed (its files released) once it is written.
+    """
     import dask
 
     from conv2dlstm.daskutil import compute_errors
     from conv2dlstm.fsutil import atomic_output
 
-    ds = ds.copy()
-    encoding: dict[Hashable, Any] = {}
-    for name in ds.data_vars:
-        ds[name].encoding = {}
-        chunks = ds[name].chunks
-        if chunks is not None:
-            encoding[name] = {"chunks": tuple(c[0] for c in chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
+    results: list[tuple[Any, ...]] = []
     with atomic_output(out) as tmp, compute_errors(writing or f"writing {out}"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        write = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
-        _, *results = dask.compute(write, *also)
+        for n, part in enumerate(parts):
+            source, also = part()
+            ds = source.copy()
+            encoding: dict[Hashable, Any] = {}
+            for name in ds.data_vars:
+                ds[name].encoding = {}
+                chunks = ds[name].chunks
+                if chunks is not None:
+                    encoding[name] = {"chunks": tuple(c[0] for c in chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
+            if n == 0:
+                write = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
+            else:
+                write = ds.to_zarr(tmp, append_dim=append_dim, zarr_format=3, consolidated=True, compute=False)
+            try:
+                _, *computed = dask.compute(write, *also)
+            finally:
+                if close:
+                    source.close()
+            results.append(tuple(computed))
         if before_commit is not None:
-            before_commit(tuple(results))
+            before_commit(results)
         _write_record(tmp, record_chunks(tmp))
