@@ -31,8 +31,9 @@ from conv2dlstm.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 METHODS = ("conservative", "linear", "nearest")
-CHUNK_BYTES = 64 * 1024 * 1024
-"""Target size of one source time chunk (float64 working copy) while regridding."""
+CHUNK_BYTES = 32 * 1024 * 1024
+"""Target size of one source time chunk (float64 working copy) while regridding: a worker thread
+holds about three times this while it regrids one."""
 MAX_TIME_CHUNK = 256
 _FRACTION_TOL = 1e-6
 """Ocean fractions within this of ``min_ocean_fraction`` count as reaching it (float coordinates)."""
@@ -122,8 +123,9 @@ def _conservative_block(
     ``wlat`` ``(lat_tgt, lat_src)`` and ``wlon`` ``(lon_tgt, lon_src)`` are overlap matrices and
     ``cell_area`` ``(lat_tgt, lon_tgt)`` the target cells' areas in the same units.
     """
-    ocean = np.isfinite(x)
-    values = np.where(ocean, x, 0.0).astype(np.float64)
+    values = x.astype(np.float64)  # the one working copy of the block
+    ocean = np.isfinite(values)
+    values[~ocean] = 0.0
     # (lat_t, lat_s) @ (..., lat_s, lon_s) @ (lon_s, lon_t) -> (..., lat_t, lon_t)
     total = wlat @ values @ wlon.T
     ocean_area = wlat @ ocean.astype(np.float64) @ wlon.T
