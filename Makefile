@@ -8,6 +8,7 @@ CORES ?= 2
 CONFIG ?= config/config.yaml
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
@@ -36,9 +37,10 @@ run: setup
 run-seed: CONFIG = config/seed_no3.yaml
 run-seed: run
 
-## test: every test, end-to-end Snakemake runs included (pytest exit 5, no tests, is not a failure)
+## test: every test, end-to-end Snakemake runs included, on TEST_WORKERS pytest-xdist workers (a test
+## file's tests stay on one worker; the longest files start first); pytest exit 5, no tests, is not a failure
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 ## test-fast: unit tests only
 test-fast: PYTEST_ARGS = -m "not e2e and not slurm"

@@ -92,20 +92,60 @@ def run_snakemake(cwd: Path, *args: str, timeout: int = 1500, env: dict[str, str
 TINY = REPO / "tests/configs/tiny.yaml"
 
 
+def shared_run(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """A pipeline run that every test of the session reads, built once: ``build(wf)`` in a fresh
+    workflow copy ``wf``. Under pytest-xdist (``make test`` runs two workers) the first worker to
+    need it builds it under a file lock in the session's shared temporary folder and the others
+    wait for it; a build that failed is not reused (every worker that needs it fails)."""
+    if worker_id == "master":  # one process: a session temporary folder of its own
+        wf = copy_workflow(tmp_path_factory.mktemp(name) / "wf")
+        build(wf)
+        return wf
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # shared by the session's workers
+    wf, done, failed = root / name / "wf", root / name / "complete", root / name / "failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"the shared {name} run failed in another worker: {failed.read_text()[:3000]}")
+        if not done.exists():
+            shutil.rmtree(wf.parent, ignore_errors=True)
+            copy_workflow(wf)
+            try:
+                build(wf)
+            except BaseException as exc:
+                failed.write_text(str(exc))
+                raise
+            done.touch()
+    return wf
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory, worker_id) -> Path:
     """A workflow copy in which the tiny pipeline (``tests/configs/tiny.yaml``, as ``tiny.yaml``) ran
-    to completion. Shared by the rerun and forecast tests; a test that changes it works on a copy."""
-    wf = copy_workflow(tmp_path_factory.mktemp("tiny") / "wf")
-    shutil.copy(TINY, wf / "tiny.yaml")
-    run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
-    return wf
+    to completion. Shared by the rerun, forecast, SLURM, MLflow UI and tracking tests; a test that
+    changes it works on a copy."""
+
+    def build(wf: Path) -> None:
+        shutil.copy(TINY, wf / "tiny.yaml")
+        run_snakemake(wf, "--cores", "2", "--configfile", "tiny.yaml")
+
+    return shared_run(tmp_path_factory, worker_id, "tiny", build)
 
 
 @pytest.fixture(scope="session")
-def local_default_run(tmp_path_factory) -> Path:
+def local_default_run(tmp_path_factory, worker_id) -> Path:
     """A workflow copy in which the whole default pipeline ran locally (``snakemake --cores 2``),
-    shared by the end-to-end tests of the default configuration."""
-    wf = copy_workflow(tmp_path_factory.mktemp("default") / "wf")
-    run_snakemake(wf, "--cores", "2")
-    return wf
+    shared by the end-to-end tests of the default configuration; a test that changes it works on a copy."""
+    return shared_run(tmp_path_factory, worker_id, "default", lambda wf: run_snakemake(wf, "--cores", "2"))
+
+
+E2E_FIRST = ("test_e2e.py", "test_e2e_seed.py", "test_slurm.py", "test_rerun.py", "test_tracking_load.py")
+"""The longest test files (minutes each, ``docs/performance.md``), longest first."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Start the longest test files first, so that the workers of ``make test`` (pytest-xdist,
+    ``--dist loadfile``: a file's tests stay on one worker) finish together."""
+    rank = {name: n for n, name in enumerate(E2E_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
