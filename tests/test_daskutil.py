@@ -77,3 +77,34 @@ def test_worker_over_its_memory_limit_fails_clearly(monkeypatch: pytest.MonkeyPa
         with pytest.raises(Conv2dLstmError, match="memory limit.*mem_mb"):
             with compute_errors("test step"):
                 client.submit(_hog_memory, 4000, pure=False).result(timeout=60)
+
+
+def test_small_data_is_computed_in_this_process_and_large_data_on_a_worker(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import os
+    import threading
+
+    import dask
+
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    limit = 384 * 1024 * 1024  # the worker limit of a 512 MB step
+    seen: set[tuple[int, int]] = set()
+
+    def where(block: np.ndarray) -> np.ndarray:
+        seen.add((os.getpid(), threading.get_ident()))
+        return block
+
+    with caplog.at_level(logging.INFO, logger="conv2dlstm"):
+        with dask_client(threads=2, memory_mb=512, data_bytes=limit // 8) as client:
+            assert client is None and dask.config.get("scheduler") == "threads"
+            with pytest.raises(ValueError):
+                distributed.get_client()  # no cluster was started
+            blocks = da.ones(400, chunks=10).map_blocks(where, meta=np.array((), dtype=float))
+            assert float(blocks.sum().compute()) == 400.0
+    assert {pid for pid, _ in seen} == {os.getpid()} and len(seen) <= 2  # here, on at most 2 threads
+    assert "2 threads in this process" in caplog.text
+    with dask_client(threads=1, memory_mb=512, data_bytes=limit // 8 + 1) as client:
+        assert client is not None and len(client.scheduler_info()["workers"]) == 1
+        assert client.run(os.getpid) != {os.getpid()}  # a worker process

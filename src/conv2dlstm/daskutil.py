@@ -2,7 +2,9 @@
 
 Every step that touches a data cube runs inside :func:`dask_client`. A local cluster has one worker
 process with ``threads`` threads and a hard memory limit, so a step's memory is bounded by its chunk
-sizes and the limit, never by the size of the data. When a chunk does not fit, the worker spills to
+sizes and the limit, never by the size of the data. Data far smaller than the limit (the step says
+how large, :data:`IN_PROCESS_FACTOR`) is computed in the step's own process instead, with as many
+threads and without a worker process to start. When a chunk does not fit, the worker spills to
 disk, pauses, and is finally restarted by its nanny; :func:`compute_errors` turns that into an error
 that says what to change.
 """
@@ -53,16 +55,28 @@ def _quiet(logger_name: str, level: int) -> Iterator[None]:
         logger.setLevel(old)
 
 
+IN_PROCESS_FACTOR = 8
+"""Data that fits this many times into the worker's memory limit is computed in the step's own
+process (Dask's threaded scheduler): even held whole, with working copies, it cannot reach the
+limit, so the worker process and its start-up (about 1.5 s of CPU per step) are not needed."""
+
+
 @contextlib.contextmanager
-def dask_client(*, threads: int, memory_mb: int | None, address: str = "") -> Iterator[distributed.Client]:
-    """Yield a ``distributed.Client``, the default scheduler of every Dask computation inside the block.
+def dask_client(
+    *, threads: int, memory_mb: int | None, address: str = "", data_bytes: int | None = None
+) -> Iterator[distributed.Client | None]:
+    """The scheduler of every Dask computation inside the block: a ``distributed.Client``, or None
+    for Dask's threaded scheduler in this process.
 
     ``address`` (else the ``DASK_SCHEDULER_ADDRESS`` environment variable) connects to an existing
-    scheduler, which is left running on exit. Without an address a ``LocalCluster`` is started with
-    one worker process of ``threads`` threads and no dashboard, and closed on exit. ``memory_mb``
-    (default :data:`DEFAULT_MEMORY_MB`) is the whole step's memory: the worker's limit is
-    :data:`WORKER_MEMORY_FRACTION` of it, so the worker spills, pauses and is stopped before the job
-    as a whole exceeds its allocation.
+    scheduler, which is left running on exit. Without an address, ``data_bytes`` (the most the
+    block's computations can hold at once were nothing streamed: the whole input, or one slab of
+    it) decides: data that fits :data:`IN_PROCESS_FACTOR` times into the worker's memory limit is
+    computed here with ``threads`` threads; larger data, or ``data_bytes`` None, gets a
+    ``LocalCluster`` with one worker process of ``threads`` threads and no dashboard, closed on
+    exit. ``memory_mb`` (default :data:`DEFAULT_MEMORY_MB`) is the whole step's memory: the worker's
+    limit is :data:`WORKER_MEMORY_FRACTION` of it, so the worker spills, pauses and is stopped
+    before the job as a whole exceeds its allocation.
     """
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}; give the rule one or more threads")
@@ -85,6 +99,16 @@ def dask_client(*, threads: int, memory_mb: int | None, address: str = "") -> It
         return
 
     limit = worker_memory_limit(memory_mb)
+    if data_bytes is not None and data_bytes * IN_PROCESS_FACTOR <= limit:
+        log.info(
+            "Dask: %d threads in this process (the data, %.0f MB, is far below the worker memory limit of %d MB)",
+            threads,
+            data_bytes / 1e6,
+            limit // (1024 * 1024),
+        )
+        with dask.config.set(scheduler="threads", num_workers=threads):
+            yield None
+        return
     # allowed-failures 0: a task that kills its worker (out of memory) fails at once instead of
     # being retried. No dashboard; the scheduler's plain HTTP endpoint takes a free port, so that
     # concurrent jobs on one node do not clash.

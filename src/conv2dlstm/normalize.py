@@ -241,7 +241,7 @@ def main(
     record = provenance.for_step(cfg, "normalize", {"regrid": upstream["digest"]})
     address = cfg["dask"]["scheduler_address"]
     with (
-        dask_client(threads=threads, memory_mb=memory_mb, address=address),
+        dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=ds.nbytes),
         compute_errors(f"fitting statistics on {data}"),
         zarrstore.read_errors(data, what=regridded.WHAT, step="regrid", codec_only=True),
     ):

@@ -65,6 +65,7 @@ def main(
     chunk = min(regridding.output_time_chunk(regridding.target_grid(cfg["grid"])), max(1, slab_steps))
     slabs = catalog.slabs(cfg["source"]["start"], cfg["source"]["end"], chunk * max(1, slab_steps // chunk))
     grid: dict[str, np.ndarray] = {}
+    slab_bytes: list[int] = []  # of the harmonized source, per slab built
 
     def build(slab: list[tuple[int, Any]]) -> tuple[xr.Dataset, list[Any]]:
         """One slab opened, harmonized, regridded (lazy), and its plausibility summary (lazy)."""
@@ -84,6 +85,7 @@ def main(
             raw.close()
             raise
         ds.set_close(raw.close)
+        slab_bytes.append(source.nbytes)
         summary = hz.range_summary(source, rules.units)  # values outside harmonize.units' ranges
         return ds, [summary] if summary.data_vars else []
 
@@ -132,7 +134,8 @@ def main(
             summary = xr.concat([r[0] for r in results], dim="time")
             hz.raise_implausible(summary, times, rules.units, file_of=catalog.file_of)
 
-    with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
+    address = cfg["dask"]["scheduler_address"]
+    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=slab_bytes[0]):
         t1 = time.perf_counter()
         # one pass over the source: the range check is computed with the write, not before it
         zarrstore.write_parts([part(n) for n in range(len(slabs))], Path(out), before_commit=check_plausible)

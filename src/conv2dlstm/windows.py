@@ -215,7 +215,8 @@ def main(
         "stats": provenance.from_attrs(st.attrs, where=f"the statistics file {stats}", step="normalize")["digest"],
     }
     record = provenance.for_step(cfg, "windows", inputs)
-    with dask_client(threads=threads, memory_mb=memory_mb, address=cfg["dask"]["scheduler_address"]):
+    address = cfg["dask"]["scheduler_address"]
+    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=ds.nbytes):
         store = build_store(ds, st, cfg, stats_sha256=sha256_file(stats))
         store.attrs.update(provenance.to_attrs(record))
         log.info(
