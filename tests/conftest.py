@@ -133,11 +133,22 @@ def tiny_run(tmp_path_factory, worker_id) -> Path:
     return shared_run(tmp_path_factory, worker_id, "tiny", build)
 
 
+DEFAULT_E2E = ("--configfile", "config/config.yaml", "e2e.yaml")
+"""The configuration of :func:`local_default_run`: the default one, training 4 epochs instead of 10
+(the skill shown by the tests is there after 4; ``make run`` trains the 10 of config/config.yaml)."""
+
+
 @pytest.fixture(scope="session")
 def local_default_run(tmp_path_factory, worker_id) -> Path:
-    """A workflow copy in which the whole default pipeline ran locally (``snakemake --cores 2``),
-    shared by the end-to-end tests of the default configuration; a test that changes it works on a copy."""
-    return shared_run(tmp_path_factory, worker_id, "default", lambda wf: run_snakemake(wf, "--cores", "2"))
+    """A workflow copy in which the whole default pipeline ran locally (``snakemake --cores 2`` with
+    :data:`DEFAULT_E2E`), shared by the end-to-end tests of the default configuration; a test that
+    changes it works on a copy."""
+
+    def build(wf: Path) -> None:
+        (wf / "e2e.yaml").write_text("train: {epochs: 4}\n")
+        run_snakemake(wf, "--cores", "2", *DEFAULT_E2E)
+
+    return shared_run(tmp_path_factory, worker_id, "default", build)
 
 
 E2E_FIRST = ("test_e2e.py", "test_e2e_seed.py", "test_slurm.py", "test_rerun.py", "test_tracking_load.py")

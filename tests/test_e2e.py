@@ -13,7 +13,7 @@ import xarray as xr
 import zarr
 
 from conv2dlstm.baselines import BASELINE_NAMES
-from tests.conftest import run_snakemake
+from tests.conftest import DEFAULT_E2E, run_snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -29,6 +29,8 @@ def model_beats_baselines(metrics: pd.DataFrame, variable: str, baselines: tuple
 
 
 def test_default_pipeline(local_default_run: Path):
+    """The default configuration (4 epochs instead of 10: conftest.DEFAULT_E2E) from synthetic data
+    to skill shown against every baseline, logged in MLflow, with nothing left to do on a rerun."""
     wf = local_default_run
     store = wf / "results/windows/oisst.zarr"
     group = zarr.open_group(store, mode="r")
@@ -78,7 +80,7 @@ def test_default_pipeline(local_default_run: Path):
         assert {"train_loss", "val_loss", "test_rmse_sst_lead1"} <= mkeys
 
     # a rerun has nothing to do
-    proc = run_snakemake(wf, "--cores", "2")
+    proc = run_snakemake(wf, "--cores", "2", *DEFAULT_E2E)
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
