@@ -834,7 +834,7 @@ def apply_unit_conversions(ds: xr.Dataset, conversions: Conversions, rules: Sour
 # ---- plausible values ------------------------------------------------------------------------------
 
 
-CHECK_CHUNK_BYTES = 32 * 1024 * 1024
+CHECK_CHUNK_BYTES = 16 * 1024 * 1024
 """Target size (float64 working copy) of one time chunk of the plausibility check."""
 MAX_CHECK_TIME_CHUNK = 256
 

@@ -31,7 +31,7 @@ from conv2dlstm.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 METHODS = ("conservative", "linear", "nearest")
-CHUNK_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 """Target size of one source time chunk (float64 working copy) while regridding: a worker thread
 holds about three times this while it regrids one."""
 MAX_TIME_CHUNK = 256
