@@ -249,15 +249,16 @@ def write_parts(
         for n, part in enumerate(parts):
             source, also = part()
             ds = source.copy()
-            encoding: dict[Hashable, Any] = {}
             for name in ds.data_vars:
                 ds[name].encoding = {}
-                chunks = ds[name].chunks
-                if chunks is not None:
-                    encoding[name] = {"chunks": tuple(c[0] for c in chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
-            if n == 0:
+            if n == 0:  # the first part sets the chunks: one Zarr chunk per Dask chunk
+                encoding: dict[Hashable, Any] = {}
+                for name in ds.data_vars:
+                    chunks = ds[name].chunks
+                    if chunks is not None:
+                        encoding[name] = {"chunks": tuple(c[0] for c in chunks), "chunk_key_encoding": FLAT_CHUNK_KEYS}
                 write = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding, compute=False)
-            else:
+            else:  # the store's encoding applies
                 write = ds.to_zarr(tmp, append_dim=append_dim, zarr_format=3, consolidated=True, compute=False)
             try:
                 _, *computed = dask.compute(write, *also)
