@@ -472,8 +472,13 @@ def test_catalog_slabs_cut_the_period_in_time_order() -> None:
         hz.SourceRules(),
     )
     slabs = catalog.slabs("2020-01-02", "2020-01-05", 2)
-    as_lists = [[(i, None if p is None else p.tolist()) for i, p in slab] for slab in slabs]
+    as_lists = [[(i, None if p is None else p.tolist()) for i, p in slab.members] for slab in slabs]
     assert as_lists == [[(2, None), (0, [0]), (1, [1])], [(2, None), (0, [2, 3])]]
-    assert (
-        catalog.file_of(np.datetime64("2020-01-04")) == "b.nc" and catalog.file_of(np.datetime64("2020-01-09")) is None
-    )
+    assert [[str(t)[:10] for t in slab.times] for slab in slabs] == [
+        ["2020-01-02", "2020-01-03"],
+        ["2020-01-04", "2020-01-05"],
+    ]
+    outside = catalog.slabs("2021-01-01", "2021-01-31", 2)  # no step in the period: one slab of all, no times
+    assert len(outside) == 1 and outside[0].times is None and [i for i, _ in outside[0].members] == [0, 1, 2]
+    assert catalog.file_of(np.datetime64("2020-01-04")) == "b.nc"
+    assert catalog.file_of(np.datetime64("2020-01-09")) is None

@@ -9,15 +9,12 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from conv2dlstm import harmonize as hz
 from conv2dlstm import regridding, zarrstore
-
-if TYPE_CHECKING:
-    from conv2dlstm.sources import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +64,9 @@ def main(
     grid: dict[str, np.ndarray] = {}
     slab_bytes: list[int] = []  # of the harmonized source, per slab built
 
-    def build(slab: list[tuple[int, Any]]) -> tuple[xr.Dataset, list[Any]]:
+    def build(slab: sources.Slab) -> tuple[xr.Dataset, list[Any]]:
         """One slab opened, harmonized, regridded (lazy), and its plausibility summary (lazy)."""
-        raw = sources.open_slab(catalog, slab)
+        raw = sources.open_slab(catalog, slab.members)
         try:
             source = regridding.prepare(raw, cfg)
             for axis in ("lat", "lon"):  # every slab on the first one's grid (the files must share it)
@@ -77,8 +74,8 @@ def main(
                 if grid.setdefault(axis, values).shape != values.shape or not np.array_equal(grid[axis], values):
                     raise DataError(
                         f"manifest {manifest}: the files cannot be combined into one dataset (their {axis} "
-                        f"coordinates differ, e.g. in {catalog.names[slab[-1][0]]}); they must share their lat/lon "
-                        "grid and differ only along time"
+                        f"coordinates differ, e.g. in {catalog.names[slab.members[-1][0]]}); they must share "
+                        "their lat/lon grid and differ only along time"
                     )
             ds = regridding.regrid_dataset(raw, cfg, out_chunk=chunk)
         except BaseException:
@@ -90,7 +87,7 @@ def main(
         return ds, [summary] if summary.data_vars else []
 
     first, first_also = build(slabs[0])  # configuration errors fail here, before the cluster starts
-    times = np.concatenate([_slab_times(catalog, slab) for slab in slabs]) if len(slabs) > 1 else first["time"].values
+    times = first["time"].values if slabs[0].times is None else np.concatenate([slab.times for slab in slabs])
     gaps = hz.time_gaps(times, cfg["source"]["start"], cfg["source"]["end"])
     attrs = dict(first.attrs)
     attrs.update(gaps.attrs())
@@ -140,13 +137,3 @@ def main(
         # one pass over the source: the range check is computed with the write, not before it
         zarrstore.write_parts([part(n) for n in range(len(slabs))], Path(out), before_commit=check_plausible)
     log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])
-
-
-def _slab_times(catalog: Catalog, slab: list[tuple[int, Any]]) -> np.ndarray:
-    """The time axis of one slab (sorted kept keys of its files) as datetime64[ns]."""
-    keys = []
-    for i, pos in slab:
-        kept, where = catalog.keys[i], catalog.positions[i]
-        if pos is not None and kept is not None and where is not None:
-            keys.append(kept[np.searchsorted(where, pos)])
-    return np.sort(np.concatenate(keys)).view("datetime64[ns]")

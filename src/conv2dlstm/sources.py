@@ -71,6 +71,19 @@ def _open_part(path: Path, fmt: str, chunks: dict[str, int] | None, manifest: Pa
         ) from exc
 
 
+Members = list[tuple[int, np.ndarray | None]]
+"""Files of a slab: ``(file index in the catalog, positions along its time axis, or None for all)``."""
+
+
+@dataclass(frozen=True)
+class Slab:
+    """One slab of time: its files (:data:`Members`) and its time stamps in order (datetime64[ns];
+    None when the source's time axes are not datetimes and the whole source is one slab)."""
+
+    members: Members
+    times: np.ndarray | None
+
+
 @dataclass(frozen=True)
 class Catalog:
     """The files of a manifest, scanned one at a time (:func:`scan`) and closed again: what the
@@ -100,17 +113,17 @@ class Catalog:
                 return name
         return None
 
-    def everything(self) -> list[tuple[int, np.ndarray | None]]:
+    def everything(self) -> Members:
         """Every file with kept steps, and their positions: one slab of the whole source."""
         return [(i, pos) for i, pos in enumerate(self.positions) if pos is None or pos.size]
 
-    def slabs(self, start: hz.DateLike, end: hz.DateLike, steps: int) -> list[list[tuple[int, np.ndarray | None]]]:
+    def slabs(self, start: hz.DateLike, end: hz.DateLike, steps: int) -> list[Slab]:
         """The kept time steps within the whole days ``start..end``, in time order, cut into slabs of
-        ``steps`` steps (the last may be shorter): per slab, the files holding its steps and their
-        positions. Files without a time axis belong to every slab.
+        ``steps`` steps (the last may be shorter): per slab, the files holding its steps, their
+        positions, and the steps' time stamps. Files without a time axis belong to every slab.
 
-        One slab of everything (:meth:`everything`) when a time axis is not datetimes or no step lies
-        in the period, so that harmonizing gives its own error there.
+        One slab of everything (:meth:`everything`, no time stamps) when a time axis is not datetimes
+        or no step lies in the period, so that harmonizing gives its own error there.
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -118,20 +131,21 @@ class Catalog:
             (i, k, p) for i, (k, p) in enumerate(zip(self.keys, self.positions)) if k is not None and p is not None
         ]
         if not timed or any(k.dtype != np.int64 for _, k, _ in timed):
-            return [self.everything()]
+            return [Slab(self.everything(), None)]
         keys = np.concatenate([k for _, k, _ in timed])
         owner = np.concatenate([np.full(k.size, i) for i, k, _ in timed])
         where = np.concatenate([p for _, _, p in timed])
         order = np.argsort(keys, kind="stable")
         order = order[hz.in_period(keys[order].view("datetime64[ns]"), start, end)]
         if order.size == 0:
-            return [self.everything()]
-        untimed: list[tuple[int, np.ndarray | None]] = [(i, None) for i, k in enumerate(self.keys) if k is None]
+            return [Slab(self.everything(), None)]
+        untimed: Members = [(i, None) for i, k in enumerate(self.keys) if k is None]
         out = []
         for lo in range(0, order.size, steps):
             part = order[lo : lo + steps]
             files = np.unique(owner[part])
-            out.append(untimed + [(int(i), np.sort(where[part][owner[part] == i])) for i in files])
+            members = untimed + [(int(i), np.sort(where[part][owner[part] == i])) for i in files]
+            out.append(Slab(members, keys[part].view("datetime64[ns]")))
         return out
 
 
@@ -189,14 +203,12 @@ def scan(manifest: Path, *, rules: hz.SourceRules | None = None) -> Catalog:
     )
 
 
-def open_slab(
-    catalog: Catalog, members: list[tuple[int, np.ndarray | None]], *, chunks: dict[str, int] | None = None
-) -> xr.Dataset:
+def open_slab(catalog: Catalog, members: Members, *, chunks: dict[str, int] | None = None) -> xr.Dataset:
     """Open the files of one slab lazily (Dask), keep their listed steps, convert units, and merge.
 
-    ``members`` are ``(file index, positions along its time axis or None for all)`` as given by
-    :meth:`Catalog.slabs` or :meth:`Catalog.everything`. The files are combined by their
-    coordinates (they must share every coordinate but time); closing the dataset closes them.
+    ``members`` are those of a :class:`Slab` from :meth:`Catalog.slabs`, or :meth:`Catalog.everything`.
+    The files are combined by their coordinates (they must share every coordinate but time);
+    closing the dataset closes them.
     """
     chunks = {} if chunks is None else chunks
     rename = dict(catalog.rules.rename)
