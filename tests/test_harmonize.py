@@ -12,22 +12,24 @@ import xarray as xr
 
 from conv2dlstm.errors import DataError
 from conv2dlstm.harmonize import (
-    SourceFile,
     SourceRules,
     UnitSpec,
+    add_units,
+    apply_unit_conversions,
     cf_to_pint,
     check_plausible,
-    convert_units,
     day_bounds,
+    duplicate_steps,
     find_axis,
     harmonize,
     in_period,
     range_summary,
-    resolve_duplicate_times,
     select_period,
     select_region,
     time_gaps,
+    time_keys,
     unit_conversion,
+    unit_conversions,
     wrap_longitude,
 )
 
@@ -354,7 +356,7 @@ def test_cf_spellings_become_pint_syntax() -> None:
     assert cf_to_pint(" degrees Celsius ") == "degC" and cf_to_pint("Kelvin") == "K"
 
 
-def _files(units: list[str | None], values: list[float], var: str = "sst") -> list[SourceFile]:
+def _files(units: list[str | None], values: list[float], var: str = "sst") -> list[tuple[str, xr.Dataset]]:
     out = []
     for i, (unit, value) in enumerate(zip(units, values)):
         attrs = {} if unit is None else {"units": unit, "valid_min": -300}
@@ -362,19 +364,28 @@ def _files(units: list[str | None], values: list[float], var: str = "sst") -> li
             {var: (("time", "lat", "lon"), np.full((1, 2, 2), value, np.float32), attrs)},
             coords={"time": TIMES[i : i + 1], "lat": [1.0, 2.0], "lon": [3.0, 4.0]},
         ).chunk()
-        out.append(SourceFile(f"f{i}.nc", ds))
+        out.append((f"f{i}.nc", ds))
     return out
+
+
+def convert_units(files: list[tuple[str, xr.Dataset]], rules: SourceRules) -> list[xr.Dataset]:
+    """What the regrid step does with its files' units: found over all files, then converted file by file."""
+    found: dict = {}
+    for path, ds in files:
+        add_units(found, path, ds, rules)
+    conversions = unit_conversions(found, rules)
+    return [apply_unit_conversions(ds, conversions, rules) for _, ds in files]
 
 
 def test_convert_units_per_file_lazily_and_labels_the_canonical_unit() -> None:
     rules = SourceRules(units={"sst": UnitSpec("degC", -3.0, 40.0)}, variables=("sst",))
     files = convert_units(_files(["degC", "K", "Celsius"], [20.0, 294.15, 22.0]), rules)
-    assert all(f.ds["sst"].chunks is not None for f in files)  # still lazy
-    assert [float(f.ds["sst"].values.mean()) for f in files] == pytest.approx([20.0, 21.0, 22.0], abs=1e-4)
-    assert {f.ds["sst"].attrs["units"] for f in files} == {"degC"}
-    assert files[1].ds["sst"].dtype == np.float32
-    assert "valid_min" not in files[1].ds["sst"].attrs and files[0].ds["sst"].attrs["valid_min"] == -300
-    merged = xr.combine_by_coords([f.ds for f in files], combine_attrs="override")
+    assert all(f["sst"].chunks is not None for f in files)  # still lazy
+    assert [float(f["sst"].values.mean()) for f in files] == pytest.approx([20.0, 21.0, 22.0], abs=1e-4)
+    assert {f["sst"].attrs["units"] for f in files} == {"degC"}
+    assert files[1]["sst"].dtype == np.float32
+    assert "valid_min" not in files[1]["sst"].attrs and files[0]["sst"].attrs["valid_min"] == -300
+    merged = xr.combine_by_coords(files, combine_attrs="override")
     assert float(merged["sst"].max()) == pytest.approx(22.0)
 
 
@@ -388,7 +399,7 @@ def test_convert_units_refuses_naming_files_and_units() -> None:
         convert_units(_files(["degC", "W m-2"], [20.0, 20.0]), rules)
     # a variable without an entry keeps its unit, which must agree across the files
     plain = SourceRules(variables=("sst",))
-    assert convert_units(_files(["m", "m"], [1.0, 1.0]), plain)[1].ds["sst"].attrs["units"] == "m"
+    assert convert_units(_files(["m", "m"], [1.0, 1.0]), plain)[1]["sst"].attrs["units"] == "m"
     with pytest.raises(DataError, match=r"'sst' has different units.*add harmonize\.units\.sst"):
         convert_units(_files(["m", "cm"], [1.0, 100.0]), plain)
     # variables that are not wanted are not looked at
@@ -396,31 +407,29 @@ def test_convert_units_refuses_naming_files_and_units() -> None:
 
 
 def test_duplicate_times_are_refused_or_resolved_explicitly() -> None:
-    a, b, c = _files(["degC"] * 3, [20.0, 21.0, 22.0])
-    dup = SourceFile("dup.nc", b.ds.copy(data={"sst": b.ds["sst"].data + 5}))
-    files = [a, b, dup, c]
+    (pa, a), (pb, b), (pc, c) = _files(["degC"] * 3, [20.0, 21.0, 22.0])
+    keys = [time_keys(ds["time"].values) for ds in (a, b, b, c)]
+    paths = [pa, pb, "dup.nc", pc]
     with pytest.raises(
         DataError,
         match=r"time 2020-01-02 00:00:00 appears in both f1\.nc and dup\.nc.*"
         r"harmonize\.duplicates to first .*or last",
     ):
-        resolve_duplicate_times(files)
-    first = resolve_duplicate_times(files, "first")
-    assert [f.path for f in first] == ["f0.nc", "f1.nc", "f2.nc"]
-    last = resolve_duplicate_times(files, "last")
-    assert [f.path for f in last] == ["f0.nc", "dup.nc", "f2.nc"]
-    assert float(last[1].ds["sst"].values.max()) == pytest.approx(26.0)
-    assert resolve_duplicate_times([a, c]) == [a, c]  # nothing repeated: the same files
+        duplicate_steps(keys, paths)
+    assert duplicate_steps(keys, paths, "first") == {2: [0]}  # dup.nc's step is dropped
+    assert duplicate_steps(keys, paths, "last") == {1: [0]}  # f1.nc's step is dropped
+    assert duplicate_steps([keys[0], keys[3]], [pa, pc]) == {}  # nothing repeated
+    assert duplicate_steps([keys[0], None], [pa, "static.nc"]) == {}  # a file without a time axis
     with pytest.raises(DataError, match="harmonize.duplicates"):
-        resolve_duplicate_times(files, "keep")
+        duplicate_steps(keys, paths, "keep")
 
 
 def test_a_repeated_step_inside_one_file_is_found_too() -> None:
-    ds = xr.Dataset({"v": (("t",), np.arange(3.0))}, coords={"valid_time": ("t", TIMES[[0, 1, 1]])})
+    keys = [time_keys(TIMES[[0, 1, 1]])]
     with pytest.raises(DataError, match=r"appears twice in one\.nc"):
-        resolve_duplicate_times([SourceFile("one.nc", ds)], rename={"valid_time": "time"})
-    kept = resolve_duplicate_times([SourceFile("one.nc", ds)], "last", rename={"valid_time": "time"})
-    np.testing.assert_array_equal(kept[0].ds["v"].values, [0.0, 2.0])
+        duplicate_steps(keys, ["one.nc"])
+    assert duplicate_steps(keys, ["one.nc"], "last") == {0: [1]}  # steps 0 and 2 are kept
+    assert duplicate_steps(keys, ["one.nc"], "first") == {0: [2]}
 
 
 def test_plausibility_is_a_chunked_reduction_naming_time_and_file() -> None:

@@ -15,11 +15,11 @@ is opened (``mask_and_scale``), before this step.
 Checks of the source, before and after merging its files (config ``harmonize.units`` and
 ``harmonize.duplicates``; :class:`SourceRules` holds them):
 
-- :func:`resolve_duplicate_times` - a time stamp found in two files (or twice in one) is an error
+- :func:`duplicate_steps` - a time stamp found in two files (or twice in one) is an error
   naming both files, unless ``harmonize.duplicates`` says to keep the first or the last one;
-- :func:`convert_units` - each file's variables are converted, file by file, to their canonical
-  unit with pint (:func:`unit_conversion`); a unit that cannot be converted is an error naming the
-  files and the units found;
+- :func:`unit_conversions` - each file's variables are converted, file by file
+  (:func:`apply_unit_conversions`), to their canonical unit with pint (:func:`unit_conversion`); a
+  unit that cannot be converted is an error naming the files and the units found;
 - :func:`check_plausible` - after conversion, values outside a variable's plausible range stop the
   run (a streaming Dask reduction: memory is bounded by the chunks);
 - :func:`time_gaps` - the gaps in the time axis, reported by the regrid step.
@@ -449,15 +449,6 @@ def _bound(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-@dataclass(frozen=True)
-class SourceFile:
-    """One opened file (or Zarr store) of the source: its path as shown in messages, and its lazy
-    dataset with the raw names."""
-
-    path: str
-    ds: xr.Dataset
-
-
 def _files_text(paths: Sequence[str]) -> str:
     """``a.nc``, ``a.nc and b.nc``, or ``a.nc, b.nc, c.nc and 7 more files``."""
     paths = list(dict.fromkeys(paths))
@@ -560,32 +551,6 @@ def duplicate_steps(
         _files_text([paths[i] for i in sorted(dropped)]),
     )
     return dropped
-
-
-def resolve_duplicate_times(
-    files: Sequence[SourceFile], policy: str = "error", *, rename: Mapping[str, str] | None = None
-) -> list[SourceFile]:
-    """:func:`duplicate_steps` on opened files: the repeated steps dropped as ``policy`` says.
-
-    Each file's time axis is the one :func:`find_axis` finds (only its coordinate is read; a file
-    without one is left alone). A file left without any time step is dropped (and closed).
-    """
-    axes = [find_axis(f.ds, "time", rename=rename) for f in files]
-    keys = [None if name is None else time_keys(f.ds[name].values) for f, name in zip(files, axes)]
-    dropped = duplicate_steps(keys, [f.path for f in files], policy)
-    out: list[SourceFile] = []
-    for i, f in enumerate(files):
-        name = axes[i]
-        if i not in dropped or name is None:
-            out.append(f)
-            continue
-        dim = f.ds[name].dims[0]
-        keep = np.setdiff1d(np.arange(f.ds.sizes[dim]), dropped[i])
-        if keep.size == 0:
-            f.ds.close()
-            continue
-        out.append(SourceFile(f.path, f.ds.isel({dim: keep})))
-    return out
 
 
 # ---- units ----------------------------------------------------------------------------------------
@@ -728,24 +693,6 @@ Conversions = dict[str, dict[str, Affine]]
 """Variable (standard name) -> unit found -> its conversion to the canonical unit."""
 
 
-def convert_units(files: Sequence[SourceFile], rules: SourceRules) -> list[SourceFile]:
-    """Convert each checked variable of each file to its canonical unit (before the files are merged).
-
-    For a variable with a ``harmonize.units`` entry, every unit found (the ``units`` attribute, per
-    file) is converted with :func:`unit_conversion`; the variable's ``units`` becomes the canonical
-    unit. A unit that cannot be converted raises :class:`DataError` naming the files, the units found
-    and the fix. A variable without a ``units`` attribute is taken to be in the canonical unit (a
-    WARNING names the files; the plausible range still applies). A checked variable without an
-    entry keeps its unit, which must be the same in every file (else :class:`DataError`). Lazy: only
-    attributes are read.
-    """
-    found: UnitsFound = {}
-    for f in files:
-        add_units(found, f.path, f.ds, rules)
-    conversions = unit_conversions(found, rules)
-    return [SourceFile(f.path, apply_unit_conversions(f.ds, conversions, rules)) for f in files]
-
-
 def add_units(found: UnitsFound, path: str, ds: xr.Dataset, rules: SourceRules) -> None:
     """Record in ``found`` the ``units`` attribute of each checked variable of file ``path``."""
     for raw in ds.data_vars:
@@ -756,9 +703,16 @@ def add_units(found: UnitsFound, path: str, ds: xr.Dataset, rules: SourceRules) 
 
 
 def unit_conversions(found: UnitsFound, rules: SourceRules) -> Conversions:
-    """The conversion of every unit ``found`` to its variable's canonical unit (see :func:`convert_units`):
-    :class:`DataError` for a unit that cannot be converted, or for different units of a variable
-    without a ``harmonize.units`` entry; one log line per unit converted or assumed."""
+    """The conversion of every unit ``found`` (over all files, :func:`add_units`) to its variable's
+    canonical unit, before the files are merged; :func:`apply_unit_conversions` applies them file by file.
+
+    For a variable with a ``harmonize.units`` entry, every unit found (the ``units`` attribute, per
+    file) is converted with :func:`unit_conversion`. A unit that cannot be converted raises
+    :class:`DataError` naming the files, the units found and the fix. A variable without a ``units``
+    attribute is taken to be in the canonical unit (a WARNING names the files; the plausible range
+    still applies). A checked variable without an entry keeps its unit, which must be the same in
+    every file (else :class:`DataError`). One log line per unit converted or assumed.
+    """
     conversions: Conversions = {}
     for name, by_unit in found.items():
         spec = rules.units.get(name)
