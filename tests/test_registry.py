@@ -49,7 +49,7 @@ def test_the_best_run_by_validation_loss_becomes_the_champion(tmp_path: Path, mo
     _log_run(cfg, "a", 0.5, seed=1)
     b_id, b_net = _log_run(cfg, "b", 0.3, seed=2)
     _log_run(cfg, "no-model", 0.1, model=False)
-    superseded_id, _ = _log_run(cfg, "old", 0.05, seed=3)
+    superseded_id, _ = _log_run(cfg, "old", 0.35, seed=3)
     tracking.mark_superseded(uri, superseded_id, b_id)
     _log_run(cfg, "other-data", 0.01, tags={registry.WINDOWS_TAG: "w2"}, seed=4)
 
@@ -73,6 +73,45 @@ def test_the_best_run_by_validation_loss_becomes_the_champion(tmp_path: Path, mo
     assert client.get_model_version_by_alias("champ", "champion").run_id == e_id
     # without the windows filter the run validated on other data would win
     assert registry.register_champion(uri, "champ").run_name == "other-data"
+
+
+def test_a_worse_retraining_does_not_take_the_champion(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Retraining a run with a worse setting (e.g. fewer epochs) supersedes its MLflow run, but the
+    superseded run's model stays the champion; the retraining becomes the challenger."""
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = validate_config({"experiment": "retrain", "mlflow": {"tracking_uri": uri}})
+    first_id, first_net = _log_run(cfg, "convlstm", 0.00250, seed=1)
+    assert registry.register_champion(uri, "retrain", windows={"w1"}, current={first_id}).version == "1"
+
+    worse_id, worse_net = _log_run(cfg, "convlstm", 0.00292, seed=2)
+    assert tracking.mark_superseded(uri, first_id, worse_id)
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
+        champion = registry.register_champion(uri, "retrain", windows={"w1"}, current={worse_id})
+    assert champion is not None and (champion.run_id, champion.version, champion.run_name) == (first_id, "1", "convlstm")
+    assert "does not beat the champion" in caplog.text and worse_id in caplog.text
+    client = MlflowClient(uri)
+    assert client.get_model_version_by_alias("retrain", "champion").run_id == first_id
+    challenger = client.get_model_version_by_alias("retrain", "challenger")
+    assert (challenger.run_id, str(challenger.version), challenger.tags["run"]) == (worse_id, "2", "convlstm")
+    example = torch.from_numpy(EXAMPLE)
+    with torch.no_grad():
+        torch.testing.assert_close(mlflow.pytorch.load_model("models:/retrain@champion")(example), first_net(example))
+        torch.testing.assert_close(mlflow.pytorch.load_model("models:/retrain@challenger")(example), worse_net(example))
+    # the runs table tells the superseded run from its successor
+    assert client.get_run(first_id).info.run_name == "convlstm (superseded)"
+    assert client.get_run(worse_id).info.run_name == "convlstm"
+    assert tracking.mark_superseded(uri, first_id, worse_id)  # idempotent: one suffix
+    assert client.get_run(first_id).info.run_name == "convlstm (superseded)"
+
+    # a better retraining takes the alias back
+    better_id, _ = _log_run(cfg, "convlstm", 0.00200, seed=3)
+    tracking.mark_superseded(uri, worse_id, better_id)
+    champion = registry.register_champion(uri, "retrain", windows={"w1"}, current={better_id})
+    assert (champion.run_id, champion.version) == (better_id, "3")
 
 
 def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_path: Path, monkeypatch, caplog) -> None:

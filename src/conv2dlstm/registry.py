@@ -10,12 +10,15 @@ After the compare step (:func:`after_compare`):
   in the MLflow model registry under the experiment's name, and the alias ``champion`` points at it
   (:func:`register_champion`).
 
-Candidates are the experiment's FINISHED runs that are not ``superseded``, that logged a model
-(``mlflow.log_model: true``), and, when the compare step knows its runs, that were validated on the
-same windows store as they were (the ``provenance.inputs.windows`` tag): validation losses on other
-data do not compare. A model registered before is reused (one version per run), and the alias only
-moves when another run becomes the best. With ``mlflow.log_model: false`` nothing is registered
-(a warning says so).
+Candidates are the experiment's FINISHED runs whose logged model still exists
+(``mlflow.log_model: true``), superseded or not, and, when the compare step knows its runs, that were
+validated on the same windows store as they were (the ``provenance.inputs.windows`` tag): validation
+losses on other data do not compare. A superseded run (a later training of the same run name
+started afresh, e.g. with fewer epochs) keeps its model, so a worse retraining never takes the
+alias from it: the best run of the configuration just compared is then registered as a
+*challenger* (alias ``challenger``) and a warning names both. A model registered before is reused
+(one version per run), and the alias only moves when another run becomes the best. With
+``mlflow.log_model: false`` nothing is registered (a warning says so).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from conv2dlstm.errors import TrackingError
 log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
 SELECT_METRIC = "best_val_loss"
 WINDOWS_TAG = "provenance.inputs.windows"
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -103,8 +107,9 @@ def tag_sweep(client: Any, runs: Mapping[str, Any], tags: Mapping[str, str]) -> 
 
 
 def candidates(client: Any, experiment_id: str, windows: set[str] | None = None) -> list[Any]:
-    """The experiment's FINISHED, not superseded runs with a finite ``best_val_loss`` (and, when
-    ``windows`` is given, a windows digest in it), best first."""
+    """The experiment's FINISHED runs with a finite ``best_val_loss`` (and, when ``windows`` is
+    given, a windows digest in it), best first. Superseded runs stay candidates: their models are
+    as valid as when they were trained."""
     runs = tracking.retry(
         "searching the experiment's runs",
         lambda: client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000),
@@ -112,7 +117,7 @@ def candidates(client: Any, experiment_id: str, windows: set[str] | None = None)
     out = []
     for run in runs:
         loss = run.data.metrics.get(SELECT_METRIC)
-        if loss is None or not math.isfinite(loss) or run.data.tags.get("superseded") == "true":
+        if loss is None or not math.isfinite(loss):
             continue
         if windows is not None and run.data.tags.get(WINDOWS_TAG) not in windows:
             continue
@@ -142,13 +147,50 @@ def _version_of(client: Any, name: str, run_id: str, model: Any) -> str:
     return str(version.version)
 
 
-def register_champion(uri: str, experiment: str, *, windows: set[str] | None = None) -> Champion | None:
-    """Register the best run of ``experiment`` (:func:`candidates`, the first that logged a model) as
+def _run_label(run: Any) -> str:
+    """The run's name as the pipeline knows it (the ``run`` tag; the MLflow name of a superseded run
+    carries a suffix)."""
+    return str(run.data.tags.get("run") or run.info.run_name)
+
+
+def _point_alias(client: Any, name: str, alias: str, run: Any, model: Any) -> tuple[str, str | None]:
+    """Register ``run``'s ``model`` under ``name`` (once per run), point ``alias`` at that version and
+    tag it with the run, its ``best_val_loss`` and, for reporting only, its ``test_rmse_*`` scores.
+    Returns ``(version, previous version of the alias or None)``."""
+    from mlflow.exceptions import MlflowException
+
+    version = _version_of(client, name, run.info.run_id, model)
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    previous = None if current is None else str(current.version)
+    if previous != version:
+        tracking.retry(f"setting the {alias} alias", lambda: client.set_registered_model_alias(name, alias, version))
+    scores = {
+        SELECT_METRIC: run.data.metrics[SELECT_METRIC],
+        **{k: v for k, v in run.data.metrics.items() if k.startswith("test_rmse_")},
+    }
+    tags = {"run": _run_label(run), "run_id": run.info.run_id, **{k: f"{v:.6g}" for k, v in scores.items()}}
+    for key, value in tags.items():
+        tracking.retry(
+            "tagging the model version", functools.partial(client.set_model_version_tag, name, version, key, value)
+        )
+    return version, previous
+
+
+def register_champion(
+    uri: str, experiment: str, *, windows: set[str] | None = None, current: Collection[str] = ()
+) -> Champion | None:
+    """Register the best run of ``experiment`` (:func:`candidates`, the first whose model exists) as
     the model ``experiment`` with the alias :data:`CHAMPION_ALIAS`; None (with a warning) when no
     run qualifies. The version carries the run's name, its ``best_val_loss`` and, for reporting
-    only, its ``test_rmse_*`` scores as tags."""
+    only, its ``test_rmse_*`` scores as tags.
+
+    ``current`` are the MLflow run ids of the configuration just compared. When none of them is the
+    champion, the best of them with a model is registered too, under the alias
+    :data:`CHALLENGER_ALIAS`, and a warning says that it did not beat the champion."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     tracking.bound_http_retries(uri)
     mlflow.set_tracking_uri(uri)
@@ -157,13 +199,18 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
     if exp is None:
         log.warning("experiment %r is not in %s; no model registered", experiment, uri)
         return None
-    best, model, skipped = None, None, []
+    with_model, skipped, wanted = [], [], set(current)
     for run in candidates(client, exp.experiment_id, windows):
+        if with_model:  # the champion is found; only the best run of `current` is still looked for
+            if not wanted or any(r.info.run_id in wanted for r, _ in with_model):
+                break
+            if run.info.run_id not in wanted:
+                continue
         model = tracking.logged_model(client, exp.experiment_id, run.info.run_id, MODEL_NAME)
         if model is not None:
-            best = run
-            break
-        skipped.append(run.info.run_name)
+            with_model.append((run, model))
+        elif not with_model:
+            skipped.append(_run_label(run))
     if skipped:
         log.warning(
             "run(s) %s of experiment %r have a lower %s but logged no model "
@@ -172,37 +219,45 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
             experiment,
             SELECT_METRIC,
         )
-    if best is None or model is None:
+    if not with_model:
         log.warning("no finished run of experiment %r logged a model; nothing registered", experiment)
         return None
-    name, run_id = experiment, best.info.run_id
-    version = _version_of(client, name, run_id, model)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException:
-        current = None
-    if current is None or str(current.version) != version:
-        tracking.retry(
-            "setting the champion alias", lambda: client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-        )
+    name = experiment
+    best, model = with_model[0]
+    version, previous = _point_alias(client, name, CHAMPION_ALIAS, best, model)
+    if previous != version:
         log.info(
             "models:/%s@%s -> version %s (run %s, %s %.6g)%s",
             name,
             CHAMPION_ALIAS,
             version,
-            best.info.run_name,
+            _run_label(best),
             SELECT_METRIC,
             best.data.metrics[SELECT_METRIC],
-            f", was version {current.version}" if current is not None else "",
+            f", was version {previous}" if previous is not None else "",
         )
-    scores = {
-        SELECT_METRIC: best.data.metrics[SELECT_METRIC],
-        **{k: v for k, v in best.data.metrics.items() if k.startswith("test_rmse_")},
-    }
-    tags = {"run": best.info.run_name, "run_id": run_id, **{k: f"{v:.6g}" for k, v in scores.items()}}
-    for key, value in tags.items():
-        tracking.retry(
-            "tagging the model version", functools.partial(client.set_model_version_tag, name, version, key, value)
+    challengers = [(r, m) for r, m in with_model if r.info.run_id in wanted]
+    if challengers and challengers[0][0].info.run_id != best.info.run_id:
+        run, challenger_model = challengers[0]
+        challenger, _ = _point_alias(client, name, CHALLENGER_ALIAS, run, challenger_model)
+        log.warning(
+            "run %s (MLflow run %s, %s %.6g) does not beat the champion, run %s (MLflow run %s%s, %s %.6g): "
+            "models:/%s@%s stays version %s; the new run is models:/%s@%s (version %s)",
+            _run_label(run),
+            run.info.run_id,
+            SELECT_METRIC,
+            run.data.metrics[SELECT_METRIC],
+            _run_label(best),
+            best.info.run_id,
+            ", superseded" if best.data.tags.get("superseded") == "true" else "",
+            SELECT_METRIC,
+            best.data.metrics[SELECT_METRIC],
+            name,
+            CHAMPION_ALIAS,
+            version,
+            name,
+            CHALLENGER_ALIAS,
+            challenger,
         )
     registered = tracking.retry("reading the registered model", lambda: client.get_registered_model(name))
     if not registered.description:
@@ -213,12 +268,15 @@ def register_champion(uri: str, experiment: str, *, windows: set[str] | None = N
                 description=(
                     f"The best run of experiment {experiment} by validation loss ({SELECT_METRIC}), registered by the "
                     "compare step of the pipeline; load it with "
-                    f"mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}'). "
+                    f"mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}'). A newer run that did not "
+                    f"beat it is '@{CHALLENGER_ALIAS}'. "
                     "Version tags: the run, its validation loss and, for reporting only, its test RMSE."
                 ),
             ),
         )
-    return Champion(name, version, run_id, best.info.run_name, best.data.metrics[SELECT_METRIC], model.model_uri)
+    return Champion(
+        name, version, best.info.run_id, _run_label(best), best.data.metrics[SELECT_METRIC], model.model_uri
+    )
 
 
 def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | None:
@@ -244,4 +302,5 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
         )
         return None
     windows = {r.data.tags[WINDOWS_TAG] for r in runs.values() if r.data.tags.get(WINDOWS_TAG)} or None
-    return register_champion(uri, cfg["experiment"], windows=windows)
+    current = {r.info.run_id for r in runs.values()}
+    return register_champion(uri, cfg["experiment"], windows=windows, current=current)

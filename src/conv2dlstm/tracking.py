@@ -605,16 +605,27 @@ def _log_params_once(client: Any, run_id: str, params: dict[str, str], fixed: Co
         retry(f"logging the params of run {run_id}", lambda: mlflow.log_params(new, run_id=run_id))
 
 
+SUPERSEDED_SUFFIX = " (superseded)"
+"""Appended to the MLflow name of a superseded run, so the UI's runs table tells it from its successor
+(the pipeline's own name stays in the ``run`` tag)."""
+
+
 def mark_superseded(uri: str, old_run_id: str, new_run_id: str) -> bool:
     """Tag the MLflow run ``old_run_id`` ``superseded=true`` and ``superseded_by=<new_run_id>``
-    (a training that started afresh replaced it). Returns False, with a warning, when the store
-    does not hold the old run."""
+    (a training that started afresh replaced it) and append :data:`SUPERSEDED_SUFFIX` to its name.
+    Returns False, with a warning, when the store does not hold the old run."""
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
     try:
         retry(f"tagging run {old_run_id} superseded", lambda: client.set_tag(old_run_id, "superseded", "true"))
         retry(f"tagging run {old_run_id} superseded", lambda: client.set_tag(old_run_id, "superseded_by", new_run_id))
+        name = retry(f"reading run {old_run_id}", lambda: client.get_run(old_run_id)).info.run_name or ""
+        if not name.endswith(SUPERSEDED_SUFFIX):
+            retry(
+                f"renaming run {old_run_id}",
+                lambda: client.update_run(old_run_id, name=name + SUPERSEDED_SUFFIX),
+            )
     except MlflowException as exc:
         log.warning("MLflow run %s (superseded by %s) cannot be tagged in %s: %s", old_run_id, new_run_id, uri, exc)
         return False
