@@ -91,7 +91,8 @@ def test_a_worse_retraining_does_not_take_the_champion(tmp_path: Path, monkeypat
     assert tracking.mark_superseded(uri, first_id, worse_id)
     with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
         champion = registry.register_champion(uri, "retrain", windows={"w1"}, current={worse_id})
-    assert champion is not None and (champion.run_id, champion.version, champion.run_name) == (first_id, "1", "convlstm")
+    assert champion is not None
+    assert (champion.run_id, champion.version, champion.run_name) == (first_id, "1", "convlstm")
     assert "does not beat the champion" in caplog.text and worse_id in caplog.text
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("retrain", "champion").run_id == first_id
