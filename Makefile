@@ -1,12 +1,15 @@
 # One command to set up and run the pipeline (`make run`), one to set up and test (`make test`).
 # The environment is a local .venv pinned by requirements/lock.txt. torch is installed first and
-# pinned, so nothing can pull the multi-GB CUDA build.
+# pinned (TORCH), from TORCH_INDEX when it is set, so nothing else chooses its build: e.g.
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126   # a CUDA 12.6 build (docs/gpu.md)
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu     # the CPU-only build
 
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 CONFIG ?= config/config.yaml
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
@@ -18,24 +21,46 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
-.PHONY: setup run run-seed test test-fast lint report mlflow-ui mlflow-server bench bench-scale bench-keras clean
+.PHONY: setup run run-seed sweep forecast summary tables tables-check test test-fast lint report mlflow-ui \
+	mlflow-server bench bench-scale bench-keras clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[workflow,test]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-## run: the whole pipeline on the default (embedded, offline) data
+## run: the whole pipeline on the default (embedded, offline) data, then where the results are
 run: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+	@$(BIN)/python -m conv2dlstm summary --config $(CONFIG)
 
 ## run-seed: the fe, po4, si -> NO3 seed task with the notebook's Conv2D-LSTM
 run-seed: CONFIG = config/seed_no3.yaml
 run-seed: run
+
+## sweep: the 2 x 2 sweep of config/sweep.yaml (its own experiment and summary)
+sweep: CONFIG = config/sweep.yaml
+sweep: run
+
+## summary: where CONFIG's results are, and its skill in three lines
+summary: setup
+	@$(BIN)/python -m conv2dlstm summary --config $(CONFIG)
+
+## forecast: the champion model's forecast from CONFIG's latest input days
+forecast: setup
+	$(BIN)/snakemake forecast --cores $(CORES) --configfile $(CONFIG)
+
+## tables: regenerate the README's result tables from the results of CONFIG (after make run)
+tables: setup
+	$(BIN)/python -m conv2dlstm tables --config $(CONFIG) --write README.md
+
+## tables-check: fail when README.md's table for CONFIG is not what its results give
+tables-check: setup
+	$(BIN)/python -m conv2dlstm tables --config $(CONFIG) --check README.md
 
 ## test: every test, end-to-end Snakemake runs included, on TEST_WORKERS pytest-xdist workers (a test
 ## file's tests stay on one worker; the longest files start first); pytest exit 5, no tests, is not a failure
@@ -53,13 +78,19 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/snakemake --lint --configfile $(CONFIG)
 
+## report: report.zip (or REPORT), every plot of CONFIG's results, captioned; e.g.
+## make report CONFIG=config/seed_no3.yaml REPORT=report-seed.zip
+REPORT ?= report.zip
 report: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report report.zip
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --report $(REPORT)
 
-## mlflow-ui: the MLflow UI on this machine's mlflow.db; first prints the address of CONFIG's training runs
+## mlflow-ui: the MLflow UI on this machine's mlflow.db at MLFLOW_HOST:MLFLOW_PORT; first prints the
+## address of CONFIG's training runs
 mlflow-ui: setup
-	-$(BIN)/python -m conv2dlstm ui-address --config $(CONFIG)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@$(BIN)/python -m conv2dlstm ui-address --config $(CONFIG) --base http://$(MLFLOW_HOST):$(MLFLOW_PORT) --label \
+		|| echo "MLflow UI: http://$(MLFLOW_HOST):$(MLFLOW_PORT)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PYTHONWARNINGS=ignore::DeprecationWarning $(BIN)/mlflow ui \
+		--backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 ## mlflow-server: a tracking server for many jobs (a cluster's login node, docs/slurm.md); jobs log to it
 ## with MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT) and upload artifacts through it (--serve-artifacts)

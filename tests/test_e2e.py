@@ -53,7 +53,7 @@ def test_default_pipeline(local_default_run: Path):
     metrics = pd.read_csv(wf / "results/evaluate/convlstm/metrics.csv")
     assert list(metrics.columns) == ["run", "model", "variable", "lead", "metric", "value"]
     model_beats_baselines(metrics, "sst", ("persistence", "climatology"))
-    compare = pd.read_csv(wf / "results/compare.csv")
+    compare = pd.read_csv(wf / "results/compare/conv2dlstm-sst.csv")
     assert {"convlstm", *BASELINE_NAMES} <= set(compare.iloc[:, :2].astype(str).values.ravel())
     # the gain is real: the 95% interval of the skill lies above zero at every lead
     run = compare.set_index("name").loc["convlstm"]
@@ -61,7 +61,7 @@ def test_default_pipeline(local_default_run: Path):
     assert (wf / "results/evaluate/convlstm/skill_vs_lead.png").is_file()
 
     # every job logged and the heavy ones benchmarked
-    for rule in ("synth", "fetch", "regrid", "normalize", "windows", "compare"):
+    for rule in ("synth", "fetch", "regrid", "normalize", "windows", "compare/conv2dlstm-sst"):
         assert (wf / f"results/logs/{rule}.log").is_file(), rule
     for rule in ("regrid", "normalize", "windows"):
         assert (wf / f"results/benchmarks/{rule}.tsv").is_file(), rule
@@ -100,8 +100,11 @@ def test_sweep_two_runs_in_mlflow_and_report(local_default_run: Path, tmp_path: 
     out = proc.stdout + proc.stderr
     for rule in ("synth", "fetch", "regrid", "normalize", "windows"):
         assert f"rule {rule}:" not in out, f"{rule} re-ran"
-    compare = pd.read_csv(wf / "results/compare.csv")
+    compare = pd.read_csv(wf / "results/compare/sweep-test.csv")
     assert {"small", "notebook", *BASELINE_NAMES} == set(compare["name"])
+    # the default configuration's summary, in its own experiment, is untouched
+    default = wf / "results/compare/conv2dlstm-sst.csv"
+    assert default.read_bytes() == (local_default_run / "results/compare/conv2dlstm-sst.csv").read_bytes()
 
     with sqlite3.connect(wf / "mlflow.db") as db:
         runs = db.execute(

@@ -325,7 +325,7 @@ def test_fixed_input_data_retrains_from_scratch_and_equals_a_fresh_run(tiny_run:
 def test_interrupted_training_rerun_equals_an_uninterrupted_run(tiny_run: Path, tmp_path: Path):
     wf = tmp_path / "wf"
     shutil.copytree(tiny_run, wf, symlinks=True)
-    for out in ("results/train", "results/evaluate", "results/compare.csv", "mlflow.db"):
+    for out in ("results/train", "results/evaluate", "results/compare", "mlflow.db"):
         target = wf / out
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     exe = Path(sys.executable).parent / "snakemake"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -58,3 +59,14 @@ def forecast_determines(config: dict[str, Any]) -> str:
     from conv2dlstm.keys import result_config
 
     return json.dumps({step: result_config(config, step) for step in ("fetch", "regrid", "normalize")}, sort_keys=True)
+
+
+def compare_stem(config: dict[str, Any]) -> str:
+    """``<outdir>/compare/<experiment>``: where the compare step writes ``.csv`` and ``.png``.
+
+    One summary per experiment, so a sweep or a second configuration logged to another experiment
+    never overwrites the default's; characters other than letters, digits, ``-``, ``_`` and ``.``
+    in the experiment name become ``_``.
+    """
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", str(config["experiment"])).strip(".") or "_"
+    return f"{config['outdir']}/compare/{slug}"

@@ -17,7 +17,13 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from conv2dlstm.config import validate_config, run_names
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.keys import result_json
-from conv2dlstm.workflow import export_config, export_package_path, forecast_determines, train_gpus
+from conv2dlstm.workflow import (
+    compare_stem,
+    export_config,
+    export_package_path,
+    forecast_determines,
+    train_gpus,
+)
 
 try:
     config.update(validate_config(config))
@@ -36,6 +42,7 @@ OUT = config["outdir"]
 RES = config["resources_dir"]
 NAME = config["name"]
 RUNS = run_names(config)
+COMPARE = compare_stem(config)
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 
@@ -60,5 +67,5 @@ def all_outputs():
         f"{OUT}/windows/{NAME}.zarr",
         *expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
         *expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
-        f"{OUT}/compare.csv",
+        f"{COMPARE}.csv",
     ]

@@ -68,10 +68,10 @@ rule compare:
         metrics=expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
         models=expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
     output:
-        csv=f"{OUT}/compare.csv",
-        plot=report(f"{OUT}/compare.png", caption="../report/compare.rst", category="Comparison"),
+        csv=f"{COMPARE}.csv",
+        plot=report(f"{COMPARE}.png", caption="../report/compare.rst", category="Comparison"),
     log:
-        f"{LOGS}/compare.log",
+        f"{LOGS}/compare/{os.path.basename(COMPARE)}.log",
     conda:
         "../../envs/train.yaml"
     shell:

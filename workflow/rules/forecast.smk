@@ -8,7 +8,7 @@ rule forecast:
     """Forecast from the latest input days (ending on source.end) with the champion model."""
     input:
         stats=rules.normalize.output,
-        compare=f"{OUT}/compare.csv",
+        compare=f"{COMPARE}.csv",
     output:
         nc=f"{OUT}/forecast/latest.nc",
         zarr=directory(f"{OUT}/forecast/latest.zarr"),
@@ -28,7 +28,7 @@ rule forecast_date:
     """Forecast from the input days ending on {date} (YYYY-MM-DD) with the champion model."""
     input:
         stats=rules.normalize.output,
-        compare=f"{OUT}/compare.csv",
+        compare=f"{COMPARE}.csv",
     output:
         nc=f"{OUT}/forecast/{{date}}.nc",
         zarr=directory(f"{OUT}/forecast/{{date}}.zarr"),
