@@ -15,6 +15,8 @@ TEST_WORKERS ?= 2
 
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
+# `python -m conv2dlstm` runs this checkout's package, as the workflow's jobs do
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000

@@ -48,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base", default=None, help="where the UI is served (default: the tracking server, or http://127.0.0.1:5000)"
     )
+    p.add_argument("--label", action="store_true", help="print 'MLflow UI: <address>' with the experiment's name")
+
+    p = sub.add_parser(
+        "summary", help="where a configuration's results are (metrics, plots, comparison, model, MLflow) and its skill"
+    )
+    _add_config(p)
+
+    p = sub.add_parser(
+        "tables",
+        help="the results tables of a configuration (Markdown); --write puts them into a file's "
+        "<!-- results:<experiment> --> block, --check fails when the block holds other numbers",
+    )
+    _add_config(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", type=Path, default=None, help="Markdown file whose block to replace (e.g. README.md)")
+    g.add_argument("--check", type=Path, default=None, help="Markdown file whose block must equal the results")
 
     p = sub.add_parser("synth", help="generate the embedded synthetic ocean in its real file format")
     _add_config(p)
@@ -171,7 +187,26 @@ def _dispatch(args: argparse.Namespace) -> None:
         from conv2dlstm import tracking
 
         cfg = _config(args)
-        print(tracking.ui_address(tracking.resolve_tracking_uri(cfg), cfg["experiment"], args.base))
+        address = tracking.ui_address(tracking.resolve_tracking_uri(cfg), cfg["experiment"], args.base)
+        if args.label:
+            print(f"MLflow UI: {address}  (the training runs of experiment {cfg['experiment']!r}; Ctrl-C stops it)")
+        else:
+            print(address)
+        return
+    if step in ("summary", "tables"):
+        from conv2dlstm import results
+
+        cfg = _config(args)
+        if step == "summary":
+            print(results.summary_main(cfg))
+        else:
+            body = results.tables_main(cfg, write=args.write, check=args.check)
+            if args.check is not None:
+                print(f"{args.check}: the results of experiment {cfg['experiment']!r} match")
+            elif args.write is not None:
+                print(f"{args.write}: the block of experiment {cfg['experiment']!r} is up to date")
+            else:
+                print(body)
         return
     if step == "compare":
         view = None

@@ -199,7 +199,9 @@ def register_champion(
     if exp is None:
         log.warning("experiment %r is not in %s; no model registered", experiment, uri)
         return None
-    with_model, skipped, wanted = [], [], set(current)
+    with_model: list[tuple[Any, Any]] = []
+    skipped: list[str] = []
+    wanted = set(current)
     for run in candidates(client, exp.experiment_id, windows):
         if with_model:  # the champion is found; only the best run of `current` is still looked for
             if not wanted or any(r.info.run_id in wanted for r, _ in with_model):

@@ -1,0 +1,134 @@
+"""The summary and the README's tables come from the pipeline's outputs (conv2dlstm.results), on a
+small generated evaluate folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conv2dlstm import results
+from conv2dlstm.baselines import BASELINE_NAMES
+from conv2dlstm.cli import main
+from conv2dlstm.config import validate_config
+from conv2dlstm.errors import ConfigError, DataError
+
+RMSE = {"convlstm": [0.2, 0.3], "persistence": [0.4, 0.6], "climatology": [0.7, 0.7], "damped_persistence": [0.35, 0.5]}
+
+
+def _write_run(root: Path, cfg: dict, *, meaningful_climatology: bool = True) -> None:
+    """``<outdir>/evaluate/convlstm/{metrics.csv,predictions.nc}`` for two daily leads."""
+    rows = []
+    for model, values in RMSE.items():
+        for lead, value in enumerate(values, start=1):
+            rows.append(("convlstm", model, "sst", lead, "rmse", value))
+            rows.append(("convlstm", model, "sst", lead, "acc", 0.9 - 0.1 * lead if model != "climatology" else 0.0))
+            for baseline in BASELINE_NAMES:
+                if baseline == model:
+                    continue
+                skill = 1 - value / RMSE[baseline][lead - 1]
+                meaningful = meaningful_climatology or baseline == "persistence"
+                for suffix, v in (
+                    ("", skill if meaningful else np.nan),
+                    ("_lower", skill - 0.05 if meaningful else np.nan),
+                    ("_upper", skill + 0.05 if meaningful else np.nan),
+                    ("_meaningful", float(meaningful)),
+                ):
+                    rows.append(("convlstm", model, "sst", lead, f"skill_vs_{baseline}{suffix}", v))
+        if model == "damped_persistence":
+            rows += [("convlstm", model, "sst", lead, "rho", rho) for lead, rho in ((1, 0.9), (2, 0.75))]
+    out = root / cfg["outdir"] / "evaluate" / "convlstm"
+    out.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["run", "model", "variable", "lead", "metric", "value"]).to_csv(
+        out / "metrics.csv", index=False
+    )
+    times = pd.date_range("2021-07-05T12:00", periods=4, freq="D")
+    xr.Dataset(
+        {"sst": (("time", "lead"), np.zeros((4, 2), "float32"))},
+        coords={
+            "time": times,
+            "lead": [1, 2],
+            "lead_time": ("lead", pd.to_timedelta([1, 2], unit="D")),
+        },
+        attrs={"model_name": "convlstm"},
+    ).to_netcdf(out / "predictions.nc")
+
+
+@pytest.fixture
+def cfg() -> dict:
+    return validate_config({"experiment": "exp-a"})
+
+
+def test_tables_render_every_score_with_its_interval(tmp_path: Path, cfg: dict) -> None:
+    _write_run(tmp_path, cfg)
+    table = results.markdown_tables(cfg, results.load(cfg, tmp_path))
+    lines = table.splitlines()
+    assert lines[0].startswith("Test period 2021-07-01..2021-12-31: 4 initial times (2021-07-05..2021-07-08)")
+    assert "| sst (degC), lead (days) | 1 | 2 |" in lines
+    assert "| **convlstm** | **0.200** | **0.300** |" in lines
+    assert "| damped persistence (ρ = 0.90, 0.75) | 0.350 | 0.500 |" in lines
+    assert "| convlstm: skill vs persistence [95%] | 0.50 [0.45, 0.55] | 0.50 [0.45, 0.55] |" in lines
+    assert "| damped persistence: skill vs persistence [95%] | 0.125 [0.075, 0.175] | 0.167 [0.117, 0.217] |" in lines
+    assert "| ACC convlstm / persistence | 0.800 / 0.800 | 0.700 / 0.700 |" in lines
+
+
+def test_a_skill_that_is_not_meaningful_says_so(tmp_path: Path, cfg: dict) -> None:
+    _write_run(tmp_path, cfg, meaningful_climatology=False)
+    runs = results.load(cfg, tmp_path)
+    table = results.markdown_tables(cfg, runs).splitlines()
+    assert "| convlstm: skill vs climatology [95%] | not meaningful | not meaningful |" in table
+    text = results.summary(cfg, runs)
+    assert "better than persistence at every lead" in text
+    assert "no meaningful skill vs climatology, damped persistence" in text
+
+
+def test_summary_names_where_the_results_are(tmp_path: Path, cfg: dict) -> None:
+    _write_run(tmp_path, cfg)
+    text = results.summary(cfg, results.load(cfg, tmp_path), ui="http://127.0.0.1:5000/#/experiments/1/runs")
+    assert "results/evaluate/convlstm/" in text and "results/train/convlstm/model.pt" in text
+    assert "results/compare/exp-a.csv, results/compare/exp-a.png" in text
+    assert "models:/exp-a@champion" in text and "http://127.0.0.1:5000/#/experiments/1/runs" in text
+    assert "convlstm sst: RMSE 0.200, 0.300 at leads 1-2 days (persistence 0.400, 0.600)" in text
+    assert "better than persistence, climatology, damped persistence at every lead" in text
+
+
+def test_write_then_check_a_markdown_block(tmp_path: Path, cfg: dict) -> None:
+    _write_run(tmp_path, cfg)
+    body = results.markdown_tables(cfg, results.load(cfg, tmp_path))
+    doc = "# Title\n\n<!-- results:exp-a -->\nold\n<!-- /results:exp-a -->\n\ntail\n"
+    new = results.replace_block(doc, "exp-a", body)
+    assert new.startswith("# Title\n\n<!-- results:exp-a -->\n" + body + "\n<!-- /results:exp-a -->")
+    assert new.endswith("\n\ntail\n")
+    results.check_block(new, "exp-a", body)
+    assert results.replace_block(new, "exp-a", body) == new  # idempotent
+
+    changed = new.replace("**0.200**", "**0.201**")
+    with pytest.raises(DataError, match=r"at line 5 of the block:\n  README.md: \| \*\*convlstm\*\* \| \*\*0.201"):
+        results.check_block(changed, "exp-a", body, path="README.md")
+    with pytest.raises(DataError, match="at line 4"):
+        results.check_block(new.replace("| --- | --- | --- |\n", ""), "exp-a", body)
+    with pytest.raises(ConfigError, match="no block for experiment 'exp-b'.*<!-- results:exp-b -->"):
+        results.replace_block(doc, "exp-b", body)
+
+
+def test_tables_cli_writes_and_checks(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("experiment: exp-a\n")
+    _write_run(tmp_path, validate_config({"experiment": "exp-a"}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:exp-a -->\n<!-- /results:exp-a -->\n")
+    assert main(["tables", "--config", str(config), "--check", str(readme)]) == 2
+    assert "differ from what the pipeline produced" in capsys.readouterr().err
+    assert main(["tables", "--config", str(config), "--write", str(readme)]) == 0
+    assert "**0.200**" in readme.read_text()
+    assert main(["tables", "--config", str(config), "--check", str(readme)]) == 0
+    assert "the results of experiment 'exp-a' match" in capsys.readouterr().out
+
+
+def test_no_results_yet_is_a_clear_error(tmp_path: Path, cfg: dict) -> None:
+    with pytest.raises(DataError, match=r"results/evaluate/convlstm/metrics.csv does not exist: run the pipeline"):
+        results.load(cfg, tmp_path)
