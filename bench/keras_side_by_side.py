@@ -4,8 +4,8 @@
     python bench/keras_side_by_side.py --check        # exit 1 when keras_ratio_min (bench/targets.yaml) is missed
     python bench/keras_side_by_side.py --setup-only   # only create .venv-keras (bench/keras/requirements.txt)
 
-The network is the project's ``conv2d_lstm`` (:func:`conv2dlstm.models.build_model` with
-:func:`conv2dlstm.models.model_kwargs_from_config` and the defaults of ``model.conv2d_lstm`` in
+The network is the project's ``conv2d_lstm`` (:func:`conv2dlstm.training.models.build_model` with
+:func:`conv2dlstm.training.models.model_kwargs_from_config` and the defaults of ``model.conv2d_lstm`` in
 config/config.yaml) and the same architecture written in Keras: per frame
 ``[Conv2D(f, k, relu) -> MaxPool(2)] for f in filters -> Flatten`` (TimeDistributed), ``LSTM(lstm_units)``,
 ``Dense(dense_units, relu)``, ``Dense(H * W * targets)``. Both train (forward + backward + AdamW step,
@@ -113,8 +113,8 @@ class TorchWorker:
 
     def build(self, height: int, width: int, arch: dict | None) -> dict:
         torch = self.torch
-        from conv2dlstm.config import load_config
-        from conv2dlstm.models import build_model, count_parameters, model_kwargs_from_config
+        from conv2dlstm.config.validate import load_config
+        from conv2dlstm.training.models import build_model, count_parameters, model_kwargs_from_config
 
         cfg = load_config(REPO / "config" / "config.yaml")
         kwargs = model_kwargs_from_config(

@@ -29,8 +29,8 @@ REPO = HERE.parent
 
 def bench_regrid(work: Path) -> dict:
     """Default config: synth -> fetch -> regrid; time the regrid step alone."""
-    from conv2dlstm import fetch, regrid, synthetic
-    from conv2dlstm.config import load_config
+    from conv2dlstm.config.validate import load_config
+    from conv2dlstm.steps import fetch, regrid, synthetic
 
     cfg = load_config(REPO / "config" / "config.yaml")
     os.chdir(work)
@@ -47,9 +47,9 @@ def bench_stream(work: Path) -> dict:
     """Windows store from the regridded data; random single-sample reads from Zarr."""
     import numpy as np
 
-    from conv2dlstm import normalize, windows
     from conv2dlstm.artifacts.windows_store import WindowsStore
-    from conv2dlstm.config import load_config
+    from conv2dlstm.config.validate import load_config
+    from conv2dlstm.steps import normalize, windows
 
     cfg = load_config(REPO / "config" / "config.yaml")
     normalize.main(cfg, data=work / "regrid.zarr", out=work / "stats.nc", threads=2, memory_mb=4000)
@@ -69,8 +69,8 @@ def bench_train(work: Path) -> dict:
     """Forward + backward samples/s of both models at default sizes on the default grid."""
     import torch
 
-    from conv2dlstm.config import load_config
-    from conv2dlstm.models import build_model, model_kwargs_from_config
+    from conv2dlstm.config.validate import load_config
+    from conv2dlstm.training.models import build_model, model_kwargs_from_config
 
     cfg = load_config(REPO / "config" / "config.yaml")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import sys, time
 import torch
-from conv2dlstm.config import load_config
-from conv2dlstm.models import build_model, model_kwargs_from_config
+from conv2dlstm.config.validate import load_config
+from conv2dlstm.training.models import build_model, model_kwargs_from_config
 
 seconds = float(sys.argv[1])
 cfg = load_config(sys.argv[2])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conv2dlstm import keys
+from conv2dlstm.config import keys
 
 
 def steps_planned_by(spec: keys.KeySpec, cfg: dict[str, Any]) -> set[str]:

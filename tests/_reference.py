@@ -2,7 +2,7 @@
 streaming code must reproduce.
 
 - :func:`score_forecasts`: the score table of forecasts held in memory, with the metric functions of
-  :mod:`conv2dlstm.metrics` on whole arrays; :class:`conv2dlstm.scores.StreamingScores` computes the
+  :mod:`conv2dlstm.evaluation.metrics` on whole arrays; :class:`conv2dlstm.evaluation.scores.StreamingScores` computes the
   same table batch by batch.
 - :func:`predictions_dataset` and :func:`write_netcdf`: ``predictions.nc`` of forecasts held in
   memory, written by xarray; :class:`conv2dlstm.artifacts.predictions.PredictionsWriter` writes the
@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from conv2dlstm import metrics
 from conv2dlstm.artifacts import predictions as predictions_file
+from conv2dlstm.evaluation import metrics
+from conv2dlstm.evaluation.scores import score_frame, skill_frame
 from conv2dlstm.fsutil import atomic_output
-from conv2dlstm.scores import score_frame, skill_frame
 
 
 def score_forecasts(
@@ -34,18 +34,18 @@ def score_forecasts(
 ) -> pd.DataFrame:
     """Score each forecast against ``truth`` with the metric functions, on arrays held in memory.
 
-    This is the reference definition; :class:`conv2dlstm.scores.StreamingScores` computes the same
+    This is the reference definition; :class:`conv2dlstm.evaluation.scores.StreamingScores` computes the same
     table batch by batch.
 
     Args:
         forecasts: name -> ``(time, lead, variable, lat, lon)`` forecast, physical units. Names in
-            :data:`conv2dlstm.baselines.BASELINE_NAMES` are baselines. Every forecast gets ``skill_vs_<baseline>`` rows
-            against each other baseline present (:func:`conv2dlstm.scores.skill_frame`).
+            :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` are baselines. Every forecast gets ``skill_vs_<baseline>`` rows
+            against each other baseline present (:func:`conv2dlstm.evaluation.scores.skill_frame`).
         truth: observed values at the valid times, same layout.
         climatology: day-of-year climatology at the valid times (for ACC), same layout.
-        weights: ``(lat, lon)`` from :func:`conv2dlstm.metrics.area_weights`.
+        weights: ``(lat, lon)`` from :func:`conv2dlstm.evaluation.metrics.area_weights`.
         not_meaningful: per baseline, the leads where its climatology is unsupported
-            (:func:`conv2dlstm.scores.skill_frame`).
+            (:func:`conv2dlstm.evaluation.scores.skill_frame`).
 
     Returns:
         Tidy frame with columns ``model, variable, lead, metric, value``. The ACC of the climatology

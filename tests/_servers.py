@@ -127,8 +127,8 @@ class FileServer:
 def write_oisst_days(root: Path, start: str, end: str) -> Path:
     """OISST-like daily files of ``start..end`` in the NCEI layout (8 x 8 cells at 0.25 degree), as
     the synth step writes them, under ``root``: what the tests' servers serve."""
-    from conv2dlstm import synthetic
-    from conv2dlstm.config import validate_config
+    from conv2dlstm.config.validate import validate_config
+    from conv2dlstm.steps import synthetic
 
     cfg = validate_config(
         {"synthetic": {"kind": "oisst", "start": start, "end": end, "lat": [30.125, 31.875], "lon": [290.125, 291.875]}}

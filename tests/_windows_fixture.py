@@ -5,7 +5,7 @@ training period, as a Zarr v3 windows store, plus the stats netCDF next to it. T
 a pattern moving east by one cell per time step (learnable: the future is the past shifted), with
 land in the westernmost columns, where the pattern enters the grid.
 
-Both carry provenance records (:mod:`conv2dlstm.provenance`) as the normalize and windows steps
+Both carry provenance records (:mod:`conv2dlstm.artifacts.provenance`) as the normalize and windows steps
 write them: their "regrid" input is a digest of the cube's values and mask, their configuration
 digest one of the fixture's arguments, so the same arguments give the same digests wherever the
 store is written, and other data give others.
@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from conv2dlstm import provenance, zarrstore
+from conv2dlstm.artifacts import provenance
 from conv2dlstm.artifacts import stats as stats_file
+from conv2dlstm.data import zarrstore
 from conv2dlstm.fsutil import sha256_file
 
 

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import loop, train
-from conv2dlstm.config import validate_config
-from conv2dlstm.models import build_model, model_kwargs_from_config
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.steps import train
+from conv2dlstm.training import loop
+from conv2dlstm.training.models import build_model, model_kwargs_from_config
 from tests._windows_fixture import make_windows_store
 
 

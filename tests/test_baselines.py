@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import baselines, metrics
 from conv2dlstm.errors import DataError
+from conv2dlstm.evaluation import baselines, metrics
 
 LAT = np.array([10.0, 20.0, 30.0])
 LON = np.array([-50.0, -49.0])
@@ -297,7 +297,7 @@ def test_climatology_support_full_year_supports_every_day():
 
 
 def test_climatology_support_is_where_circular_smooth_needs_no_interpolation(monkeypatch):
-    from conv2dlstm import normalize
+    from conv2dlstm.steps import normalize
 
     # Without the gap interpolation, normalize.circular_smooth leaves NaN exactly on the days whose
     # window holds no training day: those must be the unsupported days. This stand-in for np.interp

@@ -42,7 +42,7 @@ def test_validate_config_shows_what_snakemake_runs_with(capsys, repo_root, tmp_p
 
     from snakemake.utils import update_config
 
-    from conv2dlstm.config import validate_config
+    from conv2dlstm.config.validate import validate_config
 
     base = yaml.safe_load((repo_root / "config/config.yaml").read_text())
     user = tmp_path / "my.yaml"

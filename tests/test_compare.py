@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conv2dlstm import compare
 from conv2dlstm.errors import DataError
-from conv2dlstm.scores import CSV_COLUMNS
+from conv2dlstm.evaluation.scores import CSV_COLUMNS
+from conv2dlstm.steps import compare
 
 PERSISTENCE_RMSE = [2.0, 4.0]
 CLIMATOLOGY_RMSE = [4.0, 4.0]

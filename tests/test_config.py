@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conv2dlstm.config import (
+from conv2dlstm.config.validate import (
     config_digest,
     conv2d_lstm_parameters,
     date_keys,
@@ -28,7 +28,7 @@ def _walk(schema, root, path="", parent_default=None):
 
     A key's default may come from its parent's default (e.g. grid.lat = {start, stop, step}).
     """
-    from conv2dlstm.config import _resolve
+    from conv2dlstm.config.validate import _resolve
 
     sub = _resolve(schema, root)
     for key, child in sub.get("properties", {}).items():
@@ -43,7 +43,7 @@ def _walk(schema, root, path="", parent_default=None):
 
 def test_every_key_has_description_and_default():
     schema = load_schema()
-    from conv2dlstm.config import _resolve
+    from conv2dlstm.config.validate import _resolve
 
     missing = []
     for path, sub, inherited in _walk(schema, schema):
@@ -172,7 +172,7 @@ def test_step_views_of_a_0_360_config_validate_alone():
     validate from every step's view."""
     import json
 
-    from conv2dlstm.keys import STEPS, step_view
+    from conv2dlstm.config.keys import STEPS, step_view
 
     cfg = validate_config(
         {
@@ -425,7 +425,7 @@ def test_config_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, conv2dlstm.config; print(sorted(m for m in ('torch', 'numpy', 'xarray') if m in sys.modules))"
+    code = "import sys, conv2dlstm.config.validate; print(sorted(m for m in ('torch', 'numpy', 'xarray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -440,7 +440,7 @@ def test_every_run_config_of_the_shipped_and_test_configs_validates():
 def test_train_view_of_a_checked_config_validates_alone():
     """torchrun workers validate the train step's view of a run again: it holds every key the run
     checks read (grid, variables, windows, splits, model, train), so it passes as the whole did."""
-    from conv2dlstm.keys import RUN_STEPS, step_view
+    from conv2dlstm.config.keys import RUN_STEPS, step_view
 
     cfg = validate_config(
         {

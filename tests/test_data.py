@@ -10,8 +10,8 @@ import torch
 import zarr
 
 from conv2dlstm.artifacts.windows_store import WindowsStore
-from conv2dlstm.data import InMemoryWindows, WindowDataset, iter_batches, use_in_memory
 from conv2dlstm.errors import DataError
+from conv2dlstm.training.dataset import InMemoryWindows, WindowDataset, iter_batches, use_in_memory
 from tests._windows_fixture import make_windows_store
 
 

@@ -24,11 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import cli, distributed, loop, train
+from conv2dlstm import cli
 from conv2dlstm.artifacts.checkpoint import load_model
-from conv2dlstm.config import load_config, run_config, validate_config
-from conv2dlstm.data import shard_batches
+from conv2dlstm.config.validate import load_config, run_config, validate_config
 from conv2dlstm.errors import ConfigError
+from conv2dlstm.steps import train
+from conv2dlstm.training import distributed, loop
+from conv2dlstm.training.dataset import shard_batches
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
@@ -256,7 +258,7 @@ def test_the_rule_launches_torchrun_for_more_than_one_process() -> None:
 
 def test_distributed_is_torch_free() -> None:
     """The Snakefile imports it (the train rule's launcher) where torch may not be installed."""
-    code = "import sys, conv2dlstm.distributed; print('torch' in sys.modules)"
+    code = "import sys, conv2dlstm.training.distributed; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -346,7 +348,7 @@ def test_two_processes_give_the_single_process_run(store, reference, mlflow_db, 
     assert {p.name for p in out.iterdir()} == OUTPUTS  # rank 0 alone writes, nothing partial
     assert output.count("run complete") == 1 and output.count("epoch 1/5") == 1
     assert_matches_reference(out, reference)
-    from conv2dlstm.keys import step_view
+    from conv2dlstm.config.keys import step_view
 
     assert torch.load(out / "last.pt", weights_only=True)["config"] == step_view(run_config(cfg, "convlstm"), "train")
     assert_one_mlflow_run(cfg, out)

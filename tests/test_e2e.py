@@ -19,7 +19,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from conv2dlstm.baselines import BASELINE_NAMES
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 from tests._mlflow_server import free_port
 from tests.conftest import REPO, job_env, run_make, run_snakemake
 

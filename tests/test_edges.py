@@ -25,8 +25,9 @@ import pytest
 import xarray as xr
 import yaml
 
-from conv2dlstm import cli, download, fsutil
-from conv2dlstm.config import validate_config
+from conv2dlstm import cli, fsutil
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.data import download
 from conv2dlstm.errors import ConfigError, DiskFullError, DownloadError
 from conv2dlstm.fsutil import atomic_output
 from tests.conftest import job_env

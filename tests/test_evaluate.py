@@ -10,13 +10,16 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import evaluate, inference, keys, metrics, plots, provenance, scores
 from conv2dlstm.artifacts import checkpoint as checkpoint_file
 from conv2dlstm.artifacts import predictions as predictions_file
+from conv2dlstm.artifacts import provenance
 from conv2dlstm.artifacts import stats as stats_file
-from conv2dlstm.config import validate_config
+from conv2dlstm.config import keys
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
-from conv2dlstm.zarrstore import write_store
+from conv2dlstm.evaluation import inference, metrics, plots, scores
+from conv2dlstm.steps import evaluate
 from tests import _reference
 
 LAT = np.array([20.0, 21.0, 22.0])
@@ -509,7 +512,7 @@ def pipeline_inputs(tmp_path_factory):
     import mlflow
     import torch
 
-    from conv2dlstm import models
+    from conv2dlstm.training import models
 
     root = tmp_path_factory.mktemp("evaluate_e2e")
     times = pd.date_range("2021-01-01", periods=60, freq="D")
@@ -1069,7 +1072,7 @@ def test_evaluate_on_a_short_record_marks_the_climatology_not_meaningful(
 
     import mlflow
 
-    from conv2dlstm import compare
+    from conv2dlstm.steps import compare
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = pipeline_inputs
@@ -1125,7 +1128,7 @@ def ar1_inputs(tmp_path_factory):
     import mlflow
     import torch
 
-    from conv2dlstm import models
+    from conv2dlstm.training import models
 
     root = tmp_path_factory.mktemp("evaluate_ar1")
     n_train, n_val, n_test = 600, 10, 300 + INPUT_STEPS + LEAD_STEPS - 1

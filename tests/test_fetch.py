@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import download, fetch, regridding, sources, synthetic
 from conv2dlstm.artifacts import manifest as manifest_file
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.data import download, regridding, sources
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
+from conv2dlstm.steps import fetch, synthetic
 from tests._servers import FileServer, write_oisst_days
 
 START, END = "2019-01-30", "2019-02-03"  # 5 days across a month boundary

@@ -12,8 +12,10 @@ import pytest
 import xarray as xr
 import yaml
 
-from conv2dlstm import cli, forecast, provenance
+from conv2dlstm import cli
 from conv2dlstm.artifacts import predictions as predictions_file
+from conv2dlstm.artifacts import provenance
+from conv2dlstm.steps import forecast
 from tests.conftest import run_snakemake
 
 pytestmark = pytest.mark.e2e

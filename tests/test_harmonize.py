@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm.errors import DataError
-from conv2dlstm.harmonize import (
+from conv2dlstm.data.harmonize import (
     SourceRules,
     UnitSpec,
     add_units,
@@ -32,6 +31,7 @@ from conv2dlstm.harmonize import (
     unit_conversions,
     wrap_longitude,
 )
+from conv2dlstm.errors import DataError
 
 TIMES = pd.date_range("2020-01-01", periods=4, freq="D").values
 
@@ -479,7 +479,7 @@ def test_time_gaps_inside_and_at_the_ends_of_the_period() -> None:
 
 
 def test_source_rules_from_the_configuration() -> None:
-    from conv2dlstm.config import validate_config
+    from conv2dlstm.config.validate import validate_config
     from conv2dlstm.errors import ConfigError
 
     cfg = validate_config(

@@ -1,4 +1,4 @@
-"""The rerun contract: which config key determines which step (conv2dlstm.keys)."""
+"""The rerun contract: which config key determines which step (conv2dlstm.config.keys)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from conv2dlstm import keys
-from conv2dlstm.config import flatten, load_schema, run_config, validate_config
+from conv2dlstm.config import keys
+from conv2dlstm.config.validate import flatten, load_schema, run_config, validate_config
 from tests._plan import steps_planned_by
 
 
 def _leaf_names(schema: dict, sub: dict, prefix: str = "") -> set[str]:
     """Every property path of the schema down to the annotated leaves (walked independently of keys)."""
-    from conv2dlstm.config import _resolve
+    from conv2dlstm.config.validate import _resolve
 
     out = set()
     for key, prop in sub.get("properties", {}).items():

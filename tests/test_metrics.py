@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import metrics
 from conv2dlstm.errors import DataError
+from conv2dlstm.evaluation import metrics
 
 # Two ocean cells at latitudes 0 and 60 (cos 1 and 0.5): normalized weights 4/3 and 2/3.
 LAT = np.array([0.0, 60.0])

@@ -215,7 +215,7 @@ def test_compare_two_runs_in_the_mlflow_ui(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    from conv2dlstm.tracking import ui_address
+    from conv2dlstm.tracking.store import ui_address
 
     driver, base = browser, mlflow_ui
     exp_id = _experiment_id(sweep_workflow)

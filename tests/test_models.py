@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conv2dlstm import models
 from conv2dlstm.artifacts import checkpoint
 from conv2dlstm.artifacts.checkpoint import load_model
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError, DataError
-from conv2dlstm.models import (
+from conv2dlstm.training import models
+from conv2dlstm.training.models import (
     Conv2dLSTM,
     ConvLSTM,
     build_model,
@@ -164,9 +164,9 @@ CONFIG_SHAPES = {
 
 @pytest.mark.parametrize("overrides", CONFIG_SHAPES.values(), ids=CONFIG_SHAPES.keys())
 def test_conv2d_lstm_count_from_config_equals_built_model(overrides: dict) -> None:
-    from conv2dlstm.config import conv2d_lstm_parameters
-    from conv2dlstm.modelsize import grid_shape
-    from conv2dlstm.regridding import target_grid
+    from conv2dlstm.config.validate import conv2d_lstm_parameters
+    from conv2dlstm.data.regridding import target_grid
+    from conv2dlstm.training.modelsize import grid_shape
 
     model_cfg = {"name": "conv2d_lstm", **overrides.get("model", {})}
     cfg = validate_config({**overrides, "model": model_cfg})
@@ -199,8 +199,8 @@ def test_conv2d_lstm_count_from_config_equals_built_model(overrides: dict) -> No
     ],
 )
 def test_axis_cells_equals_regrid_axis(start: float, stop: float, step: float) -> None:
-    from conv2dlstm.modelsize import axis_cells
-    from conv2dlstm.regridding import axis_centres
+    from conv2dlstm.data.regridding import axis_centres
+    from conv2dlstm.training.modelsize import axis_cells
 
     assert axis_cells(start, stop, step) == axis_centres(start, stop, step).size
 
@@ -209,7 +209,7 @@ def test_modelsize_is_torch_free() -> None:
     import subprocess
     import sys
 
-    code = "import sys, conv2dlstm.config, conv2dlstm.modelsize; print('torch' in sys.modules)"
+    code = "import sys, conv2dlstm.config.validate, conv2dlstm.training.modelsize; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -452,7 +452,7 @@ def test_checkpoint_of_another_version_or_lacking_entries_is_refused(tmp_path) -
 
 def _floored(name: str, *, per_cell: bool = False, floor=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """A model with target 1 of 2 floored, and the same weights without the floor."""
-    from conv2dlstm.models import floor_from_stats
+    from conv2dlstm.training.models import floor_from_stats
 
     base = shape_kwargs(12, 10, c_in=2, c_out=2) | SMALL[name]
     if name == "convlstm":

@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import harmonize as hz
-from conv2dlstm import normalize as nz
-from conv2dlstm import provenance
-from conv2dlstm.artifacts import regridded
+from conv2dlstm.artifacts import provenance, regridded
 from conv2dlstm.artifacts import stats as stats_file
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.data import harmonize as hz
+from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import DataError
-from conv2dlstm.zarrstore import write_store
+from conv2dlstm.steps import normalize as nz
 
 LAT = np.array([21.0, 22.0, 23.0])
 LON = np.array([-79.0, -78.0, -77.0, -76.0])

@@ -12,15 +12,17 @@ import pytest
 import torch
 import xarray as xr
 
-from conv2dlstm import fetch, keys, provenance, train
-from conv2dlstm import normalize as nz
-from conv2dlstm import regrid as rg
-from conv2dlstm import windows as wn
 from conv2dlstm.artifacts import checkpoint as checkpoint_file
 from conv2dlstm.artifacts import manifest as manifest_file
-from conv2dlstm.config import validate_config
+from conv2dlstm.artifacts import provenance
+from conv2dlstm.config import keys
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
+from conv2dlstm.steps import fetch, train
+from conv2dlstm.steps import normalize as nz
+from conv2dlstm.steps import regrid as rg
+from conv2dlstm.steps import windows as wn
 from tests.test_regrid import write_daily_files
 
 # ---------------------------------------------------------------------------------------------

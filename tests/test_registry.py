@@ -1,4 +1,4 @@
-"""The best model is findable: models:/<experiment>@champion (conv2dlstm.registry), in a real sqlite store."""
+"""The best model is findable: models:/<experiment>@champion (conv2dlstm.tracking.registry), in a real sqlite store."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import registry, tracking
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.tracking import registry
+from conv2dlstm.tracking import store as tracking
 
 EXAMPLE = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -137,7 +138,7 @@ def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_p
         assert registry.after_compare(cfg, models) is None
     assert "mlflow.log_model is false" in caplog.text
     client = MlflowClient(uri)
-    from conv2dlstm.sweep import sweep_tags
+    from conv2dlstm.config.sweep import sweep_tags
 
     for run_id in registry.read_run_ids(models).values():
         tags = client.get_run(run_id).data.tags

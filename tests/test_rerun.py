@@ -25,8 +25,8 @@ import pytest
 import torch
 import yaml
 
-from conv2dlstm import keys
-from conv2dlstm.config import validate_config
+from conv2dlstm.config import keys
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
 from tests._plan import steps_planned_by

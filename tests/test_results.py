@@ -1,4 +1,4 @@
-"""The summary and the README's tables come from the pipeline's outputs (conv2dlstm.results), on a
+"""The summary and the README's tables come from the pipeline's outputs (conv2dlstm.evaluation.results), on a
 small generated evaluate folder."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import results
-from conv2dlstm.baselines import BASELINE_NAMES
 from conv2dlstm.cli import main
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError, DataError
+from conv2dlstm.evaluation import results
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 
 RMSE = {"convlstm": [0.2, 0.3], "persistence": [0.4, 0.6], "climatology": [0.7, 0.7], "damped_persistence": [0.35, 0.5]}
 

@@ -29,10 +29,11 @@ import pytest
 import xarray as xr
 import yaml
 
-from conv2dlstm import download, fetch, synthetic
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.data import download
 from conv2dlstm.errors import ConfigError, DownloadError
 from conv2dlstm.redact import redact_text, redact_url, url_secret_problem
+from conv2dlstm.steps import fetch, synthetic
 from tests._servers import FileServer, write_oisst_days
 from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
 

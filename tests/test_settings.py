@@ -1,4 +1,4 @@
-"""The typed view of the configuration (``conv2dlstm.settings``) against the schema, and every enum of
+"""The typed view of the configuration (``conv2dlstm.config.settings``) against the schema, and every enum of
 the schema against the code that acts on it."""
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
-from conv2dlstm import data, devices, fetch, harmonize, loop, models, regridding, settings, synthetic
-from conv2dlstm.config import load_config, load_schema, validate_config
+from conv2dlstm.config import settings
+from conv2dlstm.config.validate import load_config, load_schema, validate_config
+from conv2dlstm.data import harmonize, regridding
+from conv2dlstm.steps import fetch, synthetic
+from conv2dlstm.training import dataset as data
+from conv2dlstm.training import devices, loop, models
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Sweeps in two lines: the grid form of the configuration (conv2dlstm.sweep, config.validate_config)."""
+"""Sweeps in two lines: the grid form of the configuration (conv2dlstm.config.sweep, config.validate_config)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from conv2dlstm import keys
-from conv2dlstm.config import run_config, run_names, validate_config
+from conv2dlstm.config import keys
+from conv2dlstm.config.sweep import sweep_runs, sweep_tags
+from conv2dlstm.config.validate import run_config, run_names, validate_config
 from conv2dlstm.errors import ConfigError
-from conv2dlstm.sweep import sweep_runs, sweep_tags
 
 
 def test_grid_expands_to_the_cartesian_product_in_the_order_written():
@@ -124,7 +124,8 @@ def test_each_training_process_derives_the_sweep_tags_from_the_whole_configurati
     train.main the run's configuration and the sweep tags of all runs."""
     import json
 
-    from conv2dlstm import cli, train
+    from conv2dlstm import cli
+    from conv2dlstm.steps import train
 
     full = validate_config({"sweep": {"train.seed": [1, 2]}})
     seen = {}

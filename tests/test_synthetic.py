@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import synthetic
-from conv2dlstm.config import validate_config
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
+from conv2dlstm.steps import synthetic
 
 SMALL_OISST = {
     "kind": "oisst",

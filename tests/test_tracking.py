@@ -11,9 +11,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from conv2dlstm import tracking
-from conv2dlstm.config import flatten, validate_config
+from conv2dlstm.config.validate import flatten, validate_config
 from conv2dlstm.errors import TrackingError
+from conv2dlstm.tracking import store as tracking
 
 
 @pytest.fixture(autouse=True)

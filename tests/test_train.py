@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm import keys, loop, provenance, train
-from conv2dlstm.artifacts import checkpoint
+from conv2dlstm.artifacts import checkpoint, provenance
 from conv2dlstm.artifacts.checkpoint import load_model
-from conv2dlstm.config import flatten, validate_config
+from conv2dlstm.config import keys
+from conv2dlstm.config.validate import flatten, validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
+from conv2dlstm.steps import train
+from conv2dlstm.training import loop
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
@@ -97,7 +99,7 @@ def test_index_batches_and_cap() -> None:
 
 
 def test_schedules_and_devices_are_the_listed_choices() -> None:
-    from conv2dlstm.devices import DEVICES, resolve_device
+    from conv2dlstm.training.devices import DEVICES, resolve_device
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     for name in loop.LR_SCHEDULES:
@@ -234,7 +236,7 @@ def fresh_start_warnings(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "conv2dlstm.train" and r.levelno == logging.WARNING and "starting fresh" in r.getMessage()
+        if r.name == "conv2dlstm.steps.train" and r.levelno == logging.WARNING and "starting fresh" in r.getMessage()
     ]
 
 
@@ -469,7 +471,7 @@ import json, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from conv2dlstm.train import main
+from conv2dlstm.steps.train import main
 cfg, windows, stats, out = json.loads(sys.argv[1]), *map(Path, sys.argv[2:5])
 main(cfg, run="r", windows=windows, stats=stats, out_dir=out)
 """
@@ -594,7 +596,7 @@ def test_deadline_checkpoints_before_the_time_limit_and_resumes(tmp_path) -> Non
 
 
 def test_set_deadline_keeps_a_margin():
-    from conv2dlstm.preemption import DEADLINE_ENV, set_deadline
+    from conv2dlstm.training.preemption import DEADLINE_ENV, set_deadline
 
     env: dict[str, str] = {}
     now = time.time()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conv2dlstm.workflow import export_package_path
+from conv2dlstm.config.workflow import export_package_path
 from tests.conftest import job_env
 
 
@@ -53,8 +53,8 @@ def test_export_package_path_prepends_once(tmp_path):
 
 
 def test_train_gpus_follow_the_run_config():
-    from conv2dlstm.config import validate_config
-    from conv2dlstm.workflow import train_gpus
+    from conv2dlstm.config.validate import validate_config
+    from conv2dlstm.config.workflow import train_gpus
 
     cfg = validate_config(
         {
@@ -86,8 +86,8 @@ def test_rule_params_are_the_result_keys(snakemake_exe, workflow_copy):
     """What Snakemake records as each rule's params (its rerun trigger) is the step's result config."""
     import json
 
-    from conv2dlstm.config import validate_config
-    from conv2dlstm.keys import result_config
+    from conv2dlstm.config.keys import result_config
+    from conv2dlstm.config.validate import validate_config
 
     proc = _snakemake(snakemake_exe, workflow_copy, "--cores", "1", "synth")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm import zarrstore
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.cli import main as cli_main
+from conv2dlstm.data import zarrstore
 from conv2dlstm.errors import DataError
 from tests._windows_fixture import make_windows_store
 
@@ -146,7 +146,7 @@ def test_steps_stop_on_a_damaged_windows_store(step, how, words, tmp_path, capsy
     metrics.csv silently: exit status 2, the store and the step named, nothing written."""
     import json
 
-    from conv2dlstm.config import validate_config
+    from conv2dlstm.config.validate import validate_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fx = make_windows_store(tmp_path / "w.zarr", n_time=60)

@@ -5,7 +5,7 @@ command line in :mod:`conv2dlstm.cli` calls):
 
     synthetic -> fetch -> harmonize/regrid -> normalize -> windows -> train -> evaluate
 
-Dimensions are ``time, lat, lon`` everywhere after :func:`conv2dlstm.harmonize.harmonize`; tensors
+Dimensions are ``time, lat, lon`` everywhere after :func:`conv2dlstm.data.harmonize.harmonize`; tensors
 are ``(batch, time, channel, lat, lon)``.
 """
 

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    from conv2dlstm.config import load_config
+    from conv2dlstm.config.validate import load_config
 
     if args.config_json is not None and not args.config_json.strip():
         raise ConfigError(
@@ -178,13 +178,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
         return
     if step == "verify":
-        from conv2dlstm import zarrstore
+        from conv2dlstm.data import zarrstore
 
         for store, problems in zarrstore.verify_stores(args.stores):  # raises after the last, if damaged
             print(f"{store}: {'ok' if not problems else 'DAMAGED'}", *(f"  {p}" for p in problems), sep="\n")
         return
     if step == "ui-address":
-        from conv2dlstm import tracking
+        from conv2dlstm.tracking import store as tracking
 
         cfg = _config(args)
         address = tracking.ui_address(tracking.resolve_tracking_uri(cfg), cfg["experiment"], args.base)
@@ -194,7 +194,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(address)
         return
     if step in ("summary", "tables"):
-        from conv2dlstm import results
+        from conv2dlstm.evaluation import results
 
         cfg = _config(args)
         if step == "summary":
@@ -211,19 +211,19 @@ def _dispatch(args: argparse.Namespace) -> None:
     if step == "compare":
         view = None
         if args.config is not None or args.config_json is not None:
-            from conv2dlstm.keys import step_view
+            from conv2dlstm.config.keys import step_view
 
             view = step_view(_config(args), "compare")
-        importlib.import_module("conv2dlstm.compare").main(
+        importlib.import_module("conv2dlstm.steps.compare").main(
             metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot, cfg=view, models=args.models
         )
         return
-    from conv2dlstm.config import run_config
-    from conv2dlstm.keys import step_view
+    from conv2dlstm.config.keys import step_view
+    from conv2dlstm.config.validate import run_config
 
     full = _config(args)
     if step == "forecast":  # reads what evaluate may read: the data keys, devices, tracking, paths
-        importlib.import_module("conv2dlstm.forecast").main(
+        importlib.import_module("conv2dlstm.steps.forecast").main(
             step_view(full, "evaluate"),
             stats=args.stats,
             out_nc=args.out_nc,
@@ -234,36 +234,36 @@ def _dispatch(args: argparse.Namespace) -> None:
             init_date=args.init_date,
         )
         return
-    # Each step sees only the keys that determine it or run it (conv2dlstm.keys): reading any other
+    # Each step sees only the keys that determine it or run it (conv2dlstm.config.keys): reading any other
     # key is a KeyError, not a silent dependency that would not rerun the step when it changes.
     cfg = step_view(run_config(full, args.run) if step in ("train", "evaluate") else full, step)
     if step == "synth":
-        importlib.import_module("conv2dlstm.synthetic").main(cfg, out_dir=args.out_dir)
+        importlib.import_module("conv2dlstm.steps.synthetic").main(cfg, out_dir=args.out_dir)
     elif step == "fetch":
-        importlib.import_module("conv2dlstm.fetch").main(cfg, out_dir=args.out_dir)
+        importlib.import_module("conv2dlstm.steps.fetch").main(cfg, out_dir=args.out_dir)
     elif step == "regrid":
-        importlib.import_module("conv2dlstm.regrid").main(
+        importlib.import_module("conv2dlstm.steps.regrid").main(
             cfg, manifest=args.manifest, out=args.out, threads=args.threads, memory_mb=args.memory_mb
         )
     elif step == "normalize":
-        importlib.import_module("conv2dlstm.normalize").main(
+        importlib.import_module("conv2dlstm.steps.normalize").main(
             cfg, data=args.data, out=args.out, threads=args.threads, memory_mb=args.memory_mb
         )
     elif step == "windows":
-        importlib.import_module("conv2dlstm.windows").main(
+        importlib.import_module("conv2dlstm.steps.windows").main(
             cfg, data=args.data, stats=args.stats, out=args.out, threads=args.threads, memory_mb=args.memory_mb
         )
     elif step == "train":
-        train = importlib.import_module("conv2dlstm.train")
+        train = importlib.import_module("conv2dlstm.steps.train")
         if args.time_limit_minutes:
-            importlib.import_module("conv2dlstm.preemption").set_deadline(args.time_limit_minutes)
-        from conv2dlstm.sweep import sweep_tags
+            importlib.import_module("conv2dlstm.training.preemption").set_deadline(args.time_limit_minutes)
+        from conv2dlstm.config.sweep import sweep_tags
 
         train.main(
             cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep_tags(full)
         )
     elif step == "evaluate":
-        importlib.import_module("conv2dlstm.evaluate").main(
+        importlib.import_module("conv2dlstm.steps.evaluate").main(
             cfg,
             run=args.run,
             windows=args.windows,

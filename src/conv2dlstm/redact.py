@@ -3,7 +3,7 @@
 Credentials never belong in the configuration: http(s) downloads take them from ``~/.netrc`` (or
 the file named by ``NETRC``), object stores from their own environment variables or files, and a
 query token from an environment variable named as the parameter's whole value, ``?token=$NAME``
-(resolved only when the request is made, :func:`resolve_env_refs`). :mod:`conv2dlstm.config`
+(resolved only when the request is made, :func:`resolve_env_refs`). :mod:`conv2dlstm.config.validate`
 refuses a URL that carries a secret itself (:func:`url_secret_problem`).
 
 As defence in depth, everything that writes or logs a URL, or an error message that may quote one
@@ -13,7 +13,7 @@ secrets (:func:`is_secret_name`) become ``***``; ``$NAME`` references, which nam
 hold no secret, are kept. The literal values of the environment variables that
 :func:`resolve_env_refs` resolved in this process are replaced too, wherever they appear.
 
-Only the standard library is imported: :mod:`conv2dlstm.config`, which the Snakefile imports,
+Only the standard library is imported: :mod:`conv2dlstm.config.validate`, which the Snakefile imports,
 uses this module.
 """
 

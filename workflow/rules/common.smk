@@ -14,10 +14,10 @@ configfile: "config/config.yaml"
 # The configuration is validated once, here, against workflow/schemas/config.schema.yaml (the
 # package reads the same file); defaults are filled in before any rule is built.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from conv2dlstm.config import validate_config, run_names
+from conv2dlstm.config.validate import validate_config, run_names
 from conv2dlstm.errors import ConfigError
-from conv2dlstm.keys import result_json
-from conv2dlstm.workflow import (
+from conv2dlstm.config.keys import result_json
+from conv2dlstm.config.workflow import (
     compare_stem,
     export_config,
     export_package_path,
@@ -30,7 +30,7 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
-# The rerun contract (conv2dlstm.keys): a rule's `determines` param holds exactly the config values
+# The rerun contract (conv2dlstm.config.keys): a rule's `determines` param holds exactly the config values
 # that determine its outputs (each key's x-steps annotation in the schema), so Snakemake reruns a
 # rule when one of them changes and never for a runtime setting (parallelism, retries, devices,
 # the Dask scheduler, the tracking store). Each step reads the whole validated configuration from

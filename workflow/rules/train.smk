@@ -1,4 +1,4 @@
-from conv2dlstm.distributed import rule_launcher
+from conv2dlstm.training.distributed import rule_launcher
 
 
 rule train:

@@ -8,7 +8,7 @@ and the exception: ``docs/architecture.md``).
 - :mod:`.checkpoint`: the training checkpoints (``<outdir>/train/<run>/{last,best,model}.pt``),
   written by the train step, read by train (resume), evaluate and forecast (the model alone).
 - :mod:`.manifest`: the fetch manifest (``<resources_dir>/raw/<name>/manifest.json``), written by the
-  fetch step, read by regrid and forecast (through :mod:`conv2dlstm.sources`).
+  fetch step, read by regrid and forecast (through :mod:`conv2dlstm.data.sources`).
 - :mod:`.predictions`: the test-period forecasts (``<outdir>/evaluate/<run>/predictions.nc``, CF),
   written by the evaluate step, read by the tests and by users (WeatherBench 2 layout).
 - :mod:`.regridded`: the regridded store (``<outdir>/regrid/<name>.zarr``), written by the regrid

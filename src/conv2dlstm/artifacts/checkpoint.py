@@ -7,7 +7,7 @@
 
 Written by the train step (:func:`build`, :func:`save`), read by the train step (resume:
 :func:`load`, :func:`restore`), by evaluate and forecast (:func:`load_model`, the model alone, as
-:func:`rebuild_model` builds it from the file, nanoGPT style) and by :mod:`conv2dlstm.provenance`
+:func:`rebuild_model` builds it from the file, nanoGPT style) and by :mod:`conv2dlstm.artifacts.provenance`
 (the ``provenance`` entry). The entries are :data:`KEYS`, one list for the writer and the reader;
 every reader checks :data:`FORMAT_VERSION`. A problem is a :class:`~conv2dlstm.errors.DataError`
 naming the file and the fix (re-run the train step).
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conv2dlstm import provenance
+from conv2dlstm.artifacts import provenance
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.fsutil import atomic_output
 
@@ -190,7 +190,7 @@ def restore(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the training state of ``ckpt`` (from :func:`load`) into ``model``, ``optimizer``,
     ``scheduler`` and ``generator``; returns the global random states (for
-    :func:`conv2dlstm.loop.set_rng_state`) and the progress (:data:`PROGRESS_KEYS`)."""
+    :func:`conv2dlstm.training.loop.set_rng_state`) and the progress (:data:`PROGRESS_KEYS`)."""
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer_state"])
     scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -204,7 +204,7 @@ def rebuild_model(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "") -> n
     """The network of ``ckpt`` built from the checkpoint alone (its :data:`MODEL_KEYS`), with its
     weights, in eval mode on the CPU. ``path`` names the file in the :class:`DataError` of a
     checkpoint whose entries do not build a model of this version."""
-    from conv2dlstm.models import MODEL_NAMES, build_model
+    from conv2dlstm.training.models import MODEL_NAMES, build_model
 
     where = path or "(in memory)"
     name, kwargs = ckpt["model_name"], ckpt["model_kwargs"]

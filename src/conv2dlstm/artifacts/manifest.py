@@ -8,7 +8,7 @@ digest over the files (:func:`digest`); ``missing`` (kind ``url`` only, when dat
 upstream).
 
 Written last by the fetch step, atomically (:func:`build`, :func:`write`); read by the regrid step
-and by forecasting (through :mod:`conv2dlstm.sources`), and by the fetch step itself
+and by forecasting (through :mod:`conv2dlstm.data.sources`), and by the fetch step itself
 for the checksums of an earlier fetch (:func:`checksums`). :func:`read` checks
 :data:`FORMAT_VERSION` and the entries; a problem is a :class:`~conv2dlstm.errors.DataError` naming
 the file and the fix (run the fetch step again).

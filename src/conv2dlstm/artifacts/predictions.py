@@ -8,7 +8,7 @@ variables, ``standard_name`` per variable (:data:`STANDARD_NAMES`, :data:`LONG_N
 attributes ``Conventions``, ``title``, ``source``, ``history``, ``format_version``
 (:data:`FORMAT_VERSION`) and those of the run (run, model, checkpoint, MLflow run id, provenance).
 
-Written batch by batch by the evaluate step (:mod:`conv2dlstm.evaluate`, :class:`PredictionsWriter`);
+Written batch by batch by the evaluate step (:mod:`conv2dlstm.steps.evaluate`, :class:`PredictionsWriter`);
 read back with :func:`open`, which checks the format version (the forecast step's test reads it to
 check that forecasting a test day reproduces it bit for bit). A problem is a
 :class:`~conv2dlstm.errors.DataError` naming the file and the fix (re-run the evaluate step).

@@ -146,7 +146,7 @@ def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
 def normalized_cube(ds: xr.Dataset, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
     """``(time, variable, lat, lon)`` float32: normalized ``variables``, land and missing values 0 (lazy):
     what the windows store holds and what a forecast feeds the model."""
-    from conv2dlstm import harmonize as hz
+    from conv2dlstm.data import harmonize as hz
 
     arr = hz.stack_variables(ds, variables)
     z = normalize(arr, stats)

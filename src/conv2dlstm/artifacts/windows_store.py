@@ -1,8 +1,8 @@
 """The windows store, ``<outdir>/windows/<name>.zarr`` (Zarr v3; layout in ``docs/architecture.md``).
 
-Written by the windows step (:mod:`conv2dlstm.windows`, which takes :data:`SPLITS`,
+Written by the windows step (:mod:`conv2dlstm.steps.windows`, which takes :data:`SPLITS`,
 :data:`FORMAT_VERSION` and the names from here), read through :class:`WindowsStore` by training
-(:mod:`conv2dlstm.data`), evaluation and forecasting. Opening checks the format version, the
+(:mod:`conv2dlstm.training.dataset`), evaluation and forecasting. Opening checks the format version, the
 required variables and attributes, the window indices and every chunk's recorded digest; a
 problem is a :class:`~conv2dlstm.errors.DataError` naming the store and the windows step.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from conv2dlstm import zarrstore
+from conv2dlstm.data import zarrstore
 from conv2dlstm.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -140,7 +140,7 @@ class WindowsStore:
         return int(starts.min()), int(starts.max()) + self.input_steps + self.lead_steps
 
     def cube_nbytes(self, split: str) -> int:
-        """Bytes of the cube slice that :class:`conv2dlstm.data.InMemoryWindows` would load for ``split``."""
+        """Bytes of the cube slice that :class:`conv2dlstm.training.dataset.InMemoryWindows` would load for ``split``."""
         start, stop = self.time_range(split)
         h, w = self.shape
         return (stop - start) * len(self.variables) * h * w * 4

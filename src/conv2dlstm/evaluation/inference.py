@@ -1,0 +1,143 @@
+"""Inference: a checkpoint's network run over windows, and its output turned into physical fields.
+
+One concern, shared by the evaluate step (:mod:`conv2dlstm.steps.evaluate`, every test window) and the
+forecast step (:mod:`conv2dlstm.steps.forecast`, one initial time), so that both predict a window the
+same way and forecasting a test day reproduces ``predictions.nc`` bit for bit:
+
+- :func:`read_batch`: the normalized inputs, targets and last input step of windows of the
+  windows store;
+- :func:`predict_batch`: the network on each window on its own (a batch of one), so that a
+  window's prediction does not depend on the other windows of its batch;
+- :func:`forecast_array`: ``(time, lead, variable, lat, lon)`` values with forecast coordinates;
+- :func:`physical`: denormalized with the statistics, NaN on land; :func:`clip_nonnegative` with
+  :func:`nonnegative_targets`: the checkpoint's floored target variables clipped at 0;
+- :func:`climatology_at`: the training climatology at given times, float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from conv2dlstm.errors import DataError
+from conv2dlstm.evaluation import baselines
+
+
+def forecast_array(
+    values: np.ndarray,
+    *,
+    init_times: np.ndarray,
+    valid_times: np.ndarray,
+    variables: Sequence[str],
+    lat: np.ndarray,
+    lon: np.ndarray,
+    name: str = "forecast",
+) -> xr.DataArray:
+    """Wrap ``(time, lead, variable, lat, lon)`` values with forecast coordinates.
+
+    Coordinates: ``time`` (initial time), ``lead`` (1..T_out), ``lead_time(lead)`` (timedelta of the
+    first window; windows span no gap so it is the same for all), ``valid_time(time, lead)``,
+    ``variable``, ``lat``, ``lon``.
+    """
+    init_times = np.asarray(init_times, dtype="datetime64[ns]")
+    valid_times = np.asarray(valid_times, dtype="datetime64[ns]")
+    n, n_lead = valid_times.shape
+    if values.shape[:3] != (n, n_lead, len(variables)):
+        raise DataError(
+            f"forecast values have shape {values.shape}; expected ({n}, {n_lead}, {len(variables)}, lat, lon)"
+        )
+    lead_time = (valid_times[0] - init_times[0]) if n else np.zeros(n_lead, dtype="timedelta64[ns]")
+    return xr.DataArray(
+        values,
+        dims=("time", "lead", "variable", "lat", "lon"),
+        coords={
+            "time": init_times,
+            "lead": np.arange(1, n_lead + 1, dtype="int64"),
+            "lead_time": ("lead", np.asarray(lead_time, dtype="timedelta64[ns]")),
+            "valid_time": (("time", "lead"), valid_times),
+            "variable": list(variables),
+            "lat": np.asarray(lat, dtype="float64"),
+            "lon": np.asarray(lon, dtype="float64"),
+        },
+        name=name,
+    )
+
+
+def read_batch(store: Any, split: str, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalized inputs, targets and the targets at the initial time of the windows ``indices``.
+
+    Window ``i`` starts at ``t0 = store.starts(split)[i]`` (layout in ``docs/architecture.md``):
+    ``x = data[t0 : t0+T_in, inputs]``, ``y = data[t0+T_in : t0+T_in+T_out, targets]`` and, for
+    persistence, ``last = data[t0+T_in-1, targets]`` (a target need not be an input). The time
+    range the windows span is read once with ``store.read_time_range`` when it is no longer than
+    reading each window on its own (consecutive windows overlap), else window by window.
+
+    Returns:
+        ``x (B, T_in, C_in, H, W)``, ``y (B, T_out, C_out, H, W)``, ``last (B, C_out, H, W)``, float32.
+    """
+    n_in, n_out = int(store.input_steps), int(store.lead_steps)
+    span = n_in + n_out
+    t0 = np.asarray(store.starts(split), dtype="int64")[np.asarray(indices, dtype="int64")]  # (B,)
+    lo, hi = int(t0.min()), int(t0.max()) + span
+    if hi - lo <= t0.size * span:
+        block = store.read_time_range(lo, hi)  # (hi - lo, V, H, W)
+        windows = block[(t0 - lo)[:, None] + np.arange(span)[None, :]]  # (B, span, V, H, W)
+    else:
+        windows = np.stack([store.read_time_range(int(t), int(t) + span) for t in t0])  # (B, span, V, H, W)
+    inputs, targets = list(store.input_channels), list(store.target_channels)
+    x = np.ascontiguousarray(windows[:, :n_in][:, :, inputs], dtype="float32")
+    y = np.ascontiguousarray(windows[:, n_in:][:, :, targets], dtype="float32")
+    last = np.ascontiguousarray(windows[:, n_in - 1][:, targets], dtype="float32")
+    return x, y, last
+
+
+def predict_batch(model: Any, x: np.ndarray, *, device: Any) -> np.ndarray:
+    """Run ``model`` (on ``device``, eval mode) on ``x (B, T_in, C_in, H, W)``; returns ``(B, T_out, C_out, H, W)``.
+
+    Each window is predicted on its own (a batch of one): the floating-point result of convolution
+    and matrix kernels depends on the batch size (oneDNN and cuBLAS choose algorithms by shape),
+    and a window's prediction must not depend on which windows share its batch, so that the forecast
+    step (:mod:`conv2dlstm.steps.forecast`), which predicts one initial time, reproduces it exactly.
+    """
+    import torch
+
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype="float32")).to(device)  # (B, T_in, C_in, H, W)
+    with torch.inference_mode():
+        y = torch.cat([model(inputs[i : i + 1]) for i in range(inputs.shape[0])])  # (B, T_out, C_out, H, W)
+    return y.float().cpu().numpy()
+
+
+def nonnegative_targets(ckpt: Mapping[str, Any]) -> list[str]:
+    """The target variables whose output the checkpoint's model floors at 0 (``nonnegative_channels``)."""
+    targets = [str(v) for v in ckpt.get("target_variables") or []]
+    channels = (ckpt.get("model_kwargs") or {}).get("nonnegative_channels") or []
+    return [targets[c] for c in channels if 0 <= c < len(targets)]
+
+
+def physical(da: xr.DataArray, stats: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+    """Normalized ``da`` (with a ``variable`` dimension) in physical units, NaN on land, dims kept."""
+    from conv2dlstm.artifacts import stats as stats_file
+
+    return stats_file.denormalize(da, stats).where(mask).transpose(*da.dims)
+
+
+def clip_nonnegative(da: xr.DataArray, nonnegative: Sequence[str]) -> xr.DataArray:
+    """``da`` with negative values of the variables ``nonnegative`` set to 0 (NaN stays NaN).
+
+    The network's output floor (:class:`conv2dlstm.training.models.OutputFloor`) keeps such predictions at
+    or above 0 up to float rounding of ``-mean / std``; this removes the rounding. Damped
+    persistence, which can undershoot 0 (``clim(valid) < rho * clim(initial)``), is clipped too.
+    """
+    names = [v for v in nonnegative if v in set(map(str, da["variable"].values))]
+    if not names:
+        return da
+    negative = (da < 0) & da["variable"].isin(names)
+    return da.where(~negative, 0).astype(da.dtype)
+
+
+def climatology_at(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
+    """Climatology forecast at ``valid_times`` as float32 (:func:`conv2dlstm.evaluation.baselines.climatology`)."""
+    return baselines.climatology(valid_times, stats, variables).astype("float32")

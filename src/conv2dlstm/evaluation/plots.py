@@ -1,0 +1,280 @@
+"""Evaluation figures (PNG), drawn with matplotlib's object API on the Agg canvas.
+
+No pyplot state is used: each function builds a :class:`matplotlib.figure.Figure`, saves it
+atomically and drops it. Land (NaN) is drawn in grey.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES, BASELINES
+from conv2dlstm.fsutil import atomic_output
+
+LAND_COLOR = "0.8"
+_NOT_MEANINGFUL = "not meaningful: climatology unsupported by training days"
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _panels(n: int, *, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list]:
+    fig = Figure(figsize=(max(width * n, 8.0), height), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _title(fig: Figure, title: str) -> None:
+    """Figure title wrapped to the figure width."""
+    chars = max(int(fig.get_figwidth() * 11), 40)
+    fig.suptitle(textwrap.fill(title, chars))
+
+
+def _baseline_of(row_label: str, model: str | None) -> str | None:
+    """The baseline a line belongs to (by its ``model`` column, else its label), or None for a model."""
+    for name in (model, row_label):
+        if name in BASELINES:
+            return name
+    return None
+
+
+def lines_vs_lead(
+    scores: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    ylabel: str,
+    title: str,
+) -> None:
+    """One panel per variable, one line per label: ``value`` against ``lead``.
+
+    Args:
+        scores: columns ``label``, ``variable``, ``lead``, ``value`` and optionally ``model``. Lines
+            of a baseline (its ``model``, or a label named like one) are drawn grey in the
+            baseline's style (:data:`conv2dlstm.evaluation.baselines.BASELINES`), the others solid.
+        path: PNG file to write.
+        ylabel: axis label (metric and units).
+        title: figure title.
+    """
+    variables = list(dict.fromkeys(scores["variable"]))
+    fig, axes = _panels(max(len(variables), 1))
+    _draw_lines(axes, variables, scores, ylabel)
+    _title(fig, title)
+    _save(fig, path)
+
+
+def _draw_lines(axes: Sequence, variables: Sequence[str], scores: pd.DataFrame, ylabel: str) -> None:
+    models = scores.set_index("label")["model"].to_dict() if "model" in scores else {}
+    labels = ordered_labels(scores["label"], models)
+    for ax, variable in zip(axes, variables, strict=False):
+        sub = scores[scores["variable"] == variable]
+        for label in labels:
+            line = sub[sub["label"] == label].sort_values("lead")
+            if line.empty or line["value"].isna().all():
+                continue
+            baseline = _baseline_of(label, models.get(label))
+            if baseline is not None:
+                color, style, marker = BASELINES[baseline].style
+                ax.plot(line["lead"], line["value"], color=color, linestyle=style, marker=marker, label=label)
+            else:
+                ax.plot(line["lead"], line["value"], linestyle="-", marker="o", label=label)
+        ax.set_title(str(variable))
+        ax.set_xlabel("lead (steps after the initial time)")
+        ax.set_ylabel(ylabel)
+        leads = sorted(sub["lead"].unique())
+        if leads:
+            ax.set_xticks(leads)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+
+
+def _skill_axes(ax, rows: pd.DataFrame, *, group: str, color_of: dict[str, str] | None = None) -> None:
+    """Skill against lead with its interval shaded, one line per ``group`` value.
+
+    ``rows``: columns ``group``, ``lead``, ``skill``, ``lower``, ``upper``, ``significant``,
+    ``meaningful``. Markers are filled where the interval excludes 0 (significant) and hollow
+    elsewhere; leads whose skill is not meaningful are left out and named in the legend.
+    """
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    for i, (label, line) in enumerate(rows.groupby(group, sort=False)):
+        line = line.sort_values("lead")
+        ok = line[line["meaningful"].astype(bool) & line["skill"].notna()]
+        color = (color_of or {}).get(label, f"C{i}")
+        if ok.empty:
+            ax.plot([], [], color=color, linestyle="none", marker="x", label=f"{label}: {_NOT_MEANINGFUL}")
+            continue
+        dropped = sorted(set(line["lead"]) - set(ok["lead"]))
+        name = f"{label} (lead {', '.join(map(str, dropped))}: {_NOT_MEANINGFUL})" if dropped else str(label)
+        ax.plot(ok["lead"], ok["skill"], color=color, linestyle="-", label=name)
+        if ok["lower"].notna().any():
+            ax.fill_between(ok["lead"], ok["lower"], ok["upper"], color=color, alpha=0.2, linewidth=0)
+        sig = ok["significant"].astype(bool)
+        ax.plot(ok["lead"][sig], ok["skill"][sig], color=color, linestyle="none", marker="o")
+        ax.plot(ok["lead"][~sig], ok["skill"][~sig], color=color, linestyle="none", marker="o", markerfacecolor="white")
+    if not rows.empty and not (rows["meaningful"].astype(bool) & rows["skill"].notna()).any():
+        ax.text(0.5, 0.5, _NOT_MEANINGFUL, transform=ax.transAxes, ha="center", va="center", color="0.4")
+    leads = sorted(rows["lead"].unique())
+    if leads:
+        ax.set_xticks(leads)
+    ax.set_xlabel("lead (steps after the initial time)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def skill_vs_lead(skills: pd.DataFrame, path: str | os.PathLike, *, title: str) -> None:
+    """One panel per variable: skill ``1 - RMSE/RMSE(baseline)`` against lead, one line per ``label``.
+
+    Args:
+        skills: columns ``label`` (e.g. ``vs persistence``), ``baseline``, ``variable``, ``lead``,
+            ``skill``, ``lower``, ``upper`` (the 95% interval, shaded), ``significant`` (filled
+            marker: the interval excludes 0) and ``meaningful`` (False: left out, named in the legend).
+        path: PNG file to write.
+        title: figure title.
+    """
+    variables = list(dict.fromkeys(skills["variable"])) or [""]
+    fig, axes = _panels(len(variables))
+    colors = {f"vs {b}": f"C{i}" for i, b in enumerate(BASELINE_NAMES)}  # the same colour per baseline in every panel
+    for ax, variable in zip(axes, variables, strict=True):
+        _skill_axes(ax, skills[skills["variable"] == variable], group="label", color_of=colors)
+        ax.set_title(str(variable))
+        ax.set_ylabel("RMSE skill vs baseline")
+    _title(fig, title)
+    _save(fig, path)
+
+
+def compare_figure(rmse: pd.DataFrame, skills: pd.DataFrame, path: str | os.PathLike, *, title: str) -> None:
+    """RMSE against lead (first row) and, per baseline, each run's skill with its interval (one row each).
+
+    Args:
+        rmse: as for :func:`lines_vs_lead` (columns ``label``, ``variable``, ``lead``, ``value``, ``model``).
+        skills: columns ``label`` (the run), ``baseline``, ``variable``, ``lead`` and the interval
+            columns of :func:`skill_vs_lead`.
+        path: PNG file to write.
+        title: figure title.
+    """
+    variables = list(dict.fromkeys(rmse["variable"])) or [""]
+    present = [b for b in BASELINE_NAMES if b in set(skills["baseline"])]
+    fig = Figure(figsize=(max(4.6 * len(variables), 8.0), 3.4 * (1 + len(present))), layout="constrained")
+    grid = fig.subplots(1 + len(present), len(variables), squeeze=False)
+    _draw_lines(grid[0], variables, rmse, "area-weighted RMSE (physical units)")
+    for row, baseline in zip(grid[1:], present, strict=True):
+        for ax, variable in zip(row, variables, strict=True):
+            sub = skills[(skills["baseline"] == baseline) & (skills["variable"] == variable)]
+            _skill_axes(ax, sub, group="label")
+            ax.set_title(f"{variable}: skill vs {baseline} (filled: 95% interval excludes 0)")
+            ax.set_ylabel("RMSE skill")
+    _title(fig, title)
+    _save(fig, path)
+
+
+def _pcolor(fig: Figure, ax, field: xr.DataArray, *, cmap: str, vmin: float, vmax: float, label: str) -> None:
+    values = np.ma.masked_invalid(np.asarray(field, dtype="float64"))
+    ax.set_facecolor(LAND_COLOR)
+    mesh = ax.pcolormesh(
+        np.asarray(field["lon"]), np.asarray(field["lat"]), values, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest"
+    )
+    ax.set_xlabel("longitude (degrees east)")
+    ax.set_ylabel("latitude (degrees north)")
+    ax.set_aspect("equal", adjustable="box")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    fig.colorbar(mesh, ax=ax, label=label, shrink=0.85)
+
+
+def _limits(*fields: xr.DataArray, symmetric: bool = False) -> tuple[float, float]:
+    values = np.concatenate([np.asarray(f, dtype="float64").ravel() for f in fields])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
+    if symmetric:
+        top = float(np.max(np.abs(values))) or 1.0
+        return -top, top
+    lo, hi = float(values.min()), float(values.max())
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+def forecast_maps(
+    truth: xr.DataArray,
+    prediction: xr.DataArray,
+    path: str | os.PathLike,
+    *,
+    title: str,
+    units: dict[str, str] | None = None,
+) -> None:
+    """Truth, prediction and error (prediction - truth) maps, one row per variable.
+
+    Args:
+        truth, prediction: ``(variable, lat, lon)`` in physical units, NaN on land.
+        path: PNG file to write.
+        title: figure title (say which initial time and lead is shown).
+        units: units per variable for the colour bars.
+    """
+    units = units or {}
+    variables = [str(v) for v in truth["variable"].values]
+    fig = Figure(figsize=(14, 3.8 * len(variables)), layout="constrained")
+    axes = fig.subplots(len(variables), 3, squeeze=False)
+    for row, variable in zip(axes, variables, strict=True):
+        t = truth.sel(variable=variable)
+        p = prediction.sel(variable=variable)
+        unit = units.get(variable, "")
+        vmin, vmax = _limits(t, p)
+        _pcolor(fig, row[0], t, cmap="viridis", vmin=vmin, vmax=vmax, label=f"{variable} [{unit}]")
+        row[0].set_title(f"{variable}: truth")
+        _pcolor(fig, row[1], p, cmap="viridis", vmin=vmin, vmax=vmax, label=f"{variable} [{unit}]")
+        row[1].set_title(f"{variable}: prediction")
+        emin, emax = _limits(p - t, symmetric=True)
+        _pcolor(fig, row[2], p - t, cmap="RdBu_r", vmin=emin, vmax=emax, label=f"error [{unit}]")
+        row[2].set_title(f"{variable}: prediction - truth")
+    _title(fig, title)
+    _save(fig, path)
+
+
+def field_maps(
+    fields: xr.DataArray,
+    path: str | os.PathLike,
+    *,
+    title: str,
+    units: dict[str, str] | None = None,
+    cmap: str = "magma_r",
+) -> None:
+    """One map per variable of a ``(variable, lat, lon)`` field (e.g. RMSE per grid cell)."""
+    units = units or {}
+    variables = [str(v) for v in fields["variable"].values]
+    fig, axes = _panels(len(variables), width=5.2, height=4.2)
+    for ax, variable in zip(axes, variables, strict=True):
+        field = fields.sel(variable=variable)
+        lo, hi = _limits(field)
+        _pcolor(fig, ax, field, cmap=cmap, vmin=min(lo, 0.0), vmax=hi, label=f"[{units.get(variable, '')}]")
+        ax.set_title(str(variable))
+    _title(fig, title)
+    _save(fig, path)
+
+
+def ordered_labels(labels: Sequence[str], models: dict[str, str] | None = None) -> list[str]:
+    """Labels with the baselines last, in the order of :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`.
+
+    ``models`` maps a label to its model name when labels are not the names themselves.
+    """
+    labels = list(dict.fromkeys(labels))
+    rank = {name: i for i, name in enumerate(BASELINE_NAMES)}
+
+    def baseline(label: str) -> str | None:
+        return _baseline_of(label, (models or {}).get(label))
+
+    def baseline_rank(label: str) -> int:
+        name = baseline(label)
+        if name is None:
+            raise ValueError(f"label {label!r} is not a baseline")
+        return rank[name]
+
+    models_first = [lab for lab in labels if baseline(lab) is None]
+    return models_first + sorted((lab for lab in labels if baseline(lab) is not None), key=baseline_rank)

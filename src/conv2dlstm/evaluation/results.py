@@ -1,0 +1,319 @@
+"""What a configuration's results are, and where: the summary after ``make run`` and the README's tables.
+
+Both read only what the pipeline wrote (each run's ``metrics.csv`` and ``predictions.nc``, the
+compare step's summary) for the configuration given, so a number shown here is a number the
+pipeline produced:
+
+- :func:`summary` - where the metrics, plots, comparison, model and MLflow runs are, then per run
+  and target variable three lines of skill (``python -m conv2dlstm summary``, printed by
+  ``make run``).
+- :func:`markdown_tables` - one results table per target variable: RMSE of every run and baseline
+  per lead, skill against each baseline with its 95% interval, ACC. :func:`replace_block` puts it
+  between the markers ``<!-- results:<experiment> -->`` and ``<!-- /results:<experiment> -->`` of a
+  Markdown file (``python -m conv2dlstm tables --write README.md``); :func:`check_block` fails,
+  naming the first line that differs, when the file holds other numbers (``--check``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from conv2dlstm.config.validate import run_names
+from conv2dlstm.config.workflow import compare_stem
+from conv2dlstm.errors import ConfigError, DataError
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
+
+EVALUATE_FILES = ("metrics.csv", "rmse_vs_lead.png", "skill_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png")
+"""What the evaluate step writes per run besides ``predictions.nc`` (listed in the summary)."""
+
+_LABELS = {"persistence": "persistence", "damped_persistence": "damped persistence", "climatology": "climatology"}
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """One evaluated run: its ``metrics.csv`` rows, its directories and the test period it covers."""
+
+    name: str
+    model: str
+    metrics: pd.DataFrame
+    evaluate_dir: Path
+    model_path: Path
+    initial_times: int
+    first_time: str
+    last_time: str
+    lead_unit: str
+
+
+def _lead_unit(lead_time: Any, lead: Any) -> str:
+    """``days`` when one lead is one day, else the step as pandas writes it (``6 hours``...)."""
+    step = pd.Timedelta(lead_time[0]) / int(lead[0])
+    if step == pd.Timedelta(days=1):
+        return "days"
+    return f"steps of {step}"
+
+
+def load_run(cfg: dict[str, Any], run: str, root: Path = Path(".")) -> RunResults:
+    """The evaluate step's outputs of ``run`` under ``root`` (the working directory of the pipeline)."""
+    import xarray as xr
+
+    out = root / cfg["outdir"]
+    directory = out / "evaluate" / run
+    path = directory / "metrics.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run the pipeline first (make run CONFIG=...), then this command")
+    metrics = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
+    with xr.open_dataset(directory / "predictions.nc") as ds:
+        times = pd.DatetimeIndex(ds["time"].values)
+        unit = _lead_unit(ds["lead_time"].values, ds["lead"].values)
+        model = str(ds.attrs.get("model_name", run))
+    return RunResults(
+        name=run,
+        model=model,
+        metrics=metrics,
+        evaluate_dir=directory,
+        model_path=out / "train" / run / "model.pt",
+        initial_times=len(times),
+        first_time=f"{times[0]:%Y-%m-%d}",
+        last_time=f"{times[-1]:%Y-%m-%d}",
+        lead_unit=unit,
+    )
+
+
+def load(cfg: dict[str, Any], root: Path = Path(".")) -> list[RunResults]:
+    """Every configured run's results (:func:`load_run`)."""
+    return [load_run(cfg, run, root) for run in run_names(cfg)]
+
+
+def _values(metrics: pd.DataFrame, model: str, variable: str, metric: str) -> pd.Series:
+    rows = metrics[(metrics["model"] == model) & (metrics["variable"] == variable) & (metrics["metric"] == metric)]
+    return rows.set_index("lead")["value"].sort_index()
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _skill(metrics: pd.DataFrame, model: str, variable: str, baseline: str, lead: int, digits: int = 2) -> str:
+    """``0.31 [0.26, 0.36]``, or ``not meaningful`` / ``n/a``."""
+    prefix = f"skill_vs_{baseline}"
+
+    def get(suffix: str) -> float:
+        s = _values(metrics, model, variable, prefix + suffix)
+        return float(s.get(lead, float("nan")))
+
+    meaningful = get("_meaningful")
+    if math.isfinite(meaningful) and meaningful < 0.5:
+        return "not meaningful"
+    skill, lower, upper = get(""), get("_lower"), get("_upper")
+    if not math.isfinite(skill):
+        return "n/a"
+    if not (math.isfinite(lower) and math.isfinite(upper)):
+        return _num(skill, digits)
+    return f"{skill:.{digits}f} [{lower:.{digits}f}, {upper:.{digits}f}]"
+
+
+def _units(cfg: dict[str, Any], variable: str) -> str:
+    entry = cfg["harmonize"]["units"].get(variable)
+    return f" ({entry['unit']})" if entry and entry.get("unit") else ""
+
+
+def markdown_tables(cfg: dict[str, Any], runs: list[RunResults]) -> str:
+    """The results of ``runs`` as Markdown: a sentence on the test period, then one table per target."""
+    if not runs:
+        raise DataError("no evaluated run to tabulate")
+    first = runs[0]
+    base = first.metrics
+    lines = [
+        f"Test period {cfg['splits']['test']['start']}..{cfg['splits']['test']['end']}: "
+        f"{first.initial_times} initial times ({first.first_time}..{first.last_time}), area-weighted RMSE over "
+        "ocean cells in physical units; skill `1 − RMSE/RMSE(baseline)` with its 95% block-bootstrap interval.",
+    ]
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for variable in cfg["variables"]["targets"]:
+        leads = list(_values(base, first.model, variable, "rmse").index)
+        if not leads:
+            raise DataError(f"{first.evaluate_dir / 'metrics.csv'} has no RMSE of {variable!r}")
+        header = f"| {variable}{_units(cfg, variable)}, lead ({first.lead_unit}) | " + " | ".join(map(str, leads))
+        lines += ["", header + " |", "| --- |" + " --- |" * len(leads)]
+
+        for run in runs:
+            rmse = _values(run.metrics, run.model, variable, "rmse")
+            label = run.name if run.name == run.model else f"{run.name} ({run.model})"
+            row(f"**{label}**", [f"**{_num(rmse.get(k, float('nan')))}**" for k in leads])
+        for baseline in BASELINE_NAMES:
+            rmse = _values(base, baseline, variable, "rmse")
+            label = _LABELS[baseline]
+            if baseline == "damped_persistence":
+                rho = _values(base, baseline, variable, "rho")
+                if not rho.empty:
+                    label += " (ρ = " + ", ".join(_num(float(rho.get(k, float("nan"))), 2) for k in leads) + ")"
+            row(label, [_num(float(rmse.get(k, float("nan")))) for k in leads])
+        for run in runs:
+            for baseline in BASELINE_NAMES:
+                cells = [_skill(run.metrics, run.model, variable, baseline, k) for k in leads]
+                row(f"{run.name}: skill vs {_LABELS[baseline]} [95%]", cells)
+        for baseline in BASELINE_NAMES[1:]:  # is a baseline itself better than persistence?
+            if not _values(base, baseline, variable, f"skill_vs_{BASELINE_NAMES[0]}").empty:
+                cells = [_skill(base, baseline, variable, BASELINE_NAMES[0], k, digits=3) for k in leads]
+                row(f"{_LABELS[baseline]}: skill vs {_LABELS[BASELINE_NAMES[0]]} [95%]", cells)
+        for run in runs:
+            acc = _values(run.metrics, run.model, variable, "acc")
+            ref = _values(base, "persistence", variable, "acc")
+            row(
+                f"ACC {run.name} / persistence",
+                [f"{_num(float(acc.get(k, float('nan'))))} / {_num(float(ref.get(k, float('nan'))))}" for k in leads],
+            )
+    return "\n".join(lines)
+
+
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- results:{key} -->", f"<!-- /results:{key} -->"
+
+
+def block_key(cfg: dict[str, Any]) -> str:
+    """The name of a configuration's block in a Markdown file: its experiment."""
+    return str(cfg["experiment"])
+
+
+def replace_block(text: str, key: str, body: str) -> str:
+    """``text`` with the lines between the markers of ``key`` replaced by ``body``; :class:`ConfigError`
+    when the markers are missing or out of order."""
+    start, end = _markers(key)
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ConfigError(
+            f"the file has no block for experiment {key!r}: add the two lines {start} and {end} where its "
+            "table belongs, then run the command again"
+        )
+    return text[: i + len(start)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
+
+
+def check_block(text: str, key: str, body: str, *, path: str = "the file") -> None:
+    """:class:`DataError` naming the first differing line when ``text``'s block ``key`` is not ``body``."""
+    expected = replace_block(text, key, body)
+    if expected == text:
+        return
+    start, end = _markers(key)
+    have = text[text.find(start) + len(start) : text.find(end)].strip("\n").splitlines()
+    want = body.strip("\n").splitlines()
+    for n, (a, b) in enumerate(zip(have + [""] * len(want), want + [""] * len(have), strict=False), start=1):
+        if a != b:
+            raise DataError(
+                f"{path}: the results of experiment {key!r} differ from what the pipeline produced, at line {n} "
+                f"of the block:\n  {path}: {a}\n  results: {b}\n"
+                "regenerate the block with `python -m conv2dlstm tables --config <config> --write "
+                f"{path}` (make tables CONFIG=...), or find what changed the results"
+            )
+
+
+def _verdict_line(run: RunResults, variable: str) -> str:
+    """Which baselines the run beats at which leads (intervals above zero)."""
+    from conv2dlstm.evaluation.scores import skill_intervals
+
+    skills = skill_intervals(run.metrics[run.metrics["model"] == run.model], by="model")
+    skills = skills[skills["variable"] == variable]
+    beaten, partly, not_meaningful, no = [], [], [], []
+    for baseline in BASELINE_NAMES:
+        rows = skills[skills["baseline"] == baseline]
+        if rows.empty:
+            continue
+        if not rows["meaningful"].all():
+            not_meaningful.append(_LABELS[baseline])
+            continue
+        better = sorted(int(k) for k in rows.loc[rows["lower"] > 0, "lead"])
+        if len(better) == len(rows):
+            beaten.append(_LABELS[baseline])
+        elif better:
+            partly.append(f"{_LABELS[baseline]} at leads {', '.join(map(str, better))} only")
+        else:
+            no.append(_LABELS[baseline])
+    parts = []
+    if beaten:
+        parts.append(f"better than {', '.join(beaten)} at every lead (95% interval above 0)")
+    if partly:
+        parts.append("better than " + "; ".join(partly))
+    if no:
+        parts.append(f"NOT better than {', '.join(no)} at any lead")
+    if not_meaningful:
+        parts.append(f"no meaningful skill vs {', '.join(not_meaningful)} (its climatology lacks training days)")
+    return "; ".join(parts) or "no skill intervals in metrics.csv"
+
+
+def summary(cfg: dict[str, Any], runs: list[RunResults], *, ui: str | None = None) -> str:
+    """Where ``runs``' results are, then per run and target variable three lines of skill."""
+    stem = compare_stem(cfg)
+    lines = [f"Results of experiment {cfg['experiment']!r}:"]
+    for run in runs:
+        lines.append(f"  {run.name}: metrics and plots in {run.evaluate_dir}/ ({', '.join(EVALUATE_FILES)})")
+        lines.append(f"  {' ' * len(run.name)}  model {run.model_path}")
+    lines.append(f"  comparison of runs and baselines: {stem}.csv, {stem}.png")
+    lines.append(f"  best model: models:/{cfg['experiment']}@champion (MLflow registry)")
+    lines.append(f"  MLflow: {ui or 'make mlflow-ui CONFIG=<this config> prints the address'}")
+    first = runs[0]
+    lines.append(
+        f"Skill on the test period ({first.initial_times} initial times, {first.first_time}..{first.last_time}):"
+    )
+    for run in runs:
+        for variable in cfg["variables"]["targets"]:
+            rmse = _values(run.metrics, run.model, variable, "rmse")
+            leads = list(rmse.index)
+            pers = _values(run.metrics, "persistence", variable, "rmse")
+            lines.append(
+                f"  {run.name} {variable}: RMSE {', '.join(_num(v) for v in rmse)} at leads "
+                f"{leads[0]}-{leads[-1]} {run.lead_unit} (persistence {', '.join(_num(v) for v in pers)})"
+                if len(leads) > 1
+                else f"  {run.name} {variable}: RMSE {_num(float(rmse.iloc[0]))} at lead {leads[0]} "
+                f"{run.lead_unit} (persistence {_num(float(pers.iloc[0]))})"
+            )
+            skills = [
+                f"vs {_LABELS[b]} {_skill(run.metrics, run.model, variable, b, leads[0])}"
+                + (f" .. {_skill(run.metrics, run.model, variable, b, leads[-1])}" if len(leads) > 1 else "")
+                for b in BASELINE_NAMES
+            ]
+            lines.append(f"    skill {'; '.join(skills)}")
+            lines.append(f"    {_verdict_line(run, variable)}")
+    return "\n".join(lines)
+
+
+def tables_main(cfg: dict[str, Any], *, write: Path | None = None, check: Path | None = None) -> str:
+    """Print, write into or check against a Markdown file the tables of ``cfg``'s results."""
+    body = markdown_tables(cfg, load(cfg))
+    key = block_key(cfg)
+    target = write or check
+    if target is None:
+        return body
+    text = Path(target).read_text()
+    if check is not None:
+        check_block(text, key, body, path=str(check))
+    else:
+        new = replace_block(text, key, body)
+        if new != text:
+            Path(write).write_text(new)  # type: ignore[arg-type]
+    return body
+
+
+def ui_hint(cfg: dict[str, Any]) -> str | None:
+    """The MLflow UI address of the experiment's runs, or None when the store cannot say."""
+    from conv2dlstm.errors import Conv2dLstmError
+    from conv2dlstm.tracking import store as tracking
+
+    try:
+        uri = tracking.resolve_tracking_uri(cfg)
+        return f"{tracking.ui_address(uri, cfg['experiment'])} (after make mlflow-ui CONFIG=<this config>)"
+    except Conv2dLstmError:
+        return None
+
+
+def summary_main(cfg: dict[str, Any]) -> str:
+    return summary(cfg, load(cfg), ui=ui_hint(cfg))
+
+
+__all__ = ["RunResults", "check_block", "load", "markdown_tables", "replace_block", "summary", "tables_main"]

@@ -1,0 +1,310 @@
+"""The tidy score table: forecasts and truth in physical units turned into the rows of ``metrics.csv``.
+
+One concern: scoring. Per forecast (the model and each baseline of
+:data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`), variable and lead, the area-weighted scores of
+:mod:`conv2dlstm.evaluation.metrics` (RMSE, MAE, bias, ACC) averaged over initial times, accumulated batch by
+batch (:class:`StreamingScores`, :class:`CellRmse` for the per-cell RMSE map), and the skill
+``1 - RMSE/RMSE(baseline)`` against every other baseline with a 95% paired block-bootstrap interval
+(:func:`skill_frame`); then the tidy ``metrics.csv`` table (:func:`metrics_table`,
+:data:`CSV_COLUMNS`), its flat MLflow metric names (:func:`mlflow_metrics`) and its skill rows in
+wide form (:func:`skill_intervals`, read by the evaluate step's plots and the compare step).
+
+Is the gain real? The skill interval comes from a paired circular block bootstrap over initial
+times (:func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table`): the per-initial-time MSE series are
+resampled in blocks of consecutive initial times whose length is the integral time scale
+(decorrelation time) of the loss difference, so that serially correlated errors do not make the
+interval too narrow; :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`
+(reproducible). A model is better than a baseline at a lead only where the interval lies above zero.
+
+Used by the evaluate step (:mod:`conv2dlstm.steps.evaluate`), which writes the table, and the compare
+step (:mod:`conv2dlstm.steps.compare`), which reads it. Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import cast
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from conv2dlstm.errors import DataError
+from conv2dlstm.evaluation import metrics
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
+
+SCORES: tuple[str, ...] = ("rmse", "mae", "bias", "acc")
+CSV_COLUMNS: list[str] = ["run", "model", "variable", "lead", "metric", "value"]
+
+SKILL_METRICS: tuple[str, ...] = ("", "_lower", "_upper", "_significant", "_meaningful", "_block_length")
+"""Suffixes of the ``skill_vs_<baseline>`` rows of ``metrics.csv`` (see :func:`skill_frame`)."""
+BOOTSTRAP_RESAMPLES = metrics.DEFAULT_RESAMPLES
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def tidy(da: xr.DataArray, *, model: str, metric: str) -> pd.DataFrame:
+    """``(lead, variable)`` scores as rows ``model, variable, lead, metric, value``."""
+    da = da.transpose("variable", "lead")
+    values = np.asarray(da.values, dtype="float64")
+    variables = [str(v) for v in da["variable"].values]
+    leads = [int(k) for k in da["lead"].values]
+    rows = [
+        {"model": model, "variable": v, "lead": k, "metric": metric, "value": float(values[i, j])}
+        for i, v in enumerate(variables)
+        for j, k in enumerate(leads)
+    ]
+    return pd.DataFrame(rows, columns=["model", "variable", "lead", "metric", "value"])
+
+
+def _lead_flags(flags: Mapping[str, xr.DataArray], name: str, like: xr.DataArray) -> xr.DataArray:
+    """``flags[name]`` ``(lead,)`` broadcast to ``like`` ``(lead, variable)``; all False when absent."""
+    out = xr.zeros_like(like, dtype=bool)
+    if name in flags:
+        with xr.set_options(arithmetic_join="exact"):
+            out = out | flags[name].reset_coords(drop=True)
+    return out
+
+
+def skill_frame(
+    mse: Mapping[str, xr.DataArray], not_meaningful: Mapping[str, xr.DataArray] | None = None
+) -> pd.DataFrame:
+    """Skill of each forecast against each (other) baseline with a 95% bootstrap interval, as tidy rows.
+
+    For every forecast ``f`` of ``mse`` and every baseline ``b`` of :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` present
+    (``b != f``), per ``(lead, variable)``: :func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table` of the
+    per-initial-time MSE series of ``f`` and ``b`` (``1 - RMSE_f / RMSE_b`` with a paired circular
+    block bootstrap over initial times, block length from the decorrelation time of the loss
+    difference, :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`). Metrics:
+
+    - ``skill_vs_<b>``, ``skill_vs_<b>_lower``, ``skill_vs_<b>_upper``: the skill and its interval;
+    - ``skill_vs_<b>_significant``: 1 where the interval excludes 0, else 0;
+    - ``skill_vs_<b>_meaningful``: 0 where ``f`` or ``b`` relies on a climatology that no training
+      day supports at that lead (``not_meaningful``); the four rows above are then NaN;
+    - ``skill_vs_<b>_block_length``: the bootstrap block length, in initial times.
+
+    Args:
+        mse: name -> per-initial-time MSE ``(time, lead, variable)``, the same initial times for all.
+        not_meaningful: name -> ``(lead,)`` bool (:func:`conv2dlstm.evaluation.baselines.not_meaningful_leads`).
+    """
+    flags = dict(not_meaningful or {})
+    frames = []
+    for name, series in mse.items():
+        for baseline in BASELINE_NAMES:
+            if baseline == name or baseline not in mse:
+                continue
+            table = metrics.bootstrap_skill_table(
+                series.reset_coords(drop=True),
+                mse[baseline].reset_coords(drop=True),
+                n_resamples=BOOTSTRAP_RESAMPLES,
+                confidence=CONFIDENCE,
+                seed=BOOTSTRAP_SEED,
+            )
+            ok = ~(_lead_flags(flags, name, table["skill"]) | _lead_flags(flags, baseline, table["skill"]))
+            prefix = f"skill_vs_{baseline}"
+            values = {
+                "": table["skill"].where(ok),
+                "_lower": table["lower"].where(ok),
+                "_upper": table["upper"].where(ok),
+                "_significant": table["significant"].astype("float64").where(ok),
+                "_meaningful": ok.astype("float64"),
+                "_block_length": table["block_length"].astype("float64"),
+            }
+            frames += [tidy(da, model=name, metric=prefix + suffix) for suffix, da in values.items()]
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["model", "variable", "lead", "metric", "value"])
+    )
+
+
+def score_frame(scores: Mapping[str, Mapping[str, xr.DataArray]], skills: pd.DataFrame) -> pd.DataFrame:
+    """Tidy rows of time-mean ``(lead, variable)`` scores per forecast, then the skill rows."""
+    frames = [
+        tidy(da, model=name, metric=metric) for name, by_metric in scores.items() for metric, da in by_metric.items()
+    ]
+    return pd.concat([*frames, skills], ignore_index=True)
+
+
+class StreamingScores:
+    """The score table of forecasts, accumulated over batches of initial times.
+
+    :meth:`add` computes the per-initial-time scores of a batch with the ``*_per_time`` functions
+    of :mod:`conv2dlstm.evaluation.metrics` and keeps, per forecast, score, lead and variable, only their sum
+    and the number of defined (non-NaN) values, plus the per-initial-time MSE series that the
+    bootstrap of the skill needs (``N x T_out x C_out`` floats per forecast for ``N`` initial times);
+    :meth:`table` takes the time means (RMSE: the square root of the mean MSE) and the skills.
+    Memory does not grow with the grid.
+    """
+
+    def __init__(self, weights: xr.DataArray) -> None:
+        self.weights = weights
+        self._sums: dict[tuple[str, str], xr.DataArray] = {}
+        self._counts: dict[tuple[str, str], xr.DataArray] = {}
+        self._series: dict[str, list[xr.DataArray]] = {}
+        self._order: list[str] = []
+
+    def add(self, forecasts: Mapping[str, xr.DataArray], truth: xr.DataArray, climatology: xr.DataArray) -> None:
+        """Add one batch: ``(time, lead, variable, lat, lon)`` forecasts, truth and climatology."""
+        w = self.weights
+        for name, forecast in forecasts.items():
+            if name not in self._order:
+                self._order.append(name)
+            per_time = {
+                "mse": metrics.mse_per_time(forecast, truth, w),
+                "mae": metrics.mae_per_time(forecast, truth, w),
+                "bias": metrics.bias_per_time(forecast, truth, w),
+            }
+            if name != "climatology":
+                per_time["acc"] = metrics.acc_per_time(forecast, truth, climatology, w)
+            self._series.setdefault(name, []).append(
+                per_time["mse"].transpose("time", "lead", "variable").reset_coords(drop=True).astype("float64")
+            )
+            for metric, values in per_time.items():
+                total = values.fillna(0.0).sum("time").astype("float64")
+                count = values.notnull().sum("time")
+                key = (name, metric)
+                if key in self._sums:
+                    with xr.set_options(arithmetic_join="exact"):
+                        total, count = self._sums[key] + total, self._counts[key] + count
+                self._sums[key], self._counts[key] = total, count
+
+    def mse_series(self) -> dict[str, xr.DataArray]:
+        """``name -> (time, lead, variable)`` per-initial-time MSE of every batch, in order."""
+        return {name: xr.concat(parts, dim="time") for name, parts in self._series.items()}
+
+    def time_means(self) -> dict[str, dict[str, xr.DataArray]]:
+        """``name -> metric -> (lead, variable)`` time means (``rmse`` instead of ``mse``)."""
+        out: dict[str, dict[str, xr.DataArray]] = {}
+        for name in self._order:
+            out[name] = {}
+            for metric in ("mse", "mae", "bias", "acc"):
+                if (name, metric) not in self._sums:
+                    continue
+                count = self._counts[(name, metric)]
+                mean = (self._sums[(name, metric)] / count.where(count > 0)).transpose("lead", "variable")
+                if metric == "mse":
+                    out[name]["rmse"] = cast(xr.DataArray, np.sqrt(mean))  # a DataArray ufunc
+                else:
+                    out[name][metric] = mean
+        return out
+
+    def table(self, not_meaningful: Mapping[str, xr.DataArray] | None = None) -> pd.DataFrame:
+        """Tidy frame ``model, variable, lead, metric, value``: the time-mean scores of each forecast, then
+        its skill rows (:func:`skill_frame`); the same table as the in-memory reference of the tests
+        (``tests/_reference.py``), which scores whole arrays with :mod:`conv2dlstm.evaluation.metrics`."""
+        if not self._sums:
+            raise DataError("no batch was scored; the test split has no window")
+        return score_frame(self.time_means(), skill_frame(self.mse_series(), not_meaningful))
+
+
+class CellRmse:
+    """RMSE of each grid cell over initial times (:func:`conv2dlstm.evaluation.metrics.rmse_per_cell`), accumulated
+    batch by batch: the per-cell sum of squared errors and the number of finite ones."""
+
+    def __init__(self, mask: xr.DataArray) -> None:
+        self.mask = mask.astype(bool)
+        self._sum: xr.DataArray | None = None
+        self._count: xr.DataArray | None = None
+
+    def add(self, forecast: xr.DataArray, truth: xr.DataArray) -> None:
+        """Add ``(time, variable, lat, lon)`` forecasts and truth of one batch."""
+        squared = ((forecast - truth) ** 2).where(self.mask)
+        total = squared.fillna(0.0).astype("float64").sum("time")
+        count = squared.notnull().sum("time")
+        if self._sum is not None:
+            if self._count is None:
+                raise RuntimeError("CellRmse holds a sum of squared errors without its count")
+            with xr.set_options(arithmetic_join="exact"):
+                total, count = self._sum + total, self._count + count
+        self._sum, self._count = total, count
+
+    def result(self) -> xr.DataArray:
+        """``(variable, lat, lon)`` RMSE, NaN on land and where no error was finite."""
+        if self._sum is None or self._count is None:
+            raise DataError("no batch was scored; the test split has no window")
+        rms = cast(xr.DataArray, np.sqrt(self._sum / self._count.where(self._count > 0)))  # a DataArray ufunc
+        return rms.transpose("variable", "lat", "lon")
+
+
+def metrics_table(scores: pd.DataFrame, *, run: str, model_name: str, source: str = "model") -> pd.DataFrame:
+    """The tidy ``metrics.csv`` table: rows of ``scores`` with the run, and ``source`` renamed to ``model_name``."""
+    table = scores.copy()
+    table.loc[table["model"] == source, "model"] = model_name
+    table.insert(0, "run", run)
+    table["lead"] = table["lead"].astype("int64")
+    order = {name: i for i, name in enumerate([model_name, *BASELINE_NAMES])}
+    table = table.sort_values(
+        ["model", "variable", "metric", "lead"], key=lambda s: s.map(order) if s.name == "model" else s, kind="stable"
+    )
+    return table[CSV_COLUMNS].reset_index(drop=True)
+
+
+def _mean_metric(metric: str) -> bool:
+    """Whether a metric gets a mean over leads in MLflow: the scores and the point skills."""
+    return metric in SCORES or (metric.startswith("skill_vs_") and metric[len("skill_vs_") :] in BASELINE_NAMES)
+
+
+def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
+    """Flat MLflow metric names for a ``metrics.csv`` table (non-finite values are left out).
+
+    Model scores are ``test_<metric>_<variable>_lead<k>``, its skill rows (with their interval,
+    significance and meaningfulness flags, :func:`skill_frame`) ``skill_vs_<baseline>[_<suffix>]_<variable>_lead<k>``,
+    baseline rows ``<baseline>_<metric>_<variable>_lead<k>``. The scores and the point skills also
+    get a ``..._<variable>_mean`` over leads; a skill not meaningful at some lead (NaN) has no mean,
+    and its ``..._meaningful_...`` metric is 0.
+    """
+    out: dict[str, float] = {}
+
+    def prefix(model: str, metric: str) -> str:
+        if model == model_name:
+            return metric if metric.startswith("skill_vs_") else f"test_{metric}"
+        return f"{model}_{metric}"
+
+    for row in table.itertuples(index=False):
+        if np.isfinite(row.value):
+            out[f"{prefix(row.model, row.metric)}_{row.variable}_lead{row.lead}"] = float(row.value)
+    averaged = table[table["metric"].map(_mean_metric)]
+    means = averaged.groupby(["model", "metric", "variable"], sort=False)["value"].agg(lambda v: v.mean(skipna=False))
+    for (model, metric, variable), value in means.items():
+        if np.isfinite(value):
+            out[f"{prefix(model, metric)}_{variable}_mean"] = float(value)
+    return out
+
+
+SKILL_COLUMNS: list[str] = ["baseline", "variable", "lead", "skill", "lower", "upper", "significant", "meaningful"]
+
+
+def skill_intervals(table: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
+    """The skill rows of a ``metrics.csv``-like table, one row per ``by``, baseline, variable and lead.
+
+    Columns ``by`` and :data:`SKILL_COLUMNS`: ``skill``, ``lower``, ``upper`` (NaN when not
+    meaningful or absent), ``significant`` and ``meaningful`` as booleans (a table written before
+    intervals existed has ``skill`` only: ``lower``/``upper`` NaN, ``significant`` False,
+    ``meaningful`` True).
+    """
+    parts = []
+    for baseline in BASELINE_NAMES:
+        prefix = f"skill_vs_{baseline}"
+        rows = table[table["metric"].isin([prefix + suffix for suffix in SKILL_METRICS])]
+        if rows.empty:
+            continue
+        fields = rows.assign(field=rows["metric"].str[len(prefix) :])
+        wide = fields.groupby([by, "variable", "lead", "field"], sort=False)["value"].first().unstack("field")
+        wide = wide.reindex(columns=list(SKILL_METRICS))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "baseline": baseline,
+                    "skill": wide[""],
+                    "lower": wide["_lower"],
+                    "upper": wide["_upper"],
+                    "significant": wide["_significant"].fillna(0.0) > 0.5,
+                    "meaningful": wide["_meaningful"].fillna(1.0) > 0.5,
+                },
+                index=wide.index,
+            ).reset_index()
+        )
+    if not parts:
+        return pd.DataFrame(columns=[by, *SKILL_COLUMNS])
+    return pd.concat(parts, ignore_index=True)[[by, *SKILL_COLUMNS]]

@@ -1,0 +1,220 @@
+"""Compare step: one table and one figure over every evaluated run and the baselines.
+
+Each run's ``metrics.csv`` (from :mod:`conv2dlstm.steps.evaluate`) carries its own copy of the baseline
+scores (:data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`); runs of one configuration share the test
+windows, so these copies are identical and each baseline appears once in the output (a copy that
+differs is reported with a warning and the first one is kept).
+
+``compare.csv`` has one row per run or baseline and per variable, with columns
+:data:`SUMMARY_COLUMNS`: RMSE averaged over leads, at the first and at the last lead, MAE, bias and
+ACC averaged over leads, and per baseline ``b``:
+
+- ``skill_vs_<b>_mean``: the skill ``1 - RMSE / RMSE(b)`` averaged over leads, from the
+  ``skill_vs_<b>`` rows of ``metrics.csv``; NaN when a lead's skill is NaN (not meaningful: its
+  climatology is unsupported by training days), or when the file has no such rows. A file without
+  skill rows for a baseline entry (written before they existed) gets it derived from the two RMSE
+  rows (:func:`conv2dlstm.evaluation.metrics.skill_score`, 0 against itself);
+- ``better_than_<b>``: ``yes`` where the 95% bootstrap interval of the skill lies above zero at
+  every lead, ``partly`` at some leads, ``no`` at none, ``not meaningful`` where the skill is not
+  meaningful at some lead, empty without an interval (or against itself). A run is marked better
+  only where the interval excludes zero;
+- ``better_leads_vs_<b>``: the leads where the interval lies above zero, space separated.
+
+``compare.png``: RMSE against lead, and per baseline each run's skill with its shaded interval
+(filled markers where the interval excludes zero).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from conv2dlstm.errors import DataError
+from conv2dlstm.evaluation import metrics, plots
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
+from conv2dlstm.evaluation.scores import CSV_COLUMNS, skill_intervals
+from conv2dlstm.fsutil import atomic_output, discard_partials
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS: list[str] = [
+    "name",
+    "kind",
+    "model",
+    "variable",
+    "leads",
+    "rmse_mean",
+    "rmse_lead1",
+    "rmse_last_lead",
+    "mae_mean",
+    "bias_mean",
+    "acc_mean",
+    *[column for b in BASELINE_NAMES for column in (f"skill_vs_{b}_mean", f"better_than_{b}", f"better_leads_vs_{b}")],
+]
+
+
+def read_metrics(paths: Sequence[Path]) -> pd.DataFrame:
+    """Concatenate ``metrics.csv`` files after checking their columns."""
+    if not paths:
+        raise DataError("compare: no metrics.csv given; pass at least one with --metrics")
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"compare: {path} does not exist; run the evaluate step first")
+        frame = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
+        if list(frame.columns) != CSV_COLUMNS:
+            raise DataError(
+                f"compare: {path} has columns {list(frame.columns)}; expected {CSV_COLUMNS} "
+                "(a metrics.csv written by the evaluate step)"
+            )
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    model_runs = table[~table["model"].isin(BASELINE_NAMES)]
+    per_file_runs = [set(f.loc[~f["model"].isin(BASELINE_NAMES), "run"]) for f in frames]
+    seen: set[str] = set()
+    for path, runs in zip(paths, per_file_runs, strict=True):
+        if runs & seen:
+            raise DataError(f"compare: run(s) {sorted(runs & seen)} of {path} appear in more than one metrics.csv")
+        seen |= runs
+    if model_runs.empty:
+        raise DataError("compare: the metrics files contain no model scores, only baselines")
+    return table
+
+
+def entries(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows ``name, kind, model, variable, lead, metric, value``: runs as they are, baselines once."""
+    runs = table[~table["model"].isin(BASELINE_NAMES)].assign(kind="run", name=lambda t: t["run"])
+    base = table[table["model"].isin(BASELINE_NAMES)]
+    key = ["model", "variable", "lead", "metric"]
+    spread = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(v) - np.nanmin(v)) if v.notna().any() else 0.0)
+    scale = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(np.abs(v))) if v.notna().any() else 0.0)
+    differ = spread > 1e-6 * np.maximum(scale, 1.0)
+    if differ.any():
+        first = differ[differ].index[0]
+        warnings.warn(
+            f"baseline scores differ between runs (e.g. {first}); the runs were not evaluated on the "
+            "same test windows; keeping the first run's baselines",
+            stacklevel=2,
+        )
+    base = base.drop_duplicates(key, keep="first").assign(kind="baseline", name=lambda t: t["model"])
+    return pd.concat([runs, base], ignore_index=True)[["name", "kind", "model", "variable", "lead", "metric", "value"]]
+
+
+def verdict(skills: pd.DataFrame) -> tuple[str, str]:
+    """``(better_than, better_leads)`` of one entry, variable and baseline from its per-lead interval rows
+    (:func:`conv2dlstm.evaluation.scores.skill_intervals`); see the module docstring."""
+    if skills.empty:
+        return "", ""
+    if not skills["meaningful"].all():
+        return "not meaningful", ""
+    if skills["lower"].isna().all():
+        return "", ""
+    better = sorted(int(k) for k in skills.loc[skills["lower"] > 0, "lead"])
+    label = "yes" if len(better) == len(skills) else ("partly" if better else "no")
+    return label, " ".join(map(str, better))
+
+
+def _strict_mean(series: pd.Series) -> float:
+    """Mean over leads, NaN when any lead is NaN (a skill not meaningful at one lead has no mean)."""
+    return float(series.mean(skipna=False)) if len(series) else np.nan
+
+
+def summarize(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per entry and variable with the main scores (:data:`SUMMARY_COLUMNS`)."""
+    rmse = rows[rows["metric"] == "rmse"]
+    baseline_rmse = {
+        name: rmse[rmse["name"] == name].set_index(["variable", "lead"])["value"] for name in BASELINE_NAMES
+    }
+    intervals = skill_intervals(rows, by="name")
+    out = []
+    for (name, variable), group in rows.groupby(["name", "variable"], sort=False):
+        by_metric = {m: g.sort_values("lead").set_index("lead")["value"] for m, g in group.groupby("metric")}
+        r = by_metric.get("rmse", pd.Series(dtype="float64"))
+        kind = group["kind"].iloc[0]
+        record = {
+            "name": name,
+            "kind": kind,
+            "model": group["model"].iloc[0],
+            "variable": variable,
+            "leads": int(r.size),
+            "rmse_mean": float(r.mean()) if r.size else np.nan,
+            "rmse_lead1": float(r.iloc[0]) if r.size else np.nan,
+            "rmse_last_lead": float(r.iloc[-1]) if r.size else np.nan,
+        }
+        for metric in ("mae", "bias", "acc"):
+            record[f"{metric}_mean"] = _lead_mean(by_metric.get(metric))
+        for baseline in BASELINE_NAMES:
+            column = f"skill_vs_{baseline}_mean"
+            sk = intervals[
+                (intervals["name"] == name) & (intervals["variable"] == variable) & (intervals["baseline"] == baseline)
+            ]
+            record[f"better_than_{baseline}"], record[f"better_leads_vs_{baseline}"] = verdict(sk)
+            if kind == "run" or not sk.empty:
+                record[column] = _strict_mean(sk.sort_values("lead")["skill"]) if not sk.empty else np.nan
+                continue
+            ref = baseline_rmse[baseline]
+            if ref.empty or not r.size:
+                record[column] = np.nan
+                continue
+            ref_v = ref.xs(variable, level="variable").reindex(r.index)
+            record[column] = _lead_mean(metrics.skill_score(r, ref_v))
+        out.append(record)
+    summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    order = {"run": 0, "baseline": 1}
+    summary["_k"] = summary["kind"].map(order)
+    summary["_b"] = summary["name"].map({b: i for i, b in enumerate(BASELINE_NAMES)}).fillna(-1)
+    summary = summary.sort_values(["_k", "_b", "name", "variable"], kind="stable").drop(columns=["_k", "_b"])
+    return summary.reset_index(drop=True)
+
+
+def _lead_mean(series: pd.Series | None) -> float:
+    """Mean over leads of a per-lead score (NaN leads left out); NaN when there is none."""
+    if series is None or not series.notna().any():
+        return np.nan
+    return float(series.mean())
+
+
+def _labels(rows: pd.DataFrame) -> pd.Series:
+    """Legend labels: ``run (model)`` for runs named differently from their model, else the name."""
+    named = (rows["kind"] == "run") & (rows["name"] != rows["model"])
+    return rows["name"].where(~named, rows["name"] + " (" + rows["model"] + ")")
+
+
+def main(
+    *, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None = None, models: list[Path] | None = None
+) -> None:
+    """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE and skill vs lead).
+
+    With the configuration ``cfg`` (and the runs' ``model.pt``), then tag the runs with their sweep
+    and register the experiment's best model as ``models:/<experiment>@champion``
+    (:func:`conv2dlstm.tracking.registry.after_compare`).
+    """
+    for out in (Path(out_csv), Path(out_plot)):
+        for stray in discard_partials(out.parent, of=out.name):
+            log.info("compare: discarded %s left by an interrupted run", stray)
+    rows = entries(read_metrics([Path(p) for p in metrics]))
+    summary = summarize(rows)
+    rmse = rows[rows["metric"] == "rmse"].assign(label=_labels)
+    runs = sorted(set(rows.loc[rows["kind"] == "run", "name"]))
+    labels = dict(zip(rmse["name"], rmse["label"], strict=True))
+    skills = skill_intervals(rows[rows["kind"] == "run"], by="name")
+    skills = skills.assign(label=skills["name"].map(labels).fillna(skills["name"]))
+    with atomic_output(out_csv) as tmp_csv, atomic_output(out_plot) as tmp_plot:
+        summary.to_csv(tmp_csv, index=False)
+        plots.compare_figure(
+            rmse,
+            skills,
+            tmp_plot,
+            title=f"Test period: RMSE and RMSE skill (95% block-bootstrap intervals) by lead, run(s) "
+            f"{', '.join(runs)} vs {', '.join(BASELINE_NAMES)}",
+        )
+    log.info("compared %d run(s): %s, %s", len(runs), out_csv, out_plot)
+    if cfg is not None:
+        from conv2dlstm.tracking import registry
+
+        registry.after_compare(cfg, [Path(p) for p in models or []])

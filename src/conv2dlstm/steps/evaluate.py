@@ -1,0 +1,669 @@
+"""Evaluate step: score a trained run and the baselines on the test period, commit the outputs, log them.
+
+This module is the step, and only the step: :func:`main` resolves the training run's MLflow run id
+(:func:`resolve_run_id`) and checks that the checkpoint was trained on these windows and statistics
+with this configuration (:func:`check_provenance`), all before any work; :func:`evaluate_split`
+drives the batches; the outputs are staged and committed (:func:`staging_dir`,
+:func:`commit_outputs`), the figures drawn (:func:`write_figures`), and the scores logged into
+MLflow (:func:`log_to_mlflow`). The work itself lives in the modules it imports:
+
+- :mod:`conv2dlstm.evaluation.inference`: reading the test windows, predicting each on its own with the
+  network (so that a window's prediction does not depend on its batch and the forecast step
+  reproduces it exactly), denormalizing, clipping the checkpoint's nonnegative targets at 0;
+- :mod:`conv2dlstm.evaluation.baselines`: persistence, the training climatology and damped anomaly
+  persistence, whose damping ``rho(lead)`` is fitted on the training part of the windows store
+  before the test windows are read (:func:`damping`);
+- :mod:`conv2dlstm.evaluation.scores`: the scores (area-weighted, land excluded, per target variable and
+  lead), the skill ``1 - RMSE/RMSE(baseline)`` of every forecast against every other baseline with
+  a 95% paired circular block-bootstrap interval over initial times (1000 resamples, seed 0), the
+  ``metrics.csv`` table and the MLflow metric names;
+- :mod:`conv2dlstm.artifacts.predictions`: the ``predictions.nc`` artifact and its writer;
+- :mod:`conv2dlstm.evaluation.plots`: the figures.
+
+Honest on short records: a baseline that uses the climatology of a day that no training day
+supports (:func:`conv2dlstm.evaluation.baselines.climatology_support`, the statistics' training period and
+climatology window; climatology: the valid day; damped persistence: the initial and the valid day)
+has its skill marked not meaningful at that lead (:func:`unsupported_leads`): the skill and its
+interval are NaN, the ``skill_vs_<baseline>_meaningful`` row is 0, the log warns, the plots say so.
+
+Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
+
+- ``predictions.nc``: CF-1.8 netCDF, one variable per target, dims ``(time, lead, lat, lon)``
+  (:mod:`conv2dlstm.artifacts.predictions`);
+- ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``. ``model`` is the run's model
+  or a baseline; metrics ``rmse``, ``mae``, ``bias``, ``acc`` (not for climatology), ``rho`` (damped
+  persistence: its damping), and per baseline ``skill_vs_<baseline>`` with ``_lower``, ``_upper``
+  (the 95% interval), ``_significant`` (1: the interval excludes 0), ``_meaningful`` (0: the
+  climatology is unsupported; the four before are NaN) and ``_block_length``
+  (:func:`conv2dlstm.evaluation.scores.skill_frame`);
+- ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals),
+  ``maps.png``, ``rmse_map.png``.
+
+Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
+test period. Per batch the step holds the inputs, the prediction, the truth and the baselines
+(``B x T_out x C_out x H x W`` float32 each; the statistics are cast to float32 so that nothing is
+upcast to float64) and the float64 temporaries of the metric code: the peak is about 50 times
+``B x T_out x C_out x H x W x 4`` bytes, plus the network's activations (lower
+``evaluate.batch_size`` to lower it). The damping is fitted on chunks of ``B x T_out`` training
+steps. Across batches it keeps only:
+
+- per score, model and ``(lead, variable)``: the sum and the count of the per-initial-time scores
+  (:class:`conv2dlstm.evaluation.scores.StreamingScores`). Each per-time score (the weighted spatial mean of
+  the squared, absolute and signed error, and the anomaly correlation) depends on one initial time
+  only, so the time mean taken at the end equals the definition of :mod:`conv2dlstm.evaluation.metrics` on
+  the whole test set;
+- per forecast the per-initial-time MSE series, ``N x T_out x C_out`` floats for ``N`` test
+  windows, for the bootstrap;
+- the per-cell sum of squared errors at lead 1 for ``rmse_map.png``
+  (:class:`conv2dlstm.evaluation.scores.CellRmse`, ``C_out x H x W``);
+- the one sample shown in ``maps.png``;
+- the time coordinates (``N x T_out`` datetimes).
+
+``predictions.nc`` is written batch by batch (:class:`conv2dlstm.artifacts.predictions.PredictionsWriter`),
+and the climatology is read from the statistics file only for the days of year of the current batch.
+
+Commit and logging. Every output is first written into one hidden staging folder
+``out_dir/.evaluate.*.partial``; when all of them are complete they are moved into ``out_dir``
+(:func:`commit_outputs`, same file system, one atomic rename per file). ``metrics.csv`` marks a
+complete result: the previous one is removed before the first rename and the new one is moved
+last. The remaining window is a crash between the first and the last rename: it leaves new and
+old files side by side but no ``metrics.csv``, so the step reads as not done (Snakemake also
+deletes the outputs of a failed job) and a rerun replaces every file. A failure before the commit
+leaves ``out_dir`` as it was.
+
+Only then are the scores logged into the training run's MLflow run
+(:func:`conv2dlstm.evaluation.scores.mlflow_metrics`: metrics named like ``test_rmse_sst_lead1``,
+``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``,
+``skill_vs_persistence_lower_sst_lead1``, ``skill_vs_climatology_meaningful_sst_lead1``, all at step
+0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
+any work starts. A rerun does not duplicate metrics: a metric whose latest logged value equals the
+new one is skipped, a changed value is appended at step 0 and becomes the latest; artifacts are
+overwritten. If logging fails after the commit the step fails, and a rerun logs what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from conv2dlstm.artifacts import predictions as predictions_file
+from conv2dlstm.artifacts import provenance
+from conv2dlstm.artifacts import stats as stats_file
+from conv2dlstm.config import keys
+from conv2dlstm.errors import ConfigError, DataError, TrackingError
+from conv2dlstm.evaluation import baselines, metrics, plots
+from conv2dlstm.evaluation.inference import (
+    climatology_at,
+    clip_nonnegative,
+    forecast_array,
+    nonnegative_targets,
+    physical,
+    predict_batch,
+    read_batch,
+)
+from conv2dlstm.evaluation.scores import (
+    CellRmse,
+    StreamingScores,
+    metrics_table,
+    mlflow_metrics,
+    skill_intervals,
+    tidy,
+)
+from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"
+RUN_ID_FILE = "mlflow_run_id.txt"
+ARTIFACT_DIR = "evaluate"
+MLFLOW_STEP = 0
+COMMIT_MARKER = "metrics.csv"
+OUTPUT_FILES: tuple[str, ...] = (
+    predictions_file.FILENAME,
+    "metrics.csv",
+    "rmse_vs_lead.png",
+    "acc_vs_lead.png",
+    "skill_vs_lead.png",
+    "maps.png",
+    "rmse_map.png",
+)
+_STAGING_PREFIX, _STAGING_SUFFIX = ".evaluate.", ".partial"
+
+
+# --------------------------------------------------------------------------------------------------
+# Run id, checks before the work, small helpers
+
+
+def resolve_run_id(checkpoint: str | os.PathLike, ckpt: Mapping[str, Any]) -> str:
+    """MLflow run id of the training run: from the checkpoint, else ``mlflow_run_id.txt`` beside it."""
+    run_id = str(ckpt.get("mlflow_run_id") or "").strip()
+    if run_id:
+        return run_id
+    sidecar = Path(checkpoint).parent / RUN_ID_FILE
+    if sidecar.is_file():
+        run_id = sidecar.read_text().strip()
+        if run_id:
+            return run_id
+    raise TrackingError(
+        f"checkpoint {checkpoint} names no MLflow run (no 'mlflow_run_id' entry and no non-empty "
+        f"{sidecar}); re-run the train step so that evaluation can log into its run"
+    )
+
+
+def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a table as CSV atomically."""
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def plot_sample(init_times: pd.DatetimeIndex, plot_date: str) -> int:
+    """Index of the test sample shown in ``maps.png``: the one initialized on ``plot_date`` (or 0)."""
+    if not plot_date:
+        return 0
+    try:
+        day = pd.Timestamp(plot_date).normalize()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"config key evaluate.plot_date: {plot_date!r} is not a date; write it as YYYY-MM-DD"
+        ) from exc
+    hits = np.flatnonzero(init_times.normalize() == day)
+    if hits.size == 0:
+        raise ConfigError(
+            f"config key evaluate.plot_date: {plot_date} is not the initial date of a test sample; "
+            f"test initial times run from {init_times.min():%Y-%m-%d} to {init_times.max():%Y-%m-%d} "
+            "(leave it empty for the first sample)"
+        )
+    return int(hits[0])
+
+
+def _check_checkpoint(ckpt: Mapping[str, Any], store: Any, checkpoint: Path) -> None:
+    for key in ("input_variables", "target_variables"):
+        trained = list(ckpt.get(key) or [])
+        stored = list(getattr(store, key))
+        if trained and trained != stored:
+            raise DataError(
+                f"checkpoint {checkpoint} was trained with {key} {trained} but the windows store has "
+                f"{stored}; evaluate with the windows the run was trained on (re-run train)"
+            )
+
+
+_RETRAIN = (
+    "the checkpoint is stale: rerun the train step on the current data and configuration "
+    "(`snakemake --forcerun train`, or rerun the workflow)"
+)
+
+
+def check_provenance(
+    ckpt: Mapping[str, Any],
+    *,
+    checkpoint: Path,
+    windows: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    train_config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint's provenance record, after checking that it was trained on these inputs.
+
+    ``windows`` and ``stats`` are the provenance records of the windows store and statistics the
+    step is given, ``train_config`` the train step's result configuration of the run. Raises
+    :class:`DataError` naming what differs and the step to rerun (train) when the checkpoint
+    records no provenance, other windows or statistics digests, or another result configuration.
+    """
+    try:
+        record = provenance.from_checkpoint(ckpt, where=f"checkpoint {checkpoint}")
+    except DataError as exc:
+        raise DataError(f"{str(exc).split(';')[0]}; {_RETRAIN}") from exc
+    given = {"windows": windows["digest"], "stats": stats["digest"]}
+    problems = [
+        f"it was trained on {name} digest {record['inputs'].get(name, '(none)')} but the {name} given have "
+        f"digest {digest}"
+        for name, digest in given.items()
+        if record["inputs"].get(name) != digest
+    ]
+    if record["config_digest"] != keys.result_digest(dict(train_config), "train"):
+        old = ckpt.get(provenance.RESULT_CONFIG_KEY)
+        changed = provenance.config_changes(old, train_config) if isinstance(old, Mapping) else []
+        problems.append("it was trained with another configuration" + (f" ({'; '.join(changed)})" if changed else ""))
+    if problems:
+        raise DataError(f"checkpoint {checkpoint} does not match its inputs: {'; '.join(problems)}; {_RETRAIN}")
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
+# Commit and MLflow
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A new hidden staging folder in ``out_dir`` (same file system: the commit renames are atomic).
+
+    Staging folders left by a killed evaluation of ``out_dir`` are removed first: one evaluation
+    writes into ``out_dir`` at a time (Snakemake locks a job's outputs).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{_STAGING_PREFIX}*{_STAGING_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX, dir=out_dir))
+
+
+def commit_outputs(staging: Path, out_dir: Path, names: Sequence[str], *, marker: str = COMMIT_MARKER) -> None:
+    """Move the files ``names`` from ``staging`` into ``out_dir``, ``marker`` last.
+
+    The old ``marker`` is removed before the first rename, so until the last rename ``out_dir``
+    has no ``marker``: a crash in between leaves an incomplete-looking result, never a mix that
+    looks complete. Each rename is atomic (``os.replace`` within one file system).
+    """
+    missing = [name for name in names if not (staging / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"commit_outputs: {missing} were not written to {staging}")
+    ordered = [name for name in names if name != marker] + ([marker] if marker in names else [])
+    (out_dir / marker).unlink(missing_ok=True)
+    for name in ordered:
+        os.replace(staging / name, out_dir / name)
+
+
+def metrics_to_log(values: Mapping[str, float], logged: Mapping[str, float]) -> dict[str, float]:
+    """The metrics of ``values`` whose latest logged value (``logged``) is absent or different."""
+    return {
+        k: v for k, v in values.items() if k not in logged or not math.isclose(logged[k], v, rel_tol=1e-12, abs_tol=0.0)
+    }
+
+
+def log_to_mlflow(
+    uri: str,
+    run_id: str,
+    values: Mapping[str, float],
+    artifacts: Sequence[Path],
+    tags: Mapping[str, str] | None = None,
+) -> int:
+    """Log scores (step 0), files and ``tags`` into the existing (training) MLflow run ``run_id``.
+
+    Metrics already logged with the same value are skipped, so a rerun adds no duplicate; returns
+    the number of metrics logged.
+    """
+    from mlflow import MlflowClient
+
+    from conv2dlstm.tracking import store as tracking
+
+    with tracking.resume_run(run_id, tracking_uri=uri) as tracker:
+        new = metrics_to_log(values, MlflowClient(uri).get_run(run_id).data.metrics)
+        names = sorted(new)
+        for i in range(0, len(names), 500):  # MLflow caps the metrics of one batch request
+            tracker.log_metrics({k: new[k] for k in names[i : i + 500]}, step=MLFLOW_STEP)
+        for path in artifacts:
+            tracker.log_artifact(path, artifact_path=ARTIFACT_DIR)
+        if tags:
+            tracker.set_tags(dict(tags))
+    return len(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# The batches: forecasts, baselines and truth in physical units, scored
+
+
+def batch_forecasts(
+    pred: np.ndarray,
+    y: np.ndarray,
+    last: np.ndarray,
+    *,
+    init_times: np.ndarray,
+    valid_times: np.ndarray,
+    variables: Sequence[str],
+    mask: xr.DataArray,
+    stats: xr.Dataset,
+    rho: xr.DataArray | None = None,
+    nonnegative: Sequence[str] = (),
+) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
+    """One batch in physical units (float32, NaN on land): the forecasts and the truth.
+
+    Args:
+        pred, y: normalized model prediction and targets, ``(B, T_out, C_out, H, W)``.
+        last: normalized targets at the initial times, ``(B, C_out, H, W)`` (persistence).
+        init_times, valid_times: ``(B,)`` and ``(B, T_out)`` datetimes of the batch's windows.
+        variables: the ``C_out`` target names.
+        mask: ``(lat, lon)`` ocean mask with the grid's coordinates.
+        stats: statistics from :func:`conv2dlstm.artifacts.stats.open_lazy`.
+        rho: ``(lag, variable)`` damping of damped persistence (:func:`conv2dlstm.evaluation.baselines.fit_damping`);
+            without it there is no damped persistence forecast.
+        nonnegative: target variables that cannot be negative; the model's prediction and damped
+            persistence are clipped at 0 there (:func:`clip_nonnegative`).
+
+    Returns:
+        The forecasts ``model`` and those of :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`, and the truth,
+        each ``(time, lead, variable, lat, lon)`` with the coordinates of
+        :func:`conv2dlstm.evaluation.inference.forecast_array`.
+    """
+    lat, lon = mask["lat"].values, mask["lon"].values
+    coords: dict[str, Any] = {
+        "init_times": init_times,
+        "valid_times": valid_times,
+        "variables": variables,
+        "lat": lat,
+        "lon": lon,
+    }
+    forecast = clip_nonnegative(physical(forecast_array(pred, name="prediction", **coords), stats, mask), nonnegative)
+    truth = physical(forecast_array(y, name="truth", **coords), stats, mask)
+    at_init = physical(
+        xr.DataArray(
+            last,
+            dims=("time", "variable", "lat", "lon"),
+            coords={"time": forecast["time"], "variable": list(variables), "lat": lat, "lon": lon},
+        ),
+        stats,
+        mask,
+    )
+    persist = baselines.persistence(at_init, forecast.sizes["lead"]).assign_coords(
+        lead_time=forecast["lead_time"], valid_time=forecast["valid_time"]
+    )
+    clim = climatology_at(forecast["valid_time"], stats, variables).where(mask)
+    out = {"model": forecast, "persistence": persist, "climatology": clim}
+    if rho is not None:
+        clim_initial = climatology_at(forecast["time"], stats, variables).where(mask)
+        damped = baselines.damped_persistence(at_init, clim_initial, clim, rho.astype("float32"))
+        out["damped_persistence"] = clip_nonnegative(damped.astype("float32"), nonnegative)
+    return out, truth
+
+
+def damping(store: Any, stats: xr.Dataset, *, weights: xr.DataArray, chunk_steps: int) -> xr.DataArray:
+    """``(lag, variable)`` damping of damped persistence, fitted on the training part of ``store``
+    (:func:`conv2dlstm.evaluation.baselines.fit_damping`), logged; lags ``1..lead_steps``."""
+    rho = baselines.fit_damping(store, stats, max_lag=int(store.lead_steps), weights=weights, chunk_steps=chunk_steps)
+    for variable in rho["variable"].values:
+        values = ", ".join(f"{float(r):.3f}" for r in rho.sel(variable=variable).values)
+        log.info(
+            "damped persistence: %s anomaly autocorrelation at lags 1..%d (training period): %s",
+            variable,
+            rho.sizes["lag"],
+            values,
+        )
+    if bool(rho.isnull().any()):
+        log.warning(
+            "damped persistence: the training record gives no autocorrelation for some lag; its forecast is NaN there"
+        )
+    return rho
+
+
+def unsupported_leads(store: Any, stats: xr.Dataset, *, split: str = SPLIT) -> dict[str, xr.DataArray]:
+    """Per baseline, the leads where its skill is not meaningful (climatology days without training
+    days, :func:`conv2dlstm.evaluation.baselines.not_meaningful_leads`), with a warning naming them."""
+    train_times = baselines.training_times(store.time, stats)
+    window = baselines.climatology_window(stats)
+    support = baselines.climatology_support(train_times, window)
+    init, valid = store.init_times(split), store.valid_times(split)
+    flags = baselines.not_meaningful_leads(init, valid, support)
+    start, end = baselines.training_period(stats)
+    for name, bad in flags.items():
+        if bool(bad.any()):
+            leads = [int(k) for k in bad["lead"].values[bad.values]]
+            days = sorted(
+                {
+                    str(pd.Timestamp(t).date())
+                    for t in np.asarray(valid).ravel()
+                    if not bool(support.sel(dayofyear=pd.Timestamp(t).day_of_year))
+                }
+            )
+            log.warning(
+                "%s relies on the training climatology of days that no training day supports (training period "
+                "%s..%s, climatology window %d days; unsupported %s days: %s%s): skill against it is marked not "
+                "meaningful (NaN, skill_vs_%s_meaningful = 0) at lead(s) %s",
+                name,
+                start,
+                end,
+                window,
+                split,
+                ", ".join(days[:5]),
+                " ..." if len(days) > 5 else "",
+                name,
+                leads,
+            )
+    return flags
+
+
+def evaluate_split(
+    model: Any,
+    store: Any,
+    stats: xr.Dataset,
+    *,
+    device: Any,
+    batch_size: int,
+    writer: predictions_file.PredictionsWriter,
+    shown_sample: int,
+    checkpoint: Path,
+    nonnegative: Sequence[str] = (),
+) -> tuple[pd.DataFrame, xr.DataArray, tuple[xr.DataArray, xr.DataArray]]:
+    """Predict and score the test windows batch by batch, writing the predictions with ``writer``.
+
+    Before the test windows, damped persistence's damping is fitted on the store's training part
+    (:func:`damping`) and the leads whose baselines rely on an unsupported climatology are found
+    (:func:`unsupported_leads`).
+
+    Returns:
+        The scores (layout of :meth:`conv2dlstm.evaluation.scores.StreamingScores.table`, plus the ``rho`` rows of
+        damped persistence),
+        the lead-1 RMSE per grid cell ``(variable, lat, lon)``, and the lead-1 truth and prediction
+        ``(variable, lat, lon)`` of sample ``shown_sample``.
+    """
+    n = int(store.starts(SPLIT).size)
+    init_all = np.asarray(store.init_times(SPLIT), dtype="datetime64[ns]")  # (N,)
+    valid_all = np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]")  # (N, T_out)
+    lat, lon = np.asarray(store.lat, dtype="float64"), np.asarray(store.lon, dtype="float64")
+    mask = xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+    targets = [str(v) for v in store.target_variables]
+    expected = (int(store.lead_steps), len(targets), lat.size, lon.size)
+    weights = metrics.area_weights(lat, mask)
+    scores, cell_rmse = StreamingScores(weights), CellRmse(mask)
+    rho = damping(store, stats, weights=weights, chunk_steps=max(batch_size, 1) * expected[0])
+    not_meaningful = unsupported_leads(store, stats)
+    shown: tuple[xr.DataArray, xr.DataArray] | None = None
+    log.info("predicting %d test windows on %s in batches of %d", n, device, batch_size)
+    for i0 in range(0, n, batch_size):
+        batch = slice(i0, min(i0 + batch_size, n))
+        x_n, y_n, last_n = read_batch(store, SPLIT, range(batch.start, batch.stop))
+        pred_n = predict_batch(model, x_n, device=device)  # (B, T_out, C_out, H, W), normalized
+        if pred_n.shape[1:] != expected:
+            raise DataError(
+                f"the model of {checkpoint} predicts shape {pred_n.shape[1:]} per window but the windows "
+                f"store needs {expected}; the checkpoint does not match these windows (re-run train)"
+            )
+        forecasts, truth = batch_forecasts(
+            pred_n,
+            y_n,
+            last_n,
+            init_times=init_all[batch],
+            valid_times=valid_all[batch],
+            variables=targets,
+            mask=mask,
+            stats=stats,
+            rho=rho,
+            nonnegative=nonnegative,
+        )
+        scores.add(forecasts, truth, forecasts["climatology"])
+        cell_rmse.add(forecasts["model"].sel(lead=1), truth.sel(lead=1))
+        writer.write(i0, forecasts["model"].values)
+        if batch.start <= shown_sample < batch.stop:  # keep only the sample shown in maps.png
+            j = shown_sample - i0
+            shown = (truth.isel(time=j).sel(lead=1).copy(), forecasts["model"].isel(time=j).sel(lead=1).copy())
+    if shown is None:
+        raise DataError(f"sample {shown_sample} for maps.png is not one of the {n} test windows")
+    leads = np.arange(1, expected[0] + 1, dtype="int64")
+    rho_rows = tidy(rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho")
+    table = pd.concat([scores.table(not_meaningful), rho_rows], ignore_index=True)
+    return table, cell_rmse.result(), shown
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def line_labels(table: pd.DataFrame) -> pd.Series:
+    """Legend label of each row: the model name, with a note on baselines whose skill is not meaningful."""
+    flags = table[table["metric"].str.endswith("_meaningful")]
+    flagged = {
+        metric[len("skill_vs_") : -len("_meaningful")]
+        for metric, value in zip(flags["metric"], flags["value"], strict=True)
+        if value == 0
+    }
+    note = " (climatology unsupported: skill not meaningful)"
+    return table["model"].where(~table["model"].isin(flagged), table["model"] + note)
+
+
+def write_figures(
+    staging: Path,
+    table: pd.DataFrame,
+    *,
+    rmse_map: xr.DataArray,
+    shown: tuple[xr.DataArray, xr.DataArray],
+    shown_title: str,
+    who: str,
+    period: str,
+    units: Mapping[str, str],
+    model_name: str,
+) -> None:
+    """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png``, ``maps.png`` and ``rmse_map.png``
+    in ``staging``."""
+    labelled = table.assign(label=line_labels(table))
+    plots.lines_vs_lead(
+        labelled[labelled["metric"] == "rmse"],
+        staging / "rmse_vs_lead.png",
+        ylabel="area-weighted RMSE (physical units)",
+        title=f"{who} vs baselines: RMSE by lead, test initial times {period}",
+    )
+    plots.lines_vs_lead(
+        labelled[labelled["metric"] == "acc"],
+        staging / "acc_vs_lead.png",
+        ylabel="anomaly correlation (ACC)",
+        title=f"{who} vs persistence and damped persistence: ACC by lead, test initial times {period}",
+    )
+    skills = skill_intervals(table[table["model"] == model_name])
+    plots.skill_vs_lead(
+        skills.assign(label="vs " + skills["baseline"]),
+        staging / "skill_vs_lead.png",
+        title=f"{who}: RMSE skill 1 - RMSE/RMSE(baseline) with 95% block-bootstrap intervals, test initial "
+        f"times {period} (filled: the interval excludes 0)",
+    )
+    plots.forecast_maps(shown[0], shown[1], staging / "maps.png", title=f"{who}: {shown_title}", units=dict(units))
+    plots.field_maps(
+        rmse_map,
+        staging / "rmse_map.png",
+        title=f"{who}: RMSE per grid cell at lead 1, test initial times {period}",
+        units=dict(units),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoint: Path, out_dir: Path) -> None:
+    """Predict the test split batch by batch, score the run and the baselines, write, commit, then log.
+
+    The checkpoint must have been trained on this windows store and these statistics with this
+    configuration (:func:`check_provenance`); ``predictions.nc`` (attribute ``provenance``) and the
+    MLflow run (tags ``evaluate.provenance.*``) record the evaluation's provenance.
+    """
+    from conv2dlstm.artifacts.windows_store import WindowsStore
+    from conv2dlstm.tracking import store as tracking
+    from conv2dlstm.training import models
+    from conv2dlstm.training.devices import resolve_device
+
+    windows, stats, checkpoint, out_dir = Path(windows), Path(stats), Path(checkpoint), Path(out_dir)
+    for stray in discard_partials(out_dir):
+        log.info("evaluate: discarded %s left by an interrupted run", stray)
+    store = WindowsStore(windows)
+    model, ckpt = models.load_model(checkpoint)
+    _check_checkpoint(ckpt, store, checkpoint)
+    run_id = resolve_run_id(checkpoint, ckpt)
+    model_name = str(ckpt.get("model_name") or cfg["model"]["name"])
+    if store.starts(SPLIT).size == 0:
+        raise DataError(
+            f"the windows store {windows} has no test window; lengthen splits.test or shorten "
+            "windows.input_steps + windows.lead_steps"
+        )
+    init_times = pd.DatetimeIndex(store.init_times(SPLIT))
+    k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
+    device = resolve_device(cfg["train"]["device"])
+    uri = tracking.resolve_tracking_uri(dict(cfg))
+    tracking.check_run(uri, run_id)  # an unknown run fails before the work, not after the commit
+    period = f"{init_times.min():%Y-%m-%d}..{init_times.max():%Y-%m-%d}"
+    who = run if run == model_name else f"{run} ({model_name})"
+    targets = [str(v) for v in store.target_variables]
+
+    with stats_file.open_lazy(stats, targets) as stats_ds:
+        stats_file.check_grid(stats_ds, store.lat, store.lon, stats_path=stats, data=f"windows store {windows}")
+        trained = check_provenance(
+            ckpt,
+            checkpoint=checkpoint,
+            windows=provenance.from_attrs(store.attrs, where=f"windows store {windows}", step="windows"),
+            stats=provenance.from_attrs(stats_ds.attrs, where=f"statistics file {stats}", step="normalize"),
+            train_config=keys.result_config(dict(cfg), "train"),
+        )
+        record = provenance.for_step(
+            cfg,
+            "evaluate",
+            {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}},
+        )
+        units = stats_file.units(stats_ds)
+        staging = staging_dir(out_dir)
+        try:
+            with predictions_file.PredictionsWriter(
+                staging / predictions_file.FILENAME,
+                init_times=store.init_times(SPLIT),
+                valid_times=store.valid_times(SPLIT),
+                variables=targets,
+                lat=store.lat,
+                lon=store.lon,
+                units=units,
+                attrs={
+                    "run": run,
+                    "model_name": model_name,
+                    "checkpoint": checkpoint.name,
+                    "checkpoint_sha256": sha256_file(checkpoint),
+                    "mlflow_run_id": run_id,
+                    **provenance.to_attrs(record),
+                },
+            ) as writer:
+                scores, rmse_map, shown = evaluate_split(
+                    model.to(device).eval(),
+                    store,
+                    stats_ds,
+                    device=device,
+                    batch_size=int(cfg["evaluate"]["batch_size"]),
+                    writer=writer,
+                    shown_sample=k,
+                    checkpoint=checkpoint,
+                    nonnegative=nonnegative_targets(ckpt),
+                )
+            table = metrics_table(scores, run=run, model_name=model_name)
+            write_csv(table, staging / "metrics.csv")
+            valid = pd.Timestamp(store.valid_times(SPLIT)[k, 0])
+            write_figures(
+                staging,
+                table,
+                rmse_map=rmse_map,
+                shown=shown,
+                shown_title=f"lead 1 forecast initialized {init_times[k]:%Y-%m-%d}, valid {valid:%Y-%m-%d} (land grey)",
+                who=who,
+                period=period,
+                units=units,
+                model_name=model_name,
+            )
+            commit_outputs(staging, out_dir, OUTPUT_FILES)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s", ", ".join(str(out_dir / name) for name in OUTPUT_FILES))
+    logged = log_to_mlflow(
+        uri,
+        run_id,
+        mlflow_metrics(table, model_name=model_name),
+        [out_dir / name for name in OUTPUT_FILES if name != predictions_file.FILENAME],
+        tags=provenance.mlflow_tags(record, prefix="evaluate.provenance"),
+    )
+    log.info("logged %d new metrics and the plots into MLflow run %s", logged, run_id)

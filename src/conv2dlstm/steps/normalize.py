@@ -1,0 +1,268 @@
+"""Normalization statistics and day-of-year climatology (training period only), and the ocean mask.
+
+Layout of the statistics file (``<outdir>/normalize/<name>.nc``, see docs/architecture.md):
+
+- ``mean``, ``std``: ``(variable)``, or ``(variable, lat, lon)`` when ``per_pixel``; training period,
+  ocean cells only. Per-pixel standard deviations are floored at :data:`STD_FLOOR_FRACTION` times
+  the pooled standard deviation of the variable (over all ocean cells and training steps), so that
+  a nearly constant cell (SST clamped at -1.8 degC under sea ice) does not turn tiny deviations into
+  huge z-scores. Per-pixel statistics of land cells are 0 and 1 (land is masked downstream), and a
+  standard deviation of 0 (a variable constant over the training period) is replaced by 1.
+- ``climatology``: ``(dayofyear, variable, lat, lon)``, dayofyear 1..366, physical units: the
+  training-period mean of each day of the year, smoothed by a circular running mean of
+  ``climatology_window`` days (days without data are skipped; days still without a value, such as day
+  366 when no leap year is in the training period, are interpolated circularly between their nearest
+  neighbours).
+- ``mask``: ``(lat, lon)`` bool, the ocean: cells finite at every time of every variable.
+- ``variable_units``: ``(variable)`` strings; each variable's units also in its attributes.
+
+The mask is the one product that looks at every period (train, validation and test): it is a
+static land-sea mask, geography (which cells have data at all), not a statistic, and it uses only
+whether values are missing, never the values. Mean, std and climatology are fitted on the training
+period (``splits.train``, whole days, :func:`conv2dlstm.data.harmonize.day_bounds`) alone, over the
+mask's cells: no value from validation or test enters them.
+
+Only reductions run on the cube (Dask, chunk by chunk); the results are small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+from conv2dlstm.artifacts import regridded
+from conv2dlstm.artifacts import stats as stats_file
+from conv2dlstm.data import harmonize as hz
+from conv2dlstm.data import zarrstore
+from conv2dlstm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DAYS = 366
+MIN_STD = 1e-12
+"""A standard deviation at or below this is 0: the variable is constant (its std becomes 1)."""
+STD_FLOOR_FRACTION = 1e-3
+"""Per-pixel std floor, as a fraction of the variable's pooled std over ocean training cells."""
+
+
+def ocean_mask(arr: xr.DataArray) -> xr.DataArray:
+    """``(lat, lon)`` bool: finite at every time of every variable of ``arr`` ``(time, variable, lat, lon)``."""
+    mask = arr.notnull().all(("time", "variable"))
+    return mask.compute().rename("mask")
+
+
+def training_slice(ds: hz.T, start: str, end: str) -> hz.T:
+    """Time steps of days ``start`` to ``end`` inclusive (:func:`conv2dlstm.data.harmonize.select_period`).
+
+    :class:`DataError` when there are none.
+    """
+    return hz.select_period(
+        ds,
+        start,
+        end,
+        what="the training period (splits.train)",
+        fix="move splits.train inside the data or fetch that period (source.start/end)",
+    )
+
+
+def circular_smooth(clim: np.ndarray, window: int) -> np.ndarray:
+    """NaN-aware circular running mean of ``window`` days along axis 0 (366 days); gaps interpolated.
+
+    Day ``d`` averages the available days ``d - window//2 .. d - window//2 + window - 1`` (circular).
+    Days with no available value in their window are interpolated linearly between the nearest
+    available days before and after (circularly).
+    """
+    if window < 1:
+        raise ValueError(f"climatology window {window} must be at least 1")
+    n = clim.shape[0]
+    finite = np.isfinite(clim)
+    values = np.where(finite, clim, 0.0)
+    total = np.zeros_like(values)
+    count = np.zeros(clim.shape, dtype=np.float64)
+    for offset in range(-(window // 2), window - window // 2):
+        total += np.roll(values, -offset, axis=0)
+        count += np.roll(finite, -offset, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        smooth = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    gaps = ~np.isfinite(smooth)
+    if gaps.any():
+        flat = smooth.reshape(n, -1)
+        for j in np.flatnonzero(gaps.reshape(n, -1).any(axis=0)):
+            col = flat[:, j]
+            ok = np.flatnonzero(np.isfinite(col))
+            if ok.size == 0:
+                continue  # never observed (land): stays NaN
+            days = np.arange(n)
+            xp = np.concatenate([ok - n, ok, ok + n])
+            fp = np.tile(col[ok], 3)
+            flat[:, j] = np.interp(days, xp, fp)
+        smooth = flat.reshape(clim.shape)
+    return smooth
+
+
+def fit_stats(
+    ds: xr.Dataset,
+    *,
+    train_start: str,
+    train_end: str,
+    variables: Sequence[str],
+    per_pixel: bool = False,
+    climatology_window: int = 31,
+) -> xr.Dataset:
+    """Fit mean, std and climatology on ``train_start..train_end`` (whole days) and the ocean mask.
+
+    ``ds`` is a regridded dataset ``(time, lat, lon)`` (lazy). No value outside the training period
+    enters mean, std or climatology. The mask is geography and uses every time step (a cell that is
+    ever missing is not ocean); statistics are taken over its cells only.
+    """
+    variables = list(dict.fromkeys(variables))
+    arr = hz.stack_variables(ds, variables)  # (time, variable, lat, lon)
+    mask = ocean_mask(arr)
+    if not bool(mask.any()):
+        raise DataError(
+            f"no ocean cell: every cell of {variables} is missing at some time step; check the regridded "
+            "data (grid.min_ocean_fraction, region, variables)"
+        )
+    train = training_slice(arr, train_start, train_end).astype(np.float64)
+    ocean = train.where(mask)
+
+    if per_pixel:
+        # Ocean cells are finite at every step; land is set to 0 (not NaN) so that no cell reduces an
+        # empty set, and gets neutral statistics below.
+        filled = train.where(mask, 0.0)
+        mean_l, std_l = filled.mean("time"), filled.std("time")  # (variable, lat, lon)
+        pooled_l = ocean.std(("time", "lat", "lon"))  # (variable,)
+    else:
+        mean_l = ocean.mean(("time", "lat", "lon"))  # (variable,)
+        std_l = pooled_l = ocean.std(("time", "lat", "lon"))
+    clim_l = train.groupby("time.dayofyear").mean("time")  # (dayofyear, variable, lat, lon)
+    mean, std, pooled, clim = dask.compute(mean_l, std_l, pooled_l, clim_l)
+
+    if per_pixel:
+        std = floor_std(std, pooled, mask)
+        mean = mean.where(mask, 0.0)
+        std = std.where(mask, 1.0)
+    if not bool(np.isfinite(mean).all()):
+        bad = [str(v) for v in mean["variable"].values if not np.isfinite(mean.sel(variable=v)).all()]
+        raise DataError(f"the training period {train_start}..{train_end} has no finite ocean value of {bad}")
+    small = ~(std > MIN_STD)
+    if bool(small.any()):
+        flat = small.any([d for d in small.dims if d != "variable"]) if small.ndim > 1 else small
+        names = [str(v) for v in flat["variable"].values[flat.values]]
+        log.warning("normalize: standard deviation 0 for %s (constant in the training period); using 1", names)
+        std = std.where(~small, 1.0)
+
+    full = np.full((DAYS, len(variables), ds.sizes["lat"], ds.sizes["lon"]), np.nan)
+    full[clim["dayofyear"].values - 1] = clim.transpose("dayofyear", "variable", "lat", "lon").values
+    smooth = circular_smooth(full, int(climatology_window))
+    smooth = np.where(mask.values[None, None], smooth, np.nan)
+
+    units = [str(ds[v].attrs.get("units", "unknown")) for v in variables]
+    coords = {"variable": np.array(variables, dtype=object), "lat": ds["lat"], "lon": ds["lon"]}
+    out = xr.Dataset(
+        {
+            "mean": mean.astype(np.float64).drop_vars([c for c in mean.coords if c not in coords]),
+            "std": std.astype(np.float64).drop_vars([c for c in std.coords if c not in coords]),
+            "climatology": (
+                ("dayofyear", "variable", "lat", "lon"),
+                smooth.astype(np.float32),
+                {"long_name": "training-period day-of-year mean", "window_days": int(climatology_window)},
+            ),
+            "mask": mask.drop_vars([c for c in mask.coords if c not in coords]),
+            "variable_units": ("variable", np.array(units, dtype=object), dict(zip(variables, units, strict=True))),
+        },
+        coords={**coords, "dayofyear": np.arange(1, DAYS + 1)},
+        attrs={
+            "train_start": str(train_start),
+            "train_end": str(train_end),
+            "per_pixel": int(bool(per_pixel)),
+            "climatology_window": int(climatology_window),
+            "train_steps": int(train.sizes["time"]),
+            "format_version": stats_file.FORMAT_VERSION,
+        },
+    )
+    out["mask"].attrs["long_name"] = "ocean: finite at every time of every variable"
+    return out
+
+
+def floor_std(std: xr.DataArray, pooled: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
+    """Per-pixel ``std`` ``(variable, lat, lon)`` raised to at least :data:`STD_FLOOR_FRACTION` x ``pooled``.
+
+    ``pooled`` ``(variable)`` is each variable's standard deviation over all ocean cells and
+    training steps; only cells of ``mask`` ``(lat, lon)`` are counted in the log message.
+    """
+    floor = STD_FLOOR_FRACTION * pooled
+    low = std < floor
+    counted = (low & mask).sum(("lat", "lon"))
+    for name, n in zip(counted["variable"].values, counted.values, strict=True):
+        if n:
+            log.warning(
+                "normalize: %d ocean cell(s) of %s vary less than %g x its pooled std %g in the training "
+                "period; their std is raised to %g",
+                int(n),
+                name,
+                STD_FLOOR_FRACTION,
+                float(pooled.sel(variable=name)),
+                float(floor.sel(variable=name)),
+            )
+    return xr.where(low, floor, std).transpose(*std.dims)
+
+
+def main(
+    cfg: Mapping[str, Any],
+    *,
+    data: Path,
+    out: Path,
+    threads: int = 1,
+    memory_mb: int | None = None,
+) -> None:
+    """Fit the statistics of the regridded store ``data`` on ``splits.train`` and write ``out`` (netCDF).
+
+    The global attribute ``provenance`` records the result configuration and the regrid store's
+    provenance digest (:mod:`conv2dlstm.artifacts.provenance`).
+    """
+    from conv2dlstm.artifacts import provenance
+    from conv2dlstm.data.daskutil import compute_errors, dask_client
+    from conv2dlstm.fsutil import discard_partials
+
+    out = Path(out)
+    for stray in discard_partials(out.parent, of=out.name):
+        log.info("normalize: discarded %s left by an interrupted run", stray)
+    variables = list(dict.fromkeys([*cfg["variables"]["inputs"], *cfg["variables"]["targets"]]))
+    train = cfg["splits"]["train"]
+    ds = regridded.open(Path(data))  # metadata only: a missing store fails before the cluster starts
+    upstream = provenance.from_attrs(ds.attrs, where=f"the regridded store {data}", step="regrid")
+    record = provenance.for_step(cfg, "normalize", {"regrid": upstream["digest"]})
+    address = cfg["dask"]["scheduler_address"]
+    with (
+        dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=ds.nbytes),
+        compute_errors(f"fitting statistics on {data}"),
+        zarrstore.read_errors(data, what=regridded.WHAT, step="regrid", codec_only=True),
+    ):
+        stats = fit_stats(
+            ds,
+            train_start=train["start"],
+            train_end=train["end"],
+            variables=variables,
+            per_pixel=cfg["normalize"]["per_pixel"],
+            climatology_window=cfg["normalize"]["climatology_window"],
+        )
+    stats.attrs.update(provenance.to_attrs(record))
+    log.info(
+        "normalize: %s on %s..%s (%d steps), %d ocean cells of %d -> %s (provenance %s)",
+        variables,
+        train["start"],
+        train["end"],
+        stats.attrs["train_steps"],
+        int(stats["mask"].sum()),
+        stats["mask"].size,
+        out,
+        record["digest"],
+    )
+    stats_file.write(stats, out)

@@ -1,0 +1,1 @@
+"""Training libraries: the networks, the data loader, the training loop, devices, several processes and preemption."""
