@@ -2,8 +2,8 @@
 streaming code must reproduce.
 
 - :func:`score_forecasts`: the score table of forecasts held in memory, with the metric functions of
-  :mod:`conv2dlstm.evaluation.metrics` on whole arrays; :class:`conv2dlstm.evaluation.scores.StreamingScores` computes the
-  same table batch by batch.
+  :mod:`conv2dlstm.evaluation.metrics` on whole arrays; :class:`conv2dlstm.evaluation.scores.StreamingScores`
+  computes the same table batch by batch.
 - :func:`predictions_dataset` and :func:`write_netcdf`: ``predictions.nc`` of forecasts held in
   memory, written by xarray; :class:`conv2dlstm.artifacts.predictions.PredictionsWriter` writes the
   same file batch by batch.
@@ -39,8 +39,9 @@ def score_forecasts(
 
     Args:
         forecasts: name -> ``(time, lead, variable, lat, lon)`` forecast, physical units. Names in
-            :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` are baselines. Every forecast gets ``skill_vs_<baseline>`` rows
-            against each other baseline present (:func:`conv2dlstm.evaluation.scores.skill_frame`).
+            :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` are baselines. Every forecast gets
+            ``skill_vs_<baseline>`` rows against each other baseline present
+            (:func:`conv2dlstm.evaluation.scores.skill_frame`).
         truth: observed values at the valid times, same layout.
         climatology: day-of-year climatology at the valid times (for ACC), same layout.
         weights: ``(lat, lon)`` from :func:`conv2dlstm.evaluation.metrics.area_weights`.

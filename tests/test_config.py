@@ -425,7 +425,10 @@ def test_config_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, conv2dlstm.config.validate; print(sorted(m for m in ('torch', 'numpy', 'xarray') if m in sys.modules))"
+    code = (
+        "import sys, conv2dlstm.config.validate; "
+        "print(sorted(m for m in ('torch', 'numpy', 'xarray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

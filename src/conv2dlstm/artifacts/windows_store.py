@@ -140,7 +140,8 @@ class WindowsStore:
         return int(starts.min()), int(starts.max()) + self.input_steps + self.lead_steps
 
     def cube_nbytes(self, split: str) -> int:
-        """Bytes of the cube slice that :class:`conv2dlstm.training.dataset.InMemoryWindows` would load for ``split``."""
+        """Bytes of the cube slice that :class:`conv2dlstm.training.dataset.InMemoryWindows` would load for
+        ``split``."""
         start, stop = self.time_range(split)
         h, w = self.shape
         return (stop - start) * len(self.variables) * h * w * 4

@@ -54,7 +54,7 @@ SPLITS = ("train", "val", "test")
 @functools.cache
 def load_schema() -> dict[str, Any]:
     """The configuration schema shipped with the package (the same file Snakemake validates with)."""
-    text = resources.files("conv2dlstm").joinpath(SCHEMA_FILE).read_text()
+    text = resources.files("conv2dlstm.config").joinpath(SCHEMA_FILE).read_text()
     return yaml.safe_load(text)
 
 

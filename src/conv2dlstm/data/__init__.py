@@ -1,1 +1,2 @@
-"""Data libraries: downloads, reading sources, the one renaming step and its checks, regridding, Zarr stores and Dask."""
+"""Data libraries: downloads, reading sources, the one renaming step and its checks, regridding,
+Zarr stores and Dask."""

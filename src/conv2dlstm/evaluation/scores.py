@@ -71,9 +71,9 @@ def skill_frame(
 ) -> pd.DataFrame:
     """Skill of each forecast against each (other) baseline with a 95% bootstrap interval, as tidy rows.
 
-    For every forecast ``f`` of ``mse`` and every baseline ``b`` of :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` present
-    (``b != f``), per ``(lead, variable)``: :func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table` of the
-    per-initial-time MSE series of ``f`` and ``b`` (``1 - RMSE_f / RMSE_b`` with a paired circular
+    For every forecast ``f`` of ``mse`` and every baseline ``b`` of
+    :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` present (``b != f``), per ``(lead, variable)``:
+    :func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table` of the per-initial-time MSE series of ``f`` and ``b`` (``1 - RMSE_f / RMSE_b`` with a paired circular
     block bootstrap over initial times, block length from the decorrelation time of the loss
     difference, :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`). Metrics:
 
