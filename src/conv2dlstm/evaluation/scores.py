@@ -73,9 +73,10 @@ def skill_frame(
 
     For every forecast ``f`` of ``mse`` and every baseline ``b`` of
     :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES` present (``b != f``), per ``(lead, variable)``:
-    :func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table` of the per-initial-time MSE series of
-    ``f`` and ``b`` (``1 - RMSE_f / RMSE_b`` with a paired circular block bootstrap over initial times, block length from the decorrelation time of the loss
-    difference, :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`). Metrics:
+    :func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table` of the per-initial-time MSE series of ``f`` and ``b``
+    (``1 - RMSE_f / RMSE_b`` with a paired circular block bootstrap over initial times, block length from the
+    decorrelation time of the loss difference, :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`).
+    Metrics:
 
     - ``skill_vs_<b>``, ``skill_vs_<b>_lower``, ``skill_vs_<b>_upper``: the skill and its interval;
     - ``skill_vs_<b>_significant``: 1 where the interval excludes 0, else 0;
