@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import provenance
 from conv2dlstm.artifacts import stats as stats_file
-from conv2dlstm.data import zarrstore
 from conv2dlstm.fsutil import sha256_file
 
 

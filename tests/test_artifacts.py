@@ -11,8 +11,8 @@ import xarray as xr
 
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
-from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import DataError
+from conv2dlstm.zarrstore import write_store
 from tests._windows_fixture import make_windows_store
 
 

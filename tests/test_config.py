@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conv2dlstm.config.runs import config_digest, flatten, run_names
+from conv2dlstm.config.schema import load_schema
 from conv2dlstm.config.validate import (
-    config_digest,
     conv2d_lstm_parameters,
     date_keys,
-    flatten,
     load_config,
-    load_schema,
     run_config,
-    run_names,
     validate_config,
 )
 from conv2dlstm.errors import ConfigError
@@ -28,7 +26,7 @@ def _walk(schema, root, path="", parent_default=None):
 
     A key's default may come from its parent's default (e.g. grid.lat = {start, stop, step}).
     """
-    from conv2dlstm.config.validate import _resolve
+    from conv2dlstm.config.schema import resolve as _resolve
 
     sub = _resolve(schema, root)
     for key, child in sub.get("properties", {}).items():
@@ -43,7 +41,7 @@ def _walk(schema, root, path="", parent_default=None):
 
 def test_every_key_has_description_and_default():
     schema = load_schema()
-    from conv2dlstm.config.validate import _resolve
+    from conv2dlstm.config.schema import resolve as _resolve
 
     missing = []
     for path, sub, inherited in _walk(schema, schema):

@@ -7,7 +7,7 @@ import distributed
 import numpy as np
 import pytest
 
-from conv2dlstm.data.daskutil import ADDRESS_ENV, compute_errors, dask_client
+from conv2dlstm.daskutil import ADDRESS_ENV, compute_errors, dask_client
 from conv2dlstm.errors import ConfigError, Conv2dLstmError
 
 
@@ -45,7 +45,7 @@ def test_existing_scheduler_by_address_is_used_and_left_running(monkeypatch: pyt
 
 
 def test_unreachable_scheduler_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("conv2dlstm.data.daskutil.CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr("conv2dlstm.daskutil.CONNECT_TIMEOUT_S", 1)
     with pytest.raises(ConfigError, match=r"127\.0\.0\.1:9.*scheduler_address"):
         with dask_client(threads=1, memory_mb=None, address="tcp://127.0.0.1:9"):
             pass

@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from conv2dlstm import cli
-from conv2dlstm.artifacts.checkpoint import load_model
 from conv2dlstm.config.validate import load_config, run_config, validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.steps import train
 from conv2dlstm.training import distributed, loop
 from conv2dlstm.training.dataset import shard_batches
+from conv2dlstm.training.models import load_model
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}

@@ -11,15 +11,15 @@ import pytest
 import xarray as xr
 
 from conv2dlstm.artifacts import checkpoint as checkpoint_file
+from conv2dlstm.artifacts import digests, provenance
 from conv2dlstm.artifacts import predictions as predictions_file
-from conv2dlstm.artifacts import provenance
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import keys
 from conv2dlstm.config.validate import validate_config
-from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.evaluation import inference, metrics, plots, scores
 from conv2dlstm.steps import evaluate
+from conv2dlstm.zarrstore import write_store
 from tests import _reference
 
 LAT = np.array([20.0, 21.0, 22.0])
@@ -646,7 +646,7 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
         "evaluate",
         {"checkpoint": trained["digest"], "windows": _windows_record(False)["digest"], "stats": STATS_RECORD["digest"]},
     )
-    assert provenance.digest_of(out_dir / "predictions.nc") == record["digest"]
+    assert digests.digest_of(out_dir / "predictions.nc") == record["digest"]
     tags = client.get_run(p["run_id"]).data.tags
     assert tags["evaluate.provenance.digest"] == record["digest"]
     assert tags["evaluate.provenance.inputs.checkpoint"] == trained["digest"]

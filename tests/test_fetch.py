@@ -19,7 +19,7 @@ import xarray as xr
 
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.config.validate import validate_config
-from conv2dlstm.data import download, regridding, sources
+from conv2dlstm.data import download, fetching, regridding, sources
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
 from conv2dlstm.steps import fetch, synthetic
@@ -100,10 +100,10 @@ def test_manifest_readers_check_its_format_version(served: Path, tmp_path: Path)
 
 def test_an_unknown_source_kind_names_the_kinds(tmp_path: Path) -> None:
     cfg = fetch_cfg()
-    cfg["source"]["kind"] = "ftp"  # past the schema, which lists the same fetch.SOURCE_KINDS
+    cfg["source"]["kind"] = "ftp"  # past the schema, which lists the same fetching.SOURCE_KINDS
     with pytest.raises(ConfigError, match="source.kind: 'ftp' is not one of url, files, zarr, copernicus"):
         fetch.main(cfg, out_dir=tmp_path / "raw")
-    assert fetch.SOURCE_KINDS == ("url", "files", "zarr", "copernicus")
+    assert fetching.SOURCE_KINDS == ("url", "files", "zarr", "copernicus")
 
 
 def test_file_urls_absolute_and_relative(served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,26 +404,26 @@ def test_subset_uses_harmonize_period_and_region_rules() -> None:
     cfg = validate_config(
         {"source": {"start": "2020-01-02", "end": "2020-01-04"}, "region": {"lat": [33.0, 35.0], "lon": [-75.0, -72.0]}}
     )
-    sub = fetch.subset(raw, cfg, "test source")
+    sub = fetching.subset(raw, cfg, "test source")
     # Whole days, end included, noon stamps: Jan 2, 3 and 4.
     assert [str(t)[:16] for t in sub["time"].values] == [f"2020-01-0{d}T12:00" for d in (2, 3, 4)]
     np.testing.assert_array_equal(sub["latitude"].values, np.arange(37.0, 30.0, -1.0))  # 33..35 +- 2 cells
     np.testing.assert_array_equal(sub["longitude"].values, np.arange(283.0, 291.0, 1.0))  # 285..288 +- 2 cells
     # The time axis under another name is found through harmonize.rename.
     renamed = raw_grid(np.arange(280.0, 300.0, 1.0), time_name="date")
-    assert fetch.select_time(renamed, "2020-01-02", "2020-01-02", "x").sizes["date"] == 6  # not recognised
-    cut = fetch.select_time(renamed, "2020-01-02", "2020-01-02", "x", rename={"date": "time"})
+    assert fetching.select_time(renamed, "2020-01-02", "2020-01-02", "x").sizes["date"] == 6  # not recognised
+    cut = fetching.select_time(renamed, "2020-01-02", "2020-01-02", "x", rename={"date": "time"})
     assert [str(t)[:16] for t in cut["date"].values] == ["2020-01-02T12:00"]
     with pytest.raises(DataError, match=r"^src: source\.start\.\.source\.end 2021-01-01\.\.2021-01-02 contains no"):
-        fetch.select_time(raw, "2021-01-01", "2021-01-02", "src")
+        fetching.select_time(raw, "2021-01-01", "2021-01-02", "src")
 
 
 def test_region_across_the_source_seam_is_not_cut_in_longitude() -> None:
     raw = raw_grid(np.arange(-179.5, 180.0, 1.0))  # -180..180 source
-    across = fetch.select_region(raw, {"lat": [33.0, 35.0], "lon": [170.0, 190.0]}, "src")
+    across = fetching.select_region(raw, {"lat": [33.0, 35.0], "lon": [170.0, 190.0]}, "src")
     assert across.sizes["longitude"] == 360 and across.sizes["latitude"] == 7
     with pytest.raises(DataError, match=r"^src: region lat \[50\.0, 60\.0\].*covers latitude 30\.\.40"):
-        fetch.select_region(raw, {"lat": [50.0, 60.0], "lon": None}, "src")
+        fetching.select_region(raw, {"lat": [50.0, 60.0], "lon": None}, "src")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def test_region_across_the_source_seam_is_not_cut_in_longitude() -> None:
 def test_copernicus_without_package_or_credentials_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in fetch.CREDENTIAL_VARIABLES:
+    for name in fetching.CREDENTIAL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     cfg = fetch_cfg(kind="copernicus", dataset_id="cmems_mod_glo_bgc_my_0.25deg_P1D-m")
     try:
@@ -454,7 +454,7 @@ def _copernicus_skip_reason() -> str | None:
         import copernicusmarine  # noqa: F401
     except ImportError:
         return "the optional copernicusmarine package is not installed (pip install '.[copernicus]')"
-    missing = [v for v in fetch.CREDENTIAL_VARIABLES if not os.environ.get(v)]
+    missing = [v for v in fetching.CREDENTIAL_VARIABLES if not os.environ.get(v)]
     if missing:
         return f"Copernicus Marine credentials are not in the environment ({', '.join(missing)})"
     return None

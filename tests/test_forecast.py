@@ -13,8 +13,8 @@ import xarray as xr
 import yaml
 
 from conv2dlstm import cli
+from conv2dlstm.artifacts import checkpoint, digests, provenance
 from conv2dlstm.artifacts import predictions as predictions_file
-from conv2dlstm.artifacts import provenance
 from conv2dlstm.steps import forecast
 from tests.conftest import run_snakemake
 
@@ -100,12 +100,12 @@ def test_forecast_layout_units_and_provenance(wf, rule_outputs):
     assert ds.attrs["Conventions"] == "CF-1.8"
     with predictions_file.open(wf / PREDICTIONS) as pred:
         assert ds.attrs["model_run_id"] == pred.attrs["mlflow_run_id"]
-    assert ds.attrs["checkpoint_digest"] == provenance.read_checkpoint(wf / MODEL)["digest"]
-    assert ds.attrs["stats_digest"] == provenance.digest_of(wf / STATS)
+    assert ds.attrs["checkpoint_digest"] == checkpoint.read_provenance(wf / MODEL)["digest"]
+    assert ds.attrs["stats_digest"] == digests.digest_of(wf / STATS)
     record = provenance.validate(ds.attrs["provenance"], where="forecast", step="forecast")
     assert record["inputs"]["checkpoint"] == ds.attrs["checkpoint_digest"]
     assert record["inputs"]["manifest"] == ds.attrs["input_manifest_sha256"]
-    assert provenance.digest_of(rule_outputs["latest"]) == record["digest"]
+    assert digests.digest_of(rule_outputs["latest"]) == record["digest"]
     zarr_ds = xr.open_zarr(rule_outputs["latest"].with_suffix(".zarr"))  # Zarr v2, consolidated: WB2 reads it
     assert set(zarr_ds.dims) == {"time", "prediction_timedelta", "latitude", "longitude"}
     assert (rule_outputs["latest"].with_suffix(".zarr") / ".zmetadata").is_file()

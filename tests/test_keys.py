@@ -7,13 +7,15 @@ import json
 import pytest
 
 from conv2dlstm.config import keys
-from conv2dlstm.config.validate import flatten, load_schema, run_config, validate_config
+from conv2dlstm.config.runs import flatten
+from conv2dlstm.config.schema import load_schema
+from conv2dlstm.config.validate import run_config, validate_config
 from tests._plan import steps_planned_by
 
 
 def _leaf_names(schema: dict, sub: dict, prefix: str = "") -> set[str]:
     """Every property path of the schema down to the annotated leaves (walked independently of keys)."""
-    from conv2dlstm.config.validate import _resolve
+    from conv2dlstm.config.schema import resolve as _resolve
 
     out = set()
     for key, prop in sub.get("properties", {}).items():

@@ -14,10 +14,9 @@ import xarray as xr
 from conv2dlstm.artifacts import provenance, regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config.validate import validate_config
-from conv2dlstm.data import harmonize as hz
-from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import DataError
 from conv2dlstm.steps import normalize as nz
+from conv2dlstm.zarrstore import write_store
 
 LAT = np.array([21.0, 22.0, 23.0])
 LON = np.array([-79.0, -78.0, -77.0, -76.0])
@@ -124,7 +123,7 @@ def test_per_pixel_std_is_floored_relative_to_the_pooled_std() -> None:
     np.testing.assert_allclose(std[2, 3], train[:, 2, 3].std(), rtol=1e-9)  # ordinary cells unchanged
     assert std[0, 0] == 1.0  # land
     # The melted cell's z-score is bounded by the floor (it was ~1e5 with the cell's own std).
-    z = stats_file.normalize(hz.stack_variables(ds.isel(time=[-1]), ["sst"]), stats).values[0, 0]
+    z = stats_file.normalize(stats_file.stack_variables(ds.isel(time=[-1]), ["sst"]), stats).values[0, 0]
     np.testing.assert_allclose(z[1, 2], 0.8 / (nz.STD_FLOOR_FRACTION * pooled), rtol=1e-5)
     assert np.abs(z[1, 1]) < 1e3
     # A variable constant everywhere in the training period has no pooled spread: std 1.
@@ -223,7 +222,7 @@ def test_missing_variable_is_named() -> None:
 def test_normalize_denormalize_round_trip(per_pixel: bool) -> None:
     ds, _ = leaky_dataset(3)
     stats = fit(ds, per_pixel=per_pixel)
-    x = hz.stack_variables(ds.isel(time=slice(0, 5)), ["no3", "sst"])  # other order than the stats
+    x = stats_file.stack_variables(ds.isel(time=slice(0, 5)), ["no3", "sst"])  # other order than the stats
     z = stats_file.normalize(x, stats)
     mean = stats["mean"].sel(variable="sst")
     std = stats["std"].sel(variable="sst")

@@ -13,8 +13,8 @@ import torch
 import xarray as xr
 
 from conv2dlstm.artifacts import checkpoint as checkpoint_file
+from conv2dlstm.artifacts import digests, provenance
 from conv2dlstm.artifacts import manifest as manifest_file
-from conv2dlstm.artifacts import provenance
 from conv2dlstm.config import keys
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import DataError
@@ -112,16 +112,16 @@ def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.json"
     listing = {"format_version": manifest_file.FORMAT_VERSION, "format": "netcdf", "files": [{"name": "a.nc"}]}
     manifest.write_text(json.dumps({**listing, "sha256": "m" * 64}))
-    assert provenance.manifest_digest(manifest) == provenance.digest_of(manifest) == "m" * 64
+    assert manifest_file.read_digest(manifest) == digests.digest_of(manifest) == "m" * 64
     manifest.write_text(json.dumps(listing))
     with pytest.raises(DataError, match="has no top-level sha256; rerun the fetch step"):
-        provenance.manifest_digest(manifest)
+        manifest_file.read_digest(manifest)
 
     regrid = provenance.make_record("regrid", "c" * 16, {"manifest": "m" * 64})
     store = tmp_path / "x.zarr"
     xr.Dataset({"a": ("t", np.zeros(3))}, attrs=provenance.to_attrs(regrid)).to_zarr(store, zarr_format=3)
     assert provenance.read_zarr(store, step="regrid") == regrid
-    assert provenance.digest_of(store) == regrid["digest"]
+    assert digests.digest_of(store) == regrid["digest"]
     with pytest.raises(DataError, match="not by windows"):
         provenance.read_zarr(store, step="windows")
     with pytest.raises(DataError, match="windows store .*missing.zarr cannot be opened"):
@@ -130,12 +130,12 @@ def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
     stats = provenance.make_record("normalize", "c" * 16, {"regrid": regrid["digest"]})
     nc = tmp_path / "s.nc"
     xr.Dataset({"a": ("t", np.zeros(3))}, attrs=provenance.to_attrs(stats)).to_netcdf(nc)
-    assert provenance.read_netcdf(nc) == stats and provenance.digest_of(nc) == stats["digest"]
+    assert provenance.read_netcdf(nc) == stats and digests.digest_of(nc) == stats["digest"]
     xr.Dataset({"a": ("t", np.zeros(3))}).to_netcdf(nc)
     with pytest.raises(DataError, match="s.nc has no provenance record.*rerun the normalize step"):
         provenance.read_netcdf(nc)
     with pytest.raises(DataError, match="s.nc has no provenance record.*rerun the step that wrote it"):
-        provenance.digest_of(nc)
+        digests.digest_of(nc)
 
     trained = provenance.make_record("train", "c" * 16, {"windows": "w", "stats": stats["digest"]})
     ckpt = tmp_path / "model.pt"
@@ -143,9 +143,9 @@ def test_readers_of_each_artifact_kind(tmp_path: Path) -> None:
         {"format_version": checkpoint_file.FORMAT_VERSION, "model_state": {"w": torch.zeros(2)}, "provenance": trained},
         ckpt,
     )
-    assert provenance.read_checkpoint(ckpt) == trained and provenance.digest_of(ckpt) == trained["digest"]
+    assert checkpoint_file.read_provenance(ckpt) == trained and digests.digest_of(ckpt) == trained["digest"]
     with pytest.raises(ValueError, match="no provenance reader for '.csv'"):
-        provenance.digest_of(tmp_path / "metrics.csv")
+        digests.digest_of(tmp_path / "metrics.csv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,14 +222,14 @@ def test_same_config_in_two_directories_gives_the_same_digests_and_results(tmp_p
         regrid = provenance.read_zarr(paths["regrid"], step="regrid")
         stats = provenance.read_netcdf(paths["stats"])
         windows = provenance.read_zarr(paths["windows"], step="windows")
-        model = provenance.read_checkpoint(paths["train"] / "model.pt")
+        model = checkpoint_file.read_provenance(paths["train"] / "model.pt")
         # each record names its inputs' digests
-        assert regrid["inputs"] == {"manifest": provenance.manifest_digest(paths["manifest"])}
+        assert regrid["inputs"] == {"manifest": manifest_file.read_digest(paths["manifest"])}
         assert stats["inputs"] == {"regrid": regrid["digest"]}
         assert windows["inputs"] == {"regrid": regrid["digest"], "stats": stats["digest"]}
         assert model["inputs"] == {"windows": windows["digest"], "stats": stats["digest"]}
         for name in ("last.pt", "best.pt"):
-            assert provenance.read_checkpoint(paths["train"] / name) == model
+            assert checkpoint_file.read_provenance(paths["train"] / name) == model
         digests.append([regrid, stats, windows, model])
     assert digests[0] == digests[1]
 

@@ -138,7 +138,7 @@ def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_p
         assert registry.after_compare(cfg, models) is None
     assert "mlflow.log_model is false" in caplog.text
     client = MlflowClient(uri)
-    from conv2dlstm.config.sweep import sweep_tags
+    from conv2dlstm.config.keys import sweep_tags
 
     for run_id in registry.read_run_ids(models).values():
         tags = client.get_run(run_id).data.tags

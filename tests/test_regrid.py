@@ -18,10 +18,10 @@ from conv2dlstm.artifacts import provenance
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.data import regridding, sources
-from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.fsutil import sha256_file
 from conv2dlstm.steps import regrid as rg
+from conv2dlstm.zarrstore import write_store
 
 TIMES = pd.date_range("2020-01-01", periods=3, freq="D").values
 COS = lambda deg: np.cos(np.deg2rad(deg))  # noqa: E731

@@ -12,9 +12,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import pytest
 
 from conv2dlstm.config import settings
-from conv2dlstm.config.validate import load_config, load_schema, validate_config
-from conv2dlstm.data import harmonize, regridding
-from conv2dlstm.steps import fetch, synthetic
+from conv2dlstm.config.schema import load_schema
+from conv2dlstm.config.validate import load_config, validate_config
+from conv2dlstm.data import fetching, harmonize, regridding
+from conv2dlstm.steps import synthetic
 from conv2dlstm.training import dataset as data
 from conv2dlstm.training import devices, loop, models
 
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CODE_CHOICES: dict[str, tuple[str, ...]] = {
     "synthetic.kind": synthetic.KINDS,
-    "source.kind": fetch.SOURCE_KINDS,
+    "source.kind": fetching.SOURCE_KINDS,
     "harmonize.lon_convention": harmonize.LON_CONVENTIONS,
     "harmonize.duplicates": harmonize.DUPLICATE_POLICIES,
     "grid.method": regridding.METHODS,

@@ -7,8 +7,10 @@ import re
 import pytest
 
 from conv2dlstm.config import keys
-from conv2dlstm.config.sweep import sweep_runs, sweep_tags
-from conv2dlstm.config.validate import run_config, run_names, validate_config
+from conv2dlstm.config.keys import sweep_tags
+from conv2dlstm.config.runs import run_names
+from conv2dlstm.config.sweep import sweep_runs
+from conv2dlstm.config.validate import run_config, validate_config
 from conv2dlstm.errors import ConfigError
 
 

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from conv2dlstm.config.validate import flatten, validate_config
+from conv2dlstm.config.runs import flatten
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import TrackingError
 from conv2dlstm.tracking import store as tracking
 

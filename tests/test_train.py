@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from conv2dlstm.artifacts import checkpoint, provenance
-from conv2dlstm.artifacts.checkpoint import load_model
+from conv2dlstm.artifacts import checkpoint, digests, provenance
 from conv2dlstm.config import keys
-from conv2dlstm.config.validate import flatten, validate_config
+from conv2dlstm.config.runs import flatten
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.steps import train
 from conv2dlstm.training import loop
+from conv2dlstm.training.models import load_model
 from tests._windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
@@ -137,8 +138,8 @@ def test_short_training_logs_run_model_and_artifacts(tmp_path) -> None:
     record = provenance.for_step(cfg, "train", {"windows": fx.windows_digest, "stats": fx.stats_digest})
     assert ckpt["provenance"] == record and ckpt["result_config"] == keys.result_config(cfg, "train")
     for name in ("best.pt", "model.pt"):
-        assert provenance.read_checkpoint(out / name) == record
-        assert provenance.digest_of(out / name) == record["digest"]
+        assert checkpoint.read_provenance(out / name) == record
+        assert digests.digest_of(out / name) == record["digest"]
     assert train.is_complete(out, record["digest"]) and not train.is_complete(out, "0" * 16)
     assert ckpt["input_variables"] == ["sst"] and ckpt["target_variables"] == ["sst"]
     model, best = load_model(out / "best.pt")

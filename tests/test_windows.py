@@ -16,11 +16,11 @@ from conv2dlstm.artifacts import provenance, regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.config.validate import validate_config
-from conv2dlstm.data.zarrstore import write_store
 from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import sha256_file
 from conv2dlstm.steps import normalize as nz
 from conv2dlstm.steps import windows as wn
+from conv2dlstm.zarrstore import write_store
 
 
 def days(start: str, end: str) -> np.ndarray:

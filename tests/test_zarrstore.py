@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+from conv2dlstm import zarrstore
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.cli import main as cli_main
-from conv2dlstm.data import zarrstore
 from conv2dlstm.errors import DataError
 from tests._windows_fixture import make_windows_store
 

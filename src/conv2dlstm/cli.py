@@ -178,7 +178,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
         return
     if step == "verify":
-        from conv2dlstm.data import zarrstore
+        from conv2dlstm import zarrstore
 
         for store, problems in zarrstore.verify_stores(args.stores):  # raises after the last, if damaged
             print(f"{store}: {'ok' if not problems else 'DAMAGED'}", *(f"  {p}" for p in problems), sep="\n")
@@ -257,7 +257,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         train = importlib.import_module("conv2dlstm.steps.train")
         if args.time_limit_minutes:
             importlib.import_module("conv2dlstm.training.preemption").set_deadline(args.time_limit_minutes)
-        from conv2dlstm.config.sweep import sweep_tags
+        from conv2dlstm.config.keys import sweep_tags
 
         train.main(
             cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep_tags(full)

@@ -14,7 +14,8 @@ configfile: "config/config.yaml"
 # The configuration is validated once, here, against workflow/schemas/config.schema.yaml (the
 # package reads the same file); defaults are filled in before any rule is built.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from conv2dlstm.config.validate import validate_config, run_names
+from conv2dlstm.config.runs import run_names
+from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.config.keys import result_json
 from conv2dlstm.config.workflow import (

@@ -5,13 +5,12 @@
 - ``best.pt``: the checkpoint of the epoch with the lowest validation loss;
 - ``model.pt``: a copy of ``best.pt``, written last: the run is complete.
 
-Written by the train step (:func:`build`, :func:`save`), read by the train step (resume:
-:func:`load`, :func:`restore`), by evaluate and forecast (:func:`load_model`, the model alone, as
-:func:`rebuild_model` builds it from the file, nanoGPT style) and by :mod:`conv2dlstm.artifacts.provenance`
-(the ``provenance`` entry). The entries are :data:`KEYS`, one list for the writer and the reader;
-every reader checks :data:`FORMAT_VERSION`. A problem is a :class:`~conv2dlstm.errors.DataError`
-naming the file and the fix (re-run the train step).
-"""
+Written by the train step (:func:`build`, :func:`save`), read by the train step (resume: :func:`load`,
+:func:`restore`), by evaluate and forecast (:func:`conv2dlstm.training.models.load_model`, the model alone, as
+:func:`conv2dlstm.training.models.rebuild_model` builds it from the file, nanoGPT style) and for its provenance record
+(:func:`read_provenance`). The entries are :data:`KEYS`, one list for the writer and the reader; every reader checks
+:data:`FORMAT_VERSION`. A problem is a :class:`~conv2dlstm.errors.DataError` naming the file and the fix (re-run the
+train step)."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from conv2dlstm.artifacts import provenance
-from conv2dlstm.errors import ConfigError, DataError
+from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import atomic_output
 
 FORMAT_VERSION = 1
@@ -34,7 +33,8 @@ LAST, BEST, MODEL = "last.pt", "best.pt", "model.pt"
 NAMES = (LAST, BEST, MODEL)
 """The checkpoint files of a run's output folder."""
 MODEL_KEYS = ("model_name", "model_kwargs", "model_state")
-"""What :func:`rebuild_model` needs: the network's registry name, its keyword arguments, its weights."""
+"""What :func:`conv2dlstm.training.models.rebuild_model` needs: the network's registry name, its
+keyword arguments, its weights."""
 PROGRESS_KEYS = ("epoch", "best_val_loss", "best_epoch", "epochs_since_best", "history")
 """The training progress a resumed run continues from (``epoch``: completed epochs)."""
 KEYS = (
@@ -75,7 +75,8 @@ class IncompatibleCheckpoint(DataError):
         self.checkpoint = checkpoint
 
 
-def _error(path: str | os.PathLike, problem: str) -> DataError:
+def error(path: str | os.PathLike, problem: str) -> DataError:
+    """A :class:`DataError` naming the checkpoint ``path``, its ``problem`` and the fix."""
     return DataError(f"checkpoint {path} {problem}; {FIX}")
 
 
@@ -143,13 +144,13 @@ def save(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
 
 def _read(path: Path, *, mmap: bool) -> dict[str, Any]:
     if not path.is_file():
-        raise _error(path, "does not exist")
+        raise error(path, "does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise _error(path, f"cannot be read as a PyTorch checkpoint (a truncated or foreign file: {exc})") from exc
+        raise error(path, f"cannot be read as a PyTorch checkpoint (a truncated or foreign file: {exc})") from exc
     if not isinstance(ckpt, dict):
-        raise _error(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict")
+        raise error(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
 
 
@@ -200,36 +201,8 @@ def restore(
     return ckpt["rng_state"], progress
 
 
-def rebuild_model(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "") -> nn.Module:
-    """The network of ``ckpt`` built from the checkpoint alone (its :data:`MODEL_KEYS`), with its
-    weights, in eval mode on the CPU. ``path`` names the file in the :class:`DataError` of a
-    checkpoint whose entries do not build a model of this version."""
-    from conv2dlstm.training.models import MODEL_NAMES, build_model
-
-    where = path or "(in memory)"
-    name, kwargs = ckpt["model_name"], ckpt["model_kwargs"]
-    if name not in MODEL_NAMES:
-        raise _error(where, f"names the model {name!r}, which is not one of {list(MODEL_NAMES)}")
-    if not isinstance(kwargs, dict):
-        raise _error(where, f"has model_kwargs of type {type(kwargs).__name__}, not a dict")
-    try:
-        model = build_model(name, **kwargs)
-    except (TypeError, ValueError, ConfigError) as exc:
-        raise _error(where, f"has model_kwargs that do not build a {name} model ({exc})") from exc
-    try:
-        model.load_state_dict(ckpt["model_state"])
-    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
-        raise _error(where, f"has weights that do not fit its {name} model ({exc})") from exc
-    return model.eval()
-
-
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint file alone; returns ``(model, checkpoint)``, model in eval mode on the CPU.
-
-    Needs only :data:`MODEL_KEYS`, and accepts a file without ``format_version`` (model-only
-    checkpoints written by hand); a file of another version, missing, truncated or not a checkpoint
-    of this package (or weights that do not fit the rebuilt network) raises a :class:`DataError`
-    naming ``path`` and the fix.
-    """
-    ckpt = load(path, required=MODEL_KEYS)
-    return rebuild_model(ckpt, path=path), ckpt
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance record of the checkpoint file ``path`` (memory-mapped: the weights are not
+    read; its format version checked)."""
+    path = Path(path)
+    return provenance.from_checkpoint(load(path, required=(), mmap=True), where=f"checkpoint {path}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conv2dlstm.artifacts.provenance import rerun_advice
 from conv2dlstm.errors import DataError
 from conv2dlstm.fsutil import atomic_output
 from conv2dlstm.redact import redact_text, redact_url
@@ -132,3 +133,13 @@ def checksums(path: str | os.PathLike) -> dict[str, str]:
         return {Path(entry["path"]).name: str(entry["sha256"]) for entry in read(path)["files"]}
     except (DataError, KeyError, TypeError):
         return {}
+
+
+def read_digest(path: str | os.PathLike) -> str:
+    """The top-level ``sha256`` of the manifest ``path`` (over its files' names and contents): the
+    digest later steps record as their ``manifest`` input. Its format version is checked."""
+    path = Path(path)
+    value = read(path).get("sha256")
+    if not isinstance(value, str) or not value:
+        raise DataError(f"manifest {path} has no top-level sha256; {rerun_advice('fetch')}")
+    return value

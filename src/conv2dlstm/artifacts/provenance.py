@@ -23,9 +23,11 @@ Where each artifact keeps its record, and what its inputs are:
 | evaluate | ``predictions.nc``, MLflow tags | global attr. ``provenance`` | ``checkpoint``, ``windows``, ``stats`` |
 
 The digest of an input is the ``digest`` of its record (for the manifest: its ``sha256``). Readers:
-:func:`manifest_digest`, :func:`read_zarr`, :func:`read_netcdf`, :func:`read_checkpoint` (or
-:func:`from_attrs` / :func:`from_checkpoint` on what is already open), and :func:`digest_of` for
-any artifact by its kind. Each raises :class:`~conv2dlstm.errors.DataError` naming the artifact
+:func:`read_zarr`, :func:`read_netcdf` (or :func:`from_attrs` / :func:`from_checkpoint` on what is
+already open) here, and the artifact modules' own: :func:`conv2dlstm.artifacts.manifest.read_digest`,
+:func:`conv2dlstm.artifacts.checkpoint.read_provenance`, and
+:func:`conv2dlstm.artifacts.digests.digest_of` for any artifact by its kind. This module imports no
+artifact module: they import it. Each raises :class:`~conv2dlstm.errors.DataError` naming the artifact
 and the step to rerun when the record is missing or malformed.
 """
 
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from conv2dlstm.config import keys
-from conv2dlstm.config.validate import flat_items
+from conv2dlstm.config.runs import flat_items
 from conv2dlstm.errors import DataError
 
 ATTR = "provenance"
@@ -58,7 +60,8 @@ FIELDS = ("step", "config_digest", "inputs", "digest")
 DIGEST_LENGTH = 16
 
 
-def _rerun(step: str) -> str:
+def rerun_advice(step: str) -> str:
+    """How to rebuild the artifact of ``step``, for error messages."""
     return f"rerun the {step} step (`snakemake --forcerun {step}`, or delete it and rerun the workflow)"
 
 
@@ -105,7 +108,7 @@ def validate(value: Any, *, where: str, step: str | None) -> dict[str, Any]:
     """``value`` (a record, or its JSON string) checked: the fields of :data:`FIELDS`, the ``step``
     (any recording step when None), and a ``digest`` that matches the other fields.
     :class:`DataError` naming ``where`` and the step to rerun otherwise."""
-    fix = _rerun(step) if step else "rerun the step that wrote it"
+    fix = rerun_advice(step) if step else "rerun the step that wrote it"
     if value is None:
         raise DataError(f"{where} has no provenance record (written by an older version of conv2dlstm); {fix}")
     if isinstance(value, str):
@@ -138,18 +141,6 @@ def from_checkpoint(ckpt: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     return validate(ckpt.get(ATTR), where=where, step="train")
 
 
-def manifest_digest(path: str | os.PathLike) -> str:
-    """The top-level ``sha256`` of a fetch manifest (over its files' names and contents), read through
-    :mod:`conv2dlstm.artifacts.manifest` (its format version checked)."""
-    from conv2dlstm.artifacts import manifest
-
-    path = Path(path)
-    value = manifest.read(path).get("sha256")
-    if not isinstance(value, str) or not value:
-        raise DataError(f"manifest {path} has no top-level sha256; {_rerun('fetch')}")
-    return value
-
-
 def read_zarr(path: str | os.PathLike, *, step: str) -> dict[str, Any]:
     """The record of the Zarr store ``path`` written by ``step`` (``regrid`` or ``windows``)."""
     import zarr
@@ -158,7 +149,7 @@ def read_zarr(path: str | os.PathLike, *, step: str) -> dict[str, Any]:
     try:
         attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
     except Exception as exc:
-        raise DataError(f"{step} store {path} cannot be opened ({exc}); {_rerun(step)}") from exc
+        raise DataError(f"{step} store {path} cannot be opened ({exc}); {rerun_advice(step)}") from exc
     return from_attrs(attrs, where=f"{step} store {path}", step=step)
 
 
@@ -171,46 +162,8 @@ def read_netcdf(path: str | os.PathLike, *, step: str = "normalize") -> dict[str
         with netCDF4.Dataset(str(path), "r") as ds:
             attrs = {name: ds.getncattr(name) for name in ds.ncattrs()}
     except (OSError, RuntimeError) as exc:
-        raise DataError(f"{path} cannot be read ({exc}); {_rerun(step)}") from exc
+        raise DataError(f"{path} cannot be read ({exc}); {rerun_advice(step)}") from exc
     return from_attrs(attrs, where=str(path), step=step)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The record of the checkpoint file ``path`` (memory-mapped: the weights are not read), read through
-    :mod:`conv2dlstm.artifacts.checkpoint` (its format version checked)."""
-    from conv2dlstm.artifacts import checkpoint
-
-    path = Path(path)
-    ckpt = checkpoint.load(path, required=(), mmap=True)
-    return from_checkpoint(ckpt, where=f"checkpoint {path}")
-
-
-def digest_of(path: str | os.PathLike) -> str:
-    """The provenance digest of any artifact, by its kind: a fetch manifest (``*.json``), a checkpoint
-    (``*.pt``), or a Zarr store or netCDF file written by any recording step."""
-    path = Path(path)
-    if path.suffix == ".json":
-        return manifest_digest(path)
-    if path.suffix == ".pt":
-        return read_checkpoint(path)["digest"]
-    if path.suffix == ".nc":
-        import netCDF4
-
-        try:
-            with netCDF4.Dataset(str(path), "r") as ds:
-                value = ds.getncattr(ATTR) if ATTR in ds.ncattrs() else None
-        except (OSError, RuntimeError) as exc:
-            raise DataError(f"{path} cannot be read ({exc}); rerun the step that wrote it") from exc
-    elif path.suffix == ".zarr":
-        import zarr
-
-        try:
-            value = zarr.open_group(str(path), mode="r").attrs.get(ATTR)
-        except Exception as exc:
-            raise DataError(f"store {path} cannot be opened ({exc}); rerun the step that wrote it") from exc
-    else:
-        raise ValueError(f"{path}: no provenance reader for {path.suffix!r} files (json, zarr, nc, pt)")
-    return validate(value, where=str(path), step=None)["digest"]
 
 
 # --------------------------------------------------------------------------------------------------

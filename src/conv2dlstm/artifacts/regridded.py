@@ -1,7 +1,7 @@
 """The regridded store, ``<outdir>/regrid/<name>.zarr`` (Zarr v3): the harmonized variables on the
 target grid, ``(time, lat, lon)`` float32, chunked along time.
 
-Written by the regrid step (:mod:`conv2dlstm.steps.regrid`, through :func:`conv2dlstm.data.zarrstore.write_store`,
+Written by the regrid step (:mod:`conv2dlstm.steps.regrid`, through :func:`conv2dlstm.zarrstore.write_store`,
 which records every chunk's digest), read lazily by the normalize and windows steps with
 :func:`open`, which checks :data:`FORMAT_VERSION`, the dimensions and the chunk digests.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from conv2dlstm.data import zarrstore
+from conv2dlstm import zarrstore
 from conv2dlstm.errors import DataError
 
 FORMAT_VERSION = 1

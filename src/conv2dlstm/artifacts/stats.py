@@ -143,12 +143,27 @@ def denormalize(da: xr.DataArray, stats: xr.Dataset) -> xr.DataArray:
         raise DataError(f"the data's lat/lon do not match the statistics' grid: {exc}") from exc
 
 
+def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
+    """``ds[variables]`` as one DataArray ``(time, variable, lat, lon)`` (lazy when ``ds`` is).
+
+    The dataset's attributes (the regrid store's: its provenance, the manifest's path) are not
+    carried over, so nothing computed from the array inherits them.
+    """
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise DataError(
+            f"variables {missing} are not in the data; it has {sorted(map(str, ds.data_vars))}; fix "
+            "variables.inputs/targets or re-run the regrid step"
+        )
+    arr = ds[list(variables)].to_dataarray("variable")
+    arr.attrs = {}
+    return arr.transpose("time", "variable", "lat", "lon")
+
+
 def normalized_cube(ds: xr.Dataset, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
     """``(time, variable, lat, lon)`` float32: normalized ``variables``, land and missing values 0 (lazy):
     what the windows store holds and what a forecast feeds the model."""
-    from conv2dlstm.data import harmonize as hz
-
-    arr = hz.stack_variables(ds, variables)
+    arr = stack_variables(ds, variables)
     z = normalize(arr, stats)
     valid = z.notnull() & stats["mask"]
     return z.where(valid, 0.0).astype(np.float32).transpose("time", "variable", "lat", "lon").rename("data")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from conv2dlstm.data import zarrstore
+from conv2dlstm import zarrstore
 from conv2dlstm.errors import DataError
 
 SPLITS = ("train", "val", "test")

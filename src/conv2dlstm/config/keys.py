@@ -37,7 +37,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from conv2dlstm.config.validate import _resolve, load_schema, run_config
+from conv2dlstm.config.runs import run_names
+from conv2dlstm.config.schema import load_schema, resolve
+from conv2dlstm.config.validate import run_config
 
 STEPS = ("synth", "fetch", "regrid", "normalize", "windows", "train", "evaluate", "compare")
 """The steps in pipeline order: each step's inputs come from steps before it."""
@@ -111,7 +113,7 @@ def key_specs() -> tuple[KeySpec, ...]:
     def walk(sub: dict[str, Any], prefix: tuple[str, ...]) -> None:
         for key, prop in sub.get("properties", {}).items():
             path = (*prefix, key)
-            resolved = _resolve(prop, schema)
+            resolved = resolve(prop, schema)
             if path in RUN_KEYS:
                 continue
             if "x-steps" in resolved:
@@ -190,3 +192,20 @@ def step_view(cfg: dict[str, Any], step: str) -> dict[str, Any]:
         if key in cfg:
             out[key] = copy.deepcopy(cfg[key])
     return out
+
+
+def sweep_tags(cfg: dict[str, Any]) -> dict[str, str]:
+    """MLflow tags grouping the runs of the (validated, whole) configuration ``cfg``.
+
+    ``sweep``: 12 hex digits of SHA-256 over what determines every result of the sweep (the result
+    configuration of each data step, and of train and evaluate for each run): the runs of one
+    ``snakemake`` invocation share it, and another set of runs or data gives another.
+    ``sweep.runs``: the run names, comma-separated.
+    """
+    names = run_names(cfg)
+    payload = {
+        "data": {step: result_config(cfg, step) for step in STEPS if step not in ("train", "evaluate", "compare")},
+        "runs": {name: {step: result_config(cfg, step, name) for step in ("train", "evaluate")} for name in names},
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return {"sweep": digest, "sweep.runs": ",".join(names)}

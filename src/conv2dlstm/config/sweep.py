@@ -25,7 +25,7 @@ Keys must be leaf keys of the ``model`` or ``train`` sections of the schema (the
 steps); each value is checked against the key's schema. Every error is a
 :class:`~conv2dlstm.errors.ConfigError` naming the key and the value.
 
-:func:`sweep_tags` gives the MLflow tags that group the runs of one sweep (``sweep``, a digest of
+:func:`conv2dlstm.config.keys.sweep_tags` gives the MLflow tags that group the runs of one sweep (``sweep``, a digest of
 everything that determines the sweep's results, and ``sweep.runs``, the run names).
 
 Only jsonschema and PyYAML are imported (through :mod:`conv2dlstm.config.validate`), like the Snakefile needs.
@@ -33,15 +33,13 @@ Only jsonschema and PyYAML are imported (through :mod:`conv2dlstm.config.validat
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import re
 from typing import Any
 
 import jsonschema
 
-from conv2dlstm.config.validate import _resolve, load_schema, run_names
+from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.errors import ConfigError
 
 SECTIONS = ("model", "train")
@@ -73,11 +71,11 @@ def leaf_schema(dotted: str) -> dict[str, Any] | None:
     root = load_schema()
     sub: dict[str, Any] = root
     for part in dotted.split("."):
-        props = _resolve(sub, root).get("properties", {})
+        props = resolve(sub, root).get("properties", {})
         if part not in props:
             return None
         sub = props[part]
-    resolved = _resolve(sub, root)
+    resolved = resolve(sub, root)
     return resolved if "x-steps" in resolved else None
 
 
@@ -87,8 +85,8 @@ def _section_keys(section: str) -> list[str]:
     out: list[str] = []
 
     def walk(sub: dict[str, Any], prefix: str) -> None:
-        for key, prop in _resolve(sub, root).get("properties", {}).items():
-            resolved = _resolve(prop, root)
+        for key, prop in resolve(sub, root).get("properties", {}).items():
+            resolved = resolve(prop, root)
             if "x-steps" in resolved:
                 out.append(prefix + key)
             else:
@@ -200,22 +198,3 @@ def sweep_runs(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
             _set(entry, key, value)
         runs.append(entry)
     return runs
-
-
-def sweep_tags(cfg: dict[str, Any]) -> dict[str, str]:
-    """MLflow tags grouping the runs of the (validated, whole) configuration ``cfg``.
-
-    ``sweep``: 12 hex digits of SHA-256 over what determines every result of the sweep (the result
-    configuration of each data step, and of train and evaluate for each run): the runs of one
-    ``snakemake`` invocation share it, and another set of runs or data gives another.
-    ``sweep.runs``: the run names, comma-separated.
-    """
-    from conv2dlstm.config.keys import STEPS, result_config
-
-    names = run_names(cfg)
-    payload = {
-        "data": {step: result_config(cfg, step) for step in STEPS if step not in ("train", "evaluate", "compare")},
-        "runs": {name: {step: result_config(cfg, step, name) for step in ("train", "evaluate")} for name in names},
-    }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    return {"sweep": digest, "sweep.runs": ",".join(names)}

@@ -13,7 +13,7 @@ Everything the configuration alone decides is checked here, so Snakemake stops w
 configuration, before any job. Every error is a :class:`~conv2dlstm.errors.ConfigError` naming the
 key, the bad value and the fix. Snakemake validates once (``workflow/rules/common.smk``); each CLI
 step validates the configuration it receives again, so the package is usable without Snakemake.
-Only jsonschema and PyYAML are imported (both Snakemake dependencies; :mod:`conv2dlstm.training.modelsize`
+Only jsonschema and PyYAML are imported (both Snakemake dependencies; :mod:`conv2dlstm.config.modelsize`
 is arithmetic, :mod:`conv2dlstm.redact` the standard library), so the Snakefile can use this module
 directly.
 """
@@ -23,59 +23,36 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import functools
-import hashlib
 import json
 import string
 import urllib.parse
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from conv2dlstm.config.settings import Settings
-from conv2dlstm.errors import ConfigError
-from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
-from conv2dlstm.training.modelsize import (
+from conv2dlstm.config.modelsize import (
     conv2d_lstm_grid_problem,
     conv2d_lstm_parameter_count,
     conv2d_lstm_size_problem,
     grid_shape,
 )
+from conv2dlstm.config.runs import merge_run, run_names
+from conv2dlstm.config.schema import DATE_REF, load_schema, resolve
+from conv2dlstm.config.settings import Settings
+from conv2dlstm.errors import ConfigError
+from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
 
-SCHEMA_FILE = "config.schema.yaml"
-DATE_REF = "#/$defs/date"
-"""The schema definition every date key uses (a ``YYYY-MM-DD`` string pattern)."""
 SPLITS = ("train", "val", "test")
 
 
-@functools.cache
-def load_schema() -> dict[str, Any]:
-    """The configuration schema shipped with the package (the same file Snakemake validates with)."""
-    text = resources.files("conv2dlstm.config").joinpath(SCHEMA_FILE).read_text()
-    return yaml.safe_load(text)
-
-
-def _resolve(subschema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    """Merge a local ``$ref`` ("#/$defs/...") with its sibling keywords (siblings win)."""
-    ref = subschema.get("$ref")
-    if ref is None:
-        return subschema
-    target: Any = root
-    for part in ref.lstrip("#/").split("/"):
-        target = target[part]
-    merged = dict(_resolve(target, root))
-    merged.update({k: v for k, v in subschema.items() if k != "$ref"})
-    return merged
-
-
 def _fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
-    schema = _resolve(schema, root)
+    schema = resolve(schema, root)
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
-            resolved = _resolve(sub, root)
+            resolved = resolve(sub, root)
             if key not in instance and "default" in resolved:
                 instance[key] = copy.deepcopy(resolved["default"])
             if key in instance:
@@ -119,7 +96,7 @@ def date_keys() -> tuple[str, ...]:
     found: list[str] = []
 
     def walk(sub: dict[str, Any], prefix: str) -> None:
-        for key, prop in _resolve(sub, schema).get("properties", {}).items():
+        for key, prop in resolve(sub, schema).get("properties", {}).items():
             if prop.get("$ref") == DATE_REF:
                 found.append(prefix + key)
             else:
@@ -235,7 +212,7 @@ def _check_batch_split(train: dict[str, Any]) -> None:
 
 def conv2d_lstm_parameters(cfg: dict[str, Any]) -> int:
     """Parameters of the ``conv2d_lstm`` network of a validated configuration (its ``model``, grid,
-    variables and ``windows.lead_steps``), by arithmetic (:mod:`conv2dlstm.training.modelsize`)."""
+    variables and ``windows.lead_steps``), by arithmetic (:mod:`conv2dlstm.config.modelsize`)."""
     c = cfg["model"]["conv2d_lstm"]
     height, width = grid_shape(cfg["grid"])
     return conv2d_lstm_parameter_count(
@@ -293,7 +270,7 @@ def _check_runs(cfg: dict[str, Any]) -> None:
         return
     schema = load_schema()
     for i, entry in enumerate(cfg["runs"]):
-        merged = _merge_run(cfg, entry)
+        merged = merge_run(cfg, entry)
         try:
             _fill_defaults(merged, schema, schema)
             _check_schema(merged, schema)
@@ -568,31 +545,6 @@ def load_config(path: str | Path | None = None, *, json_text: str | None = None)
     return validate_config(raw)
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _merge_run(cfg: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``cfg`` with the ``runs`` entry's ``model`` and ``train`` overrides merged in and
-    ``runs`` emptied: the configuration of that run, before validation."""
-    out = copy.deepcopy(cfg)
-    out["model"] = _deep_merge(cfg["model"], entry.get("model") or {})
-    out["train"] = _deep_merge(cfg["train"], entry.get("train") or {})
-    out["runs"] = []
-    return out
-
-
-def run_names(cfg: dict[str, Any]) -> list[str]:
-    """Names of the configured runs (one run named after ``model.name`` when ``runs`` is empty)."""
-    return [r["name"] for r in cfg["runs"]] or [cfg["model"]["name"]]
-
-
 def run_config(cfg: dict[str, Any], run: str) -> dict[str, Any]:
     """The configuration of one run: ``model`` and ``train`` with that run's overrides, validated."""
     if not cfg["runs"]:
@@ -603,35 +555,9 @@ def run_config(cfg: dict[str, Any], run: str) -> dict[str, Any]:
         entry = next((r for r in cfg["runs"] if r["name"] == run), None)
         if entry is None:
             raise ConfigError(f"run {run!r} is not configured; runs are {run_names(cfg)}")
-        out = _merge_run(cfg, entry)
+        out = merge_run(cfg, entry)
     out["runs"] = []
     try:
         return validate_config(out)
     except ConfigError as exc:
         raise ConfigError(f"run {run!r}: {exc}") from exc
-
-
-def flat_items(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> ``{"a.b.c": leaf}`` in sorted key order (an empty mapping is a leaf)."""
-    out: dict[str, Any] = {}
-    for key in sorted(mapping):
-        value = mapping[key]
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flat_items(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flat ``a.b.c -> value`` strings with stable keys (MLflow params line up across runs)."""
-    return {
-        name: json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
-        for name, value in flat_items(cfg, prefix).items()
-    }
-
-
-def config_digest(cfg: dict[str, Any]) -> str:
-    """Short SHA-256 of the canonical JSON form of a (section of a) config."""
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]

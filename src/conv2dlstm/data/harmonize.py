@@ -1014,20 +1014,3 @@ def time_gaps(times: np.ndarray, start: DateLike | None = None, end: DateLike | 
         if n > 0:
             gaps.append((t[-1] + step, t[-1] + n * step, n))
     return TimeGaps(step, tuple(gaps))
-
-
-def stack_variables(ds: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
-    """``ds[variables]`` as one DataArray ``(time, variable, lat, lon)`` (lazy when ``ds`` is).
-
-    The dataset's attributes (the regrid store's: its provenance, the manifest's path) are not
-    carried over, so nothing computed from the array inherits them.
-    """
-    missing = [v for v in variables if v not in ds.data_vars]
-    if missing:
-        raise DataError(
-            f"variables {missing} are not in the data; it has {sorted(map(str, ds.data_vars))}; fix "
-            "variables.inputs/targets or re-run the regrid step"
-        )
-    arr = ds[list(variables)].to_dataarray("variable")
-    arr.attrs = {}
-    return arr.transpose("time", "variable", "lat", "lon")

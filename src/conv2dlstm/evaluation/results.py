@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from conv2dlstm.config.validate import run_names
+from conv2dlstm.config.runs import run_names
 from conv2dlstm.config.workflow import compare_stem
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES

@@ -10,7 +10,7 @@
 2. Its inputs: the initial date is ``--init-date`` or ``source.end`` (the last day of the
    configured data: set it, or give the date, for an operational forecast). The days
    ``init - (input_steps - 1) .. init`` are fetched through the configured source kind
-   (:func:`conv2dlstm.steps.fetch.main` with ``source.start``/``end`` set to those days, into
+   (:func:`conv2dlstm.data.fetching.fetch_source` with ``source.start``/``end`` set to those days, into
    ``--work-dir``), opened with the same checks and unit conversions
    (:func:`conv2dlstm.data.sources.open_sources`), harmonized and regridded by the regrid step's code
    (:func:`conv2dlstm.data.regridding.regrid_dataset`), and normalized by the windows step's code
@@ -59,7 +59,8 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm import __version__
-from conv2dlstm.artifacts import provenance
+from conv2dlstm.artifacts import digests, provenance
+from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import keys
 from conv2dlstm.errors import DataError, TrackingError
@@ -128,7 +129,7 @@ def champion_run(uri: str, experiment: str) -> str | None:
 
 def _local_model(cfg: Mapping[str, Any]) -> Path | None:
     """``<outdir>/train/<run>/model.pt`` of the configuration's only run, when it exists."""
-    from conv2dlstm.config.validate import run_names
+    from conv2dlstm.config.runs import run_names
 
     names = run_names(dict(cfg))
     if len(names) != 1:
@@ -220,7 +221,7 @@ def model_problems(ckpt: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]
 def check_stats(ckpt: Mapping[str, Any], stats: Path, *, checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's provenance record, after checking that ``stats`` is its run's statistics file."""
     record = provenance.from_checkpoint(ckpt, where=f"checkpoint {checkpoint}")
-    given = provenance.digest_of(stats)
+    given = digests.digest_of(stats)
     trained = record["inputs"].get("stats")
     if given != trained:
         raise DataError(
@@ -270,12 +271,11 @@ def period_config(cfg: Mapping[str, Any], start: pd.Timestamp, end: pd.Timestamp
 
 def regridded_inputs(cfg: Mapping[str, Any], raw_dir: Path) -> tuple[xr.Dataset, Path]:
     """Fetch ``cfg``'s source period into ``raw_dir`` and regrid it as the regrid step does; loaded."""
+    from conv2dlstm.data import fetching, regridding
     from conv2dlstm.data import harmonize as hz
-    from conv2dlstm.data import regridding
     from conv2dlstm.data.sources import open_sources
-    from conv2dlstm.steps import fetch
 
-    manifest = fetch.main(dict(cfg), out_dir=raw_dir)
+    manifest = fetching.fetch_source(dict(cfg), out_dir=raw_dir)
     sources = open_sources(manifest, rules=hz.SourceRules.from_config(cfg))
     ds = regridding.regrid_dataset(sources.dataset, cfg).load()
     return ds, manifest
@@ -464,7 +464,7 @@ def main(
         dims=("lat", "lon"),
         coords={"lat": stats64["lat"].values, "lon": stats64["lon"].values},
     )
-    manifest_digest = provenance.manifest_digest(manifest)
+    manifest_digest = manifest_file.read_digest(manifest)
     record_out = forecast_digest(
         {"checkpoint": record["digest"], "stats": record["inputs"]["stats"], "manifest": manifest_digest},
         {step_: keys.result_config(period, step_) for step_ in ("fetch", "regrid")},

@@ -36,10 +36,10 @@ import dask
 import numpy as np
 import xarray as xr
 
+from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.data import harmonize as hz
-from conv2dlstm.data import zarrstore
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def fit_stats(
     ever missing is not ocean); statistics are taken over its cells only.
     """
     variables = list(dict.fromkeys(variables))
-    arr = hz.stack_variables(ds, variables)  # (time, variable, lat, lon)
+    arr = stats_file.stack_variables(ds, variables)  # (time, variable, lat, lon)
     mask = ocean_mask(arr)
     if not bool(mask.any()):
         raise DataError(
@@ -228,7 +228,7 @@ def main(
     provenance digest (:mod:`conv2dlstm.artifacts.provenance`).
     """
     from conv2dlstm.artifacts import provenance
-    from conv2dlstm.data.daskutil import compute_errors, dask_client
+    from conv2dlstm.daskutil import compute_errors, dask_client
     from conv2dlstm.fsutil import discard_partials
 
     out = Path(out)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from conv2dlstm import zarrstore
 from conv2dlstm.data import harmonize as hz
-from conv2dlstm.data import regridding, zarrstore
+from conv2dlstm.data import regridding
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def main(
 
     from conv2dlstm.artifacts import manifest as manifest_file
     from conv2dlstm.artifacts import provenance
+    from conv2dlstm.daskutil import dask_client
     from conv2dlstm.data import sources
-    from conv2dlstm.data.daskutil import dask_client
     from conv2dlstm.errors import DataError
     from conv2dlstm.fsutil import discard_partials, sha256_file
 
@@ -102,7 +103,7 @@ def main(
     attrs["source_manifest"] = str(manifest)
     attrs["source_manifest_sha256"] = sha256_file(manifest)
     attrs["source_sha256"] = str(manifest_file.read(manifest).get("sha256", ""))
-    record = provenance.for_step(cfg, "regrid", {"manifest": provenance.manifest_digest(manifest)})
+    record = provenance.for_step(cfg, "regrid", {"manifest": manifest_file.read_digest(manifest)})
     attrs.update(provenance.to_attrs(record))
     log.info(
         "regrid: scanned %d file(s) of %s in %.1f s; %d steps %s..%s in %d slab(s) -> grid %d x %d (%s), variables %s",

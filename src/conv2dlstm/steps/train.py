@@ -72,11 +72,11 @@ from torch import nn
 from conv2dlstm.artifacts import checkpoint, provenance
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.config import keys
-from conv2dlstm.config.validate import flatten
+from conv2dlstm.config.runs import flatten
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
 from conv2dlstm.tracking import store as tracking
-from conv2dlstm.training import distributed
+from conv2dlstm.training import distributed, models
 from conv2dlstm.training.dataset import InMemoryWindows
 from conv2dlstm.training.devices import resolve_device
 from conv2dlstm.training.loop import (
@@ -375,7 +375,7 @@ def main(
 ) -> None:
     """Train run ``run`` (``cfg`` is that run's full config) on the windows store; outputs in ``out_dir``.
 
-    ``sweep``: MLflow tags grouping the runs of the whole configuration (:func:`conv2dlstm.config.sweep.sweep_tags`),
+    ``sweep``: MLflow tags grouping the runs of the whole configuration (:func:`conv2dlstm.config.keys.sweep_tags`),
     set on the run with the provenance tags.
 
     Resumes from ``out_dir/last.pt`` when it records the provenance digest of this configuration and
@@ -673,7 +673,7 @@ def _finish(
         if not tracker.flush():
             raise TrackingError(f"metrics of step(s) {[p.step for p in tracker.pending]} were not accepted")
         if log_model:
-            best_model = checkpoint.rebuild_model(checkpoint.load(best_path), path=best_path)
+            best_model = models.rebuild_model(checkpoint.load(best_path), path=best_path)
             n = min(2, store.starts("val").size)
             example = np.stack([store.sample("val", i)[0] for i in range(n)])  # (n, T_in, C_in, H, W)
             tracker.log_model(best_model, example)

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.artifacts.windows_store import FORMAT_VERSION, SPLITS
 from conv2dlstm.data import harmonize as hz
-from conv2dlstm.data import zarrstore
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def main(
     digests of the regridded store and the statistics (:mod:`conv2dlstm.artifacts.provenance`).
     """
     from conv2dlstm.artifacts import provenance
-    from conv2dlstm.data.daskutil import dask_client
+    from conv2dlstm.daskutil import dask_client
     from conv2dlstm.fsutil import discard_partials, sha256_file
 
     out = Path(out)

@@ -3,7 +3,7 @@
 After the compare step (:func:`after_compare`):
 
 - every run of the configuration gets the ``sweep`` tags of the whole configuration
-  (:func:`conv2dlstm.config.sweep.sweep_tags`): a run trained by an earlier, smaller sweep and not retrained
+  (:func:`conv2dlstm.config.keys.sweep_tags`): a run trained by an earlier, smaller sweep and not retrained
   joins the current one;
 - the best run of the experiment by validation loss (the ``best_val_loss`` metric of the training;
   test scores are never used to choose, only copied onto the version for reporting) is registered
@@ -285,7 +285,7 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
     """The compare step's MLflow part: tag the runs of ``models`` (their ``mlflow_run_id.txt``) with
     the configuration's sweep tags, then :func:`register_champion` among the runs validated on the
     same windows store (unless ``mlflow.log_model`` is false: a warning, nothing registered)."""
-    from conv2dlstm.config.sweep import sweep_tags
+    from conv2dlstm.config.keys import sweep_tags
 
     uri = tracking.resolve_tracking_uri(cfg)
     tracking.check_tracking(uri)

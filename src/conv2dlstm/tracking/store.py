@@ -3,7 +3,7 @@
 - :func:`resolve_tracking_uri` - ``MLFLOW_TRACKING_URI`` in the environment, else ``mlflow.tracking_uri``.
 - :func:`check_tracking` - fail before any training when the store cannot be used.
 - :func:`start_run` - context yielding a :class:`Tracker`: experiment ``cfg["experiment"]``, run name
-  = the run, every resolved config value as a param (:func:`conv2dlstm.config.validate.flatten`), tags for
+  = the run, every resolved config value as a param (:func:`conv2dlstm.config.runs.flatten`), tags for
   the code (git commit, dirty flag), data and stats checksums, package versions.
 - :func:`resume_run` - log into an existing run (the evaluate step logs into the training run).
 - :func:`mark_superseded` - tag a run replaced by a fresh training (``superseded``, ``superseded_by``).
@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from conv2dlstm import __version__
-from conv2dlstm.config.validate import flatten
+from conv2dlstm.config.runs import flatten
 from conv2dlstm.errors import TrackingError
 
 log = logging.getLogger(__name__)

@@ -1,13 +1,13 @@
 """Forecast networks mapping ``x (B, T_in, C_in, H, W)`` to ``y (B, T_out, C_out, H, W)``.
 
 Two architectures, built by name with :func:`build_model` from plain keyword arguments (the same
-``model_kwargs`` are stored in every checkpoint, so :func:`conv2dlstm.artifacts.checkpoint.rebuild_model`
+``model_kwargs`` are stored in every checkpoint, so :func:`rebuild_model`
 rebuilds a model from its file alone):
 
 - ``conv2d_lstm`` (:class:`Conv2dLSTM`): the original notebook network. Each input frame goes through
   ``Conv2D + ReLU + MaxPool(2)`` blocks, is flattened, an LSTM runs over time, and dense layers
   produce the whole output cube. Its flatten and output layers grow with the grid area ``H * W``;
-  the parameter count is computed before any allocation (:mod:`conv2dlstm.training.modelsize`, which the
+  the parameter count is computed before any allocation (:mod:`conv2dlstm.config.modelsize`, which the
   config validation uses too) and a :class:`ConfigError` refuses a model above ``max_parameters``.
 - ``convlstm`` (:class:`ConvLSTM`): an encoder-forecaster of stacked ConvLSTM cells (Shi et al.
   2015, https://arxiv.org/abs/1506.04214). Its size does not depend on the grid.
@@ -24,7 +24,7 @@ and ``y`` equals ``raw`` to within ``4e-6`` std from one std above the floor on.
 the output near the mean is shifted by up to 0.1 std and its gradient damped, and the seed
 task's Conv2D-LSTM never left its initial plateau; from ``b = 5`` on it trains like the
 unconstrained network. The floor is a buffer of the model: it is saved in the checkpoint's
-``model_state`` and :func:`~conv2dlstm.artifacts.checkpoint.load_model` rebuilds the floored model from the file alone;
+``model_state`` and :func:`load_model` rebuilds the floored model from the file alone;
 ``model_kwargs`` carry which channels are floored, whether per cell and the sharpness
 (``nonnegative_channels``, ``floor_per_cell``, ``floor_sharpness``). The train step sets the buffer
 from the statistics with :meth:`OutputFloor.set_floor` (:func:`floor_from_stats`).
@@ -33,7 +33,7 @@ from the statistics with :meth:`OutputFloor.set_floor` (:func:`floor_from_stats`
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -41,13 +41,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conv2dlstm.errors import ConfigError, DataError
-from conv2dlstm.training.modelsize import (
+from conv2dlstm.artifacts import checkpoint as checkpoint_file
+from conv2dlstm.config.modelsize import (
     conv2d_lstm_grid_problem,
     conv2d_lstm_parameter_count,
     conv2d_lstm_size_problem,
     conv_stack_sizes,
 )
+from conv2dlstm.errors import ConfigError, DataError
 
 FLOOR_SHARPNESS = 10.0
 """Sharpness ``b`` of the output floor, per normalized unit (module docstring)."""
@@ -132,7 +133,7 @@ class OutputFloor(nn.Module):
             if bool(torch.isnan(self.floor).any()):
                 raise RuntimeError(
                     "the output floor of the nonnegative channels was never set: call set_floor (the train step "
-                    "does, from the statistics) or load the model from its checkpoint (artifacts.checkpoint.load_model)"
+                    "does, from the statistics) or load the model from its checkpoint (training.models.load_model)"
                 )
             self._checked = True
         floor = self.floor.to(y.dtype)
@@ -464,9 +465,33 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model, checkpoint)`` of a checkpoint file: :func:`conv2dlstm.artifacts.checkpoint.load_model`,
-    which owns the checkpoint format (kept here for the evaluate and forecast steps, which call it)."""
-    from conv2dlstm.artifacts import checkpoint
+def rebuild_model(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "") -> nn.Module:
+    """The network of ``ckpt`` built from the checkpoint alone (its
+    :data:`~conv2dlstm.artifacts.checkpoint.MODEL_KEYS`), with its weights, in eval mode on the CPU. ``path`` names
+    the file in the :class:`DataError` of a checkpoint whose entries do not build a model of this version."""
+    where = path or "(in memory)"
+    name, kwargs = ckpt["model_name"], ckpt["model_kwargs"]
+    if name not in MODEL_NAMES:
+        raise checkpoint_file.error(where, f"names the model {name!r}, which is not one of {list(MODEL_NAMES)}")
+    if not isinstance(kwargs, dict):
+        raise checkpoint_file.error(where, f"has model_kwargs of type {type(kwargs).__name__}, not a dict")
+    try:
+        model = build_model(name, **kwargs)
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise checkpoint_file.error(where, f"has model_kwargs that do not build a {name} model ({exc})") from exc
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+        raise checkpoint_file.error(where, f"has weights that do not fit its {name} model ({exc})") from exc
+    return model.eval()
 
-    return checkpoint.load_model(path)
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint file alone; returns ``(model, checkpoint)``, model in eval mode on the CPU.
+
+    Needs only :data:`~conv2dlstm.artifacts.checkpoint.MODEL_KEYS`, and accepts a file without ``format_version``
+    (model-only checkpoints written by hand); a file of another version, missing, truncated or not a checkpoint of
+    this package (or weights that do not fit the rebuilt network) raises a :class:`DataError` naming ``path`` and the
+    fix."""
+    ckpt = checkpoint_file.load(path, required=checkpoint_file.MODEL_KEYS)
+    return rebuild_model(ckpt, path=path), ckpt

@@ -240,7 +240,7 @@ def write_parts(
     """
     import dask
 
-    from conv2dlstm.data.daskutil import compute_errors
+    from conv2dlstm.daskutil import compute_errors
     from conv2dlstm.fsutil import atomic_output
 
     results: list[tuple[Any, ...]] = []
