@@ -73,8 +73,11 @@ test: setup
 test-fast: PYTEST_ARGS = -m "not e2e and not slurm"
 test-fast: test
 
-## lint: ruff (lint rules and formatting), mypy (src/conv2dlstm, pyproject.toml) and the Snakefile's lint
+## lint: ruff (lint rules and formatting), mypy (src/conv2dlstm, pyproject.toml), the import contracts
+## (lint-imports: steps do not import steps, libraries never import steps, no import cycle) and the
+## Snakefile's lint
 lint: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench workflow
 	$(BIN)/mypy
