@@ -70,7 +70,7 @@ test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 ## test-fast: unit tests only
-test-fast: PYTEST_ARGS = -m "not e2e and not slurm"
+test-fast: PYTEST_ARGS = tests/unit
 test-fast: test
 
 ## lint: ruff (lint rules and formatting), mypy (src/conv2dlstm, pyproject.toml), the import contracts

@@ -101,7 +101,7 @@ def _hours(values: np.ndarray) -> np.ndarray:
 
 class PredictionsWriter:
     """``predictions.nc`` written batch by batch; decodes (xarray) exactly like the file that the tests'
-    in-memory reference (``tests/_reference.py``) writes with xarray.
+    in-memory reference (``tests/support/reference.py``) writes with xarray.
 
     The file is created with every coordinate (small: ``N`` initial times, ``N x T_out`` valid times)
     and one empty float32 variable ``(time, lead, lat, lon)`` per target (zlib level 4, one chunk

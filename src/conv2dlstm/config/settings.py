@@ -11,7 +11,7 @@ a ``KeyError`` deep in a step, and an enum is a ``Literal`` a type checker can f
     s.grid.lat.step            # float
 
 :func:`conv2dlstm.config.validate.validate_config` builds the view of every configuration it validates, so a
-configuration that passes the schema but not these types fails there. ``tests/test_settings.py``
+configuration that passes the schema but not these types fails there. ``tests/unit/test_settings.py``
 checks that every object of the schema has exactly these fields and
 that every enum of the schema equals its ``Literal`` here (and the code's own tuple of choices), so
 the view cannot drift from the schema: a new key needs a field here, a new choice a new literal.

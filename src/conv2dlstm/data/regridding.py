@@ -172,7 +172,7 @@ def conservative(ds: xr.Dataset, target: xr.Dataset, *, min_ocean_fraction: floa
     so gaps in the source axes count as missing, like land.
 
     Why not ``xarray-regrid``'s conservative regridder, which this equals on a regular, gap-free
-    source (``nan_threshold = 1 - min_ocean_fraction``; ``tests/test_regrid.py`` checks it): it
+    source (``nan_threshold = 1 - min_ocean_fraction``; ``tests/unit/test_regrid.py`` checks it): it
     infers source cells halfway between neighbouring centres, so across a gap in the source axis (a
     product cut into tiles, a missing band) the neighbours stretch over the gap and a target cell
     inside it gets their values; here the gap is missing data. The overlap matrices also give the

@@ -193,7 +193,7 @@ class StreamingScores:
     def table(self, not_meaningful: Mapping[str, xr.DataArray] | None = None) -> pd.DataFrame:
         """Tidy frame ``model, variable, lead, metric, value``: the time-mean scores of each forecast, then
         its skill rows (:func:`skill_frame`); the same table as the in-memory reference of the tests
-        (``tests/_reference.py``), which scores whole arrays with :mod:`conv2dlstm.evaluation.metrics`."""
+        (``tests/support/reference.py``), which scores whole arrays with :mod:`conv2dlstm.evaluation.metrics`."""
         if not self._sums:
             raise DataError("no batch was scored; the test split has no window")
         return score_frame(self.time_means(), skill_frame(self.mse_series(), not_meaningful))

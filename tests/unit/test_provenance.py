@@ -23,7 +23,7 @@ from conv2dlstm.steps import fetch, train
 from conv2dlstm.steps import normalize as nz
 from conv2dlstm.steps import regrid as rg
 from conv2dlstm.steps import windows as wn
-from tests.test_regrid import write_daily_files
+from tests.unit.test_regrid import write_daily_files
 
 # ---------------------------------------------------------------------------------------------
 # Records

@@ -25,8 +25,8 @@ import pytest
 import torch
 import yaml
 
-from tests._mlflow_server import MlflowServer
-from tests.conftest import REPO, run_snakemake
+from tests.support.mlflow_server import MlflowServer
+from tests.support.workflow import REPO, run_snakemake
 
 TINY = REPO / "tests/configs/tiny.yaml"
 EXPERIMENT = "ui-sweep"

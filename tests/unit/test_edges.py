@@ -30,7 +30,7 @@ from conv2dlstm.config.validate import validate_config
 from conv2dlstm.data import download
 from conv2dlstm.errors import ConfigError, DiskFullError, DownloadError
 from conv2dlstm.fsutil import atomic_output
-from tests.conftest import job_env
+from tests.support.workflow import job_env
 
 # -------------------------------------------------------------------------------------------------
 # a full disk

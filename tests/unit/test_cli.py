@@ -6,7 +6,7 @@ import sys
 import yaml
 
 from conv2dlstm.cli import main
-from tests.conftest import job_env
+from tests.support.workflow import job_env
 
 
 def test_validate_config_prints_defaults(capsys, tmp_path):

@@ -13,7 +13,7 @@ from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.errors import DataError
 from conv2dlstm.zarrstore import write_store
-from tests._windows_fixture import make_windows_store
+from tests.support.windows_fixture import make_windows_store
 
 
 @pytest.mark.parametrize("version", [None, stats_file.FORMAT_VERSION + 1])

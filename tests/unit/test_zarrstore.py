@@ -14,7 +14,7 @@ from conv2dlstm import zarrstore
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.cli import main as cli_main
 from conv2dlstm.errors import DataError
-from tests._windows_fixture import make_windows_store
+from tests.support.windows_fixture import make_windows_store
 
 
 def _store(path: Path) -> Path:

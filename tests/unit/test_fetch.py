@@ -23,7 +23,7 @@ from conv2dlstm.data import download, fetching, regridding, sources
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import sha256_file, sha256_tree
 from conv2dlstm.steps import fetch, synthetic
-from tests._servers import FileServer, write_oisst_days
+from tests.support.servers import FileServer, write_oisst_days
 
 START, END = "2019-01-30", "2019-02-03"  # 5 days across a month boundary
 DAYS = pd.date_range(START, END)

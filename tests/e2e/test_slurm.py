@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_workflow, job_env
 from tests.slurm.merge_profile import BASE_PROFILE, deep_merge, write_merged_profile
+from tests.support.workflow import REPO, copy_workflow, job_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 

@@ -21,7 +21,7 @@ from conv2dlstm.config.validate import validate_config
 from conv2dlstm.steps import train
 from conv2dlstm.training import loop
 from conv2dlstm.training.models import build_model, model_kwargs_from_config
-from tests._windows_fixture import make_windows_store
+from tests.support.windows_fixture import make_windows_store
 
 
 def _config(tmp_path: Path, name: str = "convlstm", **train_overrides) -> dict:

@@ -31,7 +31,7 @@ from conv2dlstm.steps import train
 from conv2dlstm.training import distributed, loop
 from conv2dlstm.training.dataset import shard_batches
 from conv2dlstm.training.models import load_model
-from tests._windows_fixture import make_windows_store
+from tests.support.windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
 EPOCHS = 5
@@ -320,7 +320,7 @@ def test_batch_not_divisible_by_processes(store, tmp_path, capsys, monkeypatch) 
     torchrun would not fix alone) and in a torchrun worker."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = ddp_config(tmp_path / "mlflow.db", gpus=2)
-    cfg["train"]["batch_size"] = 3  # past validation, which refuses it as well (tests/test_config.py)
+    cfg["train"]["batch_size"] = 3  # past validation, which refuses it as well (tests/unit/test_config.py)
     out = tmp_path / "out"
     assert cli.main(cli_args(cfg, store, out)) == 2
     err = capsys.readouterr().err

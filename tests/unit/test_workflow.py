@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conv2dlstm.config.workflow import export_package_path
-from tests.conftest import job_env
+from tests.support.workflow import job_env
 
 
 def _snakemake(exe: str, cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -34,8 +34,8 @@ from conv2dlstm.data import download
 from conv2dlstm.errors import ConfigError, DownloadError
 from conv2dlstm.redact import redact_text, redact_url, url_secret_problem
 from conv2dlstm.steps import fetch, synthetic
-from tests._servers import FileServer, write_oisst_days
-from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
+from tests.support.servers import FileServer, write_oisst_days
+from tests.support.workflow import REPO, copy_workflow, job_env, run_snakemake
 
 START, END = "2019-01-30", "2019-02-01"
 TEMPLATE = "{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc"

@@ -20,8 +20,8 @@ import xarray as xr
 import zarr
 
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
-from tests._mlflow_server import free_port
-from tests.conftest import REPO, job_env, run_make, run_snakemake
+from tests.support.mlflow_server import free_port
+from tests.support.workflow import REPO, job_env, run_make, run_snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,7 @@ def _try_yaml() -> str:
 
 COVERED_ELSEWHERE = {
     "make test": "this suite",
-    "make run-seed": "tests/test_e2e_seed.py runs the seed configuration (25 of its 60 epochs)",
+    "make run-seed": "tests/e2e/test_seed.py runs the seed configuration (25 of its 60 epochs)",
 }
 """Quick start commands the walkthrough does not run, and where they are tested instead."""
 

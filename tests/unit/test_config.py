@@ -18,7 +18,7 @@ from conv2dlstm.config.validate import (
 )
 from conv2dlstm.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _walk(schema, root, path="", parent_default=None):
@@ -277,7 +277,7 @@ def test_conv2d_lstm_too_large_for_the_grid_is_refused():
 def test_conv2d_lstm_limit_is_the_configured_one():
     base = validate_config({"model": {"name": "conv2d_lstm"}})
     n = conv2d_lstm_parameters(base)
-    assert n == 423_891  # 25x25 default grid, sst -> sst, 3 leads (tests/test_models.py derives it)
+    assert n == 423_891  # 25x25 default grid, sst -> sst, 3 leads (tests/unit/test_models.py derives it)
     validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": n}}})
     with pytest.raises(ConfigError, match=f"{n:,} parameters.*max_parameters = {n - 1:,}"):
         validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": n - 1}}})

@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 from conv2dlstm.artifacts.windows_store import WindowsStore
-from tests.conftest import copy_workflow, run_snakemake
+from tests.support.workflow import copy_workflow, run_snakemake
 from tests.test_e2e import model_beats_baselines
 
 pytestmark = pytest.mark.e2e

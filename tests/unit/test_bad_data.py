@@ -32,7 +32,7 @@ import xarray as xr
 
 from conv2dlstm import cli
 from conv2dlstm.fsutil import sha256_file
-from tests._servers import FileServer
+from tests.support.servers import FileServer
 
 START, END = "2020-01-01", "2020-01-06"
 DAYS = [f"{d:%Y-%m-%d}" for d in pd.date_range(START, END)]

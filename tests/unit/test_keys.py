@@ -10,7 +10,7 @@ from conv2dlstm.config import keys
 from conv2dlstm.config.runs import flatten
 from conv2dlstm.config.schema import load_schema
 from conv2dlstm.config.validate import run_config, validate_config
-from tests._plan import steps_planned_by
+from tests.support.plan import steps_planned_by
 
 
 def _leaf_names(schema: dict, sub: dict, prefix: str = "") -> set[str]:

@@ -2,7 +2,7 @@
 
 - For every key of the configuration schema: after a complete run, changing that key alone makes
   `snakemake --dry-run` plan exactly the steps its x-steps annotation names, and those downstream
-  of them (tests/_plan.py); a runtime key plans nothing.
+  of them (tests/support/plan.py); a runtime key plans nothing.
 - A changed learning rate trains a new model, recorded in a new MLflow run with the new rate.
 - Fixing the input data after a complete run retrains from scratch, and the result equals a run
   on the fixed data in another directory, bit for bit (windows store, weights, metrics.csv).
@@ -29,8 +29,8 @@ from conv2dlstm.config import keys
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
-from tests._plan import steps_planned_by
-from tests.conftest import REPO, copy_workflow, job_env, run_snakemake
+from tests.support.plan import steps_planned_by
+from tests.support.workflow import REPO, copy_workflow, job_env, run_snakemake
 
 pytestmark = pytest.mark.e2e
 

@@ -24,9 +24,9 @@ from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import TrackingError
 from conv2dlstm.steps import train
 from conv2dlstm.tracking import store as tracking
-from tests._mlflow_server import MlflowServer
-from tests._windows_fixture import make_windows_store
-from tests.conftest import REPO, job_env, run_snakemake
+from tests.support.mlflow_server import MlflowServer
+from tests.support.windows_fixture import make_windows_store
+from tests.support.workflow import REPO, job_env, run_snakemake
 
 pytestmark = pytest.mark.e2e
 

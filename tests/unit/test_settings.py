@@ -19,7 +19,7 @@ from conv2dlstm.steps import synthetic
 from conv2dlstm.training import dataset as data
 from conv2dlstm.training import devices, loop, models
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 CODE_CHOICES: dict[str, tuple[str, ...]] = {
     "synthetic.kind": synthetic.KINDS,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import job_env
+from tests.support.workflow import job_env
 
 GLOBAL_QUARTER_DEGREE = (
     "grid:\n  lat: {start: -89.875, stop: 89.875, step: 0.25}\n  lon: {start: -179.875, stop: 179.875, step: 0.25}\n"

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from tests.conftest import job_env
+from tests.support.workflow import job_env
 
 START_TIMEOUT_S = 120
 

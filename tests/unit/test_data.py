@@ -12,7 +12,7 @@ import zarr
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.errors import DataError
 from conv2dlstm.training.dataset import InMemoryWindows, WindowDataset, iter_batches, use_in_memory
-from tests._windows_fixture import make_windows_store
+from tests.support.windows_fixture import make_windows_store
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conv2dlstm import cli
 from conv2dlstm.artifacts import checkpoint, digests, provenance
 from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.steps import forecast
-from tests.conftest import run_snakemake
+from tests.support.workflow import run_snakemake
 
 pytestmark = pytest.mark.e2e
 

@@ -174,7 +174,7 @@ def test_build_store_eager_and_dask(chunked: bool) -> None:
 
 def test_zero_windows_names_split_period_and_fix() -> None:
     ds = source()
-    cfg = store_config()  # validation refuses it (tests/test_config.py); the step must too
+    cfg = store_config()  # validation refuses it (tests/unit/test_config.py); the step must too
     cfg["windows"] |= {"input_steps": 6, "lead_steps": 3}  # 9 steps > the 7-day validation period
     with pytest.raises(DataError, match=r"split val \(2020-01-21\.\.2020-01-27\) has no window.*lower windows"):
         wn.build_store(ds, fitted(ds), cfg)

@@ -25,7 +25,7 @@ from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.steps import train
 from conv2dlstm.training import loop
 from conv2dlstm.training.models import load_model
-from tests._windows_fixture import make_windows_store
+from tests.support.windows_fixture import make_windows_store
 
 OUTPUTS = {"best.pt", "last.pt", "model.pt", "history.csv", "mlflow_run_id.txt", "model_summary.txt"}
 
