@@ -23,7 +23,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
-.PHONY: setup run run-seed sweep forecast summary tables tables-check test test-fast lint report mlflow-ui \
+.PHONY: setup run run-seed sweep forecast summary tables tables-check config test test-fast lint report mlflow-ui \
 	mlflow-server bench bench-scale bench-keras clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
@@ -59,6 +59,10 @@ forecast: setup
 ## tables: regenerate the README's result tables from the results of CONFIG (after make run)
 tables: setup
 	$(BIN)/python -m conv2dlstm tables --config $(CONFIG) --write README.md
+
+## config: regenerate config/config.yaml from the schema (workflow/schemas/config.schema.yaml)
+config: setup
+	$(BIN)/python -m conv2dlstm config-defaults --write config/config.yaml
 
 ## tables-check: fail when README.md's table for CONFIG is not what its results give
 tables-check: setup

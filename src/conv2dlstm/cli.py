@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
 
     p = sub.add_parser(
+        "config-defaults",
+        help="config/config.yaml as the schema gives it (every key, its default and description); "
+        "--write writes it, --check fails when a file differs",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", type=Path, default=None, help="file to write (e.g. config/config.yaml)")
+    g.add_argument("--check", type=Path, default=None, help="file that must equal the generated text")
+
+    p = sub.add_parser(
         "ui-address", help="print the MLflow UI address of the configuration's experiment (its training runs)"
     )
     _add_config(p)
@@ -176,6 +185,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         import yaml
 
         sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
+        return
+    if step == "config-defaults":
+        from conv2dlstm.config import defaults
+
+        if args.check is not None:
+            defaults.check(args.check.read_text() if args.check.is_file() else "", path=str(args.check))
+            print(f"{args.check}: as the schema gives it")
+        elif args.write is not None:
+            args.write.write_text(defaults.render())
+            print(f"{args.write}: written from the schema")
+        else:
+            sys.stdout.write(defaults.render())
         return
     if step == "verify":
         from conv2dlstm import zarrstore

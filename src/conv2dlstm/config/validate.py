@@ -41,7 +41,6 @@ from conv2dlstm.config.modelsize import (
 )
 from conv2dlstm.config.runs import merge_run, run_names
 from conv2dlstm.config.schema import DATE_REF, load_schema, resolve
-from conv2dlstm.config.settings import Settings
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
 
@@ -501,7 +500,6 @@ def validate_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
     _check_schema(cfg, schema)
     _expand_sweep(cfg)
     _check_semantics(cfg, given)
-    Settings.from_config(cfg)  # the typed view holds every validated configuration (types, enums)
     return cfg
 
 

@@ -1,0 +1,102 @@
+"""The schema is the one definition of every configuration key: its enums equal the choices the code
+dispatches on, and config/config.yaml is generated from it (conv2dlstm.config.defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conv2dlstm.cli import main
+from conv2dlstm.config import defaults
+from conv2dlstm.config.schema import load_schema, resolve
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.data import fetching, harmonize, regridding
+from conv2dlstm.errors import ConfigError
+from conv2dlstm.steps import synthetic
+from conv2dlstm.training import dataset, devices, loop, models
+
+REPO = Path(__file__).resolve().parents[2]
+
+CODE_CHOICES: dict[str, tuple[str, ...]] = {
+    "synthetic.kind": synthetic.KINDS,
+    "source.kind": fetching.SOURCE_KINDS,
+    "harmonize.lon_convention": harmonize.LON_CONVENTIONS,
+    "harmonize.duplicates": harmonize.DUPLICATE_POLICIES,
+    "grid.method": regridding.METHODS,
+    "model.name": models.MODEL_NAMES,
+    "train.lr_schedule": loop.LR_SCHEDULES,
+    "train.device": devices.DEVICES,
+    "train.data_on_device": dataset.DATA_ON_DEVICE,
+}
+"""Per enum key of the schema, the tuple of choices the code dispatches on."""
+
+
+def _enums(node: dict[str, Any], root: dict[str, Any], path: str = "") -> dict[str, list[Any]]:
+    node = resolve(node, root)
+    out = {path: node["enum"]} if "enum" in node else {}
+    for key, sub in node.get("properties", {}).items():
+        out.update(_enums(sub, root, f"{path}.{key}" if path else key))
+    return out
+
+
+SCHEMA = load_schema()
+ENUMS = _enums(SCHEMA, SCHEMA)
+
+
+def test_the_schema_has_enums() -> None:
+    assert {"model.name", "train.lr_schedule", "source.kind", "grid.method"} <= set(ENUMS)
+
+
+@pytest.mark.parametrize("path", sorted(ENUMS))
+def test_every_enum_equals_the_codes_list(path: str) -> None:
+    """Each schema enum is listed in CODE_CHOICES (a new enum must be), with the code's tuple equal to it."""
+    assert path in CODE_CHOICES, f"schema enum {path} has no entry in CODE_CHOICES: add the code's tuple of choices"
+    assert list(CODE_CHOICES[path]) == ENUMS[path], path
+
+
+def test_code_choices_name_only_schema_enums() -> None:
+    assert set(CODE_CHOICES) <= set(ENUMS)
+
+
+def test_config_yaml_is_generated_from_the_schema() -> None:
+    """config/config.yaml is exactly what the schema gives: every key, its default, its description."""
+    text = (REPO / "config" / "config.yaml").read_text()
+    defaults.check(text)
+    assert yaml.safe_load(text) == validate_config({})
+    assert "# MLflow experiment name; every run of this configuration is recorded under it" in text
+
+
+def test_a_config_yaml_that_differs_is_named_with_the_fix(tmp_path: Path, capsys) -> None:
+    text = defaults.render().replace("epochs: 10", "epochs: 12")
+    with pytest.raises(ConfigError, match=r"at line \d+:\n  config/config.yaml:   epochs: 12\n  schema:   epochs: 10"):
+        defaults.check(text)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert main(["config-defaults", "--check", str(path)]) == 2
+    assert "make config" in capsys.readouterr().err
+    assert main(["config-defaults", "--write", str(path)]) == 0
+    assert path.read_text() == defaults.render()
+
+
+def test_scalars_are_written_as_yaml_reads_them() -> None:
+    for value in [
+        "2019-01-01",
+        "",
+        "D",
+        "-180..180",
+        "sqlite:///mlflow.db",
+        "a: b",
+        "yes",
+        "null",
+        0.003,
+        1e-4,
+        None,
+        True,
+        [20.125, 45.875],
+        {"unit": "degC", "min": -3.0},
+        "file:x/{date:%Y%m}/y.nc",
+    ]:
+        assert yaml.safe_load(f"k: {defaults._scalar(value)}") == {"k": value}, value
