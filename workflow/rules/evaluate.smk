@@ -39,7 +39,7 @@ rule evaluate:
             subcategory="{run}",
         ),
     params:
-        determines=lambda wildcards: result_json(config, "evaluate", wildcards.run),
+        *determines_params(config, "evaluate"),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 2
     resources:
