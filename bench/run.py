@@ -139,7 +139,7 @@ def bench_shared_cpu(work: Path) -> dict:
 def bench_pipeline(work: Path) -> dict:
     """The whole default pipeline in a clean copy of the tracked files, as `make run` runs it."""
     sys.path.insert(0, str(REPO))
-    from tests.conftest import copy_workflow, job_env
+    from tests.support.workflow import copy_workflow, job_env
 
     wf = copy_workflow(work / "wf")
     exe = Path(sys.executable).parent / "snakemake"

@@ -174,7 +174,7 @@ def raw_bytes(wf: Path) -> int:
 
 def run_scale(scale: Scale, work: Path) -> dict:
     """Run the scaled pipeline step by step in a fresh copy of the workflow; peak PSS and wall time per step."""
-    from tests.conftest import copy_workflow, job_env
+    from tests.support.workflow import copy_workflow, job_env
 
     wf = copy_workflow(work / f"wf-{scale.factor}x")
     (wf / "scale.yaml").write_text(yaml.safe_dump(scale.config(), sort_keys=False))

@@ -156,8 +156,8 @@ def _tiny() -> dict:
     return yaml.safe_load(TINY.read_text())
 
 
-def _planned(wf: Path, configfile: Path) -> set[str]:
-    """The rules `snakemake --dry-run` would run (its job stats table), without `all`."""
+def _dry_run(wf: Path, configfile: Path) -> str:
+    """What `snakemake --dry-run` prints."""
     exe = Path(sys.executable).parent / "snakemake"
     proc = subprocess.run(
         [str(exe), "-n", "--cores", "2", "--configfile", str(configfile)],
@@ -169,6 +169,12 @@ def _planned(wf: Path, configfile: Path) -> set[str]:
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
+    return out
+
+
+def _planned(wf: Path, configfile: Path) -> set[str]:
+    """The rules `snakemake --dry-run` would run (its job stats table), without `all`."""
+    out = _dry_run(wf, configfile)
     if "Nothing to be done" in out:
         return set()
     table = out[out.index("Job stats:") :]
@@ -211,6 +217,19 @@ def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
         name: (sorted(got), sorted(expected)) for (name, _, expected), got in zip(cases, planned) if got != expected
     }
     assert not wrong, f"key: (planned, expected) {wrong}"
+
+
+def test_dry_run_reason_is_the_changed_value(tiny_run: Path, tmp_path: Path):
+    """`snakemake -n` says why a step reruns in one line: the changed key, old and new value (one
+    rule param per key, conv2dlstm.config.workflow.determines_params), not the step's whole configuration."""
+    changed = tmp_path / "epochs.yaml"
+    changed.write_text(yaml.safe_dump(_merge(_tiny(), {"train": {"epochs": 3}})))
+    out = _dry_run(tiny_run, changed)
+    reasons = [line.strip() for line in out.splitlines() if "reason: Params have changed" in line]
+    assert reasons == [
+        "reason: Params have changed since last execution: Union of exclusive params before and now across all "
+        "output: before: 'train.epochs=4' now: 'train.epochs=3'"
+    ], out
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:

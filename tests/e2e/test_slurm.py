@@ -1,9 +1,10 @@
 """`snakemake --profile slurm` against a real one-node SLURM cluster started on this machine.
 
 The cluster (tests/slurm/start-cluster.sh) runs slurmctld and slurmd as root with munge; the
-profile is the real slurm/config.v8+.yaml with tests/slurm/overlay.yaml merged in (no GPU request,
-2 threads, small memory, squeue status polling). The tests are skipped only when slurm-wlm or
-munge is not installed; a cluster that is installed but does not start is a failure.
+profile is the small one users run first, slurm-smoke/config.v8+.yaml (the real slurm/ profile with
+2 threads, small memory and no GPU), with tests/slurm/overlay.yaml merged in (squeue status polling,
+job logs kept). The tests are skipped only when slurm-wlm or munge is not installed; a cluster that
+is installed but does not start is a failure. The profiles themselves are checked without a cluster.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.slurm.merge_profile import BASE_PROFILE, deep_merge, write_merged_profile
+from tests.slurm.merge_profile import BASE_PROFILE, OVERLAY, SMOKE_PROFILE, deep_merge, write_merged_profile
 from tests.support.workflow import REPO, copy_workflow, job_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
@@ -34,6 +35,9 @@ DAEMONS = ("slurmctld", "slurmd", "munged")
 PIPELINE_TIMEOUT_S = 1200  # the whole default pipeline through SLURM
 NON_LOCAL_RULES = ("regrid", "normalize", "windows", "train", "evaluate")
 LOCAL_RULES = ("synth", "fetch", "compare")
+DRIVER = REPO / "slurm" / "snakemake.sbatch"  # Snakemake itself as a SLURM job
+# Top-level keys in which slurm-smoke/ may differ from slurm/ (its header says how).
+SMOKE_DIFFERS = {"retries", "keep-going", "set-threads", "set-resources"}
 # The plugin's INFO line for every sbatch submission.
 SUBMITTED = re.compile(
     r"Job (?P<job>\d+) has been submitted with SLURM jobid (?P<slurm>\d+) "
@@ -210,20 +214,106 @@ def test_deep_merge_keeps_other_keys_and_removes_null() -> None:
     assert base["r"]["train"]["gres"] == "gpu:1"  # the input is not modified
 
 
+def dry_run_resources(output: str) -> dict[str, str]:
+    """Rule name -> its ``resources:`` line in the output of ``snakemake -n``."""
+    blocks = re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", output, re.M | re.S)
+    return {name: re.search(r"resources: (.*)", body)[1] for name, body in blocks if "resources:" in body}
+
+
 def test_dry_run_resolves_partitions_per_rule(tmp_path: Path) -> None:
     """`snakemake --profile slurm -n` in the repo root: the GPU partition goes to train only."""
     wf = copy_workflow(tmp_path / "wf")
     env = job_env({"SBATCH_PARTITION": "cpuq", "SBATCH_GPU_PARTITION": "gpuq", "SBATCH_ACCOUNT": "proj1"})
     result = snakemake_session(["--profile", "slurm", "-n"], cwd=wf, env=env, timeout=180)
     assert result.returncode == 0, result.stdout[-4000:]
-    blocks = re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", result.stdout, re.M | re.S)
-    resources = {name: re.search(r"resources: (.*)", body)[1] for name, body in blocks if "resources:" in body}
+    resources = dry_run_resources(result.stdout)
     for rule in NON_LOCAL_RULES:
         assert "slurm_account=proj1" in resources[rule], resources[rule]
         expected = "gpuq" if rule == "train" else "cpuq"
         assert f"slurm_partition={expected}," in resources[rule], resources[rule]
     assert "gpu=1," in resources["train"] and "gres=" not in resources["train"]
     assert "--signal=TERM@600" in resources["train"]
+
+
+def test_smoke_profile_is_the_real_one_with_small_jobs() -> None:
+    """slurm-smoke/ differs from slurm/ only in job sizes, GPU, train's partition and retries."""
+    real = yaml.safe_load(BASE_PROFILE.read_text())
+    smoke = yaml.safe_load(SMOKE_PROFILE.read_text())
+    assert set(smoke) == set(real)
+    for key in set(real) - SMOKE_DIFFERS:
+        assert smoke[key] == real[key], key
+    assert smoke["retries"] == 0 and smoke["keep-going"] is False
+    assert set(smoke["set-threads"]) == set(real["set-threads"])
+    assert all(n <= 2 for n in smoke["set-threads"].values())
+    cpu_partition = real["set-resources"]["regrid"]["slurm_partition"]
+    assert set(smoke["set-resources"]) == set(real["set-resources"])
+    for rule, big in real["set-resources"].items():
+        small = smoke["set-resources"][rule]
+        assert set(small) - set(big) <= {"gpu"}, rule
+        for key in set(big) - {"mem_mb", "runtime", "slurm_partition"}:
+            assert small[key] == big[key], (rule, key)
+        # Every job goes to the CPU partition, train included.
+        assert small["slurm_partition"] == cpu_partition, rule
+        assert small["mem_mb"] <= min(4000, big["mem_mb"]) and small["runtime"] <= min(30, big["runtime"]), rule
+    assert smoke["set-resources"]["train"]["gpu"] == 0
+
+
+def test_test_profile_is_the_smoke_profile(tmp_path: Path) -> None:
+    """The SLURM tests run slurm-smoke/ with only the test cluster's settings changed."""
+    overlay = yaml.safe_load(OVERLAY.read_text())
+    assert not set(overlay) & {"set-threads", "set-resources", "retries", "keep-going", "executor"}
+    merged = yaml.safe_load((write_merged_profile(tmp_path / "profile") / "config.v8+.yaml").read_text())
+    smoke = yaml.safe_load(SMOKE_PROFILE.read_text())
+    assert merged == {**smoke, **overlay}
+
+
+def test_smoke_dry_run_asks_for_small_cpu_jobs(tmp_path: Path) -> None:
+    """The smoke test's command, dry: small jobs, every one on SBATCH_PARTITION, no GPU, outputs
+    under the given outdir and resources_dir."""
+    wf = copy_workflow(tmp_path / "wf")
+    env = job_env({"SBATCH_PARTITION": "cpuq", "SBATCH_GPU_PARTITION": "gpuq", "SBATCH_ACCOUNT": "proj1"})
+    args = ["--profile", "slurm-smoke", "--configfile", "tests/configs/tiny.yaml", "-n"]
+    args += ["--config", "outdir=smoke/results", "resources_dir=smoke/resources"]
+    result = snakemake_session(args, cwd=wf, env=env, timeout=180)
+    assert result.returncode == 0, result.stdout[-4000:]
+    resources = dry_run_resources(result.stdout)
+    for rule in NON_LOCAL_RULES:
+        assert "slurm_partition=cpuq," in resources[rule] and "slurm_account=proj1" in resources[rule], rule
+        assert "runtime=30" in resources[rule], resources[rule]
+        assert int(re.search(r"mem_mb=(\d+)", resources[rule])[1]) <= 3000, resources[rule]
+    assert "gpu=0," in resources["train"] and "gpuq" not in result.stdout
+    outputs = re.findall(r"^    output: (.*)", result.stdout, re.M)
+    paths = [p for line in outputs for p in line.split(", ")]
+    assert paths and all(p.startswith(("smoke/results/", "smoke/resources/")) for p in paths), paths
+
+
+def test_driver_script_dry_run(tmp_path: Path) -> None:
+    """slurm/snakemake.sbatch run as SLURM would (in the submit directory, SLURM_* set): Snakemake
+    with the profile PROFILE names, this job's CPUs for the local rules, and the arguments given."""
+    header = [line for line in DRIVER.read_text().splitlines() if line and not line.startswith("#!")]
+    directives = [line for line in header if line.startswith("#SBATCH")]
+    first_command = next(i for i, line in enumerate(header) if not line.startswith("#"))
+    assert all(header.index(line) < first_command for line in directives)  # sbatch reads them only there
+    assert "#SBATCH --signal=B:INT@600" in directives and "#SBATCH --cpus-per-task=1" in directives
+    wf = copy_workflow(tmp_path / "wf")
+    env = job_env({"SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "1", "SBATCH_PARTITION": "cpuq"})
+    env["PROFILE"] = "slurm-smoke"
+    env.pop("MLFLOW_SERVER", None)
+    run = subprocess.run(
+        ["bash", str(wf / "slurm" / "snakemake.sbatch"), "-n", "--configfile", "tests/configs/tiny.yaml"],
+        cwd=wf,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "Using profiles slurm-smoke" in run.stdout + run.stderr
+    resources = dry_run_resources(run.stdout)
+    assert "slurm_partition=cpuq," in resources["train"] and "gpu=0," in resources["train"]
+    assert "results/compare/tiny.csv" in run.stdout  # --configfile reached Snakemake
+    elsewhere = subprocess.run(["bash", str(DRIVER)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert elsewhere.returncode == 1 and "submit from the repository root" in elsewhere.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +386,11 @@ def test_tiny_workflow_runs_through_sbatch(slurm_cluster: Cluster, tmp_path: Pat
         assert info["NumCPUs"] == "2" and info["TimeLimit"] == "00:30:00", info
     regrid = scontrol_job(slurm_cluster, jobs["regrid"][0][0])
     train = scontrol_job(slurm_cluster, jobs["train"][0][0])
-    # SBATCH_PARTITION unset: the cluster's default partition; SBATCH_GPU_PARTITION for train.
-    assert regrid["Partition"] == "debug" and train["Partition"] == "gpu"
+    # SBATCH_PARTITION unset: the cluster's default partition, for train too (the smoke profile does
+    # not use SBATCH_GPU_PARTITION).
+    assert regrid["Partition"] == "debug" and train["Partition"] == "debug"
     assert regrid["MinMemoryNode"] == "2000M" and train["MinMemoryNode"] == "3000M"
-    # The overlay's gpu: 0 replaced the rule's gpu=1: no GPU request (the node has none).
+    # The profile's gpu: 0 replaced the rule's gpu=1: no GPU request (the node has none).
     assert "gpu" not in train.get("TresPerNode", "") + train.get("TresPerJob", "")
 
 
@@ -338,7 +429,7 @@ def test_pipeline_on_slurm_matches_local_run(slurm_cluster: Cluster, tiny_run: P
         for job_id, log in jobs[rule]:
             assert scontrol_job(slurm_cluster, job_id)["JobState"] == "COMPLETED", rule
             assert log.is_file(), log
-    assert all(scontrol_job(slurm_cluster, j)["Partition"] == "gpu" for j, _ in jobs["train"])
+    assert all(scontrol_job(slurm_cluster, j)["Partition"] == "debug" for j, _ in jobs["train"])
 
     windows, metrics = _default_outputs(wf)
     local_windows, local_metrics = _default_outputs(tiny_run)

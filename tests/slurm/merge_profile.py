@@ -1,8 +1,9 @@
-"""Write the profile the SLURM tests use: slurm/config.v8+.yaml with tests/slurm/overlay.yaml merged in.
+"""Write the profile the SLURM tests use: slurm-smoke/config.v8+.yaml (the small profile users run
+first) with tests/slurm/overlay.yaml (what the one-node test cluster needs) merged in.
 
 Snakemake itself replaces a whole top-level key when two profiles set it (``--profile a --profile
 b``), so an overlay that changes one resource of one rule would drop every other per-rule setting
-of the real profile; merging the YAML instead keeps them.
+of the profile; merging the YAML instead keeps them.
 
     python tests/slurm/merge_profile.py DEST_DIR    # writes DEST_DIR/config.v8+.yaml
     snakemake --profile DEST_DIR
@@ -18,7 +19,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-BASE_PROFILE = REPO / "slurm" / "config.v8+.yaml"
+BASE_PROFILE = REPO / "slurm" / "config.v8+.yaml"  # the real profile
+SMOKE_PROFILE = REPO / "slurm-smoke" / "config.v8+.yaml"  # the small one, which the tests run
 OVERLAY = HERE / "overlay.yaml"
 
 
@@ -35,7 +37,7 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def write_merged_profile(dest_dir: Path, base: Path = BASE_PROFILE, overlay: Path = OVERLAY) -> Path:
+def write_merged_profile(dest_dir: Path, base: Path = SMOKE_PROFILE, overlay: Path = OVERLAY) -> Path:
     """Write ``dest_dir/config.v8+.yaml`` (``base`` merged with ``overlay``) and return ``dest_dir``."""
     merged = deep_merge(yaml.safe_load(base.read_text()) or {}, yaml.safe_load(overlay.read_text()) or {})
     dest_dir.mkdir(parents=True, exist_ok=True)

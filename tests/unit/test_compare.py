@@ -221,3 +221,56 @@ def test_better_only_where_the_interval_excludes_zero(tmp_path):
     assert np.isnan(table.loc["persistence", "skill_vs_climatology_mean"])  # not derived from the RMSE rows
     assert table.loc["persistence", "skill_vs_persistence_mean"] == pytest.approx(0.0)  # derived: no rows
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _predictions_beside(metrics_csv: Path, step: np.timedelta64, n_lead: int = 2) -> None:
+    """The ``predictions.nc`` the evaluate step writes beside ``metrics.csv``, with leads ``step`` apart."""
+    from conv2dlstm.artifacts import predictions as predictions_file
+
+    init = np.datetime64("2021-07-01T00") + np.arange(3) * step
+    with predictions_file.PredictionsWriter(
+        metrics_csv.parent / predictions_file.FILENAME,
+        init_times=init,
+        valid_times=init[:, None] + np.arange(1, n_lead + 1)[None, :] * step,
+        variables=["sst"],
+        lat=np.array([20.0, 21.0]),
+        lon=np.array([-60.0, -59.0]),
+        units={"sst": "degC"},
+    ):
+        pass
+
+
+def test_units_come_from_the_configuration():
+    from conv2dlstm.config.validate import validate_config
+
+    units = compare.units_of(validate_config({"harmonize": {"units": {"chl_a": {"unit": "mg m-3"}}}}))
+    assert units["sst"] == "degC" and units["chl_a"] == "mg m-3"
+    assert compare.units_of(None) == {}
+
+
+def test_lead_step_is_read_beside_each_metrics_csv(two_runs):
+    assert compare.lead_step_of(two_runs) is None  # no predictions.nc: unknown
+    for path in two_runs:
+        _predictions_beside(path, np.timedelta64(6, "h"))
+    assert compare.lead_step_of(two_runs) == pd.Timedelta(hours=6)
+    _predictions_beside(two_runs[1], np.timedelta64(1, "D"))
+    assert compare.lead_step_of(two_runs) is None  # the runs disagree
+
+
+def test_compare_plot_names_the_rmse_unit_and_the_lead_in_days(two_runs, tmp_path, monkeypatch):
+    from conv2dlstm.config.validate import validate_config
+    from conv2dlstm.evaluation import plots
+
+    figures = []
+    draw = plots.compare_figure
+    monkeypatch.setattr(plots, "compare_figure", lambda *a, **k: figures.append(draw(*a, **k)))
+    for path in two_runs:
+        _predictions_beside(path, np.timedelta64(1, "D"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = validate_config({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+    compare.main(metrics=two_runs, out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png", cfg=cfg)
+    compare.main(metrics=two_runs, out_csv=tmp_path / "d.csv", out_plot=tmp_path / "d.png")  # no configuration
+    (with_cfg, without) = [{ax.get_title(): ax for ax in fig.axes} for fig in figures]
+    assert with_cfg["sst"].get_ylabel() == "area-weighted RMSE [degC]"
+    assert without["sst"].get_ylabel() == "area-weighted RMSE (physical units)"
+    assert {ax.get_xlabel() for ax in with_cfg.values()} == {"lead (days)"}

@@ -235,7 +235,10 @@ def test_plots_write_png(tmp_path, scored):
         fc.isel(time=0, lead=0), (fc + 1).isel(time=0, lead=0), tmp_path / "maps.png", title="t", units={"sst": "degC"}
     )
     plots.field_maps(
-        metrics.rmse_per_cell(fc.sel(lead=1), fc.sel(lead=1) * 0, MASK), tmp_path / "rmse_map.png", title="t"
+        metrics.rmse_per_cell(fc.sel(lead=1), fc.sel(lead=1) * 0, MASK),
+        tmp_path / "rmse_map.png",
+        title="t",
+        quantity="RMSE",
     )
     for name in ("rmse.png", "maps.png", "rmse_map.png"):
         assert _is_png(tmp_path / name)
@@ -578,6 +581,9 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    figures = {}
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.update({Path(path).name: fig}), save(fig, path)))
     p = pipeline_inputs
     out_dir = p["root"] / "evaluate" / "convlstm"
     evaluate.main(
@@ -586,6 +592,15 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     for name in evaluate.OUTPUT_FILES:
         assert (out_dir / name).is_file(), name
     assert not list(out_dir.glob(".*"))
+
+    # the figures name each quantity's unit (the statistics') and the leads in days (the windows' step)
+    def labels(name: str, *, x: bool = False) -> set[str]:
+        return {ax.get_xlabel() if x else ax.get_ylabel() for ax in figures[name].axes if ax.get_title() == "sst"}
+
+    assert labels("rmse_vs_lead.png") == {"area-weighted RMSE [degC]"}
+    for name in ("rmse_vs_lead.png", "acc_vs_lead.png", "skill_vs_lead.png"):
+        assert labels(name, x=True) == {"lead (days)"}, name
+    assert [ax.get_ylabel() for ax in figures["rmse_map.png"].axes if ax.get_label() == "<colorbar>"] == ["RMSE [degC]"]
 
     times = p["times"]
     test_starts = np.arange(45, times.size - INPUT_STEPS - LEAD_STEPS + 1)

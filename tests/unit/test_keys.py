@@ -87,6 +87,35 @@ def test_conditions_follow_the_run_configuration():
     assert json.loads(keys.result_json(cfg, "train", "nb")) == keys.result_config(run_config(cfg, "nb"), "train")
 
 
+def test_result_items_are_the_result_config_flat():
+    """One ``key=value`` item per determining key (the rule params): together exactly result_config."""
+    cfg = validate_config({"runs": [{"name": "a"}, {"name": "nb", "model": {"name": "conv2d_lstm"}}]})
+    for step in keys.STEPS:
+        for run in ("a", "nb") if step in keys.RUN_STEPS else (None,):
+            items = keys.result_items(cfg, step, run=run)
+            rebuilt: dict = {}
+            for name, item in items.items():
+                key, _, value = item.partition("=")
+                assert key == name
+                keys._set(rebuilt, tuple(name.split(".")), json.loads(value))
+            assert rebuilt == keys.result_config(cfg, step, run), (step, run)
+            assert set(items) <= {s.name for s in keys.determining_keys(step)}
+    assert keys.result_item("train.epochs", 10) == "train.epochs=10"
+    assert keys.result_item("source.url", "file:x/{date:%Y}.nc") == 'source.url="file:x/{date:%Y}.nc"'
+    assert keys.result_item("grid.lat", {"stop": 2.0, "start": 1.0}) == 'grid.lat={"start": 1.0, "stop": 2.0}'
+
+
+def test_determining_keys_are_every_key_a_step_may_depend_on():
+    train = {s.name for s in keys.determining_keys("train")}
+    assert {"train.epochs", "model.name", "model.convlstm.hidden_channels", "model.conv2d_lstm.filters"} <= train
+    assert not {"train.device", "train.num_workers", "outdir", "grid.lat"} & train
+    forecast = {s.name for s in keys.determining_keys("fetch", "regrid", "normalize")}
+    assert {"source.url", "source.paths", "grid.lat", "normalize.per_pixel"} <= forecast
+    assert keys.determining_keys("compare") == ()
+    with pytest.raises(ValueError, match="unknown step"):
+        keys.determining_keys("plot")
+
+
 def test_a_step_cannot_read_a_key_of_a_later_step():
     cfg = validate_config({})
     view = keys.step_view(cfg, "windows")

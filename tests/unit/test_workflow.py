@@ -83,7 +83,8 @@ def test_default_profile_loads_by_itself(snakemake_exe, workflow_copy):
 
 
 def test_rule_params_are_the_result_keys(snakemake_exe, workflow_copy):
-    """What Snakemake records as each rule's params (its rerun trigger) is the step's result config."""
+    """What Snakemake records as each rule's params (its rerun trigger) is the step's result config,
+    one 'key=value' param per key."""
     import json
 
     from conv2dlstm.config.keys import result_config
@@ -94,4 +95,63 @@ def test_rule_params_are_the_result_keys(snakemake_exe, workflow_copy):
     meta = next((workflow_copy / ".snakemake/metadata").iterdir())
     record = json.loads(meta.read_text())
     cfg = validate_config(__import__("yaml").safe_load((workflow_copy / "config/config.yaml").read_text()))
-    assert any(json.dumps(result_config(cfg, "synth"), sort_keys=True) in p for p in record["params"]), record["params"]
+    assert record["params"] == sorted(_snakemake_params(cfg, "synth")), record["params"]
+    synthetic = result_config(cfg, "synth")["synthetic"]
+    assert set(record["params"]) == {repr(f"synthetic.{k}={json.dumps(v)}") for k, v in synthetic.items()}
+
+
+def _snakemake_params(cfg: dict, *steps: str, run: str | None = None) -> set[str]:
+    """A job's params as Snakemake compares them with those it recorded: the set of their repr()."""
+    from types import SimpleNamespace
+
+    from conv2dlstm.config.workflow import determines_params
+
+    wildcards = SimpleNamespace(run=run) if run else SimpleNamespace()
+    return {repr(param(wildcards)) for param in determines_params(cfg, *steps)}
+
+
+@pytest.mark.parametrize(
+    ("change", "steps", "differs"),
+    [
+        ({"source": {"parallel": 9, "retries": 0, "timeout_s": 5}}, ("fetch",), False),
+        ({"source": {"url": "file:x/{date:%Y}.nc"}}, ("fetch",), True),
+        ({"source": {"paths": ["a.nc"]}}, ("fetch",), False),  # kind url does not read paths
+        ({"source": {"kind": "files", "paths": ["a.nc"]}}, ("fetch",), True),
+        ({"grid": {"method": "linear"}}, ("regrid",), True),
+        ({"dask": {"scheduler_address": "tcp://127.0.0.1:1"}}, ("regrid",), False),
+        ({"model": {"conv2d_lstm": {"filters": [8]}}}, ("train",), False),  # the inactive architecture
+        ({"model": {"name": "conv2d_lstm"}, "runs": [{"name": "convlstm"}]}, ("train",), True),
+        ({"train": {"device": "cpu", "num_workers": 2, "compile": True, "gpus": 2}}, ("train",), False),
+        ({"runs": [{"name": "convlstm", "train": {"epochs": 3}}]}, ("train",), True),
+        ({"evaluate": {"batch_size": 2}}, ("evaluate",), False),
+        ({"normalize": {"per_pixel": True}}, ("fetch", "regrid", "normalize"), True),  # a forecast's
+        ({"windows": {"stride": 2}}, ("fetch", "regrid", "normalize"), False),
+    ],
+)
+def test_params_change_exactly_with_the_result_config(change, steps, differs):
+    """Snakemake's rerun trigger: a job's params differ exactly when its steps' result config does."""
+    from conv2dlstm.config.keys import RUN_STEPS, result_digest
+    from conv2dlstm.config.validate import validate_config
+
+    base, changed = validate_config({}), validate_config(change)
+    run = "convlstm" if steps[0] in RUN_STEPS else None
+    assert (_snakemake_params(base, *steps, run=run) != _snakemake_params(changed, *steps, run=run)) is differs
+    assert any(result_digest(base, s, run) != result_digest(changed, s, run) for s in steps) is differs
+
+
+def test_params_reason_names_only_the_changed_keys():
+    """The reason `snakemake -n` gives for a changed setting (Snakemake's own message): the changed
+    key's old and new value, not the whole configuration of the step."""
+    from snakemake.persistence import ParamsChange
+
+    from conv2dlstm.config.validate import validate_config
+
+    old = _snakemake_params(validate_config({}), "train", run="convlstm")
+    new = _snakemake_params(validate_config({"train": {"epochs": 4}}), "train", run="convlstm")
+    reason = str(ParamsChange(only_old=old - new, only_new=new - old))
+    assert reason == (
+        "Union of exclusive params before and now across all output: before: 'train.epochs=10' now: 'train.epochs=4' "
+    )
+    fetch = _snakemake_params(validate_config({}), "fetch")
+    files = _snakemake_params(validate_config({"source": {"kind": "files", "paths": ["a.nc"]}}), "fetch")
+    assert files - fetch == {"""'source.kind="files"'""", """'source.paths=["a.nc"]'"""}

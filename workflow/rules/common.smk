@@ -17,12 +17,11 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from conv2dlstm.config.runs import run_names
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
-from conv2dlstm.config.keys import result_json
 from conv2dlstm.config.workflow import (
     compare_stem,
+    determines_params,
     export_config,
     export_package_path,
-    forecast_determines,
     train_gpus,
 )
 
@@ -31,12 +30,13 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
-# The rerun contract (conv2dlstm.config.keys): a rule's `determines` param holds exactly the config values
-# that determine its outputs (each key's x-steps annotation in the schema), so Snakemake reruns a
-# rule when one of them changes and never for a runtime setting (parallelism, retries, devices,
-# the Dask scheduler, the tracking store). Each step reads the whole validated configuration from
-# the environment variable CONV2DLSTM_CONFIG, which is not a rerun trigger, and sees only the keys
-# annotated for it or for a step upstream of it.
+# The rerun contract (conv2dlstm.config.keys): a rule's params hold exactly the config values that
+# determine its outputs (each key's x-steps annotation in the schema), one `key=value` param per key
+# (determines_params), so Snakemake reruns a rule when one of them changes, and never for a runtime
+# setting (parallelism, retries, devices, the Dask scheduler, the tracking store), and its reason
+# names the changed keys only: `before: 'train.epochs=10' now: 'train.epochs=4'`. Each step reads
+# the whole validated configuration from the environment variable CONV2DLSTM_CONFIG, which is not
+# a rerun trigger, and sees only the keys annotated for it or for a step upstream of it.
 export_config(config)
 
 OUT = config["outdir"]

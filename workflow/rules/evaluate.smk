@@ -39,7 +39,7 @@ rule evaluate:
             subcategory="{run}",
         ),
     params:
-        determines=lambda wildcards: result_json(config, "evaluate", wildcards.run),
+        *determines_params(config, "evaluate"),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
     threads: 2
     resources:
@@ -67,6 +67,8 @@ rule compare:
     input:
         metrics=expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
         models=expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
+        # read beside each metrics.csv: the lead time of the plot's lead axis
+        predictions=expand(f"{OUT}/evaluate/{{run}}/predictions.nc", run=RUNS),
     output:
         csv=f"{COMPARE}.csv",
         plot=report(f"{COMPARE}.png", caption="../report/compare.rst", category="Comparison"),

@@ -9,7 +9,7 @@ rule fetch:
     output:
         f"{RES}/raw/{NAME}/manifest.json",
     params:
-        determines=lambda wildcards: result_json(config, "fetch"),
+        *determines_params(config, "fetch"),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{LOGS}/fetch.log",

@@ -13,7 +13,7 @@ rule forecast:
         nc=f"{OUT}/forecast/latest.nc",
         zarr=directory(f"{OUT}/forecast/latest.zarr"),
     params:
-        determines=lambda wildcards: forecast_determines(config),  # per job: braces of source.url are not wildcards
+        *determines_params(config, "fetch", "regrid", "normalize"),  # the forecast's inputs and statistics
         work_dir=f"{RES}/forecast/{NAME}",
     log:
         f"{LOGS}/forecast/latest.log",
@@ -35,7 +35,7 @@ rule forecast_date:
     wildcard_constraints:
         date=r"\d{4}-\d{2}-\d{2}",
     params:
-        determines=lambda wildcards: forecast_determines(config),  # per job: braces of source.url are not wildcards
+        *determines_params(config, "fetch", "regrid", "normalize"),  # the forecast's inputs and statistics
         work_dir=f"{RES}/forecast/{NAME}",
     log:
         f"{LOGS}/forecast/{{date}}.log",

@@ -5,7 +5,7 @@ rule normalize:
     output:
         f"{OUT}/normalize/{NAME}.nc",
     params:
-        determines=lambda wildcards: result_json(config, "normalize"),
+        *determines_params(config, "normalize"),
     threads: 4
     resources:
         mem_mb=4000,

@@ -5,7 +5,7 @@ rule regrid:
     output:
         directory(f"{OUT}/regrid/{NAME}.zarr"),
     params:
-        determines=lambda wildcards: result_json(config, "regrid"),
+        *determines_params(config, "regrid"),
     threads: 4
     resources:
         mem_mb=4000,

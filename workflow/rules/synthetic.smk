@@ -7,7 +7,7 @@ rule synth:
     output:
         directory(f"{RES}/synthetic/{NAME}"),
     params:
-        determines=lambda wildcards: result_json(config, "synth"),
+        *determines_params(config, "synth"),
     log:
         f"{LOGS}/synth.log",
     benchmark:

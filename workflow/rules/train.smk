@@ -13,7 +13,7 @@ rule train:
     output:
         f"{OUT}/train/{{run}}/model.pt",
     params:
-        determines=lambda wildcards: result_json(config, "train", wildcards.run),
+        *determines_params(config, "train"),
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     threads: 4
     resources:

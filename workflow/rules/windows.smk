@@ -6,7 +6,7 @@ rule windows:
     output:
         directory(f"{OUT}/windows/{NAME}.zarr"),
     params:
-        determines=lambda wildcards: result_json(config, "windows"),
+        *determines_params(config, "windows"),
     threads: 4
     resources:
         mem_mb=4000,

@@ -16,9 +16,10 @@ which steps' outputs its value determines:
 From this annotation:
 
 - :func:`result_config` - the values that determine one step's outputs (conditions evaluated on
-  the run's configuration). The workflow passes them as the rule's ``params`` (Snakemake reruns a
-  rule exactly when they change), and every artifact records :func:`result_digest` of them as its
-  provenance.
+  the run's configuration). Every artifact records :func:`result_digest` of them as its
+  provenance, and the workflow passes them as the rule's ``params``, one ``key=value`` param per
+  key (:func:`result_items`, :func:`determining_keys`, :func:`conv2dlstm.config.workflow.determines_params`):
+  Snakemake reruns a rule exactly when they change, and its reason names only the changed keys.
 - :func:`step_view` - what a step may read: its own result keys, those of the steps upstream of it
   (an upstream change reruns it anyway), runtime and path keys. The CLI hands each step this view,
   so a step that reads a key not annotated for it fails loudly (``KeyError``) instead of silently
@@ -162,8 +163,36 @@ def result_config(cfg: dict[str, Any], step: str, run: str | None = None) -> dic
 
 
 def result_json(cfg: dict[str, Any], step: str, run: str | None = None) -> str:
-    """:func:`result_config` as canonical JSON (a rule's ``params``)."""
+    """:func:`result_config` as canonical JSON (what :func:`result_digest` hashes)."""
     return json.dumps(result_config(cfg, step, run), sort_keys=True)
+
+
+def result_item(name: str, value: Any) -> str:
+    """``<dotted key>=<value as canonical JSON>``, e.g. ``train.epochs=10``: one determining value as
+    one rule param (:func:`conv2dlstm.config.workflow.determines_params`)."""
+    return f"{name}={json.dumps(value, sort_keys=True)}"
+
+
+def result_items(cfg: dict[str, Any], *steps: str, run: str | None = None) -> dict[str, str]:
+    """The values that determine the outputs of any of ``steps``, flat: dotted key ->
+    :func:`result_item`. Holds exactly what :func:`result_config` of each step holds (for train and
+    evaluate, that of ``run``)."""
+    out: dict[str, str] = {}
+    for step in steps:
+        step_cfg = _for_step(cfg, step, run)
+        for spec in key_specs():
+            if spec.determines(step, step_cfg):
+                out[spec.name] = result_item(spec.name, get(step_cfg, spec.name))
+    return out
+
+
+def determining_keys(*steps: str) -> tuple[KeySpec, ...]:
+    """The keys that determine the outputs of any of ``steps`` under some configuration (their
+    conditions aside; path keys excluded), in schema order."""
+    for step in steps:
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}; steps are {STEPS}")
+    return tuple(s for s in key_specs() if not s.output_path and any(step in s.steps for step in steps))
 
 
 def result_digest(cfg: dict[str, Any], step: str, run: str | None = None) -> str:

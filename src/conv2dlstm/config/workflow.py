@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,39 @@ def train_gpus(config: dict[str, Any], run: str) -> int:
     return 0 if train["device"] == "cpu" else int(train["gpus"])
 
 
-def forecast_determines(config: dict[str, Any]) -> str:
-    """The config values that determine a forecast's inputs, as canonical JSON (the forecast rules'
-    params): the fetch and regrid keys (``source.end`` among them: the latest initial date) and the
-    normalize keys (the statistics)."""
-    from conv2dlstm.config.keys import result_config
+def determines_params(config: dict[str, Any], *steps: str) -> list[Callable[[Any], str | None]]:
+    """The rule params that rerun ``steps``' jobs: one per key that can determine their outputs
+    (:func:`conv2dlstm.config.keys.determining_keys`), in the rule as ``params: *determines_params(config,
+    "<step>"), ...``.
 
-    return json.dumps({step: result_config(config, step) for step in ("fetch", "regrid", "normalize")}, sort_keys=True)
+    Each param is a function of the job's wildcards (per job: the braces of ``source.url`` are not
+    wildcards) giving ``key=value`` (:func:`conv2dlstm.config.keys.result_item`) while the key determines
+    one of the steps' outputs under the job's configuration (for train and evaluate the ``run``
+    wildcard's), else None. The ``key=value`` strings are exactly :func:`conv2dlstm.config.keys.result_items`,
+    so the job's params change exactly when its result configuration does.
+
+    Snakemake compares a job's params with those it recorded as sets of their string forms and
+    reruns the job when they differ; its reason then names the params found on one side only:
+    with one param per key, only the changed ones, e.g. ``Params have changed since last
+    execution: ... before: 'train.epochs=10' now: 'train.epochs=4'``.
+    """
+    from conv2dlstm.config.keys import determining_keys, result_items
+
+    cache: dict[str | None, dict[str, str]] = {}  # per run: the items of one job are built once
+
+    def items(wildcards: Any) -> dict[str, str]:
+        run = getattr(wildcards, "run", None)
+        if run not in cache:
+            cache[run] = result_items(config, *steps, run=run)
+        return cache[run]
+
+    def param(name: str) -> Callable[[Any], str | None]:
+        def value(wildcards: Any) -> str | None:
+            return items(wildcards).get(name)
+
+        return value
+
+    return [param(spec.name) for spec in determining_keys(*steps)]
 
 
 def compare_stem(config: dict[str, Any]) -> str:

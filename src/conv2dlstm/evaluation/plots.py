@@ -1,14 +1,18 @@
 """Evaluation figures (PNG), drawn with matplotlib's object API on the Agg canvas.
 
 No pyplot state is used: each function builds a :class:`matplotlib.figure.Figure`, saves it
-atomically and drops it. Land (NaN) is drawn in grey.
+atomically and returns it. Land (NaN) is drawn in grey.
+
+Axes name the quantity and its unit (:func:`quantity_label`: ``RMSE [degC]``, or ``(physical
+units)`` where the unit is not known) and the lead in days when one step is one day, else in the
+data's time step (:func:`lead_label`: ``lead (days)``, ``lead (6-hour steps)``).
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,6 +25,44 @@ from conv2dlstm.fsutil import atomic_output
 
 LAND_COLOR = "0.8"
 _NOT_MEANINGFUL = "not meaningful: climatology unsupported by training days"
+_STEP_UNITS = (
+    ("day", pd.Timedelta(days=1)),
+    ("hour", pd.Timedelta(hours=1)),
+    ("minute", pd.Timedelta(minutes=1)),
+    ("second", pd.Timedelta(seconds=1)),
+)
+
+
+def quantity_label(quantity: str, unit: str | None) -> str:
+    """An axis or colour bar label: ``RMSE [degC]``, or ``RMSE (physical units)`` without a unit."""
+    return f"{quantity} [{unit}]" if unit else f"{quantity} (physical units)"
+
+
+def lead_step(lead_times: object) -> pd.Timedelta | None:
+    """The time step of the leads, from their lead times: an array ``(..., lead)`` of timedeltas of
+    leads 1..T (e.g. valid minus initial time of every window). None when lead ``k`` is not ``k``
+    times one step throughout (e.g. calendar months) or there is none."""
+    times = np.asarray(lead_times, dtype="timedelta64[ns]")
+    if times.size == 0 or times.ndim == 0:
+        return None
+    step = times.reshape(-1, times.shape[-1])[0, 0]
+    expected = step * np.arange(1, times.shape[-1] + 1)
+    if step <= np.timedelta64(0, "ns") or not (times == expected).all():
+        return None
+    return pd.Timedelta(step)
+
+
+def lead_label(step: pd.Timedelta | None) -> str:
+    """The lead axis label: ``lead (days)`` when one step is one day (``hours``, ``minutes`` alike),
+    ``lead (6-hour steps)`` for another whole number of a unit, ``lead (steps after the initial
+    time)`` when the step is not known."""
+    if step is None or step <= pd.Timedelta(0):
+        return "lead (steps after the initial time)"
+    for unit, size in _STEP_UNITS:
+        if step % size == pd.Timedelta(0):
+            n = step // size
+            return f"lead ({unit}s)" if n == 1 else f"lead ({n}-{unit} steps)"
+    return f"lead (steps of {step})"
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -54,7 +96,9 @@ def lines_vs_lead(
     *,
     ylabel: str,
     title: str,
-) -> None:
+    units: Mapping[str, str] | None = None,
+    lead_step: pd.Timedelta | None = None,
+) -> Figure:
     """One panel per variable, one line per label: ``value`` against ``lead``.
 
     Args:
@@ -62,17 +106,29 @@ def lines_vs_lead(
             of a baseline (its ``model``, or a label named like one) are drawn grey in the
             baseline's style (:data:`conv2dlstm.evaluation.baselines.BASELINES`), the others solid.
         path: PNG file to write.
-        ylabel: axis label (metric and units).
+        ylabel: axis label: the quantity (e.g. ``area-weighted RMSE``), or quantity and unit.
         title: figure title.
+        units: the unit per variable of a quantity that has one, appended to ``ylabel`` per panel
+            (:func:`quantity_label`); None for a quantity without a unit (e.g. ACC).
+        lead_step: the time step of one lead (:func:`lead_label`); None when not known.
     """
     variables = list(dict.fromkeys(scores["variable"]))
     fig, axes = _panels(max(len(variables), 1))
-    _draw_lines(axes, variables, scores, ylabel)
+    _draw_lines(axes, variables, scores, ylabel, units=units, lead_step=lead_step)
     _title(fig, title)
     _save(fig, path)
+    return fig
 
 
-def _draw_lines(axes: Sequence, variables: Sequence[str], scores: pd.DataFrame, ylabel: str) -> None:
+def _draw_lines(
+    axes: Sequence,
+    variables: Sequence[str],
+    scores: pd.DataFrame,
+    ylabel: str,
+    *,
+    units: Mapping[str, str] | None,
+    lead_step: pd.Timedelta | None,
+) -> None:
     models = scores.set_index("label")["model"].to_dict() if "model" in scores else {}
     labels = ordered_labels(scores["label"], models)
     for ax, variable in zip(axes, variables, strict=False):
@@ -88,8 +144,8 @@ def _draw_lines(axes: Sequence, variables: Sequence[str], scores: pd.DataFrame, 
             else:
                 ax.plot(line["lead"], line["value"], linestyle="-", marker="o", label=label)
         ax.set_title(str(variable))
-        ax.set_xlabel("lead (steps after the initial time)")
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel(lead_label(lead_step))
+        ax.set_ylabel(ylabel if units is None else quantity_label(ylabel, units.get(str(variable))))
         leads = sorted(sub["lead"].unique())
         if leads:
             ax.set_xticks(leads)
@@ -97,7 +153,14 @@ def _draw_lines(axes: Sequence, variables: Sequence[str], scores: pd.DataFrame, 
         ax.legend(fontsize="small")
 
 
-def _skill_axes(ax, rows: pd.DataFrame, *, group: str, color_of: dict[str, str] | None = None) -> None:
+def _skill_axes(
+    ax,
+    rows: pd.DataFrame,
+    *,
+    group: str,
+    lead_step: pd.Timedelta | None,
+    color_of: dict[str, str] | None = None,
+) -> None:
     """Skill against lead with its interval shaded, one line per ``group`` value.
 
     ``rows``: columns ``group``, ``lead``, ``skill``, ``lower``, ``upper``, ``significant``,
@@ -125,12 +188,14 @@ def _skill_axes(ax, rows: pd.DataFrame, *, group: str, color_of: dict[str, str] 
     leads = sorted(rows["lead"].unique())
     if leads:
         ax.set_xticks(leads)
-    ax.set_xlabel("lead (steps after the initial time)")
+    ax.set_xlabel(lead_label(lead_step))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
 
 
-def skill_vs_lead(skills: pd.DataFrame, path: str | os.PathLike, *, title: str) -> None:
+def skill_vs_lead(
+    skills: pd.DataFrame, path: str | os.PathLike, *, title: str, lead_step: pd.Timedelta | None = None
+) -> Figure:
     """One panel per variable: skill ``1 - RMSE/RMSE(baseline)`` against lead, one line per ``label``.
 
     Args:
@@ -139,19 +204,29 @@ def skill_vs_lead(skills: pd.DataFrame, path: str | os.PathLike, *, title: str) 
             marker: the interval excludes 0) and ``meaningful`` (False: left out, named in the legend).
         path: PNG file to write.
         title: figure title.
+        lead_step: the time step of one lead (:func:`lead_label`); None when not known.
     """
     variables = list(dict.fromkeys(skills["variable"])) or [""]
     fig, axes = _panels(len(variables))
     colors = {f"vs {b}": f"C{i}" for i, b in enumerate(BASELINE_NAMES)}  # the same colour per baseline in every panel
     for ax, variable in zip(axes, variables, strict=True):
-        _skill_axes(ax, skills[skills["variable"] == variable], group="label", color_of=colors)
+        _skill_axes(ax, skills[skills["variable"] == variable], group="label", lead_step=lead_step, color_of=colors)
         ax.set_title(str(variable))
         ax.set_ylabel("RMSE skill vs baseline")
     _title(fig, title)
     _save(fig, path)
+    return fig
 
 
-def compare_figure(rmse: pd.DataFrame, skills: pd.DataFrame, path: str | os.PathLike, *, title: str) -> None:
+def compare_figure(
+    rmse: pd.DataFrame,
+    skills: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    title: str,
+    units: Mapping[str, str] | None = None,
+    lead_step: pd.Timedelta | None = None,
+) -> Figure:
     """RMSE against lead (first row) and, per baseline, each run's skill with its interval (one row each).
 
     Args:
@@ -160,20 +235,24 @@ def compare_figure(rmse: pd.DataFrame, skills: pd.DataFrame, path: str | os.Path
             columns of :func:`skill_vs_lead`.
         path: PNG file to write.
         title: figure title.
+        units: the RMSE's unit per variable (``area-weighted RMSE [degC]``); a variable without one
+            says ``(physical units)``.
+        lead_step: the time step of one lead (:func:`lead_label`); None when not known.
     """
     variables = list(dict.fromkeys(rmse["variable"])) or [""]
     present = [b for b in BASELINE_NAMES if b in set(skills["baseline"])]
     fig = Figure(figsize=(max(4.6 * len(variables), 8.0), 3.4 * (1 + len(present))), layout="constrained")
     grid = fig.subplots(1 + len(present), len(variables), squeeze=False)
-    _draw_lines(grid[0], variables, rmse, "area-weighted RMSE (physical units)")
+    _draw_lines(grid[0], variables, rmse, "area-weighted RMSE", units=units or {}, lead_step=lead_step)
     for row, baseline in zip(grid[1:], present, strict=True):
         for ax, variable in zip(row, variables, strict=True):
             sub = skills[(skills["baseline"] == baseline) & (skills["variable"] == variable)]
-            _skill_axes(ax, sub, group="label")
+            _skill_axes(ax, sub, group="label", lead_step=lead_step)
             ax.set_title(f"{variable}: skill vs {baseline} (filled: 95% interval excludes 0)")
             ax.set_ylabel("RMSE skill")
     _title(fig, title)
     _save(fig, path)
+    return fig
 
 
 def _pcolor(fig: Figure, ax, field: xr.DataArray, *, cmap: str, vmin: float, vmax: float, label: str) -> None:
@@ -209,7 +288,7 @@ def forecast_maps(
     *,
     title: str,
     units: dict[str, str] | None = None,
-) -> None:
+) -> Figure:
     """Truth, prediction and error (prediction - truth) maps, one row per variable.
 
     Args:
@@ -225,17 +304,18 @@ def forecast_maps(
     for row, variable in zip(axes, variables, strict=True):
         t = truth.sel(variable=variable)
         p = prediction.sel(variable=variable)
-        unit = units.get(variable, "")
+        unit = units.get(variable)
         vmin, vmax = _limits(t, p)
-        _pcolor(fig, row[0], t, cmap="viridis", vmin=vmin, vmax=vmax, label=f"{variable} [{unit}]")
+        _pcolor(fig, row[0], t, cmap="viridis", vmin=vmin, vmax=vmax, label=quantity_label(variable, unit))
         row[0].set_title(f"{variable}: truth")
-        _pcolor(fig, row[1], p, cmap="viridis", vmin=vmin, vmax=vmax, label=f"{variable} [{unit}]")
+        _pcolor(fig, row[1], p, cmap="viridis", vmin=vmin, vmax=vmax, label=quantity_label(variable, unit))
         row[1].set_title(f"{variable}: prediction")
         emin, emax = _limits(p - t, symmetric=True)
-        _pcolor(fig, row[2], p - t, cmap="RdBu_r", vmin=emin, vmax=emax, label=f"error [{unit}]")
+        _pcolor(fig, row[2], p - t, cmap="RdBu_r", vmin=emin, vmax=emax, label=quantity_label("error", unit))
         row[2].set_title(f"{variable}: prediction - truth")
     _title(fig, title)
     _save(fig, path)
+    return fig
 
 
 def field_maps(
@@ -243,20 +323,25 @@ def field_maps(
     path: str | os.PathLike,
     *,
     title: str,
+    quantity: str,
     units: dict[str, str] | None = None,
     cmap: str = "magma_r",
-) -> None:
-    """One map per variable of a ``(variable, lat, lon)`` field (e.g. RMSE per grid cell)."""
+) -> Figure:
+    """One map per variable of a ``(variable, lat, lon)`` field (e.g. RMSE per grid cell), its colour
+    bar labelled with ``quantity`` and the variable's unit (``RMSE [degC]``)."""
     units = units or {}
     variables = [str(v) for v in fields["variable"].values]
     fig, axes = _panels(len(variables), width=5.2, height=4.2)
     for ax, variable in zip(axes, variables, strict=True):
         field = fields.sel(variable=variable)
         lo, hi = _limits(field)
-        _pcolor(fig, ax, field, cmap=cmap, vmin=min(lo, 0.0), vmax=hi, label=f"[{units.get(variable, '')}]")
+        _pcolor(
+            fig, ax, field, cmap=cmap, vmin=min(lo, 0.0), vmax=hi, label=quantity_label(quantity, units.get(variable))
+        )
         ax.set_title(str(variable))
     _title(fig, title)
     _save(fig, path)
+    return fig
 
 
 def ordered_labels(labels: Sequence[str], models: dict[str, str] | None = None) -> list[str]:

@@ -21,7 +21,11 @@ ACC averaged over leads, and per baseline ``b``:
 - ``better_leads_vs_<b>``: the leads where the interval lies above zero, space separated.
 
 ``compare.png``: RMSE against lead, and per baseline each run's skill with its shaded interval
-(filled markers where the interval excludes zero).
+(filled markers where the interval excludes zero). The RMSE axis of each variable names its unit,
+``harmonize.units.<variable>.unit`` of the configuration (:func:`units_of`; ``(physical units)``
+without a configuration or an entry); the lead axis the time step of the leads, read from the
+``lead_time`` coordinate of the ``predictions.nc`` that the evaluate step writes beside each
+``metrics.csv`` (:func:`lead_step_of`; steps without a unit when it is absent).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluation import metrics, plots
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
@@ -179,6 +184,33 @@ def _lead_mean(series: pd.Series | None) -> float:
     return float(series.mean())
 
 
+def units_of(cfg: dict | None) -> dict[str, str]:
+    """The canonical unit per variable, ``harmonize.units.<variable>.unit`` of ``cfg`` (none without
+    ``cfg``): what the regrid step converts every source to, hence the unit of the scores."""
+    entries = ((cfg or {}).get("harmonize") or {}).get("units") or {}
+    return {
+        str(var): str(entry["unit"]) for var, entry in entries.items() if isinstance(entry, dict) and entry.get("unit")
+    }
+
+
+def lead_step_of(metrics_paths: Sequence[Path]) -> pd.Timedelta | None:
+    """The time step of the leads (:func:`conv2dlstm.evaluation.plots.lead_step`), from the ``lead_time`` of the
+    ``predictions.nc`` that the evaluate step writes beside each ``metrics.csv`` in the same job.
+    None when a file is missing or unreadable, or the runs disagree."""
+    steps = set()
+    for path in metrics_paths:
+        predictions = Path(path).parent / predictions_file.FILENAME
+        if not predictions.is_file():
+            return None
+        try:
+            with predictions_file.open(predictions) as ds:
+                steps.add(plots.lead_step(ds["lead_time"].values))
+        except (DataError, KeyError) as exc:
+            log.warning("compare: lead axis in steps: no lead time from %s (%s)", predictions, exc)
+            return None
+    return steps.pop() if len(steps) == 1 else None
+
+
 def _labels(rows: pd.DataFrame) -> pd.Series:
     """Legend labels: ``run (model)`` for runs named differently from their model, else the name."""
     named = (rows["kind"] == "run") & (rows["name"] != rows["model"])
@@ -210,6 +242,8 @@ def main(
             rmse,
             skills,
             tmp_plot,
+            units=units_of(cfg),
+            lead_step=lead_step_of([Path(p) for p in metrics]),
             title=f"Test period: RMSE and RMSE skill (95% block-bootstrap intervals) by lead, run(s) "
             f"{', '.join(runs)} vs {', '.join(BASELINE_NAMES)}",
         )

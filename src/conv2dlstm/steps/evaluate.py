@@ -526,26 +526,32 @@ def write_figures(
     period: str,
     units: Mapping[str, str],
     model_name: str,
+    lead_step: pd.Timedelta | None = None,
 ) -> None:
     """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png``, ``maps.png`` and ``rmse_map.png``
-    in ``staging``."""
+    in ``staging``: scores with the variables' ``units``, leads in ``lead_step`` (the time step of
+    the windows, :func:`conv2dlstm.evaluation.plots.lead_label`)."""
     labelled = table.assign(label=line_labels(table))
     plots.lines_vs_lead(
         labelled[labelled["metric"] == "rmse"],
         staging / "rmse_vs_lead.png",
-        ylabel="area-weighted RMSE (physical units)",
+        ylabel="area-weighted RMSE",
+        units=dict(units),
+        lead_step=lead_step,
         title=f"{who} vs baselines: RMSE by lead, test initial times {period}",
     )
     plots.lines_vs_lead(
         labelled[labelled["metric"] == "acc"],
         staging / "acc_vs_lead.png",
         ylabel="anomaly correlation (ACC)",
+        lead_step=lead_step,
         title=f"{who} vs persistence and damped persistence: ACC by lead, test initial times {period}",
     )
     skills = skill_intervals(table[table["model"] == model_name])
     plots.skill_vs_lead(
         skills.assign(label="vs " + skills["baseline"]),
         staging / "skill_vs_lead.png",
+        lead_step=lead_step,
         title=f"{who}: RMSE skill 1 - RMSE/RMSE(baseline) with 95% block-bootstrap intervals, test initial "
         f"times {period} (filled: the interval excludes 0)",
     )
@@ -554,6 +560,7 @@ def write_figures(
         rmse_map,
         staging / "rmse_map.png",
         title=f"{who}: RMSE per grid cell at lead 1, test initial times {period}",
+        quantity="RMSE",
         units=dict(units),
     )
 
@@ -588,6 +595,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
             "windows.input_steps + windows.lead_steps"
         )
     init_times = pd.DatetimeIndex(store.init_times(SPLIT))
+    lead_times = np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]") - init_times.values[:, None]
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
     device = resolve_device(cfg["train"]["device"])
     uri = tracking.resolve_tracking_uri(dict(cfg))
@@ -654,6 +662,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
                 period=period,
                 units=units,
                 model_name=model_name,
+                lead_step=plots.lead_step(lead_times),
             )
             commit_outputs(staging, out_dir, OUTPUT_FILES)
         finally:

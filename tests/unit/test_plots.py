@@ -1,0 +1,149 @@
+"""Figure labels: every axis names its quantity and unit, and the lead in the data's time step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from conv2dlstm.evaluation import plots
+
+DAY = pd.Timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("step", "label"),
+    [
+        (DAY, "lead (days)"),
+        (pd.Timedelta(hours=6), "lead (6-hour steps)"),
+        (pd.Timedelta(days=2), "lead (2-day steps)"),
+        (pd.Timedelta(hours=36), "lead (36-hour steps)"),
+        (pd.Timedelta(hours=1), "lead (hours)"),
+        (pd.Timedelta(minutes=90), "lead (90-minute steps)"),
+        (None, "lead (steps after the initial time)"),
+    ],
+)
+def test_lead_label_names_the_step(step, label):
+    assert plots.lead_label(step) == label
+
+
+def test_lead_step_of_regular_and_irregular_leads():
+    init = pd.date_range("2021-07-01", periods=4, freq="6h").values
+    valid = init[:, None] + np.arange(1, 4)[None, :] * np.timedelta64(6, "h")
+    assert plots.lead_step(valid - init[:, None]) == pd.Timedelta(hours=6)
+    assert plots.lead_step(np.array([1, 2, 3], dtype="timedelta64[D]")) == DAY  # one window's lead_time
+    months = pd.to_datetime(["2021-01-31", "2021-03-03", "2021-03-31"]).values  # leads 1, 2 of a monthly series
+    assert plots.lead_step(months[1:] - months[0]) is None  # 31 and 59 days: no one step
+    assert plots.lead_step(np.zeros((0, 3), dtype="timedelta64[ns]")) is None
+
+
+def test_quantity_label():
+    assert plots.quantity_label("RMSE", "degC") == "RMSE [degC]"
+    assert plots.quantity_label("RMSE", None) == "RMSE (physical units)"
+    assert plots.quantity_label("RMSE", "") == "RMSE (physical units)"
+
+
+def _rmse_rows() -> pd.DataFrame:
+    rows = [
+        {"label": label, "model": label, "variable": variable, "lead": lead, "value": value}
+        for variable in ("sst", "chl_a")
+        for label, value in (("convlstm", 0.5), ("persistence", 0.8))
+        for lead in (1, 2, 3)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _skill_rows(labels=("convlstm",), baselines=("persistence",)) -> pd.DataFrame:
+    rows = [
+        {
+            "label": label,
+            "baseline": baseline,
+            "variable": variable,
+            "lead": lead,
+            "skill": 0.2,
+            "lower": 0.1,
+            "upper": 0.3,
+            "significant": True,
+            "meaningful": True,
+        }
+        for label in labels
+        for baseline in baselines
+        for variable in ("sst", "chl_a")
+        for lead in (1, 2, 3)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _panel(fig, title: str):
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == title]
+    return ax
+
+
+def test_lines_vs_lead_name_each_panels_unit_and_the_lead_in_days(tmp_path):
+    fig = plots.lines_vs_lead(
+        _rmse_rows(),
+        tmp_path / "rmse.png",
+        ylabel="area-weighted RMSE",
+        title="t",
+        units={"sst": "degC"},
+        lead_step=DAY,
+    )
+    assert _panel(fig, "sst").get_ylabel() == "area-weighted RMSE [degC]"
+    assert _panel(fig, "chl_a").get_ylabel() == "area-weighted RMSE (physical units)"  # no unit known
+    assert {ax.get_xlabel() for ax in fig.axes} == {"lead (days)"}
+    acc = plots.lines_vs_lead(
+        _rmse_rows(), tmp_path / "acc.png", ylabel="anomaly correlation (ACC)", title="t", lead_step=None
+    )
+    assert _panel(acc, "sst").get_ylabel() == "anomaly correlation (ACC)"  # no unit: the label as given
+    assert _panel(acc, "sst").get_xlabel() == "lead (steps after the initial time)"
+
+
+def test_skill_vs_lead_names_the_lead_step(tmp_path):
+    fig = plots.skill_vs_lead(
+        _skill_rows(labels=("vs persistence",)), tmp_path / "skill.png", title="t", lead_step=pd.Timedelta(hours=6)
+    )
+    assert _panel(fig, "sst").get_xlabel() == "lead (6-hour steps)"
+
+
+def test_compare_figure_names_the_rmse_unit_per_variable_and_the_lead(tmp_path):
+    fig = plots.compare_figure(
+        _rmse_rows(), _skill_rows(), tmp_path / "compare.png", title="t", units={"sst": "degC"}, lead_step=DAY
+    )
+    assert _panel(fig, "sst").get_ylabel() == "area-weighted RMSE [degC]"
+    assert _panel(fig, "chl_a").get_ylabel() == "area-weighted RMSE (physical units)"
+    skill = _panel(fig, "sst: skill vs persistence (filled: 95% interval excludes 0)")
+    assert skill.get_ylabel() == "RMSE skill" and skill.get_xlabel() == "lead (days)"
+    bare = plots.compare_figure(_rmse_rows(), _skill_rows(), tmp_path / "bare.png", title="t")
+    assert _panel(bare, "sst").get_ylabel() == "area-weighted RMSE (physical units)"
+    assert _panel(bare, "sst").get_xlabel() == "lead (steps after the initial time)"
+
+
+def _field() -> xr.DataArray:
+    values = np.arange(2 * 3 * 4, dtype="float64").reshape(2, 3, 4)
+    values[:, 0, 0] = np.nan  # land
+    return xr.DataArray(
+        values,
+        dims=("variable", "lat", "lon"),
+        coords={"variable": ["sst", "chl_a"], "lat": [20.0, 21.0, 22.0], "lon": [-60.0, -59.0, -58.0, -57.0]},
+    )
+
+
+def test_field_maps_colour_bar_names_quantity_and_unit(tmp_path):
+    fig = plots.field_maps(_field(), tmp_path / "rmse_map.png", title="t", quantity="RMSE", units={"sst": "degC"})
+    colour_bars = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert colour_bars == ["RMSE [degC]", "RMSE (physical units)"]
+
+
+def test_forecast_maps_colour_bars_name_variable_and_unit(tmp_path):
+    field = _field()
+    fig = plots.forecast_maps(field, field + 1, tmp_path / "maps.png", title="t", units={"sst": "degC"})
+    colour_bars = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert colour_bars == [
+        "sst [degC]",
+        "sst [degC]",
+        "error [degC]",
+        "chl_a (physical units)",
+        "chl_a (physical units)",
+        "error (physical units)",
+    ]
