@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conv2dlstm.cli import main
-from conv2dlstm.config import defaults
+from conv2dlstm.config import defaults, sources
 from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.data import fetching, harmonize, regridding
@@ -100,3 +100,61 @@ def test_scalars_are_written_as_yaml_reads_them() -> None:
         "file:x/{date:%Y%m}/y.nc",
     ]:
         assert yaml.safe_load(f"k: {defaults._scalar(value)}") == {"k": value}, value
+
+
+def _kind_conditions(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    """(key, the raw value of its ``source.kind`` condition) for every condition in the schema file."""
+    out = []
+    if isinstance(node, dict):
+        steps = node.get("x-steps")
+        if isinstance(steps, dict):
+            out += [
+                (path, cond["source.kind"])
+                for cond in steps.values()
+                if isinstance(cond, dict) and "source.kind" in cond
+            ]
+        for key, value in node.items():
+            out += _kind_conditions(value, f"{path}.{key}" if key not in ("properties", "$defs") else path)
+    return out
+
+
+def test_conditions_on_source_kinds_name_one_kind_or_a_group() -> None:
+    """A condition that lists several kinds by name would miss a new kind: they name groups of the
+    one table of kinds (conv2dlstm.config.sources), which a new kind joins by its row alone."""
+    raw = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    conditions = _kind_conditions(raw)
+    assert len(conditions) >= 9
+    for key, value in conditions:
+        names = value if isinstance(value, list) else [value]
+        kinds = [n for n in names if n in sources.SOURCE_KINDS]
+        assert not (isinstance(value, list) and len(kinds) > 1), f"{key}: lists kinds {kinds}; name a group"
+        sources.expand_kinds(names)  # every name is a kind or a group
+
+
+def test_a_new_source_kind_joins_the_enum_and_every_condition_of_its_group(monkeypatch) -> None:
+    """One row in the table of kinds: the schema's enum and the rerun conditions follow."""
+    from conv2dlstm.config import keys, schema
+
+    row = sources.SourceKind("fetch_thredds", ("netcdf",), subsets=True, dated=False)
+    monkeypatch.setitem(sources.SOURCE_KINDS, "thredds", row)
+    monkeypatch.setitem(sources.GROUPS, "subsetting", (*sources.GROUPS["subsetting"], "thredds"))
+    monkeypatch.setitem(sources.GROUPS, "fetching-the-period", (*sources.GROUPS["fetching-the-period"], "thredds"))
+    for cached in (schema.load_schema, keys.key_specs):
+        cached.cache_clear()
+    try:
+        assert "thredds" in schema.load_schema()["properties"]["source"]["properties"]["kind"]["enum"]
+        cfg = validate_config({"source": {"kind": "thredds"}})
+        specs = {spec.name: spec for spec in keys.key_specs()}
+        for name in ("source.variables", "source.start", "region.lat", "variables.inputs"):
+            assert specs[name].determines("fetch", cfg), name
+        assert not specs["source.url"].determines("fetch", cfg)
+    finally:
+        monkeypatch.undo()
+        for cached in (schema.load_schema, keys.key_specs):
+            cached.cache_clear()
+
+
+def test_the_fetch_step_has_a_fetcher_for_every_kind() -> None:
+    assert set(fetching.FETCHERS) == set(sources.SOURCE_KINDS)
+    for name, kind in sources.SOURCE_KINDS.items():
+        assert fetching.FETCHERS[name].__name__ == kind.fetcher

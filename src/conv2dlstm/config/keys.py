@@ -4,9 +4,10 @@ Every leaf key of ``workflow/schemas/config.schema.yaml`` carries an ``x-steps``
 which steps' outputs its value determines:
 
 - ``x-steps: [regrid, normalize]`` - a *result* key: changing it changes those steps' outputs.
-  The form ``{fetch: {source.kind: [zarr, copernicus]}, regrid: true}`` adds a condition per step:
-  the key determines ``fetch`` only while ``source.kind`` is ``zarr`` or ``copernicus`` (the url
-  source never reads it), ``regrid`` always.
+  The form ``{fetch: {source.kind: subsetting}, regrid: true}`` adds a condition per step: the
+  key determines ``fetch`` only while ``source.kind`` is one of the kinds that subset while
+  fetching (a group of :data:`conv2dlstm.config.sources.SOURCE_KINDS`, :func:`expand_kinds`; the
+  url source never reads it), ``regrid`` always.
 - ``x-steps: []`` - a *runtime* key: it changes only how or where a step runs (parallelism,
   retries, timeouts, the Dask scheduler, devices, the tracking store), never its result.
 - ``x-output-path: true`` - a *path* key: it names where outputs go (``outdir``, ``name``); its
@@ -40,6 +41,7 @@ from typing import Any
 
 from conv2dlstm.config.runs import run_names
 from conv2dlstm.config.schema import load_schema, resolve
+from conv2dlstm.config.sources import expand_kinds
 from conv2dlstm.config.validate import run_config
 
 STEPS = ("synth", "fetch", "regrid", "normalize", "windows", "train", "evaluate", "compare")
@@ -93,7 +95,11 @@ def _parse_steps(name: str, raw: Any) -> dict[str, dict[str, tuple[Any, ...]] | 
         if condition is True:
             out[step] = None
         else:
-            out[step] = {k: tuple(v if isinstance(v, list) else [v]) for k, v in condition.items()}
+            out[step] = {
+                k: expand_kinds(values, where=f"schema key {name}") if k == "source.kind" else tuple(values)
+                for k, v in condition.items()
+                for values in [v if isinstance(v, list) else [v]]
+            }
     return out
 
 

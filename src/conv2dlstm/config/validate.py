@@ -41,6 +41,7 @@ from conv2dlstm.config.modelsize import (
 )
 from conv2dlstm.config.runs import merge_run, run_names
 from conv2dlstm.config.schema import DATE_REF, load_schema, resolve
+from conv2dlstm.config.sources import GROUPS
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
 
@@ -414,7 +415,7 @@ def _check_url_template(cfg: dict[str, Any]) -> None:
             )
 
 
-FETCH_SUBSET_KINDS = ("zarr", "copernicus")
+FETCH_SUBSET_KINDS = GROUPS["subsetting"]
 """Source kinds that subset the data while fetching, and so read ``source.variables``."""
 
 

@@ -54,6 +54,7 @@ import xarray as xr
 
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts.manifest import FetchedFile
+from conv2dlstm.config.sources import SOURCE_KINDS as KINDS
 from conv2dlstm.data import download
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
@@ -64,7 +65,8 @@ log = logging.getLogger(__name__)
 log.addFilter(RedactingFilter())  # defence in depth: every URL this module logs is redacted
 
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zmetadata")
-SOURCE_KINDS = ("url", "files", "zarr", "copernicus")
+SOURCE_KINDS = tuple(KINDS)
+"""The source kinds (:data:`conv2dlstm.config.sources.SOURCE_KINDS`, the one table of them)."""
 """The source kinds :func:`main` fetches (config key ``source.kind``)."""
 REGION_MARGIN_CELLS = 2
 """Source cells kept beyond each side of ``region`` by the fetch pre-cut (regrid cuts exactly)."""
@@ -165,13 +167,14 @@ class _MissingDates:
 
 
 def fetch_urls(
-    src: dict[str, Any], out_dir: Path, known: dict[str, str], *, missing: list[dict[str, str]] | None = None
-) -> list[FetchedFile]:
+    cfg: dict[str, Any], out_dir: Path, *, known: dict[str, str], missing: list[dict[str, str]]
+) -> tuple[list[FetchedFile], str]:
     """Kind ``url``: download every URL of the template into ``out_dir``; see the module docstring.
 
     Dates without a file upstream, at most ``source.max_missing`` of them, are appended to
     ``missing`` (``{"date", "url"}``) and left out of the result.
     """
+    src = cfg["source"]
     urls = expand_urls(src["url"], src["start"], src["end"], src["frequency"])
     absent = _MissingDates(
         int(src["max_missing"]),
@@ -226,9 +229,8 @@ def fetch_urls(
             f"no date of source.start..source.end ({src['start']}..{src['end']}) has a file upstream "
             f"(template {src['url']!r}); check source.url and the dates"
         )
-    if missing is not None:
-        missing.extend(absent.records())
-    return [done[i] for i in range(len(jobs)) if i in done]
+    missing.extend(absent.records())
+    return [done[i] for i in range(len(jobs)) if i in done], "netcdf"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,8 +271,11 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
     return out
 
 
-def locate_files(src: dict[str, Any]) -> tuple[list[FetchedFile], str]:
+def locate_files(
+    cfg: dict[str, Any], out_dir: Path, *, known: dict[str, str], missing: list[dict[str, str]]
+) -> tuple[list[FetchedFile], str]:
     """Kind ``files``: checksum the netCDF files or Zarr stores of ``source.paths`` (no copy)."""
+    src = cfg["source"]
     files: list[FetchedFile] = []
     formats = set()
     for path in resolve_paths(src["paths"]):
@@ -466,7 +471,9 @@ def subset(ds: xr.Dataset, cfg: dict[str, Any], where: str) -> xr.Dataset:
     return select_region(ds, cfg.get("region", {}), where, rename=_rename(cfg))
 
 
-def fetch_zarr(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
+def fetch_zarr(
+    cfg: dict[str, Any], out_dir: Path, *, known: dict[str, str], missing: list[dict[str, str]]
+) -> tuple[list[FetchedFile], str]:
     """Kind ``zarr``: subset a remote (or local) Zarr store and write it to ``<out_dir>/<name>.zarr``."""
     store = cfg["source"]["store"]
     if not store:
@@ -483,7 +490,7 @@ def fetch_zarr(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
         raise DownloadError(
             f"{shown}: reading the subset failed ({type(exc).__name__}: {redact_text(str(exc))}); retry later"
         ) from exc
-    return [FetchedFile(dest, store, sha256_tree(dest), tree_bytes(dest))]
+    return [FetchedFile(dest, store, sha256_tree(dest), tree_bytes(dest))], "zarr"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,7 +500,9 @@ def fetch_zarr(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
 CREDENTIAL_VARIABLES = ("COPERNICUSMARINE_SERVICE_USERNAME", "COPERNICUSMARINE_SERVICE_PASSWORD")
 
 
-def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
+def fetch_copernicus(
+    cfg: dict[str, Any], out_dir: Path, *, known: dict[str, str], missing: list[dict[str, str]]
+) -> tuple[list[FetchedFile], str]:
     """Kind ``copernicus``: open ``source.dataset_id`` lazily, subset it and write ``<out_dir>/<name>.nc``."""
     src = cfg["source"]
     if not src["dataset_id"]:
@@ -505,10 +514,10 @@ def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
             "source.kind copernicus needs the optional copernicusmarine package: pip install '.[copernicus]' "
             "(or pip install copernicusmarine)"
         ) from exc
-    missing = [v for v in CREDENTIAL_VARIABLES if not os.environ.get(v)]
-    if missing:
+    unset = [v for v in CREDENTIAL_VARIABLES if not os.environ.get(v)]
+    if unset:
         raise ConfigError(
-            f"source.kind copernicus: environment variable(s) {', '.join(missing)} not set; export your "
+            f"source.kind copernicus: environment variable(s) {', '.join(unset)} not set; export your "
             "Copernicus Marine username and password in them (credentials are never read from the config)"
         )
     explicit = explicit_variables(cfg)
@@ -549,7 +558,9 @@ def fetch_copernicus(cfg: dict[str, Any], out_dir: Path) -> list[FetchedFile]:
             ds.to_netcdf(tmp, engine="netcdf4")
     except (OSError, RuntimeError) as exc:
         raise DownloadError(f"{where}: download failed ({type(exc).__name__}: {exc}); retry later") from exc
-    return [FetchedFile(dest, f"copernicusmarine:{src['dataset_id']}", sha256_file(dest), dest.stat().st_size)]
+    return [
+        FetchedFile(dest, f"copernicusmarine:{src['dataset_id']}", sha256_file(dest), dest.stat().st_size)
+    ], "netcdf"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,16 +582,10 @@ def fetch_source(cfg: dict[str, Any], *, out_dir: Path) -> Path:
         log.info("fetch: discarded %s left by an interrupted run", stray)
     started = time.monotonic()
     missing: list[dict[str, str]] = []
-    if kind == "url":
-        files, fmt = fetch_urls(src, out_dir, known, missing=missing), "netcdf"
-    elif kind == "files":
-        files, fmt = locate_files(src)
-    elif kind == "zarr":
-        files, fmt = fetch_zarr(cfg, out_dir), "zarr"
-    elif kind == "copernicus":
-        files, fmt = fetch_copernicus(cfg, out_dir), "netcdf"
-    else:
+    if kind not in SOURCE_KINDS:
         raise ConfigError(f"config key source.kind: {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    fetcher = FETCHERS[kind]
+    files, fmt = fetcher(cfg, out_dir, known=known, missing=missing)
     manifest = manifest_file.build(kind, fmt, files, **({"missing": missing} if missing else {}))
     manifest_file.write(manifest_path, manifest)
     log.info(
@@ -591,3 +596,7 @@ def fetch_source(cfg: dict[str, Any], *, out_dir: Path) -> Path:
         manifest_path,
     )
     return manifest_path
+
+
+FETCHERS = {name: globals()[kind.fetcher] for name, kind in KINDS.items()}
+"""Per source kind, its fetcher (named in :data:`conv2dlstm.config.sources.SOURCE_KINDS`)."""
