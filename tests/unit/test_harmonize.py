@@ -10,25 +10,27 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm.data.harmonize import (
+from conv2dlstm.data.checks import (
     SourceRules,
     UnitSpec,
     add_units,
     apply_unit_conversions,
     cf_to_pint,
     check_plausible,
-    day_bounds,
     duplicate_steps,
-    find_axis,
-    harmonize,
-    in_period,
     range_summary,
-    select_period,
-    select_region,
     time_gaps,
     time_keys,
     unit_conversion,
     unit_conversions,
+)
+from conv2dlstm.data.harmonize import (
+    day_bounds,
+    find_axis,
+    harmonize,
+    in_period,
+    select_period,
+    select_region,
     wrap_longitude,
 )
 from conv2dlstm.errors import DataError

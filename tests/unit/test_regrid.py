@@ -16,8 +16,7 @@ import zarr
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts import provenance
 from conv2dlstm.config.validate import validate_config
-from conv2dlstm.data import harmonize as hz
-from conv2dlstm.data import regridding, sources
+from conv2dlstm.data import checks, regridding, sources
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.fsutil import sha256_file
 from conv2dlstm.steps import regrid as rg
@@ -470,7 +469,7 @@ def test_catalog_slabs_cut_the_period_in_time_order() -> None:
         (np.array([day(3), day(4), day(5)]), np.array([day(1), day(2)]), None),
         (np.array([0, 2, 3]), np.array([0, 1]), None),
         {},
-        hz.SourceRules(),
+        checks.SourceRules(),
     )
     slabs = catalog.slabs("2020-01-02", "2020-01-05", 2)
     as_lists = [[(i, None if p is None else p.tolist()) for i, p in slab.members] for slab in slabs]

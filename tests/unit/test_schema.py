@@ -13,7 +13,7 @@ from conv2dlstm.cli import main
 from conv2dlstm.config import defaults, sources
 from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.config.validate import validate_config
-from conv2dlstm.data import fetching, harmonize, regridding
+from conv2dlstm.data import checks, fetching, harmonize, regridding
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.steps import synthetic
 from conv2dlstm.training import dataset, devices, loop, models
@@ -24,7 +24,7 @@ CODE_CHOICES: dict[str, tuple[str, ...]] = {
     "synthetic.kind": synthetic.KINDS,
     "source.kind": fetching.SOURCE_KINDS,
     "harmonize.lon_convention": harmonize.LON_CONVENTIONS,
-    "harmonize.duplicates": harmonize.DUPLICATE_POLICIES,
+    "harmonize.duplicates": checks.DUPLICATE_POLICIES,
     "grid.method": regridding.METHODS,
     "model.name": models.MODEL_NAMES,
     "train.lr_schedule": loop.LR_SCHEDULES,

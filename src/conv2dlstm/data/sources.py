@@ -2,7 +2,7 @@
 
 :func:`scan` reads the manifest (:mod:`conv2dlstm.artifacts.manifest`) and opens every listed
 netCDF file or Zarr store in turn, reading only its time coordinate and units, and closes it: the
-checks across files (time stamps repeated across files, units: :class:`conv2dlstm.data.harmonize.SourceRules`)
+checks across files (time stamps repeated across files, units: :class:`conv2dlstm.data.checks.SourceRules`)
 are done there, and the :class:`Catalog` it returns cuts the source into slabs of time
 (:meth:`Catalog.slabs`), each opened and merged by :func:`open_slab`. The regrid step works slab by
 slab, so that its memory does not grow with the number of files. :func:`open_sources` opens the
@@ -23,6 +23,7 @@ import xarray as xr
 
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts.manifest import display_path
+from conv2dlstm.data import checks
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import DataError
 
@@ -54,7 +55,7 @@ class Sources:
 
     def file_of(self, time: Any) -> str | None:
         """The file (as listed in the manifest) that time step ``time`` came from, or None."""
-        return self.time_files.get(hz.time_key(time))
+        return self.time_files.get(checks.time_key(time))
 
 
 def _open_part(path: Path, fmt: str, chunks: dict[str, int] | None, manifest: Path) -> xr.Dataset:
@@ -89,10 +90,10 @@ class Catalog:
     """The files of a manifest, scanned one at a time (:func:`scan`) and closed again: what the
     checks across files need, without holding any file open.
 
-    ``keys[i]`` are the time keys (:func:`harmonize.time_key`) of file ``i``'s steps that are kept
+    ``keys[i]`` are the time keys (:func:`conv2dlstm.data.checks.time_key`) of file ``i``'s steps that are kept
     after ``rules.duplicates`` (None: the file has no time axis), ``positions[i]`` where they lie
     along its time axis; ``conversions`` take every checked variable of every file to its canonical
-    unit (:func:`harmonize.unit_conversions`).
+    unit (:func:`conv2dlstm.data.checks.unit_conversions`).
     """
 
     manifest: Path
@@ -101,13 +102,13 @@ class Catalog:
     names: tuple[str, ...]
     keys: tuple[np.ndarray | None, ...]
     positions: tuple[np.ndarray | None, ...]
-    conversions: hz.Conversions
-    rules: hz.SourceRules
+    conversions: checks.Conversions
+    rules: checks.SourceRules
     missing: tuple[dict[str, str], ...] = ()
 
     def file_of(self, time: Any) -> str | None:
         """The file (as listed in the manifest) that time step ``time`` came from, or None."""
-        key = hz.time_key(time)
+        key = checks.time_key(time)
         for name, keys in zip(self.names, self.keys):
             if keys is not None and key in keys:
                 return name
@@ -149,13 +150,13 @@ class Catalog:
         return out
 
 
-def scan(manifest: Path, *, rules: hz.SourceRules | None = None) -> Catalog:
+def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
     """Open each file of ``manifest`` in turn, read its time coordinate and units, and close it.
 
     Checks across files happen here, before any data is read: time stamps repeated across files
     (or within one) are refused or resolved as ``rules.duplicates`` says
-    (:func:`harmonize.duplicate_steps`), and the units of every checked variable must convert to
-    its canonical unit (:func:`harmonize.unit_conversions`). ``rules`` None: duplicates refused, no
+    (:func:`conv2dlstm.data.checks.duplicate_steps`), and the units of every checked variable must convert to
+    its canonical unit (:func:`conv2dlstm.data.checks.unit_conversions`). ``rules`` None: duplicates refused, no
     unit conversion. Memory is a few numbers per time step, whatever the number of files.
     """
     manifest = Path(manifest)
@@ -167,20 +168,20 @@ def scan(manifest: Path, *, rules: hz.SourceRules | None = None) -> Catalog:
             f"manifest {manifest}: {len(absent)} listed file(s) are missing (first: {absent[0]}); "
             "run the fetch step again"
         )
-    rules = rules if rules is not None else hz.SourceRules()
+    rules = rules if rules is not None else checks.SourceRules()
     rename = dict(rules.rename)
     names = [display_path(p) for p in paths]
     keys: list[np.ndarray | None] = []
-    found: hz.UnitsFound = {}
+    found: checks.UnitsFound = {}
     for path, name in zip(paths, names):
         ds = _open_part(path, doc["format"], None, manifest)
         try:
             axis = hz.find_axis(ds, "time", rename=rename)
-            keys.append(None if axis is None else np.asarray(hz.time_keys(ds[axis].values)))
-            hz.add_units(found, name, ds, rules)
+            keys.append(None if axis is None else np.asarray(checks.time_keys(ds[axis].values)))
+            checks.add_units(found, name, ds, rules)
         finally:
             ds.close()
-    dropped = hz.duplicate_steps(keys, names, rules.duplicates)
+    dropped = checks.duplicate_steps(keys, names, rules.duplicates)
     positions: list[np.ndarray | None] = []
     for i, k in enumerate(keys):
         if k is None:
@@ -189,7 +190,7 @@ def scan(manifest: Path, *, rules: hz.SourceRules | None = None) -> Catalog:
         keep = np.setdiff1d(np.arange(k.size), dropped.get(i, []))
         positions.append(keep)
         keys[i] = k[keep]
-    conversions = hz.unit_conversions(found, rules)
+    conversions = checks.unit_conversions(found, rules)
     return Catalog(
         manifest,
         doc["format"],
@@ -221,7 +222,7 @@ def open_slab(catalog: Catalog, members: Members, *, chunks: dict[str, int] | No
             axis = hz.find_axis(ds, "time", rename=rename)
             if pos is not None and axis is not None and pos.size != ds[axis].size:
                 ds = ds.isel({ds[axis].dims[0]: pos})
-            datasets.append(hz.apply_unit_conversions(ds, catalog.conversions, catalog.rules))
+            datasets.append(checks.apply_unit_conversions(ds, catalog.conversions, catalog.rules))
         try:
             ds = (
                 datasets[0]
@@ -257,7 +258,7 @@ def open_slab(catalog: Catalog, members: Members, *, chunks: dict[str, int] | No
 
 
 def open_sources(
-    manifest: Path, *, chunks: dict[str, int] | None = None, rules: hz.SourceRules | None = None
+    manifest: Path, *, chunks: dict[str, int] | None = None, rules: checks.SourceRules | None = None
 ) -> Sources:
     """Every file of ``manifest`` as one lazy (Dask) dataset: :func:`scan`, then :func:`open_slab`
     of everything.
@@ -280,7 +281,7 @@ def open_sources(
 
 
 def open_fetched(
-    manifest: Path, *, chunks: dict[str, int] | None = None, rules: hz.SourceRules | None = None
+    manifest: Path, *, chunks: dict[str, int] | None = None, rules: checks.SourceRules | None = None
 ) -> xr.Dataset:
     """Open every file of ``manifest`` lazily (Dask) as one dataset with the raw names, as fetched.
 

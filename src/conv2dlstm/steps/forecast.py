@@ -271,12 +271,11 @@ def period_config(cfg: Mapping[str, Any], start: pd.Timestamp, end: pd.Timestamp
 
 def regridded_inputs(cfg: Mapping[str, Any], raw_dir: Path) -> tuple[xr.Dataset, Path]:
     """Fetch ``cfg``'s source period into ``raw_dir`` and regrid it as the regrid step does; loaded."""
-    from conv2dlstm.data import fetching, regridding
-    from conv2dlstm.data import harmonize as hz
+    from conv2dlstm.data import checks, fetching, regridding
     from conv2dlstm.data.sources import open_sources
 
     manifest = fetching.fetch_source(dict(cfg), out_dir=raw_dir)
-    sources = open_sources(manifest, rules=hz.SourceRules.from_config(cfg))
+    sources = open_sources(manifest, rules=checks.SourceRules.from_config(cfg))
     ds = regridding.regrid_dataset(sources.dataset, cfg).load()
     return ds, manifest
 

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from conv2dlstm import zarrstore
-from conv2dlstm.data import harmonize as hz
-from conv2dlstm.data import regridding
+from conv2dlstm.data import checks, regridding
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def main(
     # Scanning reads metadata only and building a slab's graph computes nothing: configuration
     # errors and the checks across files fail before the cluster starts.
     t0 = time.perf_counter()
-    rules = hz.SourceRules.from_config(cfg)
+    rules = checks.SourceRules.from_config(cfg)
     catalog = sources.scan(manifest, rules=rules)  # duplicates and units checked file by file
     # a slab holds whole chunks of the store (appends never share a chunk), a chunk at most one slab
     chunk = min(regridding.output_time_chunk(regridding.target_grid(cfg["grid"])), max(1, slab_steps))
@@ -85,12 +84,12 @@ def main(
             raise
         ds.set_close(raw.close)
         slab_bytes.append(source.nbytes)
-        summary = hz.range_summary(source, rules.units)  # values outside harmonize.units' ranges
+        summary = checks.range_summary(source, rules.units)  # values outside harmonize.units' ranges
         return ds, [summary] if summary.data_vars else []
 
     first, first_also = build(slabs[0])  # configuration errors fail here, before the cluster starts
     times = first["time"].values if slabs[0].times is None else np.concatenate([slab.times for slab in slabs])
-    gaps = hz.time_gaps(times, cfg["source"]["start"], cfg["source"]["end"])
+    gaps = checks.time_gaps(times, cfg["source"]["start"], cfg["source"]["end"])
     attrs = dict(first.attrs)
     attrs.update(gaps.attrs())
     attrs["missing_upstream"] = [str(m.get("date", "?")) for m in catalog.missing]
@@ -131,7 +130,7 @@ def main(
     def check_plausible(results: list[tuple[Any, ...]]) -> None:  # stops the step before the store is committed
         if results[0]:  # every slab has the same variables, so the same (or no) summary
             summary = xr.concat([r[0] for r in results], dim="time")
-            hz.raise_implausible(summary, times, rules.units, file_of=catalog.file_of)
+            checks.raise_implausible(summary, times, rules.units, file_of=catalog.file_of)
 
     address = cfg["dask"]["scheduler_address"]
     with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=slab_bytes[0]):

@@ -25,6 +25,7 @@ from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.artifacts.windows_store import FORMAT_VERSION, SPLITS
+from conv2dlstm.data import checks
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import DataError
 
@@ -174,7 +175,7 @@ def build_store(
             "time_chunk": time_chunk,
             "stats_sha256": stats_sha256,
             "format_version": FORMAT_VERSION,
-            "source_gaps": {k: ds.attrs[k] for k in hz.GAP_ATTRS if k in ds.attrs},  # of the regridded period
+            "source_gaps": {k: ds.attrs[k] for k in checks.GAP_ATTRS if k in ds.attrs},  # of the regridded period
             **{f"{s}_period": f"{cfg['splits'][s]['start']}..{cfg['splits'][s]['end']}" for s in SPLITS},
         },
     )
