@@ -22,7 +22,8 @@ step (:mod:`conv2dlstm.steps.compare`), which reads it. Nothing here reads or wr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -33,7 +34,34 @@ from conv2dlstm.errors import DataError
 from conv2dlstm.evaluation import metrics
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 
-SCORES: tuple[str, ...] = ("rmse", "mae", "bias", "acc")
+
+def _sqrt(mse: xr.DataArray) -> xr.DataArray:
+    return cast(xr.DataArray, np.sqrt(mse))  # a DataArray ufunc
+
+
+@dataclass(frozen=True)
+class Score:
+    """One score of the table: a metric is one :data:`SCORES` entry, which :class:`StreamingScores`,
+    the table, MLflow and the compare step take their names from."""
+
+    per_time: Callable[[xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray], xr.DataArray]
+    """``(forecast, truth, climatology, weights) -> (time, lead, variable)``: the area-weighted value
+    of each initial time (of :mod:`conv2dlstm.evaluation.metrics`)."""
+    report: Callable[[xr.DataArray], xr.DataArray] | None = None
+    """Applied to the mean over initial times (RMSE: the square root of the mean MSE)."""
+    of_climatology: bool = True
+    """Scored for the climatology forecast too (ACC is not: its anomaly is zero)."""
+
+
+SCORES: dict[str, Score] = {
+    "rmse": Score(lambda f, t, c, w: metrics.mse_per_time(f, t, w), report=_sqrt),
+    "mae": Score(lambda f, t, c, w: metrics.mae_per_time(f, t, w)),
+    "bias": Score(lambda f, t, c, w: metrics.bias_per_time(f, t, w)),
+    "acc": Score(lambda f, t, c, w: metrics.acc_per_time(f, t, c, w), of_climatology=False),
+}
+"""The scores of every forecast, per lead and variable, in the order of ``metrics.csv``."""
+BOOTSTRAPPED = "rmse"
+"""The score whose per-initial-time values (MSE) the skill bootstrap resamples."""
 CSV_COLUMNS: list[str] = ["run", "model", "variable", "lead", "metric", "value"]
 
 SKILL_METRICS: tuple[str, ...] = ("", "_lower", "_upper", "_significant", "_meaningful", "_block_length")
@@ -152,14 +180,12 @@ class StreamingScores:
             if name not in self._order:
                 self._order.append(name)
             per_time = {
-                "mse": metrics.mse_per_time(forecast, truth, w),
-                "mae": metrics.mae_per_time(forecast, truth, w),
-                "bias": metrics.bias_per_time(forecast, truth, w),
+                metric: score.per_time(forecast, truth, climatology, w)
+                for metric, score in SCORES.items()
+                if score.of_climatology or name != "climatology"
             }
-            if name != "climatology":
-                per_time["acc"] = metrics.acc_per_time(forecast, truth, climatology, w)
             self._series.setdefault(name, []).append(
-                per_time["mse"].transpose("time", "lead", "variable").reset_coords(drop=True).astype("float64")
+                per_time[BOOTSTRAPPED].transpose("time", "lead", "variable").reset_coords(drop=True).astype("float64")
             )
             for metric, values in per_time.items():
                 total = values.fillna(0.0).sum("time").astype("float64")
@@ -175,19 +201,16 @@ class StreamingScores:
         return {name: xr.concat(parts, dim="time") for name, parts in self._series.items()}
 
     def time_means(self) -> dict[str, dict[str, xr.DataArray]]:
-        """``name -> metric -> (lead, variable)`` time means (``rmse`` instead of ``mse``)."""
+        """``name -> metric -> (lead, variable)`` time means, each :data:`SCORES` entry's ``report`` applied."""
         out: dict[str, dict[str, xr.DataArray]] = {}
         for name in self._order:
             out[name] = {}
-            for metric in ("mse", "mae", "bias", "acc"):
+            for metric, score in SCORES.items():
                 if (name, metric) not in self._sums:
                     continue
                 count = self._counts[(name, metric)]
                 mean = (self._sums[(name, metric)] / count.where(count > 0)).transpose("lead", "variable")
-                if metric == "mse":
-                    out[name]["rmse"] = cast(xr.DataArray, np.sqrt(mean))  # a DataArray ufunc
-                else:
-                    out[name][metric] = mean
+                out[name][metric] = score.report(mean) if score.report is not None else mean
         return out
 
     def table(self, not_meaningful: Mapping[str, xr.DataArray] | None = None) -> pd.DataFrame:
