@@ -7,9 +7,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import conv2dlstm  # noqa: F401  (sets OMP_WAIT_POLICY before any test module imports torch)
+from conv2dlstm.evaluation import metrics
+from tests.support import reference as _reference
+from tests.support.cases import LAT, MASK, cube_shape, forecast_cube
 from tests.support.workflow import REPO, TINY, copy_workflow, link_environment, run_make, run_snakemake, shared_run
 
 
@@ -72,3 +76,31 @@ def pytest_collection_modifyitems(config, items) -> None:
     ``--dist loadfile``: a file's tests stay on one worker) finish together."""
     rank = {name: n for n, name in enumerate(E2E_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# Small forecast cases (tests/support/cases.py), shared by the tests of scores, plots and evaluate
+
+
+@pytest.fixture
+def scored():
+    """Model off by +1, persistence by +2, climatology by -4 everywhere on the ocean."""
+    rng = np.random.default_rng(0)
+    truth = forecast_cube(rng.normal(20, 3, size=cube_shape(n_var=2)), variables=("sst", "no3")).where(MASK)
+    clim = truth - 4.0
+    forecasts = {"model": truth + 1.0, "persistence": truth + 2.0, "climatology": clim}
+    weights = metrics.area_weights(LAT, MASK)
+    return _reference.score_forecasts(forecasts, truth, clim, weights)
+
+
+@pytest.fixture
+def forecast_set():
+    """Model, persistence and climatology forecasts with land, NaN in the ocean and an undefined ACC."""
+    rng = np.random.default_rng(7)
+    shape = cube_shape(n=7, n_lead=3, n_var=2)
+    clim = forecast_cube(rng.normal(20, 1, size=shape), variables=("sst", "no3"), n_lead=3).where(MASK)
+    truth = (clim + rng.normal(0, 1, size=shape)).where(MASK)
+    truth[4, 0, 0, 0, 0] = np.nan  # a missing observation in the ocean
+    model = (truth + rng.normal(0.3, 0.5, size=shape)).where(MASK)
+    model[2] = clim[2]  # zero anomalies at time 2: its ACC is undefined and left out of the mean
+    persistence = (truth + rng.normal(0, 2, size=shape)).where(MASK)
+    return {"model": model, "persistence": persistence, "climatology": clim}, truth, clim

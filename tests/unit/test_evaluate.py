@@ -20,50 +20,10 @@ from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.evaluation import inference, metrics, plots, scores
 from conv2dlstm.steps import evaluate
 from conv2dlstm.zarrstore import write_store
-from tests import _reference
-
-LAT = np.array([20.0, 21.0, 22.0])
-LON = np.array([-60.0, -59.0, -58.0, -57.0])
-MASK = xr.DataArray(
-    np.array([[True, True, True, False], [True, True, False, False], [True, True, True, True]]),
-    dims=("lat", "lon"),
-    coords={"lat": LAT, "lon": LON},
-)
-
-
-def _forecast(values: np.ndarray, variables=("sst",), n_lead: int = 2) -> xr.DataArray:
-    n = values.shape[0]
-    init = pd.date_range("2021-07-01", periods=n, freq="D").values
-    valid = init[:, None] + np.arange(1, n_lead + 1)[None, :] * np.timedelta64(1, "D")
-    return inference.forecast_array(
-        values, init_times=init, valid_times=valid, variables=list(variables), lat=LAT, lon=LON
-    )
-
-
-def _shape(n=5, n_lead=2, n_var=1):
-    return (n, n_lead, n_var, LAT.size, LON.size)
-
+from tests.support.cases import LAT, LON, MASK
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def test_forecast_array_coordinates():
-    da = _forecast(np.zeros(_shape(n=3, n_lead=4)), n_lead=4)
-    assert da.dims == ("time", "lead", "variable", "lat", "lon")
-    np.testing.assert_array_equal(da["lead"].values, [1, 2, 3, 4])
-    np.testing.assert_array_equal(da["lead_time"].values, np.arange(1, 5) * np.timedelta64(1, "D"))
-    assert da["valid_time"].dims == ("time", "lead")
-    assert pd.Timestamp(da["valid_time"].values[2, 3]) == pd.Timestamp("2021-07-07")
-    with pytest.raises(DataError, match="shape"):
-        inference.forecast_array(
-            np.zeros((3, 2, 2, 3, 4)),
-            init_times=da["time"].values,
-            valid_times=da["valid_time"].values[:, :2],
-            variables=["sst"],
-            lat=LAT,
-            lon=LON,
-        )
 
 
 def test_resolve_run_id(tmp_path):
@@ -89,54 +49,6 @@ def test_plot_sample():
 # scores and the tidy table
 
 
-@pytest.fixture
-def scored():
-    """Model off by +1, persistence by +2, climatology by -4 everywhere on the ocean."""
-    rng = np.random.default_rng(0)
-    truth = _forecast(rng.normal(20, 3, size=_shape(n_var=2)), variables=("sst", "no3")).where(MASK)
-    clim = truth - 4.0
-    forecasts = {"model": truth + 1.0, "persistence": truth + 2.0, "climatology": clim}
-    weights = metrics.area_weights(LAT, MASK)
-    return _reference.score_forecasts(forecasts, truth, clim, weights)
-
-
-def test_score_forecasts_hand_values(scored):
-    def value(model, metric, variable="sst", lead=1):
-        sel = scored[
-            (scored["model"] == model)
-            & (scored["metric"] == metric)
-            & (scored["variable"] == variable)
-            & (scored["lead"] == lead)
-        ]
-        assert len(sel) == 1
-        return float(sel["value"].iloc[0])
-
-    for lead in (1, 2):
-        for variable in ("sst", "no3"):
-            assert value("model", "rmse", variable, lead) == pytest.approx(1.0)
-            assert value("model", "mae", variable, lead) == pytest.approx(1.0)
-            assert value("model", "bias", variable, lead) == pytest.approx(1.0)
-            assert value("model", "acc", variable, lead) == pytest.approx(1.0)  # anomalies 5 vs 4: perfectly correlated
-            assert value("persistence", "rmse", variable, lead) == pytest.approx(2.0)
-            assert value("climatology", "rmse", variable, lead) == pytest.approx(4.0)
-            assert value("climatology", "bias", variable, lead) == pytest.approx(-4.0)
-            assert value("model", "skill_vs_persistence", variable, lead) == pytest.approx(0.5)
-            assert value("model", "skill_vs_climatology", variable, lead) == pytest.approx(0.75)
-            # constant errors: every resample gives the same skill; the interval is that point
-            for baseline, skill in (("persistence", 0.5), ("climatology", 0.75)):
-                assert value("model", f"skill_vs_{baseline}_lower", variable, lead) == pytest.approx(skill)
-                assert value("model", f"skill_vs_{baseline}_upper", variable, lead) == pytest.approx(skill)
-                assert value("model", f"skill_vs_{baseline}_significant", variable, lead) == 1.0
-                assert value("model", f"skill_vs_{baseline}_meaningful", variable, lead) == 1.0
-            # baselines against the other baselines, never against themselves
-            assert value("persistence", "skill_vs_climatology", variable, lead) == pytest.approx(0.5)
-            assert value("climatology", "skill_vs_persistence", variable, lead) == pytest.approx(-1.0)
-    assert not ((scored["model"] == "climatology") & (scored["metric"] == "acc")).any()
-    assert not ((scored["model"] == "persistence") & scored["metric"].str.startswith("skill_vs_persistence")).any()
-    # model: 4 scores + 2 x 6 skill rows, persistence 4 + 6, climatology 3 + 6; x 2 variables x 2 leads
-    assert len(scored) == (16 + 10 + 9) * 2 * 2
-
-
 def test_metrics_csv_columns_and_values(scored, tmp_path):
     table = scores.metrics_table(scored, run="exp1", model_name="convlstm")
     path = tmp_path / "metrics.csv"
@@ -157,217 +69,16 @@ def test_metrics_csv_columns_and_values(scored, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_mlflow_metric_names(scored):
-    table = scores.metrics_table(scored, run="exp1", model_name="convlstm")
-    names = scores.mlflow_metrics(table, model_name="convlstm")
-    assert names["test_rmse_sst_lead1"] == pytest.approx(1.0)
-    assert names["test_acc_no3_lead2"] == pytest.approx(1.0)
-    assert names["persistence_rmse_sst_lead1"] == pytest.approx(2.0)
-    assert names["climatology_rmse_no3_lead2"] == pytest.approx(4.0)
-    assert names["skill_vs_persistence_sst_lead1"] == pytest.approx(0.5)
-    assert names["skill_vs_climatology_sst_mean"] == pytest.approx(0.75)
-    assert names["test_rmse_sst_mean"] == pytest.approx(1.0)
-    assert "climatology_acc_sst_lead1" not in names
-    assert not any(k.startswith("test_skill") for k in names)
-
-
 # ---------------------------------------------------------------------------------------------
 # predictions.nc
-
-
-def test_predictions_netcdf_is_cf_and_decodes(tmp_path):
-    rng = np.random.default_rng(3)
-    values = rng.normal(20, 2, size=_shape(n=4, n_lead=3, n_var=2)).astype("float32")
-    fc = _forecast(values, variables=("sst", "no3"), n_lead=3).where(MASK)
-    ds = _reference.predictions_dataset(fc, units={"sst": "degC", "no3": "mmol m-3"}, attrs={"run": "exp1"})
-    path = tmp_path / "predictions.nc"
-    _reference.write_netcdf(ds, path)
-    assert not list(tmp_path.glob(".*partial"))
-    with xr.open_dataset(path) as back:
-        back = back.load()
-    assert back.attrs["Conventions"] == "CF-1.8"
-    assert back.attrs["run"] == "exp1"
-    assert set(back.data_vars) == {"sst", "no3"}
-    sst = back["sst"]
-    assert sst.dims == ("time", "lead", "lat", "lon")
-    assert sst.dtype == np.float32
-    assert sst.attrs["units"] == "degC"
-    assert sst.attrs["standard_name"] == "sea_surface_temperature"
-    assert back["no3"].attrs["standard_name"] == "mole_concentration_of_nitrate_in_sea_water"
-    assert np.issubdtype(back["time"].dtype, np.datetime64)
-    assert back["time"].attrs["standard_name"] == "forecast_reference_time"
-    np.testing.assert_array_equal(back["lead"].values, [1, 2, 3])
-    assert np.issubdtype(back["lead_time"].dtype, np.timedelta64)
-    np.testing.assert_array_equal(back["lead_time"].values, np.arange(1, 4) * np.timedelta64(1, "D"))
-    assert back["valid_time"].dims == ("time", "lead")
-    assert np.issubdtype(back["valid_time"].dtype, np.datetime64)
-    np.testing.assert_array_equal(back["valid_time"].values, fc["valid_time"].values)
-    assert back["lat"].attrs["units"] == "degrees_north" and back["lon"].attrs["units"] == "degrees_east"
-    np.testing.assert_allclose(back["no3"].values, fc.sel(variable="no3").values, rtol=1e-6)
-    assert np.isnan(back["sst"].values[:, :, ~MASK.values]).all()
-    assert np.isfinite(back["sst"].values[:, :, MASK.values]).all()
-
-
-def test_variable_units_from_stats():
-    stats = xr.Dataset(
-        {"variable_units": ("variable", np.array(["degC", "mmol m-3"], dtype=object))},
-        coords={"variable": ["sst", "no3"]},
-    )
-    assert stats_file.units(stats) == {"sst": "degC", "no3": "mmol m-3"}
 
 
 # ---------------------------------------------------------------------------------------------
 # plots
 
 
-def _is_png(path: Path) -> bool:
-    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_plots_write_png(tmp_path, scored):
-    from matplotlib.image import imread
-
-    table = scores.metrics_table(scored, run="exp1", model_name="convlstm").assign(label=lambda t: t["model"])
-    plots.lines_vs_lead(table[table["metric"] == "rmse"], tmp_path / "rmse.png", ylabel="RMSE", title="t")
-    rng = np.random.default_rng(1)
-    fc = _forecast(rng.normal(size=_shape(n_var=2)), variables=("sst", "no3")).where(MASK)
-    plots.forecast_maps(
-        fc.isel(time=0, lead=0), (fc + 1).isel(time=0, lead=0), tmp_path / "maps.png", title="t", units={"sst": "degC"}
-    )
-    plots.field_maps(
-        metrics.rmse_per_cell(fc.sel(lead=1), fc.sel(lead=1) * 0, MASK),
-        tmp_path / "rmse_map.png",
-        title="t",
-        quantity="RMSE",
-    )
-    for name in ("rmse.png", "maps.png", "rmse_map.png"):
-        assert _is_png(tmp_path / name)
-        height, width = imread(tmp_path / name).shape[:2]
-        assert height > 100 and width > 100
-    assert not list(tmp_path.glob(".*partial"))
-
-
 # ---------------------------------------------------------------------------------------------
 # streaming evaluation equals the in-memory reference (metrics.py)
-
-
-def _slices(n: int, sizes: list[int]) -> list[slice]:
-    out, i0 = [], 0
-    for size in sizes:
-        out.append(slice(i0, min(i0 + size, n)))
-        i0 += size
-    assert i0 >= n
-    return out
-
-
-@pytest.fixture
-def forecast_set():
-    """Model, persistence and climatology forecasts with land, NaN in the ocean and an undefined ACC."""
-    rng = np.random.default_rng(7)
-    shape = _shape(n=7, n_lead=3, n_var=2)
-    clim = _forecast(rng.normal(20, 1, size=shape), variables=("sst", "no3"), n_lead=3).where(MASK)
-    truth = (clim + rng.normal(0, 1, size=shape)).where(MASK)
-    truth[4, 0, 0, 0, 0] = np.nan  # a missing observation in the ocean
-    model = (truth + rng.normal(0.3, 0.5, size=shape)).where(MASK)
-    model[2] = clim[2]  # zero anomalies at time 2: its ACC is undefined and left out of the mean
-    persistence = (truth + rng.normal(0, 2, size=shape)).where(MASK)
-    return {"model": model, "persistence": persistence, "climatology": clim}, truth, clim
-
-
-@pytest.mark.parametrize("sizes", [[7], [3, 3, 1], [1] * 7, [2, 5]], ids=["one", "3-3-1", "single", "2-5"])
-def test_streaming_scores_equal_metrics_definitions(forecast_set, sizes):
-    forecasts, truth, clim = forecast_set
-    weights = metrics.area_weights(LAT, MASK)
-    reference = _reference.score_forecasts(forecasts, truth, clim, weights)
-    acc_ref = reference[(reference["model"] == "model") & (reference["metric"] == "acc")]["value"]
-    assert np.isfinite(acc_ref).all() and (acc_ref.abs() < 1).all()  # a real, non-trivial model ACC
-    streaming = scores.StreamingScores(weights)
-    for sl in _slices(7, sizes):
-        streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), clim.isel(time=sl))
-    pd.testing.assert_frame_equal(streaming.table(), reference, check_exact=False, rtol=1e-12, atol=0)
-
-
-def test_streaming_scores_need_a_batch():
-    with pytest.raises(DataError, match="no batch"):
-        scores.StreamingScores(metrics.area_weights(LAT, MASK)).table()
-
-
-@pytest.mark.parametrize("sizes", [[7], [3, 3, 1]], ids=["one", "3-3-1"])
-def test_cell_rmse_equals_rmse_per_cell(forecast_set, sizes):
-    forecasts, truth, _ = forecast_set
-    model, truth = forecasts["model"].sel(lead=1), truth.sel(lead=1)
-    cells = scores.CellRmse(MASK)
-    for sl in _slices(7, sizes):
-        cells.add(model.isel(time=sl), truth.isel(time=sl))
-    expected = metrics.rmse_per_cell(model, truth, MASK)
-    result = cells.result()
-    assert result.dims == expected.dims == ("variable", "lat", "lon")
-    np.testing.assert_allclose(result.values, expected.values, rtol=1e-12)
-    assert np.isnan(result.values[:, ~MASK.values]).all()
-
-
-def test_predictions_writer_in_batches_equals_in_memory_file(tmp_path):
-    rng = np.random.default_rng(5)
-    values = rng.normal(20, 2, size=_shape(n=5, n_lead=3, n_var=2)).astype("float32")
-    fc = _forecast(values, variables=("sst", "no3"), n_lead=3).where(MASK)
-    units = {"sst": "degC", "no3": "mmol m-3"}
-    reference = tmp_path / "reference.nc"
-    _reference.write_netcdf(_reference.predictions_dataset(fc, units=units, attrs={"run": "exp1"}), reference)
-    streamed = tmp_path / "streamed.nc"
-    with predictions_file.PredictionsWriter(
-        streamed,
-        init_times=fc["time"].values,
-        valid_times=fc["valid_time"].values,
-        variables=["sst", "no3"],
-        lat=LAT,
-        lon=LON,
-        units=units,
-        attrs={"run": "exp1"},
-    ) as writer:
-        for sl in _slices(5, [2, 2, 1]):
-            writer.write(sl.start, fc.isel(time=sl).values)
-        with pytest.raises(DataError, match="do not fit"):
-            writer.write(4, fc.isel(time=slice(0, 2)).values)  # rows 4..5 of 5
-    with xr.open_dataset(reference) as a, xr.open_dataset(streamed) as b:
-        a, b = a.load(), b.load()
-    for ds in (a, b):
-        del ds.attrs["history"]  # a timestamp
-    xr.testing.assert_identical(b, a)
-    assert b["sst"].encoding["zlib"] and b["sst"].encoding["complevel"] == 4
-    assert b["sst"].encoding["chunksizes"] == (1, 1, LAT.size, LON.size)
-    assert np.isnan(b["sst"].values[..., ~MASK.values]).all()
-
-
-def test_predictions_file_format_version_is_checked(tmp_path):
-    import netCDF4
-
-    fc = _forecast(np.ones(_shape(n=2, n_lead=2)), n_lead=2).where(MASK)
-    path = tmp_path / "predictions.nc"
-    with predictions_file.PredictionsWriter(
-        path,
-        init_times=fc["time"].values,
-        valid_times=fc["valid_time"].values,
-        variables=["sst"],
-        lat=LAT,
-        lon=LON,
-        units={"sst": "degC"},
-    ) as writer:
-        writer.write(0, fc.values)
-    with predictions_file.open(path) as ds:
-        assert int(ds.attrs["format_version"]) == predictions_file.FORMAT_VERSION
-        np.testing.assert_array_equal(ds["sst"].values, fc.sel(variable="sst").values)
-    with netCDF4.Dataset(path, "a") as nc:
-        nc.setncattr("format_version", predictions_file.FORMAT_VERSION + 1)
-    with pytest.raises(DataError, match=rf"{path} has format_version 2.*re-run the evaluate step"):
-        predictions_file.open(path)
-    with netCDF4.Dataset(path, "a") as nc:
-        nc.delncattr("format_version")
-    with pytest.raises(DataError, match=rf"{path} has format_version None.*re-run the evaluate step"):
-        predictions_file.open(path)
-    (tmp_path / "garbage.nc").write_text("not a netCDF file\n")
-    for bad in (tmp_path / "garbage.nc", tmp_path / "missing.nc"):
-        with pytest.raises(DataError, match=rf"(?s){bad} .*re-run the evaluate step"):
-            predictions_file.open(bad)
 
 
 def test_commit_outputs_moves_marker_last(tmp_path):
@@ -857,37 +568,6 @@ def test_read_batch_matches_store_samples(pipeline_inputs):
             np.testing.assert_array_equal(last[j], cube[starts[i] + INPUT_STEPS - 1, [0]])
 
 
-@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "no_climatology", "no_mask", "no_variable"])
-def test_bad_statistics_file_names_path_and_normalize(tmp_path, problem):
-    path = tmp_path / "stats.nc"
-    stats = _stats_dataset()
-    if problem == "garbage":
-        path.write_text("not a netCDF file\n")
-    elif problem == "truncated":
-        stats.to_netcdf(path)
-        path.write_bytes(path.read_bytes()[:400])
-    elif problem == "no_climatology":
-        stats.drop_vars("climatology").to_netcdf(path)
-    elif problem == "no_mask":
-        stats.drop_vars("mask").to_netcdf(path)
-    elif problem == "no_variable":
-        stats.to_netcdf(path)
-    variables = ["no3"] if problem == "no_variable" else ["sst"]
-    with pytest.raises(DataError, match=rf"(?s)statistics file {path}.*re-run the normalize step"):
-        with stats_file.open_lazy(path, variables):
-            pass
-
-
-def test_open_stats_loads_float32_statistics(tmp_path):
-    path = tmp_path / "stats.nc"
-    _stats_dataset().to_netcdf(path)
-    with stats_file.open_lazy(path, ["sst"]) as stats:
-        assert stats["mean"].dtype == np.float32 and stats["std"].dtype == np.float32
-        valid = xr.DataArray(pd.date_range("2021-03-01", periods=2).values.reshape(1, 2), dims=("time", "lead"))
-        clim = inference.climatology_at(valid, stats, ["sst"])
-        assert clim.dtype == np.float32 and clim.dims == ("time", "lead", "variable", "lat", "lon")
-
-
 def _write_stats(p: dict, name: str, stats: xr.Dataset) -> Path:
     path = p["root"] / name
     stats.to_netcdf(path)
@@ -1014,67 +694,6 @@ def test_evaluate_discards_partials_of_a_killed_attempt(pipeline_inputs, monkeyp
 
 # ---------------------------------------------------------------------------------------------
 # Is the gain real? the skill interval of the evaluation on known cases
-
-
-def _white_noise_case(n: int, model_sd: float, baseline_sd: float, seed: int):
-    """Truth and two forecasts whose errors are white noise in time and space with known variances."""
-    rng = np.random.default_rng(seed)
-    shape = _shape(n=n, n_lead=2, n_var=1)
-    truth = _forecast(rng.normal(20, 1, size=shape), n_lead=2).where(MASK)
-    forecasts = {
-        "model": (truth + rng.normal(0, model_sd, size=shape)).where(MASK),
-        "persistence": (truth + rng.normal(0, baseline_sd, size=shape)).where(MASK),
-    }
-    return forecasts, truth
-
-
-@pytest.mark.parametrize(
-    ("model_sd", "skill", "significant"), [(1.0, 0.5, True), (2.0, 0.0, False)], ids=["half-the-error", "no-gain"]
-)
-def test_streaming_skill_interval_known_case(model_sd, skill, significant):
-    """Errors of standard deviation 1 (or 2) against 2: the RMSE skill is 0.5 (or 0). The streamed
-    evaluation's 95% interval contains it, and excludes zero exactly when there is a gain."""
-    forecasts, truth = _white_noise_case(300, model_sd, 2.0, seed=5)
-    weights = metrics.area_weights(LAT, MASK)
-    streaming = scores.StreamingScores(weights)
-    for sl in _slices(300, [64] * 5):
-        streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), truth.isel(time=sl))
-    rows = scores.skill_intervals(streaming.table())
-    rows = rows[rows["model"] == "model"]
-    assert len(rows) == 2 and set(rows["baseline"]) == {"persistence"}
-    for row in rows.itertuples():
-        assert row.lower < skill < row.upper, row
-        assert row.upper - row.lower < 0.25  # 300 initial times pin it down
-        assert row.significant == significant and row.meaningful
-
-
-def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
-    forecasts, truth, clim = forecast_set
-    weights = metrics.area_weights(LAT, MASK)
-    flags = {"climatology": xr.DataArray([False, True, True], dims=("lead",), coords={"lead": [1, 2, 3]})}
-    table = _reference.score_forecasts(forecasts, truth, clim, weights, not_meaningful=flags)
-    rows = scores.skill_intervals(table)
-    vs_clim = rows[(rows["model"] == "model") & (rows["baseline"] == "climatology")].set_index(["variable", "lead"])
-    assert vs_clim.loc[("sst", 1), "meaningful"] and np.isfinite(vs_clim.loc[("sst", 1), "skill"])
-    for lead in (2, 3):
-        assert not vs_clim.loc[("sst", lead), "meaningful"]
-        assert np.isnan(vs_clim.loc[("sst", lead), ["skill", "lower", "upper"]].astype(float)).all()
-    # the climatology's own skill against persistence relies on it too
-    own = rows[(rows["model"] == "climatology") & (rows["lead"] == 3)]
-    assert not own["meaningful"].any()
-    assert rows[(rows["model"] == "model") & (rows["baseline"] == "persistence")]["meaningful"].all()
-    names = scores.mlflow_metrics(scores.metrics_table(table, run="r", model_name="m"), model_name="m")
-    assert names["skill_vs_climatology_meaningful_sst_lead3"] == 0.0
-    assert "skill_vs_climatology_sst_lead3" not in names and "skill_vs_climatology_sst_mean" not in names
-    assert "skill_vs_persistence_sst_mean" in names
-
-
-def test_clip_nonnegative_only_the_named_variables():
-    da = _forecast(np.full(_shape(n=2, n_var=2), -1.0), variables=("sst", "no3")).where(MASK)
-    clipped = inference.clip_nonnegative(da, ["no3", "chl"])
-    assert (clipped.sel(variable="no3").fillna(0) == 0).all() and clipped.dtype == da.dtype
-    assert np.isnan(clipped.sel(variable="no3").values[..., ~MASK.values]).all()  # land stays NaN
-    xr.testing.assert_identical(clipped.sel(variable="sst"), da.sel(variable="sst"))
 
 
 def test_evaluate_on_a_short_record_marks_the_climatology_not_meaningful(
@@ -1272,3 +891,42 @@ def test_evaluate_damped_persistence_on_ar1_anomalies_has_the_analytic_skill(ar1
         assert row["lower"] < analytic < row["upper"] and row["significant"] and row["meaningful"]
         row = damped_vs.loc[("climatology", lead)]
         assert row["lower"] < 1 - math.sqrt(1 - decay**2) < row["upper"] and row["significant"]
+
+
+def test_variable_units_from_stats():
+    stats = xr.Dataset(
+        {"variable_units": ("variable", np.array(["degC", "mmol m-3"], dtype=object))},
+        coords={"variable": ["sst", "no3"]},
+    )
+    assert stats_file.units(stats) == {"sst": "degC", "no3": "mmol m-3"}
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "no_climatology", "no_mask", "no_variable"])
+def test_bad_statistics_file_names_path_and_normalize(tmp_path, problem):
+    path = tmp_path / "stats.nc"
+    stats = _stats_dataset()
+    if problem == "garbage":
+        path.write_text("not a netCDF file\n")
+    elif problem == "truncated":
+        stats.to_netcdf(path)
+        path.write_bytes(path.read_bytes()[:400])
+    elif problem == "no_climatology":
+        stats.drop_vars("climatology").to_netcdf(path)
+    elif problem == "no_mask":
+        stats.drop_vars("mask").to_netcdf(path)
+    elif problem == "no_variable":
+        stats.to_netcdf(path)
+    variables = ["no3"] if problem == "no_variable" else ["sst"]
+    with pytest.raises(DataError, match=rf"(?s)statistics file {path}.*re-run the normalize step"):
+        with stats_file.open_lazy(path, variables):
+            pass
+
+
+def test_open_stats_loads_float32_statistics(tmp_path):
+    path = tmp_path / "stats.nc"
+    _stats_dataset().to_netcdf(path)
+    with stats_file.open_lazy(path, ["sst"]) as stats:
+        assert stats["mean"].dtype == np.float32 and stats["std"].dtype == np.float32
+        valid = xr.DataArray(pd.date_range("2021-03-01", periods=2).values.reshape(1, 2), dims=("time", "lead"))
+        clim = inference.climatology_at(valid, stats, ["sst"])
+        assert clim.dtype == np.float32 and clim.dims == ("time", "lead", "variable", "lat", "lon")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
 
-from conv2dlstm.evaluation import plots
+from conv2dlstm.evaluation import metrics, plots, scores
+from tests.support.cases import MASK, cube_shape, forecast_cube
 
 DAY = pd.Timedelta(days=1)
 
@@ -147,3 +150,30 @@ def test_forecast_maps_colour_bars_name_variable_and_unit(tmp_path):
         "chl_a (physical units)",
         "error (physical units)",
     ]
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_write_png(tmp_path, scored):
+    from matplotlib.image import imread
+
+    table = scores.metrics_table(scored, run="exp1", model_name="convlstm").assign(label=lambda t: t["model"])
+    plots.lines_vs_lead(table[table["metric"] == "rmse"], tmp_path / "rmse.png", ylabel="RMSE", title="t")
+    rng = np.random.default_rng(1)
+    fc = forecast_cube(rng.normal(size=cube_shape(n_var=2)), variables=("sst", "no3")).where(MASK)
+    plots.forecast_maps(
+        fc.isel(time=0, lead=0), (fc + 1).isel(time=0, lead=0), tmp_path / "maps.png", title="t", units={"sst": "degC"}
+    )
+    plots.field_maps(
+        metrics.rmse_per_cell(fc.sel(lead=1), fc.sel(lead=1) * 0, MASK),
+        tmp_path / "rmse_map.png",
+        title="t",
+        quantity="RMSE",
+    )
+    for name in ("rmse.png", "maps.png", "rmse_map.png"):
+        assert _is_png(tmp_path / name)
+        height, width = imread(tmp_path / name).shape[:2]
+        assert height > 100 and width > 100
+    assert not list(tmp_path.glob(".*partial"))
