@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    _add_config_commands(sub)
+    _add_result_commands(sub)
+    _add_data_steps(sub)
+    _add_model_steps(sub)
+    _add_verify(sub)
+    _add_compare(sub)
+    _add_forecast(sub)
+    return parser
 
+
+def _add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``validate-config`` and ``config-defaults``: a configuration and the schema's defaults."""
     p = sub.add_parser("validate-config", help="validate a configuration and print it with defaults filled in")
     _add_config(p)
 
@@ -50,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", type=Path, default=None, help="file to write (e.g. config/config.yaml)")
     g.add_argument("--check", type=Path, default=None, help="file that must equal the generated text")
 
+
+def _add_result_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``ui-address``, ``summary`` and ``tables``: where a configuration's results are, and their tables."""
     p = sub.add_parser(
         "ui-address", help="print the MLflow UI address of the configuration's experiment (its training runs)"
     )
@@ -74,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", type=Path, default=None, help="Markdown file whose block to replace (e.g. README.md)")
     g.add_argument("--check", type=Path, default=None, help="Markdown file whose block must equal the results")
 
+
+def _add_data_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The steps that make the data: ``synth``, ``fetch``, ``regrid``, ``normalize``, ``windows``."""
     p = sub.add_parser("synth", help="generate the embedded synthetic ocean in its real file format")
     _add_config(p)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -101,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
 
+
+def _add_model_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The steps of one run: ``train`` and ``evaluate``."""
     p = sub.add_parser("train", help="train one run's model, checkpointing every epoch, tracked in MLflow")
     _add_config(p)
     p.add_argument("--run", required=True, help="run name (one of the config's runs)")
@@ -122,11 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
 
+
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "verify", help="check every chunk of a pipeline Zarr store against the digests it was written with"
     )
     p.add_argument("stores", type=Path, nargs="+", help="regridded or windows stores (.zarr)")
 
+
+def _add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="one table and one plot comparing all runs and baselines; with a "
@@ -144,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-plot", type=Path, required=True)
 
+
+def _add_forecast(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "forecast",
         help="forecast from the latest input days with the champion (or a given) model; "
@@ -165,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fetched input files and downloaded checkpoints (default <resources_dir>/forecast/<name>)",
     )
-    return parser
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,121 +205,179 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return load_config(args.config, json_text=args.config_json)
 
 
-def _dispatch(args: argparse.Namespace) -> None:
-    step = args.step
-    if step == "validate-config":
-        import yaml
+def _step_config(args: argparse.Namespace, full: dict[str, Any]) -> dict[str, Any]:
+    """What the step ``args.step`` may read of the configuration ``full`` (for train and evaluate, in
+    the configuration of the run ``args.run``).
 
-        sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
-        return
-    if step == "config-defaults":
-        from conv2dlstm.config import defaults
-
-        if args.check is not None:
-            defaults.check(args.check.read_text() if args.check.is_file() else "", path=str(args.check))
-            print(f"{args.check}: as the schema gives it")
-        elif args.write is not None:
-            args.write.write_text(defaults.render())
-            print(f"{args.write}: written from the schema")
-        else:
-            sys.stdout.write(defaults.render())
-        return
-    if step == "verify":
-        from conv2dlstm import zarrstore
-
-        for store, problems in zarrstore.verify_stores(args.stores):  # raises after the last, if damaged
-            print(f"{store}: {'ok' if not problems else 'DAMAGED'}", *(f"  {p}" for p in problems), sep="\n")
-        return
-    if step == "ui-address":
-        from conv2dlstm.tracking import store as tracking
-
-        cfg = _config(args)
-        address = tracking.ui_address(tracking.resolve_tracking_uri(cfg), cfg["experiment"], args.base)
-        if args.label:
-            print(f"MLflow UI: {address}  (the training runs of experiment {cfg['experiment']!r}; Ctrl-C stops it)")
-        else:
-            print(address)
-        return
-    if step in ("summary", "tables"):
-        from conv2dlstm.evaluation import results
-
-        cfg = _config(args)
-        if step == "summary":
-            print(results.summary_main(cfg))
-        else:
-            body = results.tables_main(cfg, write=args.write, check=args.check)
-            if args.check is not None:
-                print(f"{args.check}: the results of experiment {cfg['experiment']!r} match")
-            elif args.write is not None:
-                print(f"{args.write}: the block of experiment {cfg['experiment']!r} is up to date")
-            else:
-                print(body)
-        return
-    if step == "compare":
-        view = None
-        if args.config is not None or args.config_json is not None:
-            from conv2dlstm.config.keys import step_view
-
-            view = step_view(_config(args), "compare")
-        importlib.import_module("conv2dlstm.steps.compare").main(
-            metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot, cfg=view, models=args.models
-        )
-        return
+    Each step sees only the keys that determine it or run it (conv2dlstm.config.keys): reading any other
+    key is a KeyError, not a silent dependency that would not rerun the step when it changes.
+    """
     from conv2dlstm.config.keys import step_view
     from conv2dlstm.config.validate import run_config
 
-    full = _config(args)
-    if step == "forecast":  # reads what evaluate may read: the data keys, devices, tracking, paths
-        importlib.import_module("conv2dlstm.steps.forecast").main(
-            step_view(full, "evaluate"),
-            stats=args.stats,
-            out_nc=args.out_nc,
-            out_zarr=args.out_zarr,
-            work_dir=args.work_dir,
-            checkpoint=args.checkpoint,
-            run_id=args.run_id,
-            init_date=args.init_date,
-        )
-        return
-    # Each step sees only the keys that determine it or run it (conv2dlstm.config.keys): reading any other
-    # key is a KeyError, not a silent dependency that would not rerun the step when it changes.
-    cfg = step_view(run_config(full, args.run) if step in ("train", "evaluate") else full, step)
-    if step == "synth":
-        importlib.import_module("conv2dlstm.steps.synthetic").main(cfg, out_dir=args.out_dir)
-    elif step == "fetch":
-        importlib.import_module("conv2dlstm.steps.fetch").main(cfg, out_dir=args.out_dir)
-    elif step == "regrid":
-        importlib.import_module("conv2dlstm.steps.regrid").main(
-            cfg, manifest=args.manifest, out=args.out, threads=args.threads, memory_mb=args.memory_mb
-        )
-    elif step == "normalize":
-        importlib.import_module("conv2dlstm.steps.normalize").main(
-            cfg, data=args.data, out=args.out, threads=args.threads, memory_mb=args.memory_mb
-        )
-    elif step == "windows":
-        importlib.import_module("conv2dlstm.steps.windows").main(
-            cfg, data=args.data, stats=args.stats, out=args.out, threads=args.threads, memory_mb=args.memory_mb
-        )
-    elif step == "train":
-        train = importlib.import_module("conv2dlstm.steps.train")
-        if args.time_limit_minutes:
-            importlib.import_module("conv2dlstm.training.preemption").set_deadline(args.time_limit_minutes)
-        from conv2dlstm.config.keys import sweep_tags
+    step = args.step
+    return step_view(run_config(full, args.run) if step in ("train", "evaluate") else full, step)
 
-        train.main(
-            cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep_tags(full)
-        )
-    elif step == "evaluate":
-        importlib.import_module("conv2dlstm.steps.evaluate").main(
-            cfg,
-            run=args.run,
-            windows=args.windows,
-            stats=args.stats,
-            checkpoint=args.checkpoint,
-            out_dir=args.out_dir,
-        )
-    else:  # pragma: no cover - argparse restricts the choices
-        raise AssertionError(step)
+
+def _validate_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
+
+
+def _config_defaults(args: argparse.Namespace) -> None:
+    from conv2dlstm.config import defaults
+
+    if args.check is not None:
+        defaults.check(args.check.read_text() if args.check.is_file() else "", path=str(args.check))
+        print(f"{args.check}: as the schema gives it")
+    elif args.write is not None:
+        args.write.write_text(defaults.render())
+        print(f"{args.write}: written from the schema")
+    else:
+        sys.stdout.write(defaults.render())
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from conv2dlstm import zarrstore
+
+    for store, problems in zarrstore.verify_stores(args.stores):  # raises after the last, if damaged
+        print(f"{store}: {'ok' if not problems else 'DAMAGED'}", *(f"  {p}" for p in problems), sep="\n")
+
+
+def _ui_address(args: argparse.Namespace) -> None:
+    from conv2dlstm.tracking import store as tracking
+
+    cfg = _config(args)
+    address = tracking.ui_address(tracking.resolve_tracking_uri(cfg), cfg["experiment"], args.base)
+    if args.label:
+        print(f"MLflow UI: {address}  (the training runs of experiment {cfg['experiment']!r}; Ctrl-C stops it)")
+    else:
+        print(address)
+
+
+def _summary(args: argparse.Namespace) -> None:
+    from conv2dlstm.evaluation import results
+
+    print(results.summary_main(_config(args)))
+
+
+def _tables(args: argparse.Namespace) -> None:
+    from conv2dlstm.evaluation import results
+
+    cfg = _config(args)
+    body = results.tables_main(cfg, write=args.write, check=args.check)
+    if args.check is not None:
+        print(f"{args.check}: the results of experiment {cfg['experiment']!r} match")
+    elif args.write is not None:
+        print(f"{args.write}: the block of experiment {cfg['experiment']!r} is up to date")
+    else:
+        print(body)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    view = None
+    if args.config is not None or args.config_json is not None:
+        from conv2dlstm.config.keys import step_view
+
+        view = step_view(_config(args), "compare")
+    importlib.import_module("conv2dlstm.steps.compare").main(
+        metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot, cfg=view, models=args.models
+    )
+
+
+def _forecast(args: argparse.Namespace) -> None:
+    from conv2dlstm.config.keys import step_view
+
+    full = _config(args)
+    importlib.import_module("conv2dlstm.steps.forecast").main(
+        step_view(full, "evaluate"),  # reads what evaluate may read: the data keys, devices, tracking, paths
+        stats=args.stats,
+        out_nc=args.out_nc,
+        out_zarr=args.out_zarr,
+        work_dir=args.work_dir,
+        checkpoint=args.checkpoint,
+        run_id=args.run_id,
+        init_date=args.init_date,
+    )
+
+
+def _synth(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.synthetic").main(cfg, out_dir=args.out_dir)
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.fetch").main(cfg, out_dir=args.out_dir)
+
+
+def _regrid(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.regrid").main(
+        cfg, manifest=args.manifest, out=args.out, threads=args.threads, memory_mb=args.memory_mb
+    )
+
+
+def _normalize(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.normalize").main(
+        cfg, data=args.data, out=args.out, threads=args.threads, memory_mb=args.memory_mb
+    )
+
+
+def _windows(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.windows").main(
+        cfg, data=args.data, stats=args.stats, out=args.out, threads=args.threads, memory_mb=args.memory_mb
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from conv2dlstm.config.keys import sweep_tags
+
+    full = _config(args)
+    cfg = _step_config(args, full)
+    train = importlib.import_module("conv2dlstm.steps.train")
+    if args.time_limit_minutes:
+        importlib.import_module("conv2dlstm.training.preemption").set_deadline(args.time_limit_minutes)
+    train.main(cfg, run=args.run, windows=args.windows, stats=args.stats, out_dir=args.out_dir, sweep=sweep_tags(full))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.evaluate").main(
+        cfg,
+        run=args.run,
+        windows=args.windows,
+        stats=args.stats,
+        checkpoint=args.checkpoint,
+        out_dir=args.out_dir,
+    )
+
+
+# The handler of each subcommand of build_parser, by name.
+_HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "validate-config": _validate_config,
+    "config-defaults": _config_defaults,
+    "ui-address": _ui_address,
+    "summary": _summary,
+    "tables": _tables,
+    "synth": _synth,
+    "fetch": _fetch,
+    "regrid": _regrid,
+    "normalize": _normalize,
+    "windows": _windows,
+    "train": _train,
+    "evaluate": _evaluate,
+    "verify": _verify,
+    "compare": _compare,
+    "forecast": _forecast,
+}
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    _HANDLERS[args.step](args)
 
 
 def _redact_output() -> None:
