@@ -92,7 +92,13 @@ from conv2dlstm.training.loop import (
     set_rng_state,
 )
 from conv2dlstm.training.models import OutputFloor, build_model, count_parameters, model_kwargs_from_config
-from conv2dlstm.training.preemption import TrainingInterrupted, arm_deadline, ignore_stop_signals, stop_on_signals
+from conv2dlstm.training.preemption import (
+    StopFlag,
+    TrainingInterrupted,
+    arm_deadline,
+    ignore_stop_signals,
+    stop_on_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +452,6 @@ def _train(
 ) -> None:
     """The training of :func:`main` in one process (one rank of ``ctx``)."""
     tcfg = cfg["train"]
-    store, resume, model_name, model_kwargs = inputs.store, inputs.resume, inputs.model_name, inputs.model_kwargs
     last_path = out_dir / checkpoint.LAST
     distributed.barrier(ctx, device)  # every rank has read last.pt before rank 0 writes it again
     if ctx.is_main and inputs.stale is not None:
@@ -456,149 +461,283 @@ def _train(
         left = arm_deadline()
         if left is not None and ctx.is_main:
             log.info("will checkpoint and stop in %.0f s (the job's time limit, less a margin)", left)
-        seed_everything(tcfg["seed"])
-        model = build_model(model_name, **model_kwargs)
-        if inputs.output_floor is not None:  # nonnegative targets (overwritten by a resumed model_state)
-            cast(OutputFloor, model.output_floor).set_floor(inputs.output_floor)  # built for nonnegative targets
-        model = model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["learning_rate"], weight_decay=tcfg["weight_decay"])
-        scheduler = make_scheduler(tcfg["lr_schedule"], optimizer, epochs=tcfg["epochs"], patience=tcfg["patience"])
-        generator = torch.Generator().manual_seed(tcfg["seed"])
-        progress = Progress()
-        if resume is not None:
-            saved_rng, saved_progress = checkpoint.restore(
-                resume, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator
-            )
-            set_rng_state(saved_rng)
-            progress = Progress(**saved_progress)
-            if ctx.is_main:
-                log.info("resuming run %s after epoch %d from %s", run, progress.epoch, last_path)
-        mode = tcfg["data_on_device"]
-        wrapped = distributed.wrap_model(model, ctx, device)  # after loading: DDP broadcasts rank 0's weights
-        loop = Loop(
-            model=model,
-            net=torch.compile(wrapped) if tcfg["compile"] else wrapped,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generator=generator,
-            train_source=data_source(store, "train", mode, device, ctx.world_size),
-            val_source=data_source(store, "val", mode, device, ctx.world_size),
-            weights=loss_weights(store.mask, store.lat, tcfg["latitude_weighted_loss"]).to(device),
-            device=device,
-            batch_size=tcfg["batch_size"],
-            max_batches=tcfg["max_batches_per_epoch"],
-            grad_clip=tcfg["grad_clip"],
-            bf16=tcfg["bf16"],
-            num_workers=tcfg["num_workers"],
-            stop=stop,
-            ctx=ctx,
-            eval_net=(torch.compile(model) if tcfg["compile"] else model) if ctx.distributed else None,
+        loop, progress = _set_up(tcfg, inputs, run=run, ctx=ctx, device=device, stop=stop, last_path=last_path)
+        previous_run_id = _previous_run_id(inputs.resume, out_dir) if ctx.is_main else None
+        tracker_cm = _start_tracking(
+            cfg, run=run, inputs=inputs, loop=loop, ctx=ctx, device=device, uri=uri, sweep=sweep, run_id=previous_run_id
         )
-        if ctx.is_main:
-            run_id_file = out_dir / RUN_ID_FILE
-            # A fresh start never reopens an MLflow run: its params would describe another model.
-            previous_run_id = (
-                None if resume is None else (_read_run_id(out_dir) or str(resume.get("mlflow_run_id") or "") or None)
-            )
-            tags = {
-                "run": run,
-                "model_name": model_name,
-                "n_parameters": count_parameters(model),
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "world_size": ctx.world_size,
-                "data.stats_sha256": store.attrs.get("stats_sha256", "unknown"),
-                "stats_sha256": inputs.stats_sha,
-                "windows_store": str(store.path),
-                "data_on_device": isinstance(loop.train_source, InMemoryWindows),
-                **provenance.mlflow_tags(inputs.record),
-                **store.gap_tags(),  # data.time_gaps, data.longest_gap_days, ...
-                **(sweep or {}),
-            }
-            superseded = inputs.stale.run_id if inputs.stale is not None else None
-            if superseded:
-                tags["supersedes"] = superseded
-            tracker_cm: contextlib.AbstractContextManager = tracking.start_run(
-                cfg,
-                run,
-                run_id=previous_run_id,
-                tags=tags,
-                tracking_uri=uri,
-                fixed_params=tuple(flatten(inputs.result_config)),
-            )
-        else:
-            tracker_cm = contextlib.nullcontext()
         with tracker_cm as tracker:
             if ctx.is_main:
-                if superseded and superseded != tracker.run_id:
-                    tracking.mark_superseded(uri or tracking.resolve_tracking_uri(cfg), superseded, tracker.run_id)
-                    log.info("MLflow run %s supersedes run %s (tagged superseded)", tracker.run_id, superseded)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                if tracker.run_id != previous_run_id:
-                    write_text(run_id_file, tracker.run_id + "\n")
-                else:  # a resumed run: log the epochs an earlier process could not send
-                    tracker.backfill(progress.history, EPOCH_METRICS)
-                summary_path = out_dir / "model_summary.txt"
-                write_text(summary_path, model_summary(model, model_name, model_kwargs, store))
-
-            def state() -> dict[str, Any]:
-                return checkpoint.build(
-                    run=run,
-                    model_name=model_name,
-                    model_kwargs=model_kwargs,
-                    model=loop.model,
-                    optimizer=loop.optimizer,
-                    scheduler=loop.scheduler,
-                    generator=loop.generator,
-                    rng_state=rng_state(),
-                    progress=vars(progress),
-                    finished=progress.finished,
-                    config=cfg,
-                    input_variables=store.input_variables,
-                    target_variables=store.target_variables,
-                    mlflow_run_id=tracker.run_id,
-                    record=inputs.record,
-                    result_config=inputs.result_config,
+                _open_run(
+                    cfg,
+                    tracker,
+                    inputs=inputs,
+                    loop=loop,
+                    progress=progress,
+                    uri=uri,
+                    out_dir=out_dir,
+                    previous_run_id=previous_run_id,
                 )
-
-            def end_of_epoch(row: dict[str, float], improved: bool) -> None:
-                if ctx.is_main:  # rank 0 alone logs and writes files
-                    _record_epoch(
-                        row,
-                        improved,
-                        epochs=tcfg["epochs"],
-                        device=device,
-                        tracker=tracker,
-                        state=state,
-                        history=progress.history,
-                        out_dir=out_dir,
-                    )
-
-            if resume is None and ctx.is_main:
+            state = _state(cfg, run=run, inputs=inputs, loop=loop, progress=progress, tracker=tracker)
+            end_of_epoch = _end_of_epoch(
+                tcfg["epochs"], ctx=ctx, device=device, tracker=tracker, state=state, progress=progress, out_dir=out_dir
+            )
+            if inputs.resume is None and ctx.is_main:
                 checkpoint.save(last_path, state())  # the state at the start of epoch 1
-            try:
-                fit(
-                    loop,
-                    progress,
-                    epochs=tcfg["epochs"],
-                    patience=tcfg["patience"],
-                    lr_schedule=tcfg["lr_schedule"],
-                    learning_rate=tcfg["learning_rate"],
-                    end_of_epoch=end_of_epoch,
-                )
-            except TrainingInterrupted as stop_:
-                if ctx.is_main:
-                    log.warning(
-                        "run %s stopped on %s; a rerun resumes from %s after epoch %d%s",
-                        run,
-                        stop_.reason,
-                        last_path,
-                        progress.epoch,
-                        " (at the start of epoch 1)" if progress.epoch == 0 else "",
-                    )
-                raise
+            _fit(loop, progress, tcfg, end_of_epoch=end_of_epoch, run=run, ctx=ctx, last_path=last_path)
             if ctx.is_main:
-                _finish(progress, tracker, state, store, out_dir, log_model=cfg["mlflow"]["log_model"], run=run)
+                _finish(progress, tracker, state, inputs.store, out_dir, log_model=cfg["mlflow"]["log_model"], run=run)
         distributed.barrier(ctx, device)  # the other ranks wait for rank 0's files and MLflow run
+
+
+def _set_up(
+    tcfg: dict[str, Any],
+    inputs: _Inputs,
+    *,
+    run: str,
+    ctx: distributed.Context,
+    device: torch.device,
+    stop: StopFlag,
+    last_path: Path,
+) -> tuple[Loop, Progress]:
+    """The epoch loop of the run and its progress: the seeded model (its output floor set), AdamW, the
+    learning-rate schedule, the shuffling generator and the train and val data, fresh or as ``last.pt``
+    left them (:func:`_resume_or_fresh`)."""
+    seed_everything(tcfg["seed"])
+    model = build_model(inputs.model_name, **inputs.model_kwargs)
+    if inputs.output_floor is not None:  # nonnegative targets (overwritten by a resumed model_state)
+        cast(OutputFloor, model.output_floor).set_floor(inputs.output_floor)  # built for nonnegative targets
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["learning_rate"], weight_decay=tcfg["weight_decay"])
+    scheduler = make_scheduler(tcfg["lr_schedule"], optimizer, epochs=tcfg["epochs"], patience=tcfg["patience"])
+    generator = torch.Generator().manual_seed(tcfg["seed"])
+    progress = _resume_or_fresh(
+        inputs.resume,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        run=run,
+        ctx=ctx,
+        last_path=last_path,
+    )
+    mode, store = tcfg["data_on_device"], inputs.store
+    wrapped = distributed.wrap_model(model, ctx, device)  # after loading: DDP broadcasts rank 0's weights
+    loop = Loop(
+        model=model,
+        net=torch.compile(wrapped) if tcfg["compile"] else wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        train_source=data_source(store, "train", mode, device, ctx.world_size),
+        val_source=data_source(store, "val", mode, device, ctx.world_size),
+        weights=loss_weights(store.mask, store.lat, tcfg["latitude_weighted_loss"]).to(device),
+        device=device,
+        batch_size=tcfg["batch_size"],
+        max_batches=tcfg["max_batches_per_epoch"],
+        grad_clip=tcfg["grad_clip"],
+        bf16=tcfg["bf16"],
+        num_workers=tcfg["num_workers"],
+        stop=stop,
+        ctx=ctx,
+        eval_net=(torch.compile(model) if tcfg["compile"] else model) if ctx.distributed else None,
+    )
+    return loop, progress
+
+
+def _resume_or_fresh(
+    resume: dict[str, Any] | None,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    run: str,
+    ctx: distributed.Context,
+    last_path: Path,
+) -> Progress:
+    """A fresh start's progress when ``resume`` is None; else the progress of ``resume`` (the content of
+    ``last.pt``), with the model, optimizer, schedule, generator and random state restored from it."""
+    if resume is None:
+        return Progress()
+    saved_rng, saved_progress = checkpoint.restore(
+        resume, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator
+    )
+    set_rng_state(saved_rng)
+    progress = Progress(**saved_progress)
+    if ctx.is_main:
+        log.info("resuming run %s after epoch %d from %s", run, progress.epoch, last_path)
+    return progress
+
+
+def _previous_run_id(resume: dict[str, Any] | None, out_dir: Path) -> str | None:
+    """The MLflow run a resumed training continues (``mlflow_run_id.txt``, else the one ``last.pt``
+    records). A fresh start (``resume`` None) never reopens an MLflow run: its params would describe
+    another model."""
+    if resume is None:
+        return None
+    return _read_run_id(out_dir) or str(resume.get("mlflow_run_id") or "") or None
+
+
+def _start_tracking(
+    cfg: dict[str, Any],
+    *,
+    run: str,
+    inputs: _Inputs,
+    loop: Loop,
+    ctx: distributed.Context,
+    device: torch.device,
+    uri: str | None,
+    sweep: Mapping[str, str] | None,
+    run_id: str | None,
+) -> contextlib.AbstractContextManager[Any]:
+    """On rank 0, the MLflow run of the training (:func:`conv2dlstm.tracking.store.start_run`: the run
+    ``run_id``, or a new one when None) with its tags, yielding its :class:`~conv2dlstm.tracking.store.Tracker`;
+    on the other ranks, which never touch MLflow, a context yielding None."""
+    if not ctx.is_main:
+        return contextlib.nullcontext()
+    store = inputs.store
+    tags = {
+        "run": run,
+        "model_name": inputs.model_name,
+        "n_parameters": count_parameters(loop.model),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": ctx.world_size,
+        "data.stats_sha256": store.attrs.get("stats_sha256", "unknown"),
+        "stats_sha256": inputs.stats_sha,
+        "windows_store": str(store.path),
+        "data_on_device": isinstance(loop.train_source, InMemoryWindows),
+        **provenance.mlflow_tags(inputs.record),
+        **store.gap_tags(),  # data.time_gaps, data.longest_gap_days, ...
+        **(sweep or {}),
+    }
+    superseded = inputs.stale.run_id if inputs.stale is not None else None
+    if superseded:
+        tags["supersedes"] = superseded
+    return tracking.start_run(
+        cfg, run, run_id=run_id, tags=tags, tracking_uri=uri, fixed_params=tuple(flatten(inputs.result_config))
+    )
+
+
+def _open_run(
+    cfg: dict[str, Any],
+    tracker: tracking.Tracker,
+    *,
+    inputs: _Inputs,
+    loop: Loop,
+    progress: Progress,
+    uri: str | None,
+    out_dir: Path,
+    previous_run_id: str | None,
+) -> None:
+    """Rank 0, once the MLflow run is open: tag the run of the stale training it supersedes, write
+    ``mlflow_run_id.txt`` for a new run or log the epochs an earlier process could not send for a
+    resumed one, and write ``model_summary.txt``."""
+    superseded = inputs.stale.run_id if inputs.stale is not None else None
+    if superseded and superseded != tracker.run_id:
+        tracking.mark_superseded(uri or tracking.resolve_tracking_uri(cfg), superseded, tracker.run_id)
+        log.info("MLflow run %s supersedes run %s (tagged superseded)", tracker.run_id, superseded)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tracker.run_id != previous_run_id:
+        write_text(out_dir / RUN_ID_FILE, tracker.run_id + "\n")
+    else:  # a resumed run: log the epochs an earlier process could not send
+        tracker.backfill(progress.history, EPOCH_METRICS)
+    summary_path = out_dir / "model_summary.txt"
+    write_text(summary_path, model_summary(loop.model, inputs.model_name, inputs.model_kwargs, inputs.store))
+
+
+def _state(
+    cfg: dict[str, Any], *, run: str, inputs: _Inputs, loop: Loop, progress: Progress, tracker: tracking.Tracker
+) -> Callable[[], dict[str, Any]]:
+    """The function that builds the checkpoint of the training's current state (rank 0 calls it for
+    every checkpoint it saves)."""
+
+    def state() -> dict[str, Any]:
+        return checkpoint.build(
+            run=run,
+            model_name=inputs.model_name,
+            model_kwargs=inputs.model_kwargs,
+            model=loop.model,
+            optimizer=loop.optimizer,
+            scheduler=loop.scheduler,
+            generator=loop.generator,
+            rng_state=rng_state(),
+            progress=vars(progress),
+            finished=progress.finished,
+            config=cfg,
+            input_variables=inputs.store.input_variables,
+            target_variables=inputs.store.target_variables,
+            mlflow_run_id=tracker.run_id,
+            record=inputs.record,
+            result_config=inputs.result_config,
+        )
+
+    return state
+
+
+def _end_of_epoch(
+    epochs: int,
+    *,
+    ctx: distributed.Context,
+    device: torch.device,
+    tracker: tracking.Tracker,
+    state: Callable[[], dict[str, Any]],
+    progress: Progress,
+    out_dir: Path,
+) -> Callable[[dict[str, float], bool], None]:
+    """What :func:`conv2dlstm.training.loop.fit` calls after each epoch: :func:`_record_epoch` on rank 0,
+    which alone logs and writes files; nothing on the other ranks."""
+
+    def end_of_epoch(row: dict[str, float], improved: bool) -> None:
+        if ctx.is_main:  # rank 0 alone logs and writes files
+            _record_epoch(
+                row,
+                improved,
+                epochs=epochs,
+                device=device,
+                tracker=tracker,
+                state=state,
+                history=progress.history,
+                out_dir=out_dir,
+            )
+
+    return end_of_epoch
+
+
+def _fit(
+    loop: Loop,
+    progress: Progress,
+    tcfg: dict[str, Any],
+    *,
+    end_of_epoch: Callable[[dict[str, float], bool], None],
+    run: str,
+    ctx: distributed.Context,
+    last_path: Path,
+) -> None:
+    """The epoch loop (:func:`conv2dlstm.training.loop.fit`). When it stops at a signal or the job's
+    deadline, rank 0 warns naming the cause and the epoch a rerun resumes after, and
+    :class:`TrainingInterrupted` propagates."""
+    try:
+        fit(
+            loop,
+            progress,
+            epochs=tcfg["epochs"],
+            patience=tcfg["patience"],
+            lr_schedule=tcfg["lr_schedule"],
+            learning_rate=tcfg["learning_rate"],
+            end_of_epoch=end_of_epoch,
+        )
+    except TrainingInterrupted as stop_:
+        if ctx.is_main:
+            log.warning(
+                "run %s stopped on %s; a rerun resumes from %s after epoch %d%s",
+                run,
+                stop_.reason,
+                last_path,
+                progress.epoch,
+                " (at the start of epoch 1)" if progress.epoch == 0 else "",
+            )
+        raise
 
 
 def _retire(stale: Stale, *, run: str, out_dir: Path) -> None:
