@@ -148,7 +148,7 @@ def test_quick_start_walkthrough(local_default_run: Path, tmp_path: Path):
         else:
             proc = run_make(wf, *words[1:])
             if words[1] == "summary":
-                assert proc.stdout == summary
+                assert proc.stdout and summary.endswith(proc.stdout)  # make run ended with it
             elif words[1] == "tables-check":
                 assert "README.md: the results of experiment 'conv2dlstm-sst' match" in proc.stdout
             elif words[1] == "forecast":

@@ -12,7 +12,7 @@ import xarray as xr
 
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from tests.support.workflow import copy_workflow, run_snakemake
-from tests.test_e2e import model_beats_baselines
+from tests.e2e.test_quickstart import model_beats_baselines
 
 pytestmark = pytest.mark.e2e
 
