@@ -377,6 +377,37 @@ def default_work_dir(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg["resources_dir"]) / "forecast" / str(cfg["name"])
 
 
+@dataclass(frozen=True)
+class _Model:
+    """A forecast's model, checked against the configuration and the statistics (:func:`_checked_model`)."""
+
+    net: Any  # the torch module, in eval mode on the CPU (conv2dlstm.training.models.load_model)
+    ckpt: dict[str, Any]  # its checkpoint
+    source: ModelSource
+    record: dict[str, Any]  # the checkpoint's provenance record
+
+    @property
+    def inputs(self) -> list[str]:
+        return [str(v) for v in self.ckpt["input_variables"]]
+
+    @property
+    def targets(self) -> list[str]:
+        return [str(v) for v in self.ckpt["target_variables"]]
+
+    @property
+    def input_steps(self) -> int:
+        return int(self.ckpt["model_kwargs"]["input_steps"])
+
+    @property
+    def lead_steps(self) -> int:
+        return int(self.ckpt["model_kwargs"]["lead_steps"])
+
+    @property
+    def run_id(self) -> str:
+        """Its MLflow run: the source's, else the one the checkpoint records (may be empty)."""
+        return self.source.run_id or str(self.ckpt.get("mlflow_run_id") or "")
+
+
 def main(
     cfg: dict[str, Any],
     *,
@@ -393,10 +424,7 @@ def main(
     ``work_dir`` (default ``<resources_dir>/forecast/<name>``) holds the fetched input files and
     downloaded checkpoints. Returns the dataset written.
     """
-    from conv2dlstm.evaluation import inference
     from conv2dlstm.fsutil import discard_partials
-    from conv2dlstm.training import models
-    from conv2dlstm.training.devices import resolve_device
 
     stats, out_nc, out_zarr = Path(stats), Path(out_nc), Path(out_zarr)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir(cfg)
@@ -404,8 +432,42 @@ def main(
         for stray in discard_partials(output.parent, of=output.name):
             log.info("forecast: discarded %s left by an interrupted run", stray)
     init = initial_date(init_date, cfg)
+    model = _checked_model(cfg, stats=stats, checkpoint=checkpoint, run_id=run_id, work_dir=work_dir)
+    stats64 = stats_file.load(stats)
+    _check_model_grid(cfg, model, stats64, stats_path=stats)
+
+    period, ds, manifest = _inputs(cfg, model, init, stats64, stats_path=stats, work_dir=work_dir)
+    pred = _predict(cfg, model, ds, stats64)
+    manifest_digest = manifest_file.read_digest(manifest)
+    record_out = forecast_digest(
+        {"checkpoint": model.record["digest"], "stats": model.record["inputs"]["stats"], "manifest": manifest_digest},
+        {step_: keys.result_config(period, step_) for step_ in ("fetch", "regrid")},
+    )
+    physical, units = _physical(pred, model, ds, stats64, stats_path=stats)
+    out = forecast_dataset(physical, units=units, attrs=_attrs(model, ds, manifest_digest, record_out))
+    write_outputs(out, out_nc=out_nc, out_zarr=out_zarr)
+    log.info(
+        "forecast: %s initialized %s, leads %s -> %s, %s (provenance %s)",
+        ", ".join(model.targets),
+        out.attrs["initial_time"],
+        ", ".join(str(pd.Timedelta(t)) for t in out["prediction_timedelta"].values),
+        out_nc,
+        out_zarr,
+        record_out["digest"],
+    )
+    return out
+
+
+def _checked_model(
+    cfg: Mapping[str, Any], *, stats: Path, checkpoint: Path | None, run_id: str | None, work_dir: Path
+) -> _Model:
+    """The model to forecast with (:func:`resolve_model`), loaded, once it fits the configuration's
+    inputs (:func:`model_problems`) and ``stats`` are its run's statistics (:func:`check_stats`); else
+    :class:`DataError`."""
+    from conv2dlstm.training import models
+
     source = resolve_model(cfg, checkpoint=checkpoint, run_id=run_id, work_dir=work_dir)
-    model, ckpt = models.load_model(source.checkpoint)
+    net, ckpt = models.load_model(source.checkpoint)
     problems = model_problems(ckpt, cfg)
     if problems:
         raise DataError(
@@ -413,37 +475,61 @@ def main(
             "with the configuration it was trained with, or choose another model (--run-id, --checkpoint)"
         )
     record = check_stats(ckpt, stats, checkpoint=source.checkpoint)
-    run_id = source.run_id or str(ckpt.get("mlflow_run_id") or "")
-    stats64 = stats_file.load(stats)
-    kwargs = ckpt["model_kwargs"]
-    inputs, targets = [str(v) for v in ckpt["input_variables"]], [str(v) for v in ckpt["target_variables"]]
-    n_in, n_out = int(kwargs["input_steps"]), int(kwargs["lead_steps"])
-    if (int(kwargs["height"]), int(kwargs["width"])) != (stats64.sizes["lat"], stats64.sizes["lon"]):
-        raise DataError(
-            f"the model of {source.how} predicts a {kwargs['height']}x{kwargs['width']} grid but its statistics "
-            f"{stats} are on {stats64.sizes['lat']}x{stats64.sizes['lon']}; give the statistics of its run"
-        )
+    return _Model(net, ckpt, source, record)
+
+
+def _check_model_grid(cfg: Mapping[str, Any], model: _Model, stats64: xr.Dataset, *, stats_path: Path) -> None:
+    """:class:`DataError` unless the model's grid size is that of its statistics ``stats64`` and the
+    configured grid is theirs."""
     from conv2dlstm.data.regridding import target_grid
 
+    kwargs = model.ckpt["model_kwargs"]
+    if (int(kwargs["height"]), int(kwargs["width"])) != (stats64.sizes["lat"], stats64.sizes["lon"]):
+        raise DataError(
+            f"the model of {model.source.how} predicts a {kwargs['height']}x{kwargs['width']} grid but its statistics "
+            f"{stats_path} are on {stats64.sizes['lat']}x{stats64.sizes['lon']}; give the statistics of its run"
+        )
     grid = target_grid(cfg["grid"])
     check_grid(
-        "the configured grid (grid.lat, grid.lon)", grid["lat"].values, grid["lon"].values, stats64, stats_path=stats
+        "the configured grid (grid.lat, grid.lon)",
+        grid["lat"].values,
+        grid["lon"].values,
+        stats64,
+        stats_path=stats_path,
     )
 
+
+def _inputs(
+    cfg: Mapping[str, Any], model: _Model, init: pd.Timestamp, stats64: xr.Dataset, *, stats_path: Path, work_dir: Path
+) -> tuple[dict[str, Any], xr.Dataset, Path]:
+    """The forecast's inputs: the configuration of their period (the model's ``input_steps`` days ending
+    on ``init``), its last ``input_steps`` time steps, fetched into ``work_dir/<init>`` and regridded
+    (:func:`regridded_inputs`, :func:`last_steps`) on the statistics' grid, and their manifest."""
+    n_in = model.input_steps
     start = init - pd.Timedelta(days=n_in - 1)
     period = period_config(cfg, start, init)
     raw_dir = work_dir / f"{init:%Y-%m-%d}"
     log.info(
         "forecast: model %s; inputs %s..%s (%d steps) fetched into %s",
-        source.how,
+        model.source.how,
         f"{start:%Y-%m-%d}",
         f"{init:%Y-%m-%d}",
         n_in,
         raw_dir,
     )
     ds, manifest = regridded_inputs(period, raw_dir)
-    check_grid("the regridded input", ds["lat"].values, ds["lon"].values, stats64, stats_path=stats)
-    ds = last_steps(ds, n_in, init)
+    check_grid("the regridded input", ds["lat"].values, ds["lon"].values, stats64, stats_path=stats_path)
+    return period, last_steps(ds, n_in, init), manifest
+
+
+def _predict(cfg: Mapping[str, Any], model: _Model, ds: xr.Dataset, stats64: xr.Dataset) -> np.ndarray:
+    """The model's normalized prediction ``(1, T_out, C_out, H, W)`` from the inputs ``ds``, normalized
+    with the statistics ``stats64`` (a missing ocean value enters as 0, with a warning), on
+    ``train.device``."""
+    from conv2dlstm.evaluation import inference
+    from conv2dlstm.training.devices import resolve_device
+
+    inputs = model.inputs
     x = stats_file.normalized_cube(ds, stats64, inputs).values  # (T_in, C_in, H, W) float32, land 0
     missing = int((ds[inputs].to_dataarray("variable").isnull() & stats64["mask"]).sum())
     if missing:
@@ -453,22 +539,34 @@ def main(
             missing,
         )
     device = resolve_device(cfg["train"]["device"])
-    pred = inference.predict_batch(model.to(device).eval(), x[None], device=device)  # (1, T_out, C_out, H, W)
+    return inference.predict_batch(model.net.to(device).eval(), x[None], device=device)  # (1, T_out, C_out, H, W)
 
-    init_time = np.asarray(ds["time"].values[-1:], dtype="datetime64[ns]")
-    step = (np.diff(ds["time"].values)[0] if n_in > 1 else np.timedelta64(1, "D")).astype("timedelta64[ns]")
-    valid = init_time[:, None] + step * np.arange(1, n_out + 1)[None, :]
+
+def _initial_time(ds: xr.Dataset) -> np.ndarray:
+    """The forecast's initial time, the last time step of its inputs ``ds``, as a ``(1,)`` datetime64[ns] array."""
+    return np.asarray(ds["time"].values[-1:], dtype="datetime64[ns]")
+
+
+def _physical(
+    pred: np.ndarray, model: _Model, ds: xr.Dataset, stats64: xr.Dataset, *, stats_path: Path
+) -> tuple[xr.DataArray, Mapping[str, str]]:
+    """The prediction ``pred`` of the inputs ``ds`` in physical units, ``(time, lead, variable, lat, lon)``
+    (leads at the inputs' time step, NaN on land, the model's nonnegative targets clipped at 0), and the
+    targets' units."""
+    from conv2dlstm.evaluation import inference
+
+    targets = model.targets
+    init_time = _initial_time(ds)
+    step = (np.diff(ds["time"].values)[0] if model.input_steps > 1 else np.timedelta64(1, "D")).astype(
+        "timedelta64[ns]"
+    )
+    valid = init_time[:, None] + step * np.arange(1, model.lead_steps + 1)[None, :]
     mask = xr.DataArray(
         np.asarray(stats64["mask"].values, dtype=bool),
         dims=("lat", "lon"),
         coords={"lat": stats64["lat"].values, "lon": stats64["lon"].values},
     )
-    manifest_digest = manifest_file.read_digest(manifest)
-    record_out = forecast_digest(
-        {"checkpoint": record["digest"], "stats": record["inputs"]["stats"], "manifest": manifest_digest},
-        {step_: keys.result_config(period, step_) for step_ in ("fetch", "regrid")},
-    )
-    with stats_file.open_lazy(stats, targets) as stats32:
+    with stats_file.open_lazy(stats_path, targets) as stats32:
         physical = inference.physical(
             inference.forecast_array(
                 pred,
@@ -482,33 +580,24 @@ def main(
             stats32,
             mask,
         )
-        physical = inference.clip_nonnegative(physical, inference.nonnegative_targets(ckpt))
+        physical = inference.clip_nonnegative(physical, inference.nonnegative_targets(model.ckpt))
         units = stats_file.units(stats32)
-    out = forecast_dataset(
-        physical,
-        units=units,
-        attrs={
-            "model_name": str(ckpt.get("model_name", "")),
-            "model_run_id": run_id,
-            "model_source": source.how,
-            "checkpoint": source.checkpoint.name,
-            "checkpoint_digest": record["digest"],
-            "stats_digest": record["inputs"]["stats"],
-            "input_manifest_sha256": manifest_digest,
-            "input_period": f"{pd.Timestamp(ds['time'].values[0]):%Y-%m-%dT%H:%M}.."
-            f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M}",
-            "initial_time": f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M:%S}",
-            **provenance.to_attrs(record_out),
-        },
-    )
-    write_outputs(out, out_nc=out_nc, out_zarr=out_zarr)
-    log.info(
-        "forecast: %s initialized %s, leads %s -> %s, %s (provenance %s)",
-        ", ".join(targets),
-        out.attrs["initial_time"],
-        ", ".join(str(pd.Timedelta(t)) for t in out["prediction_timedelta"].values),
-        out_nc,
-        out_zarr,
-        record_out["digest"],
-    )
-    return out
+    return physical, units
+
+
+def _attrs(model: _Model, ds: xr.Dataset, manifest_digest: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The forecast's global attributes but the CF ones (module docstring); ``record`` its provenance."""
+    init_time = _initial_time(ds)
+    return {
+        "model_name": str(model.ckpt.get("model_name", "")),
+        "model_run_id": model.run_id,
+        "model_source": model.source.how,
+        "checkpoint": model.source.checkpoint.name,
+        "checkpoint_digest": model.record["digest"],
+        "stats_digest": model.record["inputs"]["stats"],
+        "input_manifest_sha256": manifest_digest,
+        "input_period": f"{pd.Timestamp(ds['time'].values[0]):%Y-%m-%dT%H:%M}.."
+        f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M}",
+        "initial_time": f"{pd.Timestamp(init_time[0]):%Y-%m-%dT%H:%M:%S}",
+        **provenance.to_attrs(record),
+    }
