@@ -5,16 +5,20 @@ by chunk. Only one slab's files are open at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
 from conv2dlstm import zarrstore
-from conv2dlstm.data import checks, regridding
+from conv2dlstm.data import checks, regridding, sources
+from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,8 @@ def main(
     The store's attribute ``provenance`` records the result configuration and the manifest's
     ``sha256`` (:mod:`conv2dlstm.artifacts.provenance`).
     """
-    import xarray as xr
-
-    from conv2dlstm.artifacts import manifest as manifest_file
-    from conv2dlstm.artifacts import provenance
     from conv2dlstm.daskutil import dask_client
-    from conv2dlstm.data import sources
-    from conv2dlstm.errors import DataError
-    from conv2dlstm.fsutil import discard_partials, sha256_file
+    from conv2dlstm.fsutil import discard_partials
 
     manifest, out = Path(manifest), Path(out)
     for stray in discard_partials(out.parent, of=out.name):
@@ -62,33 +60,84 @@ def main(
     # a slab holds whole chunks of the store (appends never share a chunk), a chunk at most one slab
     chunk = min(regridding.output_time_chunk(regridding.target_grid(cfg["grid"])), max(1, slab_steps))
     slabs = catalog.slabs(cfg["source"]["start"], cfg["source"]["end"], chunk * max(1, slab_steps // chunk))
-    grid: dict[str, np.ndarray] = {}
-    slab_bytes: list[int] = []  # of the harmonized source, per slab built
+    builder = _SlabBuilder(cfg, manifest, catalog, rules, chunk)
+    first = builder.build(slabs[0])  # configuration errors fail here, before the cluster starts
+    times = first[0]["time"].values if slabs[0].times is None else np.concatenate([slab.times for slab in slabs])
+    attrs, record = _store_attrs(cfg, first[0], manifest=manifest, catalog=catalog, times=times)
+    log.info(
+        "regrid: scanned %d file(s) of %s in %.1f s; %d steps %s..%s in %d slab(s) -> grid %d x %d (%s), variables %s",
+        len(catalog.paths),
+        manifest,
+        time.perf_counter() - t0,
+        times.size,
+        str(times[0])[:10],
+        str(times[-1])[:10],
+        len(slabs),
+        first[0].sizes["lat"],
+        first[0].sizes["lon"],
+        cfg["grid"]["method"],
+        list(first[0].data_vars),
+    )
 
-    def build(slab: sources.Slab) -> tuple[xr.Dataset, list[Any]]:
+    check_plausible = functools.partial(_check_plausible, times=times, rules=rules, catalog=catalog)
+    address = cfg["dask"]["scheduler_address"]
+    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=builder.slab_bytes[0]):
+        t1 = time.perf_counter()
+        # one pass over the source: the range check is computed with the write, not before it
+        zarrstore.write_parts(_parts(builder, slabs, first, attrs), Path(out), before_commit=check_plausible)
+    log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])
+
+
+@dataclass
+class _SlabBuilder:
+    """The slabs of a scanned manifest, each opened, harmonized and regridded (lazy) on its own."""
+
+    cfg: Mapping[str, Any]
+    manifest: Path
+    catalog: sources.Catalog
+    rules: checks.SourceRules
+    chunk: int  # time steps per chunk of the regridded store
+    grid: dict[str, np.ndarray] = field(default_factory=dict)  # lat and lon of the first slab built
+    slab_bytes: list[int] = field(default_factory=list)  # of the harmonized source, per slab built
+
+    def build(self, slab: sources.Slab) -> tuple[xr.Dataset, list[Any]]:
         """One slab opened, harmonized, regridded (lazy), and its plausibility summary (lazy)."""
-        raw = sources.open_slab(catalog, slab.members)
+        raw = sources.open_slab(self.catalog, slab.members)
         try:
-            source = regridding.prepare(raw, cfg)
-            for axis in ("lat", "lon"):  # every slab on the first one's grid (the files must share it)
-                values = source[axis].values
-                if grid.setdefault(axis, values).shape != values.shape or not np.array_equal(grid[axis], values):
-                    raise DataError(
-                        f"manifest {manifest}: the files cannot be combined into one dataset (their {axis} "
-                        f"coordinates differ, e.g. in {catalog.names[slab.members[-1][0]]}); they must share "
-                        "their lat/lon grid and differ only along time"
-                    )
-            ds = regridding.regrid_dataset(raw, cfg, out_chunk=chunk)
+            source = regridding.prepare(raw, self.cfg)
+            self._check_grid(source, slab)
+            ds = regridding.regrid_dataset(raw, self.cfg, out_chunk=self.chunk)
         except BaseException:
             raw.close()
             raise
         ds.set_close(raw.close)
-        slab_bytes.append(source.nbytes)
-        summary = checks.range_summary(source, rules.units)  # values outside harmonize.units' ranges
+        self.slab_bytes.append(source.nbytes)
+        summary = checks.range_summary(source, self.rules.units)  # values outside harmonize.units' ranges
         return ds, [summary] if summary.data_vars else []
 
-    first, first_also = build(slabs[0])  # configuration errors fail here, before the cluster starts
-    times = first["time"].values if slabs[0].times is None else np.concatenate([slab.times for slab in slabs])
+    def _check_grid(self, source: xr.Dataset, slab: sources.Slab) -> None:
+        """:class:`DataError` unless the harmonized ``source`` of ``slab`` is on the first slab's grid
+        (the files must share it)."""
+        for axis in ("lat", "lon"):
+            values = source[axis].values
+            if self.grid.setdefault(axis, values).shape != values.shape or not np.array_equal(self.grid[axis], values):
+                raise DataError(
+                    f"manifest {self.manifest}: the files cannot be combined into one dataset (their {axis} "
+                    f"coordinates differ, e.g. in {self.catalog.names[slab.members[-1][0]]}); they must share "
+                    "their lat/lon grid and differ only along time"
+                )
+
+
+def _store_attrs(
+    cfg: Mapping[str, Any], first: xr.Dataset, *, manifest: Path, catalog: sources.Catalog, times: np.ndarray
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The regridded store's attributes (those of the ``first`` slab, the gaps of the time axis ``times``,
+    which it logs, the dates missing upstream, the manifest and its digests, the provenance) and its
+    provenance record."""
+    from conv2dlstm.artifacts import manifest as manifest_file
+    from conv2dlstm.artifacts import provenance
+    from conv2dlstm.fsutil import sha256_file
+
     gaps = checks.time_gaps(times, cfg["source"]["start"], cfg["source"]["end"])
     attrs = dict(first.attrs)
     attrs.update(gaps.attrs())
@@ -104,37 +153,34 @@ def main(
     attrs["source_sha256"] = str(manifest_file.read(manifest).get("sha256", ""))
     record = provenance.for_step(cfg, "regrid", {"manifest": manifest_file.read_digest(manifest)})
     attrs.update(provenance.to_attrs(record))
-    log.info(
-        "regrid: scanned %d file(s) of %s in %.1f s; %d steps %s..%s in %d slab(s) -> grid %d x %d (%s), variables %s",
-        len(catalog.paths),
-        manifest,
-        time.perf_counter() - t0,
-        times.size,
-        str(times[0])[:10],
-        str(times[-1])[:10],
-        len(slabs),
-        first.sizes["lat"],
-        first.sizes["lon"],
-        cfg["grid"]["method"],
-        list(first.data_vars),
-    )
+    return attrs, record
+
+
+def _parts(
+    builder: _SlabBuilder,
+    slabs: list[sources.Slab],
+    first: tuple[xr.Dataset, list[Any]],
+    attrs: dict[str, Any],
+) -> list[zarrstore.Part]:
+    """The parts of the store, one per slab of ``slabs``, each with the attributes ``attrs``: the first
+    slab as already built (``first``), the others built when the part is written."""
 
     def part(n: int) -> zarrstore.Part:
         def make() -> tuple[xr.Dataset, list[Any]]:
-            ds, also = (first, first_also) if n == 0 else build(slabs[n])
+            ds, also = first if n == 0 else builder.build(slabs[n])
             ds.attrs = attrs
             return ds, also
 
         return make
 
-    def check_plausible(results: list[tuple[Any, ...]]) -> None:  # stops the step before the store is committed
-        if results[0]:  # every slab has the same variables, so the same (or no) summary
-            summary = xr.concat([r[0] for r in results], dim="time")
-            checks.raise_implausible(summary, times, rules.units, file_of=catalog.file_of)
+    return [part(n) for n in range(len(slabs))]
 
-    address = cfg["dask"]["scheduler_address"]
-    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=slab_bytes[0]):
-        t1 = time.perf_counter()
-        # one pass over the source: the range check is computed with the write, not before it
-        zarrstore.write_parts([part(n) for n in range(len(slabs))], Path(out), before_commit=check_plausible)
-    log.info("regrid: wrote %s in %.1f s (provenance %s)", out, time.perf_counter() - t1, record["digest"])
+
+def _check_plausible(
+    results: list[tuple[Any, ...]], *, times: np.ndarray, rules: checks.SourceRules, catalog: sources.Catalog
+) -> None:
+    """Refuse values outside their plausible range (:func:`conv2dlstm.data.checks.raise_implausible`)
+    from the slabs' summaries ``results``, computed with the write; runs before the store is committed."""
+    if results[0]:  # every slab has the same variables, so the same (or no) summary
+        summary = xr.concat([r[0] for r in results], dim="time")
+        checks.raise_implausible(summary, times, rules.units, file_of=catalog.file_of)
