@@ -167,13 +167,7 @@ def duplicate_steps(
     """
     if policy not in DUPLICATE_POLICIES:
         raise DataError(f"config key harmonize.duplicates: {policy!r} is not one of {list(DUPLICATE_POLICIES)}")
-    flat: list[Any] = []
-    owners: list[tuple[int, int]] = []  # (file index, position along its time axis)
-    for i, found in enumerate(keys):
-        if found is None:
-            continue
-        flat.extend(found)
-        owners.extend((i, pos) for pos in range(len(found)))
+    flat, owners = _flat_keys(keys)
     if not flat:
         return {}
     index = pd.Index(flat)
@@ -184,30 +178,65 @@ def duplicate_steps(
     for key, owner, rep in zip(flat, owners, repeated):
         if rep:
             groups.setdefault(key, []).append(owner)
-    first_key = min(groups)
-    shown = stamp(first_key)
-    where = [paths[i] for i, _ in groups[first_key]]
-    inside = len(set(where)) == 1
-    place = f"twice in {where[0]}" if inside else f"in both {where[0]} and {where[1]}"
-    involved = sorted({paths[i] for owner_list in groups.values() for i, _ in owner_list})
     if policy == "error":
-        more = f" ({len(groups)} time stamps repeat, in {_files_text(involved)})" if len(groups) > 1 else ""
-        choices = (
-            f"first (keep the earlier step in {where[0]}) or last (the later one)"
-            if inside
-            else f"first (keep the one in {where[0]}, the earlier in the manifest) "
-            f"or last (keep the one in {where[-1]})"
-        )
-        raise DataError(
-            f"time {shown} appears {place}{more}: two files (or steps) for the same time; the source "
-            f"files are not merged. Remove the wrong file (or step), or set harmonize.duplicates to {choices}"
-        )
+        raise _duplicates_error(groups, paths)
+    return _drop_duplicates(index, owners, groups, paths, policy)
+
+
+def _flat_keys(keys: Sequence[Sequence[Any] | np.ndarray | None]) -> tuple[list[Any], list[tuple[int, int]]]:
+    """The time keys of all files with one (``keys[i]`` not None) in order, and the owner of each:
+    ``(file index, position along its time axis)``."""
+    flat: list[Any] = []
+    owners: list[tuple[int, int]] = []
+    for i, found in enumerate(keys):
+        if found is None:
+            continue
+        flat.extend(found)
+        owners.extend((i, pos) for pos in range(len(found)))
+    return flat, owners
+
+
+def _first_duplicate(groups: Mapping[Any, list[tuple[int, int]]], paths: Sequence[str]) -> tuple[str, list[str], str]:
+    """The first repeated time stamp of ``groups`` (the owners of each repeated key) as shown, the path
+    of each of its occurrences, and where they are (``twice in <path>``, ``in both <path> and <path>``)."""
+    first_key = min(groups)
+    where = [paths[i] for i, _ in groups[first_key]]
+    place = f"twice in {where[0]}" if len(set(where)) == 1 else f"in both {where[0]} and {where[1]}"
+    return stamp(first_key), where, place
+
+
+def _duplicates_error(groups: Mapping[Any, list[tuple[int, int]]], paths: Sequence[str]) -> DataError:
+    """The error of policy ``error``: the first repeated time and its files, how many repeat, and the fix."""
+    shown, where, place = _first_duplicate(groups, paths)
+    inside = len(set(where)) == 1
+    involved = sorted({paths[i] for owner_list in groups.values() for i, _ in owner_list})
+    more = f" ({len(groups)} time stamps repeat, in {_files_text(involved)})" if len(groups) > 1 else ""
+    choices = (
+        f"first (keep the earlier step in {where[0]}) or last (the later one)"
+        if inside
+        else f"first (keep the one in {where[0]}, the earlier in the manifest) or last (keep the one in {where[-1]})"
+    )
+    return DataError(
+        f"time {shown} appears {place}{more}: two files (or steps) for the same time; the source "
+        f"files are not merged. Remove the wrong file (or step), or set harmonize.duplicates to {choices}"
+    )
+
+
+def _drop_duplicates(
+    index: pd.Index,
+    owners: Sequence[tuple[int, int]],
+    groups: Mapping[Any, list[tuple[int, int]]],
+    paths: Sequence[str],
+    policy: str,
+) -> dict[int, list[int]]:
+    """Policy ``first`` or ``last``: the occurrences it drops, ``{file index: positions}``, logged in a WARNING."""
     drop = index.duplicated(keep=policy)
     dropped: dict[int, list[int]] = {}
     for owner, d in zip(owners, drop):
         if d:
             dropped.setdefault(owner[0], []).append(owner[1])
-    kept_file = paths[groups[first_key][0 if policy == "first" else -1][0]]
+    shown, _, place = _first_duplicate(groups, paths)
+    kept_file = paths[groups[min(groups)][0 if policy == "first" else -1][0]]
     log.warning(
         "harmonize.duplicates %s: %d time stamp(s) repeat, e.g. %s %s; kept the %s occurrence (%s) and "
         "dropped %d step(s) from %s",
