@@ -25,12 +25,12 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
@@ -522,32 +522,52 @@ def run_parallel(
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    if fut.cancelled():
-                        continue
-                    exc = fut.exception()
-                    if exc is None:
-                        results[futures[fut]] = fut.result()
-                    elif first_error is None:
-                        first_error = exc
+                first_error = _collect(done, futures, results, first_error)
                 if first_error is not None and not stop.is_set():
-                    stop.set()
-                    for fut in pending:
-                        fut.cancel()
+                    _cancel(pending, stop)
         except BaseException:
-            stop.set()
-            for fut in pending:
-                fut.cancel()
+            _cancel(pending, stop)
             raise
     if first_error is not None:
-        failed = len(jobs) - len(results)
-        if failed > 1 and isinstance(first_error, DownloadError):
-            raise DownloadError(
-                f"{first_error} ({failed} of {len(jobs)} files were not fetched; completed files are kept "
-                "and are not downloaded again on the next run)"
-            ) from first_error
-        raise first_error
+        _raise_first(first_error, failed=len(jobs) - len(results), total=len(jobs))
     return [results[i] for i in range(len(jobs))]
+
+
+def _collect(
+    done: set[Future[FetchedFile | None]],
+    futures: Mapping[Future[FetchedFile | None], int],
+    results: dict[int, FetchedFile | None],
+    first_error: BaseException | None,
+) -> BaseException | None:
+    """Put the result of each finished future of ``done`` into ``results`` under its job's index
+    (``futures``); returns ``first_error``, or when None the first failure of ``done``."""
+    for fut in done:
+        if fut.cancelled():
+            continue
+        exc = fut.exception()
+        if exc is None:
+            results[futures[fut]] = fut.result()
+        elif first_error is None:
+            first_error = exc
+    return first_error
+
+
+def _cancel(pending: set[Future[FetchedFile | None]], stop: threading.Event) -> None:
+    """Set ``stop`` for the running workers and cancel the jobs not started."""
+    stop.set()
+    for fut in pending:
+        fut.cancel()
+
+
+def _raise_first(first_error: BaseException, *, failed: int, total: int) -> NoReturn:
+    """Raise the first failure; a :class:`DownloadError` among several says how many files were not
+    fetched and that the completed ones are kept."""
+    if failed > 1 and isinstance(first_error, DownloadError):
+        raise DownloadError(
+            f"{first_error} ({failed} of {total} files were not fetched; completed files are kept "
+            "and are not downloaded again on the next run)"
+        ) from first_error
+    raise first_error
 
 
 def sidecar(path: Path) -> Path:
