@@ -43,7 +43,7 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,31 @@ def fetch_urls(
         [],
         threading.Lock(),
     )
+    jobs = _url_jobs(urls, out_dir, src["checksums"])
+    done: dict[int, FetchedFile] = {}
+    todo: list[tuple[int, download.UrlJob]] = []
+    for i, job in enumerate(jobs):
+        reused = download.reuse(job, known)
+        if reused is not None:
+            done[i] = reused
+        else:
+            todo.append((i, job))
+    log.info("fetch: %d file(s) in %s, %d already present and verified", len(jobs), out_dir, len(done))
+    if todo:
+        done.update(_download_urls(todo, src, on_missing=absent.tolerate))
+    if not done:
+        raise DownloadError(
+            f"no date of source.start..source.end ({src['start']}..{src['end']}) has a file upstream "
+            f"(template {src['url']!r}); check source.url and the dates"
+        )
+    missing.extend(absent.records())
+    return [done[i] for i in range(len(jobs)) if i in done], "netcdf"
+
+
+def _url_jobs(urls: list[str], out_dir: Path, checksums: dict[str, str]) -> list[download.UrlJob]:
+    """One download job per URL, into ``out_dir`` under the URL's file name, with its expected
+    checksum from ``checksums`` (``source.checksums``; a WARNING names the files it lists that are not
+    fetched). :class:`ConfigError` when two URLs share a file name."""
     names: dict[str, str] = {}
     jobs = []
     for url in urls:
@@ -194,43 +219,36 @@ def fetch_urls(
                 "the file name (last path component) must differ between dates"
             )
         names[name] = url
-        jobs.append(download.UrlJob(url, out_dir / name, src["checksums"].get(name)))
-    unknown = sorted(set(src["checksums"]) - set(names))
+        jobs.append(download.UrlJob(url, out_dir / name, checksums.get(name)))
+    unknown = sorted(set(checksums) - set(names))
     if unknown:
         log.warning("source.checksums lists files that are not fetched: %s", ", ".join(unknown))
-    done: dict[int, FetchedFile] = {}
-    todo: list[tuple[int, download.UrlJob]] = []
-    for i, job in enumerate(jobs):
-        reused = download.reuse(job, known)
-        if reused is not None:
-            done[i] = reused
-        else:
-            todo.append((i, job))
-    log.info("fetch: %d file(s) in %s, %d already present and verified", len(jobs), out_dir, len(done))
-    if todo:
-        hint = (
-            f"check source.url (template {src['url']!r}) and the date range source.start..source.end "
-            f"({src['start']}..{src['end']})"
-        )
-        fetched = download.download_all(
-            [job for _, job in todo],
-            parallel=src["parallel"],
-            retries=src["retries"],
-            backoff_s=src["backoff_s"],
-            timeout_s=src["timeout_s"],
-            hint=hint,
-            on_missing=absent.tolerate,
-        )
-        for (i, _), f in zip(todo, fetched):
-            if f is not None:
-                done[i] = f
-    if not done:
-        raise DownloadError(
-            f"no date of source.start..source.end ({src['start']}..{src['end']}) has a file upstream "
-            f"(template {src['url']!r}); check source.url and the dates"
-        )
-    missing.extend(absent.records())
-    return [done[i] for i in range(len(jobs)) if i in done], "netcdf"
+    return jobs
+
+
+def _download_urls(
+    todo: list[tuple[int, download.UrlJob]],
+    src: dict[str, Any],
+    *,
+    on_missing: Callable[[download.UrlJob, download.MissingUpstreamError], None],
+) -> dict[int, FetchedFile]:
+    """Download the jobs of ``todo`` (``(index, job)``) as ``src`` (``source``) configures; the fetched
+    files by index. A job whose file does not exist upstream goes to ``on_missing``, which raises to
+    stop the fetch or returns to leave it out."""
+    hint = (
+        f"check source.url (template {src['url']!r}) and the date range source.start..source.end "
+        f"({src['start']}..{src['end']})"
+    )
+    fetched = download.download_all(
+        [job for _, job in todo],
+        parallel=src["parallel"],
+        retries=src["retries"],
+        backoff_s=src["backoff_s"],
+        timeout_s=src["timeout_s"],
+        hint=hint,
+        on_missing=on_missing,
+    )
+    return {i: f for (i, _), f in zip(todo, fetched) if f is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,36 +525,8 @@ def fetch_copernicus(
     src = cfg["source"]
     if not src["dataset_id"]:
         raise ConfigError("config key source.dataset_id: empty; kind copernicus needs a Copernicus Marine dataset id")
-    try:
-        import copernicusmarine
-    except ImportError as exc:
-        raise ConfigError(
-            "source.kind copernicus needs the optional copernicusmarine package: pip install '.[copernicus]' "
-            "(or pip install copernicusmarine)"
-        ) from exc
-    unset = [v for v in CREDENTIAL_VARIABLES if not os.environ.get(v)]
-    if unset:
-        raise ConfigError(
-            f"source.kind copernicus: environment variable(s) {', '.join(unset)} not set; export your "
-            "Copernicus Marine username and password in them (credentials are never read from the config)"
-        )
-    explicit = explicit_variables(cfg)
-    region = cfg.get("region", {})
-    kwargs: dict[str, Any] = {
-        "dataset_id": src["dataset_id"],
-        "username": os.environ[CREDENTIAL_VARIABLES[0]],
-        "password": os.environ[CREDENTIAL_VARIABLES[1]],
-        "start_datetime": f"{src['start']}T00:00:00",
-        "end_datetime": f"{src['end']}T23:59:59",
-    }
-    if explicit:
-        kwargs["variables"] = explicit
-    if region.get("lat") is not None:
-        kwargs["minimum_latitude"], kwargs["maximum_latitude"] = region["lat"][0] - 0.5, region["lat"][1] + 0.5
-    if region.get("lon") is not None:
-        lo, hi = (float(v) for v in hz.wrap_longitude(np.array(region["lon"], dtype=float), "-180..180"))
-        if lo <= hi:  # Copernicus Marine uses -180..180
-            kwargs["minimum_longitude"], kwargs["maximum_longitude"] = lo - 0.5, hi + 0.5
+    copernicusmarine = _copernicus_toolbox()
+    kwargs = _copernicus_request(cfg)
     try:
         ds = copernicusmarine.open_dataset(**kwargs)
     except Exception as exc:  # the toolbox raises many exception types (network, auth, catalogue)
@@ -561,6 +551,50 @@ def fetch_copernicus(
     return [
         FetchedFile(dest, f"copernicusmarine:{src['dataset_id']}", sha256_file(dest), dest.stat().st_size)
     ], "netcdf"
+
+
+def _copernicus_toolbox() -> Any:
+    """The ``copernicusmarine`` module, once the credentials are in the environment
+    (:data:`CREDENTIAL_VARIABLES`); else :class:`ConfigError` saying what to install or set."""
+    try:
+        import copernicusmarine
+    except ImportError as exc:
+        raise ConfigError(
+            "source.kind copernicus needs the optional copernicusmarine package: pip install '.[copernicus]' "
+            "(or pip install copernicusmarine)"
+        ) from exc
+    unset = [v for v in CREDENTIAL_VARIABLES if not os.environ.get(v)]
+    if unset:
+        raise ConfigError(
+            f"source.kind copernicus: environment variable(s) {', '.join(unset)} not set; export your "
+            "Copernicus Marine username and password in them (credentials are never read from the config)"
+        )
+    return copernicusmarine
+
+
+def _copernicus_request(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``copernicusmarine.open_dataset``: the dataset, the credentials, the period
+    (whole days), the explicit variables, and the region widened by 0.5 degree (longitudes in
+    -180..180; none when the region crosses the antimeridian there)."""
+    src = cfg["source"]
+    explicit = explicit_variables(cfg)
+    region = cfg.get("region", {})
+    kwargs: dict[str, Any] = {
+        "dataset_id": src["dataset_id"],
+        "username": os.environ[CREDENTIAL_VARIABLES[0]],
+        "password": os.environ[CREDENTIAL_VARIABLES[1]],
+        "start_datetime": f"{src['start']}T00:00:00",
+        "end_datetime": f"{src['end']}T23:59:59",
+    }
+    if explicit:
+        kwargs["variables"] = explicit
+    if region.get("lat") is not None:
+        kwargs["minimum_latitude"], kwargs["maximum_latitude"] = region["lat"][0] - 0.5, region["lat"][1] + 0.5
+    if region.get("lon") is not None:
+        lo, hi = (float(v) for v in hz.wrap_longitude(np.array(region["lon"], dtype=float), "-180..180"))
+        if lo <= hi:  # Copernicus Marine uses -180..180
+            kwargs["minimum_longitude"], kwargs["maximum_longitude"] = lo - 0.5, hi + 0.5
+    return kwargs
 
 
 # --------------------------------------------------------------------------------------------------
