@@ -1,8 +1,9 @@
 """Reruns you can trust, with the real Snakemake on a tiny complete pipeline.
 
-- For every key of the configuration schema: after a complete run, changing that key alone makes
-  `snakemake --dry-run` plan exactly the steps its x-steps annotation names, and those downstream
-  of them (tests/support/plan.py); a runtime key plans nothing.
+- After a complete run, changing one key makes `snakemake --dry-run` plan exactly the steps its
+  x-steps annotation names, and those downstream of them (tests/support/plan.py); a runtime key
+  plans nothing. Run for every path key and one key of each kind of plan; every key's rule params
+  are checked in tests/unit/test_workflow.py.
 - A changed learning rate trains a new model, recorded in a new MLflow run with the new rate.
 - Fixing the input data after a complete run retrains from scratch, and the result equals a run
   on the fixed data in another directory, bit for bit (windows store, weights, metrics.csv).
@@ -29,131 +30,11 @@ from conv2dlstm.config import keys
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.fsutil import sha256_tree
+from tests.support.changes import CHANGES, REFUSED, RUN_CHANGES, SWEEP_CHANGES, TINY, merge, tiny
 from tests.support.plan import steps_planned_by
-from tests.support.workflow import REPO, copy_workflow, job_env, run_snakemake
+from tests.support.workflow import copy_workflow, job_env, run_snakemake
 
 pytestmark = pytest.mark.e2e
-
-TINY = REPO / "tests/configs/tiny.yaml"
-
-# One changed value per schema key (a mapping merged over the tiny config). A key that needs a
-# companion change to stay valid carries it; the expectation is the key's own.
-CHANGES: dict[str, dict] = {
-    "experiment": {"experiment": "another"},
-    "name": {"name": "other"},
-    "outdir": {"outdir": "results2"},
-    "resources_dir": {"resources_dir": "resources2"},
-    "synthetic.kind": {"synthetic": {"kind": "cmems_bgc"}},
-    "synthetic.start": {"synthetic": {"start": "2019-01-02"}},
-    "synthetic.end": {"synthetic": {"end": "2019-06-29"}},
-    "synthetic.lat": {"synthetic": {"lat": [30.375, 34.875]}},
-    "synthetic.lon": {"synthetic": {"lon": [290.375, 294.875]}},
-    "synthetic.resolution": {"synthetic": {"resolution": 0.5}},
-    "synthetic.seed": {"synthetic": {"seed": 1}},
-    "source.kind": {"source": {"kind": "files"}},
-    "source.url": {
-        "source": {"url": "file:./resources/synthetic/oisst/{date:%Y%m}/oisst-avhrr-v02r01.{date:%Y%m%d}.nc"}
-    },
-    "source.start": {"source": {"start": "2019-01-02"}},
-    "source.end": {"source": {"end": "2019-06-29"}},
-    "source.frequency": {"source": {"frequency": "1D"}},
-    "source.paths": {"source": {"paths": ["elsewhere/*.nc"]}},
-    "source.store": {"source": {"store": "elsewhere.zarr"}},
-    "source.dataset_id": {"source": {"dataset_id": "cmems_mod_glo_bgc"}},
-    "source.checksums": {"source": {"checksums": {"oisst-avhrr-v02r01.20190101.nc": "0" * 64}}},
-    "source.max_missing": {"source": {"max_missing": 2}},
-    "source.parallel": {"source": {"parallel": 2}},
-    "source.retries": {"source": {"retries": 5}},
-    "source.backoff_s": {"source": {"backoff_s": 2.0}},
-    "source.timeout_s": {"source": {"timeout_s": 10}},
-    "harmonize.level": {"harmonize": {"level": 1}},
-    "harmonize.lon_convention": {
-        "harmonize": {"lon_convention": "0..360"},
-        "grid": {"lon": {"start": 290.5, "stop": 294.5, "step": 1.0}},
-    },
-    "harmonize.rename": {"harmonize": {"rename": {"analysed_sst": "sst"}}},
-    "harmonize.duplicates": {"harmonize": {"duplicates": "first"}},
-    "harmonize.units": {"harmonize": {"units": {"sst": {"max": 35.0}}}},
-    "region.lat": {"region": {"lat": [30.0, 35.0]}},
-    "region.lon": {"region": {"lon": [-70.0, -65.0]}},
-    "grid.method": {"grid": {"method": "linear"}},
-    "grid.lat": {"grid": {"lat": {"start": 30.5, "stop": 33.5, "step": 1.0}}},
-    "grid.lon": {"grid": {"lon": {"start": -69.5, "stop": -66.5, "step": 1.0}}},
-    "grid.min_ocean_fraction": {"grid": {"min_ocean_fraction": 0.6}},
-    "variables.inputs": {"variables": {"inputs": ["sst", "sss"]}},
-    "variables.targets": {"variables": {"targets": ["sss"]}},
-    "variables.nonnegative": {"variables": {"nonnegative": ["sst"]}},
-    "splits.train": {"splits": {"train": {"start": "2019-01-02", "end": "2019-04-15"}}},
-    "splits.val": {"splits": {"val": {"start": "2019-04-16", "end": "2019-05-19"}}},
-    "splits.test": {"splits": {"test": {"start": "2019-05-21", "end": "2019-06-29"}}},
-    "normalize.per_pixel": {"normalize": {"per_pixel": True}},
-    "normalize.climatology_window": {"normalize": {"climatology_window": 15}},
-    "windows.input_steps": {"windows": {"input_steps": 4}},
-    "windows.lead_steps": {"windows": {"lead_steps": 2}},
-    "windows.stride": {"windows": {"stride": 2}},
-    "windows.time_chunk": {"windows": {"time_chunk": 16}},
-    "dask.scheduler_address": {"dask": {"scheduler_address": "tcp://127.0.0.1:9"}},
-    "model.name": {"model": {"name": "conv2d_lstm", "conv2d_lstm": {"filters": [8]}}},  # one block fits 5x5
-    "model.conv2d_lstm.filters": {"model": {"conv2d_lstm": {"filters": [8]}}},
-    "model.conv2d_lstm.kernel_size": {"model": {"conv2d_lstm": {"kernel_size": 5}}},
-    "model.conv2d_lstm.lstm_units": {"model": {"conv2d_lstm": {"lstm_units": 8}}},
-    "model.conv2d_lstm.dense_units": {"model": {"conv2d_lstm": {"dense_units": 8}}},
-    "model.conv2d_lstm.max_parameters": {"model": {"conv2d_lstm": {"max_parameters": 1000000}}},
-    "model.convlstm.hidden_channels": {"model": {"convlstm": {"hidden_channels": [2]}}},
-    "model.convlstm.kernel_size": {"model": {"convlstm": {"kernel_size": 5}}},
-    "train.epochs": {"train": {"epochs": 3}},
-    "train.batch_size": {"train": {"batch_size": 4}},
-    "train.learning_rate": {"train": {"learning_rate": 0.0005}},
-    "train.weight_decay": {"train": {"weight_decay": 0.001}},
-    "train.lr_schedule": {"train": {"lr_schedule": "constant"}},
-    "train.grad_clip": {"train": {"grad_clip": 0.5}},
-    "train.patience": {"train": {"patience": 2}},
-    "train.seed": {"train": {"seed": 1}},
-    "train.device": {"train": {"device": "cpu"}},
-    "train.bf16": {"train": {"bf16": False}},
-    "train.compile": {"train": {"compile": True}},
-    "train.latitude_weighted_loss": {"train": {"latitude_weighted_loss": True}},
-    "train.num_workers": {"train": {"num_workers": 1}},
-    "train.data_on_device": {"train": {"data_on_device": "never"}},
-    "train.gpus": {"train": {"gpus": 2}},
-    "train.max_batches_per_epoch": {"train": {"max_batches_per_epoch": 2}},
-    "mlflow.tracking_uri": {"mlflow": {"tracking_uri": "sqlite:///other.db"}},
-    "mlflow.log_model": {"mlflow": {"log_model": True}},
-    "evaluate.plot_date": {"evaluate": {"plot_date": "2019-05-25"}},
-    "evaluate.batch_size": {"evaluate": {"batch_size": 4}},
-}
-
-# Keys whose change alone validation refuses under the tiny config (kind url); the refusal names the key.
-REFUSED: dict[str, dict] = {
-    "source.variables": {"source": {"variables": ["sst"]}},  # read by kinds zarr and copernicus only
-}
-
-# Run entries, which override model and train keys per run (the tiny config has one implicit run,
-# named after model.name): (runs, steps planned).
-RUN_CHANGES = {
-    "same run, listed": ([{"name": "convlstm"}], set()),
-    "runtime override": ([{"name": "convlstm", "train": {"num_workers": 1, "device": "cpu"}}], set()),
-    "inactive architecture": ([{"name": "convlstm", "model": {"conv2d_lstm": {"filters": [8]}}}], set()),
-    "result override": ([{"name": "convlstm", "train": {"epochs": 3}}], {"train", "evaluate", "compare"}),
-    "second run": ([{"name": "convlstm"}, {"name": "b", "train": {"seed": 1}}], {"train", "evaluate", "compare"}),
-}
-
-# The sweep grid, which validation expands into runs entries named from their values: (sweep, steps planned).
-SWEEP_CHANGES = {
-    "one point, the run itself": ({"model.name": ["convlstm"]}, set()),
-    "two learning rates": ({"train.learning_rate": [0.003, 0.001]}, {"train", "evaluate", "compare"}),
-}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
-    return out
-
-
-def _tiny() -> dict:
-    return yaml.safe_load(TINY.read_text())
 
 
 def _dry_run(wf: Path, configfile: Path) -> str:
@@ -187,19 +68,27 @@ def _planned(wf: Path, configfile: Path) -> set[str]:
     return rules - {"all"}
 
 
-def test_every_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
+def test_every_kind_of_key_plans_exactly_its_steps(tiny_run: Path, tmp_path: Path):
+    """The real Snakemake plans what the annotations say, for every path key and for one key of each
+    kind of plan (the keys whose change must plan the same steps); that every other key's change
+    changes exactly its steps' rule params, which is all Snakemake reads, is
+    tests/unit/test_workflow.py::test_every_key_changes_exactly_its_steps_params."""
     specs = {s.name: s for s in keys.key_specs()}
     assert set(CHANGES) | set(REFUSED) == set(specs), "every schema key needs a row in CHANGES or REFUSED"
     for name, change in REFUSED.items():
         with pytest.raises(ConfigError, match=f"config key {name}:"):
-            validate_config(_merge(_tiny(), change))
-    base = _tiny()
-    cases = []
+            validate_config(merge(tiny(), change))
+    base = tiny()
+    cases, kinds = [], set()
     for name, change in CHANGES.items():
-        changed = _merge(base, change)
+        changed = merge(base, change)
         assert keys.get(validate_config(changed), name) != keys.get(validate_config(base), name), name
         expected = steps_planned_by(specs[name], validate_config(base))
-        cases.append((name, changed, expected))
+        kind = frozenset(expected)
+        if specs[name].output_path or kind not in kinds:
+            kinds.add(kind)
+            cases.append((name, changed, expected))
+    assert len(cases) >= 10, [name for name, _, _ in cases]
     for label, (runs, expected) in RUN_CHANGES.items():
         cases.append((f"runs: {label}", {**base, "runs": runs}, expected))
     for label, (sweep, expected) in SWEEP_CHANGES.items():
@@ -223,7 +112,7 @@ def test_dry_run_reason_is_the_changed_value(tiny_run: Path, tmp_path: Path):
     """`snakemake -n` says why a step reruns in one line: the changed key, old and new value (one
     rule param per key, conv2dlstm.config.workflow.determines_params), not the step's whole configuration."""
     changed = tmp_path / "epochs.yaml"
-    changed.write_text(yaml.safe_dump(_merge(_tiny(), {"train": {"epochs": 3}})))
+    changed.write_text(yaml.safe_dump(merge(tiny(), {"train": {"epochs": 3}})))
     out = _dry_run(tiny_run, changed)
     reasons = [line.strip() for line in out.splitlines() if "reason: Params have changed" in line]
     assert reasons == [
@@ -265,7 +154,7 @@ def test_changed_learning_rate_trains_a_new_model_in_a_new_mlflow_run(tiny_run: 
     shutil.copytree(tiny_run, wf, symlinks=True)
     old_model = wf / "old-model.pt"
     shutil.copy(wf / "results/train/convlstm/model.pt", old_model)
-    (wf / "lr.yaml").write_text(yaml.safe_dump(_merge(_tiny(), {"train": {"learning_rate": 0.0005}})))
+    (wf / "lr.yaml").write_text(yaml.safe_dump(merge(tiny(), {"train": {"learning_rate": 0.0005}})))
     proc = run_snakemake(wf, "--cores", "2", "--configfile", "lr.yaml")
     out = proc.stdout + proc.stderr
     for rule in ("synth", "fetch", "regrid", "normalize", "windows"):

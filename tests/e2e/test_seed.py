@@ -11,8 +11,8 @@ import pytest
 import xarray as xr
 
 from conv2dlstm.artifacts.windows_store import WindowsStore
-from tests.support.workflow import copy_workflow, run_snakemake
 from tests.e2e.test_quickstart import model_beats_baselines
+from tests.support.workflow import copy_workflow, run_snakemake
 
 pytestmark = pytest.mark.e2e
 

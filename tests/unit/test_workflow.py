@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conv2dlstm.config.workflow import export_package_path
+from tests.support.changes import CHANGES, merge, tiny
 from tests.support.workflow import job_env
 
 
@@ -155,3 +156,31 @@ def test_params_reason_names_only_the_changed_keys():
     fetch = _snakemake_params(validate_config({}), "fetch")
     files = _snakemake_params(validate_config({"source": {"kind": "files", "paths": ["a.nc"]}}), "fetch")
     assert files - fetch == {"""'source.kind="files"'""", """'source.paths=["a.nc"]'"""}
+
+
+@pytest.mark.parametrize("name", sorted(CHANGES))
+def test_every_key_changes_exactly_its_steps_params(name: str) -> None:
+    """Changing one key changes the rule params (Snakemake's rerun trigger) of exactly the steps it
+    determines (its x-steps annotation), for every job of those steps; path keys name outputs
+    instead and change no params. The real Snakemake's plan for each kind of key is
+    tests/e2e/test_rerun.py."""
+    from conv2dlstm.config import keys
+    from conv2dlstm.config.runs import run_names
+    from conv2dlstm.config.validate import validate_config
+
+    spec = {s.name: s for s in keys.key_specs()}[name]
+    before = validate_config(tiny())
+    after = validate_config(merge(tiny(), CHANGES[name]))
+    common_runs = sorted(set(run_names(before)) & set(run_names(after)))
+    changed = set()
+    for step in keys.STEPS:
+        for run in common_runs if step in keys.RUN_STEPS else [None]:
+            if _snakemake_params(before, step, run=run) != _snakemake_params(after, step, run=run):
+                changed.add(step)
+    expected = set() if spec.output_path else {s for s in keys.STEPS if spec.determines(s, before)}
+    if before["synthetic"]["kind"] == "none":
+        expected.discard("synth")
+    if set(run_names(before)) != set(run_names(after)):  # a new run name (model.name): new train jobs
+        assert changed <= expected and expected <= changed | set(keys.RUN_STEPS), (name, changed, expected)
+    else:
+        assert changed == expected, (name, sorted(changed), sorted(expected))
