@@ -127,51 +127,87 @@ def markdown_tables(cfg: dict[str, Any], runs: list[RunResults]) -> str:
     if not runs:
         raise DataError("no evaluated run to tabulate")
     first = runs[0]
-    base = first.metrics
     lines = [
         f"Test period {cfg['splits']['test']['start']}..{cfg['splits']['test']['end']}: "
         f"{first.initial_times} initial times ({first.first_time}..{first.last_time}), area-weighted RMSE over "
         "ocean cells in physical units; skill `1 − RMSE/RMSE(baseline)` with its 95% block-bootstrap interval.",
     ]
-
-    def row(label: str, cells: list[str]) -> None:
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-
     for variable in cfg["variables"]["targets"]:
-        leads = list(_values(base, first.model, variable, "rmse").index)
-        if not leads:
-            raise DataError(f"{first.evaluate_dir / 'metrics.csv'} has no RMSE of {variable!r}")
-        header = f"| {variable}{_units(cfg, variable)}, lead ({first.lead_unit}) | " + " | ".join(map(str, leads))
-        lines += ["", header + " |", "| --- |" + " --- |" * len(leads)]
+        lines += _table(cfg, runs, variable)
+    return "\n".join(lines)
 
-        for run in runs:
-            rmse = _values(run.metrics, run.model, variable, "rmse")
-            label = run.name if run.name == run.model else f"{run.name} ({run.model})"
-            row(f"**{label}**", [f"**{_num(rmse.get(k, float('nan')))}**" for k in leads])
+
+def _row(label: str, cells: list[str]) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _table(cfg: dict[str, Any], runs: list[RunResults], variable: str) -> list[str]:
+    """The lines of the table of target ``variable``, after a blank line: its header (the leads of the
+    first run), then the rows of :func:`_rmse_rows`, :func:`_skill_rows` and :func:`_acc_rows`. The
+    baselines' rows are those of the first run's ``metrics.csv``."""
+    first = runs[0]
+    leads = list(_values(first.metrics, first.model, variable, "rmse").index)
+    if not leads:
+        raise DataError(f"{first.evaluate_dir / 'metrics.csv'} has no RMSE of {variable!r}")
+    header = f"| {variable}{_units(cfg, variable)}, lead ({first.lead_unit}) | " + " | ".join(map(str, leads))
+    return [
+        "",
+        header + " |",
+        "| --- |" + " --- |" * len(leads),
+        *_rmse_rows(runs, variable, leads),
+        *_skill_rows(runs, variable, leads),
+        *_acc_rows(runs, variable, leads),
+    ]
+
+
+def _rmse_rows(runs: list[RunResults], variable: str, leads: list[Any]) -> list[str]:
+    """RMSE per lead of every run (bold) and every baseline (damped persistence with its ρ per lead)."""
+    base = runs[0].metrics
+    rows = []
+    for run in runs:
+        rmse = _values(run.metrics, run.model, variable, "rmse")
+        label = run.name if run.name == run.model else f"{run.name} ({run.model})"
+        rows.append(_row(f"**{label}**", [f"**{_num(rmse.get(k, float('nan')))}**" for k in leads]))
+    for baseline in BASELINE_NAMES:
+        rmse = _values(base, baseline, variable, "rmse")
+        label = _LABELS[baseline]
+        if baseline == "damped_persistence":
+            rho = _values(base, baseline, variable, "rho")
+            if not rho.empty:
+                label += " (ρ = " + ", ".join(_num(float(rho.get(k, float("nan"))), 2) for k in leads) + ")"
+        rows.append(_row(label, [_num(float(rmse.get(k, float("nan")))) for k in leads]))
+    return rows
+
+
+def _skill_rows(runs: list[RunResults], variable: str, leads: list[Any]) -> list[str]:
+    """Skill per lead with its 95% interval: of every run against each baseline, then of each other
+    baseline against persistence (where ``metrics.csv`` has it)."""
+    base = runs[0].metrics
+    rows = []
+    for run in runs:
         for baseline in BASELINE_NAMES:
-            rmse = _values(base, baseline, variable, "rmse")
-            label = _LABELS[baseline]
-            if baseline == "damped_persistence":
-                rho = _values(base, baseline, variable, "rho")
-                if not rho.empty:
-                    label += " (ρ = " + ", ".join(_num(float(rho.get(k, float("nan"))), 2) for k in leads) + ")"
-            row(label, [_num(float(rmse.get(k, float("nan")))) for k in leads])
-        for run in runs:
-            for baseline in BASELINE_NAMES:
-                cells = [_skill(run.metrics, run.model, variable, baseline, k) for k in leads]
-                row(f"{run.name}: skill vs {_LABELS[baseline]} [95%]", cells)
-        for baseline in BASELINE_NAMES[1:]:  # is a baseline itself better than persistence?
-            if not _values(base, baseline, variable, f"skill_vs_{BASELINE_NAMES[0]}").empty:
-                cells = [_skill(base, baseline, variable, BASELINE_NAMES[0], k, digits=3) for k in leads]
-                row(f"{_LABELS[baseline]}: skill vs {_LABELS[BASELINE_NAMES[0]]} [95%]", cells)
-        for run in runs:
-            acc = _values(run.metrics, run.model, variable, "acc")
-            ref = _values(base, "persistence", variable, "acc")
-            row(
+            cells = [_skill(run.metrics, run.model, variable, baseline, k) for k in leads]
+            rows.append(_row(f"{run.name}: skill vs {_LABELS[baseline]} [95%]", cells))
+    for baseline in BASELINE_NAMES[1:]:  # is a baseline itself better than persistence?
+        if not _values(base, baseline, variable, f"skill_vs_{BASELINE_NAMES[0]}").empty:
+            cells = [_skill(base, baseline, variable, BASELINE_NAMES[0], k, digits=3) for k in leads]
+            rows.append(_row(f"{_LABELS[baseline]}: skill vs {_LABELS[BASELINE_NAMES[0]]} [95%]", cells))
+    return rows
+
+
+def _acc_rows(runs: list[RunResults], variable: str, leads: list[Any]) -> list[str]:
+    """ACC per lead of every run, next to persistence's."""
+    ref = _values(runs[0].metrics, "persistence", variable, "acc")
+    rows = []
+    for run in runs:
+        acc = _values(run.metrics, run.model, variable, "acc")
+        rows.append(
+            _row(
                 f"ACC {run.name} / persistence",
                 [f"{_num(float(acc.get(k, float('nan'))))} / {_num(float(ref.get(k, float('nan'))))}" for k in leads],
             )
-    return "\n".join(lines)
+        )
+    return rows
 
 
 def _markers(key: str) -> tuple[str, str]:
