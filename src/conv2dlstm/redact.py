@@ -30,8 +30,9 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 REDACTED = "***"
-SECRET_NAMES = frozenset({"key", "sig", "pass", "pwd", "auth", "authorization", "jwt"})
-"""Query parameter names that are secrets as a whole (compared lower-cased)."""
+SECRET_NAMES = frozenset({"key", "sig", "pass", "pwd", "auth", "authorization", "jwt", "code"})
+"""Query parameter names that are secrets as a whole (compared lower-cased; ``code``: OAuth
+authorization codes and Azure Functions keys)."""
 SECRET_NAME_PARTS = (
     "token",
     "secret",

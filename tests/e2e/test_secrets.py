@@ -169,6 +169,7 @@ def fetch_cfg(url: str, **source: object) -> dict:
             "https://h/a.nc?sig=ab&api_key=cd&subscription-key=ef&keyword=sst",
             "https://h/a.nc?sig=***&api_key=***&subscription-key=***&keyword=sst",
         ),
+        ("https://h/api/a.nc?code=ab12&region=eu", "https://h/api/a.nc?code=***&region=eu"),
         ("https://h/a.nc?token=$MY_TOKEN", "https://h/a.nc?token=$MY_TOKEN"),
         ("error: https://h/a.nc?token=$MY_TOKEN: failed", "error: https://h/a.nc?token=$MY_TOKEN: failed"),
         ("error: https://h/a.nc?token=abc: failed", "error: https://h/a.nc?token=***: failed"),

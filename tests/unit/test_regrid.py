@@ -60,6 +60,9 @@ def test_target_grid_from_config() -> None:
     assert fine.sizes["lon"] == 8  # 0.7 reached despite floating-point steps
     with pytest.raises(ConfigError, match=r"grid\.lat.*at least 2 cells"):
         regridding.target_grid({"lat": {"start": 1, "stop": 1, "step": 1}, "lon": {"start": 0, "stop": 5, "step": 1}})
+    # the configuration alone decides it: refused when it is parsed, before any job
+    with pytest.raises(ConfigError, match=r"config key grid\.lon: start 0, stop 0.5, step 1 give 1 cell"):
+        validate_config({"grid": {"lon": {"start": 0, "stop": 0.5, "step": 1}}})
 
 
 def test_conservative_by_hand_with_cos_lat_weights() -> None:

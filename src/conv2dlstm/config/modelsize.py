@@ -28,6 +28,18 @@ def axis_cells(start: float, stop: float, step: float) -> int:
     return int(math.floor((float(stop) - float(start)) / float(step) + AXIS_TOLERANCE)) + 1
 
 
+def axis_problem(axis: str, ax: Mapping[str, Any]) -> str | None:
+    """Why config ``grid.<axis>`` (``start``, ``stop``, ``step``) cannot be an axis of the target grid
+    (fewer than 2 cells), or None."""
+    cells = axis_cells(ax["start"], ax["stop"], ax["step"])
+    if cells >= 2:
+        return None
+    return (
+        f"config key grid.{axis}: start {ax['start']}, stop {ax['stop']}, step {ax['step']} give {cells} cell; "
+        "the target grid needs at least 2 cells per axis (widen start..stop)"
+    )
+
+
 def grid_shape(grid_cfg: Mapping[str, Any]) -> tuple[int, int]:
     """``(height, width)``: the lat and lon cell counts of config section ``grid``."""
     lat, lon = grid_cfg["lat"], grid_cfg["lon"]

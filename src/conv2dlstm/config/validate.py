@@ -34,6 +34,7 @@ import jsonschema
 import yaml
 
 from conv2dlstm.config.modelsize import (
+    axis_problem,
     conv2d_lstm_grid_problem,
     conv2d_lstm_parameter_count,
     conv2d_lstm_size_problem,
@@ -179,6 +180,9 @@ def _check_grid(cfg: dict[str, Any], given: set[str]) -> None:
         ax = cfg["grid"][axis]
         if ax["stop"] < ax["start"]:
             raise ConfigError(f"config key grid.{axis}: stop {ax['stop']} is below start {ax['start']}")
+        problem = axis_problem(axis, ax)
+        if problem:
+            raise ConfigError(problem)
     lon = cfg["grid"]["lon"]
     convention = cfg["harmonize"]["lon_convention"]
     lo, hi = (-180.0, 180.0) if convention == "-180..180" else (0.0, 360.0)

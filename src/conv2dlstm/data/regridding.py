@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 
 from conv2dlstm.artifacts import regridded
+from conv2dlstm.config.modelsize import axis_problem
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import ConfigError, DataError
 
@@ -55,11 +56,9 @@ def target_grid(grid_cfg: Mapping[str, Any]) -> xr.Dataset:
     for axis, units, name in (("lat", "degrees_north", "latitude"), ("lon", "degrees_east", "longitude")):
         ax = grid_cfg[axis]
         centres = axis_centres(float(ax["start"]), float(ax["stop"]), float(ax["step"]))
-        if centres.size < 2:
-            raise ConfigError(
-                f"config key grid.{axis}: start {ax['start']}, stop {ax['stop']}, step {ax['step']} give "
-                f"{centres.size} cell; the target grid needs at least 2 cells per axis (widen start..stop)"
-            )
+        problem = axis_problem(axis, ax)
+        if problem:
+            raise ConfigError(problem)
         if axis == "lat" and (centres[0] - ax["step"] / 2 < -90 or centres[-1] + ax["step"] / 2 > 90):
             raise ConfigError(f"config key grid.lat: cells {centres[0]}..{centres[-1]} +- step/2 leave -90..90")
         half = float(ax["step"]) / 2
