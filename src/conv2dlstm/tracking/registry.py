@@ -199,16 +199,38 @@ def register_champion(
     if exp is None:
         log.warning("experiment %r is not in %s; no model registered", experiment, uri)
         return None
+    wanted = set(current)
+    with_model = _runs_with_model(client, exp.experiment_id, windows, wanted, experiment=experiment)
+    if not with_model:
+        log.warning("no finished run of experiment %r logged a model; nothing registered", experiment)
+        return None
+    name = experiment
+    best, model = with_model[0]
+    version = _point_champion(client, name, best, model)
+    challengers = [(r, m) for r, m in with_model if r.info.run_id in wanted]
+    if challengers and challengers[0][0].info.run_id != best.info.run_id:
+        _point_challenger(client, name, challengers[0], best=best, champion=version)
+    _describe(client, name, experiment)
+    return Champion(
+        name, version, best.info.run_id, _run_label(best), best.data.metrics[SELECT_METRIC], model.model_uri
+    )
+
+
+def _runs_with_model(
+    client: Any, experiment_id: str, windows: set[str] | None, wanted: set[str], *, experiment: str
+) -> list[tuple[Any, Any]]:
+    """``(run, logged model)`` of the candidates of experiment ``experiment_id`` (:func:`candidates`) that
+    logged a model, best first: the champion, then further runs only until the best of ``wanted`` (run
+    ids) is among them. A WARNING names the runs better than the champion that logged no model."""
     with_model: list[tuple[Any, Any]] = []
     skipped: list[str] = []
-    wanted = set(current)
-    for run in candidates(client, exp.experiment_id, windows):
+    for run in candidates(client, experiment_id, windows):
         if with_model:  # the champion is found; only the best run of `current` is still looked for
             if not wanted or any(r.info.run_id in wanted for r, _ in with_model):
                 break
             if run.info.run_id not in wanted:
                 continue
-        model = tracking.logged_model(client, exp.experiment_id, run.info.run_id, MODEL_NAME)
+        model = tracking.logged_model(client, experiment_id, run.info.run_id, MODEL_NAME)
         if model is not None:
             with_model.append((run, model))
         elif not with_model:
@@ -221,11 +243,12 @@ def register_champion(
             experiment,
             SELECT_METRIC,
         )
-    if not with_model:
-        log.warning("no finished run of experiment %r logged a model; nothing registered", experiment)
-        return None
-    name = experiment
-    best, model = with_model[0]
+    return with_model
+
+
+def _point_champion(client: Any, name: str, best: Any, model: Any) -> str:
+    """Point ``models:/<name>@champion`` at the version of run ``best``'s ``model``, logging a change;
+    returns that version."""
     version, previous = _point_alias(client, name, CHAMPION_ALIAS, best, model)
     if previous != version:
         log.info(
@@ -238,29 +261,37 @@ def register_champion(
             best.data.metrics[SELECT_METRIC],
             f", was version {previous}" if previous is not None else "",
         )
-    challengers = [(r, m) for r, m in with_model if r.info.run_id in wanted]
-    if challengers and challengers[0][0].info.run_id != best.info.run_id:
-        run, challenger_model = challengers[0]
-        challenger, _ = _point_alias(client, name, CHALLENGER_ALIAS, run, challenger_model)
-        log.warning(
-            "run %s (MLflow run %s, %s %.6g) does not beat the champion, run %s (MLflow run %s%s, %s %.6g): "
-            "models:/%s@%s stays version %s; the new run is models:/%s@%s (version %s)",
-            _run_label(run),
-            run.info.run_id,
-            SELECT_METRIC,
-            run.data.metrics[SELECT_METRIC],
-            _run_label(best),
-            best.info.run_id,
-            ", superseded" if best.data.tags.get("superseded") == "true" else "",
-            SELECT_METRIC,
-            best.data.metrics[SELECT_METRIC],
-            name,
-            CHAMPION_ALIAS,
-            version,
-            name,
-            CHALLENGER_ALIAS,
-            challenger,
-        )
+    return version
+
+
+def _point_challenger(client: Any, name: str, challenger: tuple[Any, Any], *, best: Any, champion: str) -> None:
+    """Point ``models:/<name>@challenger`` at the version of ``challenger`` (``(run, logged model)``),
+    with a WARNING that it does not beat the champion, run ``best`` (version ``champion``)."""
+    run, challenger_model = challenger
+    version, _ = _point_alias(client, name, CHALLENGER_ALIAS, run, challenger_model)
+    log.warning(
+        "run %s (MLflow run %s, %s %.6g) does not beat the champion, run %s (MLflow run %s%s, %s %.6g): "
+        "models:/%s@%s stays version %s; the new run is models:/%s@%s (version %s)",
+        _run_label(run),
+        run.info.run_id,
+        SELECT_METRIC,
+        run.data.metrics[SELECT_METRIC],
+        _run_label(best),
+        best.info.run_id,
+        ", superseded" if best.data.tags.get("superseded") == "true" else "",
+        SELECT_METRIC,
+        best.data.metrics[SELECT_METRIC],
+        name,
+        CHAMPION_ALIAS,
+        champion,
+        name,
+        CHALLENGER_ALIAS,
+        version,
+    )
+
+
+def _describe(client: Any, name: str, experiment: str) -> None:
+    """Give the registered model ``name`` its description, unless it has one."""
     registered = tracking.retry("reading the registered model", lambda: client.get_registered_model(name))
     if not registered.description:
         tracking.retry(
@@ -276,9 +307,6 @@ def register_champion(
                 ),
             ),
         )
-    return Champion(
-        name, version, best.info.run_id, _run_label(best), best.data.metrics[SELECT_METRIC], model.model_uri
-    )
 
 
 def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | None:
