@@ -215,41 +215,51 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        base = uri.rstrip("/")
-        try:
-            status = _probe_http(f"{base}/health", timeout_s)
-            if not 200 <= status < 300:
-                status = _probe_http(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
-        except (OSError, ValueError) as exc:  # refused, unresolvable, timed out
-            raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); {_FIX}"
-            ) from exc
-        if not 200 <= status < 300:
-            raise TrackingError(
-                f"MLflow tracking server {uri} answered HTTP {status} to /health and the REST API; {_FIX}"
-            )
+        _check_server(uri, timeout_s)
         return
     path = local_store_path(uri)
     if path is None:
         return
     if parsed.scheme == "sqlite":
-        if path.is_dir():
-            raise TrackingError(f"MLflow tracking store {uri}: {path} is a directory, not a database file; {_FIX}")
-        _check_writable_dir(path.parent if str(path.parent) else Path("."), uri)
-        if path.exists() and not os.access(path, os.W_OK):
-            raise TrackingError(f"MLflow tracking store {uri}: database {path} is not writable; {_FIX}")
-        if path.exists():
-            try:
-                with open(path, "ab"):
-                    pass
-            except OSError as exc:
-                raise TrackingError(
-                    f"MLflow tracking store {uri}: database {path} is not writable ({exc}); {_FIX}"
-                ) from exc
+        _check_database(path, uri)
     else:
         if path.exists() and not path.is_dir():
             raise TrackingError(f"MLflow tracking store {uri}: {path} is a file, not a directory; {_FIX}")
         _check_writable_dir(path, uri)
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    """:class:`TrackingError` unless the tracking server ``uri`` answers ``/health``, or else the REST
+    API, with a 2xx status within ``timeout_s``."""
+    base = uri.rstrip("/")
+    try:
+        status = _probe_http(f"{base}/health", timeout_s)
+        if not 200 <= status < 300:
+            status = _probe_http(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
+    except (OSError, ValueError) as exc:  # refused, unresolvable, timed out
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); {_FIX}"
+        ) from exc
+    if not 200 <= status < 300:
+        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {status} to /health and the REST API; {_FIX}")
+
+
+def _check_database(path: Path, uri: str) -> None:
+    """:class:`TrackingError` unless the sqlite database ``path`` of ``uri`` can be written: not a
+    directory, in a writable directory (made when missing), and writable itself when it exists."""
+    if path.is_dir():
+        raise TrackingError(f"MLflow tracking store {uri}: {path} is a directory, not a database file; {_FIX}")
+    _check_writable_dir(path.parent if str(path.parent) else Path("."), uri)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TrackingError(f"MLflow tracking store {uri}: database {path} is not writable; {_FIX}")
+    if path.exists():
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow tracking store {uri}: database {path} is not writable ({exc}); {_FIX}"
+            ) from exc
 
 
 def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
