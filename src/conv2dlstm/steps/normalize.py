@@ -130,38 +130,10 @@ def fit_stats(
             "data (grid.min_ocean_fraction, region, variables)"
         )
     train = training_slice(arr, train_start, train_end).astype(np.float64)
-    ocean = train.where(mask)
-
-    if per_pixel:
-        # Ocean cells are finite at every step; land is set to 0 (not NaN) so that no cell reduces an
-        # empty set, and gets neutral statistics below.
-        filled = train.where(mask, 0.0)
-        mean_l, std_l = filled.mean("time"), filled.std("time")  # (variable, lat, lon)
-        pooled_l = ocean.std(("time", "lat", "lon"))  # (variable,)
-    else:
-        mean_l = ocean.mean(("time", "lat", "lon"))  # (variable,)
-        std_l = pooled_l = ocean.std(("time", "lat", "lon"))
-    clim_l = train.groupby("time.dayofyear").mean("time")  # (dayofyear, variable, lat, lon)
-    mean, std, pooled, clim = dask.compute(mean_l, std_l, pooled_l, clim_l)
-
-    if per_pixel:
-        std = floor_std(std, pooled, mask)
-        mean = mean.where(mask, 0.0)
-        std = std.where(mask, 1.0)
-    if not bool(np.isfinite(mean).all()):
-        bad = [str(v) for v in mean["variable"].values if not np.isfinite(mean.sel(variable=v)).all()]
-        raise DataError(f"the training period {train_start}..{train_end} has no finite ocean value of {bad}")
-    small = ~(std > MIN_STD)
-    if bool(small.any()):
-        flat = small.any([d for d in small.dims if d != "variable"]) if small.ndim > 1 else small
-        names = [str(v) for v in flat["variable"].values[flat.values]]
-        log.warning("normalize: standard deviation 0 for %s (constant in the training period); using 1", names)
-        std = std.where(~small, 1.0)
-
-    full = np.full((DAYS, len(variables), ds.sizes["lat"], ds.sizes["lon"]), np.nan)
-    full[clim["dayofyear"].values - 1] = clim.transpose("dayofyear", "variable", "lat", "lon").values
-    smooth = circular_smooth(full, int(climatology_window))
-    smooth = np.where(mask.values[None, None], smooth, np.nan)
+    mean, std, clim = _moments(train, mask, per_pixel=per_pixel)
+    std = _checked_std(mean, std, train_start=train_start, train_end=train_end)
+    shape = (len(variables), ds.sizes["lat"], ds.sizes["lon"])
+    smooth = _smoothed_climatology(clim, mask, shape=shape, window=int(climatology_window))
 
     units = [str(ds[v].attrs.get("units", "unknown")) for v in variables]
     coords = {"variable": np.array(variables, dtype=object), "lat": ds["lat"], "lon": ds["lon"]}
@@ -189,6 +161,58 @@ def fit_stats(
     )
     out["mask"].attrs["long_name"] = "ocean: finite at every time of every variable"
     return out
+
+
+def _moments(
+    train: xr.DataArray, mask: xr.DataArray, *, per_pixel: bool
+) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Mean and std of the training data ``train`` ``(time, variable, lat, lon)`` over the ocean cells
+    of ``mask``, per variable or, with ``per_pixel``, per cell (std floored by :func:`floor_std`; land
+    0 and 1), and its day-of-year mean ``(dayofyear, variable, lat, lon)``; computed together."""
+    ocean = train.where(mask)
+    if per_pixel:
+        # Ocean cells are finite at every step; land is set to 0 (not NaN) so that no cell reduces an
+        # empty set, and gets neutral statistics below.
+        filled = train.where(mask, 0.0)
+        mean_l, std_l = filled.mean("time"), filled.std("time")  # (variable, lat, lon)
+        pooled_l = ocean.std(("time", "lat", "lon"))  # (variable,)
+    else:
+        mean_l = ocean.mean(("time", "lat", "lon"))  # (variable,)
+        std_l = pooled_l = ocean.std(("time", "lat", "lon"))
+    clim_l = train.groupby("time.dayofyear").mean("time")  # (dayofyear, variable, lat, lon)
+    mean, std, pooled, clim = dask.compute(mean_l, std_l, pooled_l, clim_l)
+
+    if per_pixel:
+        std = floor_std(std, pooled, mask)
+        mean = mean.where(mask, 0.0)
+        std = std.where(mask, 1.0)
+    return mean, std, clim
+
+
+def _checked_std(mean: xr.DataArray, std: xr.DataArray, *, train_start: str, train_end: str) -> xr.DataArray:
+    """``std`` with 1 where it is not above :data:`MIN_STD` (a WARNING names those variables), once
+    every value of ``mean`` is finite (else :class:`DataError`)."""
+    if not bool(np.isfinite(mean).all()):
+        bad = [str(v) for v in mean["variable"].values if not np.isfinite(mean.sel(variable=v)).all()]
+        raise DataError(f"the training period {train_start}..{train_end} has no finite ocean value of {bad}")
+    small = ~(std > MIN_STD)
+    if bool(small.any()):
+        flat = small.any([d for d in small.dims if d != "variable"]) if small.ndim > 1 else small
+        names = [str(v) for v in flat["variable"].values[flat.values]]
+        log.warning("normalize: standard deviation 0 for %s (constant in the training period); using 1", names)
+        std = std.where(~small, 1.0)
+    return std
+
+
+def _smoothed_climatology(
+    clim: xr.DataArray, mask: xr.DataArray, *, shape: tuple[int, int, int], window: int
+) -> np.ndarray:
+    """The day-of-year means ``clim`` on all :data:`DAYS` days, ``(DAYS, *shape)`` with ``shape``
+    ``(variable, lat, lon)``, smoothed by :func:`circular_smooth` over ``window`` days; NaN on land."""
+    full = np.full((DAYS, *shape), np.nan)
+    full[clim["dayofyear"].values - 1] = clim.transpose("dayofyear", "variable", "lat", "lon").values
+    smooth = circular_smooth(full, window)
+    return np.where(mask.values[None, None], smooth, np.nan)
 
 
 def floor_std(std: xr.DataArray, pooled: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
