@@ -89,6 +89,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -576,14 +577,64 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     configuration (:func:`check_provenance`); ``predictions.nc`` (attribute ``provenance``) and the
     MLflow run (tags ``evaluate.provenance.*``) record the evaluation's provenance.
     """
-    from conv2dlstm.artifacts.windows_store import WindowsStore
     from conv2dlstm.tracking import store as tracking
-    from conv2dlstm.training import models
     from conv2dlstm.training.devices import resolve_device
 
     windows, stats, checkpoint, out_dir = Path(windows), Path(stats), Path(checkpoint), Path(out_dir)
     for stray in discard_partials(out_dir):
         log.info("evaluate: discarded %s left by an interrupted run", stray)
+    inputs = _open_inputs(cfg, run=run, windows=windows, checkpoint=checkpoint)
+    device = resolve_device(cfg["train"]["device"])
+    uri = tracking.resolve_tracking_uri(dict(cfg))
+    tracking.check_run(uri, inputs.run_id)  # an unknown run fails before the work, not after the commit
+
+    with stats_file.open_lazy(stats, inputs.targets) as stats_ds:
+        record = _evaluate_record(cfg, inputs, stats_ds, windows=windows, stats=stats)
+        staging = staging_dir(out_dir)
+        try:
+            table = _stage_outputs(
+                staging, inputs, stats_ds, record=record, device=device, batch_size=int(cfg["evaluate"]["batch_size"])
+            )
+            commit_outputs(staging, out_dir, OUTPUT_FILES)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s", ", ".join(str(out_dir / name) for name in OUTPUT_FILES))
+    logged = log_to_mlflow(
+        uri,
+        inputs.run_id,
+        mlflow_metrics(table, model_name=inputs.model_name),
+        [out_dir / name for name in OUTPUT_FILES if name != predictions_file.FILENAME],
+        tags=provenance.mlflow_tags(record, prefix="evaluate.provenance"),
+    )
+    log.info("logged %d new metrics and the plots into MLflow run %s", logged, inputs.run_id)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked inputs of an evaluation (:func:`_open_inputs`)."""
+
+    run: str
+    store: Any  # the windows store
+    model: Any  # the network, in eval mode on the CPU (conv2dlstm.training.models.load_model)
+    ckpt: dict[str, Any]  # its checkpoint
+    checkpoint: Path
+    run_id: str  # the training's MLflow run
+    model_name: str
+    init_times: pd.DatetimeIndex  # of the test windows
+    shown_sample: int  # the test window drawn in maps.png
+
+    @property
+    def targets(self) -> list[str]:
+        return [str(v) for v in self.store.target_variables]
+
+
+def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint: Path) -> _Inputs:
+    """The windows store and the model of ``checkpoint``, once the model's variables are the store's
+    (:func:`_check_checkpoint`), the checkpoint names its MLflow run (:func:`resolve_run_id`), the store
+    has test windows and ``evaluate.plot_date`` is the initial date of one (:func:`plot_sample`)."""
+    from conv2dlstm.artifacts.windows_store import WindowsStore
+    from conv2dlstm.training import models
+
     store = WindowsStore(windows)
     model, ckpt = models.load_model(checkpoint)
     _check_checkpoint(ckpt, store, checkpoint)
@@ -595,84 +646,96 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
             "windows.input_steps + windows.lead_steps"
         )
     init_times = pd.DatetimeIndex(store.init_times(SPLIT))
-    lead_times = np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]") - init_times.values[:, None]
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
-    device = resolve_device(cfg["train"]["device"])
-    uri = tracking.resolve_tracking_uri(dict(cfg))
-    tracking.check_run(uri, run_id)  # an unknown run fails before the work, not after the commit
-    period = f"{init_times.min():%Y-%m-%d}..{init_times.max():%Y-%m-%d}"
-    who = run if run == model_name else f"{run} ({model_name})"
-    targets = [str(v) for v in store.target_variables]
+    return _Inputs(run, store, model, ckpt, checkpoint, run_id, model_name, init_times, k)
 
-    with stats_file.open_lazy(stats, targets) as stats_ds:
-        stats_file.check_grid(stats_ds, store.lat, store.lon, stats_path=stats, data=f"windows store {windows}")
-        trained = check_provenance(
-            ckpt,
-            checkpoint=checkpoint,
-            windows=provenance.from_attrs(store.attrs, where=f"windows store {windows}", step="windows"),
-            stats=provenance.from_attrs(stats_ds.attrs, where=f"statistics file {stats}", step="normalize"),
-            train_config=keys.result_config(dict(cfg), "train"),
-        )
-        record = provenance.for_step(
-            cfg,
-            "evaluate",
-            {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}},
-        )
-        units = stats_file.units(stats_ds)
-        staging = staging_dir(out_dir)
-        try:
-            with predictions_file.PredictionsWriter(
-                staging / predictions_file.FILENAME,
-                init_times=store.init_times(SPLIT),
-                valid_times=store.valid_times(SPLIT),
-                variables=targets,
-                lat=store.lat,
-                lon=store.lon,
-                units=units,
-                attrs={
-                    "run": run,
-                    "model_name": model_name,
-                    "checkpoint": checkpoint.name,
-                    "checkpoint_sha256": sha256_file(checkpoint),
-                    "mlflow_run_id": run_id,
-                    **provenance.to_attrs(record),
-                },
-            ) as writer:
-                scores, rmse_map, shown = evaluate_split(
-                    model.to(device).eval(),
-                    store,
-                    stats_ds,
-                    device=device,
-                    batch_size=int(cfg["evaluate"]["batch_size"]),
-                    writer=writer,
-                    shown_sample=k,
-                    checkpoint=checkpoint,
-                    nonnegative=nonnegative_targets(ckpt),
-                )
-            table = metrics_table(scores, run=run, model_name=model_name)
-            write_csv(table, staging / "metrics.csv")
-            valid = pd.Timestamp(store.valid_times(SPLIT)[k, 0])
-            write_figures(
-                staging,
-                table,
-                rmse_map=rmse_map,
-                shown=shown,
-                shown_title=f"lead 1 forecast initialized {init_times[k]:%Y-%m-%d}, valid {valid:%Y-%m-%d} (land grey)",
-                who=who,
-                period=period,
-                units=units,
-                model_name=model_name,
-                lead_step=plots.lead_step(lead_times),
-            )
-            commit_outputs(staging, out_dir, OUTPUT_FILES)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s", ", ".join(str(out_dir / name) for name in OUTPUT_FILES))
-    logged = log_to_mlflow(
-        uri,
-        run_id,
-        mlflow_metrics(table, model_name=model_name),
-        [out_dir / name for name in OUTPUT_FILES if name != predictions_file.FILENAME],
-        tags=provenance.mlflow_tags(record, prefix="evaluate.provenance"),
+
+def _evaluate_record(
+    cfg: Mapping[str, Any], inputs: _Inputs, stats_ds: xr.Dataset, *, windows: Path, stats: Path
+) -> dict[str, Any]:
+    """The evaluation's provenance record, once the statistics ``stats_ds`` are on the store's grid and
+    the checkpoint was trained on these windows and statistics with this configuration
+    (:func:`check_provenance`)."""
+    store, checkpoint = inputs.store, inputs.checkpoint
+    stats_file.check_grid(stats_ds, store.lat, store.lon, stats_path=stats, data=f"windows store {windows}")
+    trained = check_provenance(
+        inputs.ckpt,
+        checkpoint=checkpoint,
+        windows=provenance.from_attrs(store.attrs, where=f"windows store {windows}", step="windows"),
+        stats=provenance.from_attrs(stats_ds.attrs, where=f"statistics file {stats}", step="normalize"),
+        train_config=keys.result_config(dict(cfg), "train"),
     )
-    log.info("logged %d new metrics and the plots into MLflow run %s", logged, run_id)
+    return provenance.for_step(
+        cfg,
+        "evaluate",
+        {"checkpoint": trained["digest"], **{k: trained["inputs"][k] for k in ("windows", "stats")}},
+    )
+
+
+def _stage_outputs(
+    staging: Path, inputs: _Inputs, stats_ds: xr.Dataset, *, record: dict[str, Any], device: Any, batch_size: int
+) -> pd.DataFrame:
+    """Write the outputs (:data:`OUTPUT_FILES`) into ``staging``: the test predictions (attributes naming
+    the run, its model, checkpoint and MLflow run, and the provenance ``record``), ``metrics.csv``,
+    returned as a table, and the figures."""
+    store, checkpoint, run, model_name = inputs.store, inputs.checkpoint, inputs.run, inputs.model_name
+    units = stats_file.units(stats_ds)
+    with predictions_file.PredictionsWriter(
+        staging / predictions_file.FILENAME,
+        init_times=store.init_times(SPLIT),
+        valid_times=store.valid_times(SPLIT),
+        variables=inputs.targets,
+        lat=store.lat,
+        lon=store.lon,
+        units=units,
+        attrs={
+            "run": run,
+            "model_name": model_name,
+            "checkpoint": checkpoint.name,
+            "checkpoint_sha256": sha256_file(checkpoint),
+            "mlflow_run_id": inputs.run_id,
+            **provenance.to_attrs(record),
+        },
+    ) as writer:
+        scores, rmse_map, shown = evaluate_split(
+            inputs.model.to(device).eval(),
+            store,
+            stats_ds,
+            device=device,
+            batch_size=batch_size,
+            writer=writer,
+            shown_sample=inputs.shown_sample,
+            checkpoint=checkpoint,
+            nonnegative=nonnegative_targets(inputs.ckpt),
+        )
+    table = metrics_table(scores, run=run, model_name=model_name)
+    write_csv(table, staging / "metrics.csv")
+    _stage_figures(staging, table, inputs, rmse_map=rmse_map, shown=shown, units=units)
+    return table
+
+
+def _stage_figures(
+    staging: Path,
+    table: pd.DataFrame,
+    inputs: _Inputs,
+    *,
+    rmse_map: xr.DataArray,
+    shown: tuple[xr.DataArray, xr.DataArray],
+    units: Mapping[str, str],
+) -> None:
+    """:func:`write_figures` of the evaluation, titled with the run, the test period and the window shown."""
+    init_times, k, run, model_name = inputs.init_times, inputs.shown_sample, inputs.run, inputs.model_name
+    lead_times = np.asarray(inputs.store.valid_times(SPLIT), dtype="datetime64[ns]") - init_times.values[:, None]
+    valid = pd.Timestamp(inputs.store.valid_times(SPLIT)[k, 0])
+    write_figures(
+        staging,
+        table,
+        rmse_map=rmse_map,
+        shown=shown,
+        shown_title=f"lead 1 forecast initialized {init_times[k]:%Y-%m-%d}, valid {valid:%Y-%m-%d} (land grey)",
+        who=run if run == model_name else f"{run} ({model_name})",
+        period=f"{init_times.min():%Y-%m-%d}..{init_times.max():%Y-%m-%d}",
+        units=units,
+        model_name=model_name,
+        lead_step=plots.lead_step(lead_times),
+    )
