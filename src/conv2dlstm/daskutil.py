@@ -82,20 +82,8 @@ def dask_client(
         raise ConfigError(f"threads must be at least 1, got {threads}; give the rule one or more threads")
     address = address or os.environ.get(ADDRESS_ENV, "")
     if address:
-        try:
-            with _quiet("distributed", logging.WARNING):
-                client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=True)
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(
-                f"cannot connect to the Dask scheduler at {address!r} (config dask.scheduler_address or "
-                f"${ADDRESS_ENV}): {exc}; start the scheduler or clear the setting to use a local cluster"
-            ) from exc
-        n_workers = len(client.scheduler_info()["workers"])
-        log.info("Dask: connected to the scheduler at %s (%d workers)", address, n_workers)
-        try:
+        with _connected(address) as client:
             yield client
-        finally:
-            client.close()
         return
 
     limit = worker_memory_limit(memory_mb)
@@ -109,6 +97,33 @@ def dask_client(
         with dask.config.set(scheduler="threads", num_workers=threads):
             yield None
         return
+    with _local_cluster(threads, limit) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _connected(address: str) -> Iterator[distributed.Client]:
+    """A client of the existing scheduler at ``address``, closed on exit (the scheduler keeps running)."""
+    try:
+        with _quiet("distributed", logging.WARNING):
+            client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=True)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(
+            f"cannot connect to the Dask scheduler at {address!r} (config dask.scheduler_address or "
+            f"${ADDRESS_ENV}): {exc}; start the scheduler or clear the setting to use a local cluster"
+        ) from exc
+    n_workers = len(client.scheduler_info()["workers"])
+    log.info("Dask: connected to the scheduler at %s (%d workers)", address, n_workers)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _local_cluster(threads: int, limit: int) -> Iterator[distributed.Client]:
+    """A client of a new ``LocalCluster``: one worker process of ``threads`` threads with the memory
+    limit ``limit`` (bytes), no dashboard; both closed on exit."""
     # allowed-failures 0: a task that kills its worker (out of memory) fails at once instead of
     # being retried. No dashboard; the scheduler's plain HTTP endpoint takes a free port, so that
     # concurrent jobs on one node do not clash.
