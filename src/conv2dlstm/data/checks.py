@@ -416,55 +416,68 @@ def unit_conversions(found: UnitsFound, rules: SourceRules) -> Conversions:
     for name, by_unit in found.items():
         spec = rules.units.get(name)
         if spec is None:
-            if len(by_unit) > 1:
-                raise DataError(
-                    f"variable {name!r} has different units in different files: {_units_found(by_unit)}; it "
-                    f"has no harmonize.units entry, so it is not converted: add harmonize.units.{name} with "
-                    "its canonical unit and plausible min and max, or fix the files"
-                )
-            log.info(
-                "harmonize: %r has no harmonize.units entry: kept in %r, range not checked",
-                name,
-                next(iter(by_unit)) or "(no units)",
-            )
+            _keep_unit(name, by_unit)
             continue
         conversions[name] = {}
-        for unit, paths in by_unit.items():
-            if unit.lower() in _UNITLESS:
-                log.warning(
-                    "harmonize: %r has no units attribute in %s; taken to be in its canonical unit %r "
-                    "(harmonize.units.%s); its plausible range %s is still checked",
-                    name,
-                    _files_text(paths),
-                    spec.unit,
-                    name,
-                    spec.range_text(),
-                )
-                conversions[name][unit] = Affine(1.0, 0.0)
-                continue
-            try:
-                conversions[name][unit] = unit_conversion(unit, spec.unit)
-            except ValueError as exc:
-                raise DataError(
-                    f"variable {name!r} in {_files_text(paths)} has units {unit!r}, which cannot be converted "
-                    f"to its canonical unit {spec.unit!r} (harmonize.units.{name}.unit): {exc}. Units found: "
-                    f"{_units_found(by_unit)}. Fix the files' units attribute, or set "
-                    f"harmonize.units.{name}.unit (and min, max) to a unit these files can be converted to"
-                ) from None
-            conv = conversions[name][unit]
-            if not conv.identity:
-                level = logging.WARNING if len(by_unit) > 1 else logging.INFO
-                log.log(
-                    level,
-                    "harmonize: %r converted from %r to %r (%s) in %s%s",
-                    name,
-                    unit,
-                    spec.unit,
-                    conv.text(),
-                    _files_text(paths),
-                    "; the files mix units" if len(by_unit) > 1 else "",
-                )
+        for unit in by_unit:
+            conversions[name][unit] = _canonical_conversion(name, unit, by_unit, spec)
     return conversions
+
+
+def _keep_unit(name: str, by_unit: dict[str, list[str]]) -> None:
+    """Log that variable ``name``, without a ``harmonize.units`` entry, keeps its unit; :class:`DataError`
+    when its files have different units (``by_unit``: unit found -> files)."""
+    if len(by_unit) > 1:
+        raise DataError(
+            f"variable {name!r} has different units in different files: {_units_found(by_unit)}; it "
+            f"has no harmonize.units entry, so it is not converted: add harmonize.units.{name} with "
+            "its canonical unit and plausible min and max, or fix the files"
+        )
+    log.info(
+        "harmonize: %r has no harmonize.units entry: kept in %r, range not checked",
+        name,
+        next(iter(by_unit)) or "(no units)",
+    )
+
+
+def _canonical_conversion(name: str, unit: str, by_unit: dict[str, list[str]], spec: UnitSpec) -> Affine:
+    """The conversion of variable ``name`` from ``unit`` (one of ``by_unit``: unit found -> files) to its
+    canonical unit ``spec.unit``, logged unless it is the identity; no units attribute is taken to be
+    the canonical unit (with a WARNING); :class:`DataError` when ``unit`` cannot be converted."""
+    paths = by_unit[unit]
+    if unit.lower() in _UNITLESS:
+        log.warning(
+            "harmonize: %r has no units attribute in %s; taken to be in its canonical unit %r "
+            "(harmonize.units.%s); its plausible range %s is still checked",
+            name,
+            _files_text(paths),
+            spec.unit,
+            name,
+            spec.range_text(),
+        )
+        return Affine(1.0, 0.0)
+    try:
+        conv = unit_conversion(unit, spec.unit)
+    except ValueError as exc:
+        raise DataError(
+            f"variable {name!r} in {_files_text(paths)} has units {unit!r}, which cannot be converted "
+            f"to its canonical unit {spec.unit!r} (harmonize.units.{name}.unit): {exc}. Units found: "
+            f"{_units_found(by_unit)}. Fix the files' units attribute, or set "
+            f"harmonize.units.{name}.unit (and min, max) to a unit these files can be converted to"
+        ) from None
+    if not conv.identity:
+        level = logging.WARNING if len(by_unit) > 1 else logging.INFO
+        log.log(
+            level,
+            "harmonize: %r converted from %r to %r (%s) in %s%s",
+            name,
+            unit,
+            spec.unit,
+            conv.text(),
+            _files_text(paths),
+            "; the files mix units" if len(by_unit) > 1 else "",
+        )
+    return conv
 
 
 def apply_unit_conversions(ds: xr.Dataset, conversions: Conversions, rules: SourceRules) -> xr.Dataset:
