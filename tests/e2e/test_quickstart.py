@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import xarray as xr
+import yaml
 import zarr
 
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
@@ -223,9 +224,10 @@ def test_trying_a_setting_keeps_the_current_results(local_default_run: Path, tmp
     proc = run_make(wf, "run", "CONFIG=try.yaml")
     for rule in ("synth", "fetch", "regrid", "normalize", "windows"):
         assert f"rule {rule}:" not in proc.stdout + proc.stderr, f"{rule} re-ran"
-    assert "results/compare/sst-try.csv" in proc.stdout and "epochs4:" in proc.stdout
+    run = yaml.safe_load(_try_yaml())["runs"][0]["name"]
+    assert "results/compare/sst-try.csv" in proc.stdout and f"{run}:" in proc.stdout
     trial = pd.read_csv(wf / "results/compare/sst-try.csv")
-    assert {"epochs4", *BASELINE_NAMES} == set(trial["name"])
+    assert {run, *BASELINE_NAMES} == set(trial["name"])
     assert (wf / "results/compare/conv2dlstm-sst.csv").read_bytes() == before["results/compare/conv2dlstm-sst.csv"]
     assert _champion(wf, "conv2dlstm-sst") == champion
     assert _champion(wf, "sst-try")[1] != champion[1]

@@ -45,6 +45,8 @@ def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DASK_SCHEDULER_ADDRESS", None)
+    for name in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"):  # under `make test`: a user's make
+        env.pop(name, None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:
         env.update(extra)
