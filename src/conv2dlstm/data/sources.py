@@ -7,7 +7,8 @@ are done there, and the :class:`Catalog` it returns cuts the source into slabs o
 (:meth:`Catalog.slabs`), each opened and merged by :func:`open_slab`. The regrid step works slab by
 slab, so that its memory does not grow with the number of files. :func:`open_sources` opens the
 whole source as one dataset and says which file each time step came from (:class:`Sources`);
-:func:`open_fetched` returns the dataset alone (forecasting reads its few input days through it).
+:func:`open_fetched` returns the dataset alone. The forecast reads its few input days with
+:func:`open_sources`, with the checks of its configuration.
 """
 
 from __future__ import annotations
