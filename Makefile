@@ -11,7 +11,7 @@ CONFIG ?= config/config.yaml
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)

@@ -73,7 +73,7 @@ TINY = REPO / "tests/configs/tiny.yaml"
 
 def shared_run(tmp_path_factory, worker_id: str, name: str, build) -> Path:
     """A pipeline run that every test of the session reads, built once: ``build(wf)`` in a fresh
-    workflow copy ``wf``. Under pytest-xdist (``make test`` runs two workers) the first worker to
+    workflow copy ``wf``. Under pytest-xdist (``make test`` runs three workers) the first worker to
     need it builds it under a file lock in the session's shared temporary folder and the others
     wait for it; a build that failed is not reused (every worker that needs it fails)."""
     if worker_id == "master":  # one process: a session temporary folder of its own
