@@ -81,6 +81,7 @@ def test_a_worse_retraining_does_not_take_the_champion(tmp_path: Path, monkeypat
     superseded run's model stays the champion; the retraining becomes the challenger."""
     import mlflow.pytorch
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -114,6 +115,8 @@ def test_a_worse_retraining_does_not_take_the_champion(tmp_path: Path, monkeypat
     tracking.mark_superseded(uri, worse_id, better_id)
     champion = registry.register_champion(uri, "retrain", windows={"w1"}, current={better_id})
     assert (champion.run_id, champion.version) == (better_id, "3")
+    with pytest.raises(MlflowException):  # no challenger left behind
+        client.get_model_version_by_alias("retrain", "challenger")
 
 
 def test_after_compare_tags_the_sweep_and_registers_nothing_without_models(tmp_path: Path, monkeypatch, caplog) -> None:

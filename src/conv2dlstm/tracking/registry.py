@@ -189,12 +189,13 @@ def register_champion(
 
     ``current`` are the MLflow run ids of the configuration just compared. When none of them is the
     champion, the best of them with a model is registered too, under the alias
-    :data:`CHALLENGER_ALIAS`, and a warning says that it did not beat the champion."""
+    :data:`CHALLENGER_ALIAS`, and a warning says that it did not beat the champion; when one of them
+    is the champion, a challenger alias left from before is removed."""
     import mlflow
 
     tracking.bound_http_retries(uri)
     mlflow.set_tracking_uri(uri)
-    client = tracking._client(uri)
+    client = tracking.open_client(uri)
     exp = tracking.retry(f"reading experiment {experiment!r}", lambda: client.get_experiment_by_name(experiment))
     if exp is None:
         log.warning("experiment %r is not in %s; no model registered", experiment, uri)
@@ -210,6 +211,8 @@ def register_champion(
     challengers = [(r, m) for r, m in with_model if r.info.run_id in wanted]
     if challengers and challengers[0][0].info.run_id != best.info.run_id:
         _point_challenger(client, name, challengers[0], best=best, champion=version)
+    elif challengers:  # the configuration's run is the champion: no challenger is left
+        _drop_alias(client, name, CHALLENGER_ALIAS)
     _describe(client, name, experiment)
     return Champion(
         name, version, best.info.run_id, _run_label(best), best.data.metrics[SELECT_METRIC], model.model_uri
@@ -290,6 +293,18 @@ def _point_challenger(client: Any, name: str, challenger: tuple[Any, Any], *, be
     )
 
 
+def _drop_alias(client: Any, name: str, alias: str) -> None:
+    """Remove ``alias`` from the registered model ``name`` when it is set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return
+    tracking.retry(f"removing the {alias} alias", lambda: client.delete_registered_model_alias(name, alias))
+    log.info("models:/%s@%s removed: the configuration's run is the champion", name, alias)
+
+
 def _describe(client: Any, name: str, experiment: str) -> None:
     """Give the registered model ``name`` its description, unless it has one."""
     registered = tracking.retry("reading the registered model", lambda: client.get_registered_model(name))
@@ -318,7 +333,7 @@ def after_compare(cfg: dict[str, Any], models: Sequence[Path]) -> Champion | Non
     uri = tracking.resolve_tracking_uri(cfg)
     tracking.check_tracking(uri)
     tracking.bound_http_retries(uri)
-    client = tracking._client(uri)
+    client = tracking.open_client(uri)
     runs = held_runs(client, read_run_ids(models))
     tagged = tag_sweep(client, runs, sweep_tags(cfg))
     if tagged:

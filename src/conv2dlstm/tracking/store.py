@@ -296,7 +296,7 @@ def ui_address(uri: str, experiment: str, base: str | None = None) -> str:
     path = local_store_path(uri)
     if path is not None and not path.exists():
         raise TrackingError(f"MLflow store {uri} does not exist yet ({path}); run the pipeline first")
-    exp = retry(f"reading experiment {experiment!r}", lambda: _client(uri).get_experiment_by_name(experiment))
+    exp = retry(f"reading experiment {experiment!r}", lambda: open_client(uri).get_experiment_by_name(experiment))
     if exp is None:
         raise TrackingError(f"MLflow experiment {experiment!r} is not in {uri} yet; run the pipeline first")
     return f"{base.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?{UI_QUERY}"
@@ -354,7 +354,7 @@ def check_run(uri: str, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     check_tracking(uri)
-    client = _client(uri)
+    client = open_client(uri)
     try:
         retry(f"reading run {run_id}", lambda: client.get_run(run_id))
     except MlflowException as exc:
@@ -368,7 +368,7 @@ def check_run(uri: str, run_id: str) -> None:
         ) from exc
 
 
-def _client(uri: str) -> Any:
+def open_client(uri: str) -> Any:
     """An ``MlflowClient``; creating it creates the store's tables on first use (serialized)."""
     from mlflow import MlflowClient
 
@@ -626,7 +626,7 @@ def mark_superseded(uri: str, old_run_id: str, new_run_id: str) -> bool:
     Returns False, with a warning, when the store does not hold the old run."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    client = open_client(uri)
     try:
         retry(f"tagging run {old_run_id} superseded", lambda: client.set_tag(old_run_id, "superseded", "true"))
         retry(f"tagging run {old_run_id} superseded", lambda: client.set_tag(old_run_id, "superseded_by", new_run_id))
@@ -665,7 +665,7 @@ def _end_active(status: str) -> None:
     else:
         last = mlflow.last_active_run()
         if last is not None:
-            _client(mlflow.get_tracking_uri()).set_terminated(last.info.run_id, status)
+            open_client(mlflow.get_tracking_uri()).set_terminated(last.info.run_id, status)
 
 
 @contextlib.contextmanager
@@ -724,7 +724,7 @@ def start_run(
     uri = tracking_uri or resolve_tracking_uri(cfg)
     bound_http_retries(uri)
     mlflow.set_tracking_uri(uri)
-    client = _client(uri)
+    client = open_client(uri)
     experiment_id = _experiment_id(client, cfg["experiment"], uri)
     if run_id is not None:
         try:
@@ -760,6 +760,6 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None) -> Iterator[Trac
     check_run(uri, run_id)
     mlflow.set_tracking_uri(uri)
     run = retry(f"reopening run {run_id}", lambda: mlflow.start_run(run_id=run_id))
-    tracker = Tracker(run.info.run_id, run.info.experiment_id, uri=uri, client=_client(uri))
+    tracker = Tracker(run.info.run_id, run.info.experiment_id, uri=uri, client=open_client(uri))
     with _active(run, tracker):
         yield tracker
