@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``validate-config`` and ``config-defaults``: a configuration and the schema's defaults."""
+    """``validate-config``, ``models`` and ``config-defaults``: a configuration, its networks and the
+    schema's defaults."""
     p = sub.add_parser("validate-config", help="validate a configuration and print it with defaults filled in")
+    _add_config(p)
+
+    p = sub.add_parser("models", help="the registered networks and their parameter counts on the configuration's grid")
     _add_config(p)
 
     p = sub.add_parser(
@@ -225,6 +229,22 @@ def _validate_config(args: argparse.Namespace) -> None:
     sys.stdout.write(yaml.safe_dump(_config(args), sort_keys=False))
 
 
+def _models(args: argparse.Namespace) -> None:
+    from conv2dlstm.config.modelsize import grid_shape
+    from conv2dlstm.training.models import parameter_counts
+
+    cfg = _config(args)
+    height, width = grid_shape(cfg["grid"])
+    print(
+        f"networks on the {height} x {width} grid, {len(cfg['variables']['inputs'])} input and "
+        f"{len(cfg['variables']['targets'])} target variable(s), {cfg['windows']['input_steps']} input steps, "
+        f"{cfg['windows']['lead_steps']} lead(s) (model.name: {cfg['model']['name']}):"
+    )
+    for name, count in parameter_counts(cfg).items():
+        mark = "*" if name == cfg["model"]["name"] else " "
+        print(f"{mark} {name:<14} {count:>14,}" if isinstance(count, int) else f"{mark} {name:<14} {count}")
+
+
 def _config_defaults(args: argparse.Namespace) -> None:
     from conv2dlstm.config import defaults
 
@@ -359,6 +379,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 # The handler of each subcommand of build_parser, by name.
 _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "validate-config": _validate_config,
+    "models": _models,
     "config-defaults": _config_defaults,
     "ui-address": _ui_address,
     "summary": _summary,

@@ -19,7 +19,7 @@ import torch
 
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.steps import train
-from conv2dlstm.training import loop
+from conv2dlstm.training import loop, models
 from conv2dlstm.training.models import build_model, model_kwargs_from_config
 from tests.support.windows_fixture import make_windows_store
 
@@ -44,7 +44,7 @@ def _no_tracking_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_bf16_autocast_forward_loss_backward(tmp_path: Path, name: str) -> None:
     """Under bfloat16 autocast the prediction stays close to float32's, the masked loss is a finite
     float32 scalar and every gradient (float32, like the weights) is finite."""

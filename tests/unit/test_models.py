@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ def shape_kwargs(height: int, width: int, *, c_in: int = 2, c_out: int = 1, t_in
     }
 
 
-@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
 @pytest.mark.parametrize(("height", "width"), [(48, 28), (12, 10), (13, 11), (25, 25), (11, 19)])
 def test_output_shape(name: str, height: int, width: int) -> None:
     torch.manual_seed(0)
@@ -260,7 +262,7 @@ def test_unknown_model_name() -> None:
         build_model("unet", **shape_kwargs(12, 10))
 
 
-@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_model_kwargs_from_config_builds(name: str) -> None:
     cfg = validate_config({"model": {"name": name}})
     kwargs = model_kwargs_from_config(
@@ -281,7 +283,7 @@ def test_model_kwargs_from_config_builds(name: str) -> None:
     assert model(torch.zeros(1, 5, 2, 25, 25)).shape == (1, 3, 1, 25, 25)
 
 
-@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_load_model_round_trip(tmp_path, name: str) -> None:
     torch.manual_seed(1)
     kwargs = shape_kwargs(12, 10) | SMALL[name]
@@ -467,7 +469,7 @@ def _floored(name: str, *, per_cell: bool = False, floor=None) -> tuple[torch.nn
     return free, floored, kwargs
 
 
-@pytest.mark.parametrize("name", ["convlstm", "conv2d_lstm"])
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
 @pytest.mark.parametrize("per_cell", [False, True], ids=["per-variable", "per-cell"])
 def test_nonnegative_target_is_never_negative_where_the_free_model_is(tmp_path, name: str, per_cell: bool) -> None:
     mean, std = 0.8, 0.4  # physical = normalized * std + mean; 0 physical is -2 normalized
@@ -537,3 +539,45 @@ def test_model_kwargs_floor_the_nonnegative_targets_only() -> None:
         .state_dict()
         .keys()
     )
+
+
+def test_parameter_counts_on_the_meta_device_equal_a_real_build(capsys) -> None:
+    """Every registered network is counted without allocating it, as a real build counts it; a network
+    the grid refuses gives the reason; `python -m conv2dlstm models` lists them all."""
+    from conv2dlstm.cli import main
+    from conv2dlstm.config.modelsize import grid_shape
+
+    cfg = validate_config(
+        {
+            "grid": {
+                "lat": {"start": 21.0, "stop": 30.0, "step": 1.0},
+                "lon": {"start": -79.0, "stop": -64.0, "step": 1.0},
+            }
+        }
+    )
+    counts = models.parameter_counts(cfg)
+    assert set(counts) == set(models.MODEL_NAMES)
+    height, width = grid_shape(cfg["grid"])
+    for name in models.MODEL_NAMES:
+        kwargs = model_kwargs_from_config(
+            {**cfg["model"], "name": name},
+            input_variables=["sst"],
+            target_variables=["sst"],
+            input_steps=5,
+            lead_steps=3,
+            height=height,
+            width=width,
+            nonnegative=cfg["variables"]["nonnegative"],
+        )
+        assert counts[name] == count_parameters(build_model(name, **kwargs)), name
+    tight = validate_config({"model": {"conv2d_lstm": {"max_parameters": 1000}}})
+    with pytest.raises(ConfigError):  # the configuration itself is refused when it trains conv2d_lstm ...
+        validate_config({"model": {"name": "conv2d_lstm", "conv2d_lstm": {"max_parameters": 1000}}})
+    assert str(models.parameter_counts(tight)["conv2d_lstm"]).startswith("refused: ")  # ... and listed so
+
+    assert main(["models", "--config-json", json.dumps(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "networks on the 10 x 16 grid" in out
+    for name in models.MODEL_NAMES:
+        assert f"{counts[name]:,}" in out, name
+    assert "* convlstm" in out

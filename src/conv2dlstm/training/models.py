@@ -465,6 +465,34 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def parameter_counts(cfg: Mapping[str, Any]) -> dict[str, int | str]:
+    """Per registered network (:data:`MODEL_NAMES`), its trainable parameters for the configuration
+    ``cfg``: its section of ``model``, the variables, windows and grid; built on torch's ``meta``
+    device, so nothing is allocated whatever the grid. A network the configuration refuses (e.g. a
+    ``conv2d_lstm`` above its ``max_parameters``) gives the reason instead."""
+    from conv2dlstm.config.modelsize import grid_shape
+
+    height, width = grid_shape(cfg["grid"])
+    out: dict[str, int | str] = {}
+    for name in MODEL_NAMES:
+        kwargs = model_kwargs_from_config(
+            {**cfg["model"], "name": name},
+            input_variables=cfg["variables"]["inputs"],
+            target_variables=cfg["variables"]["targets"],
+            input_steps=cfg["windows"]["input_steps"],
+            lead_steps=cfg["windows"]["lead_steps"],
+            height=height,
+            width=width,
+            nonnegative=cfg["variables"]["nonnegative"],
+        )
+        try:
+            with torch.device("meta"):
+                out[name] = count_parameters(build_model(name, **kwargs))
+        except ConfigError as exc:
+            out[name] = f"refused: {exc}"
+    return out
+
+
 def rebuild_model(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "") -> nn.Module:
     """The network of ``ckpt`` built from the checkpoint alone (its
     :data:`~conv2dlstm.artifacts.checkpoint.MODEL_KEYS`), with its weights, in eval mode on the CPU. ``path`` names
