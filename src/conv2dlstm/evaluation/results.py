@@ -252,25 +252,22 @@ def check_block(text: str, key: str, body: str, *, path: str = "the file") -> No
 
 def _verdict_line(run: RunResults, variable: str) -> str:
     """Which baselines the run beats at which leads (intervals above zero)."""
-    from conv2dlstm.evaluation.scores import skill_intervals
+    from conv2dlstm.evaluation.scores import skill_intervals, verdict
 
     skills = skill_intervals(run.metrics[run.metrics["model"] == run.model], by="model")
     skills = skills[skills["variable"] == variable]
     beaten, partly, not_meaningful, no = [], [], [], []
     for baseline in BASELINE_NAMES:
-        rows = skills[skills["baseline"] == baseline]
-        if rows.empty:
-            continue
-        if not rows["meaningful"].all():
-            not_meaningful.append(_LABELS[baseline])
-            continue
-        better = sorted(int(k) for k in rows.loc[rows["lower"] > 0, "lead"])
-        if len(better) == len(rows):
-            beaten.append(_LABELS[baseline])
-        elif better:
-            partly.append(f"{_LABELS[baseline]} at leads {', '.join(map(str, better))} only")
-        else:
-            no.append(_LABELS[baseline])
+        label, leads = verdict(skills[skills["baseline"] == baseline])
+        name = _LABELS[baseline]
+        if label == "yes":
+            beaten.append(name)
+        elif label == "partly":
+            partly.append(f"{name} at leads {leads.replace(' ', ', ')} only")
+        elif label == "no":
+            no.append(name)
+        elif label == "not meaningful":
+            not_meaningful.append(name)
     parts = []
     if beaten:
         parts.append(f"better than {', '.join(beaten)} at every lead (95% interval above 0)")

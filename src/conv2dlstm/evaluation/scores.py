@@ -332,3 +332,19 @@ def skill_intervals(table: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(columns=[by, *SKILL_COLUMNS])
     return pd.concat(parts, ignore_index=True)[[by, *SKILL_COLUMNS]]
+
+
+def verdict(skills: pd.DataFrame) -> tuple[str, str]:
+    """``(better_than, better_leads)`` of one entry, variable and baseline from its per-lead interval rows
+    (:func:`skill_intervals`): ``yes`` where the 95% interval lies above zero at every lead,
+    ``partly`` at some, ``no`` at none, ``not meaningful`` where a lead's skill is not, empty without
+    an interval; and those leads, space separated."""
+    if skills.empty:
+        return "", ""
+    if not skills["meaningful"].all():
+        return "not meaningful", ""
+    if skills["lower"].isna().all():
+        return "", ""
+    better = sorted(int(k) for k in skills.loc[skills["lower"] > 0, "lead"])
+    label = "yes" if len(better) == len(skills) else ("partly" if better else "no")
+    return label, " ".join(map(str, better))

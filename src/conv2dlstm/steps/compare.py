@@ -42,7 +42,7 @@ from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluation import metrics, plots
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
-from conv2dlstm.evaluation.scores import CSV_COLUMNS, skill_intervals
+from conv2dlstm.evaluation.scores import CSV_COLUMNS, skill_intervals, verdict
 from conv2dlstm.fsutil import atomic_output, discard_partials
 
 log = logging.getLogger(__name__)
@@ -108,20 +108,6 @@ def entries(table: pd.DataFrame) -> pd.DataFrame:
         )
     base = base.drop_duplicates(key, keep="first").assign(kind="baseline", name=lambda t: t["model"])
     return pd.concat([runs, base], ignore_index=True)[["name", "kind", "model", "variable", "lead", "metric", "value"]]
-
-
-def verdict(skills: pd.DataFrame) -> tuple[str, str]:
-    """``(better_than, better_leads)`` of one entry, variable and baseline from its per-lead interval rows
-    (:func:`conv2dlstm.evaluation.scores.skill_intervals`); see the module docstring."""
-    if skills.empty:
-        return "", ""
-    if not skills["meaningful"].all():
-        return "not meaningful", ""
-    if skills["lower"].isna().all():
-        return "", ""
-    better = sorted(int(k) for k in skills.loc[skills["lower"] > 0, "lead"])
-    label = "yes" if len(better) == len(skills) else ("partly" if better else "no")
-    return label, " ".join(map(str, better))
 
 
 def _strict_mean(series: pd.Series) -> float:
