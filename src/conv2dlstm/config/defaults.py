@@ -89,13 +89,13 @@ def render() -> str:
 def check(text: str, *, path: str = "config/config.yaml") -> None:
     """:class:`ConfigError` naming the first line where ``text`` differs from :func:`render`."""
     from conv2dlstm.errors import ConfigError
+    from conv2dlstm.textdiff import first_difference
 
-    want = render().splitlines()
-    have = text.splitlines()
-    for n, (a, b) in enumerate(zip(have + [""] * len(want), want + [""] * len(have), strict=False), start=1):
-        if a != b:
-            raise ConfigError(
-                f"{path} differs from the schema's defaults and descriptions at line {n}:\n  {path}: {a}\n"
-                f"  schema: {b}\nit is generated: change workflow/schemas/config.schema.yaml, then "
-                f"`python -m conv2dlstm config-defaults --write {path}` (make config)"
-            )
+    found = first_difference(text, render())
+    if found is not None:
+        n, a, b = found
+        raise ConfigError(
+            f"{path} differs from the schema's defaults and descriptions at line {n}:\n  {path}: {a}\n"
+            f"  schema: {b}\nit is generated: change workflow/schemas/config.schema.yaml, then "
+            f"`python -m conv2dlstm config-defaults --write {path}` (make config)"
+        )

@@ -27,6 +27,7 @@ from conv2dlstm.config.runs import run_names
 from conv2dlstm.config.workflow import compare_stem
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
+from conv2dlstm.textdiff import first_difference
 
 EVALUATE_FILES = ("metrics.csv", "rmse_vs_lead.png", "skill_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png")
 """What the evaluate step writes per run besides ``predictions.nc`` (listed in the summary)."""
@@ -238,16 +239,15 @@ def check_block(text: str, key: str, body: str, *, path: str = "the file") -> No
     if expected == text:
         return
     start, end = _markers(key)
-    have = text[text.find(start) + len(start) : text.find(end)].strip("\n").splitlines()
-    want = body.strip("\n").splitlines()
-    for n, (a, b) in enumerate(zip(have + [""] * len(want), want + [""] * len(have), strict=False), start=1):
-        if a != b:
-            raise DataError(
-                f"{path}: the results of experiment {key!r} differ from what the pipeline produced, at line {n} "
-                f"of the block:\n  {path}: {a}\n  results: {b}\n"
-                "regenerate the block with `python -m conv2dlstm tables --config <config> --write "
-                f"{path}` (make tables CONFIG=...), or find what changed the results"
-            )
+    found = first_difference(text[text.find(start) + len(start) : text.find(end)].strip("\n"), body.strip("\n"))
+    if found is not None:
+        n, a, b = found
+        raise DataError(
+            f"{path}: the results of experiment {key!r} differ from what the pipeline produced, at line {n} "
+            f"of the block:\n  {path}: {a}\n  results: {b}\n"
+            "regenerate the block with `python -m conv2dlstm tables --config <config> --write "
+            f"{path}` (make tables CONFIG=...), or find what changed the results"
+        )
 
 
 def _verdict_line(run: RunResults, variable: str) -> str:
