@@ -50,12 +50,12 @@ class RunResults:
     lead_unit: str
 
 
-def _lead_unit(lead_time: Any, lead: Any) -> str:
-    """``days`` when one lead is one day, else the step as pandas writes it (``6 hours``...)."""
-    step = pd.Timedelta(lead_time[0]) / int(lead[0])
-    if step == pd.Timedelta(days=1):
-        return "days"
-    return f"steps of {step}"
+def _lead_unit(lead_time: Any) -> str:
+    """What one lead step is, as the plots label the lead axis (:func:`conv2dlstm.evaluation.plots.lead_label`):
+    ``days``, ``6-hour steps``, ... (``lead_time`` of the predictions, ``(lead,)`` timedeltas)."""
+    from conv2dlstm.evaluation.plots import lead_label, lead_step
+
+    return lead_label(lead_step(lead_time)).removeprefix("lead (").removesuffix(")")
 
 
 def load_run(cfg: dict[str, Any], run: str, root: Path = Path(".")) -> RunResults:
@@ -70,7 +70,7 @@ def load_run(cfg: dict[str, Any], run: str, root: Path = Path(".")) -> RunResult
     metrics = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
     with xr.open_dataset(directory / "predictions.nc") as ds:
         times = pd.DatetimeIndex(ds["time"].values)
-        unit = _lead_unit(ds["lead_time"].values, ds["lead"].values)
+        unit = _lead_unit(ds["lead_time"].values)
         model = str(ds.attrs.get("model_name", run))
     return RunResults(
         name=run,
