@@ -70,13 +70,13 @@ def bench_train(work: Path) -> dict:
     import torch
 
     from conv2dlstm.config.validate import load_config
-    from conv2dlstm.training.models import build_model, model_kwargs_from_config
+    from conv2dlstm.training.models import build_model, model_kwargs_from_config, model_names
 
     cfg = load_config(REPO / "config" / "config.yaml")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out: dict[str, float] = {}
     for device in devices:
-        for name in ("convlstm", "conv2d_lstm"):
+        for name in model_names():
             kwargs = model_kwargs_from_config(
                 {**cfg["model"], "name": name},
                 input_variables=["sst"],

@@ -1,7 +1,8 @@
 """The CPU side of the GPU features: bfloat16 autocast, ``torch.compile`` and the device-resident data.
 
-CI has no GPU. These tests run the same code the GPU path runs, on the CPU: each model's forward,
-masked loss and backward under bfloat16 autocast; a training run with ``train.compile: true``
+CI has no GPU. These tests run the same code the GPU path runs, on the CPU (every network's forward,
+masked loss and backward under bfloat16 autocast is a check of the network contract,
+tests/unit/test_networks.py): a training run with ``train.compile: true``
 (TorchInductor, compiling C++ with the machine's compiler) against the same run in eager mode; and
 training from windows held in memory (``train.data_on_device: always``, what a GPU run does) against
 streaming them from Zarr (``never``).
@@ -13,14 +14,11 @@ import csv
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.steps import train
-from conv2dlstm.training import loop, models
-from conv2dlstm.training.models import build_model, model_kwargs_from_config
 from tests.support.windows_fixture import make_windows_store
 
 
@@ -42,51 +40,6 @@ def _config(tmp_path: Path, name: str = "convlstm", **train_overrides) -> dict:
 @pytest.fixture(autouse=True)
 def _no_tracking_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
-def test_bf16_autocast_forward_loss_backward(tmp_path: Path, name: str) -> None:
-    """Under bfloat16 autocast the prediction stays close to float32's, the masked loss is a finite
-    float32 scalar and every gradient (float32, like the weights) is finite."""
-    cfg = _config(tmp_path, name)
-    kwargs = model_kwargs_from_config(
-        {**cfg["model"], "name": name},
-        input_variables=["a", "b"],
-        target_variables=["a"],
-        input_steps=5,
-        lead_steps=3,
-        height=12,
-        width=16,
-    )
-    torch.manual_seed(0)
-    model = build_model(name, **kwargs)
-    x = torch.randn(4, 5, 2, 12, 16)  # (batch, time, channel, lat, lon)
-    y = torch.randn(4, 3, 1, 12, 16)  # (batch, lead, target, lat, lon)
-    mask = np.ones((12, 16), dtype=bool)
-    mask[:, :3] = False  # land
-    weights = loop.loss_weights(mask, np.linspace(-10, 10, 12), latitude_weighted=True)
-
-    with torch.no_grad():
-        reference = model(x)
-    conv_dtypes: list[torch.dtype] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: conv_dtypes.append(out.dtype))
-        for m in model.modules()
-        if isinstance(m, torch.nn.Conv2d)
-    ]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = model(x)
-        loss = loop.masked_mse(pred, y, weights)
-    for hook in hooks:
-        hook.remove()
-    assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}  # the convolutions ran in bfloat16
-    assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
-    scale = reference.abs().max().item()
-    assert (pred.float() - reference).abs().max().item() < 0.05 * scale + 0.05
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def _train(tmp_path: Path, tag: str, fx, **train_overrides) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""Networks: output shapes on several grids, parameter counts, refusals, checkpoint loading."""
+"""Networks one by one: parameter counts, refusals, checkpoint loading. What every network keeps
+(shapes, skip, floor, checkpoints, bf16, compile, DDP, resume) is tests/unit/test_networks.py."""
 
 from __future__ import annotations
 
@@ -8,19 +9,15 @@ import pytest
 import torch
 
 from conv2dlstm.artifacts import checkpoint
+from conv2dlstm.config import networks
+from conv2dlstm.config.modelsize import conv2d_lstm_parameter_count
+from conv2dlstm.config.networks import residual_channels_for
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.training import models
-from conv2dlstm.training.models import (
-    Conv2dLSTM,
-    ConvLSTM,
-    build_model,
-    conv2d_lstm_parameter_count,
-    count_parameters,
-    load_model,
-    model_kwargs_from_config,
-    residual_channels_for,
-)
+from conv2dlstm.training.models import build_model, count_parameters, load_model, model_kwargs_from_config
+from conv2dlstm.training.networks.conv2d_lstm import Conv2dLSTM
+from conv2dlstm.training.networks.convlstm import ConvLSTM
 
 SMALL = {
     "convlstm": {"hidden_channels": [4, 4], "kernel_size": 3},
@@ -37,17 +34,6 @@ def shape_kwargs(height: int, width: int, *, c_in: int = 2, c_out: int = 1, t_in
         "height": height,
         "width": width,
     }
-
-
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
-@pytest.mark.parametrize(("height", "width"), [(48, 28), (12, 10), (13, 11), (25, 25), (11, 19)])
-def test_output_shape(name: str, height: int, width: int) -> None:
-    torch.manual_seed(0)
-    model = build_model(name, **shape_kwargs(height, width), **SMALL[name])
-    x = torch.randn(3, 3, 2, height, width)  # (B, T_in, C_in, H, W)
-    y = model(x)
-    assert y.shape == (3, 2, 1, height, width)  # (B, T_out, C_out, H, W)
-    assert y.dtype == torch.float32 and torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize(
@@ -232,37 +218,13 @@ def test_convlstm_even_kernel_refused() -> None:
         build_model("convlstm", **shape_kwargs(12, 10), hidden_channels=[4], kernel_size=4)
 
 
-def test_convlstm_residual_skip_is_persistence_when_head_is_zero() -> None:
-    torch.manual_seed(0)
-    # inputs (a, b, c); targets (c, d, a): c and a have a skip, d has none.
-    model = ConvLSTM(
-        **shape_kwargs(12, 10, c_in=3, c_out=3),
-        hidden_channels=[4],
-        residual_channels=residual_channels_for(["a", "b", "c"], ["c", "d", "a"]),
-    )
-    with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.bias.zero_()
-    x = torch.randn(2, 3, 3, 12, 10)
-    y = model(x)  # (2, 2, 3, 12, 10)
-    for lead in range(2):
-        assert torch.equal(y[:, lead, 0], x[:, -1, 2])
-        assert torch.equal(y[:, lead, 1], torch.zeros(2, 12, 10))
-        assert torch.equal(y[:, lead, 2], x[:, -1, 0])
-
-
 def test_residual_channels_for() -> None:
     assert residual_channels_for(["sst"], ["sst"]) == [0]
     assert residual_channels_for(["sst", "no3"], ["no3", "po4"]) == [1, None]
     assert residual_channels_for(["sst"], ["no3"]) is None
 
 
-def test_unknown_model_name() -> None:
-    with pytest.raises(ConfigError, match=r"'unet' is not one of \['convlstm', 'conv2d_lstm'\]"):
-        build_model("unet", **shape_kwargs(12, 10))
-
-
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", models.model_names())
 def test_model_kwargs_from_config_builds(name: str) -> None:
     cfg = validate_config({"model": {"name": name}})
     kwargs = model_kwargs_from_config(
@@ -274,31 +236,10 @@ def test_model_kwargs_from_config_builds(name: str) -> None:
         height=25,
         width=25,
     )
-    assert kwargs["in_channels"] == 2 and kwargs["out_channels"] == 1
-    if name == "convlstm":
-        assert kwargs["hidden_channels"] == [16, 16] and kwargs["residual_channels"] == [1]
-    else:
-        assert kwargs["filters"] == [32, 64] and kwargs["max_parameters"] == 20_000_000
+    assert kwargs["in_channels"] == 2 and kwargs["out_channels"] == 1 and kwargs["residual_channels"] == [1]
+    assert kwargs.items() >= networks.network(name).kwargs(cfg["model"][name]).items()  # the schema's defaults
     model = build_model(name, **kwargs)
     assert model(torch.zeros(1, 5, 2, 25, 25)).shape == (1, 3, 1, 25, 25)
-
-
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
-def test_load_model_round_trip(tmp_path, name: str) -> None:
-    torch.manual_seed(1)
-    kwargs = shape_kwargs(12, 10) | SMALL[name]
-    if name == "convlstm":
-        kwargs["residual_channels"] = [0]
-    model = build_model(name, **kwargs).eval()
-    path = tmp_path / "ckpt.pt"
-    ckpt = {"model_name": name, "model_kwargs": kwargs, "model_state": model.state_dict()}
-    torch.save({"format_version": checkpoint.FORMAT_VERSION} | ckpt, path)
-    loaded, ckpt = load_model(path)
-    assert not loaded.training
-    assert ckpt["model_name"] == name
-    x = torch.randn(2, 3, 2, 12, 10)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
 
 
 def _saved_checkpoint(tmp_path, **changes) -> tuple[dict, object]:
@@ -357,8 +298,8 @@ def test_load_model_kwargs_of_another_version(tmp_path) -> None:
     _, path = _saved_checkpoint(tmp_path, model_kwargs=shape_kwargs(12, 10) | {"n_layers": 2})
     with pytest.raises(DataError, match=r"model_kwargs that do not build a convlstm model.*re-run the train step"):
         load_model(path)
-    _, path = _saved_checkpoint(tmp_path, model_name="unet")
-    with pytest.raises(DataError, match=r"names the model 'unet'"):
+    _, path = _saved_checkpoint(tmp_path, model_name="resnet")
+    with pytest.raises(DataError, match=r"names the model 'resnet'"):
         load_model(path)
 
 
@@ -450,65 +391,12 @@ def test_checkpoint_of_another_version_or_lacking_entries_is_refused(tmp_path) -
 # output floor: variables that cannot be negative
 
 
-def _floored(name: str, *, per_cell: bool = False, floor=None) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """A model with target 1 of 2 floored, and the same weights without the floor."""
-    from conv2dlstm.training.models import floor_from_stats
-
-    base = shape_kwargs(12, 10, c_in=2, c_out=2) | SMALL[name]
-    if name == "convlstm":
-        base["residual_channels"] = [0, 1]  # persistence-like: a negative input gives a negative output
-    kwargs = base | {"nonnegative_channels": [1], "floor_per_cell": per_cell, "floor_sharpness": 10.0}
-    torch.manual_seed(3)
-    free = build_model(name, **base).eval()
-    floored = build_model(name, **kwargs).eval()
-    floored.load_state_dict(free.state_dict(), strict=False)  # the floor buffer is not in `free`
-    if floor is None:
-        mean = torch.full((1, 12, 10), 0.8).numpy() if per_cell else [0.8]
-        floor = floor_from_stats(mean, [0.4])  # mean 0.8, std 0.4
-    floored.output_floor.set_floor(floor)
-    return free, floored, kwargs
-
-
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
-@pytest.mark.parametrize("per_cell", [False, True], ids=["per-variable", "per-cell"])
-def test_nonnegative_target_is_never_negative_where_the_free_model_is(tmp_path, name: str, per_cell: bool) -> None:
-    mean, std = 0.8, 0.4  # physical = normalized * std + mean; 0 physical is -2 normalized
-    free, floored, kwargs = _floored(name, per_cell=per_cell)
-    if name == "conv2d_lstm":  # the dense head's bias: every other cell far below the floor, the others above
-        bias = torch.tensor([-6.0, 3.0]).repeat(free.head[-1].bias.numel() // 2)
-        with torch.no_grad():
-            free.head[-1].bias.copy_(bias)
-            floored.head[-1].bias.copy_(bias)
-    x = torch.full((4, 3, 2, 12, 10), -5.0) + 0.1 * torch.randn(4, 3, 2, 12, 10)  # far below the training range
-    x[:2] = torch.randn(2, 3, 2, 12, 10)  # and windows in the usual range
-    with torch.no_grad():
-        y_free, y_floor = free(x), floored(x)
-    assert (y_free[:, :, 1] * std + mean < 0).any(), "the unconstrained model must go negative in this case"
-    assert (y_floor[:, :, 1] * std + mean >= -1e-6).all()
-    # the other target is untouched (ConvLSTM feeds the floored prediction back: from lead 2 on it differs)
-    assert torch.equal(y_floor[:, :1, 0], y_free[:, :1, 0])
-    if name == "conv2d_lstm":
-        assert torch.equal(y_floor[:, :, 0], y_free[:, :, 0])
-    # from one std above the floor on, the output is the raw output (sharpness 10: within 5e-6 std)
-    free1, floor1 = y_free[:, :1, 1], y_floor[:, :1, 1]  # lead 1: ConvLSTM feeds later leads back
-    high = free1 > -2.0 + 1.0
-    assert high.any() and torch.allclose(floor1[high], free1[high], atol=1e-5)
-    assert kwargs["floor_sharpness"] == 10.0
-    # the floor travels in the checkpoint: load_model rebuilds the floored model from the file alone
-    path = tmp_path / "ckpt.pt"
-    ckpt = {"model_name": name, "model_kwargs": kwargs, "model_state": floored.state_dict()}
-    torch.save({"format_version": checkpoint.FORMAT_VERSION} | ckpt, path)
-    loaded, _ = load_model(path)
-    assert "output_floor.floor" in floored.state_dict()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), y_floor)
-
-
 def test_output_floor_must_be_set_and_fit() -> None:
     kwargs = shape_kwargs(6, 5, c_out=2) | SMALL["convlstm"] | {"nonnegative_channels": [0]}
     model = build_model("convlstm", **kwargs)
+    model(torch.zeros(1, 3, 2, 6, 5))  # training mode: the raw output, no floor needed
     with pytest.raises(RuntimeError, match="output floor .* never set"):
-        model(torch.zeros(1, 3, 2, 6, 5))
+        model.eval()(torch.zeros(1, 3, 2, 6, 5))
     with pytest.raises(DataError, match=r"expected finite \(1, 1, 1\)"):
         model.output_floor.set_floor([1.0, 2.0])
     with pytest.raises(ConfigError, match="nonnegative_channels"):
@@ -528,7 +416,6 @@ def test_model_kwargs_floor_the_nonnegative_targets_only() -> None:
         **common,
     )
     assert kwargs["nonnegative_channels"] == [1] and kwargs["floor_per_cell"] is True
-    assert kwargs["floor_sharpness"] == 10.0
     sst_only = model_kwargs_from_config(
         cfg["model"], target_variables=["sst"], nonnegative=cfg["variables"]["nonnegative"], **common
     )
@@ -556,9 +443,9 @@ def test_parameter_counts_on_the_meta_device_equal_a_real_build(capsys) -> None:
         }
     )
     counts = models.parameter_counts(cfg)
-    assert set(counts) == set(models.MODEL_NAMES)
+    assert set(counts) == set(models.model_names())
     height, width = grid_shape(cfg["grid"])
-    for name in models.MODEL_NAMES:
+    for name in models.model_names():
         kwargs = model_kwargs_from_config(
             {**cfg["model"], "name": name},
             input_variables=["sst"],
@@ -578,6 +465,6 @@ def test_parameter_counts_on_the_meta_device_equal_a_real_build(capsys) -> None:
     assert main(["models", "--config-json", json.dumps(cfg)]) == 0
     out = capsys.readouterr().out
     assert "networks on the 10 x 16 grid" in out
-    for name in models.MODEL_NAMES:
+    for name in models.model_names():
         assert f"{counts[name]:,}" in out, name
     assert "* convlstm" in out

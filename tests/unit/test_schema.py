@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from conv2dlstm.cli import main
-from conv2dlstm.config import defaults, sources
+from conv2dlstm.config import defaults, networks, sources
 from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.data import checks, fetching, harmonize, regridding
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.steps import synthetic
-from conv2dlstm.training import dataset, devices, loop, models
+from conv2dlstm.training import dataset, devices, loop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ CODE_CHOICES: dict[str, tuple[str, ...]] = {
     "harmonize.lon_convention": harmonize.LON_CONVENTIONS,
     "harmonize.duplicates": checks.DUPLICATE_POLICIES,
     "grid.method": regridding.METHODS,
-    "model.name": models.MODEL_NAMES,
+    "model.name": tuple(networks.NETWORKS),
     "train.lr_schedule": loop.LR_SCHEDULES,
     "train.device": devices.DEVICES,
     "train.data_on_device": dataset.DATA_ON_DEVICE,

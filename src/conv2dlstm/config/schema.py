@@ -1,7 +1,9 @@
 """The configuration schema shipped with the package (``workflow/schemas/config.schema.yaml``, the
 file Snakemake validates with) and the one resolver of its local ``$ref``s. What the schema derives
 from tables of the code is filled in here: ``x-enum: source-kinds`` becomes the ``enum`` of the kinds
-of :data:`conv2dlstm.config.sources.SOURCE_KINDS`. Only PyYAML is imported."""
+of :data:`conv2dlstm.config.sources.SOURCE_KINDS`, ``x-enum: networks`` the registered networks
+(:data:`conv2dlstm.config.networks.NETWORKS`), and ``x-network-sections`` (the ``model`` section) gets
+one property per registered network, its ``$defs`` section. Only PyYAML is imported."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Any
 
 import yaml
 
+from conv2dlstm.config.networks import NETWORKS
 from conv2dlstm.config.sources import SOURCE_KINDS
+from conv2dlstm.errors import ConfigError
 
 SCHEMA_FILE = "config.schema.yaml"
 DATE_REF = "#/$defs/date"
@@ -27,19 +31,35 @@ def load_schema() -> dict[str, Any]:
     return schema
 
 
-DERIVED_ENUMS = {"source-kinds": lambda: list(SOURCE_KINDS)}
+DERIVED_ENUMS = {"source-kinds": lambda: list(SOURCE_KINDS), "networks": lambda: list(NETWORKS)}
 """``x-enum`` names and the choices each stands for."""
 
 
-def _derive_enums(node: Any) -> None:
+def network_sections(schema: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` section's property of every registered network: a ``$ref`` to its ``$defs``
+    section; a :class:`ConfigError` names a registered network the schema has no section for."""
+    missing = [name for name in NETWORKS if name not in schema.get("$defs", {})]
+    if missing:
+        raise ConfigError(
+            f"the networks {missing} are registered (conv2dlstm.config.networks.NETWORKS) but the configuration "
+            f"schema has no $defs section for them: add $defs.<name> to {SCHEMA_FILE} (its keys, defaults, "
+            "descriptions and x-steps)"
+        )
+    return {name: {"$ref": f"#/$defs/{name}"} for name in NETWORKS}
+
+
+def _derive_enums(node: Any, root: dict[str, Any] | None = None) -> None:
+    root = node if root is None else root
     if isinstance(node, dict):
+        if node.get("x-network-sections"):
+            node["properties"] = {**node["properties"], **network_sections(root)}
         if "x-enum" in node:
             node["enum"] = DERIVED_ENUMS[node["x-enum"]]()
         for value in node.values():
-            _derive_enums(value)
+            _derive_enums(value, root)
     elif isinstance(node, list):
         for value in node:
-            _derive_enums(value)
+            _derive_enums(value, root)
 
 
 def resolve(subschema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:

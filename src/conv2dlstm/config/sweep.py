@@ -39,6 +39,7 @@ from typing import Any
 
 import jsonschema
 
+from conv2dlstm.config.networks import NETWORKS
 from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.errors import ConfigError
 
@@ -53,14 +54,9 @@ LABELS: dict[str, str] = {
     "train.patience": "pat",
     "train.seed": "seed",
     "train.max_batches_per_epoch": "mb",
-    "model.convlstm.hidden_channels": "hc",
-    "model.convlstm.kernel_size": "k",
-    "model.conv2d_lstm.filters": "f",
-    "model.conv2d_lstm.kernel_size": "ck",
-    "model.conv2d_lstm.lstm_units": "lstm",
-    "model.conv2d_lstm.dense_units": "dense",
-}
-"""Short labels of the keys swept most often; other keys are labelled by their last component."""
+} | {f"model.{n.name}.{key}": label for n in NETWORKS.values() for key, label in n.labels.items()}
+"""Short labels of the keys swept most often (each network's from its registry entry,
+:data:`conv2dlstm.config.networks.NETWORKS`); other keys are labelled by their last component."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 """What a run name may hold (the schema's pattern for ``runs[].name``, a Snakemake wildcard)."""
 

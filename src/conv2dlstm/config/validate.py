@@ -33,11 +33,10 @@ from typing import Any
 import jsonschema
 import yaml
 
+from conv2dlstm.config import networks
 from conv2dlstm.config.modelsize import (
     axis_problem,
-    conv2d_lstm_grid_problem,
     conv2d_lstm_parameter_count,
-    conv2d_lstm_size_problem,
     grid_shape,
 )
 from conv2dlstm.config.runs import merge_run, run_names
@@ -233,26 +232,11 @@ def conv2d_lstm_parameters(cfg: dict[str, Any]) -> int:
 
 
 def _check_model(cfg: dict[str, Any]) -> None:
-    """The network ``model.name`` can be built on the configured grid: a ``conv2d_lstm`` whose
-    Conv2D + MaxPool blocks fit the grid and whose size is within ``max_parameters``; a ``convlstm``
-    with an odd kernel."""
-    model = cfg["model"]
-    if model["name"] == "conv2d_lstm":
-        c = model["conv2d_lstm"]
-        height, width = grid_shape(cfg["grid"])
-        problem = conv2d_lstm_grid_problem(height, width, c["filters"], int(c["kernel_size"]))
-        if problem:
-            raise ConfigError(f"config key model.conv2d_lstm: {problem}")
-        problem = conv2d_lstm_size_problem(conv2d_lstm_parameters(cfg), height, width, int(c["max_parameters"]))
-        if problem:
-            raise ConfigError(f"config key model.conv2d_lstm.max_parameters: {problem}")
-    elif model["name"] == "convlstm":
-        kernel = int(model["convlstm"]["kernel_size"])
-        if kernel % 2 != 1:
-            raise ConfigError(
-                f"config key model.convlstm.kernel_size: {kernel} must be odd ('same' padding keeps the "
-                "grid size only for odd kernels); use 3 or 5"
-            )
+    """The network ``model.name`` can be built with its section on the configured grid and windows:
+    its registry entry's checks (:func:`conv2dlstm.config.networks.config_problems`)."""
+    problems = networks.config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _check_run(cfg: dict[str, Any]) -> None:
