@@ -51,10 +51,11 @@ def masked_sse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) 
     """Weighted sum of squared errors over cells with weight > 0, and the sum of the weights.
 
     ``pred``, ``target``: ``(B, T, C, H, W)``; ``weights``: ``(H, W)``. Cells of zero weight (land)
-    are excluded even when they hold NaN.
+    are excluded even when they hold NaN, from the loss and from its gradient (the error is masked
+    before it is squared: ``where(mask, (p - t) ** 2, 0)`` would carry NaN into the gradient).
     """
-    sq = torch.where(weights > 0, (pred.float() - target.float()) ** 2, 0.0)  # (B, T, C, H, W)
-    sse = (sq * weights).sum()
+    diff = torch.where(weights > 0, pred.float() - target.float(), 0.0)  # (B, T, C, H, W)
+    sse = (diff.square() * weights).sum()
     n = pred.shape[0] * pred.shape[1] * pred.shape[2]
     return sse, weights.sum() * n
 
