@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conv2dlstm.errors import DataError
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 from conv2dlstm.evaluation.scores import CSV_COLUMNS
 from conv2dlstm.steps import compare
 
@@ -274,3 +275,95 @@ def test_compare_plot_names_the_rmse_unit_and_the_lead_in_days(two_runs, tmp_pat
     assert with_cfg["sst"].get_ylabel() == "area-weighted RMSE [degC]"
     assert without["sst"].get_ylabel() == "area-weighted RMSE (physical units)"
     assert {ax.get_xlabel() for ax in with_cfg.values()} == {"lead (days)"}
+
+
+def _lead_rows(run: str, model: str, baseline: str, lower: list[float], meaningful: list[float] | None = None) -> list:
+    """Interval rows of ``len(lower)`` leads (skill 0.1 above ``lower``, upper 0.1 above the skill)."""
+    prefix = f"skill_vs_{baseline}"
+    meaningful = meaningful or [1.0] * len(lower)
+    return _rows(
+        run,
+        model,
+        {
+            prefix: [lo + 0.1 for lo in lower],
+            f"{prefix}_lower": lower,
+            f"{prefix}_upper": [lo + 0.2 for lo in lower],
+            f"{prefix}_significant": [float(lo > 0 or lo + 0.2 < 0) for lo in lower],
+            f"{prefix}_meaningful": meaningful,
+            f"{prefix}_block_length": [1.0] * len(lower),
+        },
+    )
+
+
+def test_skill_horizon_column_from_the_interval_rows(tmp_path):
+    """A metrics.csv without ``skill_horizon_vs_<b>`` rows (written before they existed): the horizon is
+    the last lead up to which the interval's lower bound stays above zero, per entry and variable."""
+    rows = []
+    for variable, lower in (("sst", [0.3, 0.1, -0.05, 0.2]), ("no3", [0.3, 0.2, 0.1, 0.05])):
+        rows += _rows("a", "convlstm", {"rmse": [1.0, 2.0, 3.0, 4.0]}, variable)
+        rows += [{**r, "variable": variable} for r in _lead_rows("a", "convlstm", "persistence", lower)]
+        rows += [
+            {**r, "variable": variable}
+            for r in _lead_rows("a", "convlstm", "climatology", [np.nan, 0.3, 0.3, 0.3], [0.0, 1.0, 1.0, 1.0])
+        ]
+        rows += [{**r, "variable": variable} for r in _lead_rows("a", "convlstm", "damped_persistence", [0.1] * 4)]
+        rows += _rows("a", "persistence", {"rmse": [2.0, 3.0, 4.0, 5.0]}, variable)
+        rows += [{**r, "variable": variable} for r in _lead_rows("a", "persistence", "climatology", [-0.1] * 4)]
+        rows += _rows("a", "climatology", {"rmse": [4.0] * 4}, variable)
+    path = tmp_path / "metrics.csv"
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    table = pd.read_csv(tmp_path / "c.csv").set_index(["name", "variable"])
+    assert table.loc[("a", "sst"), "skill_horizon_vs_persistence"] == 2  # lead 4 above zero does not extend it
+    assert table.loc[("a", "no3"), "skill_horizon_vs_persistence"] == 4  # every lead
+    assert table.loc[("a", "sst"), "skill_horizon_vs_climatology"] == 0  # lead 1 not meaningful
+    assert table.loc[("a", "sst"), "skill_horizon_vs_damped_persistence"] == 4
+    assert table.loc[("persistence", "sst"), "skill_horizon_vs_climatology"] == 0  # lead 1 fails
+    assert np.isnan(table.loc[("persistence", "sst"), "skill_horizon_vs_persistence"])  # against itself
+    assert np.isnan(table.loc[("climatology", "sst"), "skill_horizon_vs_persistence"])  # no interval rows
+    # written as integers, empty without an interval
+    header, *lines = (tmp_path / "c.csv").read_text().splitlines()
+    column = header.split(",").index("skill_horizon_vs_persistence")
+    assert sorted(line.split(",")[column] for line in lines) == ["", "", "", "", "2", "4"]
+
+
+def test_skill_horizon_column_without_intervals_is_empty(tmp_path):
+    rows = _rows("a", "convlstm", {"rmse": [1.0, 2.0], "skill_vs_persistence": [0.1, 0.3]})  # no interval
+    rows += _rows("a", "persistence", {"rmse": [2.0, 4.0]})
+    path = tmp_path / "metrics.csv"
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    table = pd.read_csv(tmp_path / "c.csv").set_index("name")
+    assert table[[f"skill_horizon_vs_{b}" for b in BASELINE_NAMES]].isna().all().all()
+
+
+def test_skill_horizon_column_is_the_metrics_csv_row(tmp_path, scored):
+    """The evaluate step's table (with its ``skill_horizon_vs_<b>`` rows, lead 0) read back: the column
+    is that row, and the lead-0 rows change no other column."""
+    from conv2dlstm.evaluation import scores
+
+    table = scores.metrics_table(scored, run="exp1", model_name="convlstm")
+    path = tmp_path / "metrics.csv"
+    table.to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    summary = pd.read_csv(tmp_path / "c.csv").set_index(["name", "variable"])
+    stored = table[table["metric"].str.startswith(scores.HORIZON_PREFIX)]
+    assert len(stored) == 8
+    for row in stored.itertuples():
+        name = "exp1" if row.model == "convlstm" else row.model
+        assert summary.loc[(name, row.variable), row.metric] == row.value
+    assert summary.loc[("exp1", "sst"), "skill_horizon_vs_persistence"] == 2
+    assert summary.loc[("climatology", "sst"), "skill_horizon_vs_persistence"] == 0
+    assert summary.loc[("exp1", "sst"), "leads"] == 2  # the lead-0 rows are not a lead
+    assert summary.loc[("exp1", "sst"), "skill_vs_persistence_mean"] == pytest.approx(0.5)
+    assert summary.loc[("exp1", "sst"), "better_leads_vs_persistence"] == "1 2"
+    # tampering with the stored row shows that it is the one read
+    table.loc[(table["model"] == "convlstm") & (table["metric"] == "skill_horizon_vs_persistence"), "value"] = 1.0
+    table.to_csv(path, index=False)
+    compare.main(metrics=[path], out_csv=tmp_path / "c.csv", out_plot=tmp_path / "c.png")
+    assert (
+        pd.read_csv(tmp_path / "c.csv")
+        .set_index(["name", "variable"])
+        .loc[("exp1", "sst"), "skill_horizon_vs_persistence"]
+        == 1
+    )

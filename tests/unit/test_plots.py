@@ -109,6 +109,79 @@ def test_skill_vs_lead_names_the_lead_step(tmp_path):
     assert _panel(fig, "sst").get_xlabel() == "lead (6-hour steps)"
 
 
+def _horizon_rows(lower_by_label: dict[str, list[float]], meaningful: tuple[bool, ...] = ()) -> pd.DataFrame:
+    rows = [
+        {
+            "label": label,
+            "baseline": label.removeprefix("vs "),
+            "variable": "sst",
+            "lead": lead,
+            "skill": lo + 0.1 if np.isfinite(lo) else np.nan,
+            "lower": lo,
+            "upper": lo + 0.2,
+            "significant": lo > 0,
+            "meaningful": meaningful[lead - 1] if meaningful else True,
+        }
+        for label, lower in lower_by_label.items()
+        for lead, lo in enumerate(lower, start=1)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _dashed_verticals(ax) -> dict[str, float]:
+    """Label -> x of each dashed vertical line of ``ax``."""
+    out = {}
+    for line in ax.get_lines():
+        x = np.asarray(line.get_xdata(), dtype="float64")
+        if line.get_linestyle() == "--" and x.size == 2 and x[0] == x[1]:
+            out[line.get_label()] = float(x[0])
+    return out
+
+
+def test_skill_vs_lead_marks_the_skill_horizon(tmp_path):
+    skills = _horizon_rows(
+        {
+            "vs persistence": [0.3, 0.1, -0.05, 0.2],  # lead 4 above zero again: the horizon stays lead 2
+            "vs climatology": [-0.1, 0.2, 0.3, 0.3],
+            "vs damped_persistence": [0.1, 0.1, 0.1, 0.1],
+        }
+    )
+    fig = plots.skill_vs_lead(skills, tmp_path / "skill.png", title="t", lead_step=pd.Timedelta(hours=6))
+    ax = _panel(fig, "sst")
+    assert _dashed_verticals(ax) == {
+        "skill horizon vs persistence: lead 2 (12 hours)": 2.0,
+        "skill horizon vs damped_persistence: lead 4 (1 day), every lead": 4.0,
+    }
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "skill horizon vs climatology: none (no skill at lead 1)" in legend
+    assert "skill horizon vs persistence: lead 2 (12 hours)" in legend
+    colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert colours["skill horizon vs persistence: lead 2 (12 hours)"] == colours["vs persistence"]
+
+
+def test_skill_horizon_ends_at_a_lead_not_meaningful(tmp_path):
+    skills = _horizon_rows({"vs climatology": [0.3, np.nan, 0.3]}, meaningful=(True, False, True))
+    ax = _panel(plots.skill_vs_lead(skills, tmp_path / "skill.png", title="t"), "sst")
+    assert _dashed_verticals(ax) == {"skill horizon vs climatology: lead 1": 1.0}  # no step known: no duration
+    no_interval = _horizon_rows({"vs persistence": [np.nan, np.nan]}).assign(skill=0.2)
+    ax = _panel(plots.skill_vs_lead(no_interval, tmp_path / "bare.png", title="t"), "sst")
+    assert not [t for t in ax.get_legend().get_texts() if "horizon" in t.get_text()]  # nothing to mark
+
+
+@pytest.mark.parametrize(
+    ("lead", "step", "text"),
+    [
+        (3, pd.Timedelta(hours=6), "18 hours"),
+        (1, DAY, "1 day"),
+        (2, pd.Timedelta(hours=36), "3 days"),
+        (2, pd.Timedelta(minutes=90), "3 hours"),
+        (3, None, None),
+    ],
+)
+def test_lead_duration(lead, step, text):
+    assert plots.lead_duration(lead, step) == text
+
+
 def test_compare_figure_names_the_rmse_unit_per_variable_and_the_lead(tmp_path):
     fig = plots.compare_figure(
         _rmse_rows(), _skill_rows(), tmp_path / "compare.png", title="t", units={"sst": "degC"}, lead_step=DAY

@@ -91,8 +91,18 @@ def test_score_forecasts_hand_values(scored):
             assert value("climatology", "skill_vs_persistence", variable, lead) == pytest.approx(-1.0)
     assert not ((scored["model"] == "climatology") & (scored["metric"] == "acc")).any()
     assert not ((scored["model"] == "persistence") & scored["metric"].str.startswith("skill_vs_persistence")).any()
-    # model: 4 scores + 2 x 6 skill rows, persistence 4 + 6, climatology 3 + 6; x 2 variables x 2 leads
-    assert len(scored) == (16 + 10 + 9) * 2 * 2
+    # the interval is above zero at both leads, except for climatology's (skill -1) against persistence
+    horizons = scored[scored["metric"].str.startswith("skill_horizon_vs_")]
+    assert set(horizons["lead"]) == {scores.HORIZON_LEAD}
+    for variable in ("sst", "no3"):
+        assert value("model", "skill_horizon_vs_persistence", variable, lead=0) == 2
+        assert value("model", "skill_horizon_vs_climatology", variable, lead=0) == 2
+        assert value("persistence", "skill_horizon_vs_climatology", variable, lead=0) == 2
+        assert value("climatology", "skill_horizon_vs_persistence", variable, lead=0) == 0
+    # model: 4 scores + 2 x 6 skill rows, persistence 4 + 6, climatology 3 + 6; x 2 variables x 2 leads;
+    # then one horizon per forecast, baseline and variable: (2 + 1 + 1) x 2 variables
+    assert len(horizons) == 4 * 2
+    assert len(scored) == (16 + 10 + 9) * 2 * 2 + 4 * 2
 
 
 def test_mlflow_metric_names(scored):
@@ -107,6 +117,13 @@ def test_mlflow_metric_names(scored):
     assert names["test_rmse_sst_mean"] == pytest.approx(1.0)
     assert "climatology_acc_sst_lead1" not in names
     assert not any(k.startswith("test_skill") for k in names)
+    # the skill horizon: one metric per baseline and variable, in lead steps, no lead in its name
+    assert names["skill_horizon_vs_persistence_sst"] == 2.0
+    assert names["skill_horizon_vs_climatology_no3"] == 2.0
+    assert names["climatology_skill_horizon_vs_persistence_sst"] == 0.0
+    assert names["persistence_skill_horizon_vs_climatology_no3"] == 2.0
+    assert not any("horizon" in k and ("_lead" in k or k.endswith("_mean")) for k in names)
+    assert not any(k.endswith("_lead0") for k in names)
 
 
 @pytest.mark.parametrize("sizes", [[7], [3, 3, 1], [1] * 7, [2, 5]], ids=["one", "3-3-1", "single", "2-5"])
@@ -188,7 +205,102 @@ def test_skill_frame_marks_unsupported_baselines_not_meaningful(forecast_set):
     own = rows[(rows["model"] == "climatology") & (rows["lead"] == 3)]
     assert not own["meaningful"].any()
     assert rows[(rows["model"] == "model") & (rows["baseline"] == "persistence")]["meaningful"].all()
+    # a lead not meaningful ends the horizon: against climatology it is at most lead 1
+    horizon = table[(table["model"] == "model") & (table["metric"] == "skill_horizon_vs_climatology")]
+    horizon = horizon.set_index("variable")["value"]
+    assert horizon["sst"] == float(vs_clim.loc[("sst", 1), "lower"] > 0)
     names = scores.mlflow_metrics(scores.metrics_table(table, run="r", model_name="m"), model_name="m")
     assert names["skill_vs_climatology_meaningful_sst_lead3"] == 0.0
+    assert names["skill_horizon_vs_climatology_sst"] == horizon["sst"]
     assert "skill_vs_climatology_sst_lead3" not in names and "skill_vs_climatology_sst_mean" not in names
     assert "skill_vs_persistence_sst_mean" in names
+
+
+@pytest.mark.parametrize(
+    ("lower", "horizon"),
+    [
+        ([0.3, 0.2, 0.1], 3),  # above zero at every lead: the last lead
+        ([0.0, 0.2, 0.1], 0),  # zero at lead 1 is not above it
+        ([-0.1, 0.2, 0.1], 0),
+        ([0.3, np.nan, 0.1], 1),  # NaN (not meaningful) in the middle ends it
+        ([np.nan, 0.2], 0),
+        ([0.3, 0.2, -0.05, 0.4, 0.5], 2),  # a later positive lead does not extend it
+        ([0.3, 0.2, 0.0], 2),
+        (np.array([0.1, 0.1]), 2),
+        ([], 0),
+    ],
+)
+def test_skill_horizon(lower, horizon):
+    got = scores.skill_horizon(lower)
+    assert got == horizon and isinstance(got, int)
+
+
+def test_skill_horizon_needs_one_dimension():
+    with pytest.raises(ValueError, match="1-D"):
+        scores.skill_horizon(np.ones((2, 2)))
+
+
+def test_lead_horizon_orders_leads_and_a_missing_lead_ends_it():
+    rows = pd.DataFrame({"lead": [3, 1, 2], "lower": [0.1, 0.2, 0.3]})
+    assert scores.lead_horizon(rows) == 3
+    assert scores.lead_horizon(rows[rows["lead"] != 2]) == 1  # lead 2 absent
+    assert scores.lead_horizon(rows.iloc[:0]) == 0
+
+
+def _horizon_case(n: int, seed: int):
+    """Truth, a model and persistence over four leads: the model's error has standard deviation 1, 1, 3
+    and 1 at leads 1-4, persistence's 2 everywhere; skill 0.5, 0.5, -0.5, 0.5 (two variables alike)."""
+    rng = np.random.default_rng(seed)
+    shape = cube_shape(n=n, n_lead=4, n_var=2)
+    sd = np.array([1.0, 1.0, 3.0, 1.0])[None, :, None, None, None]
+    truth = forecast_cube(rng.normal(20, 1, size=shape), variables=("sst", "no3"), n_lead=4).where(MASK)
+    forecasts = {
+        "model": (truth + rng.normal(0, 1, size=shape) * sd).where(MASK),
+        "persistence": (truth + rng.normal(0, 2, size=shape)).where(MASK),
+    }
+    return forecasts, truth
+
+
+def test_streaming_table_has_the_skill_horizon_rows():
+    """Skill above zero at leads 1 and 2, below at 3, above again at 4: the horizon is lead 2, in
+    ``metrics.csv`` (lead 0, one row per forecast, baseline and variable) and in MLflow."""
+    forecasts, truth = _horizon_case(200, seed=3)
+    streaming = scores.StreamingScores(metrics.area_weights(LAT, MASK))
+    for sl in batch_slices(200, [64] * 4):
+        streaming.add({k: v.isel(time=sl) for k, v in forecasts.items()}, truth.isel(time=sl), truth.isel(time=sl))
+    table = scores.metrics_table(streaming.table(), run="r", model_name="convlstm")
+    lower = scores.skill_intervals(table).set_index(["model", "variable", "lead"])["lower"]
+    for variable in ("sst", "no3"):
+        assert list(lower.loc[("convlstm", variable)] > 0) == [True, True, False, True]  # the case holds
+    horizons = table[table["metric"].str.startswith(scores.HORIZON_PREFIX)]
+    assert list(horizons.columns) == scores.CSV_COLUMNS and horizons["lead"].dtype.kind == "i"
+    assert sorted(zip(horizons["model"], horizons["variable"], horizons["lead"], horizons["metric"])) == [
+        ("convlstm", "no3", 0, "skill_horizon_vs_persistence"),
+        ("convlstm", "sst", 0, "skill_horizon_vs_persistence"),
+    ]  # persistence is not scored against itself; no climatology forecast here
+    assert list(horizons["value"]) == [2.0, 2.0]
+    # the per-lead readers do not see them
+    assert set(scores.skill_intervals(table)["lead"]) == {1, 2, 3, 4}
+    names = scores.mlflow_metrics(table, model_name="convlstm")
+    assert names["skill_horizon_vs_persistence_sst"] == names["skill_horizon_vs_persistence_no3"] == 2.0
+    assert "skill_vs_persistence_sst_mean" in names and "skill_horizon_vs_persistence_sst_mean" not in names
+
+
+def test_horizon_rows_from_wide_skill_rows():
+    wide = pd.DataFrame(
+        {
+            "model": ["m"] * 6,
+            "baseline": ["persistence"] * 3 + ["climatology"] * 3,
+            "variable": ["sst"] * 6,
+            "lead": [1, 2, 3] * 2,
+            "lower": [0.2, 0.1, -0.1, np.nan, 0.4, 0.4],
+        }
+    )
+    rows = scores.horizon_rows(wide)
+    assert list(rows.columns) == ["model", "variable", "lead", "metric", "value"]
+    assert rows.set_index("metric")["value"].to_dict() == {
+        "skill_horizon_vs_persistence": 2.0,
+        "skill_horizon_vs_climatology": 0.0,
+    }
+    assert set(rows["lead"]) == {scores.HORIZON_LEAD}
+    assert scores.horizon_rows(wide.iloc[:0]).empty

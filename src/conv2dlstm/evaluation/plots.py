@@ -6,6 +6,10 @@ atomically and returns it. Land (NaN) is drawn in grey.
 Axes name the quantity and its unit (:func:`quantity_label`: ``RMSE [degC]``, or ``(physical
 units)`` where the unit is not known) and the lead in days when one step is one day, else in the
 data's time step (:func:`lead_label`: ``lead (days)``, ``lead (6-hour steps)``).
+
+``skill_vs_lead.png`` marks each line's skill horizon (the last lead up to which the skill's 95%
+interval stays above 0, :func:`conv2dlstm.evaluation.scores.skill_horizon`) with a dashed vertical
+line in the line's colour, named in the legend (:func:`horizon_label`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES, BASELINES
+from conv2dlstm.evaluation.scores import lead_horizon
 from conv2dlstm.fsutil import atomic_output
 
 LAND_COLOR = "0.8"
@@ -63,6 +68,31 @@ def lead_label(step: pd.Timedelta | None) -> str:
             n = step // size
             return f"lead ({unit}s)" if n == 1 else f"lead ({n}-{unit} steps)"
     return f"lead (steps of {step})"
+
+
+def lead_duration(lead: int, step: pd.Timedelta | None) -> str | None:
+    """How long ``lead`` steps of ``step`` are, in the largest unit that divides them (``18 hours``,
+    ``3 days``); None when the step is not known (:func:`lead_step`)."""
+    if step is None or step <= pd.Timedelta(0):
+        return None
+    total = step * lead
+    for unit, size in _STEP_UNITS:
+        if total % size == pd.Timedelta(0):
+            n = total // size
+            return f"{n} {unit}" + ("" if n == 1 else "s")
+    return str(total)
+
+
+def horizon_label(baseline: str, horizon: int, *, last_lead: int, step: pd.Timedelta | None = None) -> str:
+    """The legend entry of a skill horizon (:func:`conv2dlstm.evaluation.scores.skill_horizon`, in lead steps):
+    ``skill horizon vs persistence: lead 3 (18 hours)``, ``..., every lead`` when it reaches ``last_lead``
+    (the last lead scored: the horizon may lie beyond it), ``...: none (no skill at lead 1)`` for 0."""
+    name = f"skill horizon vs {baseline}"
+    if horizon < 1:
+        return f"{name}: none (no skill at lead 1)"
+    duration = lead_duration(horizon, step)
+    label = f"{name}: lead {horizon}" + (f" ({duration})" if duration else "")
+    return label + (", every lead" if horizon >= last_lead else "")
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -160,12 +190,14 @@ def _skill_axes(
     group: str,
     lead_step: pd.Timedelta | None,
     color_of: dict[str, str] | None = None,
+    horizons: bool = False,
 ) -> None:
     """Skill against lead with its interval shaded, one line per ``group`` value.
 
     ``rows``: columns ``group``, ``lead``, ``skill``, ``lower``, ``upper``, ``significant``,
-    ``meaningful``. Markers are filled where the interval excludes 0 (significant) and hollow
-    elsewhere; leads whose skill is not meaningful are left out and named in the legend.
+    ``meaningful`` (and ``baseline``). Markers are filled where the interval excludes 0 (significant)
+    and hollow elsewhere; leads whose skill is not meaningful are left out and named in the legend.
+    With ``horizons``, each line's skill horizon is marked (:func:`_mark_horizon`).
     """
     ax.axhline(0.0, color="0.3", linewidth=0.8)
     for i, (label, line) in enumerate(rows.groupby(group, sort=False)):
@@ -183,6 +215,14 @@ def _skill_axes(
         sig = ok["significant"].astype(bool)
         ax.plot(ok["lead"][sig], ok["skill"][sig], color=color, linestyle="none", marker="o")
         ax.plot(ok["lead"][~sig], ok["skill"][~sig], color=color, linestyle="none", marker="o", markerfacecolor="white")
+        if horizons:
+            _mark_horizon(
+                ax,
+                line,
+                baseline=str(line["baseline"].iloc[0]) if "baseline" in line else str(label),
+                color=color,
+                lead_step=lead_step,
+            )
     if not rows.empty and not (rows["meaningful"].astype(bool) & rows["skill"].notna()).any():
         ax.text(0.5, 0.5, _NOT_MEANINGFUL, transform=ax.transAxes, ha="center", va="center", color="0.4")
     leads = sorted(rows["lead"].unique())
@@ -193,10 +233,25 @@ def _skill_axes(
     ax.legend(fontsize="small")
 
 
+def _mark_horizon(ax, line: pd.DataFrame, *, baseline: str, color: str, lead_step: pd.Timedelta | None) -> None:
+    """A dashed vertical line at the skill horizon of one line's rows
+    (:func:`conv2dlstm.evaluation.scores.lead_horizon`), labelled :func:`horizon_label`; a horizon of 0
+    is a legend entry only. Nothing without an interval."""
+    if line["lower"].isna().all():
+        return
+    horizon = lead_horizon(line)
+    label = horizon_label(baseline, horizon, last_lead=int(line["lead"].max()), step=lead_step)
+    if horizon < 1:
+        ax.plot([], [], color=color, linestyle="--", linewidth=1.0, label=label)
+    else:
+        ax.axvline(horizon, color=color, linestyle="--", linewidth=1.0, label=label)
+
+
 def skill_vs_lead(
     skills: pd.DataFrame, path: str | os.PathLike, *, title: str, lead_step: pd.Timedelta | None = None
 ) -> Figure:
-    """One panel per variable: skill ``1 - RMSE/RMSE(baseline)`` against lead, one line per ``label``.
+    """One panel per variable: skill ``1 - RMSE/RMSE(baseline)`` against lead, one line per ``label``,
+    each line's skill horizon a dashed vertical line (``skill horizon vs <baseline>: lead k``, :func:`horizon_label`).
 
     Args:
         skills: columns ``label`` (e.g. ``vs persistence``), ``baseline``, ``variable``, ``lead``,
@@ -210,7 +265,8 @@ def skill_vs_lead(
     fig, axes = _panels(len(variables))
     colors = {f"vs {b}": f"C{i}" for i, b in enumerate(BASELINE_NAMES)}  # the same colour per baseline in every panel
     for ax, variable in zip(axes, variables, strict=True):
-        _skill_axes(ax, skills[skills["variable"] == variable], group="label", lead_step=lead_step, color_of=colors)
+        sub = skills[skills["variable"] == variable]
+        _skill_axes(ax, sub, group="label", lead_step=lead_step, color_of=colors, horizons=True)
         ax.set_title(str(variable))
         ax.set_ylabel("RMSE skill vs baseline")
     _title(fig, title)

@@ -5,9 +5,11 @@ One concern: scoring. Per forecast (the model and each baseline of
 :mod:`conv2dlstm.evaluation.metrics` (RMSE, MAE, bias, ACC) averaged over initial times, accumulated batch by
 batch (:class:`StreamingScores`, :class:`CellRmse` for the per-cell RMSE map), and the skill
 ``1 - RMSE/RMSE(baseline)`` against every other baseline with a 95% paired block-bootstrap interval
-(:func:`skill_frame`); then the tidy ``metrics.csv`` table (:func:`metrics_table`,
-:data:`CSV_COLUMNS`), its flat MLflow metric names (:func:`mlflow_metrics`) and its skill rows in
-wide form (:func:`skill_intervals`, read by the evaluate step's plots and the compare step).
+(:func:`skill_frame`), and the skill horizon: the last lead up to which that interval stays above
+zero (:func:`skill_horizon`, :func:`skill_horizons`); then the tidy ``metrics.csv`` table
+(:func:`metrics_table`, :data:`CSV_COLUMNS`), its flat MLflow metric names (:func:`mlflow_metrics`)
+and its skill rows in wide form (:func:`skill_intervals`, read by the evaluate step's plots and the
+compare step).
 
 Is the gain real? The skill interval comes from a paired circular block bootstrap over initial
 times (:func:`conv2dlstm.evaluation.metrics.bootstrap_skill_table`): the per-initial-time MSE series are
@@ -22,7 +24,7 @@ step (:mod:`conv2dlstm.steps.compare`), which reads it. Nothing here reads or wr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -66,6 +68,11 @@ CSV_COLUMNS: list[str] = ["run", "model", "variable", "lead", "metric", "value"]
 
 SKILL_METRICS: tuple[str, ...] = ("", "_lower", "_upper", "_significant", "_meaningful", "_block_length")
 """Suffixes of the ``skill_vs_<baseline>`` rows of ``metrics.csv`` (see :func:`skill_frame`)."""
+HORIZON_PREFIX = "skill_horizon_vs_"
+"""Metric prefix of the skill horizon rows ``skill_horizon_vs_<baseline>`` of ``metrics.csv`` (:func:`horizon_rows`)."""
+HORIZON_LEAD = 0
+"""The ``lead`` of the ``skill_horizon_vs_<baseline>`` rows: one value over all leads, so not a lead (leads
+are ``1..N``); an integer keeps the column integer, and no reader that selects a metric per lead meets it."""
 BOOTSTRAP_RESAMPLES = metrics.DEFAULT_RESAMPLES
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -110,7 +117,9 @@ def skill_frame(
     - ``skill_vs_<b>_significant``: 1 where the interval excludes 0, else 0;
     - ``skill_vs_<b>_meaningful``: 0 where ``f`` or ``b`` relies on a climatology that no training
       day supports at that lead (``not_meaningful``); the four rows above are then NaN;
-    - ``skill_vs_<b>_block_length``: the bootstrap block length, in initial times.
+    - ``skill_vs_<b>_block_length``: the bootstrap block length, in initial times;
+    - ``skill_horizon_vs_<b>`` (one row per forecast, baseline and variable, ``lead`` :data:`HORIZON_LEAD`):
+      the skill horizon in lead steps (:func:`horizon_rows`).
 
     Args:
         mse: name -> per-initial-time MSE ``(time, lead, variable)``, the same initial times for all.
@@ -140,10 +149,64 @@ def skill_frame(
                 "_block_length": table["block_length"].astype("float64"),
             }
             frames += [tidy(da, model=name, metric=prefix + suffix) for suffix, da in values.items()]
-    return (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["model", "variable", "lead", "metric", "value"])
+    if not frames:
+        return pd.DataFrame(columns=["model", "variable", "lead", "metric", "value"])
+    skills = pd.concat(frames, ignore_index=True)
+    return pd.concat([skills, horizon_rows(skill_intervals(skills))], ignore_index=True)
+
+
+def skill_horizon(lower: Sequence[float] | np.ndarray) -> int:
+    """The skill horizon, in lead steps: the largest ``k`` such that the lower bound of the skill's 95%
+    interval is above 0 at every lead ``1..k``.
+
+    Args:
+        lower: the lower bounds at leads ``1, 2, ..., N``, in that order. A NaN (no interval, or a skill
+            not meaningful at that lead) ends the run like a bound at or below 0.
+
+    Returns:
+        ``k`` in ``0..N``: 0 when lead 1 already fails, ``N`` when every lead passes (the horizon is then
+        at least the last lead scored). A positive lead after a failing one does not extend it.
+    """
+    values = np.asarray(lower, dtype="float64")
+    if values.ndim != 1:
+        raise ValueError(f"skill_horizon: expected the lower bounds of leads 1..N (1-D), got shape {values.shape}")
+    above = values > 0  # NaN compares False
+    return int(above.size if above.all() else np.argmin(above))
+
+
+def lead_horizon(rows: pd.DataFrame) -> int:
+    """:func:`skill_horizon` of one forecast, baseline and variable from its per-lead rows (columns ``lead``
+    and ``lower``, one row per lead, e.g. of :func:`skill_intervals`). The leads are ``1..`` the largest
+    one; a lead without a row ends the run."""
+    if rows.empty:
+        return 0
+    lower = pd.Series(rows["lower"].to_numpy(dtype="float64"), index=rows["lead"].astype("int64").to_numpy())
+    return skill_horizon(lower.reindex(range(1, int(lower.index.max()) + 1)).to_numpy())
+
+
+def skill_horizons(skills: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
+    """The skill horizon (:func:`lead_horizon`) per ``by``, baseline and variable of the wide skill rows
+    ``skills`` (:func:`skill_intervals`): columns ``by``, ``baseline``, ``variable``, ``horizon`` (int)."""
+    records = [
+        {by: who, "baseline": baseline, "variable": variable, "horizon": lead_horizon(group)}
+        for (who, baseline, variable), group in skills.groupby([by, "baseline", "variable"], sort=False)
+    ]
+    return pd.DataFrame(records, columns=[by, "baseline", "variable", "horizon"]).astype({"horizon": "int64"})
+
+
+def horizon_rows(skills: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
+    """Tidy rows ``by, variable, lead, metric, value`` of the skill horizons of :func:`skill_horizons`:
+    metric ``skill_horizon_vs_<baseline>``, ``lead`` :data:`HORIZON_LEAD`, value the horizon in lead steps."""
+    horizons = skill_horizons(skills, by=by)
+    return pd.DataFrame(
+        {
+            by: horizons[by],
+            "variable": horizons["variable"],
+            "lead": np.full(len(horizons), HORIZON_LEAD, dtype="int64"),
+            "metric": HORIZON_PREFIX + horizons["baseline"].astype(str),
+            "value": horizons["horizon"].astype("float64"),
+        },
+        columns=[by, "variable", "lead", "metric", "value"],
     )
 
 
@@ -274,7 +337,9 @@ def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
 
     Model scores are ``test_<metric>_<variable>_lead<k>``, its skill rows (with their interval,
     significance and meaningfulness flags, :func:`skill_frame`) ``skill_vs_<baseline>[_<suffix>]_<variable>_lead<k>``,
-    baseline rows ``<baseline>_<metric>_<variable>_lead<k>``. The scores and the point skills also
+    its skill horizons (one per baseline and variable, in lead steps, :func:`horizon_rows`)
+    ``skill_horizon_vs_<baseline>_<variable>``, baseline rows ``<baseline>_<metric>_<variable>_lead<k>``
+    (``<baseline>_skill_horizon_vs_<other>_<variable>``). The scores and the point skills also
     get a ``..._<variable>_mean`` over leads; a skill not meaningful at some lead (NaN) has no mean,
     and its ``..._meaningful_...`` metric is 0.
     """
@@ -282,12 +347,13 @@ def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
 
     def prefix(model: str, metric: str) -> str:
         if model == model_name:
-            return metric if metric.startswith("skill_vs_") else f"test_{metric}"
+            return metric if metric.startswith(("skill_vs_", HORIZON_PREFIX)) else f"test_{metric}"
         return f"{model}_{metric}"
 
     for row in table.itertuples(index=False):
         if np.isfinite(row.value):
-            out[f"{prefix(row.model, row.metric)}_{row.variable}_lead{row.lead}"] = float(row.value)
+            at = "" if str(row.metric).startswith(HORIZON_PREFIX) else f"_lead{row.lead}"  # one value over leads
+            out[f"{prefix(row.model, row.metric)}_{row.variable}{at}"] = float(row.value)
     averaged = table[table["metric"].map(_mean_metric)]
     means = averaged.groupby(["model", "metric", "variable"], sort=False)["value"].agg(lambda v: v.mean(skipna=False))
     for (model, metric, variable), value in means.items():
@@ -305,7 +371,8 @@ def skill_intervals(table: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
     Columns ``by`` and :data:`SKILL_COLUMNS`: ``skill``, ``lower``, ``upper`` (NaN when not
     meaningful or absent), ``significant`` and ``meaningful`` as booleans (a table written before
     intervals existed has ``skill`` only: ``lower``/``upper`` NaN, ``significant`` False,
-    ``meaningful`` True).
+    ``meaningful`` True). The ``skill_horizon_vs_<baseline>`` rows are not among them (their horizon
+    is :func:`skill_horizons` of these rows).
     """
     parts = []
     for baseline in BASELINE_NAMES:

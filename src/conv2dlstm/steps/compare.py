@@ -18,7 +18,14 @@ ACC averaged over leads, and per baseline ``b``:
   every lead, ``partly`` at some leads, ``no`` at none, ``not meaningful`` where the skill is not
   meaningful at some lead, empty without an interval (or against itself). A run is marked better
   only where the interval excludes zero;
-- ``better_leads_vs_<b>``: the leads where the interval lies above zero, space separated.
+- ``better_leads_vs_<b>``: the leads where the interval lies above zero, space separated;
+- ``skill_horizon_vs_<b>``: the skill horizon in lead steps, the last lead ``k`` such that the
+  interval lies above zero at every lead ``1..k`` (:func:`conv2dlstm.evaluation.scores.skill_horizon`;
+  0 when lead 1 already fails, a lead not meaningful ends it): the ``skill_horizon_vs_<b>`` row of
+  ``metrics.csv``, or for a file written before those rows existed, computed from the same interval
+  rows as ``better_than_<b>``. Empty without an interval (against itself, or a file written before
+  intervals existed). Rows are per variable, so no aggregation over variables is needed: a run's
+  horizon over all its variables is the minimum of its rows'.
 
 ``compare.png``: RMSE against lead, and per baseline each run's skill with its shaded interval
 (filled markers where the interval excludes zero). The RMSE axis of each variable names its unit,
@@ -42,7 +49,7 @@ from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluation import metrics, plots
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
-from conv2dlstm.evaluation.scores import CSV_COLUMNS, skill_intervals, verdict
+from conv2dlstm.evaluation.scores import CSV_COLUMNS, HORIZON_PREFIX, lead_horizon, skill_intervals, verdict
 from conv2dlstm.fsutil import atomic_output, discard_partials
 
 log = logging.getLogger(__name__)
@@ -59,8 +66,14 @@ SUMMARY_COLUMNS: list[str] = [
     "mae_mean",
     "bias_mean",
     "acc_mean",
-    *[column for b in BASELINE_NAMES for column in (f"skill_vs_{b}_mean", f"better_than_{b}", f"better_leads_vs_{b}")],
+    *[
+        column
+        for b in BASELINE_NAMES
+        for column in (f"skill_vs_{b}_mean", f"better_than_{b}", f"better_leads_vs_{b}", f"skill_horizon_vs_{b}")
+    ],
 ]
+HORIZON_COLUMNS: list[str] = [f"skill_horizon_vs_{b}" for b in BASELINE_NAMES]
+"""The skill horizon columns of ``compare.csv``: integers, empty without an interval."""
 
 
 def read_metrics(paths: Sequence[Path]) -> pd.DataFrame:
@@ -145,6 +158,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                 (intervals["name"] == name) & (intervals["variable"] == variable) & (intervals["baseline"] == baseline)
             ]
             record[f"better_than_{baseline}"], record[f"better_leads_vs_{baseline}"] = verdict(sk)
+            record[f"skill_horizon_vs_{baseline}"] = _horizon(sk, by_metric.get(f"{HORIZON_PREFIX}{baseline}"))
             if kind == "run" or not sk.empty:
                 record[column] = _strict_mean(sk.sort_values("lead")["skill"]) if not sk.empty else np.nan
                 continue
@@ -155,12 +169,25 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             ref_v = ref.xs(variable, level="variable").reindex(r.index)
             record[column] = _lead_mean(metrics.skill_score(r, ref_v))
         out.append(record)
-    summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+    summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS).astype({c: "Int64" for c in HORIZON_COLUMNS})
     order = {"run": 0, "baseline": 1}
     summary["_k"] = summary["kind"].map(order)
     summary["_b"] = summary["name"].map({b: i for i, b in enumerate(BASELINE_NAMES)}).fillna(-1)
     summary = summary.sort_values(["_k", "_b", "name", "variable"], kind="stable").drop(columns=["_k", "_b"])
     return summary.reset_index(drop=True)
+
+
+def _horizon(skills: pd.DataFrame, stored: pd.Series | None) -> float:
+    """The skill horizon of one entry, variable and baseline: its ``skill_horizon_vs_<b>`` row of
+    ``metrics.csv`` (``stored``), else (a file written before those rows existed) the
+    :func:`conv2dlstm.evaluation.scores.lead_horizon` of its per-lead interval rows
+    (:func:`skill_intervals`); NaN without an interval (no rows, or a file written before intervals
+    existed: no lower bound and every lead meaningful)."""
+    if stored is not None and stored.notna().any():
+        return float(stored.dropna().iloc[0])
+    if skills.empty or (skills["lower"].isna().all() and skills["meaningful"].all()):
+        return np.nan
+    return float(lead_horizon(skills))
 
 
 def _lead_mean(series: pd.Series | None) -> float:
