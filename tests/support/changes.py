@@ -75,6 +75,14 @@ CHANGES: dict[str, dict] = {
     "model.conv2d_lstm.max_parameters": {"model": {"conv2d_lstm": {"max_parameters": 1000000}}},
     "model.convlstm.hidden_channels": {"model": {"convlstm": {"hidden_channels": [2]}}},
     "model.convlstm.kernel_size": {"model": {"convlstm": {"kernel_size": 5}}},
+    "model.unet.features": {"model": {"unet": {"features": [4, 8]}}},
+    "model.unet.kernel_size": {"model": {"unet": {"kernel_size": 5}}},
+    "model.simvp.spatial_channels": {"model": {"simvp": {"spatial_channels": 8}}},
+    "model.simvp.temporal_channels": {"model": {"simvp": {"temporal_channels": 16}}},
+    "model.simvp.spatial_layers": {"model": {"simvp": {"spatial_layers": 4}}},
+    "model.simvp.temporal_layers": {"model": {"simvp": {"temporal_layers": 2}}},
+    "model.simvp.inception_kernels": {"model": {"simvp": {"inception_kernels": [3, 5]}}},
+    "model.simvp.groups": {"model": {"simvp": {"groups": 2}}},
     "train.epochs": {"train": {"epochs": 3}},
     "train.batch_size": {"train": {"batch_size": 4}},
     "train.learning_rate": {"train": {"learning_rate": 0.0005}},
@@ -95,6 +103,7 @@ CHANGES: dict[str, dict] = {
     "mlflow.log_model": {"mlflow": {"log_model": True}},
     "evaluate.plot_date": {"evaluate": {"plot_date": "2019-05-25"}},
     "evaluate.batch_size": {"evaluate": {"batch_size": 4}},
+    "evaluate.max_lead": {"evaluate": {"max_lead": 6}},
 }
 
 # Keys whose change alone validation refuses under the tiny config (kind url); the refusal names the key.

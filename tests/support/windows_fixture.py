@@ -171,6 +171,7 @@ def make_windows_store(
             "train_start": str(time[0].date()),
             "train_end": str(time[n_train - 1].date()),
             "per_pixel": 0,
+            "climatology_window": 31,
             "format_version": stats_file.FORMAT_VERSION,
             **provenance.to_attrs(stats_record),
         },
@@ -192,6 +193,7 @@ def make_windows_store(
             "lead_steps": lead_steps,
             "stats_sha256": sha256_file(stats_path),
             "format_version": 1,
+            **{f"{s}_period": f"{time[a].date()}..{time[b - 1].date()}" for s, (a, b) in bounds.items() if b > a},
             **provenance.to_attrs(windows_record),
         },
     )

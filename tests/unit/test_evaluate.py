@@ -202,6 +202,7 @@ def _windows_dataset(times: pd.DatetimeIndex, anomaly: np.ndarray | None = None)
             "lead_steps": LEAD_STEPS,
             "stats_sha256": "0" * 64,
             "format_version": 1,
+            "test_period": f"{times[45]:%Y-%m-%d}..{times[-1]:%Y-%m-%d}",
             **provenance.to_attrs(_windows_record(anomaly is not None)),
         },
     )
@@ -930,3 +931,85 @@ def test_open_stats_loads_float32_statistics(tmp_path):
         valid = xr.DataArray(pd.date_range("2021-03-01", periods=2).values.reshape(1, 2), dims=("time", "lead"))
         clim = inference.climatology_at(valid, stats, ["sst"])
         assert clim.dtype == np.float32 and clim.dims == ("time", "lead", "variable", "lat", "lon")
+
+
+def test_evaluate_rolls_the_network_out_to_max_lead(pipeline_inputs, monkeypatch):
+    """evaluate.max_lead past the trained leads: the test windows that reach it, every forecast and
+    baseline to that lead, the network fed its own outputs, its trained leads unchanged."""
+    import torch
+
+    from conv2dlstm.training import models
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = pipeline_inputs
+    max_lead = LEAD_STEPS + 3
+    cfg = validate_config({**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "max_lead": max_lead}})
+    short, long = p["root"] / "evaluate" / "short", p["root"] / "evaluate" / "long"
+    for out_dir, config in ((short, p["cfg"]), (long, cfg)):
+        evaluate.main(
+            config, run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"], out_dir=out_dir
+        )
+    with predictions_file.open(short / "predictions.nc") as a, predictions_file.open(long / "predictions.nc") as b:
+        a, b = a.load(), b.load()
+    times = p["times"]
+    reach = np.arange(
+        45, times.size - INPUT_STEPS - max_lead + 1
+    )  # windows whose max_lead steps stay in the test period
+    np.testing.assert_array_equal(b["time"].values, times.values[reach + INPUT_STEPS - 1])
+    assert b["sst"].shape == (reach.size, max_lead, LAT.size, LON.size)
+    np.testing.assert_array_equal(b["valid_time"].values[:, -1], times.values[reach + INPUT_STEPS - 1 + max_lead])
+    # the trained leads are the plain prediction, bit for bit
+    np.testing.assert_array_equal(b["sst"].values[:, :LEAD_STEPS], a["sst"].values[: reach.size])
+
+    # leads 3..4: the network on its own first two leads (normalized, land 0), as a forecaster would run it
+    model, _ = models.load_model(p["checkpoint"])
+    stats = xr.open_dataset(p["stats"])
+    mean, std = float(stats["mean"].squeeze()), float(stats["std"].squeeze())
+    ocean = torch.as_tensor(MASK.values, dtype=torch.float32)
+    window = torch.as_tensor(xr.open_zarr(p["windows"])["data"].values[reach[0] : reach[0] + INPUT_STEPS])[None]
+    with torch.no_grad():
+        first = model(window)  # (1, LEAD_STEPS, 1, H, W)
+        second = model(torch.cat([window, first * ocean], dim=1)[:, -INPUT_STEPS:])
+    expected = (second[0, :, 0].numpy() * std + mean)[:, MASK.values]
+    np.testing.assert_allclose(b["sst"].values[0, LEAD_STEPS : 2 * LEAD_STEPS][:, MASK.values], expected, rtol=1e-5)
+
+    table = pd.read_csv(long / "metrics.csv")
+    rmse = table[table["metric"] == "rmse"]
+    for model_name in ("convlstm", "persistence", "climatology", "damped_persistence"):
+        assert sorted(rmse[rmse["model"] == model_name]["lead"]) == list(range(1, max_lead + 1)), model_name
+    assert sorted(table[table["metric"] == "skill_vs_persistence_lower"]["lead"].unique()) == list(
+        range(1, max_lead + 1)
+    )
+    phys = _seasonal(times)  # persistence at lead 5, by hand
+    cos = np.cos(np.deg2rad(LAT))[:, None] * MASK.values
+    init_idx = reach + INPUT_STEPS - 1
+    err2 = ((phys[init_idx] - phys[init_idx + max_lead]) ** 2 * cos).sum(axis=(1, 2)) / cos.sum()
+    got = rmse[(rmse["model"] == "persistence") & (rmse["lead"] == max_lead)]["value"].iloc[0]
+    assert got == pytest.approx(math.sqrt(err2.mean()), rel=1e-4)
+
+
+def test_rollout_feeds_the_network_its_own_outputs_with_land_zero():
+    """A network predicting the last input + 1, + 2: rolled out to 5 leads it counts on from its own
+    outputs; on land the fed-back frames are 0, so land restarts from 0 after the trained leads."""
+    import torch
+
+    def plus(x):  # x (B, T_in, C_in, H, W) -> (B, 2, C_in, H, W)
+        return torch.stack([x[:, -1] + 1, x[:, -1] + 2], dim=1)
+
+    x = torch.full((1, 3, 1, 2, 2), 10.0)
+    ocean = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    y = inference.rollout(plus, x, leads=5, feedback=[0], ocean=ocean)
+    assert y.shape == (1, 5, 1, 2, 2)
+    assert y[0, :, 0, 0, 0].tolist() == [11, 12, 13, 14, 15]
+    assert y[0, :, 0, 0, 1].tolist() == [11, 12, 1, 2, 1]  # land: fed back as 0
+    with pytest.raises(ConfigError, match=r"\['b'\] are not targets"):
+        inference.feedback_channels(["a", "b"], ["a"])
+    assert inference.feedback_channels(["b", "a"], ["a", "b", "c"]) == [1, 0]
+
+
+def test_max_lead_past_the_trained_leads_needs_every_input_as_a_target():
+    with pytest.raises(ConfigError, match=r"input variables \['fe', 'po4'\] are not targets"):
+        validate_config({"evaluate": {"max_lead": 10}, "variables": {"inputs": ["fe", "po4"], "targets": ["no3"]}})
+    with pytest.raises(ConfigError, match="evaluate.max_lead: 2 is below windows.lead_steps = 3"):
+        validate_config({"evaluate": {"max_lead": 2}})
+    assert validate_config({"evaluate": {"max_lead": 10}})["evaluate"]["max_lead"] == 10  # sst -> sst rolls out

@@ -239,6 +239,31 @@ def _check_model(cfg: dict[str, Any]) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def max_lead(cfg: Mapping[str, Any]) -> int:
+    """The last lead evaluate scores and forecast forecasts: ``evaluate.max_lead``, 0 meaning
+    ``windows.lead_steps``."""
+    return int(cfg["evaluate"]["max_lead"]) or int(cfg["windows"]["lead_steps"])
+
+
+def _check_horizon(cfg: dict[str, Any]) -> None:
+    """``evaluate.max_lead`` is 0 or at least ``windows.lead_steps``; past it the network feeds on its own
+    outputs, so every input variable must also be a target."""
+    lead_steps, wanted = int(cfg["windows"]["lead_steps"]), int(cfg["evaluate"]["max_lead"])
+    if 0 < wanted < lead_steps:
+        raise ConfigError(
+            f"config key evaluate.max_lead: {wanted} is below windows.lead_steps = {lead_steps}, the leads the "
+            f"network is trained for and always scored at; set 0 (= windows.lead_steps) or a value >= {lead_steps}"
+        )
+    inputs, targets = cfg["variables"]["inputs"], cfg["variables"]["targets"]
+    fed = [v for v in inputs if v not in targets]
+    if wanted > lead_steps and fed:
+        raise ConfigError(
+            f"config key evaluate.max_lead: {wanted} > windows.lead_steps = {lead_steps} rolls the network out on its "
+            f"own outputs, but the input variables {fed} are not targets (variables.targets = {targets}), so "
+            f"nothing predicts them; add them to variables.targets, or set evaluate.max_lead to 0 or {lead_steps}"
+        )
+
+
 def _check_run(cfg: dict[str, Any]) -> None:
     """The checks of one run's configuration (its ``model`` and ``train`` with overrides merged)."""
     _check_batch_split(cfg["train"])
@@ -434,7 +459,7 @@ def _check_source(cfg: dict[str, Any]) -> None:
 
 def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     """Checks across keys, in order: source and URLs (:func:`_check_source`), dates, splits (order,
-    then length), grid, region, unit ranges, runs.
+    then length), grid, region, unit ranges, runs, the evaluation's horizon.
 
     ``given`` are the top-level sections the caller supplied. Only the longitude-convention check
     uses it: it is skipped when ``grid`` was filled in from defaults (a step view may hold
@@ -454,6 +479,7 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     _check_region(cfg)
     _check_unit_ranges(cfg)
     _check_runs(cfg)
+    _check_horizon(cfg)
 
 
 def _check_unit_ranges(cfg: dict[str, Any]) -> None:

@@ -6,8 +6,11 @@ same way and forecasting a test day reproduces ``predictions.nc`` bit for bit:
 
 - :func:`read_batch`: the normalized inputs, targets and last input step of windows of the
   windows store;
+- :class:`Horizon`: a split's windows read to a longer horizon than the store's (config
+  ``evaluate.max_lead``);
 - :func:`predict_batch`: the network on each window on its own (a batch of one), so that a
-  window's prediction does not depend on the other windows of its batch;
+  window's prediction does not depend on the other windows of its batch, rolled out on its own
+  outputs past the leads it was trained for (:func:`rollout`, :func:`feedback_channels`);
 - :func:`forecast_array`: ``(time, lead, variable, lat, lon)`` values with forecast coordinates;
 - :func:`physical`: denormalized with the statistics, NaN on land; :func:`clip_nonnegative` with
   :func:`nonnegative_targets`: the checkpoint's floored target variables clipped at 0;
@@ -22,8 +25,74 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from conv2dlstm.errors import DataError
+from conv2dlstm.data.windowing import window_starts
+from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.evaluation import baselines
+
+
+class Horizon:
+    """A windows store whose windows of ``split`` are read to ``lead_steps`` leads, more than the store's.
+
+    The windows are the store's windows of the split whose inputs and ``lead_steps`` following steps
+    all lie in the split's period (the store's attribute ``<split>_period``, ``start..end``, whole
+    days) and span no gap (:func:`conv2dlstm.data.windowing.window_starts`): the same windows when
+    the store's horizon is kept, fewer at the end of the period otherwise. Nothing is written: the
+    training windows and the store do not change. Every other attribute is the store's.
+    """
+
+    def __init__(self, store: Any, split: str, *, lead_steps: int) -> None:
+        self._store = store
+        self.split = split
+        self.lead_steps = int(lead_steps)
+        if self.lead_steps < int(store.lead_steps):
+            raise ConfigError(
+                f"config key evaluate.max_lead: {lead_steps} is below the windows' lead_steps {store.lead_steps}"
+            )
+        starts = np.asarray(store.starts(split), dtype=np.int64)
+        if self.lead_steps > int(store.lead_steps):
+            period = str(store.attrs.get(f"{split}_period", ""))
+            start, sep, end = period.partition("..")
+            if not (start and sep and end):
+                raise DataError(
+                    f"windows store {store.path} does not record its {split} period (attribute {split}_period), "
+                    "which reading it to evaluate.max_lead needs; rebuild it with the windows step"
+                )
+            reach = window_starts(
+                store.time, start=start, end=end, input_steps=int(store.input_steps), lead_steps=self.lead_steps
+            )
+            starts = starts[np.isin(starts, reach)]
+        self._starts = starts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def starts(self, split: str) -> np.ndarray:
+        """The windows of ``split`` (``(n,)`` int64 indices of their first input step)."""
+        return self._starts if split == self.split else self._store.starts(split)
+
+    def init_times(self, split: str) -> np.ndarray:
+        """Initial time (last input step) of each window, ``(n,)``."""
+        return self._store.time[self.starts(split) + self._store.input_steps - 1]
+
+    def valid_times(self, split: str) -> np.ndarray:
+        """Valid time of each lead ``1..lead_steps``, ``(n, lead_steps)``."""
+        lead = np.arange(1, self.lead_steps + 1)
+        return self._store.time[self.starts(split)[:, None] + self._store.input_steps - 1 + lead]
+
+
+def feedback_channels(input_variables: Sequence[str], target_variables: Sequence[str]) -> list[int]:
+    """For each input variable, its channel among the targets: what a rollout feeds back as input.
+
+    A :class:`ConfigError` names the input variables that are not targets (nothing predicts them).
+    """
+    missing = [v for v in input_variables if v not in target_variables]
+    if missing:
+        raise ConfigError(
+            f"config key evaluate.max_lead: rolling the network out past its trained leads needs every input "
+            f"variable predicted, but {missing} are not targets ({list(target_variables)}); add them to "
+            "variables.targets or set evaluate.max_lead to 0"
+        )
+    return [list(target_variables).index(v) for v in input_variables]
 
 
 def forecast_array(
@@ -94,19 +163,65 @@ def read_batch(store: Any, split: str, indices: Sequence[int]) -> tuple[np.ndarr
     return x, y, last
 
 
-def predict_batch(model: Any, x: np.ndarray, *, device: Any) -> np.ndarray:
-    """Run ``model`` (on ``device``, eval mode) on ``x (B, T_in, C_in, H, W)``; returns ``(B, T_out, C_out, H, W)``.
+def rollout(model: Any, x: Any, *, leads: int, feedback: Sequence[int] | None, ocean: Any) -> Any:
+    """``leads`` leads of ``model`` from ``x (B, T_in, C_in, H, W)`` (a torch tensor): ``(B, leads, C_out, H, W)``.
 
-    Each window is predicted on its own (a batch of one): the floating-point result of convolution
-    and matrix kernels depends on the batch size (oneDNN and cuBLAS choose algorithms by shape),
-    and a window's prediction must not depend on which windows share its batch, so that the forecast
-    step (:mod:`conv2dlstm.steps.forecast`), which predicts one initial time, reproduces it exactly.
+    The network predicts its trained ``T_out`` leads; while fewer than ``leads`` are predicted, its
+    predictions (the target channels ``feedback`` of each input channel), land set to 0 by
+    ``ocean (H, W)``, are appended to the inputs, the last ``T_in`` steps are fed to it again, and
+    its next ``T_out`` leads are appended to the output. All in normalized units, as trained.
+    """
+    import torch
+
+    out = model(x)  # (B, T_out, C_out, H, W)
+    predicted = [out]
+    have = out.shape[1]
+    while have < leads:
+        if feedback is None:
+            raise ConfigError("a rollout past the trained leads needs the feedback channels (feedback_channels)")
+        frames = out[:, :, list(feedback)] * ocean  # (B, T_out, C_in, H, W), land 0
+        x = torch.cat([x, frames], dim=1)[:, -x.shape[1] :]  # (B, T_in, C_in, H, W)
+        out = model(x)
+        predicted.append(out)
+        have += out.shape[1]
+    return torch.cat(predicted, dim=1)[:, :leads]  # (B, leads, C_out, H, W)
+
+
+def predict_batch(
+    model: Any,
+    x: np.ndarray,
+    *,
+    device: Any,
+    leads: int | None = None,
+    feedback: Sequence[int] | None = None,
+    ocean: np.ndarray | None = None,
+) -> np.ndarray:
+    """Run ``model`` (on ``device``, eval mode) on ``x (B, T_in, C_in, H, W)``; returns ``(B, leads, C_out, H, W)``.
+
+    With ``feedback`` (:func:`feedback_channels`), the network is rolled out on its own outputs to
+    ``leads`` leads (:func:`rollout`; ``ocean`` the ``(H, W)`` ocean mask); without it the result is
+    the network's own ``T_out`` leads, whatever ``leads`` says (the caller checks the shape). Each window is predicted on its own (a batch of one): the floating-point result of
+    convolution and matrix kernels depends on the batch size (oneDNN and cuBLAS choose algorithms by
+    shape), and a window's prediction must not depend on which windows share its batch, so that the
+    forecast step (:mod:`conv2dlstm.steps.forecast`), which predicts one initial time, reproduces it
+    exactly.
     """
     import torch
 
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype="float32")).to(device)  # (B, T_in, C_in, H, W)
+    if ocean is None:
+        ocean = np.ones(inputs.shape[-2:], dtype=bool)
+    sea = torch.from_numpy(np.asarray(ocean, dtype="float32")).to(device)  # (H, W), 1 on ocean
     with torch.inference_mode():
-        y = torch.cat([model(inputs[i : i + 1]) for i in range(inputs.shape[0])])  # (B, T_out, C_out, H, W)
+        if leads is None or feedback is None:
+            y = torch.cat([model(inputs[i : i + 1]) for i in range(inputs.shape[0])])  # (B, T_out, C_out, H, W)
+        else:
+            y = torch.cat(
+                [
+                    rollout(model, inputs[i : i + 1], leads=leads, feedback=feedback, ocean=sea)
+                    for i in range(len(inputs))
+                ]
+            )  # (B, leads, C_out, H, W)
     return y.float().cpu().numpy()
 
 

@@ -101,11 +101,14 @@ from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.artifacts import provenance
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import keys
+from conv2dlstm.config.validate import max_lead
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.evaluation import baselines, metrics, plots
 from conv2dlstm.evaluation.inference import (
+    Horizon,
     climatology_at,
     clip_nonnegative,
+    feedback_channels,
     forecast_array,
     nonnegative_targets,
     physical,
@@ -185,6 +188,14 @@ def plot_sample(init_times: pd.DatetimeIndex, plot_date: str) -> int:
             "(leave it empty for the first sample)"
         )
     return int(hits[0])
+
+
+def rollout_feedback(ckpt: Mapping[str, Any], store: Any) -> list[int] | None:
+    """The feedback channels of a rollout (:func:`conv2dlstm.evaluation.inference.feedback_channels`)
+    when ``store`` is read to more leads than the checkpoint's network predicts, else None."""
+    if int(store.lead_steps) <= int(ckpt["model_kwargs"]["lead_steps"]):
+        return None
+    return feedback_channels(list(store.input_variables), list(store.target_variables))
 
 
 def _check_checkpoint(ckpt: Mapping[str, Any], store: Any, checkpoint: Path) -> None:
@@ -439,6 +450,7 @@ def evaluate_split(
     shown_sample: int,
     checkpoint: Path,
     nonnegative: Sequence[str] = (),
+    feedback: Sequence[int] | None = None,
 ) -> tuple[pd.DataFrame, xr.DataArray, tuple[xr.DataArray, xr.DataArray]]:
     """Predict and score the test windows batch by batch, writing the predictions with ``writer``.
 
@@ -468,7 +480,9 @@ def evaluate_split(
     for i0 in range(0, n, batch_size):
         batch = slice(i0, min(i0 + batch_size, n))
         x_n, y_n, last_n = read_batch(store, SPLIT, range(batch.start, batch.stop))
-        pred_n = predict_batch(model, x_n, device=device)  # (B, T_out, C_out, H, W), normalized
+        pred_n = predict_batch(  # (B, T_out, C_out, H, W), normalized; rolled out past the trained leads
+            model, x_n, device=device, leads=expected[0], feedback=feedback, ocean=store.mask
+        )
         if pred_n.shape[1:] != expected:
             raise DataError(
                 f"the model of {checkpoint} predicts shape {pred_n.shape[1:]} per window but the windows "
@@ -635,7 +649,7 @@ def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint:
     from conv2dlstm.artifacts.windows_store import WindowsStore
     from conv2dlstm.training import models
 
-    store = WindowsStore(windows)
+    store: Any = WindowsStore(windows)
     model, ckpt = models.load_model(checkpoint)
     _check_checkpoint(ckpt, store, checkpoint)
     run_id = resolve_run_id(checkpoint, ckpt)
@@ -645,6 +659,14 @@ def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint:
             f"the windows store {windows} has no test window; lengthen splits.test or shorten "
             "windows.input_steps + windows.lead_steps"
         )
+    leads = max_lead(cfg)
+    if leads > store.lead_steps:
+        store = Horizon(store, SPLIT, lead_steps=leads)
+        if store.starts(SPLIT).size == 0:
+            raise DataError(
+                f"no test window of {windows} reaches lead {leads} (evaluate.max_lead) within splits.test: lengthen "
+                f"splits.test or lower evaluate.max_lead (windows.input_steps + evaluate.max_lead steps must fit)"
+            )
     init_times = pd.DatetimeIndex(store.init_times(SPLIT))
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
     return _Inputs(run, store, model, ckpt, checkpoint, run_id, model_name, init_times, k)
@@ -707,6 +729,7 @@ def _stage_outputs(
             shown_sample=inputs.shown_sample,
             checkpoint=checkpoint,
             nonnegative=nonnegative_targets(inputs.ckpt),
+            feedback=rollout_feedback(inputs.ckpt, store),
         )
     table = metrics_table(scores, run=run, model_name=model_name)
     write_csv(table, staging / "metrics.csv")

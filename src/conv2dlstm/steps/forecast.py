@@ -523,9 +523,11 @@ def _inputs(
 
 
 def _predict(cfg: Mapping[str, Any], model: _Model, ds: xr.Dataset, stats64: xr.Dataset) -> np.ndarray:
-    """The model's normalized prediction ``(1, T_out, C_out, H, W)`` from the inputs ``ds``, normalized
+    """The model's normalized prediction ``(1, leads, C_out, H, W)`` from the inputs ``ds``, normalized
     with the statistics ``stats64`` (a missing ocean value enters as 0, with a warning), on
-    ``train.device``."""
+    ``train.device``; ``leads`` is ``evaluate.max_lead`` (0: the network's own leads), reached by
+    rolling the network out on its own outputs as the evaluate step does
+    (:func:`conv2dlstm.evaluation.inference.predict_batch`)."""
     from conv2dlstm.evaluation import inference
     from conv2dlstm.training.devices import resolve_device
 
@@ -539,7 +541,12 @@ def _predict(cfg: Mapping[str, Any], model: _Model, ds: xr.Dataset, stats64: xr.
             missing,
         )
     device = resolve_device(cfg["train"]["device"])
-    return inference.predict_batch(model.net.to(device).eval(), x[None], device=device)  # (1, T_out, C_out, H, W)
+    leads = int(cfg["evaluate"]["max_lead"]) or model.lead_steps  # evaluate's horizon (config evaluate.max_lead)
+    feedback = inference.feedback_channels(inputs, model.targets) if leads > model.lead_steps else None
+    ocean = np.asarray(stats64["mask"].values, dtype=bool)
+    return inference.predict_batch(  # (1, leads, C_out, H, W), rolled out past the trained leads as evaluate does
+        model.net.to(device).eval(), x[None], device=device, leads=leads, feedback=feedback, ocean=ocean
+    )
 
 
 def _initial_time(ds: xr.Dataset) -> np.ndarray:
@@ -560,7 +567,7 @@ def _physical(
     step = (np.diff(ds["time"].values)[0] if model.input_steps > 1 else np.timedelta64(1, "D")).astype(
         "timedelta64[ns]"
     )
-    valid = init_time[:, None] + step * np.arange(1, model.lead_steps + 1)[None, :]
+    valid = init_time[:, None] + step * np.arange(1, pred.shape[1] + 1)[None, :]  # (1, leads)
     mask = xr.DataArray(
         np.asarray(stats64["mask"].values, dtype=bool),
         dims=("lat", "lon"),
