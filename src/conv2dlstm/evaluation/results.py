@@ -11,7 +11,10 @@ pipeline produced:
   per lead, skill against each baseline with its 95% interval, ACC. :func:`replace_block` puts it
   between the markers ``<!-- results:<experiment> -->`` and ``<!-- /results:<experiment> -->`` of a
   Markdown file (``python -m conv2dlstm tables --write README.md``); :func:`check_block` fails,
-  naming the first line that differs, when the file holds other numbers (``--check``).
+  naming the first line that differs, when the file holds other numbers (``--check``). With several
+  runs the table compares them instead, one row each (:func:`_comparison_table`), and ``--write``
+  also fills the block ``<experiment>:timings`` with the training time per epoch
+  (:func:`timings_line`), a measurement that ``--check`` leaves alone.
 """
 
 from __future__ import annotations
@@ -133,9 +136,94 @@ def markdown_tables(cfg: dict[str, Any], runs: list[RunResults]) -> str:
         f"{first.initial_times} initial times ({first.first_time}..{first.last_time}), area-weighted RMSE over "
         "ocean cells in physical units; skill `1 − RMSE/RMSE(baseline)` with its 95% block-bootstrap interval.",
     ]
+    if len(runs) > 1:
+        lead_steps = int(cfg["windows"]["lead_steps"])
+        lines[0] += (
+            f" The networks are trained for leads 1-{lead_steps}; past them they run on their own outputs."
+            if lead_steps > 1
+            else " The networks are trained for lead 1; past it they run on their own outputs."
+        )
     for variable in cfg["variables"]["targets"]:
-        lines += _table(cfg, runs, variable)
+        lines += _comparison_table(cfg, runs, variable) if len(runs) > 1 else _table(cfg, runs, variable)
     return "\n".join(lines)
+
+
+COMPARED_LEADS = (1, 3, 5, 10)
+"""The leads of the comparison table (those evaluated, and the last one)."""
+HORIZON_BASELINES = ("damped_persistence", "persistence")
+"""The baselines whose skill horizon the comparison table shows."""
+
+
+def _horizon(run: RunResults, variable: str, baseline: str, last: int) -> str:
+    value = _values(run.metrics, run.model, variable, f"skill_horizon_vs_{baseline}")
+    if value.empty or not math.isfinite(float(value.iloc[0])):
+        return "n/a"
+    k = int(value.iloc[0])
+    return f"≥ {k}" if k >= last else str(k)
+
+
+def parameter_count(path: Path) -> int | None:
+    """Trainable parameters of the model in checkpoint ``path`` (None when the file is missing)."""
+    if not path.is_file():
+        return None
+    from conv2dlstm.training import models
+
+    model, _ = models.load_model(path)
+    return models.count_parameters(model)
+
+
+def _comparison_table(cfg: dict[str, Any], runs: list[RunResults], variable: str) -> list[str]:
+    """Several runs side by side, one row each (then the baselines): RMSE at :data:`COMPARED_LEADS`,
+    skill against damped persistence at the first and last lead with its 95% interval, the skill
+    horizons against :data:`HORIZON_BASELINES`, and the parameters of the trained model."""
+    first = runs[0]
+    evaluated = list(_values(first.metrics, first.model, variable, "rmse").index)
+    if not evaluated:
+        raise DataError(f"{first.evaluate_dir / 'metrics.csv'} has no RMSE of {variable!r}")
+    last = int(evaluated[-1])
+    leads = sorted({k for k in COMPARED_LEADS if k in evaluated} | {last})
+    ends = sorted({int(evaluated[0]), last})
+    header = (
+        [f"{variable}{_units(cfg, variable)}"]
+        + [f"RMSE lead {k}" for k in leads]
+        + [f"skill vs damped persistence, lead {k} [95%]" for k in ends]
+        + [f"skill horizon vs {_LABELS[b]} ({first.lead_unit})" for b in HORIZON_BASELINES]
+        + ["parameters"]
+    )
+    rows = ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for run in runs:
+        rmse = _values(run.metrics, run.model, variable, "rmse")
+        label = run.name if run.name == run.model else f"{run.name} ({run.model})"
+        n_params = parameter_count(run.model_path)
+        cells = [f"**{_num(float(rmse.get(k, float('nan'))))}**" for k in leads]
+        cells += [_skill(run.metrics, run.model, variable, "damped_persistence", k) for k in ends]
+        cells += [_horizon(run, variable, b, last) for b in HORIZON_BASELINES]
+        cells.append("n/a" if n_params is None else f"{n_params:,}")
+        rows.append(_row(f"**{label}**", cells))
+    for baseline in BASELINE_NAMES:
+        rmse = _values(first.metrics, baseline, variable, "rmse")
+        cells = [_num(float(rmse.get(k, float("nan")))) for k in leads] + [""] * (len(header) - 1 - len(leads))
+        rows.append(_row(_LABELS[baseline], cells))
+    return rows
+
+
+def timings_line(runs: list[RunResults]) -> str:
+    """The median training time per epoch of each run (its ``history.csv``), on this machine: a
+    measurement, not a result, so :func:`tables_main` writes it outside the checked block."""
+    import os
+    import platform
+
+    parts = []
+    for run in runs:
+        history = run.model_path.parent / "history.csv"
+        if history.is_file():
+            seconds = pd.read_csv(history)["seconds"].median()
+            parts.append(f"{run.name} {seconds:.1f} s")
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"Training time per epoch (median over epochs, `history.csv`), measured on {os.cpu_count()} CPU cores "
+        f"({cpu}): " + ", ".join(parts) + "."
+    )
 
 
 def _row(label: str, cells: list[str]) -> str:
@@ -328,6 +416,8 @@ def tables_main(cfg: dict[str, Any], *, write: Path | None = None, check: Path |
         check_block(text, key, body, path=str(check))
     else:
         new = replace_block(text, key, body)
+        if _markers(f"{key}:timings")[0] in new:  # a measurement: written, never checked
+            new = replace_block(new, f"{key}:timings", timings_line(load(cfg)))
         if new != text:
             Path(write).write_text(new)  # type: ignore[arg-type]
     return body

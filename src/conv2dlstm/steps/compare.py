@@ -6,8 +6,9 @@ windows, so these copies are identical and each baseline appears once in the out
 differs is reported with a warning and the first one is kept).
 
 ``compare.csv`` has one row per run or baseline and per variable, with columns
-:data:`SUMMARY_COLUMNS`: RMSE averaged over leads, at the first and at the last lead, MAE, bias and
-ACC averaged over leads, and per baseline ``b``:
+:data:`SUMMARY_COLUMNS`: the run's ``rank`` among the runs (1: the lowest RMSE averaged over leads, per
+variable; runs are listed in rank order, then the baselines), RMSE averaged over leads, at the first
+and at the last lead, MAE, bias and ACC averaged over leads, and per baseline ``b``:
 
 - ``skill_vs_<b>_mean``: the skill ``1 - RMSE / RMSE(b)`` averaged over leads, from the
   ``skill_vs_<b>`` rows of ``metrics.csv``; NaN when a lead's skill is NaN (not meaningful: its
@@ -59,6 +60,7 @@ SUMMARY_COLUMNS: list[str] = [
     "kind",
     "model",
     "variable",
+    "rank",
     "leads",
     "rmse_mean",
     "rmse_lead1",
@@ -170,11 +172,14 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             record[column] = _lead_mean(metrics.skill_score(r, ref_v))
         out.append(record)
     summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS).astype({c: "Int64" for c in HORIZON_COLUMNS})
+    runs = summary["kind"] == "run"
+    summary.loc[runs, "rank"] = summary[runs].groupby("variable")["rmse_mean"].rank(method="min")
+    summary["rank"] = summary["rank"].astype("Int64")
     order = {"run": 0, "baseline": 1}
     summary["_k"] = summary["kind"].map(order)
     summary["_b"] = summary["name"].map({b: i for i, b in enumerate(BASELINE_NAMES)}).fillna(-1)
-    summary = summary.sort_values(["_k", "_b", "name", "variable"], kind="stable").drop(columns=["_k", "_b"])
-    return summary.reset_index(drop=True)
+    summary = summary.sort_values(["_k", "_b", "rank", "name", "variable"], kind="stable", na_position="last")
+    return summary.drop(columns=["_k", "_b"]).reset_index(drop=True)
 
 
 def _horizon(skills: pd.DataFrame, stored: pd.Series | None) -> float:

@@ -1,0 +1,108 @@
+"""config/zoo.yaml on the tiny configuration: every registered network trains, is scored to a lead
+beyond the one it is trained for, and appears in compare.csv with its skill horizon; the results
+tables compare them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conv2dlstm.config import networks
+from conv2dlstm.config.validate import validate_config
+from conv2dlstm.evaluation import results
+from tests.support.workflow import REPO, run_snakemake
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """The zoo's runs and horizon over tiny.yaml, each network at its registry entry's small size, in a
+    copy of the tiny run (its data steps are reused: the zoo changes no key of theirs)."""
+    wf = tmp_path_factory.mktemp("zoo") / "wf"
+    shutil.copytree(tiny_run, wf, symlinks=True)
+    zoo_cfg = yaml.safe_load((REPO / "config" / "zoo.yaml").read_text())
+    tiny = yaml.safe_load((wf / "tiny.yaml").read_text())
+    merged = {**tiny, **{k: v for k, v in zoo_cfg.items() if k != "outdir"}}
+    for run in merged["runs"]:  # each network at its small size, which the 5x5 grid takes
+        name = run["model"]["name"]
+        run["model"][name] = dict(networks.network(name).small)
+    (wf / "zoo.yaml").write_text(yaml.safe_dump(merged))
+    proc = run_snakemake(wf, "--cores", "2", "--configfile", "zoo.yaml")
+    assert "rule regrid:" not in proc.stdout + proc.stderr
+    return wf, validate_config(merged)
+
+
+def test_every_network_trains_and_is_scored_past_its_trained_leads(zoo) -> None:
+    wf, cfg = zoo
+    assert {run["model"]["name"] for run in cfg["runs"]} == set(networks.NETWORKS), "zoo.yaml must list every network"
+    max_lead, trained = cfg["evaluate"]["max_lead"], cfg["windows"]["lead_steps"]
+    assert max_lead > trained
+    compare = pd.read_csv(wf / "results" / "compare" / f"{cfg['experiment']}.csv")
+    for run in cfg["runs"]:
+        metrics = pd.read_csv(wf / "results" / "evaluate" / run["name"] / "metrics.csv")
+        rmse = metrics[(metrics["model"] == run["model"]["name"]) & (metrics["metric"] == "rmse")]
+        assert sorted(rmse["lead"]) == list(range(1, max_lead + 1)), run["name"]
+        assert rmse["value"].notna().all(), run["name"]
+        rows = compare[compare["name"] == run["name"]]
+        assert not rows.empty, run["name"]
+        horizon = rows["skill_horizon_vs_persistence"].iloc[0]
+        assert 0 <= horizon <= max_lead, (run["name"], horizon)
+
+
+def test_the_tables_compare_the_networks(zoo, monkeypatch) -> None:
+    wf, cfg = zoo
+    monkeypatch.chdir(wf)
+    table = results.markdown_tables(cfg, results.load(cfg))
+    header = next(line for line in table.splitlines() if line.startswith("| sst"))
+    assert "RMSE lead 10" in header and "skill horizon vs damped persistence" in header
+    for run in cfg["runs"]:
+        row = next(line for line in table.splitlines() if line.startswith(f"| **{run['name']}"))
+        n_params = int(row.rstrip(" |").rsplit("|", 1)[1].replace(",", ""))
+        assert n_params > 0, run["name"]
+    for baseline in ("persistence", "climatology", "damped persistence"):
+        assert any(line.startswith(f"| {baseline} |") for line in table.splitlines()), baseline
+
+
+def test_forecast_past_the_trained_leads_equals_evaluate_bit_for_bit(zoo, tmp_path, monkeypatch) -> None:
+    """The forecast step rolls the network out as evaluate does: a test day's forecast to lead
+    evaluate.max_lead equals that day's row of predictions.nc exactly."""
+    import numpy as np
+    import xarray as xr
+
+    from conv2dlstm import cli
+    from conv2dlstm.artifacts import predictions as predictions_file
+
+    wf, cfg = zoo
+    monkeypatch.chdir(wf)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for run in ("unet", "convlstm"):  # all leads at once; a recurrent forecaster
+        with predictions_file.open(wf / "results" / "evaluate" / run / "predictions.nc") as ds:
+            init = pd.Timestamp(ds["time"].values[ds.sizes["time"] // 2])
+            expected = ds["sst"].sel(time=init).values  # (lead, lat, lon)
+        out = tmp_path / run
+        code = cli.main(
+            [
+                "forecast",
+                "--config",
+                "zoo.yaml",
+                "--stats",
+                "results/normalize/oisst.nc",
+                "--checkpoint",
+                f"results/train/{run}/model.pt",
+                "--init-date",
+                f"{init:%Y-%m-%d}",
+                "--out-nc",
+                str(out / "f.nc"),
+                "--out-zarr",
+                str(out / "f.zarr"),
+            ]
+        )
+        assert code == 0
+        with xr.open_dataset(out / "f.nc") as ds:
+            assert ds.sizes["prediction_timedelta"] == cfg["evaluate"]["max_lead"] == expected.shape[0]
+            np.testing.assert_array_equal(ds["sst"].values[0], expected)
