@@ -111,6 +111,7 @@ def _try_yaml() -> str:
 COVERED_ELSEWHERE = {
     "make test": "this suite",
     "make run-seed": "tests/e2e/test_seed.py runs the seed configuration (25 of its 60 epochs)",
+    "make run-zoo": "tests/e2e/test_zoo.py runs config/zoo.yaml's networks and horizon on the tiny configuration",
 }
 """Quick start commands the walkthrough does not run, and where they are tested instead."""
 

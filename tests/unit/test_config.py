@@ -190,7 +190,10 @@ def test_step_views_of_a_0_360_config_validate_alone():
             "runs[0] (name 'a'): config key model.conv2d_lstm: unknown key(s) 'filter'",
         ),
         ([{"name": "a", "model": {"nmae": "convlstm"}}], "runs[0] (name 'a'): config key model: unknown key(s) 'nmae'"),
-        ([{"name": "a", "model": {"name": "resnet"}}], "runs[0] (name 'a'): config key model.name: 'resnet' is not one of"),
+        (
+            [{"name": "a", "model": {"name": "resnet"}}],
+            "runs[0] (name 'a'): config key model.name: 'resnet' is not one of",
+        ),
         ([{"name": "a", "train": {"batch_size": "big"}}], "runs[0] (name 'a'): config key train.batch_size: 'big'"),
     ],
 )

@@ -19,13 +19,23 @@ from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 RMSE = {"convlstm": [0.2, 0.3], "persistence": [0.4, 0.6], "climatology": [0.7, 0.7], "damped_persistence": [0.35, 0.5]}
 
 
-def _write_run(root: Path, cfg: dict, *, meaningful_climatology: bool = True) -> None:
-    """``<outdir>/evaluate/convlstm/{metrics.csv,predictions.nc}`` for two daily leads."""
+def _write_run(
+    root: Path,
+    cfg: dict,
+    *,
+    meaningful_climatology: bool = True,
+    run: str = "convlstm",
+    network: str = "convlstm",
+    scale: float = 1.0,
+) -> None:
+    """``<outdir>/evaluate/<run>/{metrics.csv,predictions.nc}`` for two daily leads, the network's RMSE
+    that of :data:`RMSE` times ``scale``, with the skill horizon rows."""
     rows = []
-    for model, values in RMSE.items():
+    rmse_of = {network: [v * scale for v in RMSE["convlstm"]], **{k: v for k, v in RMSE.items() if k != "convlstm"}}
+    for model, values in rmse_of.items():
         for lead, value in enumerate(values, start=1):
-            rows.append(("convlstm", model, "sst", lead, "rmse", value))
-            rows.append(("convlstm", model, "sst", lead, "acc", 0.9 - 0.1 * lead if model != "climatology" else 0.0))
+            rows.append((run, model, "sst", lead, "rmse", value))
+            rows.append((run, model, "sst", lead, "acc", 0.9 - 0.1 * lead if model != "climatology" else 0.0))
             for baseline in BASELINE_NAMES:
                 if baseline == model:
                     continue
@@ -37,10 +47,15 @@ def _write_run(root: Path, cfg: dict, *, meaningful_climatology: bool = True) ->
                     ("_upper", skill + 0.05 if meaningful else np.nan),
                     ("_meaningful", float(meaningful)),
                 ):
-                    rows.append(("convlstm", model, "sst", lead, f"skill_vs_{baseline}{suffix}", v))
+                    rows.append((run, model, "sst", lead, f"skill_vs_{baseline}{suffix}", v))
+        for baseline in BASELINE_NAMES:
+            if baseline != model:
+                lower = [1 - v / RMSE[baseline][k] - 0.05 for k, v in enumerate(values)]
+                horizon = next((k for k, x in enumerate(lower) if not x > 0), len(lower))
+                rows.append((run, model, "sst", 0, f"skill_horizon_vs_{baseline}", horizon))
         if model == "damped_persistence":
-            rows += [("convlstm", model, "sst", lead, "rho", rho) for lead, rho in ((1, 0.9), (2, 0.75))]
-    out = root / cfg["outdir"] / "evaluate" / "convlstm"
+            rows += [(run, model, "sst", lead, "rho", rho) for lead, rho in ((1, 0.9), (2, 0.75))]
+    out = root / cfg["outdir"] / "evaluate" / run
     out.mkdir(parents=True)
     pd.DataFrame(rows, columns=["run", "model", "variable", "lead", "metric", "value"]).to_csv(
         out / "metrics.csv", index=False
@@ -53,7 +68,7 @@ def _write_run(root: Path, cfg: dict, *, meaningful_climatology: bool = True) ->
             "lead": [1, 2],
             "lead_time": ("lead", pd.to_timedelta([1, 2], unit="D")),
         },
-        attrs={"model_name": "convlstm"},
+        attrs={"model_name": network},
     ).to_netcdf(out / "predictions.nc")
 
 
@@ -132,3 +147,48 @@ def test_tables_cli_writes_and_checks(tmp_path: Path, monkeypatch, capsys) -> No
 def test_no_results_yet_is_a_clear_error(tmp_path: Path, cfg: dict) -> None:
     with pytest.raises(DataError, match=r"results/evaluate/convlstm/metrics.csv does not exist: run the pipeline"):
         results.load(cfg, tmp_path)
+
+
+def test_several_runs_are_compared_side_by_side(tmp_path: Path) -> None:
+    """With several runs: one row per run (RMSE at the compared leads, skill vs damped persistence at
+    the first and last lead, skill horizons, parameters), the baselines below; --write also fills the
+    timings block, which --check leaves alone."""
+    cfg = validate_config(
+        {"experiment": "exp-z", "runs": [{"name": "convlstm"}, {"name": "worse", "model": {"name": "unet"}}]}
+    )
+    _write_run(tmp_path, cfg)
+    _write_run(tmp_path, cfg, run="worse", network="unet", scale=1.5)
+    lines = results.markdown_tables(cfg, results.load(cfg, tmp_path)).splitlines()
+    assert "past them they run on their own outputs" in lines[0]
+    header = next(line for line in lines if line.startswith("| sst"))
+    assert header == (
+        "| sst (degC) | RMSE lead 1 | RMSE lead 2 | skill vs damped persistence, lead 1 [95%] | skill vs damped "
+        "persistence, lead 2 [95%] | skill horizon vs damped persistence (days) | skill horizon vs persistence "
+        "(days) | parameters |"
+    )
+    assert "| **convlstm** | **0.200** | **0.300** | 0.43 [0.38, 0.48] | 0.40 [0.35, 0.45] | ≥ 2 | ≥ 2 | n/a |" in lines
+    # 0.3 / 0.35 and 0.45 / 0.5: skill 0.14 then 0.10, its lower bound above 0 at both leads
+    assert (
+        "| **worse (unet)** | **0.300** | **0.450** | 0.14 [0.09, 0.19] | 0.10 [0.05, 0.15] | ≥ 2 | ≥ 2 | n/a |"
+        in lines
+    )
+    assert "| persistence | 0.400 | 0.600 |  |  |  |  |  |" in lines
+
+    for run, seconds in (("convlstm", [2.0, 1.0, 3.0]), ("worse", [4.0])):
+        history = tmp_path / cfg["outdir"] / "train" / run / "history.csv"
+        history.parent.mkdir(parents=True)
+        pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds}).to_csv(history, index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- results:exp-z -->\n<!-- /results:exp-z -->\n"
+        "<!-- results:exp-z:timings -->\n<!-- /results:exp-z:timings -->\n"
+    )
+    config = tmp_path / "z.yaml"
+    config.write_text("experiment: exp-z\nruns: [{name: convlstm}, {name: worse, model: {name: unet}}]\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main(["tables", "--config", str(config), "--write", str(readme)]) == 0
+        text = readme.read_text()
+        assert "measured on" in text and "convlstm 2.0 s, worse 4.0 s" in text
+        readme.write_text(text.replace("convlstm 2.0 s", "convlstm 9.9 s"))  # another machine's timings
+        assert main(["tables", "--config", str(config), "--check", str(readme)]) == 0

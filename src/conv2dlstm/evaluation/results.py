@@ -401,6 +401,16 @@ def summary(cfg: dict[str, Any], runs: list[RunResults], *, ui: str | None = Non
             ]
             lines.append(f"    skill {'; '.join(skills)}")
             lines.append(f"    {_verdict_line(run, variable)}")
+            horizons = [
+                f"{_LABELS[b]} {_horizon(run, variable, b, int(leads[-1]))}"
+                for b in BASELINE_NAMES
+                if not _values(run.metrics, run.model, variable, f"skill_horizon_vs_{b}").empty
+            ]
+            if horizons:
+                lines.append(
+                    f"    skill horizon ({run.lead_unit} with the 95% interval above 0 from lead 1): vs "
+                    + "; ".join(horizons)
+                )
     return "\n".join(lines)
 
 

@@ -9,7 +9,12 @@ MLflow (:func:`log_to_mlflow`). The work itself lives in the modules it imports:
 
 - :mod:`conv2dlstm.evaluation.inference`: reading the test windows, predicting each on its own with the
   network (so that a window's prediction does not depend on its batch and the forecast step
-  reproduces it exactly), denormalizing, clipping the checkpoint's nonnegative targets at 0;
+  reproduces it exactly), denormalizing, clipping the checkpoint's nonnegative targets at 0. With
+  ``evaluate.max_lead`` above ``windows.lead_steps`` the test windows are those that reach that lead
+  within the test period (:class:`~conv2dlstm.evaluation.inference.Horizon`), and the network is
+  rolled out on its own outputs past its trained leads
+  (:func:`~conv2dlstm.evaluation.inference.rollout`); every score, baseline and interval below runs
+  to ``max_lead``;
 - :mod:`conv2dlstm.evaluation.baselines`: persistence, the training climatology and damped anomaly
   persistence, whose damping ``rho(lead)`` is fitted on the training part of the windows store
   before the test windows are read (:func:`damping`);
@@ -35,8 +40,11 @@ Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
   persistence: its damping), and per baseline ``skill_vs_<baseline>`` with ``_lower``, ``_upper``
   (the 95% interval), ``_significant`` (1: the interval excludes 0), ``_meaningful`` (0: the
   climatology is unsupported; the four before are NaN) and ``_block_length``
-  (:func:`conv2dlstm.evaluation.scores.skill_frame`);
-- ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals),
+  (:func:`conv2dlstm.evaluation.scores.skill_frame`), and ``skill_horizon_vs_<baseline>`` (lead 0, one
+  row per model and variable): the last lead up to which the skill's 95% interval stays above 0, in
+  lead steps (:func:`conv2dlstm.evaluation.scores.skill_horizon`);
+- ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals, the
+  skill horizon dashed),
   ``maps.png``, ``rmse_map.png``.
 
 Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
@@ -74,7 +82,8 @@ leaves ``out_dir`` as it was.
 Only then are the scores logged into the training run's MLflow run
 (:func:`conv2dlstm.evaluation.scores.mlflow_metrics`: metrics named like ``test_rmse_sst_lead1``,
 ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``,
-``skill_vs_persistence_lower_sst_lead1``, ``skill_vs_climatology_meaningful_sst_lead1``, all at step
+``skill_vs_persistence_lower_sst_lead1``, ``skill_vs_climatology_meaningful_sst_lead1``,
+``skill_horizon_vs_persistence_sst``, all at step
 0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
 any work starts. A rerun does not duplicate metrics: a metric whose latest logged value equals the
 new one is skipped, a changed value is appended at step 0 and becomes the latest; artifacts are
