@@ -143,7 +143,7 @@ def test_forecast_with_the_champion_a_run_id_or_a_checkpoint(wf, test_init, tmp_
         ("variables", r"trained with input_variables \['sst'\] but variables.inputs is \['sst', 'sss'\]"),
         ("grid", r"other settings \(grid.lat: .*30.5.* -> .*31.5"),
         ("stats", r"are not those the model .* was normalized with \(digest"),
-        ("no_data", r"2019-07-10"),
+        ("no_data", r"needs the 5 input days 2019-07-06\.\.2019-07-10 .*give an --init-date whose input days"),
         ("bad_date", r"--init-date 'yesterday' is not a date"),
     ],
 )
@@ -168,6 +168,7 @@ def test_forecast_refusals_name_what_differs_and_write_nothing(wf, case, match, 
     code, err = _cli(wf, monkeypatch, capsys, *args, "--out-nc", str(out_nc), "--out-zarr", str(out_zarr))
     assert code == 2, err
     assert __import__("re").search(match, err), err
+    assert "max_missing" not in err and "source.start" not in err  # which do not apply to a forecast
     assert not out_nc.exists() and not out_zarr.exists()
 
 

@@ -517,7 +517,16 @@ def _inputs(
         n_in,
         raw_dir,
     )
-    ds, manifest = regridded_inputs(period, raw_dir)
+    from conv2dlstm.data.download import MissingUpstreamError
+
+    try:
+        ds, manifest = regridded_inputs(period, raw_dir)
+    except MissingUpstreamError as exc:
+        raise DataError(
+            f"the forecast initialized {init:%Y-%m-%d} needs the {n_in} input days {start:%Y-%m-%d}..{init:%Y-%m-%d} "
+            f"(the model's windows.input_steps), and the source lacks one of them ({str(exc).split(' (for a ')[0]}); "
+            "give an --init-date whose input days all exist upstream"
+        ) from exc
     check_grid("the regridded input", ds["lat"].values, ds["lon"].values, stats64, stats_path=stats_path)
     return period, last_steps(ds, n_in, init), manifest
 
