@@ -23,7 +23,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
-.PHONY: setup run run-seed run-zoo sweep forecast summary tables tables-check config test test-fast lint report mlflow-ui \
+.PHONY: setup run run-seed run-zoo run-zoo-seed sweep forecast summary tables tables-check config test test-fast lint report mlflow-ui \
 	mlflow-server bench bench-scale bench-keras clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
@@ -47,6 +47,10 @@ run-seed: run
 ## run-zoo: every network on the default data under one protocol, scored to lead 10 (config/zoo.yaml)
 run-zoo: CONFIG = config/zoo.yaml
 run-zoo: run
+
+## run-zoo-seed: every network on the seed task (config/zoo_seed_no3.yaml over config/seed_no3.yaml)
+run-zoo-seed: CONFIG = config/seed_no3.yaml config/zoo_seed_no3.yaml
+run-zoo-seed: run
 
 ## sweep: the 2 x 2 sweep of config/sweep.yaml (its own experiment and summary)
 sweep: CONFIG = config/sweep.yaml

@@ -22,7 +22,13 @@ log = logging.getLogger("conv2dlstm")
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", type=Path, help="YAML configuration file (validated; defaults filled in)")
+    g.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        help="YAML configuration file(s), each merged over the ones before as snakemake --configfile merges "
+        "them (validated; defaults filled in)",
+    )
     g.add_argument("--config-json", help="configuration as a JSON string (what the Snakemake rules pass)")
 
 

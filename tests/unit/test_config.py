@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conv2dlstm.config.runs import config_digest, flatten, run_names
 from conv2dlstm.config.schema import load_schema
@@ -60,10 +61,41 @@ def test_empty_config_is_valid_and_filled():
     assert cfg["grid"]["lat"] == {"start": 21.0, "stop": 45.0, "step": 1.0}
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "seed_no3.yaml", "sweep.yaml"])
-def test_shipped_configs_are_valid(name):
-    cfg = load_config(REPO / "config" / name)
+SHIPPED = [("config.yaml",), ("seed_no3.yaml",), ("sweep.yaml",), ("zoo.yaml",), ("seed_no3.yaml", "zoo_seed_no3.yaml")]
+"""Every file of config/, alone or over the configuration its comment says it is merged over."""
+
+
+@pytest.mark.parametrize("names", SHIPPED, ids=["+".join(n) for n in SHIPPED])
+def test_shipped_configs_are_valid(names):
+    cfg = load_config([REPO / "config" / name for name in names])
     assert cfg["name"]
+
+
+def test_every_shipped_config_is_validated():
+    assert {p.name for p in (REPO / "config").glob("*.yaml")} == {n for names in SHIPPED for n in names}
+
+
+def test_several_config_files_merge_as_snakemake_merges_them(tmp_path):
+    """``--config a.yaml b.yaml``: b over a, mappings key by key, lists and values replaced, exactly
+    Snakemake's merge of ``--configfile a.yaml b.yaml``."""
+    from snakemake.utils import update_config
+
+    from conv2dlstm.config.validate import overlay
+
+    a = {"train": {"epochs": 3, "batch_size": 8}, "variables": {"inputs": ["sst", "sss"]}, "name": "a"}
+    b = {"train": {"epochs": 5}, "variables": {"inputs": ["sst"]}, "experiment": "b"}
+    expected = {k: (dict(v) if isinstance(v, dict) else v) for k, v in a.items()}
+    update_config(expected, b)
+    assert overlay(a, b) == expected
+    assert a["train"] == {"epochs": 3, "batch_size": 8}  # the inputs are not changed
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(a))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(b))
+    cfg = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+    assert cfg["train"]["epochs"] == 5 and cfg["train"]["batch_size"] == 8 and cfg["variables"]["inputs"] == ["sst"]
+    assert (cfg["name"], cfg["experiment"]) == ("a", "b")
+    (tmp_path / "list.yaml").write_text("[1, 2]\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: expected a mapping of keys to values, got list"):
+        load_config([tmp_path / "a.yaml", tmp_path / "list.yaml"])
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ import functools
 import json
 import string
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -536,8 +536,33 @@ def _expand_sweep(cfg: dict[str, Any]) -> None:
         cfg["sweep"] = {}
 
 
-def load_config(path: str | Path | None = None, *, json_text: str | None = None) -> dict[str, Any]:
-    """Load a YAML file (or a JSON string, as the Snakemake rules pass it) and validate it."""
+def overlay(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged over ``base`` as ``snakemake --configfile a.yaml b.yaml`` merges b over a:
+    mappings key by key, lists and values replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = overlay(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    return raw or {}
+
+
+def load_config(
+    path: str | Path | Sequence[str | Path] | None = None, *, json_text: str | None = None
+) -> dict[str, Any]:
+    """Load a YAML file (or several, each merged over the ones before as Snakemake merges its
+    ``--configfile`` arguments, :func:`overlay`; or a JSON string, as the Snakemake rules pass it)
+    and validate it."""
     if path is not None and json_text is not None:
         raise ConfigError("give either a config file or a JSON config string, not both")
     if json_text is not None:
@@ -546,13 +571,10 @@ def load_config(path: str | Path | None = None, *, json_text: str | None = None)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config-json is not valid JSON: {exc}") from exc
     elif path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+        raw = {}
+        for one in paths:
+            raw = overlay(raw, _read_yaml(one))
     else:
         raw = {}
     return validate_config(raw)
