@@ -409,6 +409,26 @@ def test_train_discards_partials_of_a_killed_attempt(tmp_path, caplog) -> None:
     assert not stale_folders(out)  # partials alone are no earlier training
 
 
+def test_an_unreadable_last_checkpoint_is_set_aside_and_training_starts_afresh(tmp_path, caplog) -> None:
+    """A truncated ``last.pt`` (a full disk, a kill mid-write outside the atomic writer) does not stop
+    the rerun: it goes into the stale folder with the run's other files, named in the log, and the
+    run trains from scratch to the weights of a run that never had it."""
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=24, height=6, width=7)
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    train.main(quick_config(tmp_path), run="convlstm", windows=fx.store, stats=fx.stats, out_dir=reference)
+    out.mkdir()
+    (out / "last.pt").write_bytes((reference / "last.pt").read_bytes()[:1000])  # truncated
+    (out / "history.csv").write_text("epoch,train_loss\n1,0.5\n")
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
+        train.main(quick_config(tmp_path), run="convlstm", windows=fx.store, stats=fx.stats, out_dir=out)
+    (folder,) = stale_folders(out)
+    assert (folder / "last.pt").read_bytes() == (reference / "last.pt").read_bytes()[:1000]
+    assert any("cannot be read" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    a = torch.load(reference / "model.pt", weights_only=True)["model_state"]
+    b = torch.load(out / "model.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_conv2d_lstm_streaming_from_zarr(tmp_path) -> None:
     """The notebook network, windows streamed from Zarr, latitude-weighted loss, plateau schedule."""
     fx = make_windows_store(tmp_path / "w.zarr", n_time=30, height=12, width=10)

@@ -302,6 +302,8 @@ def _resume_or_stale(
             last = checkpoint.load(last_path)
         except checkpoint.IncompatibleCheckpoint as exc:
             last, reasons = exc.checkpoint, [f"it {problem}" for problem in exc.problems]
+        except DataError as exc:  # truncated or damaged (a full disk, a kill mid-write): set aside, not fatal
+            reasons = [f"it cannot be read ({str(exc).split('; ')[0]})"]
         else:
             reasons = resume_problems(
                 last, record, result_config=result_config, model_name=model_name, model_kwargs=model_kwargs
