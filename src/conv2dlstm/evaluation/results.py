@@ -211,7 +211,6 @@ def timings_line(runs: list[RunResults]) -> str:
     """The median training time per epoch of each run (its ``history.csv``), on this machine: a
     measurement, not a result, so :func:`tables_main` writes it outside the checked block."""
     import os
-    import platform
 
     parts = []
     for run in runs:
@@ -219,11 +218,23 @@ def timings_line(runs: list[RunResults]) -> str:
         if history.is_file():
             seconds = pd.read_csv(history)["seconds"].median()
             parts.append(f"{run.name} {seconds:.1f} s")
-    cpu = platform.processor() or platform.machine()
     return (
         f"Training time per epoch (median over epochs, `history.csv`), measured on {os.cpu_count()} CPU cores "
-        f"({cpu}): " + ", ".join(parts) + "."
+        f"({cpu_model()}) by the run that produced the table: " + ", ".join(parts) + "."
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the machine type."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _row(label: str, cells: list[str]) -> str:
