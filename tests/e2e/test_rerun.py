@@ -8,6 +8,8 @@
 - Fixing the input data after a complete run retrains from scratch, and the result equals a run
   on the fixed data in another directory, bit for bit (windows store, weights, metrics.csv).
 - A run interrupted during training and rerun equals an uninterrupted one.
+- The files of a ``files`` source are the fetch rule's inputs: a file replaced in place, added or
+  removed reruns fetch.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ from tests.support.workflow import copy_workflow, job_env, run_snakemake
 pytestmark = pytest.mark.e2e
 
 
-def _dry_run(wf: Path, configfile: Path) -> str:
-    """What `snakemake --dry-run` prints."""
+def _dry_run(wf: Path, configfile: Path, *targets: str) -> str:
+    """What `snakemake --dry-run [targets]` prints."""
     exe = Path(sys.executable).parent / "snakemake"
     proc = subprocess.run(
-        [str(exe), "-n", "--cores", "2", "--configfile", str(configfile)],
+        [str(exe), *targets, "-n", "--cores", "2", "--configfile", str(configfile)],
         cwd=wf,
         capture_output=True,
         text=True,
@@ -53,9 +55,9 @@ def _dry_run(wf: Path, configfile: Path) -> str:
     return out
 
 
-def _planned(wf: Path, configfile: Path) -> set[str]:
-    """The rules `snakemake --dry-run` would run (its job stats table), without `all`."""
-    out = _dry_run(wf, configfile)
+def _planned(wf: Path, configfile: Path, *targets: str) -> set[str]:
+    """The rules `snakemake --dry-run [targets]` would run (its job stats table), without `all`."""
+    out = _dry_run(wf, configfile, *targets)
     if "Nothing to be done" in out:
         return set()
     table = out[out.index("Job stats:") :]
@@ -264,3 +266,34 @@ def test_interrupted_training_rerun_equals_an_uninterrupted_run(tiny_run: Path, 
     assert (wf / "results/evaluate/convlstm/metrics.csv").read_bytes() == (
         tiny_run / "results/evaluate/convlstm/metrics.csv"
     ).read_bytes()
+
+
+def test_a_files_source_reruns_fetch_when_a_file_is_replaced_added_or_removed(tiny_run: Path, tmp_path: Path):
+    """Data fixed in place reruns: with ``source.kind: files`` (no generation) a file replaced by
+    another at the same path, a file added to the glob or one removed plans fetch again (and with it
+    everything downstream); an untouched set plans nothing."""
+    wf = tmp_path / "wf"
+    shutil.copytree(tiny_run, wf, symlinks=True)
+    data = wf / "mydata"
+    data.mkdir()
+    files = sorted((wf / "resources" / "synthetic").rglob("*.nc"))
+    assert len(files) > 100, files[:3]
+    for f in files:
+        shutil.copy2(f, data / f.name)
+    cfg = merge(tiny(), {"synthetic": {"kind": "none"}, "source": {"kind": "files", "paths": ["mydata/*.nc"]}})
+    config = tmp_path / "files.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    manifest = "resources/raw/oisst/manifest.json"
+    run_snakemake(wf, manifest, "--cores", "1", "--configfile", str(config))
+    assert _planned(wf, config, manifest) == set()
+    names = sorted(p.name for p in data.iterdir())
+    time.sleep(1.1)  # a new modification time on file systems with 1 s resolution
+    replaced = data / names[10]
+    replaced.write_bytes(replaced.read_bytes())  # fixed in place: the same path, a newer file
+    assert _planned(wf, config, manifest) == {"fetch"}
+    run_snakemake(wf, manifest, "--cores", "1", "--configfile", str(config))
+    assert _planned(wf, config, manifest) == set()
+    (data / names[-1]).unlink()  # removed from the glob
+    assert _planned(wf, config, manifest) == {"fetch"}
+    shutil.copy2(files[-1], data / "extra.nc")  # added (an old modification time: the set changed)
+    assert _planned(wf, config, manifest) == {"fetch"}

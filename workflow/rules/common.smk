@@ -22,6 +22,7 @@ from conv2dlstm.config.workflow import (
     determines_params,
     export_config,
     export_package_path,
+    source_files,
     train_gpus,
 )
 
@@ -57,10 +58,11 @@ wildcard_constraints:
 
 
 def fetch_inputs(wildcards):
-    """The synthetic data when the config generates it; nothing for real sources."""
+    """The synthetic data when the config generates it; the files of a files source (a replaced,
+    added or removed file reruns fetch); nothing for downloaded sources."""
     if config["synthetic"]["kind"] != "none":
         return rules.synth.output
-    return []
+    return source_files(config)
 
 
 def all_outputs():

@@ -2,13 +2,17 @@
 reads while fetching. The schema's ``source.kind`` enum and its ``x-steps`` conditions on
 ``source.kind`` are derived from it (:func:`expand_kinds`, used by :mod:`conv2dlstm.config.schema`
 and :mod:`conv2dlstm.config.keys`), so a new kind is one row here plus its fetcher in
-:mod:`conv2dlstm.data.fetching`. The standard library only (the Snakefile imports it).
+:mod:`conv2dlstm.data.fetching`. :func:`expand_path` is what a ``source.paths`` entry names, for the
+fetch step and for the fetch rule's inputs. The standard library only (the Snakefile imports it).
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -56,3 +60,12 @@ def expand_kinds(values: Iterable[str], *, where: str = "schema") -> tuple[str, 
                 f"({list(GROUPS)}); see conv2dlstm.config.sources"
             )
     return tuple(dict.fromkeys(out))
+
+
+def expand_path(pattern: str) -> list[Path]:
+    """What one ``source.paths`` entry names: ``~`` and environment variables expanded, then a glob
+    (recursive ``**``) matched in sorted order, or the path itself when it exists; [] otherwise."""
+    expanded = os.path.expandvars(os.path.expanduser(pattern))
+    if glob.has_magic(expanded):
+        return [Path(p) for p in sorted(glob.glob(expanded, recursive=True))]
+    return [Path(expanded)] if Path(expanded).exists() else []

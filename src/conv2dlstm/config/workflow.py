@@ -96,3 +96,20 @@ def compare_stem(config: dict[str, Any]) -> str:
     """
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", str(config["experiment"])).strip(".") or "_"
     return f"{config['outdir']}/compare/{slug}"
+
+
+def source_files(config: dict[str, Any]) -> list[str]:
+    """The files of a ``files`` source (``source.paths`` expanded, :func:`conv2dlstm.config.sources.expand_path`)
+    as inputs of the fetch rule, so that Snakemake reruns fetch and what follows when one is
+    replaced (a newer modification time) or the set of files changes (a file added to or removed
+    from a glob); [] for the other kinds and when the configuration generates the data (the synth
+    rule's output is then the input). A Zarr store is one input, its directory: a chunk rewritten in
+    place does not change it (rerun with ``--forcerun fetch``)."""
+    from conv2dlstm.config.sources import expand_path
+
+    if config["source"]["kind"] != "files" or config["synthetic"]["kind"] != "none":
+        return []
+    found: list[str] = []
+    for pattern in config["source"]["paths"]:
+        found += [str(p) for p in expand_path(pattern) if str(p) not in found]
+    return found

@@ -36,7 +36,6 @@ files stay for the next attempt). Opening what a manifest lists as one dataset i
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import threading
@@ -55,6 +54,7 @@ import xarray as xr
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts.manifest import FetchedFile
 from conv2dlstm.config.sources import SOURCE_KINDS as KINDS
+from conv2dlstm.config.sources import expand_path
 from conv2dlstm.data import download
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
@@ -272,11 +272,7 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
         )
     out: list[Path] = []
     for pattern in patterns:
-        expanded = os.path.expandvars(os.path.expanduser(pattern))
-        if glob.has_magic(expanded):
-            matches = [Path(p) for p in sorted(glob.glob(expanded, recursive=True))]
-        else:
-            matches = [Path(expanded)] if Path(expanded).exists() else []
+        matches = expand_path(pattern)
         if not matches:
             raise DownloadError(
                 f"config key source.paths: {pattern!r} matches no file or directory (relative paths are "
