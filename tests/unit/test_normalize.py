@@ -206,6 +206,30 @@ def test_mask_semantics() -> None:
     assert np.isnan(stats["climatology"].values[:, :, 0, 0]).all()
 
 
+def test_cells_made_land_by_missing_days_are_named_not_silent(caplog) -> None:
+    """Sparse missing values turn ocean into land for the whole record (the mask is 'data at every
+    time'): the log says how many cells and on which days; a day of no data at all names that day."""
+    ds, n_train = leaky_dataset(2)
+    sst = ds["sst"].values.copy()
+    sst[n_train + 10, 2, 1] = np.nan  # one cell missing on two days
+    sst[40, 2, 1] = np.nan
+    sst[7, 1, 2] = np.nan
+    times = ds.indexes["time"]
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
+        fit(regridded(times, sst, ds["no3"].values))
+    (message,) = [r.getMessage() for r in caplog.records if "are missing on" in r.getMessage()]
+    assert "2 grid cells with data at other time steps are missing on 3 of 731 steps" in message
+    assert f"2019-01-08, 2019-02-10, {times[n_train + 10]:%Y-%m-%d}" in message and "land for the whole" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
+        fit(ds)  # only the land cell, missing every day: nothing to say
+    assert not [r for r in caplog.records if "are missing on" in r.getMessage()]
+    blank = ds["sst"].values.copy()
+    blank[100] = np.nan  # a file of fill values only
+    with pytest.raises(DataError, match=r"no ocean cell: .*missing on 1 of 731 steps \(2019-04-11\)"):
+        fit(regridded(times, blank, ds["no3"].values))
+
+
 def test_empty_training_period_names_period_and_data_range() -> None:
     ds, _ = leaky_dataset()
     with pytest.raises(DataError, match=r"2015-01-01\.\.2015-12-31.*2019-01-01\.\.2020-12-31"):

@@ -34,6 +34,7 @@ from typing import Any
 
 import dask
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from conv2dlstm import zarrstore
@@ -51,10 +52,35 @@ STD_FLOOR_FRACTION = 1e-3
 """Per-pixel std floor, as a fraction of the variable's pooled std over ocean training cells."""
 
 
-def ocean_mask(arr: xr.DataArray) -> xr.DataArray:
-    """``(lat, lon)`` bool: finite at every time of every variable of ``arr`` ``(time, variable, lat, lon)``."""
-    mask = arr.notnull().all(("time", "variable"))
-    return mask.compute().rename("mask")
+MAX_LISTED_DAYS = 5
+"""Days listed in the messages about cells missing at some time steps; more are counted."""
+
+
+def ocean_mask(arr: xr.DataArray) -> tuple[xr.DataArray, str]:
+    """``(lat, lon)`` bool: finite at every time of every variable of ``arr`` ``(time, variable, lat, lon)``;
+    and, when cells with data at some time steps are missing at others (they become land for the
+    whole record), a phrase saying how many and on which days; empty otherwise. One pass over ``arr``."""
+    import dask
+
+    present = arr.notnull()
+    # per cell, the steps x variables with data; per step, the cells missing a variable: O(T + H W) memory
+    count, missing_per_step = dask.compute(
+        present.sum(("time", "variable")), (~present).any("variable").sum(("lat", "lon"))
+    )
+    total = arr.sizes["time"] * arr.sizes["variable"]
+    mask = (count == total).rename("mask")
+    partial = (count > 0) & (count < total)  # data at some steps, missing at others
+    if not bool(partial.any()):
+        return mask, ""
+    never = int((count == 0).sum())  # land: missing at every step
+    days = pd.DatetimeIndex(arr["time"].values[missing_per_step.values > never])
+    listed = ", ".join(f"{d:%Y-%m-%d}" for d in days[:MAX_LISTED_DAYS])
+    more = f" and {days.size - MAX_LISTED_DAYS} more" if days.size > MAX_LISTED_DAYS else ""
+    phrase = (
+        f"{int(partial.sum())} grid cells with data at other time steps are missing on {days.size} of "
+        f"{arr.sizes['time']} steps ({listed}{more})"
+    )
+    return mask, phrase
 
 
 def training_slice(ds: hz.T, start: str, end: str) -> hz.T:
@@ -123,11 +149,20 @@ def fit_stats(
     """
     variables = list(dict.fromkeys(variables))
     arr = stats_file.stack_variables(ds, variables)  # (time, variable, lat, lon)
-    mask = ocean_mask(arr)
+    mask, partly_missing = ocean_mask(arr)
     if not bool(mask.any()):
         raise DataError(
-            f"no ocean cell: every cell of {variables} is missing at some time step; check the regridded "
-            "data (grid.min_ocean_fraction, region, variables)"
+            f"no ocean cell: every cell of {variables} is missing at some time step"
+            + (f" ({partly_missing}: a file of those days holds no data?)" if partly_missing else "")
+            + "; check the source files of those days and the regridded data (grid.min_ocean_fraction, region, "
+            "variables)"
+        )
+    if partly_missing:
+        log.warning(
+            "normalize: %s; the ocean mask is 'data at every time step', so these cells are land for the whole "
+            "record and excluded from training and scores. If they are ocean, fill the source's gaps (or drop "
+            "the days with missing data from the source period)",
+            partly_missing,
         )
     train = training_slice(arr, train_start, train_end).astype(np.float64)
     mean, std, clim = _moments(train, mask, per_pixel=per_pixel)
