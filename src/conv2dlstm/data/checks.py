@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,96 @@ def time_keys(values: np.ndarray) -> list[Any]:
     if np.issubdtype(values.dtype, np.datetime64):
         return values.astype("datetime64[ns]").view("int64").tolist()
     return [time_key(v) for v in values]
+
+
+# ---- what every file must share ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """What the files of one source must share: each horizontal axis (size, first and last value,
+    a digest of the values) and the checked variables present."""
+
+    lat: tuple[int, float, float, str] | None
+    lon: tuple[int, float, float, str] | None
+    variables: frozenset[str]
+
+
+def _axis_layout(ds: xr.Dataset, role: str, rename: Mapping[str, str]) -> tuple[int, float, float, str] | None:
+    import hashlib
+
+    from conv2dlstm.data.harmonize import find_axis
+
+    name = find_axis(ds, role, rename=rename)
+    if name is None:
+        return None
+    values = np.asarray(ds[name].values, dtype=np.float64)
+    digest = hashlib.sha256(np.round(values, 6).tobytes()).hexdigest()[:16]
+    return (int(values.size), float(values[0]), float(values[-1]), digest) if values.size else (0, 0.0, 0.0, digest)
+
+
+def file_layout(ds: xr.Dataset, rules: SourceRules) -> FileLayout:
+    """The :class:`FileLayout` of one opened file (raw names; ``harmonize.rename`` applied to find them)."""
+    rename = dict(rules.rename)
+    present = {rules.standard_name(str(v)) for v in ds.data_vars}
+    wanted = set(rules.variables) if rules.variables else set(rules.units)
+    return FileLayout(_axis_layout(ds, "lat", rename), _axis_layout(ds, "lon", rename), frozenset(present & wanted))
+
+
+def _describe_axis(layout: tuple[int, float, float, str] | None) -> str:
+    if layout is None:
+        return "no such axis"
+    size, first, last, _ = layout
+    order = "descending" if last < first else "ascending"
+    step = f", step {abs(last - first) / (size - 1):.4g}" if size > 1 else ""
+    return f"{size} values {first:g}..{last:g} ({order}{step})"
+
+
+def check_layouts(layouts: Sequence[FileLayout], names: Sequence[str]) -> None:
+    """Every file on the grid of the majority, with its variables: else a :class:`DataError` naming
+    the files that differ, what they hold and what the others hold (a shifted grid, another
+    resolution, the opposite latitude order, a missing variable)."""
+    if len(layouts) < 2:
+        return
+    problems = []
+    for part, label in (("lat", "latitude"), ("lon", "longitude")):
+        values = [getattr(layout, part) for layout in layouts]
+        common, _ = Counter(values).most_common(1)[0]
+        odd = [i for i, v in enumerate(values) if v != common]
+        if odd:
+            problems.append(
+                f"{len(odd)} file(s) have another {label} axis than the other {len(values) - len(odd)}: "
+                + "; ".join(f"{names[i]}: {_describe_axis(values[i])}" for i in odd[:3])
+                + (" ..." if len(odd) > 3 else "")
+                + f" (the others: {_describe_axis(common)})"
+            )
+    every = frozenset().union(*(layout.variables for layout in layouts))
+    lacking = [(i, sorted(every - layout.variables)) for i, layout in enumerate(layouts) if layout.variables != every]
+    if lacking:
+        problems.append(
+            f"{len(lacking)} file(s) lack variables the others have: "
+            + "; ".join(f"{names[i]} lacks {missing}" for i, missing in lacking[:3])
+            + (" ..." if len(lacking) > 3 else "")
+        )
+    if problems:
+        raise DataError(
+            "the source's files cannot be combined: "
+            + "; ".join(problems)
+            + ". Every file must share the lat/lon grid (and its order) and hold the same variables: fix or "
+            "remove the files named"
+        )
+
+
+def check_time_has_units(ds: xr.Dataset, axis: str, name: str) -> None:
+    """A :class:`DataError` naming file ``name`` when its time coordinate ``axis`` was not decoded to
+    dates (numbers: no CF ``units`` such as ``days since 1970-01-01``)."""
+    values = np.asarray(ds[axis].values)
+    if values.dtype.kind in "iuf":
+        raise DataError(
+            f"{name}: its time coordinate {axis!r} holds plain numbers ({', '.join(map(str, values[:3]))}"
+            f"{' ...' if values.size > 3 else ''}), not dates: it has no CF units attribute (e.g. 'days since "
+            "1970-01-01'); fix the file's time units or remove it from the source"
+        )
 
 
 # ---- duplicate time stamps ------------------------------------------------------------------------

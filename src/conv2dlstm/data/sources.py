@@ -154,7 +154,10 @@ class Catalog:
 def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
     """Open each file of ``manifest`` in turn, read its time coordinate and units, and close it.
 
-    Checks across files happen here, before any data is read: time stamps repeated across files
+    Checks across files happen here, before any data is read: every file on the same lat/lon grid
+    (size, values and order) with the same checked variables, and a time coordinate decoded to dates
+    (:func:`conv2dlstm.data.checks.check_layouts`, :func:`~conv2dlstm.data.checks.check_time_has_units`:
+    the files that differ are named); time stamps repeated across files
     (or within one) are refused or resolved as ``rules.duplicates`` says
     (:func:`conv2dlstm.data.checks.duplicate_steps`), and the units of every checked variable must convert to
     its canonical unit (:func:`conv2dlstm.data.checks.unit_conversions`). ``rules`` None: duplicates refused, no
@@ -174,14 +177,22 @@ def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
     names = [display_path(p) for p in paths]
     keys: list[np.ndarray | None] = []
     found: checks.UnitsFound = {}
+    layouts: list[checks.FileLayout] = []
     for path, name in zip(paths, names):
         ds = _open_part(path, doc["format"], None, manifest)
         try:
             axis = hz.find_axis(ds, "time", rename=rename)
+            if axis is not None:
+                checks.check_time_has_units(ds, axis, name)
             keys.append(None if axis is None else np.asarray(checks.time_keys(ds[axis].values)))
             checks.add_units(found, name, ds, rules)
+            layouts.append(checks.file_layout(ds, rules))
         finally:
             ds.close()
+    try:
+        checks.check_layouts(layouts, names)
+    except DataError as exc:
+        raise DataError(f"manifest {manifest}: {exc}") from exc
     dropped = checks.duplicate_steps(keys, names, rules.duplicates)
     positions: list[np.ndarray | None] = []
     for i, k in enumerate(keys):
