@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xarray as xr
 import yaml
 
 from conv2dlstm.config import keys
@@ -289,7 +290,13 @@ def test_a_files_source_reruns_fetch_when_a_file_is_replaced_added_or_removed(ti
     names = sorted(p.name for p in data.iterdir())
     time.sleep(1.1)  # a new modification time on file systems with 1 s resolution
     replaced = data / names[10]
-    replaced.write_bytes(replaced.read_bytes())  # fixed in place: the same path, a newer file
+    replaced.write_bytes(replaced.read_bytes())  # touched, same content: Snakemake compares checksums
+    assert _planned(wf, config, manifest) == set()
+    with xr.open_dataset(replaced) as ds:
+        fixed = ds.load()
+    fixed["sst"] = fixed["sst"] + 0.5  # fixed in place: the same path, other values
+    fixed.to_netcdf(data / "fixed.tmp")
+    os.replace(data / "fixed.tmp", replaced)
     assert _planned(wf, config, manifest) == {"fetch"}
     run_snakemake(wf, manifest, "--cores", "1", "--configfile", str(config))
     assert _planned(wf, config, manifest) == set()
