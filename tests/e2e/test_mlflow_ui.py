@@ -211,7 +211,7 @@ def _search_charts(driver, text: str) -> None:
 
 
 def test_compare_two_runs_in_the_mlflow_ui(
-    sweep_workflow: Path, mlflow_ui: str, browser, screenshots, monkeypatch
+    sweep_workflow: Path, mlflow_ui: str, browser, screenshots, monkeypatch, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
 
@@ -356,3 +356,10 @@ def test_compare_two_runs_in_the_mlflow_ui(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test (set_tracking_uri exports it)
     mlflow.set_tracking_uri(uri)
     assert isinstance(mlflow.pytorch.load_model(f"models:/{EXPERIMENT}@champion"), torch.nn.Module)
+    # the documented way (docs/tracking.md): the champion run's checkpoint, weights only, no pickle
+    from conv2dlstm.training.models import load_model
+
+    run_id = client.get_model_version_by_alias(EXPERIMENT, "champion").run_id
+    path = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
+    model, ckpt = load_model(path)
+    assert isinstance(model, torch.nn.Module) and ckpt["mlflow_run_id"] == best.info.run_id

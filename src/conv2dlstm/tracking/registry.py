@@ -1,4 +1,5 @@
-"""The best model, findable: ``mlflow.pytorch.load_model("models:/<experiment>@champion")``.
+"""The best model, findable: ``models:/<experiment>@champion`` (its run's ``checkpoints/best.pt``, loaded
+with :func:`conv2dlstm.training.models.load_model`, weights only; docs/tracking.md).
 
 After the compare step (:func:`after_compare`):
 
@@ -315,8 +316,8 @@ def _describe(client: Any, name: str, experiment: str) -> None:
                 name,
                 description=(
                     f"The best run of experiment {experiment} by validation loss ({SELECT_METRIC}), registered by the "
-                    "compare step of the pipeline; load it with "
-                    f"mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}'). A newer run that did not "
+                    "compare step of the pipeline; load its run's checkpoints/best.pt with "
+                    "conv2dlstm.training.models.load_model (weights only, no pickle). A newer run that did not "
                     f"beat it is '@{CHALLENGER_ALIAS}'. "
                     "Version tags: the run, its validation loss and, for reporting only, its test RMSE."
                 ),
