@@ -93,6 +93,29 @@ def test_sqlite_store_must_be_writable(tmp_path) -> None:
         tracking.check_tracking(f"sqlite:///{tmp_path}/db_dir")
 
 
+def test_a_damaged_sqlite_store_is_named_with_the_way_back(tmp_path) -> None:
+    """A damaged ``mlflow.db`` stops the step at the check with the URI, what SQLite found and the way
+    back, not a SQLAlchemy traceback deep in MLflow."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+        con.executemany("INSERT INTO runs (name) VALUES (?)", [(f"run-{i}" * 40,) for i in range(2000)])
+        con.execute("CREATE INDEX by_name ON runs (name)")
+    uri = f"sqlite:///{db}"
+    tracking.check_tracking(uri)  # intact
+    data = bytearray(db.read_bytes())
+    page = 4096
+    data[5 * page : 5 * page + 200] = b"\xff" * 200  # a page in the middle, as a bad sector or a torn write
+    db.write_bytes(bytes(data))
+    with pytest.raises(TrackingError, match=rf"MLflow tracking store {uri}: the database .* is damaged \(.*restore it"):
+        tracking.check_tracking(uri)
+    db.write_bytes(b"garbage" * 1000)  # the header itself
+    with pytest.raises(TrackingError, match=r"is damaged \(file is not a database\).*mlflow-new.db"):
+        tracking.check_tracking(uri)
+
+
 def test_local_store_path() -> None:
     assert str(tracking.local_store_path("sqlite:///mlflow.db")) == "mlflow.db"
     assert str(tracking.local_store_path("sqlite:////abs/m.db")) == "/abs/m.db"

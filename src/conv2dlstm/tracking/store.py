@@ -260,6 +260,26 @@ def _check_database(path: Path, uri: str) -> None:
             raise TrackingError(
                 f"MLflow tracking store {uri}: database {path} is not writable ({exc}); {_FIX}"
             ) from exc
+        _check_intact(path, uri)
+
+
+def _check_intact(path: Path, uri: str) -> None:
+    """:class:`TrackingError` naming the way back when the sqlite database ``path`` is damaged
+    (SQLite's ``PRAGMA quick_check``: milliseconds for a tracking store of many runs)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            found = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as exc:
+        found = [str(exc)]
+    if found and found != ["ok"]:
+        raise TrackingError(
+            f"MLflow tracking store {uri}: the database {path} is damaged ({'; '.join(found)[:300]}); restore it "
+            f"from a backup, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at a new store (e.g. "
+            f"sqlite:///{path.with_name(path.stem + '-new' + path.suffix)}); the models and results on disk stay, "
+            "and the runs logged from then on go to the new store"
+        )
 
 
 def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
