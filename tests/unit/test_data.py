@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 
+from conv2dlstm import zarrstore
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.errors import DataError
 from conv2dlstm.training.dataset import InMemoryWindows, WindowDataset, iter_batches, use_in_memory
@@ -122,6 +123,7 @@ def test_wrong_format_version(tmp_path) -> None:
     fx = make_windows_store(tmp_path / "w.zarr", n_time=12, height=4, width=5)
     group = zarr.open_group(fx.store, mode="r+")
     group.attrs["format_version"] = 7
+    zarrstore.record_store(fx.store)  # an edit on purpose: recorded again, so the store reads as written
     with pytest.raises(DataError, match="format_version 7, expected 1"):
         WindowsStore(fx.store)
 
@@ -130,5 +132,6 @@ def test_unknown_variable(tmp_path) -> None:
     fx = make_windows_store(tmp_path / "w.zarr", n_time=12, height=4, width=5)
     group = zarr.open_group(fx.store, mode="r+")
     group.attrs["target_variables"] = ["chl"]
+    zarrstore.record_store(fx.store)  # an edit on purpose: recorded again, so the store reads as written
     with pytest.raises(DataError, match=r"\['chl'\] are not in its variable coordinate"):
         WindowsStore(fx.store)

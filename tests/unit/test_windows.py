@@ -268,7 +268,7 @@ def test_main_bad_regridded_store_names_the_path_and_the_step(tmp_path: Path, ho
         match = "does not exist; run the regrid step first"
     elif how == "corrupt":
         (data_path / "zarr.json").write_text("{not json")
-        match = r"(?s)cannot be opened \(.*\); delete it and re-run the regrid step"
+        match = r"(?s)is damaged: metadata file zarr\.json .*; rebuild it with the regrid step"
     else:
         shutil.rmtree(data_path)
         data_path.mkdir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -36,6 +38,13 @@ def test_written_store_records_every_chunk_and_verifies(tmp_path):
     store = _store(tmp_path / "a.zarr")
     record = zarrstore.read_record(store, what="store", step="regrid")
     assert sorted(c.key for c in record if c.array == "sst") == ["c.0.0.0", "c.1.0.0", "c.2.0.0"]
+    assert [c.key for c in record if c.array == "time"] == ["c/0"]  # coordinates too (nested chunk keys)
+    full = zarrstore.load_record(store, what="store", step="regrid")
+    metadata = ["lat/zarr.json", "lon/zarr.json", "sst/zarr.json", "time/zarr.json", "zarr.json"]
+    assert sorted(c.path for c in full.metadata) == metadata
+    assert not full.legacy
+    files = {p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file()}
+    assert set(full.files()) == files - {zarrstore.DIGESTS_FILE}  # every file the store holds but the record
     assert zarrstore.verify(store) == []
     zarrstore.check_chunks(store, what="store", step="regrid")
     assert xr.open_zarr(store)["sst"].values[5, 1, 2] == 5 * 12 + 1 * 4 + 2  # still a plain Zarr store
@@ -61,9 +70,11 @@ def test_truncated_and_altered_chunks(tmp_path):
     path.write_bytes(data[:-3])
     with pytest.raises(DataError, match=r"chunk c\.0\.0\.0 of array 'sst' has \d+ bytes, \d+ were written"):
         zarrstore.check_chunks(store, what="store", step="regrid")
-    path.write_bytes(bytes(len(data)))  # same size, other content: only the full check sees it
+    path.write_bytes(bytes(len(data)))  # same size, other content: the open check passes, a read does not
     zarrstore.check_chunks(store, what="store", step="regrid")
     assert zarrstore.verify(store) == ["array 'sst': chunk c.0.0.0 differs from what was written"]
+    with pytest.raises(DataError, match=r"chunk c\.0\.0\.0 of array 'sst' differs from what was written"):
+        xr.open_zarr(zarrstore.open_store(store, what="store", step="regrid"))["sst"].load()
     (store / "sst" / "c.9.0.0").write_bytes(b"x")
     assert "array 'sst': chunk c.9.0.0 was not written with the store" in zarrstore.verify(store)
 
@@ -94,8 +105,8 @@ def test_garbage_chunk_reads_as_a_named_error(tmp_path):
     store.read_time_range(0, 2)  # other chunks read fine
     with pytest.raises(
         DataError,
-        match=r"windows store .* is damaged: reading it failed \(array 'data', time "
-        r"\d+\.\.\d+\): RuntimeError: .*rebuild it with the windows step",
+        match=r"windows store .* is damaged: chunk c\.1\.0\.0\.0 of array 'data' differs from what was written "
+        r"\(SHA-256\); rebuild it with the windows step \(snakemake --forcerun windows\)",
     ):
         store.read_time_range(0, store.time.size)
 
@@ -129,6 +140,10 @@ def _damage(store: Path, how: str) -> None:
     chunk = next((store / "data").glob("c.1.*"))
     if how == "deleted":
         chunk.unlink()
+    elif how == "flip":  # one bit, in the middle: what used to decode into other values
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x04
+        chunk.write_bytes(bytes(data))
     else:
         chunk.write_bytes(np.random.default_rng(1).bytes(chunk.stat().st_size))
 
@@ -137,7 +152,8 @@ def _damage(store: Path, how: str) -> None:
     ("step", "how", "words"),
     [
         ("train", "deleted", r"chunk c\.1\.0\.0\.0 of array 'data' is missing"),
-        ("train", "garbage", r"reading it failed \(array 'data', time"),
+        ("train", "garbage", r"chunk c\.1\.0\.0\.0 of array 'data' differs from what was written"),
+        ("train", "flip", r"chunk c\.1\.0\.0\.0 of array 'data' differs from what was written \(SHA-256\)"),
         ("evaluate", "deleted", r"chunk c\.1\.0\.0\.0 of array 'data' is missing"),
     ],
 )
@@ -181,3 +197,118 @@ def test_steps_stop_on_a_damaged_windows_store(step, how, words, tmp_path, capsy
     assert "rebuild it with the windows step (snakemake --forcerun windows)" in err
     assert "Traceback" not in err and "diverged" not in err
     assert not (out / "model.pt").exists() and not (out / "metrics.csv").exists()
+
+
+def test_verify_checks_metadata_files_and_lists_no_recorded_file_as_unrecorded(tmp_path):
+    store = _store(tmp_path / "a.zarr")
+    meta = store / "sst" / "zarr.json"
+    meta.write_text(meta.read_text().replace('"float32"', '"float64"'))  # other content: the dtype
+    assert zarrstore.verify(store) == ["metadata file sst/zarr.json differs from what was written"]
+    zarrstore.record_store(store)  # an edit on purpose, recorded: as written again
+    assert zarrstore.verify(store) == []
+    meta.write_text(meta.read_text().replace('"float64"', '"float32"'))
+    (store / "lat" / "zarr.json").unlink()
+    (store / "notes.txt").write_text("x")
+    assert zarrstore.verify(store) == [
+        "metadata file lat/zarr.json is missing",
+        "file notes.txt was not written with the store",
+        "metadata file sst/zarr.json differs from what was written",
+    ]
+
+
+def test_open_store_checks_the_metadata_before_zarr_reads_it(tmp_path):
+    store = _store(tmp_path / "a.zarr")
+    root = store / "zarr.json"
+    root.write_text(root.read_text().replace('"sst"', '"sss"', 1))  # the consolidated metadata, same size
+    with pytest.raises(
+        DataError,
+        match=r"a\.zarr is damaged: metadata file zarr\.json \(the store's root and consolidated metadata\) differs "
+        r"from what was written \(SHA-256\); rebuild it with the regrid step \(snakemake --forcerun regrid\)",
+    ):
+        zarrstore.open_store(store, what="the regridded store", step="regrid")
+
+
+def test_byte_range_and_partial_reads_are_verified_too(tmp_path):
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.core.buffer.core import default_buffer_prototype
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    store = _store(tmp_path / "a.zarr")
+    verified = zarrstore.open_store(store, what="store", step="regrid")
+    plain = LocalStore(store, read_only=True)
+    proto = default_buffer_prototype()
+    for rng in (None, RangeByteRequest(3, 9), OffsetByteRequest(5), SuffixByteRequest(4), SuffixByteRequest(10**6)):
+        want = sync(plain.get("sst/c.1.0.0", proto, rng))
+        got = sync(verified.get("sst/c.1.0.0", proto, rng))
+        got_sync = verified.get_sync("sst/c.1.0.0", prototype=proto, byte_range=rng)
+        assert want is not None and got is not None and got_sync is not None
+        assert got.to_bytes() == got_sync.to_bytes() == want.to_bytes()
+    assert sync(verified.get("sst/c.9.0.0", proto)) is None  # never written (fill value) and not recorded
+    chunk = store / "sst" / "c.1.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"chunk c\.1\.0\.0 of array 'sst' differs"):
+        sync(verified.get("sst/c.1.0.0", proto, RangeByteRequest(0, 2)))  # the bytes asked for are intact
+    with pytest.raises(DataError, match=r"chunk c\.1\.0\.0 of array 'sst' differs"):
+        sync(verified.get_partial_values(proto, [("sst/c.0.0.0", None), ("sst/c.1.0.0", SuffixByteRequest(1))]))
+    with pytest.raises(DataError, match=r"chunk c\.1\.0\.0 of array 'sst' differs"):
+        verified.get_sync("sst/c.1.0.0")
+    (store / "sst" / "c.9.0.0").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"chunk c\.9\.0\.0 of array 'sst' was not written with the store"):
+        sync(verified.get("sst/c.9.0.0", proto))
+    with pytest.raises(ValueError, match="read-only"):
+        verified.with_read_only(False)
+
+
+def _legacy(store: Path) -> None:
+    """Rewrite the record as the previous version wrote it: data chunks only (flat keys), no digest of its own."""
+    chunks = [c for c in zarrstore.read_record(store, what="store", step="regrid") if "/" not in c.key]
+    doc = {"algorithm": "sha256", "chunks": [[c.array, c.key, c.size, c.sha256] for c in chunks]}
+    (store / zarrstore.DIGESTS_FILE).write_text(json.dumps(doc, indent=0) + "\n")
+
+
+def test_a_store_of_the_previous_version_is_read_with_its_chunks_verified_and_a_warning(tmp_path, caplog):
+    store = _store(tmp_path / "legacy.zarr")
+    _legacy(store)
+    with caplog.at_level(logging.WARNING, logger="conv2dlstm.zarrstore"):
+        verified = zarrstore.open_store(store, what="the regridded store", step="regrid")
+        zarrstore.open_store(store, what="the regridded store", step="regrid")  # warned once per store
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "written by an earlier version that recorded only its data chunks" in warnings[0]
+    assert "rebuild it with the regrid step (snakemake --forcerun regrid)" in warnings[0]
+    assert zarrstore.load_record(store, what="store", step="regrid").legacy
+    assert zarrstore.verify(store) == []  # its metadata and coordinates are not listed as unrecorded
+    xr.testing.assert_identical(xr.open_zarr(verified).load(), xr.open_zarr(store).load())
+    chunk = store / "sst" / "c.2.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"chunk c\.2\.0\.0 of array 'sst' differs from what was written"):
+        xr.open_zarr(verified)["sst"].load()
+
+
+def test_every_single_bit_flip_of_the_record_is_found(tmp_path):
+    """The record carries its own digest: no flip anywhere in it passes as a record (nor as a legacy one)."""
+    store = _store(tmp_path / "a.zarr")
+    path = store / zarrstore.DIGESTS_FILE
+    original = path.read_bytes()
+    assert zarrstore.parse_record(original).files()
+    missed = []
+    for offset in range(len(original)):
+        for bit in range(8):
+            flipped = bytearray(original)
+            flipped[offset] ^= 1 << bit
+            try:
+                zarrstore.parse_record(bytes(flipped))
+            except (ValueError, KeyError, TypeError):
+                continue
+            missed.append((offset, bit))
+    assert missed == []
+    for offset in range(0, len(original), 97):  # and through the reader, as the steps open it
+        flipped = bytearray(original)
+        flipped[offset] ^= 1 << (offset % 8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match=r"has no readable chunk record \(chunk_digests\.json.*rebuild it with the"):
+            zarrstore.open_store(store, what="the regridded store", step="regrid")

@@ -3,8 +3,10 @@
 Written by the windows step (:mod:`conv2dlstm.steps.windows`, which takes :data:`SPLITS`,
 :data:`FORMAT_VERSION` and the names from here), read through :class:`WindowsStore` by training
 (:mod:`conv2dlstm.training.dataset`), evaluation and forecasting. Opening checks the format version, the
-required variables and attributes, the window indices and every chunk's recorded digest; a
-problem is a :class:`~conv2dlstm.errors.DataError` naming the store and the windows step.
+required variables and attributes, the window indices, that every recorded chunk is there with its
+size and every metadata file's digest; every chunk is checked against its recorded digest when it is
+read, before it is decoded (:func:`conv2dlstm.zarrstore.open_store`). A problem is a
+:class:`~conv2dlstm.errors.DataError` naming the store, the file and the windows step.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from conv2dlstm import zarrstore
-from conv2dlstm.errors import DataError
+from conv2dlstm.errors import Conv2dLstmError, DataError
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -42,10 +44,15 @@ class WindowsStore:
         self.path = Path(path)
         if not self.path.exists():
             raise DataError(f"windows store {self.path} does not exist; run the windows step first")
+        # The record, every recorded file's presence and size, the metadata's digests; then every
+        # chunk read through `store` is checked against its digest before it is decoded.
+        store = zarrstore.open_store(self.path, what=WHAT, step="windows")
         try:
             with warnings.catch_warnings():  # consolidated metadata is optional in Zarr v3
                 warnings.filterwarnings("ignore", message=".*consolidated metadata", category=RuntimeWarning)
-                ds = xr.open_zarr(self.path, chunks=None, consolidated=None)
+                ds = xr.open_zarr(store, chunks=None, consolidated=True, zarr_format=3)
+        except Conv2dLstmError:
+            raise
         except Exception as exc:
             raise DataError(f"windows store {self.path} cannot be opened as Zarr ({exc}); rebuild it") from exc
         missing = [v for v in REQUIRED_VARS if v not in ds.variables]
@@ -58,7 +65,6 @@ class WindowsStore:
                 f"windows store {self.path} has format_version {version}, expected {FORMAT_VERSION}; "
                 "rebuild it with the windows step of this version"
             )
-        zarrstore.check_chunks(self.path, what=WHAT, step="windows")  # a deleted chunk is not NaN
         self._ds = ds
         self._data = ds["data"].variable  # lazily indexed (time, variable, lat, lon), no Dask
         variables = [str(v) for v in ds["variable"].values]
@@ -115,8 +121,9 @@ class WindowsStore:
         return self.time[self.starts(split)[:, None] + self.input_steps - 1 + lead]
 
     def read_time_range(self, start: int, stop: int) -> np.ndarray:
-        """``data[start:stop]`` as float32 numpy, ``(stop - start, V, H, W)``; a chunk that cannot be
-        decoded is a :class:`DataError` naming the store and the windows step."""
+        """``data[start:stop]`` as float32 numpy, ``(stop - start, V, H, W)``; a chunk whose bytes are
+        not those recorded (checked before it is decoded), or that cannot be decoded, is a
+        :class:`DataError` naming the store, the chunk and the windows step."""
         with zarrstore.read_errors(self.path, what=WHAT, step="windows", detail=f"array 'data', time {start}..{stop}"):
             return np.asarray(self._data[start:stop].values, dtype=np.float32)
 
