@@ -63,9 +63,10 @@ def test_compare_two_runs_two_baselines(two_runs, tmp_path):
     compare.main(metrics=two_runs, out_csv=out_csv, out_plot=out_plot)
     table = pd.read_csv(out_csv)
     assert list(table.columns) == compare.SUMMARY_COLUMNS
-    assert list(table["name"]) == ["a", "b", "persistence", "climatology"]
+    assert list(table["name"]) == ["b", "a", "persistence", "climatology"]  # runs by rank: b has the lower RMSE
+    assert list(table["rank"].astype("Int64").astype(object).where(table["rank"].notna(), None)) == [1, 2, None, None]
     assert list(table["kind"]) == ["run", "run", "baseline", "baseline"]
-    assert list(table["model"]) == ["convlstm", "conv2d_lstm", "persistence", "climatology"]
+    assert list(table["model"]) == ["conv2d_lstm", "convlstm", "persistence", "climatology"]
     row = table.set_index("name")
     assert row.loc["a", "leads"] == 2
     assert row.loc["a", "rmse_mean"] == pytest.approx(1.5)

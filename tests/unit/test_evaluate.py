@@ -326,7 +326,7 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
 
     table = pd.read_csv(out_dir / "metrics.csv")
     assert list(table.columns) == ["run", "model", "variable", "lead", "metric", "value"]
-    assert set(table["model"]) == {"convlstm", "persistence", "climatology", "damped_persistence"}
+    assert set(table["model"]) == {"convlstm", "persistence", "climatology", "damped_persistence", "training_mean"}
 
     def value(model, metric, lead):
         sel = table[(table["model"] == model) & (table["metric"] == metric) & (table["lead"] == lead)]
@@ -341,6 +341,9 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
         assert value("damped_persistence", "rmse", lead) == pytest.approx(0.0, abs=1e-5)  # no anomaly to damp
         pers_err2 = ((phys[init_idx] - truth) ** 2 * cos).sum(axis=(1, 2)) / cos.sum()
         assert value("persistence", "rmse", lead) == pytest.approx(math.sqrt(pers_err2.mean()), rel=1e-4)
+        cell_mean = phys[times <= "2021-01-31"].mean(axis=0)  # each cell over the training period (January)
+        mean_err2 = ((cell_mean - truth) ** 2 * cos).sum(axis=(1, 2)) / cos.sum()
+        assert value("training_mean", "rmse", lead) == pytest.approx(math.sqrt(mean_err2.mean()), rel=1e-4)
         pred = ds["sst"].values[:, lead - 1]
         model_err2 = (np.where(MASK.values, (pred - truth) ** 2, 0) * cos).sum(axis=(1, 2)) / cos.sum()
         assert value("convlstm", "rmse", lead) == pytest.approx(math.sqrt(model_err2.mean()), rel=1e-4)

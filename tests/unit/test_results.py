@@ -16,7 +16,13 @@ from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.evaluation import results
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 
-RMSE = {"convlstm": [0.2, 0.3], "persistence": [0.4, 0.6], "climatology": [0.7, 0.7], "damped_persistence": [0.35, 0.5]}
+RMSE = {
+    "convlstm": [0.2, 0.3],
+    "persistence": [0.4, 0.6],
+    "climatology": [0.7, 0.7],
+    "damped_persistence": [0.35, 0.5],
+    "training_mean": [0.8, 0.8],
+}
 
 
 def _write_run(
@@ -107,7 +113,7 @@ def test_summary_names_where_the_results_are(tmp_path: Path, cfg: dict) -> None:
     assert "results/compare/exp-a.csv, results/compare/exp-a.png" in text
     assert "models:/exp-a@champion" in text and "http://127.0.0.1:5000/#/experiments/1/runs" in text
     assert "convlstm sst: RMSE 0.200, 0.300 at leads 1-2 days (persistence 0.400, 0.600)" in text
-    assert "better than persistence, climatology, damped persistence at every lead" in text
+    assert "better than persistence, climatology, damped persistence, training mean at every lead" in text
 
 
 def test_write_then_check_a_markdown_block(tmp_path: Path, cfg: dict) -> None:

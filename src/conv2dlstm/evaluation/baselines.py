@@ -1,4 +1,5 @@
-"""Reference forecasts every model must beat: persistence and day-of-year climatology.
+"""Reference forecasts every model must beat: persistence, day-of-year climatology, damped anomaly
+persistence and each cell's training mean.
 
 Both work in physical units and return arrays shaped like the model's forecasts,
 ``(time, lead, variable, lat, lon)`` with ``time`` the forecast initial time, so that the same
@@ -21,7 +22,9 @@ description, which days' climatology it relies on (so that its skill is marked n
 no training day supports them: :func:`not_meaningful_leads`) and its plot style.
 
 The damping of :func:`damped_persistence` is fitted by :func:`fit_damping` on the training part of
-the windows store (the statistics' training period), streamed chunk by chunk.
+the windows store (the statistics' training period), streamed chunk by chunk; :func:`training_mean`,
+each cell's mean over the same steps, is the baseline that stays meaningful when the training period
+does not cover the test season (where the climatology's skill is not).
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ BASELINES: dict[str, BaselineSpec] = {
             "the initial anomaly decaying towards the climatology with the training lag autocorrelation",
             ("initial", "valid"),
             ("0.1", "-.", "D"),
+        ),
+        BaselineSpec(
+            "training_mean",
+            "each cell's mean over the training period, whatever the season: meaningful on any record",
+            (),
+            ("0.55", "-", "v"),
         ),
     )
 }
@@ -511,6 +520,36 @@ def not_meaningful_leads(
             bad = bad | flags[day]
         out[name] = bad.any("time").assign_coords(lead=leads).rename(name)
     return out
+
+
+def training_mean(store: TrainingRecord, stats: xr.Dataset, *, chunk_steps: int = 64) -> xr.DataArray:
+    """Each target's mean at each cell over the windows store's time steps inside the statistics'
+    training period (:func:`training_times`), in physical units, NaN on land: ``(variable, lat, lon)``
+    float32, the ``training_mean`` baseline. Streamed ``chunk_steps`` steps at a time (a float64 sum
+    per cell); the mean of the normalized values is denormalized (the transform is linear)."""
+    from conv2dlstm.artifacts import stats as stats_file
+
+    all_times = np.asarray(store.time, dtype="datetime64[ns]")
+    keep = np.flatnonzero(np.isin(all_times, training_times(all_times, stats)))
+    if keep.size == 0:
+        start, end = training_period(stats)
+        raise DataError(
+            f"the windows store holds no time step of the training period {start}..{end}; the training mean "
+            "baseline needs the training record (rebuild the windows store)"
+        )
+    channels = list(store.target_channels)
+    total = np.zeros((len(channels), len(store.lat), len(store.lon)), dtype=np.float64)
+    first, last, step = int(keep[0]), int(keep[-1]) + 1, max(1, int(chunk_steps))
+    for a in range(first, last, step):
+        total += store.read_time_range(a, min(a + step, last))[:, channels].sum(axis=0, dtype=np.float64)
+    lat, lon = np.asarray(store.lat, dtype="float64"), np.asarray(store.lon, dtype="float64")
+    normed = xr.DataArray(
+        (total / (last - first)).astype(np.float32),
+        dims=("variable", "lat", "lon"),
+        coords={"variable": [str(v) for v in store.target_variables], "lat": lat, "lon": lon},
+    )
+    mask = xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+    return stats_file.denormalize(normed, stats).where(mask).transpose(*normed.dims).astype("float32")
 
 
 class TrainingRecord(Protocol):

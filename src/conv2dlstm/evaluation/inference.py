@@ -200,11 +200,12 @@ def predict_batch(
 
     With ``feedback`` (:func:`feedback_channels`), the network is rolled out on its own outputs to
     ``leads`` leads (:func:`rollout`; ``ocean`` the ``(H, W)`` ocean mask); without it the result is
-    the network's own ``T_out`` leads, whatever ``leads`` says (the caller checks the shape). Each window is predicted on its own (a batch of one): the floating-point result of
-    convolution and matrix kernels depends on the batch size (oneDNN and cuBLAS choose algorithms by
-    shape), and a window's prediction must not depend on which windows share its batch, so that the
-    forecast step (:mod:`conv2dlstm.steps.forecast`), which predicts one initial time, reproduces it
-    exactly.
+    the network's own ``T_out`` leads, whatever ``leads`` says (the caller checks the shape).
+
+    Each window is predicted on its own (a batch of one): the floating-point result of convolution
+    and matrix kernels depends on the batch size (oneDNN and cuBLAS choose algorithms by shape), and
+    a window's prediction must not depend on which windows share its batch, so that the forecast
+    step (:mod:`conv2dlstm.steps.forecast`), which predicts one initial time, reproduces it exactly.
     """
     import torch
 

@@ -35,7 +35,7 @@ from conv2dlstm.textdiff import first_difference
 EVALUATE_FILES = ("metrics.csv", "rmse_vs_lead.png", "skill_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png")
 """What the evaluate step writes per run besides ``predictions.nc`` (listed in the summary)."""
 
-_LABELS = {"persistence": "persistence", "damped_persistence": "damped persistence", "climatology": "climatology"}
+_LABELS = {name: name.replace("_", " ") for name in BASELINE_NAMES}
 
 
 @dataclass(frozen=True)

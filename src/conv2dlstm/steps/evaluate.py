@@ -341,6 +341,7 @@ def batch_forecasts(
     mask: xr.DataArray,
     stats: xr.Dataset,
     rho: xr.DataArray | None = None,
+    cell_mean: xr.DataArray | None = None,
     nonnegative: Sequence[str] = (),
 ) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
     """One batch in physical units (float32, NaN on land): the forecasts and the truth.
@@ -354,6 +355,9 @@ def batch_forecasts(
         stats: statistics from :func:`conv2dlstm.artifacts.stats.open_lazy`.
         rho: ``(lag, variable)`` damping of damped persistence (:func:`conv2dlstm.evaluation.baselines.fit_damping`);
             without it there is no damped persistence forecast.
+        cell_mean: ``(variable, lat, lon)`` training mean of each cell
+            (:func:`conv2dlstm.evaluation.baselines.training_mean`); without it there is no
+            ``training_mean`` forecast.
         nonnegative: target variables that cannot be negative; the model's prediction and damped
             persistence are clipped at 0 there (:func:`clip_nonnegative`).
 
@@ -390,6 +394,9 @@ def batch_forecasts(
         clim_initial = climatology_at(forecast["time"], stats, variables).where(mask)
         damped = baselines.damped_persistence(at_init, clim_initial, clim, rho.astype("float32"))
         out["damped_persistence"] = clip_nonnegative(damped.astype("float32"), nonnegative)
+    if cell_mean is not None:
+        mean = cell_mean.sel(variable=list(variables)).broadcast_like(forecast)  # the same field at every lead
+        out["training_mean"] = mean.transpose(*forecast.dims)
     return out, truth
 
 
@@ -483,6 +490,7 @@ def evaluate_split(
     weights = metrics.area_weights(lat, mask)
     scores, cell_rmse = StreamingScores(weights), CellRmse(mask)
     rho = damping(store, stats, weights=weights, chunk_steps=max(batch_size, 1) * expected[0])
+    cell_mean = baselines.training_mean(store, stats, chunk_steps=max(batch_size, 1) * expected[0])
     not_meaningful = unsupported_leads(store, stats)
     shown: tuple[xr.DataArray, xr.DataArray] | None = None
     log.info("predicting %d test windows on %s in batches of %d", n, device, batch_size)
@@ -507,6 +515,7 @@ def evaluate_split(
             mask=mask,
             stats=stats,
             rho=rho,
+            cell_mean=cell_mean,
             nonnegative=nonnegative,
         )
         scores.add(forecasts, truth, forecasts["climatology"])
