@@ -250,3 +250,25 @@ def test_plots_write_png(tmp_path, scored):
         height, width = imread(tmp_path / name).shape[:2]
         assert height > 100 and width > 100
     assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize(("height", "width"), [(48, 28), (25, 25), (10, 40)])
+def test_maps_fill_their_figure(tmp_path, height: int, width: int) -> None:
+    """A map figure is sized to its grid: the maps and colour bars span the figure's width (no blank
+    margin left of a single map), and land stays grey in every panel, the error's included."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    lat, lon = np.arange(height) * 0.25, np.arange(width) * 0.25
+    values = np.random.default_rng(0).random((1, height, width))
+    values[:, :, :3] = np.nan  # land
+    truth = xr.DataArray(values, dims=("variable", "lat", "lon"), coords={"variable": ["sst"], "lat": lat, "lon": lon})
+    for fig in (
+        plots.field_maps(abs(truth), tmp_path / "rmse_map.png", title="RMSE", quantity="RMSE"),
+        plots.forecast_maps(truth, truth * 1.1, tmp_path / "maps.png", title="maps"),
+    ):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        content = fig.get_tightbbox(canvas.get_renderer())  # every artist, labels included, in inches
+        assert content.width > 0.8 * fig.get_figwidth(), (content.width, fig.get_figwidth())  # was 0.4 at 48 x 28
+        maps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        assert all(ax.get_facecolor()[:3] == pytest.approx((0.8, 0.8, 0.8)) for ax in maps)

@@ -100,10 +100,24 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def _panels(n: int, *, width: float = 4.6, height: float = 3.4) -> tuple[Figure, list]:
-    fig = Figure(figsize=(max(width * n, 8.0), height), layout="constrained")
+def _panels(n: int, *, width: float = 4.6, height: float = 3.4, min_width: float = 8.0) -> tuple[Figure, list]:
+    fig = Figure(figsize=(max(width * n, min_width), height), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
     return fig, list(axes)
+
+
+MAP_HEIGHT = 3.0
+"""Height of a map's axes in inches; its width follows the grid's aspect (:func:`map_width`)."""
+
+
+def map_width(field: xr.DataArray, *, height: float = MAP_HEIGHT) -> float:
+    """Width in inches of one map panel of ``field`` (``lat``, ``lon`` coordinates) drawn with equal
+    aspect at ``height``: the map itself plus its axis labels and colour bar, so that a figure of such
+    panels has no blank margin."""
+    lat, lon = np.asarray(field["lat"], dtype="float64"), np.asarray(field["lon"], dtype="float64")
+    dlat = np.ptp(lat) + (abs(lat[1] - lat[0]) if lat.size > 1 else 1.0)
+    dlon = np.ptp(lon) + (abs(lon[1] - lon[0]) if lon.size > 1 else 1.0)
+    return height * float(dlon / dlat) + 1.9
 
 
 def _title(fig: Figure, title: str) -> None:
@@ -355,7 +369,7 @@ def forecast_maps(
     """
     units = units or {}
     variables = [str(v) for v in truth["variable"].values]
-    fig = Figure(figsize=(14, 3.8 * len(variables)), layout="constrained")
+    fig = Figure(figsize=(3 * map_width(truth), (MAP_HEIGHT + 0.9) * len(variables)), layout="constrained")
     axes = fig.subplots(len(variables), 3, squeeze=False)
     for row, variable in zip(axes, variables, strict=True):
         t = truth.sel(variable=variable)
@@ -387,7 +401,7 @@ def field_maps(
     bar labelled with ``quantity`` and the variable's unit (``RMSE [degC]``)."""
     units = units or {}
     variables = [str(v) for v in fields["variable"].values]
-    fig, axes = _panels(len(variables), width=5.2, height=4.2)
+    fig, axes = _panels(len(variables), width=map_width(fields), height=MAP_HEIGHT + 1.0, min_width=0.0)
     for ax, variable in zip(axes, variables, strict=True):
         field = fields.sel(variable=variable)
         lo, hi = _limits(field)
