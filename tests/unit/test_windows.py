@@ -291,7 +291,8 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     gaps = {"time_gaps": 1, "missing_steps": 2, "longest_gap_days": 2.0, "missing_dates": ["2020-01-05..2020-01-06"]}
     write_store(ds.chunk({"time": 16}).assign_attrs(gaps, format_version=regridded.FORMAT_VERSION), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
-    stats_file.write(fitted(ds), stats_path)
+    land = {"land_from_gaps_cells": 3, "land_from_gaps_days": "2020-01-02"}  # as normalize records them
+    stats_file.write(fitted(ds).assign_attrs(land), stats_path)
     out = tmp_path / "windows" / "x.zarr"
     (out.parent / ".x.zarr.1234abcd.partial").mkdir(parents=True)  # left by a killed attempt
     with caplog.at_level(logging.INFO, logger="conv2dlstm"):
@@ -312,12 +313,14 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     assert attrs["input_variables"] == ["sst", "chl"] and attrs["target_variables"] == ["sst"]
     assert attrs["input_steps"] == 3 and attrs["lead_steps"] == 2 and attrs["format_version"] == 1
     assert attrs["stats_sha256"] == sha256_file(stats_path)
-    assert attrs["source_gaps"] == gaps  # the regridded store's gaps travel on to training's MLflow tags
+    assert attrs["source_gaps"] == gaps | land  # the gaps and the land they made travel on to MLflow tags
     assert WindowsStore(out).gap_tags() == {
         "data.time_gaps": "1",
         "data.missing_steps": "2",
         "data.longest_gap_days": "2.0",
         "data.missing_dates": "2020-01-05..2020-01-06",
+        "data.land_from_gaps_cells": "3",
+        "data.land_from_gaps_days": "2020-01-02",
     }
 
     store = xr.open_zarr(out)

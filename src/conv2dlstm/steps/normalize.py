@@ -40,6 +40,7 @@ import xarray as xr
 from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
+from conv2dlstm.data import checks
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import DataError
 
@@ -80,6 +81,11 @@ def ocean_mask(arr: xr.DataArray) -> tuple[xr.DataArray, str]:
         f"{int(partial.sum())} grid cells with data at other time steps are missing on {days.size} of "
         f"{arr.sizes['time']} steps ({listed}{more})"
     )
+    mask.attrs = {
+        "land_from_gaps_cells": int(partial.sum()),
+        "land_from_gaps_days": ", ".join(f"{d:%Y-%m-%d}" for d in days[: checks.MAX_LISTED_GAPS])
+        + (f" and {days.size - checks.MAX_LISTED_GAPS} more" if days.size > checks.MAX_LISTED_GAPS else ""),
+    }
     return mask, phrase
 
 
@@ -150,6 +156,7 @@ def fit_stats(
     variables = list(dict.fromkeys(variables))
     arr = stats_file.stack_variables(ds, variables)  # (time, variable, lat, lon)
     mask, partly_missing = ocean_mask(arr)
+    land_from_gaps, mask.attrs = dict(mask.attrs), {}
     if not bool(mask.any()):
         raise DataError(
             f"no ocean cell: every cell of {variables} is missing at some time step"
@@ -192,6 +199,7 @@ def fit_stats(
             "climatology_window": int(climatology_window),
             "train_steps": int(train.sizes["time"]),
             "format_version": stats_file.FORMAT_VERSION,
+            **land_from_gaps,
         },
     )
     out["mask"].attrs["long_name"] = "ocean: finite at every time of every variable"

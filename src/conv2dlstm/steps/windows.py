@@ -78,6 +78,11 @@ def split_starts(times: np.ndarray, cfg: Mapping[str, Any]) -> dict[str, np.ndar
     return starts
 
 
+def _plain(value: Any) -> Any:
+    """A netCDF attribute (numpy scalar) as the plain Python value a Zarr (JSON) attribute holds."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def build_store(
     ds: xr.Dataset,
     stats: xr.Dataset,
@@ -130,7 +135,10 @@ def build_store(
             "time_chunk": time_chunk,
             "stats_sha256": stats_sha256,
             "format_version": FORMAT_VERSION,
-            "source_gaps": {k: ds.attrs[k] for k in checks.GAP_ATTRS if k in ds.attrs},  # of the regridded period
+            "source_gaps": {  # of the regridded period, and the cells its missing values made land (normalize)
+                **{k: ds.attrs[k] for k in checks.GAP_ATTRS if k in ds.attrs},
+                **{k: _plain(stats.attrs[k]) for k in stats_file.LAND_FROM_GAPS_ATTRS if k in stats.attrs},
+            },
             **{f"{s}_period": f"{cfg['splits'][s]['start']}..{cfg['splits'][s]['end']}" for s in SPLITS},
         },
     )
