@@ -30,10 +30,12 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 """``No space left on device`` and ``Disk quota exceeded``."""
 DISK_FULL_MESSAGES = ("no space left on device", "disk quota exceeded")
 """The same, as libraries that drop the errno spell them (compared lower-cased)."""
-WRITE_FAILED_MESSAGES = ("hdf error", "file write failed", "failed writing")
+WRITE_FAILED_MESSAGES = ("hdf error", "file write failed", "failed writing", "unexpected pos")
 """How writers that drop the errno report any failed write, a full disk included: netCDF-4
 (``NetCDF: HDF error``), PyTorch (``PytorchStreamWriter failed writing file ...: file write
-failed``). Compared lower-cased; they count as a full disk only when space is low."""
+failed``, or ``[enforce fail at inline_container.cc] unexpected pos 124672 vs 124560`` when the
+zip writer finds its file shorter than what it wrote). Compared lower-cased; they count as a full
+disk only when space is low."""
 LOW_SPACE_BYTES = 64 << 20
 """Below this many free bytes a :data:`WRITE_FAILED_MESSAGES` error counts as a full disk."""
 
@@ -123,6 +125,23 @@ def disk_full_error(target: str | os.PathLike, cause: BaseException) -> DiskFull
 
 
 @contextlib.contextmanager
+def full_disk_named(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a failure of the writes in the block into a :class:`DiskFullError` naming ``target`` when
+    the disk holding it is full (:func:`disk_full_cause`); other failures pass unchanged. Enter it
+    inside the block that removes partial outputs, so that the free space is read before they go."""
+    target = Path(target)
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        cause = disk_full_cause(exc, target.parent)
+        if cause is not None:
+            raise disk_full_error(target, cause) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success move it to ``target``.
 
@@ -135,22 +154,14 @@ def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"  # matches PARTIAL_GLOB
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"atomic_output: nothing was written to {tmp} for {target}")
-        if target.exists():
-            _remove(target)
-        os.replace(tmp, target)
-    except DiskFullError:
-        _remove(tmp)
-        raise
-    except Exception as exc:
-        cause = disk_full_cause(exc, target.parent)
-        _remove(tmp)
-        if cause is not None:
-            raise disk_full_error(target, cause) from exc
-        raise
+        with full_disk_named(target):  # the free space is read before the partial output is removed
+            target.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            if not tmp.exists():
+                raise FileNotFoundError(f"atomic_output: nothing was written to {tmp} for {target}")
+            if target.exists():
+                _remove(target)
+            os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
         raise

@@ -1,8 +1,10 @@
 """Clear errors at the edges.
 
-- A full disk: every step writes through fsutil.atomic_output, which turns ENOSPC (or EDQUOT)
-  anywhere in the exception chain, or netCDF's bare "HDF error" while almost no space is left, into
-  a DiskFullError naming the output and the free space (the CLI exits 2), leaving no partial output.
+- A full disk: every step writes through fsutil.atomic_output (or, for evaluate's staging folder,
+  fsutil.full_disk_named), which turns ENOSPC (or EDQUOT) anywhere in the exception chain, or a
+  writer's bare failure (netCDF's "HDF error", torch's "unexpected pos") while almost no space is
+  left, into a DiskFullError naming the output and the free space (the CLI exits 2), leaving no
+  partial output. The fetch, train and evaluate steps fill a real small disk.
   Injected at the write boundary, and for real on a 1 MiB tmpfs mounted in a user and mount
   namespace (unshare; nothing on the machine changes, the mount ends with the process).
 - source.url: a placeholder other than {date} (with an optional strftime format) is refused by
@@ -137,12 +139,19 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     from conv2dlstm.errors import DiskFullError
     from conv2dlstm.fsutil import atomic_output
 
-    mnt, cfg = Path(sys.argv[1]), sys.argv[2]
+    mnt, cfg, steps = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     out = {}
     proc = subprocess.run([sys.executable, "-m", "conv2dlstm", "fetch", "--config", cfg, "--out-dir", str(mnt / "raw")],
                           capture_output=True, text=True)
     out["fetch"] = {"rc": proc.returncode, "stderr": proc.stderr[-3000:],
                     "left": sorted(p.name for p in (mnt / "raw").iterdir()) if (mnt / "raw").exists() else []}
+    for step, args in steps.items():  # train and evaluate, their outputs on the small disk
+        proc = subprocess.run([sys.executable, "-m", "conv2dlstm", step, *args], capture_output=True, text=True)
+        folder = mnt / step
+        partials = sorted(p.name for p in folder.rglob("*") if p.name.endswith(".partial")) if folder.exists() else []
+        out[step] = {"rc": proc.returncode, "stderr": proc.stderr[-3000:], "left": partials}
+        if folder.exists():
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
     ds = xr.Dataset({"a": (("t", "y", "x"), np.random.default_rng(0).random((8, 256, 256)))})
     for kind in ("netcdf", "zarr"):
         target = mnt / ("out.nc" if kind == "netcdf" else "out.zarr")
@@ -177,6 +186,41 @@ def _namespace_skip_reason() -> str | None:
     return None
 
 
+def _step_args(tmp_path: Path, mnt: Path) -> dict[str, list[str]]:
+    """The train and evaluate steps' command lines, their outputs on the small disk ``mnt``: a network
+    whose checkpoint is over 1 MiB, and a test period whose predictions and figures are."""
+    from conv2dlstm.steps import train
+    from tests.support.windows_fixture import make_windows_store
+
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=200, height=48, width=48)
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "log_model": False}
+    base = {"experiment": "full-disk", "mlflow": tracking}
+    small = validate_config(
+        base
+        | {
+            "model": {"convlstm": {"hidden_channels": [4]}},
+            "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "max_batches_per_epoch": 1},
+        }
+    )
+    train.main(small, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=tmp_path / "trained")
+    big = validate_config(base | {"model": {"convlstm": {"hidden_channels": [64, 64]}}, "train": small["train"]})
+    data = ["--windows", str(fx.store), "--stats", str(fx.stats)]
+    return {
+        "train": ["--config-json", json.dumps(big), "--run", "convlstm", *data, "--out-dir", str(mnt / "train")],
+        "evaluate": [
+            "--config-json",
+            json.dumps(small),
+            "--run",
+            "convlstm",
+            *data,
+            "--checkpoint",
+            str(tmp_path / "trained" / "model.pt"),
+            "--out-dir",
+            str(mnt / "evaluate"),
+        ],
+    }
+
+
 def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path) -> None:
     reason = _namespace_skip_reason()
     if reason is not None:
@@ -188,6 +232,7 @@ def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path)
     script.write_text(FULL_DISK_SCRIPT)
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
+    steps = _step_args(tmp_path, mnt)
     proc = subprocess.run(
         [
             "unshare",
@@ -196,12 +241,13 @@ def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path)
             "--mount",
             "sh",
             "-c",
-            'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4"',
+            'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4" "$5"',
             "sh",
             str(mnt),
             sys.executable,
             str(script),
             str(cfg),
+            json.dumps(steps),
         ],
         capture_output=True,
         text=True,
@@ -218,6 +264,11 @@ def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path)
         in fetched["stderr"]
     ), fetched
     assert fetched["left"] == [], fetched  # no partial file, no manifest
+    for step, written in (("train", "last.pt"), ("evaluate", "")):  # torch's zip writer, netCDF in staging
+        got = result[step]
+        assert got["rc"] == 2, got
+        assert f"error: no space left on device writing {mnt / step / written}".rstrip("/") in got["stderr"], got
+        assert "Traceback" not in got["stderr"] and got["left"] == [], got
     for kind, name in (("netcdf", "out.nc"), ("zarr", "out.zarr")):
         got = result[kind]
         assert got["error"] == "DiskFullError", got

@@ -132,7 +132,7 @@ from conv2dlstm.evaluation.scores import (
     skill_intervals,
     tidy,
 )
-from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file
+from conv2dlstm.fsutil import atomic_output, discard_partials, full_disk_named, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -624,9 +624,15 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
         record = _evaluate_record(cfg, inputs, stats_ds, windows=windows, stats=stats)
         staging = staging_dir(out_dir)
         try:
-            table = _stage_outputs(
-                staging, inputs, stats_ds, record=record, device=device, batch_size=int(cfg["evaluate"]["batch_size"])
-            )
+            with full_disk_named(out_dir):  # read the free space before the staging folder is removed
+                table = _stage_outputs(
+                    staging,
+                    inputs,
+                    stats_ds,
+                    record=record,
+                    device=device,
+                    batch_size=int(cfg["evaluate"]["batch_size"]),
+                )
             commit_outputs(staging, out_dir, OUTPUT_FILES)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
