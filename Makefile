@@ -22,6 +22,9 @@ MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+MLFLOW_AUTH_DB ?= sqlite:///$(CURDIR)/mlflow-auth.db
+MLFLOW_AUTH_PERMISSION ?= NO_PERMISSIONS
+MLFLOW_AUTH_ADMIN_PASSWORD_FILE ?=
 
 .PHONY: setup run run-seed run-zoo run-zoo-seed sweep forecast summary tables tables-check config test test-fast lint report mlflow-ui \
 	mlflow-server bench bench-scale bench-keras clean
@@ -110,9 +113,45 @@ mlflow-ui: setup
 		--backend-store-uri sqlite:///mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 ## mlflow-server: a tracking server for many jobs (a cluster's login node, docs/slurm.md); jobs log to it
-## with MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT) and upload artifacts through it (--serve-artifacts)
+## with MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT) and upload artifacts through it (--serve-artifacts).
+## It runs MLflow's authentication (--app-name basic-auth): every request but /health needs a user and
+## password (jobs: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in their environment); a user
+## reads and changes what they created or were granted, and has MLFLOW_AUTH_PERMISSION (NO_PERMISSIONS,
+## or READ) on the rest. Users and grants are in MLFLOW_AUTH_DB; mlflow-auth.ini, written here at each
+## start, holds no secret. The admin's password, which creates the user `admin` on the first start,
+## comes from MLFLOW_AUTH_ADMIN_PASSWORD in the environment or from the file named by
+## MLFLOW_AUTH_ADMIN_PASSWORD_FILE (readable by its owner alone); never from the make command line.
+## Files the server creates are its owner's alone (umask 077).
 mlflow-server: setup
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
+ifeq ($(origin MLFLOW_AUTH_ADMIN_PASSWORD),command line)
+	@echo "mlflow-server: not MLFLOW_AUTH_ADMIN_PASSWORD=... on the command line (ps and the shell history show it):" \
+		"export it, or name a file: MLFLOW_AUTH_ADMIN_PASSWORD_FILE=<file readable by you alone>" >&2; exit 2
+endif
+	@set -e; umask 077; \
+	case "$(MLFLOW_AUTH_PERMISSION)" in NO_PERMISSIONS|READ) ;; \
+	*) echo "mlflow-server: MLFLOW_AUTH_PERMISSION=$(MLFLOW_AUTH_PERMISSION): NO_PERMISSIONS or READ" >&2; exit 2;; esac; \
+	pwfile="$(MLFLOW_AUTH_ADMIN_PASSWORD_FILE)"; \
+	if [ -n "$$pwfile" ]; then \
+		[ -f "$$pwfile" ] && [ -r "$$pwfile" ] || { echo "mlflow-server: cannot read MLFLOW_AUTH_ADMIN_PASSWORD_FILE $$pwfile" >&2; exit 2; }; \
+		[ -z "$$(find -L "$$pwfile" -prune -perm /077)" ] || { \
+			echo "mlflow-server: $$pwfile can be read by others: chmod 600 $$pwfile" >&2; exit 2; }; \
+		MLFLOW_AUTH_ADMIN_PASSWORD=$$(cat "$$pwfile"); export MLFLOW_AUTH_ADMIN_PASSWORD; \
+	fi; \
+	[ -n "$${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] || { \
+		echo "mlflow-server: no admin password. The server runs MLflow's authentication; give the password" \
+			"of its admin user (at least 12 characters) in the environment, MLFLOW_AUTH_ADMIN_PASSWORD, or in" \
+			"a file readable by you alone: MLFLOW_AUTH_ADMIN_PASSWORD_FILE=<file> (docs/slurm.md)" >&2; exit 2; }; \
+	printf '%s\n' "# written by make mlflow-server at each start; no secret: the admin's password comes from the environment" \
+		'[mlflow]' "default_permission = $(MLFLOW_AUTH_PERMISSION)" "database_uri = $(MLFLOW_AUTH_DB)" \
+		'admin_username = admin' 'authorization_function = mlflow.server.auth:authenticate_request_basic_auth' \
+		'auth_cache_ttl_seconds = 60' \
+		> "$(CURDIR)/mlflow-auth.ini"; \
+	MLFLOW_FLASK_SERVER_SECRET_KEY=$${MLFLOW_FLASK_SERVER_SECRET_KEY:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(32))')}; \
+	export MLFLOW_FLASK_SERVER_SECRET_KEY MLFLOW_AUTH_CONFIG_PATH="$(CURDIR)/mlflow-auth.ini" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false; \
+	echo "mlflow server --app-name basic-auth --backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts" \
+		"--artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1" \
+		"(users: $(MLFLOW_AUTH_DB); others' permission: $(MLFLOW_AUTH_PERMISSION))"; \
+	exec $(BIN)/mlflow server --app-name basic-auth --backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts \
 		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 ## bench: every CPU benchmark, its table printed and its targets (bench/targets.yaml) checked; runs all
@@ -120,6 +159,7 @@ mlflow-server: setup
 bench: setup
 	rc=0; \
 	$(BIN)/python bench/run.py --check || rc=1; \
+	$(BIN)/python bench/flops.py --check || rc=1; \
 	$(BIN)/python bench/scale.py --check || rc=1; \
 	$(BIN)/python bench/keras_side_by_side.py --check || rc=1; \
 	exit $$rc

@@ -242,6 +242,31 @@ def _check_server(uri: str, timeout_s: float) -> None:
         ) from exc
     if not 200 <= status < 300:
         raise TrackingError(f"MLflow tracking server {uri} answered HTTP {status} to /health and the REST API; {_FIX}")
+    _check_credentials(uri, timeout_s)
+
+
+CREDENTIALS_FIX = (
+    "give this process a user of the server: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the "
+    "environment (exported in the shell that starts Snakemake, so every job inherits them) or a ~/.netrc entry "
+    "for the server's host; never in the configuration (docs/slurm.md)"
+)
+
+
+def _check_credentials(uri: str, timeout_s: float) -> None:
+    """:class:`TrackingError` when the server ``uri`` runs MLflow's authentication and refuses this
+    process's credentials (none, or wrong): a REST call as the MLflow client would make it."""
+    import requests
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None  # else ~/.netrc, as MLflow
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search"
+    try:
+        status = requests.get(url, params={"max_results": 1}, auth=auth, timeout=timeout_s).status_code
+    except requests.RequestException:
+        return  # /health answered: a flaky request here is left to the retries of the real calls
+    if status == 401:
+        who = f"user {user!r} and its password were refused" if user else "no user was given"
+        raise TrackingError(f"MLflow tracking server {uri} requires authentication and {who}: {CREDENTIALS_FIX}")
 
 
 def _check_database(path: Path, uri: str) -> None:
@@ -405,7 +430,17 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     with _store_lock(uri):
-        exp = retry(f"reading experiment {name!r}", lambda: client.get_experiment_by_name(name))
+        try:
+            exp = retry(f"reading experiment {name!r}", lambda: client.get_experiment_by_name(name))
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "PERMISSION_DENIED":
+                raise
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(from ~/.netrc)"
+            raise TrackingError(
+                f"MLflow tracking server {uri}: user {user} has no permission on experiment {name!r}, which another "
+                "user created: its owner can grant it (docs/slurm.md, sharing), or give this configuration another "
+                "`experiment` name"
+            ) from exc
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise TrackingError(
