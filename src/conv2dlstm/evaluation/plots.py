@@ -244,7 +244,10 @@ def _skill_axes(
         ax.set_xticks(leads)
     ax.set_xlabel(lead_label(lead_step))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if horizons:  # a line and its horizon per baseline: beside the axes, not over the curves
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize="small")
 
 
 def _mark_horizon(ax, line: pd.DataFrame, *, baseline: str, color: str, lead_step: pd.Timedelta | None) -> None:
@@ -276,7 +279,7 @@ def skill_vs_lead(
         lead_step: the time step of one lead (:func:`lead_label`); None when not known.
     """
     variables = list(dict.fromkeys(skills["variable"])) or [""]
-    fig, axes = _panels(len(variables))
+    fig, axes = _panels(len(variables), width=8.0, height=3.6)  # room for the legend beside each panel
     colors = {f"vs {b}": f"C{i}" for i, b in enumerate(BASELINE_NAMES)}  # the same colour per baseline in every panel
     for ax, variable in zip(axes, variables, strict=True):
         sub = skills[skills["variable"] == variable]
