@@ -1,7 +1,7 @@
 """Tracking that holds with many jobs at once, and while a tracking server goes away.
 
-- Eight training jobs at once (the tiny pipeline's windows prepared once, then a ``sweep`` of eight
-  seeds trained by the real Snakemake with ``--cores 8``, one thread each) log to one store: the
+- Six training jobs at once (the tiny pipeline's windows prepared once, then a ``sweep`` of six
+  seeds trained by the real Snakemake with ``--cores 6``, one thread each) log to one store: the
   default SQLite file, and an ``mlflow server`` with ``--serve-artifacts`` (``MLFLOW_TRACKING_URI``
   exported, as on a cluster). Every run, every per-epoch metric, every checkpoint and model is
   recorded, and no log holds a lock error or a traceback.
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TINY = REPO / "tests/configs/tiny.yaml"
 EXPERIMENT = "load"
-SEEDS = tuple(range(8))
+SEEDS = tuple(range(6))
 RUNS = tuple(f"seed{s}" for s in SEEDS)
 EPOCHS = 2
 LOCK_ERRORS = ("database is locked", "database table is locked", "Traceback", "OperationalError")
@@ -41,7 +41,7 @@ LOCK_ERRORS = ("database is locked", "database table is locked", "Traceback", "O
 @pytest.fixture(scope="module")
 def prepared(tiny_run: Path, tmp_path_factory) -> Path:
     """A copy of the complete tiny pipeline (its windows and statistics are there), with ``load.yaml``:
-    the tiny pipeline, a sweep of eight seeds, two epochs of two small batches, models logged."""
+    the tiny pipeline, a sweep of six seeds, two epochs of two small batches, models logged."""
     wf = tmp_path_factory.mktemp("load") / "wf"
     shutil.copytree(tiny_run, wf, symlinks=True)
     cfg = yaml.safe_load(TINY.read_text())
@@ -100,26 +100,26 @@ def _no_lock_errors(*logs: Path) -> None:
         assert not found, f"{log}: {found}\n{text[-3000:]}"
 
 
-def _train_eight(wf: Path, env: dict[str, str]) -> list[Path]:
-    """Train the eight runs at once through Snakemake; their logs."""
+def _train_all(wf: Path, env: dict[str, str]) -> list[Path]:
+    """Train the runs at once through Snakemake (as many cores as runs); their logs."""
     targets = [f"results/train/{run}/model.pt" for run in RUNS]
     run_snakemake(
-        wf, *targets, "--cores", "8", "--set-threads", "train=1", "--configfile", "load.yaml", env=env, timeout=900
+        wf, *targets, "--cores", str(len(RUNS)), "--set-threads", "train=1", "--configfile", "load.yaml", env=env, timeout=900
     )
     logs = [wf / "results/logs/train" / f"{run}.log" for run in sorted(RUNS)]  # (the tiny run's is there too)
     assert all(log.is_file() for log in logs), logs
     return logs
 
 
-def test_eight_jobs_at_once_into_one_sqlite_store(prepared: Path, tmp_path: Path) -> None:
+def test_six_jobs_at_once_into_one_sqlite_store(prepared: Path, tmp_path: Path) -> None:
     wf = tmp_path / "wf"
     shutil.copytree(prepared, wf, symlinks=True)
-    logs = _train_eight(wf, job_env())
+    logs = _train_all(wf, job_env())
     _check_store(f"sqlite:///{wf}/mlflow.db")
     _no_lock_errors(*logs)
 
 
-def test_eight_jobs_at_once_through_an_mlflow_server(prepared: Path, tmp_path: Path) -> None:
+def test_six_jobs_at_once_through_an_mlflow_server(prepared: Path, tmp_path: Path) -> None:
     wf = tmp_path / "wf"
     shutil.copytree(prepared, wf, symlinks=True)
     with MlflowServer(
@@ -129,7 +129,7 @@ def test_eight_jobs_at_once_through_an_mlflow_server(prepared: Path, tmp_path: P
         "--artifacts-destination",
         str(tmp_path / "server-artifacts"),
     ) as server:
-        logs = _train_eight(wf, job_env({"MLFLOW_TRACKING_URI": server.url}))
+        logs = _train_all(wf, job_env({"MLFLOW_TRACKING_URI": server.url}))
         _check_store(server.url)
     assert not (wf / "mlflow.db").exists() and not (wf / "mlruns").exists(), "nothing logged beside the workflow"
     assert list((tmp_path / "server-artifacts").rglob("best.pt")), "artifacts went through the server"
