@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_compare(sub)
     _add_forecast(sub)
+    _add_mlflow_sync(sub)
     return parser
 
 
@@ -204,6 +205,36 @@ def _add_forecast(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
 
 
+def _add_mlflow_sync(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "mlflow-sync",
+        help="copy the runs of a local MLflow store (offline jobs) to a tracking server: params, metric "
+        "histories, tags, artifacts, models, registered versions and aliases; a rerun copies only what is new",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="the store the jobs logged to (default: the configuration's mlflow.tracking_uri, else sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        help="the tracking server (or store) to copy into, e.g. http://login01:5000; credentials go in "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, never in the URI",
+    )
+    p.add_argument(
+        "--experiment",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="experiments to copy (default: all; Default only when it holds runs)",
+    )
+
+
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     from conv2dlstm.config.validate import load_config
 
@@ -328,6 +359,17 @@ def _forecast(args: argparse.Namespace) -> None:
     )
 
 
+def _mlflow_sync(args: argparse.Namespace) -> None:
+    from conv2dlstm.tracking import sync
+
+    source = args.source
+    if source is None:
+        given = args.config is not None or args.config_json is not None
+        source = sync.default_source(_config(args) if given else None)
+    report = sync.sync(source, args.target, args.experiment)
+    print(report.summary())
+
+
 def _synth(args: argparse.Namespace) -> None:
     cfg = _step_config(args, _config(args))
     importlib.import_module("conv2dlstm.steps.synthetic").main(cfg, out_dir=args.out_dir)
@@ -400,6 +442,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "verify": _verify,
     "compare": _compare,
     "forecast": _forecast,
+    "mlflow-sync": _mlflow_sync,
 }
 
 

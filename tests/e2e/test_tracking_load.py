@@ -104,7 +104,16 @@ def _train_all(wf: Path, env: dict[str, str]) -> list[Path]:
     """Train the runs at once through Snakemake (as many cores as runs); their logs."""
     targets = [f"results/train/{run}/model.pt" for run in RUNS]
     run_snakemake(
-        wf, *targets, "--cores", str(len(RUNS)), "--set-threads", "train=1", "--configfile", "load.yaml", env=env, timeout=900
+        wf,
+        *targets,
+        "--cores",
+        str(len(RUNS)),
+        "--set-threads",
+        "train=1",
+        "--configfile",
+        "load.yaml",
+        env=env,
+        timeout=900,
     )
     logs = [wf / "results/logs/train" / f"{run}.log" for run in sorted(RUNS)]  # (the tiny run's is there too)
     assert all(log.is_file() for log in logs), logs
