@@ -159,13 +159,18 @@ def test_several_runs_are_compared_side_by_side(tmp_path: Path) -> None:
     """With several runs: one row per run (RMSE at the compared leads, skill vs damped persistence at
     the first and last lead, skill horizons, parameters), the baselines below; --write also fills the
     timings block, which --check leaves alone."""
-    cfg = validate_config(
-        {"experiment": "exp-z", "runs": [{"name": "convlstm"}, {"name": "worse", "model": {"name": "unet"}}]}
+    cfg = validate_config(  # trained for lead 1, scored to lead 2
+        {
+            "experiment": "exp-z",
+            "windows": {"lead_steps": 1},
+            "evaluate": {"max_lead": 2},
+            "runs": [{"name": "convlstm"}, {"name": "worse", "model": {"name": "unet"}}],
+        }
     )
     _write_run(tmp_path, cfg)
     _write_run(tmp_path, cfg, run="worse", network="unet", scale=1.5)
     lines = results.markdown_tables(cfg, results.load(cfg, tmp_path)).splitlines()
-    assert "past them they run on their own outputs" in lines[0]
+    assert lines[0].endswith("The networks are trained for lead 1; past it they run on their own outputs.")
     header = next(line for line in lines if line.startswith("| sst"))
     assert header == (
         "| sst (degC) | RMSE lead 1 | RMSE lead 2 | skill vs damped persistence, lead 1 [95%] | skill vs damped "
@@ -190,7 +195,10 @@ def test_several_runs_are_compared_side_by_side(tmp_path: Path) -> None:
         "<!-- results:exp-z:timings -->\n<!-- /results:exp-z:timings -->\n"
     )
     config = tmp_path / "z.yaml"
-    config.write_text("experiment: exp-z\nruns: [{name: convlstm}, {name: worse, model: {name: unet}}]\n")
+    config.write_text(
+        "experiment: exp-z\nwindows: {lead_steps: 1}\nevaluate: {max_lead: 2}\n"
+        "runs: [{name: convlstm}, {name: worse, model: {name: unet}}]\n"
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         assert main(["tables", "--config", str(config), "--write", str(readme)]) == 0

@@ -136,13 +136,11 @@ def markdown_tables(cfg: dict[str, Any], runs: list[RunResults]) -> str:
         f"{first.initial_times} initial times ({first.first_time}..{first.last_time}), area-weighted RMSE over "
         "ocean cells in physical units; skill `1 − RMSE/RMSE(baseline)` with its 95% block-bootstrap interval.",
     ]
-    if len(runs) > 1:
-        lead_steps = int(cfg["windows"]["lead_steps"])
-        lines[0] += (
-            f" The networks are trained for leads 1-{lead_steps}; past them they run on their own outputs."
-            if lead_steps > 1
-            else " The networks are trained for lead 1; past it they run on their own outputs."
-        )
+    lead_steps = int(cfg["windows"]["lead_steps"])
+    evaluated = _values(first.metrics, first.model, cfg["variables"]["targets"][0], "rmse").index
+    if len(evaluated) and int(max(evaluated)) > lead_steps:  # rolled out past the trained leads
+        trained = f"leads 1-{lead_steps}; past them they run" if lead_steps > 1 else "lead 1; past it they run"
+        lines[0] += f" The networks are trained for {trained} on their own outputs."
     for variable in cfg["variables"]["targets"]:
         lines += _comparison_table(cfg, runs, variable) if len(runs) > 1 else _table(cfg, runs, variable)
     return "\n".join(lines)
