@@ -203,7 +203,14 @@ def _step_args(tmp_path: Path, mnt: Path) -> dict[str, list[str]]:
         }
     )
     train.main(small, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=tmp_path / "trained")
-    big = validate_config(base | {"model": {"convlstm": {"hidden_channels": [64, 64]}}, "train": small["train"]})
+    big = validate_config(  # its own store: the failed training must not touch the trained run's
+        base
+        | {
+            "mlflow": {**tracking, "tracking_uri": f"sqlite:///{tmp_path}/mlflow-big.db"},
+            "model": {"convlstm": {"hidden_channels": [64, 64]}},
+            "train": small["train"],
+        }
+    )
     data = ["--windows", str(fx.store), "--stats", str(fx.stats)]
     return {
         "train": ["--config-json", json.dumps(big), "--run", "convlstm", *data, "--out-dir", str(mnt / "train")],
