@@ -35,6 +35,7 @@ LAND_FROM_GAPS_ATTRS = ("land_from_gaps_cells", "land_from_gaps_days")
 how many cells with data at other time steps the ocean mask made land, and on which days they are
 missing (the normalize step)."""
 
+
 def _check(ds: xr.Dataset, path: Path) -> None:
     version = ds.attrs.get("format_version")
     if version is None or int(version) != FORMAT_VERSION:
