@@ -18,6 +18,7 @@ import glob
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,12 +41,25 @@ LOW_SPACE_BYTES = 64 << 20
 """Below this many free bytes a :data:`WRITE_FAILED_MESSAGES` error counts as a full disk."""
 
 
+REMOVE_ATTEMPTS = 20
+"""Tries to remove a partial output: a writer's threads (Zarr's asynchronous stores) may still put a
+file into a folder being removed, after the failure that stopped the write; 50 ms apart."""
+
+
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    """Remove the file or folder ``path`` (a partial output). A folder is removed again until it has
+    stayed away for 50 ms: the threads of a failed writer may still be putting files into it."""
+    gone = 0
+    for _ in range(REMOVE_ATTEMPTS):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        gone = gone + 1 if not (path.exists() or path.is_symlink()) else 0
+        if gone >= 2 or (gone and not path.name.endswith(".partial")):
+            return
+        time.sleep(0.05)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -242,7 +242,7 @@ def test_only_health_answers_without_credentials(
 
     url = server.url
     assert rest(f"{url}/health") == (200, "OK")
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "NETRC"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     with pytest.raises(TrackingError, match="requires authentication and no user was given"):
@@ -293,7 +293,14 @@ def test_a_job_without_credentials_or_permission_fails_before_training(
     credentials go, or whose experiment it is; bob's job names alice's experiment."""
     from conv2dlstm.errors import TrackingError
 
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "NETRC"):
+    # MLFLOW_TRACKING_URI too: an earlier test's mlflow.set_tracking_uri exports it, and it wins over the config
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "NETRC",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     if user:

@@ -135,7 +135,7 @@ def test_quick_start_walkthrough(local_default_run: Path, tmp_path: Path):
         "models:/conv2dlstm-sst@champion",
         "http://127.0.0.1:5000/#/experiments/",
         "177 initial times",
-        "better than persistence, climatology, damped persistence at every lead",
+        "better than persistence, climatology, damped persistence, training mean at every lead",
     ):
         assert expected in summary, (expected, summary)
     ran.append("make run")

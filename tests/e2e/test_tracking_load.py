@@ -1,7 +1,7 @@
 """Tracking that holds with many jobs at once, and while a tracking server goes away.
 
-- Six training jobs at once (the tiny pipeline's windows prepared once, then a ``sweep`` of six
-  seeds trained by the real Snakemake with ``--cores 6``, one thread each) log to one store: the
+- Four training jobs at once (the tiny pipeline's windows prepared once, then a ``sweep`` of four
+  seeds trained by the real Snakemake with ``--cores 4``, one thread each) log to one store: the
   default SQLite file, and an ``mlflow server`` with ``--serve-artifacts`` (``MLFLOW_TRACKING_URI``
   exported, as on a cluster). Every run, every per-epoch metric, every checkpoint and model is
   recorded, and no log holds a lock error or a traceback.
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TINY = REPO / "tests/configs/tiny.yaml"
 EXPERIMENT = "load"
-SEEDS = tuple(range(6))
+SEEDS = tuple(range(4))
 RUNS = tuple(f"seed{s}" for s in SEEDS)
 EPOCHS = 2
 LOCK_ERRORS = ("database is locked", "database table is locked", "Traceback", "OperationalError")
@@ -41,7 +41,7 @@ LOCK_ERRORS = ("database is locked", "database table is locked", "Traceback", "O
 @pytest.fixture(scope="module")
 def prepared(tiny_run: Path, tmp_path_factory) -> Path:
     """A copy of the complete tiny pipeline (its windows and statistics are there), with ``load.yaml``:
-    the tiny pipeline, a sweep of six seeds, two epochs of two small batches, models logged."""
+    the tiny pipeline, a sweep of four seeds, two epochs of two small batches, models logged."""
     wf = tmp_path_factory.mktemp("load") / "wf"
     shutil.copytree(tiny_run, wf, symlinks=True)
     cfg = yaml.safe_load(TINY.read_text())
@@ -120,7 +120,7 @@ def _train_all(wf: Path, env: dict[str, str]) -> list[Path]:
     return logs
 
 
-def test_six_jobs_at_once_into_one_sqlite_store(prepared: Path, tmp_path: Path) -> None:
+def test_four_jobs_at_once_into_one_sqlite_store(prepared: Path, tmp_path: Path) -> None:
     wf = tmp_path / "wf"
     shutil.copytree(prepared, wf, symlinks=True)
     logs = _train_all(wf, job_env())
@@ -128,7 +128,7 @@ def test_six_jobs_at_once_into_one_sqlite_store(prepared: Path, tmp_path: Path) 
     _no_lock_errors(*logs)
 
 
-def test_six_jobs_at_once_through_an_mlflow_server(prepared: Path, tmp_path: Path) -> None:
+def test_four_jobs_at_once_through_an_mlflow_server(prepared: Path, tmp_path: Path) -> None:
     wf = tmp_path / "wf"
     shutil.copytree(prepared, wf, symlinks=True)
     with MlflowServer(

@@ -499,6 +499,16 @@ def _check_model_grid(cfg: Mapping[str, Any], model: _Model, stats64: xr.Dataset
     )
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, ``__context__``), in order."""
+    out: list[BaseException] = []
+    todo: BaseException | None = exc
+    while todo is not None and todo not in out:
+        out.append(todo)
+        todo = todo.__cause__ or todo.__context__
+    return out
+
+
 def _inputs(
     cfg: Mapping[str, Any], model: _Model, init: pd.Timestamp, stats64: xr.Dataset, *, stats_path: Path, work_dir: Path
 ) -> tuple[dict[str, Any], xr.Dataset, Path]:
@@ -518,14 +528,19 @@ def _inputs(
         raw_dir,
     )
     from conv2dlstm.data.download import MissingUpstreamError
+    from conv2dlstm.errors import DownloadError
 
     try:
         ds, manifest = regridded_inputs(period, raw_dir)
-    except MissingUpstreamError as exc:
+    except DownloadError as exc:
+        missing = next((e for e in _causes(exc) if isinstance(e, MissingUpstreamError)), None)
+        if missing is None:
+            raise
+        what = str(missing).split("; ")[0]  # the file and why, without the advice meant for the fetch step
         raise DataError(
             f"the forecast initialized {init:%Y-%m-%d} needs the {n_in} input days {start:%Y-%m-%d}..{init:%Y-%m-%d} "
-            f"(the model's windows.input_steps), and the source lacks one of them ({str(exc).split(' (for a ')[0]}); "
-            "give an --init-date whose input days all exist upstream"
+            f"(the model's windows.input_steps), and the source lacks one of them ({what}); give an --init-date "
+            "whose input days all exist upstream"
         ) from exc
     check_grid("the regridded input", ds["lat"].values, ds["lon"].values, stats64, stats_path=stats_path)
     return period, last_steps(ds, n_in, init), manifest
