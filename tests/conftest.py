@@ -17,6 +17,14 @@ from tests.support.cases import LAT, MASK, cube_shape, forecast_cube
 from tests.support.workflow import REPO, TINY, copy_workflow, link_environment, run_make, run_snakemake, shared_run
 
 
+@pytest.fixture(autouse=True)
+def _no_exported_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without ``MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` (which the train
+    step calls) exports it into the process, and it wins over a configuration's store, so a later test
+    of the same worker would log into an earlier test's store. A test that wants it sets it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
