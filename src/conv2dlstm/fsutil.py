@@ -62,7 +62,7 @@ def _remove(path: Path) -> None:
         time.sleep(0.05)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every exception it was raised from or while handling (``__cause__``,
     ``__context__``), each once."""
     seen: set[int] = set()
@@ -90,13 +90,13 @@ def free_bytes(path: str | os.PathLike) -> int | None:
 
 
 def disk_full_cause(exc: BaseException, where: str | os.PathLike) -> BaseException | None:
-    """The exception of ``exc``'s chain (:func:`_chain`) that says the disk holding ``where`` is
+    """The exception of ``exc``'s chain (:func:`exception_chain`) that says the disk holding ``where`` is
     full, or None: an ``OSError`` with errno ENOSPC or EDQUOT, a message saying so
     (:data:`DISK_FULL_MESSAGES`), or a failed write without a reason
     (:data:`WRITE_FAILED_MESSAGES`, e.g. ``NetCDF: HDF error``) while fewer than
     :data:`LOW_SPACE_BYTES` are free there (call it before freeing the partial output)."""
     failed_write: BaseException | None = None
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
             return e
         text = str(e).lower()

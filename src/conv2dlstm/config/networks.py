@@ -129,11 +129,9 @@ def _odd_kernel(name: str, key: str = "kernel_size") -> Problems:
     return problems
 
 
-def _conv2d_lstm_problems(section: Mapping[str, Any], shapes: Shapes) -> list[tuple[str, str]]:
-    problem = conv2d_lstm_grid_problem(shapes.height, shapes.width, section["filters"], int(section["kernel_size"]))
-    if problem:
-        return [("model.conv2d_lstm", problem)]
-    n_params = conv2d_lstm_parameter_count(
+def conv2d_lstm_parameters(section: Mapping[str, Any], shapes: Shapes) -> int:
+    """Parameters of the ``conv2d_lstm`` network of ``section`` on ``shapes``, by arithmetic."""
+    return conv2d_lstm_parameter_count(
         in_channels=len(shapes.input_variables),
         out_channels=len(shapes.target_variables),
         lead_steps=shapes.lead_steps,
@@ -144,6 +142,13 @@ def _conv2d_lstm_problems(section: Mapping[str, Any], shapes: Shapes) -> list[tu
         lstm_units=int(section["lstm_units"]),
         dense_units=int(section["dense_units"]),
     )
+
+
+def _conv2d_lstm_problems(section: Mapping[str, Any], shapes: Shapes) -> list[tuple[str, str]]:
+    problem = conv2d_lstm_grid_problem(shapes.height, shapes.width, section["filters"], int(section["kernel_size"]))
+    if problem:
+        return [("model.conv2d_lstm", problem)]
+    n_params = conv2d_lstm_parameters(section, shapes)
     problem = conv2d_lstm_size_problem(n_params, shapes.height, shapes.width, int(section["max_parameters"]))
     return [("model.conv2d_lstm.max_parameters", problem)] if problem else []
 

@@ -36,8 +36,6 @@ import yaml
 from conv2dlstm.config import networks
 from conv2dlstm.config.modelsize import (
     axis_problem,
-    conv2d_lstm_parameter_count,
-    grid_shape,
 )
 from conv2dlstm.config.runs import merge_run, run_names
 from conv2dlstm.config.schema import DATE_REF, load_schema, resolve
@@ -215,20 +213,8 @@ def _check_batch_split(train: dict[str, Any]) -> None:
 
 def conv2d_lstm_parameters(cfg: dict[str, Any]) -> int:
     """Parameters of the ``conv2d_lstm`` network of a validated configuration (its ``model``, grid,
-    variables and ``windows.lead_steps``), by arithmetic (:mod:`conv2dlstm.config.modelsize`)."""
-    c = cfg["model"]["conv2d_lstm"]
-    height, width = grid_shape(cfg["grid"])
-    return conv2d_lstm_parameter_count(
-        in_channels=len(cfg["variables"]["inputs"]),
-        out_channels=len(cfg["variables"]["targets"]),
-        lead_steps=int(cfg["windows"]["lead_steps"]),
-        height=height,
-        width=width,
-        filters=[int(f) for f in c["filters"]],
-        kernel_size=int(c["kernel_size"]),
-        lstm_units=int(c["lstm_units"]),
-        dense_units=int(c["dense_units"]),
-    )
+    variables and ``windows.lead_steps``), by arithmetic (:func:`conv2dlstm.config.networks.conv2d_lstm_parameters`)."""
+    return networks.conv2d_lstm_parameters(cfg["model"]["conv2d_lstm"], networks.shapes_of(cfg))
 
 
 def _check_model(cfg: dict[str, Any]) -> None:

@@ -499,16 +499,6 @@ def _check_model_grid(cfg: Mapping[str, Any], model: _Model, stats64: xr.Dataset
     )
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from (``__cause__``, ``__context__``), in order."""
-    out: list[BaseException] = []
-    todo: BaseException | None = exc
-    while todo is not None and todo not in out:
-        out.append(todo)
-        todo = todo.__cause__ or todo.__context__
-    return out
-
-
 def _inputs(
     cfg: Mapping[str, Any], model: _Model, init: pd.Timestamp, stats64: xr.Dataset, *, stats_path: Path, work_dir: Path
 ) -> tuple[dict[str, Any], xr.Dataset, Path]:
@@ -529,11 +519,12 @@ def _inputs(
     )
     from conv2dlstm.data.download import MissingUpstreamError
     from conv2dlstm.errors import DownloadError
+    from conv2dlstm.fsutil import exception_chain
 
     try:
         ds, manifest = regridded_inputs(period, raw_dir)
     except DownloadError as exc:
-        missing = next((e for e in _causes(exc) if isinstance(e, MissingUpstreamError)), None)
+        missing = next((e for e in exception_chain(exc) if isinstance(e, MissingUpstreamError)), None)
         if missing is None:
             raise
         what = str(missing).split("; ")[0]  # the file and why, without the advice meant for the fetch step
