@@ -26,7 +26,7 @@ MLFLOW_AUTH_DB ?= sqlite:///$(CURDIR)/mlflow-auth.db
 MLFLOW_AUTH_PERMISSION ?= NO_PERMISSIONS
 MLFLOW_AUTH_ADMIN_PASSWORD_FILE ?=
 
-.PHONY: setup run run-seed run-zoo run-zoo-seed sweep forecast summary tables tables-check config test test-fast lint report mlflow-ui \
+.PHONY: setup run run-seed run-zoo run-zoo-seed sweep forecast summary check-upstream tables tables-check config test test-fast lint report mlflow-ui \
 	mlflow-server bench bench-scale bench-keras clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
@@ -62,6 +62,13 @@ sweep: run
 ## summary: where CONFIG's results are, and its skill in three lines
 summary: setup
 	@$(BIN)/python -m conv2dlstm summary --config $(CONFIG)
+
+## check-upstream: whether the files of CONFIG's url source changed on the server since they were fetched;
+## when some did it writes resources/raw/<name>/upstream.json, and the next `make run` fetches them again
+## (docs/data.md). CHECK_ARGS: e.g. --download, --exit-code
+CHECK_ARGS ?=
+check-upstream: setup
+	@$(BIN)/python -m conv2dlstm check-upstream --config $(CONFIG) $(CHECK_ARGS)
 
 ## forecast: the champion model's forecast from CONFIG's latest input days
 forecast: setup

@@ -102,7 +102,8 @@ def _add_result_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _add_data_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The steps that make the data: ``synth``, ``fetch``, ``regrid``, ``normalize``, ``windows``."""
+    """The steps that make the data: ``synth``, ``fetch``, ``regrid``, ``normalize``, ``windows``; and
+    ``check-upstream``, which is no rule: it asks whether a url source's files changed upstream."""
     p = sub.add_parser("synth", help="generate the embedded synthetic ocean in its real file format")
     _add_config(p)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -110,6 +111,22 @@ def _add_data_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("fetch", help="download or locate the raw data; writes manifest.json")
     _add_config(p)
     p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser(
+        "check-upstream",
+        help="whether the files of a url source changed on the server since they were fetched; when some did, "
+        "writes <resources_dir>/raw/<name>/upstream.json so that the next run fetches them again",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download the files the server's answer cannot tell about (no ETag or Last-Modified, same size) "
+        "into a temporary file and compare their SHA-256",
+    )
+    p.add_argument(
+        "--exit-code", action="store_true", help="exit with status 1 when files changed upstream (as git diff does)"
+    )
 
     p = sub.add_parser("regrid", help="harmonize to (time, lat, lon) and regrid to the target grid (Zarr)")
     _add_config(p)
@@ -380,6 +397,11 @@ def _fetch(args: argparse.Namespace) -> None:
     importlib.import_module("conv2dlstm.steps.fetch").main(cfg, out_dir=args.out_dir)
 
 
+def _check_upstream(args: argparse.Namespace) -> int:
+    report = importlib.import_module("conv2dlstm.steps.check_upstream").main(_config(args), download=args.download)
+    return 1 if args.exit_code and report.changed else 0
+
+
 def _regrid(args: argparse.Namespace) -> None:
     cfg = _step_config(args, _config(args))
     importlib.import_module("conv2dlstm.steps.regrid").main(
@@ -425,7 +447,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 # The handler of each subcommand of build_parser, by name.
-_HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "validate-config": _validate_config,
     "models": _models,
     "config-defaults": _config_defaults,
@@ -434,6 +456,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "tables": _tables,
     "synth": _synth,
     "fetch": _fetch,
+    "check-upstream": _check_upstream,
     "regrid": _regrid,
     "normalize": _normalize,
     "windows": _windows,
@@ -446,8 +469,9 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
 }
 
 
-def _dispatch(args: argparse.Namespace) -> None:
-    _HANDLERS[args.step](args)
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the step's handler; its exit status (0 unless the handler returns another)."""
+    return _HANDLERS[args.step](args) or 0
 
 
 def _redact_output() -> None:
@@ -472,9 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     _redact_output()
     try:
-        _dispatch(args)
+        return _dispatch(args)
     except Conv2dLstmError as exc:
         log.debug("user error", exc_info=True)
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
-    return 0

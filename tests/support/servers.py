@@ -9,12 +9,21 @@ background thread. Faults are set per URL path relative to ``root`` (e.g. ``"201
 - ``truncate[path] = n``: announce the full ``Content-Length`` but send only ``n`` bytes and close;
 - ``corrupt[path] = n``: serve only the first ``n`` bytes with a matching ``Content-Length``.
 
-``requests[path]`` counts the GETs of each path.
+``requests[path]`` counts the GETs of each path; ``sent[path]`` those answered with the whole file
+(200, not a range), ``not_modified[path]`` those answered 304.
+
+Like a real file server it sends validators: an ``ETag`` (the SHA-256 of the content, so a file
+rewritten within the same second gets another) and a ``Last-Modified`` (the file's modification
+time), and answers a conditional request (``If-None-Match``, else ``If-Modified-Since``) 304 Not
+Modified while they still hold. ``send_etag = False`` / ``send_last_modified = False`` stop sending
+one (and honouring its condition): a server without validators.
 """
 
 from __future__ import annotations
 
 import collections
+import email.utils
+import hashlib
 import threading
 import urllib.parse
 from http import HTTPStatus
@@ -29,6 +38,10 @@ class FileServer:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.requests: collections.Counter[str] = collections.Counter()
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.not_modified: collections.Counter[str] = collections.Counter()
+        self.send_etag = True
+        self.send_last_modified = True
         self.not_found: set[str] = set()
         self.transient: dict[str, int] = {}
         self.truncate: dict[str, int] = {}
@@ -83,6 +96,29 @@ class FileServer:
             def do_GET(self) -> None:
                 self._serve(body=True)
 
+            def _validators(self, path: Path, data: bytes) -> dict[str, str]:
+                headers = {}
+                if server.send_etag:
+                    headers["ETag"] = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+                if server.send_last_modified:
+                    headers["Last-Modified"] = email.utils.formatdate(path.stat().st_mtime, usegmt=True)
+                return headers
+
+            def _not_modified(self, path: Path, validators: dict[str, str]) -> bool:
+                """Whether a conditional request's validators still hold (RFC 9110, 13.2.2)."""
+                match = self.headers.get("If-None-Match")
+                if match is not None:
+                    return "ETag" in validators and (
+                        match.strip() == "*" or validators["ETag"] in [m.strip() for m in match.split(",")]
+                    )
+                since = self.headers.get("If-Modified-Since")
+                if since is None or "Last-Modified" not in validators:
+                    return False
+                try:
+                    return int(path.stat().st_mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
+                except (TypeError, ValueError):
+                    return False
+
             def _serve(self, *, body: bool) -> None:
                 rel = self._relative()
                 with server._lock:
@@ -97,6 +133,15 @@ class FileServer:
                     self.send_error(HTTPStatus.NOT_FOUND)
                     return
                 data = path.read_bytes()
+                validators = self._validators(path, data)
+                if self._not_modified(path, validators):
+                    with server._lock:
+                        server.not_modified[rel] += 1
+                    self.send_response(HTTPStatus.NOT_MODIFIED)
+                    for name, value in validators.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    return
                 if rel in server.corrupt:
                     data = data[: server.corrupt[rel]]
                 status, start, total = HTTPStatus.OK, 0, len(data)
@@ -111,11 +156,15 @@ class FileServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in validators.items():
+                    self.send_header(name, value)
                 if status == HTTPStatus.PARTIAL_CONTENT:
                     self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{total}")
                 self.end_headers()
                 if not body:
                     return
+                with server._lock:
+                    server.sent[rel] += status == HTTPStatus.OK
                 if rel in server.truncate:
                     data = data[: server.truncate[rel]]
                 self.wfile.write(data)

@@ -59,7 +59,8 @@ wildcard_constraints:
 
 def fetch_inputs(wildcards):
     """The synthetic data when the config generates it; the files of a files source (a replaced,
-    added or removed file reruns fetch); nothing for downloaded sources."""
+    added or removed file reruns fetch); for a url source the upstream.json that check-upstream
+    writes when files changed upstream (source_files); nothing for the other kinds."""
     if config["synthetic"]["kind"] != "none":
         return rules.synth.output
     return source_files(config)

@@ -3,7 +3,9 @@ step got and where it lies (layout in ``docs/architecture.md``).
 
 ``format_version``; ``kind`` (the source kind); ``format`` (:data:`FORMATS`); ``files``, one entry
 per fetched or located file or Zarr store (:class:`FetchedFile`: ``path``, relative to the working
-directory when under it, else absolute; ``url``, redacted; ``sha256``; ``bytes``); ``sha256``, the
+directory when under it, else absolute; ``url``, redacted; ``sha256``; ``bytes``; for a file
+downloaded over http(s), the answer's ``etag`` and ``last_modified`` when the server sent them,
+which ``check-upstream`` compares with the server's, :mod:`conv2dlstm.data.upstream`); ``sha256``, the
 digest over the files (:func:`digest`); ``missing`` (kind ``url`` only, when dates had no file
 upstream).
 
@@ -46,14 +48,23 @@ class FetchedFile:
     url: str
     sha256: str
     bytes: int
+    etag: str | None = None
+    """The ``ETag`` of the HTTP answer the file was downloaded from (None: not sent, or not http)."""
+    last_modified: str | None = None
+    """The ``Last-Modified`` of that answer, as the server wrote it (None: not sent, or not http)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        entry: dict[str, Any] = {
             "path": display_path(self.path),
             "url": redact_url(self.url),
             "sha256": self.sha256,
             "bytes": self.bytes,
         }
+        if self.etag is not None:
+            entry["etag"] = self.etag
+        if self.last_modified is not None:
+            entry["last_modified"] = self.last_modified
+        return entry
 
 
 def display_path(path: str | os.PathLike) -> str:

@@ -98,16 +98,43 @@ def compare_stem(config: dict[str, Any]) -> str:
     return f"{config['outdir']}/compare/{slug}"
 
 
+UPSTREAM_STATE = "upstream.json"
+"""The file ``check-upstream`` writes into the fetch step's folder when files of a url source changed
+upstream (:mod:`conv2dlstm.data.upstream`); an input of the fetch rule once it exists."""
+
+
+def raw_dir(config: dict[str, Any]) -> Path:
+    """``<resources_dir>/raw/<name>``: the fetch step's folder (its ``manifest.json``, the files of a
+    url source and their sidecars)."""
+    return Path(config["resources_dir"]) / "raw" / str(config["name"])
+
+
+def upstream_state(config: dict[str, Any]) -> Path:
+    """``<resources_dir>/raw/<name>/upstream.json`` (:data:`UPSTREAM_STATE`)."""
+    return raw_dir(config) / UPSTREAM_STATE
+
+
 def source_files(config: dict[str, Any]) -> list[str]:
-    """The files of a ``files`` source (``source.paths`` expanded, :func:`conv2dlstm.config.sources.expand_path`)
-    as inputs of the fetch rule, so that Snakemake reruns fetch and what follows when one is
-    replaced (a newer modification time) or the set of files changes (a file added to or removed
-    from a glob); [] for the other kinds and when the configuration generates the data (the synth
-    rule's output is then the input). A Zarr store is one input, its directory: a chunk rewritten in
-    place does not change it (rerun with ``--forcerun fetch``)."""
+    """The inputs of the fetch rule that stand for the source's data, so that Snakemake reruns fetch
+    and what follows when they change; [] when the configuration generates the data (the synth
+    rule's output is then the input).
+
+    For a ``files`` source, its files (``source.paths`` expanded, :func:`conv2dlstm.config.sources.expand_path`):
+    a file replaced (a newer modification time) or the set of files changed (a file added to or
+    removed from a glob) reruns fetch. A Zarr store is one input, its directory: a chunk rewritten
+    in place does not change it (rerun with ``--forcerun fetch``).
+
+    For a ``url`` source, :func:`upstream_state` once it exists: ``check-upstream`` writes it only
+    when files changed upstream, so the next run fetches them again; [] before. Other kinds: []."""
     from conv2dlstm.config.sources import expand_path
 
-    if config["source"]["kind"] != "files" or config["synthetic"]["kind"] != "none":
+    kind = config["source"]["kind"]
+    if config["synthetic"]["kind"] != "none":
+        return []
+    if kind == "url":
+        state = upstream_state(config)
+        return [str(state)] if state.is_file() else []
+    if kind != "files":
         return []
     found: list[str] = []
     for pattern in config["source"]["paths"]:

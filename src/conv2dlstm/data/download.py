@@ -4,7 +4,11 @@
 (:class:`_SessionPool`); ``file:`` URLs are copied. Each file streams to a hidden ``*.partial``
 name and is renamed into place only after it has been verified (``source.checksums``,
 ``Content-Length``, and that it opens as netCDF: :func:`check_netcdf`); it then gets a
-``.<name>.sha256`` :func:`sidecar`, so an interrupted set resumes (:func:`reuse`). Transient
+``.<name>.sha256`` :func:`sidecar`, so an interrupted set resumes (:func:`reuse`), and, when it came
+over http(s), a ``.<name>.validators.json`` (:func:`validators_sidecar`) with the answer's ``ETag``
+and ``Last-Modified`` (:class:`Validators`): what ``check-upstream`` (:mod:`conv2dlstm.data.upstream`)
+asks the server about later, and what a job's ``conditional`` request sends, so that a file not
+modified upstream (HTTP 304) is kept instead of downloaded again. Transient
 failures are retried with exponential backoff: HTTP 408, 425, 429 and 5xx answers, connection
 errors and timeouts by urllib3's ``Retry`` mounted on the session (:class:`HttpRetry`, which
 honours a server's ``Retry-After`` up to :data:`MAX_RETRY_AFTER_S`), a body cut short by a loop
@@ -19,18 +23,20 @@ the URL redacted.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, NoReturn, Self, TypeVar
 
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
@@ -65,6 +71,48 @@ class _BrokenBody(Exception):
 
 class _Cancelled(Exception):
     """Another file failed while this one waited to retry."""
+
+
+class _NotModified(Exception):
+    """A conditional GET was answered 304 Not Modified: the local file is the server's version."""
+
+    def __init__(self, validators: Validators) -> None:
+        super().__init__("not modified")
+        self.validators = validators
+
+
+@dataclass(frozen=True)
+class Validators:
+    """What an HTTP server says identifies the version of a file it serves (RFC 9110, section 8.8):
+    the ``ETag`` and ``Last-Modified`` of its answer, each None when not sent. False when neither was."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.etag is not None or self.last_modified is not None
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> Validators:
+        """The validators among the answer's ``headers``."""
+        return cls(headers.get("ETag") or None, headers.get("Last-Modified") or None)
+
+    def conditional_headers(self) -> dict[str, str]:
+        """The headers of a request answered 304 Not Modified while the server's version is still
+        this one (``If-None-Match``, which a server prefers, and ``If-Modified-Since``)."""
+        headers = {}
+        if self.etag is not None:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified is not None:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"etag": self.etag, "last_modified": self.last_modified}
+
+    def merged(self, newer: Validators) -> Validators:
+        """These validators, each replaced by ``newer``'s where that has one (a 304 may update them)."""
+        return Validators(newer.etag or self.etag, newer.last_modified or self.last_modified)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,6 +384,12 @@ class _SessionPool:
             self._sessions.clear()
 
 
+def http_sessions(parallel: int, retries: int, backoff_s: float, stop: threading.Event | None = None) -> _SessionPool:
+    """One :mod:`requests` session per worker thread (``parallel`` connections per host), each
+    retrying as :func:`http_retry` says; close it when done."""
+    return _SessionPool(parallel, http_retry(retries, backoff_s, stop))
+
+
 def credentials_hint(url: str) -> str:
     """For an HTTP 401/403 of ``url``: where its credentials come from and what to fix. Never quotes
     a credential (a ``.netrc`` that cannot be parsed is named by line only)."""
@@ -365,51 +419,16 @@ def credentials_hint(url: str) -> str:
 DOWN_HINT = "the server or the network may be down (retry later, or raise source.retries / source.timeout_s)"
 
 
-def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str, retries: int) -> None:
-    """Download ``url`` into ``dest``: one GET, which the session's :class:`HttpRetry` repeats on a
-    transient failure up to ``retries`` times. Raises :class:`_BrokenBody` when the body ends early,
-    :class:`MissingUpstreamError` on 404/410, else :class:`DownloadError`.
-
-    ``url`` is as configured (``$NAME`` query values unresolved); the request goes to
-    :func:`request_url` of it, without explicit auth, so requests takes the host's credentials from
-    ``~/.netrc`` (or the file named by ``NETRC``), also after a redirect to another host. Messages
-    show ``url`` redacted and pass what requests says through :func:`redact_text`.
-    """
+@contextlib.contextmanager
+def _request_errors(url: str, retries: int) -> Iterator[None]:
+    """Turn what requests raises while asking for ``url`` into a :class:`DownloadError` naming it
+    (redacted), with how many attempts failed when the retries were spent."""
     import requests
     from urllib3.exceptions import MaxRetryError
 
     shown = redact_url(url)
     try:
-        with session.get(request_url(url), stream=True, timeout=timeout_s) as resp:
-            status = resp.status_code
-            if status in (404, 410):
-                raise MissingUpstreamError(f"{shown}: HTTP {status} {resp.reason} (no such file); {hint}")
-            if status in RETRY_STATUS:  # what HttpRetry returns once the retries are spent
-                history = getattr(getattr(resp.raw, "retries", None), "history", ())
-                raise DownloadError(
-                    f"{shown}: failed after {len(history) + 1} attempt(s): HTTP {status} {resp.reason}; {DOWN_HINT}"
-                )
-            if status in (401, 403):
-                raise DownloadError(
-                    f"{shown}: HTTP {status} {resp.reason}; the server refuses access: {credentials_hint(url)}"
-                )
-            if status >= 400:
-                raise DownloadError(f"{shown}: HTTP {status} {resp.reason}; {hint}")
-            length = resp.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() and not resp.headers.get("Content-Encoding") else None
-            received = 0
-            try:
-                with open(dest, "wb") as fh:
-                    for block in resp.iter_content(CHUNK_BYTES):
-                        fh.write(block)
-                        received += len(block)
-            except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as exc:
-                of = f" of {expected}" if expected is not None else ""
-                raise _BrokenBody(
-                    f"connection broken after {received}{of} bytes, truncated ({redact_text(str(exc))})"
-                ) from exc
-            if expected is not None and received != expected:
-                raise _BrokenBody(f"truncated: received {received} of {expected} bytes (Content-Length)")
+        yield
     except (requests.ConnectionError, requests.Timeout) as exc:
         # retried by HttpRetry: a MaxRetryError inside says the retries were spent
         attempts = retries + 1 if exc.args and isinstance(exc.args[0], MaxRetryError) else 1
@@ -418,6 +437,112 @@ def _http_get(url: str, dest: Path, session: Any, timeout_s: float, hint: str, r
         ) from exc
     except requests.RequestException as exc:
         raise DownloadError(f"{shown}: {type(exc).__name__}: {redact_text(str(exc))}") from exc
+
+
+def _check_status(resp: Any, url: str, hint: str) -> None:
+    """Raise for an answer that is not the file: :class:`MissingUpstreamError` on 404/410, else
+    :class:`DownloadError` naming ``url`` (redacted), the status and what to do."""
+    shown = redact_url(url)
+    status = resp.status_code
+    if status in (404, 410):
+        raise MissingUpstreamError(f"{shown}: HTTP {status} {resp.reason} (no such file); {hint}")
+    if status in RETRY_STATUS:  # what HttpRetry returns once the retries are spent
+        history = getattr(getattr(resp.raw, "retries", None), "history", ())
+        raise DownloadError(
+            f"{shown}: failed after {len(history) + 1} attempt(s): HTTP {status} {resp.reason}; {DOWN_HINT}"
+        )
+    if status in (401, 403):
+        raise DownloadError(f"{shown}: HTTP {status} {resp.reason}; the server refuses access: {credentials_hint(url)}")
+    if status >= 300:
+        raise DownloadError(f"{shown}: HTTP {status} {resp.reason}; {hint}")
+
+
+def _content_length(resp: Any) -> int | None:
+    """The body's length in bytes as the answer announces it; None when not sent or encoded (gzip)."""
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() and not resp.headers.get("Content-Encoding") else None
+
+
+def _http_get(
+    url: str,
+    dest: Path,
+    session: Any,
+    timeout_s: float,
+    hint: str,
+    retries: int,
+    conditional: Validators | None = None,
+) -> Validators:
+    """Download ``url`` into ``dest``: one GET, which the session's :class:`HttpRetry` repeats on a
+    transient failure up to ``retries`` times; returns the answer's :class:`Validators`. Raises
+    :class:`_BrokenBody` when the body ends early, :class:`MissingUpstreamError` on 404/410, else
+    :class:`DownloadError`. With ``conditional`` validators the GET is conditional: a 304 Not
+    Modified raises :class:`_NotModified` (``dest`` unwritten).
+
+    ``url`` is as configured (``$NAME`` query values unresolved); the request goes to
+    :func:`request_url` of it, without explicit auth, so requests takes the host's credentials from
+    ``~/.netrc`` (or the file named by ``NETRC``), also after a redirect to another host. Messages
+    show ``url`` redacted and pass what requests says through :func:`redact_text`.
+    """
+    import requests
+
+    headers = conditional.conditional_headers() if conditional else None
+    with (
+        _request_errors(url, retries),
+        session.get(request_url(url), stream=True, timeout=timeout_s, headers=headers) as resp,
+    ):
+        if resp.status_code == 304 and conditional:
+            raise _NotModified(Validators.of(resp.headers))
+        _check_status(resp, url, hint)
+        expected = _content_length(resp)
+        received = 0
+        try:
+            with open(dest, "wb") as fh:
+                for block in resp.iter_content(CHUNK_BYTES):
+                    fh.write(block)
+                    received += len(block)
+        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as exc:
+            of = f" of {expected}" if expected is not None else ""
+            raise _BrokenBody(
+                f"connection broken after {received}{of} bytes, truncated ({redact_text(str(exc))})"
+            ) from exc
+        if expected is not None and received != expected:
+            raise _BrokenBody(f"truncated: received {received} of {expected} bytes (Content-Length)")
+        return Validators.of(resp.headers)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a server answers about a file without sending it (:func:`probe`)."""
+
+    status: int
+    """200 or 206 (the file is there), 304 (not modified since the validators asked about), 404 or 410 (gone)."""
+    validators: Validators
+    size: int | None
+    """The file's size as the answer gives it (None: not given, or the file is not sent)."""
+
+
+def probe(
+    url: str, session: Any, *, timeout_s: float, hint: str, retries: int, conditional: Validators | None
+) -> Probe:
+    """Ask the server about ``url`` without downloading it: a GET of its first byte (``Range: bytes=0-0``;
+    conditional when ``conditional`` holds validators), whose body is not read. Transient failures
+    are retried like a download's (the session's :class:`HttpRetry`); an answer that is neither the
+    file, 304 nor 404/410 is a :class:`DownloadError` naming the URL (redacted), e.g. a refused login
+    or a server that stays down. A GET rather than a HEAD: servers and signed URLs that allow only
+    GET answer it as a download would be answered; a server that ignores the range starts sending
+    the whole file, and the connection is closed after the headers."""
+    headers = {"Range": "bytes=0-0", **(conditional.conditional_headers() if conditional else {})}
+    with (
+        _request_errors(url, retries),
+        session.get(request_url(url), stream=True, timeout=timeout_s, headers=headers) as resp,
+    ):
+        if resp.status_code == 304 and conditional or resp.status_code in (404, 410):
+            return Probe(resp.status_code, Validators.of(resp.headers), None)
+        _check_status(resp, url, hint)
+        if resp.status_code == 206:
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+            return Probe(206, Validators.of(resp.headers), int(total) if total.isdigit() else None)
+        return Probe(resp.status_code, Validators.of(resp.headers), _content_length(resp))
 
 
 def _file_copy(url: str, dest: Path, hint: str) -> None:
@@ -432,11 +557,28 @@ def _file_copy(url: str, dest: Path, hint: str) -> None:
         raise DownloadError(f"{shown}: cannot copy {src}: {exc}") from exc
 
 
+def checksum_upstream(
+    url: str, scratch_dir: Path, session: Any, *, timeout_s: float, hint: str, retries: int
+) -> tuple[str, Validators]:
+    """The sha256 of the file at ``url`` (http(s)) as the server sends it now, and the answer's
+    validators: downloaded into a hidden temporary file in ``scratch_dir`` that is removed after."""
+    tmp = scratch_dir / f".{url_file_name(url)}.{uuid.uuid4().hex[:8]}.partial"  # fsutil.PARTIAL_GLOB
+    try:
+        validators = _http_get(url, tmp, session, timeout_s, hint, retries)
+        return sha256_file(tmp), validators
+    except _BrokenBody as exc:
+        raise DownloadError(f"{redact_url(url)}: {exc}; {DOWN_HINT}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class UrlJob:
     url: str
     dest: Path
     expected_sha256: str | None
+    conditional: Validators | None = None
+    """Validators of the present ``dest``: the GET is conditional, and a 304 keeps ``dest``."""
 
 
 def _fetch_one(
@@ -458,30 +600,51 @@ def _fetch_one(
     scheme = url_scheme(job.url)
     shown = redact_url(job.url)
     cancelled = f"{shown}: cancelled after another file failed"
-    with atomic_output(job.dest) as tmp:
-        for attempt in range(retries + 1):
-            if stop.is_set():
-                raise DownloadError(cancelled)
-            try:
-                if scheme == "file":
-                    _file_copy(job.url, tmp, hint)
-                else:
-                    _http_get(job.url, tmp, sessions.get(), timeout_s, hint, retries)
-                break
-            except _Cancelled as exc:
-                raise DownloadError(cancelled) from exc
-            except _BrokenBody as exc:
-                if attempt >= retries:
-                    raise DownloadError(f"{shown}: failed after {attempt + 1} attempt(s): {exc}; {DOWN_HINT}") from exc
-                delay = backoff_s * 2**attempt
-                log.warning("%s: %s; retry %d/%d in %.1f s", shown, exc, attempt + 1, retries, delay)
-                if stop.wait(delay):
+    got = Validators()
+    try:
+        with atomic_output(job.dest) as tmp:
+            for attempt in range(retries + 1):
+                if stop.is_set():
+                    raise DownloadError(cancelled)
+                try:
+                    if scheme == "file":
+                        _file_copy(job.url, tmp, hint)
+                    else:
+                        got = _http_get(job.url, tmp, sessions.get(), timeout_s, hint, retries, job.conditional)
+                    break
+                except _Cancelled as exc:
                     raise DownloadError(cancelled) from exc
-        sha = _verify(tmp, job.url, job.dest.name, job.expected_sha256)
-        size = tmp.stat().st_size
+                except _BrokenBody as exc:
+                    if attempt >= retries:
+                        raise DownloadError(
+                            f"{shown}: failed after {attempt + 1} attempt(s): {exc}; {DOWN_HINT}"
+                        ) from exc
+                    delay = backoff_s * 2**attempt
+                    log.warning("%s: %s; retry %d/%d in %.1f s", shown, exc, attempt + 1, retries, delay)
+                    if stop.wait(delay):
+                        raise DownloadError(cancelled) from exc
+            sha = _verify(tmp, job.url, job.dest.name, job.expected_sha256)
+            size = tmp.stat().st_size
+    except _NotModified as exc:
+        return _not_modified(job, exc.validators)
     with atomic_output(sidecar(job.dest)) as tmp_sidecar:
         tmp_sidecar.write_text(f"{sha}  {job.dest.name}\n")
-    return FetchedFile(job.dest, job.url, sha, size)
+    if scheme == "file":
+        validators_sidecar(job.dest).unlink(missing_ok=True)
+    else:
+        write_validators(job.dest, sha, got, size)
+    return FetchedFile(job.dest, job.url, sha, size, got.etag, got.last_modified)
+
+
+def _not_modified(job: UrlJob, answered: Validators) -> FetchedFile:
+    """The present ``job.dest``, which the server said is its version (304 to a conditional GET);
+    the validators are updated with those the 304 carried."""
+    validators = (job.conditional or Validators()).merged(answered)
+    sha = sha256_file(job.dest)
+    size = job.dest.stat().st_size
+    write_validators(job.dest, sha, validators, size)
+    log.info("%s: not modified upstream (HTTP 304); kept %s", redact_url(job.url), job.dest)
+    return FetchedFile(job.dest, job.url, sha, size, validators.etag, validators.last_modified)
 
 
 def reuse(job: UrlJob, known: dict[str, str]) -> FetchedFile | None:
@@ -498,25 +661,27 @@ def reuse(job: UrlJob, known: dict[str, str]) -> FetchedFile | None:
     if not sidecar(job.dest).exists():
         with atomic_output(sidecar(job.dest)) as tmp:
             tmp.write_text(f"{sha}  {job.dest.name}\n")
-    return FetchedFile(job.dest, job.url, sha, job.dest.stat().st_size)
+    validators = read_validators(job.dest, sha) or Validators()
+    return FetchedFile(job.dest, job.url, sha, job.dest.stat().st_size, validators.etag, validators.last_modified)
+
+
+R = TypeVar("R")
 
 
 def run_parallel(
     jobs: list[UrlJob],
-    worker: Callable[[UrlJob, threading.Event], FetchedFile | None],
+    worker: Callable[[UrlJob, threading.Event], R],
     parallel: int,
     stop: threading.Event | None = None,
-) -> list[FetchedFile | None]:
+) -> list[R]:
     """Run ``worker`` over ``jobs`` on ``parallel`` threads; on the first failure cancel the rest and raise it.
 
     ``stop`` (a new event by default), handed to each worker, is set on the first failure.
     """
     stop = threading.Event() if stop is None else stop
-    results: dict[int, FetchedFile | None] = {}
+    results: dict[int, R] = {}
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="fetch") as pool:
-        futures: dict[Future[FetchedFile | None], int] = {
-            pool.submit(worker, job, stop): i for i, job in enumerate(jobs)
-        }
+        futures: dict[Future[R], int] = {pool.submit(worker, job, stop): i for i, job in enumerate(jobs)}
         pending = set(futures)
         first_error: BaseException | None = None
         try:
@@ -534,9 +699,9 @@ def run_parallel(
 
 
 def _collect(
-    done: set[Future[FetchedFile | None]],
-    futures: Mapping[Future[FetchedFile | None], int],
-    results: dict[int, FetchedFile | None],
+    done: set[Future[R]],
+    futures: Mapping[Future[R], int],
+    results: dict[int, R],
     first_error: BaseException | None,
 ) -> BaseException | None:
     """Put the result of each finished future of ``done`` into ``results`` under its job's index
@@ -552,7 +717,7 @@ def _collect(
     return first_error
 
 
-def _cancel(pending: set[Future[FetchedFile | None]], stop: threading.Event) -> None:
+def _cancel(pending: set[Future[Any]], stop: threading.Event) -> None:
     """Set ``stop`` for the running workers and cancel the jobs not started."""
     stop.set()
     for fut in pending:
@@ -573,6 +738,34 @@ def _raise_first(first_error: BaseException, *, failed: int, total: int) -> NoRe
 def sidecar(path: Path) -> Path:
     """The checksum sidecar ``.<name>.sha256`` of a downloaded file, written once it is verified."""
     return path.parent / f".{path.name}.sha256"
+
+
+def validators_sidecar(path: Path) -> Path:
+    """The ``.<name>.validators.json`` of a file downloaded over http(s): the :class:`Validators` of
+    the answer it came in, with the file's sha256 and size (:func:`write_validators`)."""
+    return path.parent / f".{path.name}.validators.json"
+
+
+def write_validators(path: Path, sha256: str, validators: Validators, size: int) -> None:
+    """Record, atomically, that the server's version of ``path`` (content ``sha256``, ``size``
+    bytes) has ``validators`` (both None when the server sent none)."""
+    record = {"sha256": sha256, "bytes": size, **validators.to_json()}
+    with atomic_output(validators_sidecar(path)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_validators(path: Path, sha256: str) -> Validators | None:
+    """The validators recorded for ``path`` when its content is ``sha256``; None when none are
+    recorded (a file fetched before they were, or from a ``file:`` URL), the record cannot be read,
+    or it belongs to other content (a download interrupted between the file and its record)."""
+    try:
+        record = json.loads(validators_sidecar(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("sha256") != sha256:
+        return None
+    etag, modified = record.get("etag"), record.get("last_modified")
+    return Validators(etag if isinstance(etag, str) else None, modified if isinstance(modified, str) else None)
 
 
 def sidecar_checksums(out_dir: Path) -> dict[str, str]:
@@ -602,7 +795,7 @@ def download_all(
     that is missing or refused. Progress is logged every 50 files.
     """
     stop = threading.Event()
-    sessions = _SessionPool(parallel, http_retry(retries, backoff_s, stop))
+    sessions = http_sessions(parallel, retries, backoff_s, stop)
     counter = {"n": 0}
     lock = threading.Lock()
 

@@ -15,7 +15,11 @@ Source kinds (``cfg["source"]["kind"]``):
     which honours a server's ``Retry-After`` up to :data:`~conv2dlstm.data.download.MAX_RETRY_AFTER_S`), a
     body cut short by a loop around the whole download; never 404.
     Each verified file gets a ``.<name>.sha256`` sidecar, so an interrupted set resumes: files
-    whose checksum matches the sidecar or the previous manifest are not downloaded again. A date
+    whose checksum matches the sidecar or the previous manifest are not downloaded again; and,
+    over http(s), the answer's ``ETag``/``Last-Modified`` (``.<name>.validators.json``, also listed
+    in the manifest), with which :func:`check_upstream` asks the server whether a file changed
+    since (:mod:`conv2dlstm.data.upstream`): a file it found changed is asked for again with a
+    conditional GET (kept on 304 Not Modified), whatever its checksum. A date
     whose file does not exist upstream (HTTP 404/410, or a missing ``file:`` path) stops the fetch,
     unless ``source.max_missing`` tolerates that many: they are listed under ``missing`` in the
     manifest and become gaps in the time axis, which the regrid step reports.
@@ -36,6 +40,7 @@ files stay for the next attempt). Opening what a manifest lists as one dataset i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -55,7 +60,7 @@ from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts.manifest import FetchedFile
 from conv2dlstm.config.sources import SOURCE_KINDS as KINDS
 from conv2dlstm.config.sources import expand_path
-from conv2dlstm.data import download
+from conv2dlstm.data import download, upstream
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import ConfigError, DataError, DownloadError
 from conv2dlstm.fsutil import atomic_output, discard_partials, sha256_file, sha256_tree, tree_bytes
@@ -184,15 +189,27 @@ def fetch_urls(
         threading.Lock(),
     )
     jobs = _url_jobs(urls, out_dir, src["checksums"])
+    stale = upstream.stale_files(out_dir, known)  # found changed upstream by check-upstream
     done: dict[int, FetchedFile] = {}
     todo: list[tuple[int, download.UrlJob]] = []
+    asked = 0
     for i, job in enumerate(jobs):
+        if job.dest.name in stale and job.expected_sha256 is None:  # a pinned checksum wins
+            todo.append((i, dataclasses.replace(job, conditional=stale[job.dest.name])))
+            asked += 1
+            continue
         reused = download.reuse(job, known)
         if reused is not None:
             done[i] = reused
         else:
             todo.append((i, job))
-    log.info("fetch: %d file(s) in %s, %d already present and verified", len(jobs), out_dir, len(done))
+    log.info(
+        "fetch: %d file(s) in %s, %d already present and verified, %d found changed upstream (check-upstream)",
+        len(jobs),
+        out_dir,
+        len(done),
+        asked,
+    )
     if todo:
         done.update(_download_urls(todo, src, on_missing=absent.tolerate))
     if not done:
@@ -202,6 +219,44 @@ def fetch_urls(
         )
     missing.extend(absent.records())
     return [done[i] for i in range(len(jobs)) if i in done], "netcdf"
+
+
+def check_upstream(cfg: dict[str, Any], *, out_dir: Path, download_unknown: bool = False) -> upstream.Report:
+    """Ask the server whether each file of the url source fetched into ``out_dir`` changed upstream
+    and, when some did, write ``out_dir/upstream.json`` so that the next run fetches them again
+    (:mod:`conv2dlstm.data.upstream`); ``download_unknown`` downloads the files that the server's
+    answer cannot tell about, to compare checksums. Needs a fetch before (its checksums)."""
+    src = cfg["source"]
+    if cfg["synthetic"]["kind"] != "none":
+        raise ConfigError(
+            f"check-upstream: the configuration generates its data (synthetic.kind: {cfg['synthetic']['kind']}), "
+            "so there is nothing upstream to re-check; it is for source.kind url with synthetic.kind none"
+        )
+    if src["kind"] != "url":
+        why = {
+            "files": "Snakemake itself reruns fetch when one of source.paths changes",
+            "zarr": "a Zarr store is re-read with `snakemake --forcerun fetch`",
+            "copernicus": "a Copernicus Marine dataset is fetched again with `snakemake --forcerun fetch`",
+        }.get(src["kind"], "")
+        raise ConfigError(f"check-upstream re-checks sources of kind url, not source.kind {src['kind']!r}: {why}")
+    out_dir = Path(out_dir)
+    known = _previous_checksums(out_dir)
+    if not known:
+        raise DataError(
+            f"check-upstream: {out_dir} holds no fetched file of source {cfg['name']!r} (no manifest.json, no "
+            "checksum sidecar): there is nothing to re-check yet; run the workflow (snakemake, make run) first"
+        )
+    urls = expand_urls(src["url"], src["start"], src["end"], src["frequency"])
+    opts = upstream.Options(
+        parallel=src["parallel"],
+        retries=src["retries"],
+        backoff_s=src["backoff_s"],
+        timeout_s=src["timeout_s"],
+        hint=f"check source.url (template {src['url']!r})",
+        download=download_unknown,
+    )
+    findings = upstream.check(_url_jobs(urls, out_dir, src["checksums"]), known, opts)
+    return upstream.Report(cfg["name"], findings, upstream.write_state(out_dir, cfg["name"], findings))
 
 
 def _url_jobs(urls: list[str], out_dir: Path, checksums: dict[str, str]) -> list[download.UrlJob]:
