@@ -65,7 +65,7 @@ summary: setup
 
 ## check-upstream: whether the files of CONFIG's url source changed on the server since they were fetched;
 ## when some did it writes resources/raw/<name>/upstream.json, and the next `make run` fetches them again
-## (docs/data.md). CHECK_ARGS: e.g. --download, --exit-code
+## (docs/data.md). CHECK_ARGS: e.g. --download
 CHECK_ARGS ?=
 check-upstream: setup
 	@$(BIN)/python -m conv2dlstm check-upstream --config $(CONFIG) $(CHECK_ARGS)
