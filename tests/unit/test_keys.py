@@ -44,7 +44,8 @@ def test_result_config_holds_exactly_the_determining_keys():
     cfg = validate_config({})
     regrid = keys.result_config(cfg, "regrid")
     assert set(regrid) == {"source", "harmonize", "region", "grid", "variables"}
-    assert set(regrid["source"]) == {"start", "end"}  # not kind, url, parallel, retries, ...
+    # not kind, url, parallel, retries, ...; max_missing: the files whose values are all fill values
+    assert set(regrid["source"]) == {"start", "end", "max_missing"}
     assert "dask" not in regrid and "outdir" not in regrid and "name" not in regrid
     assert keys.result_config(cfg, "compare") == {}
     assert keys.result_config(cfg, "evaluate", "convlstm") == {"evaluate": {"plot_date": "", "max_lead": 0}}

@@ -1,6 +1,7 @@
 """One bad file among many: the check before a source's files are merged names the file and what is
-wrong with it (a shifted grid, another resolution, the opposite latitude order, a missing variable,
-a time coordinate without units), on real netCDF files."""
+wrong with it (a shifted grid, another resolution, a missing variable, a time coordinate without
+units), on real netCDF files; a file stored north to south among files stored south to north is
+merged value for value, and a file of fill values only is dropped as a missing day."""
 
 from __future__ import annotations
 
@@ -21,9 +22,20 @@ LON = np.arange(290.125, 292.0, 0.25)
 RULES = checks.SourceRules(variables=("sst", "ice"))
 
 
-def _day(path: Path, day: str, *, lat=LAT, lon=LON, variables=("sst", "ice"), time_units: bool = True) -> Path:
+def _day(
+    path: Path, day: str, *, lat=LAT, lon=LON, variables=("sst", "ice"), time_units: bool = True, blank: bool = False
+) -> Path:
+    """One day; ``sst`` = its latitude (so that a flipped axis shows), ``ice`` 20; ``blank``: all NaN."""
     shape = (1, len(lat), len(lon))
-    data = {v: (("time", "lat", "lon"), np.full(shape, 20.0, np.float32), {"units": "degC"}) for v in variables}
+    values = {"sst": np.broadcast_to(np.asarray(lat, np.float32)[None, :, None], shape), "ice": np.full(shape, 20.0)}
+    data = {
+        v: (
+            ("time", "lat", "lon"),
+            np.full(shape, np.nan, np.float32) if blank else values[v].astype(np.float32),
+            {"units": "degC"},
+        )
+        for v in variables
+    }
     time = pd.DatetimeIndex([day]) + pd.Timedelta(hours=12)
     ds = xr.Dataset(data, coords={"time": time, "lat": lat, "lon": lon})
     encoding = {}
@@ -34,13 +46,14 @@ def _day(path: Path, day: str, *, lat=LAT, lon=LON, variables=("sst", "ice"), ti
     return path
 
 
-def _manifest(tmp_path: Path, odd: dict | None = None, odd_day: int = 3) -> Path:
+def _manifest(tmp_path: Path, odd: dict | None = None, odd_day: int = 3, kind: str = "files") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, day in enumerate(pd.date_range("2020-01-01", periods=6).strftime("%Y-%m-%d")):
         path = tmp_path / f"sst.{day}.nc"
         paths.append(_day(path, day, **(odd if odd and i == odd_day else {})))
     files = [manifest_file.FetchedFile(p, f"file:{p}", sha256_file(p), p.stat().st_size) for p in paths]
-    return manifest_file.write(tmp_path / manifest_file.NAME, manifest_file.build("files", "netcdf", files))
+    return manifest_file.write(tmp_path / manifest_file.NAME, manifest_file.build(kind, "netcdf", files))
 
 
 @pytest.mark.parametrize(
@@ -48,11 +61,10 @@ def _manifest(tmp_path: Path, odd: dict | None = None, odd_day: int = 3) -> Path
     [
         ({"lat": LAT + 0.125}, r"another latitude axis than the other 5: .*sst.2020-01-04.nc: 8 values 30.25\.\.32"),
         ({"lon": np.arange(290.125, 292.0, 0.5)}, r"another longitude axis .*sst.2020-01-04.nc: 4 values .*step 0\.5"),
-        ({"lat": LAT[::-1]}, r"sst.2020-01-04.nc: 8 values 31.875\.\.30.125 \(descending.*the others: .*ascending"),
         ({"variables": ("sst",)}, r"sst.2020-01-04.nc lacks \['ice'\]"),
         ({"time_units": False}, r"sst.2020-01-04.nc: its time coordinate 'time' holds plain numbers \(3.5\)"),
     ],
-    ids=["shifted-grid", "other-resolution", "descending-latitude", "missing-variable", "time-without-units"],
+    ids=["shifted-grid", "other-resolution", "missing-variable", "time-without-units"],
 )
 def test_the_one_bad_file_is_named(tmp_path: Path, odd: dict, words: str) -> None:
     manifest = _manifest(tmp_path, odd)
@@ -71,3 +83,29 @@ def test_files_that_agree_pass_whatever_their_latitude_order(tmp_path: Path) -> 
     files = [manifest_file.FetchedFile(p, f"file:{p}", sha256_file(p), p.stat().st_size) for p in paths]
     manifest = manifest_file.write(descending / manifest_file.NAME, manifest_file.build("files", "netcdf", files))
     assert len(sources.scan(manifest, rules=RULES).paths) == 3
+
+
+def test_a_file_stored_north_to_south_is_merged_value_for_value(tmp_path: Path) -> None:
+    catalog = sources.scan(_manifest(tmp_path, {"lat": LAT[::-1]}), rules=RULES)
+    with sources.open_slab(catalog, catalog.everything()) as ds:
+        np.testing.assert_array_equal(ds["lat"].values, LAT)
+        sst = ds["sst"].transpose("time", "lat", "lon").values
+    np.testing.assert_allclose(sst, np.broadcast_to(LAT[None, :, None], sst.shape))  # every day, the 4th too
+
+
+def test_a_file_of_fill_values_only_is_dropped_as_a_missing_day(tmp_path: Path) -> None:
+    catalog = sources.scan(_manifest(tmp_path, {"blank": True}), rules=RULES)
+    (step,) = catalog.empty
+    assert step.file.endswith("sst.2020-01-04.nc") and step.date() == "2020-01-04"
+    assert step.variables == ("sst", "ice")
+    times = catalog.slabs("2020-01-01", "2020-01-06", 10)[0].times
+    assert [f"{t}"[:10] for t in times] == ["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-05", "2020-01-06"]
+    # a second file of the same day, of fill values only, leaves no day missing (and is no duplicate)
+    extra = _day(tmp_path / "sst.2020-01-02b.nc", "2020-01-02", blank=True)
+    doc = manifest_file.read(tmp_path / manifest_file.NAME)
+    paths = [*manifest_file.file_paths(doc, tmp_path / manifest_file.NAME), extra]
+    files = [manifest_file.FetchedFile(p, f"file:{p}", sha256_file(p), p.stat().st_size) for p in paths]
+    both = manifest_file.write(tmp_path / manifest_file.NAME, manifest_file.build("files", "netcdf", files))
+    assert [e.date() for e in sources.scan(both, rules=RULES).empty] == ["2020-01-04"]
+    # the kind zarr or copernicus writes its own store: not looked at
+    assert not sources.scan(_manifest(tmp_path / "z", {"blank": True}, kind="zarr"), rules=RULES).empty

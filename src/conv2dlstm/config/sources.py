@@ -40,9 +40,12 @@ SOURCE_KINDS: dict[str, SourceKind] = {
 GROUPS: dict[str, tuple[str, ...]] = {
     "subsetting": tuple(name for name, kind in SOURCE_KINDS.items() if kind.subsets),
     "fetching-the-period": tuple(name for name, kind in SOURCE_KINDS.items() if kind.subsets or kind.dated),
+    "whole-files": tuple(name for name, kind in SOURCE_KINDS.items() if not kind.subsets),
 }
 """Names the schema's conditions use for the kinds that read a key while fetching: ``subsetting``
-(region, variables, the period), ``fetching-the-period`` (``source.start``/``end``)."""
+(region, variables, the period), ``fetching-the-period`` (``source.start``/``end``); and for the
+kinds whose files are used as they are, not written by the fetch (``whole-files``: the regrid step
+checks each file for values, ``source.max_missing``)."""
 
 
 def expand_kinds(values: Iterable[str], *, where: str = "schema") -> tuple[str, ...]:

@@ -10,7 +10,10 @@
   unit that cannot be converted is an error naming the files and the units found;
 - :func:`check_plausible` - after conversion, values outside a variable's plausible range stop the
   run (a streaming Dask reduction: memory is bounded by the chunks);
-- :func:`time_gaps` - the gaps in the time axis, reported by the regrid step.
+- :func:`time_gaps` - the gaps in the time axis, reported by the regrid step;
+- :func:`all_fill_steps` - the time steps of a file where a checked variable holds no valid value
+  (all fill values): missing days, tolerated with the days missing upstream up to
+  ``source.max_missing`` (:func:`check_all_fill`).
 """
 
 from __future__ import annotations
@@ -166,6 +169,9 @@ class FileLayout:
 
 
 def _axis_layout(ds: xr.Dataset, role: str, rename: Mapping[str, str]) -> tuple[int, float, float, str] | None:
+    """Size, first and last value and a digest of the axis ``role`` of ``ds``; latitudes in ascending
+    order (each file's latitudes are put in ascending order before files are merged:
+    :func:`ascending_latitude`)."""
     import hashlib
 
     from conv2dlstm.data.harmonize import find_axis
@@ -174,8 +180,24 @@ def _axis_layout(ds: xr.Dataset, role: str, rename: Mapping[str, str]) -> tuple[
     if name is None:
         return None
     values = np.asarray(ds[name].values, dtype=np.float64)
+    if role == "lat" and values.size > 1 and values[0] > values[-1]:
+        values = values[::-1]
     digest = hashlib.sha256(np.round(values, 6).tobytes()).hexdigest()[:16]
     return (int(values.size), float(values[0]), float(values[-1]), digest) if values.size else (0, 0.0, 0.0, digest)
+
+
+def ascending_latitude(ds: xr.Dataset, rename: Mapping[str, str]) -> xr.Dataset:
+    """``ds`` (raw names) with its latitude axis in ascending order: a file stored north to south
+    among files stored south to north is merged with them value for value (lazy: an index flip)."""
+    from conv2dlstm.data.harmonize import find_axis
+
+    name = find_axis(ds, "lat", rename=rename)
+    if name is None or ds[name].size < 2:
+        return ds
+    values = np.asarray(ds[name].values)
+    if values[0] > values[-1]:
+        return ds.isel({ds[name].dims[0]: slice(None, None, -1)})
+    return ds
 
 
 def file_layout(ds: xr.Dataset, rules: SourceRules) -> FileLayout:
@@ -198,7 +220,8 @@ def _describe_axis(layout: tuple[int, float, float, str] | None) -> str:
 def check_layouts(layouts: Sequence[FileLayout], names: Sequence[str]) -> None:
     """Every file on the grid of the majority, with its variables: else a :class:`DataError` naming
     the files that differ, what they hold and what the others hold (a shifted grid, another
-    resolution, the opposite latitude order, a missing variable)."""
+    resolution, a missing variable). Latitudes are compared in ascending order: the order of a
+    file's latitudes may differ (:func:`ascending_latitude`), that of its longitudes may not."""
     if len(layouts) < 2:
         return
     problems = []
@@ -225,8 +248,8 @@ def check_layouts(layouts: Sequence[FileLayout], names: Sequence[str]) -> None:
         raise DataError(
             "the source's files cannot be combined: "
             + "; ".join(problems)
-            + ". Every file must share the lat/lon grid (and its order) and hold the same variables: fix or "
-            "remove the files named"
+            + ". Every file must share the lat/lon grid (and the order of its longitudes) and hold the same "
+            "variables: fix or remove the files named"
         )
 
 
@@ -240,6 +263,97 @@ def check_time_has_units(ds: xr.Dataset, axis: str, name: str) -> None:
             f"{' ...' if values.size > 3 else ''}), not dates: it has no CF units attribute (e.g. 'days since "
             "1970-01-01'); fix the file's time units or remove it from the source"
         )
+
+
+# ---- files without a valid value ------------------------------------------------------------------
+
+ALL_FILL_BLOCK_BYTES = 64 * 1024 * 1024
+"""Bytes of a variable read at a time by :func:`all_fill_steps` (whole time steps)."""
+
+
+@dataclass(frozen=True)
+class EmptyStep:
+    """A time step of a source file where checked variables hold no valid value (all fill values)."""
+
+    file: str
+    time: Any  # its time key (:func:`time_key`)
+    variables: tuple[str, ...]
+
+    def date(self) -> str:
+        """The step's day as ``YYYY-MM-DD`` (its time stamp when it is not a date)."""
+        try:
+            return f"{pd.Timestamp(self.time):%Y-%m-%d}"
+        except (TypeError, ValueError):
+            return stamp(self.time)
+
+    def text(self) -> str:
+        return f"{self.file} ({self.date()}: no valid value of {', '.join(map(repr, self.variables))})"
+
+
+def all_fill_steps(ds: xr.Dataset, axis: str, rules: SourceRules) -> dict[int, tuple[str, ...]]:
+    """The positions along the time coordinate ``axis`` of a raw file ``ds`` (values decoded: fill
+    values are NaN) where a checked variable (:meth:`SourceRules.checks`) holds no finite value,
+    with those variables (harmonized names). A reduction over the file, read whole time steps at a
+    time (about :data:`ALL_FILL_BLOCK_BYTES`), so memory does not grow with the file."""
+    dim = ds[axis].dims[0]
+    out: dict[int, list[str]] = {}
+    for raw in ds.data_vars:
+        name = rules.standard_name(str(raw))
+        var = ds[raw]
+        if not rules.checks(name) or dim not in var.dims or var.dtype.kind not in "fc":
+            continue
+        var = var.transpose(dim, ...)
+        cells = max(1, int(np.prod([var.sizes[d] for d in var.dims[1:]])))
+        steps = max(1, ALL_FILL_BLOCK_BYTES // (8 * cells))
+        for lo in range(0, var.sizes[dim], steps):
+            block = np.asarray(var.isel({dim: slice(lo, lo + steps)}).values).reshape(-1, cells)
+            for pos in np.flatnonzero(~np.isfinite(block).any(axis=1)):
+                out.setdefault(lo + int(pos), []).append(name)
+    return {pos: tuple(names) for pos, names in sorted(out.items())}
+
+
+def check_all_fill(
+    empty: Sequence[EmptyStep], *, upstream_missing: int, max_missing: int, start: DateLike, end: DateLike
+) -> list[EmptyStep]:
+    """The steps of ``empty`` (files, or time steps of files, without a valid value) within the whole
+    days ``start..end``, each a missing day: with the ``upstream_missing`` dates that had no file
+    upstream, tolerated up to ``max_missing`` (config ``source.max_missing``; a WARNING names each file
+    and date), else :class:`DataError` naming the files, the dates and the fix."""
+    lo, hi = day_bounds(start, end)
+    kept = []
+    for step in empty:
+        try:
+            t = np.datetime64(pd.Timestamp(step.time).to_datetime64(), "ns")
+        except (TypeError, ValueError):
+            kept.append(step)
+            continue
+        if lo <= t < hi:
+            kept.append(step)
+    if not kept:
+        return []
+    total = len(kept) + upstream_missing
+    upstream = f" and {upstream_missing} date(s) without a file upstream" if upstream_missing else ""
+    if total > max_missing:
+        listed = "; ".join(step.text() for step in kept[:MAX_LISTED])
+        more = f"; and {len(kept) - MAX_LISTED} more" if len(kept) > MAX_LISTED else ""
+        raise DataError(
+            f"{len(kept)} source file(s) (or time steps) hold no valid value, only fill values: {listed}{more}. "
+            f"Each is a missing day: {len(kept)} such day(s){upstream} make {total} missing, more than "
+            f"source.max_missing = {max_missing}. Fetch those files again or fix them at the source, remove them, "
+            "or raise source.max_missing to accept them as gaps in the time axis"
+        )
+    for step in kept:
+        log.warning(
+            "%s: no valid value of %s on %s (all fill values); dropped, a missing day: a gap in the time axis "
+            "(%d missing day(s)%s, at most source.max_missing = %d)",
+            step.file,
+            ", ".join(map(repr, step.variables)),
+            step.date(),
+            total,
+            f", {upstream_missing} of them without a file upstream" if upstream_missing else "",
+            max_missing,
+        )
+    return kept
 
 
 # ---- duplicate time stamps ------------------------------------------------------------------------

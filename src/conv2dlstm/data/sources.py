@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -24,9 +25,12 @@ import xarray as xr
 
 from conv2dlstm.artifacts import manifest as manifest_file
 from conv2dlstm.artifacts.manifest import display_path
+from conv2dlstm.config.sources import GROUPS
 from conv2dlstm.data import checks
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def has_consolidated_metadata(path: Path) -> bool:
@@ -106,6 +110,8 @@ class Catalog:
     conversions: checks.Conversions
     rules: checks.SourceRules
     missing: tuple[dict[str, str], ...] = ()
+    empty: tuple[checks.EmptyStep, ...] = ()
+    """Steps dropped because a checked variable holds no valid value there (all fill values)."""
 
     def file_of(self, time: Any) -> str | None:
         """The file (as listed in the manifest) that time step ``time`` came from, or None."""
@@ -162,6 +168,13 @@ def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
     (:func:`conv2dlstm.data.checks.duplicate_steps`), and the units of every checked variable must convert to
     its canonical unit (:func:`conv2dlstm.data.checks.unit_conversions`). ``rules`` None: duplicates refused, no
     unit conversion. Memory is a few numbers per time step, whatever the number of files.
+
+    For the kinds whose files are used as fetched (url, files), each file's checked variables are also
+    read once, a block of time steps at a time (:func:`conv2dlstm.data.checks.all_fill_steps`): a time step
+    where one holds no valid value (all fill values) is not data; it is dropped, before duplicates are
+    looked for, and listed in :attr:`Catalog.empty`, so that it becomes a gap in the time axis like a
+    day missing upstream (the regrid step counts both against ``source.max_missing``:
+    :func:`conv2dlstm.data.checks.check_all_fill`).
     """
     manifest = Path(manifest)
     doc = manifest_file.read(manifest)
@@ -178,6 +191,8 @@ def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
     keys: list[np.ndarray | None] = []
     found: checks.UnitsFound = {}
     layouts: list[checks.FileLayout] = []
+    blank: list[dict[int, tuple[str, ...]]] = []
+    look_for_blanks = doc.get("kind") in GROUPS["whole-files"]
     for path, name in zip(paths, names):
         ds = _open_part(path, doc["format"], None, manifest)
         try:
@@ -187,21 +202,14 @@ def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
             keys.append(None if axis is None else np.asarray(checks.time_keys(ds[axis].values)))
             checks.add_units(found, name, ds, rules)
             layouts.append(checks.file_layout(ds, rules))
+            blank.append(checks.all_fill_steps(ds, axis, rules) if look_for_blanks and axis is not None else {})
         finally:
             ds.close()
     try:
         checks.check_layouts(layouts, names)
     except DataError as exc:
         raise DataError(f"manifest {manifest}: {exc}") from exc
-    dropped = checks.duplicate_steps(keys, names, rules.duplicates)
-    positions: list[np.ndarray | None] = []
-    for i, k in enumerate(keys):
-        if k is None:
-            positions.append(None)
-            continue
-        keep = np.setdiff1d(np.arange(k.size), dropped.get(i, []))
-        positions.append(keep)
-        keys[i] = k[keep]
+    keys, positions, empty = _kept_steps(keys, blank, names, rules)
     conversions = checks.unit_conversions(found, rules)
     return Catalog(
         manifest,
@@ -213,7 +221,47 @@ def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
         conversions,
         rules,
         tuple(doc.get("missing", [])),
+        tuple(empty),
     )
+
+
+def _kept_steps(
+    keys: list[np.ndarray | None],
+    blank: list[dict[int, tuple[str, ...]]],
+    names: list[str],
+    rules: checks.SourceRules,
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None], list[checks.EmptyStep]]:
+    """The time keys of each file's kept steps and their positions along its time axis, and the steps of
+    fill values only that leave a day missing (in time order). ``keys[i]`` are file ``i``'s time keys
+    (None: no time axis), ``blank[i]`` its steps of fill values only (:func:`conv2dlstm.data.checks.all_fill_steps`):
+    they are not data and are dropped first, then repeated time stamps as ``rules.duplicates`` says
+    (:func:`conv2dlstm.data.checks.duplicate_steps`)."""
+    keys = list(keys)
+    empty: list[checks.EmptyStep] = []
+    valid: list[np.ndarray | None] = []
+    for i, k in enumerate(keys):
+        if k is None:
+            valid.append(None)
+            continue
+        empty.extend(checks.EmptyStep(names[i], k[pos].item(), found_in) for pos, found_in in blank[i].items())
+        valid.append(np.setdiff1d(np.arange(k.size), list(blank[i])))
+        keys[i] = k[valid[i]]
+    dropped = checks.duplicate_steps(keys, names, rules.duplicates)
+    positions: list[np.ndarray | None] = []
+    for i, (k, kept) in enumerate(zip(keys, valid)):
+        if k is None or kept is None:
+            positions.append(None)
+            continue
+        keep = np.setdiff1d(np.arange(k.size), dropped.get(i, []))
+        positions.append(kept[keep])
+        keys[i] = k[keep]
+    held = {key for k in keys if k is not None for key in k.tolist()} if empty else set()
+    for step in [e for e in empty if checks.time_key(e.time) in held]:  # not a missing day
+        log.warning(
+            "%s: no valid value on %s (all fill values); dropped, another file holds that day", step.file, step.date()
+        )
+    missing = [e for e in empty if checks.time_key(e.time) not in held]
+    return keys, positions, sorted(missing, key=lambda e: (checks.time_key(e.time), e.file))
 
 
 def open_slab(catalog: Catalog, members: Members, *, chunks: dict[str, int] | None = None) -> xr.Dataset:
@@ -231,6 +279,7 @@ def open_slab(catalog: Catalog, members: Members, *, chunks: dict[str, int] | No
         for i, pos in members:
             ds = _open_part(catalog.paths[i], catalog.fmt, chunks, catalog.manifest)
             opened.append(ds)
+            ds = checks.ascending_latitude(ds, rename)  # files may store latitudes in either order
             axis = hz.find_axis(ds, "time", rename=rename)
             if pos is not None and axis is not None and pos.size != ds[axis].size:
                 ds = ds.isel({ds[axis].dims[0]: pos})
@@ -283,6 +332,13 @@ def open_sources(
     the regrid step opens it slab by slab instead (:meth:`Catalog.slabs`).
     """
     catalog = scan(manifest, rules=rules)
+    for step in catalog.empty:
+        log.warning(
+            "%s: no valid value of %s on %s (all fill values); dropped: a missing day",
+            step.file,
+            ", ".join(map(repr, step.variables)),
+            step.date(),
+        )
     ds = open_slab(catalog, catalog.everything(), chunks=chunks)
     time_files: dict[Any, str] = {}
     for name, keys in zip(catalog.names, catalog.keys):

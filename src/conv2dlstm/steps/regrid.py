@@ -43,6 +43,9 @@ def main(
     repeated across files, units), then regridded and appended slab by slab of about
     ``slab_steps`` time steps (:meth:`conv2dlstm.data.sources.Catalog.slabs`); values outside their
     plausible range are counted with the write and refused before the store is moved into place.
+    A file (or time step) whose checked variables hold no valid value is dropped as a missing day,
+    counted with the dates missing upstream against ``source.max_missing``
+    (:func:`conv2dlstm.data.checks.check_all_fill`; store attribute ``all_fill_days``).
     The store's attribute ``provenance`` records the result configuration and the manifest's
     ``sha256`` (:mod:`conv2dlstm.artifacts.provenance`).
     """
@@ -57,13 +60,26 @@ def main(
     t0 = time.perf_counter()
     rules = checks.SourceRules.from_config(cfg)
     catalog = sources.scan(manifest, rules=rules)  # duplicates and units checked file by file
+    src = cfg["source"]
+    empty = checks.check_all_fill(  # files of fill values only: missing days, up to source.max_missing
+        catalog.empty,
+        upstream_missing=len(catalog.missing),
+        max_missing=int(src["max_missing"]),
+        start=src["start"],
+        end=src["end"],
+    )
+    if not catalog.everything():
+        raise DataError(
+            f"manifest {manifest}: no file holds a valid value of {list(rules.variables)} (all fill values); "
+            "fix or fetch the source files again"
+        )
     # a slab holds whole chunks of the store (appends never share a chunk), a chunk at most one slab
     chunk = min(regridding.output_time_chunk(regridding.target_grid(cfg["grid"])), max(1, slab_steps))
     slabs = catalog.slabs(cfg["source"]["start"], cfg["source"]["end"], chunk * max(1, slab_steps // chunk))
     builder = _SlabBuilder(cfg, manifest, catalog, rules, chunk)
     first = builder.build(slabs[0])  # configuration errors fail here, before the cluster starts
     times = first[0]["time"].values if slabs[0].times is None else np.concatenate([slab.times for slab in slabs])
-    attrs, record = _store_attrs(cfg, first[0], manifest=manifest, catalog=catalog, times=times)
+    attrs, record = _store_attrs(cfg, first[0], manifest=manifest, catalog=catalog, times=times, empty=empty)
     log.info(
         "regrid: scanned %d file(s) of %s in %.1f s; %d steps %s..%s in %d slab(s) -> grid %d x %d (%s), variables %s",
         len(catalog.paths),
@@ -129,11 +145,17 @@ class _SlabBuilder:
 
 
 def _store_attrs(
-    cfg: Mapping[str, Any], first: xr.Dataset, *, manifest: Path, catalog: sources.Catalog, times: np.ndarray
+    cfg: Mapping[str, Any],
+    first: xr.Dataset,
+    *,
+    manifest: Path,
+    catalog: sources.Catalog,
+    times: np.ndarray,
+    empty: list[checks.EmptyStep],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The regridded store's attributes (those of the ``first`` slab, the gaps of the time axis ``times``,
-    which it logs, the dates missing upstream, the manifest and its digests, the provenance) and its
-    provenance record."""
+    which it logs, the dates missing upstream, the files of fill values only that were dropped
+    (``empty``), the manifest and its digests, the provenance) and its provenance record."""
     from conv2dlstm.artifacts import manifest as manifest_file
     from conv2dlstm.artifacts import provenance
     from conv2dlstm.fsutil import sha256_file
@@ -142,11 +164,16 @@ def _store_attrs(
     attrs = dict(first.attrs)
     attrs.update(gaps.attrs())
     attrs["missing_upstream"] = [str(m.get("date", "?")) for m in catalog.missing]
+    attrs["all_fill_days"] = [f"{step.date()} {step.file}" for step in empty]
+    why = [
+        *([f"{len(catalog.missing)} date(s) had no file upstream"] if catalog.missing else []),
+        *([f"{len(empty)} file(s) held fill values only"] if empty else []),
+    ]
     log.log(
         logging.WARNING if gaps.gaps else logging.INFO,
         "regrid: %s%s",
         gaps.describe(),
-        f" ({len(catalog.missing)} date(s) had no file upstream: source.max_missing)" if catalog.missing else "",
+        f" ({'; '.join(why)}: source.max_missing)" if why else "",
     )
     attrs["source_manifest"] = str(manifest)
     attrs["source_manifest_sha256"] = sha256_file(manifest)
