@@ -47,6 +47,8 @@ CHANGES: dict[str, dict] = {
     },
     "harmonize.rename": {"harmonize": {"rename": {"analysed_sst": "sst"}}},
     "harmonize.duplicates": {"harmonize": {"duplicates": "first"}},
+    "harmonize.fill_max_days": {"harmonize": {"fill_max_days": 3}},
+    "harmonize.max_land_from_gaps": {"harmonize": {"max_land_from_gaps": 0.2}},
     "harmonize.units": {"harmonize": {"units": {"sst": {"max": 35.0}}}},
     "region.lat": {"region": {"lat": [30.0, 35.0]}},
     "region.lon": {"region": {"lon": [-70.0, -65.0]}},

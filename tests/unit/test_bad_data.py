@@ -1,14 +1,17 @@
 """Bad data never passes silently: one table of bad inputs, each run through the real CLI steps.
 
 Every case writes a few tiny daily netCDF files (8 x 8 cells, 0.25 degree) in ``tmp_path``, runs
-``python -m conv2dlstm fetch`` and ``regrid`` in this process (:func:`conv2dlstm.cli.main`, the
-entry point of ``python -m conv2dlstm``) and checks:
+``python -m conv2dlstm fetch`` and ``regrid`` (and, for the cases about cells missing on some days,
+``normalize``) in this process (:func:`conv2dlstm.cli.main`, the entry point of
+``python -m conv2dlstm``) and checks:
 
 - the exit status (2 for a refused input, 0 for one that is handled: converted, resolved, reported);
 - the words of the message: what is wrong, where (file, time, URL or config key) and the fix;
 - that a refused step leaves nothing a later step could pick up: no ``manifest.json`` after a failed
-  fetch, no regridded store after a failed regrid, and no ``*.partial`` temporary in either place;
-- for a handled input, what the store holds (converted values, the kept duplicate, gap attributes).
+  fetch, no regridded store after a failed regrid, no statistics after a failed normalize, and no
+  ``*.partial`` temporary in any of these places;
+- for a handled input, what the store (or the statistics) holds (converted values, the kept
+  duplicate, gap attributes, gaps filled).
 
 The regrid step's Dask work runs on one in-process scheduler shared by the module
 (``DASK_SCHEDULER_ADDRESS``), so no case starts a cluster of its own.
@@ -74,19 +77,42 @@ def write_file(
     units: str | None = "degC",
     value: float | list[float] = 20.0,
     spike: tuple[int, float] | None = None,
+    lat: np.ndarray = LAT,
+    lon: np.ndarray = LON,
+    north_to_south: bool = False,
+    by_latitude: bool = False,
+    hole: bool = False,
+    blank: bool = False,
+    time_units: bool = True,
 ) -> Path:
     """A netCDF file of ``days`` (noon stamps, in the order given) holding ``var`` = ``value`` (one per
-    day, or the same for all) on the 8 x 8 grid; ``spike`` ``(day index, value)`` sets one cell."""
-    values = np.ones((len(days), LAT.size, LON.size), np.float32)
+    day, or the same for all) on the 8 x 8 grid (or ``lat``, ``lon``); ``spike`` ``(day index,
+    value)`` sets one cell. ``by_latitude`` adds the cell's latitude - 30 to the values,
+    ``north_to_south`` stores the rows from north to south (the same field), ``hole`` leaves out the
+    north-east quarter (one target cell), ``blank`` every value (fill values only), and
+    ``time_units=False`` writes the time as plain numbers."""
+    values = np.ones((len(days), lat.size, lon.size), np.float32)
     values *= np.asarray(value, np.float32).reshape(-1, 1, 1) if isinstance(value, list) else np.float32(value)
+    if by_latitude:
+        values += (lat - 30.0).astype(np.float32)[None, :, None]
     values[:, :2, :2] = np.nan  # a little land
     if spike is not None:
         values[spike[0], 4, 5] = spike[1]
+    if hole:
+        values[:, 4:, 4:] = np.nan
+    if blank:
+        values[:] = np.nan
+    if north_to_south:
+        values, lat = values[:, ::-1], lat[::-1]
     attrs = {} if units is None else {"units": units}
     times = pd.DatetimeIndex(days) + pd.Timedelta(hours=12)
-    ds = xr.Dataset({var: (("time", "lat", "lon"), values, attrs)}, coords={"time": times, "lat": LAT, "lon": LON})
+    ds = xr.Dataset({var: (("time", "lat", "lon"), values, attrs)}, coords={"time": times, "lat": lat, "lon": lon})
+    encoding = {}
+    if not time_units:  # plain numbers, as from a writer that forgot the CF units
+        ds = ds.assign_coords(time=np.arange(len(days), dtype=np.float64) + 3.5)
+        encoding = {"time": {"dtype": "float64"}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.to_netcdf(path)
+    ds.to_netcdf(path, encoding=encoding)
     return path
 
 
@@ -135,13 +161,18 @@ class Ctx:
     def store(self) -> Path:
         return self.work / "results" / "regrid" / "bad.zarr"
 
+    @property
+    def stats(self) -> Path:
+        return self.work / "results" / "normalize" / "bad.nc"
+
 
 @dataclass
 class Case:
     """One bad input: ``setup`` writes the data and returns the config overrides; ``fails`` is the
-    step that must refuse it (``fetch``, ``regrid``) or ``None`` when both steps must succeed;
-    ``words`` are regular expressions that must all be in the error message (or, for a case that
-    succeeds, in the log); ``check`` looks at the store of a case that succeeds."""
+    step that must refuse it (``fetch``, ``regrid``, ``normalize``) or ``None`` when every step must
+    succeed; ``words`` are regular expressions that must all be in the error message (or, for a case
+    that succeeds, in the log); ``check`` looks at the store (with ``normalize``: the statistics) of a
+    case that succeeds. ``normalize`` runs the normalize step after regrid."""
 
     id: str
     setup: Callable[[Ctx], dict]
@@ -151,6 +182,7 @@ class Case:
     after_fetch: Callable[[Ctx], None] | None = None
     log_level: int = logging.WARNING
     marks: list[Any] = field(default_factory=list)
+    normalize: bool = False
 
 
 def url_source(ctx: Ctx, **more: Any) -> dict:
@@ -375,6 +407,73 @@ def missing_file_url_tolerated(ctx: Ctx) -> dict:
 def every_date_missing(ctx: Ctx) -> dict:
     ctx.data.mkdir(parents=True, exist_ok=True)
     return url_source(ctx, max_missing=10)
+
+
+# --- one odd file among daily files -----------------------------------------------------------------
+
+
+def odd_file(ctx: Ctx, **odd: Any) -> dict:
+    """Daily files of a field that varies with latitude, the fourth (2020-01-04) written with ``odd``."""
+    daily(ctx.data, [d for d in DAYS if d != DAYS[3]], by_latitude=True)
+    write_file(ctx.data / file_name(DAYS[3]), [DAYS[3]], by_latitude=True, **odd)
+    return files_source(ctx)
+
+
+def same_field_every_day(store: xr.Dataset) -> None:
+    """The file stored north to south gives the field of the others, row for row (and it varies by row)."""
+    sst = store["sst"].transpose("time", "lat", "lon").values
+    assert store.sizes["time"] == 6 and np.ptp(sst[0, :, 1]) > 0.5
+    np.testing.assert_allclose(sst, np.broadcast_to(sst[:1], sst.shape), atol=1e-5)
+
+
+def all_fill_file(ctx: Ctx, max_missing: int = 0, kind: str = "files", absent: tuple[int, ...] = ()) -> dict:
+    """Daily files, the one of 2020-01-03 of fill values only (its variable all NaN once decoded)."""
+    daily(ctx.data, value=20.0, blank=[i == 2 for i in range(len(DAYS))])
+    if kind == "files":
+        return files_source(ctx, max_missing=max_missing)
+    server = ctx.serve()
+    for i in absent:
+        server.not_found.add(file_name(DAYS[i]))
+    return {"source": {"url": server.url("sst.{date:%Y%m%d}.nc"), "max_missing": max_missing}}
+
+
+# --- cells missing on some days (the ocean mask, normalize) ---------------------------------------------
+
+SHORT_SPLITS = {  # windows of 1 + 1 days: every split of the 6 days holds one
+    "splits": {
+        "train": {"start": DAYS[0], "end": DAYS[1]},
+        "val": {"start": DAYS[2], "end": DAYS[3]},
+        "test": {"start": DAYS[4], "end": DAYS[5]},
+    },
+    "windows": {"input_steps": 1, "lead_steps": 1},
+    "normalize": {"climatology_window": 1},
+}
+
+
+def cell_missing(ctx: Ctx, days: tuple[int, ...] = (1,), **harmonize: Any) -> dict:
+    """Daily files of 20, 21, ... 25; on ``days`` the north-east target cell (31.5, -68.5) has no value."""
+    value = [20.0 + i for i in range(len(DAYS))]
+    daily(ctx.data, value=value, hole=[i in days for i in range(len(DAYS))])
+    return {**files_source(ctx), **SHORT_SPLITS, "harmonize": harmonize}
+
+
+def gap_filled(stats: xr.Dataset) -> None:
+    """The cell missing on 2020-01-02 stays ocean: its value that day interpolated (21, between 20 and 22)."""
+    assert stats["mask"].values.all(), stats["mask"].values
+    assert (stats.attrs["gap_filled_values"], stats.attrs["gap_filled_cells"], stats.attrs["fill_max_days"]) == (
+        1,
+        1,
+        1,
+    )
+    assert "land_from_gaps_cells" not in stats.attrs
+    day2 = stats["climatology"].sel(dayofyear=2, variable="sst")
+    np.testing.assert_allclose(day2.sel(lat=31.5, lon=-68.5), 21.0, atol=1e-4)
+
+
+def long_gap_stays_land(stats: xr.Dataset) -> None:
+    """A gap of 2 days with fill_max_days 1 is not filled: its cell is land, counted."""
+    assert not bool(stats["mask"].sel(lat=31.5, lon=-68.5)) and int(stats["mask"].sum()) == 3
+    assert stats.attrs["land_from_gaps_cells"] == 1 and stats.attrs["gap_filled_values"] == 0
 
 
 # --- what was already refused ---------------------------------------------------------------------
@@ -694,6 +793,106 @@ CASES = [
         "fetch",
         [r"no date of source\.start\.\.source\.end \(2020-01-01\.\.2020-01-06\) has a file upstream"],
     ),
+    # one odd file among daily files: named, or (latitudes stored north to south) merged value for value
+    Case(
+        "one-file-on-a-shifted-grid",
+        lambda ctx: odd_file(ctx, lat=LAT + 0.125),
+        "regrid",
+        [
+            r"1 file\(s\) have another latitude axis than the other 5: \S*sst\.20200104\.nc: 8 values 30\.25\.\.32",
+            r"the others: 8 values 30\.125\.\.31\.875",
+            r"fix or remove the files named",
+        ],
+    ),
+    Case(
+        "one-file-at-another-resolution",
+        lambda ctx: odd_file(ctx, lon=np.arange(290.25, 292.0, 0.5)),
+        "regrid",
+        [r"another longitude axis than the other 5: \S*sst\.20200104\.nc: 4 values .*step 0\.5", r"fix or remove"],
+    ),
+    Case(
+        "one-file-missing-the-variable",
+        lambda ctx: odd_file(ctx, var="analysed_sst"),
+        "regrid",
+        [r"1 file\(s\) lack variables the others have: \S*sst\.20200104\.nc lacks \['sst'\]", r"fix or remove"],
+    ),
+    Case("one-file-north-to-south", lambda ctx: odd_file(ctx, north_to_south=True), None, [], same_field_every_day),
+    Case(
+        "one-file-time-without-units",
+        lambda ctx: odd_file(ctx, time_units=False),
+        "regrid",
+        [r"\S*sst\.20200104\.nc: its time coordinate 'time' holds plain numbers \(3\.5\)", r"no CF units"],
+    ),
+    # a file of fill values only: a missing day, tolerated up to source.max_missing with those missing upstream
+    Case(
+        "all-fill-file-refused",
+        all_fill_file,
+        "regrid",
+        [
+            r"1 source file\(s\) \(or time steps\) hold no valid value, only fill values: \S*sst\.20200103\.nc "
+            r"\(2020-01-03: no valid value of 'sst'\)",
+            r"more than source\.max_missing = 0",
+            r"Fetch those files again or fix them at the source, remove them, or raise source\.max_missing",
+        ],
+    ),
+    Case(
+        "all-fill-file-tolerated",
+        lambda ctx: all_fill_file(ctx, max_missing=1),
+        None,
+        [
+            r"\S*sst\.20200103\.nc: no valid value of 'sst' on 2020-01-03 \(all fill values\); dropped",
+            r"1 gap\(s\) in the time axis.*: 2020-01-03 \(1 file\(s\) held fill values only",
+        ],
+        both(
+            attrs_are(time_gaps=1, missing_dates=["2020-01-03"], missing_upstream=[]),
+            lambda s: (
+                re.fullmatch(r"2020-01-03 \S*sst\.20200103\.nc", *s.attrs["all_fill_days"]) or pytest.fail("attr")
+            ),
+            values_are(20.0),
+        ),
+    ),
+    Case(
+        "all-fill-file-and-404-too-many",
+        lambda ctx: all_fill_file(ctx, max_missing=1, kind="url", absent=(4,)),
+        "regrid",
+        [
+            r"\S*sst\.20200103\.nc \(2020-01-03",
+            r"1 such day\(s\) and 1 date\(s\) without a file upstream make 2 missing",
+            r"more than source\.max_missing = 1",
+        ],
+    ),
+    # cells missing on some days: filled (harmonize.fill_max_days), or land, up to harmonize.max_land_from_gaps
+    Case(
+        "cell-gap-filled",
+        lambda ctx: cell_missing(ctx, fill_max_days=1),
+        None,
+        [r"normalize: filled 1 missing value\(s\) in 1 grid cell\(s\) by linear interpolation in time"],
+        gap_filled,
+        log_level=logging.INFO,
+        normalize=True,
+    ),
+    Case(
+        "cells-made-land-past-the-threshold",
+        cell_missing,
+        "normalize",
+        [
+            r"1 grid cells with data at other time steps are missing on 1 of 6 steps \(2020-01-02\)",
+            r"25\.0% of the grid cells with data, more than harmonize\.max_land_from_gaps = 0\.05",
+            r"cells at lat, lon \(31\.5, -68\.5\)",
+            r"harmonize\.fill_max_days \(now 0",
+            r"fix or re-fetch the source data",
+            r"raise harmonize\.max_land_from_gaps",
+        ],
+        normalize=True,
+    ),
+    Case(
+        "cell-long-gap-stays-land",
+        lambda ctx: cell_missing(ctx, (1, 2), fill_max_days=1, max_land_from_gaps=0.5),
+        None,
+        [r"1 grid cells with data at other time steps are missing on 2 of 6 steps", r"land for the whole record"],
+        long_gap_stays_land,
+        normalize=True,
+    ),
     # refused before this issue, and still refused with a clear message
     Case("misspelt-key", misspelt_key, "fetch", [r"config key source: unknown key\(s\) 'ulr'", r"check the spelling"]),
     Case(
@@ -784,6 +983,16 @@ def run_step(step: str, cfg: dict, ctx: Ctx, capsys: pytest.CaptureFixture[str])
             "--memory-mb",
             "1024",
         ],
+        "normalize": [
+            "--data",
+            str(ctx.store),
+            "--out",
+            str(ctx.stats),
+            "--threads",
+            "1",
+            "--memory-mb",
+            "1024",
+        ],
     }[step]
     capsys.readouterr()
     rc = cli.main(["--log-level", "WARNING", step, "--config-json", json.dumps(cfg), *args])
@@ -839,15 +1048,30 @@ def test_bad_data(
         if case.after_fetch is not None:
             case.after_fetch(ctx)
         rc, err = run_step("regrid", cfg, ctx, capsys)
-    if case.fails == "regrid":
+        if case.fails == "regrid":
+            assert rc == 2, err
+            assert err.startswith("error: ")
+            assert_words(err, case.words, case.id)
+            assert not ctx.store.exists()
+            assert leftovers(ctx.store.parent) == []
+            return
+        assert rc == 0, err
+        if case.normalize:
+            rc, err = run_step("normalize", cfg, ctx, capsys)
+    if case.fails == "normalize":
         assert rc == 2, err
         assert err.startswith("error: ")
         assert_words(err, case.words, case.id)
-        assert not ctx.store.exists()
-        assert leftovers(ctx.store.parent) == []
+        assert not ctx.stats.exists() and leftovers(ctx.stats.parent) == []
         return
     assert rc == 0, err
     assert_words(caplog.text, case.words, case.id)
+    if case.normalize:
+        with xr.open_dataset(ctx.stats) as stats:
+            assert leftovers(ctx.stats.parent) == []
+            if case.check is not None:
+                case.check(stats.load())
+        return
     with xr.open_zarr(ctx.store) as store:
         assert store.sizes["time"] >= 1 and leftovers(ctx.store.parent) == []
         if case.check is not None:
@@ -858,4 +1082,5 @@ def test_the_table_covers_every_kind_of_bad_data() -> None:
     ids = {c.id for c in CASES}
     assert len(CASES) >= 30 and len(ids) == len(CASES)
     refused = {c.fails for c in CASES}
-    assert refused == {None, "fetch", "regrid"}
+    assert refused == {None, "fetch", "regrid", "normalize"}
+    assert all(c.normalize for c in CASES if c.fails == "normalize")

@@ -233,6 +233,31 @@ def test_cells_made_land_by_missing_days_are_named_not_silent(caplog) -> None:
         fit(regridded(times, blank, ds["no3"].values))
 
 
+def test_too_many_cells_made_land_by_gaps_stop_the_step_unless_filled() -> None:
+    """harmonize.max_land_from_gaps: 2 of the 11 cells with data made land (18 %) is past 0.05 and
+    below 0.2; filling gaps of a day (harmonize.fill_max_days) keeps them ocean."""
+    ds, n_train = leaky_dataset(2)
+    sst = ds["sst"].values.copy()
+    sst[40, 2, 1] = sst[7, 1, 2] = np.nan
+    gappy = regridded(ds.indexes["time"], sst, ds["no3"].values)
+    with pytest.raises(DataError) as caught:
+        fit(gappy, max_land_from_gaps=0.05)
+    message = str(caught.value)
+    assert (
+        "2 grid cells with data at other time steps are missing on 2 of 731 steps (2019-01-08, 2019-02-10)" in message
+    )
+    assert "18.2% of the grid cells with data, more than harmonize.max_land_from_gaps = 0.05" in message
+    assert "(cells at lat, lon (22, -77), (23, -78))" in message and "harmonize.fill_max_days (now 0" in message
+    assert fit(gappy, max_land_from_gaps=0.2).attrs["land_from_gaps_cells"] == 2
+    filled = fit(gappy, max_land_from_gaps=0.05, fill_max_days=1)
+    assert filled["mask"].values.sum() == 11 and "land_from_gaps_cells" not in filled.attrs
+    assert (filled.attrs["gap_filled_values"], filled.attrs["gap_filled_cells"], filled.attrs["fill_max_days"]) == (
+        2,
+        2,
+        1,
+    )
+
+
 def test_empty_training_period_names_period_and_data_range() -> None:
     ds, _ = leaky_dataset()
     with pytest.raises(DataError, match=r"2015-01-01\.\.2015-12-31.*2019-01-01\.\.2020-12-31"):

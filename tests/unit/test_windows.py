@@ -172,6 +172,33 @@ def test_build_store_eager_and_dask(chunked: bool) -> None:
     np.testing.assert_array_equal(data, reference)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gaps_are_filled_as_normalize_filled_them(chunked: bool) -> None:
+    """harmonize.fill_max_days: the cell missing on 2020-01-24 stays ocean, its value that day the mean
+    of the days either side (here at a chunk boundary), normalized; statistics fitted otherwise are refused."""
+    ds = source()
+    cfg = store_config()
+    cfg["harmonize"]["fill_max_days"] = 1
+    stats = nz.fit_stats(
+        ds,
+        train_start="2020-01-01",
+        train_end="2020-01-20",
+        variables=["sst", "chl"],
+        climatology_window=3,
+        fill_max_days=1,
+    )
+    assert bool(stats["mask"][2, 1]) and stats.attrs["gap_filled_values"] == 1
+    store = wn.build_store(ds.chunk({"time": 3}) if chunked else ds, stats, cfg)
+    day = list(store["time"].values).index(np.datetime64("2020-01-24"))
+    sst = ds["sst"].values[:, 2, 1].astype(np.float64)
+    filled = (sst[29] + sst[31]) / 2  # 2020-01-23 and 2020-01-25
+    expected = (filled - float(stats["mean"].sel(variable="sst"))) / float(stats["std"].sel(variable="sst"))
+    np.testing.assert_allclose(store["data"].sel(variable="sst").values[day, 2, 1], expected, rtol=1e-5)
+    assert bool(store["mask"][2, 1]) and store.attrs["source_gaps"]["gap_filled_cells"] == 1
+    with pytest.raises(DataError, match=r"gaps of up to 0 day\(s\) filled but harmonize\.fill_max_days is 1"):
+        wn.build_store(ds, fitted(ds), cfg)
+
+
 def test_zero_windows_names_split_period_and_fix() -> None:
     ds = source()
     cfg = store_config()  # validation refuses it (tests/unit/test_config.py); the step must too

@@ -13,12 +13,18 @@ Layout of the statistics file (``<outdir>/normalize/<name>.nc``, see docs/archit
   ``climatology_window`` days (days without data are skipped; days still without a value, such as day
   366 when no leap year is in the training period, are interpolated circularly between their nearest
   neighbours).
-- ``mask``: ``(lat, lon)`` bool, the ocean: cells finite at every time of every variable.
+- ``mask``: ``(lat, lon)`` bool, the ocean: cells finite at every time of every variable, once
+  gaps of at most ``harmonize.fill_max_days`` days are filled (:mod:`conv2dlstm.data.gapfill`).
 - ``variable_units``: ``(variable)`` strings; each variable's units also in its attributes.
 
 The mask is the one product that looks at every period (train, validation and test): it is a
 static land-sea mask, geography (which cells have data at all), not a statistic, and it uses only
-whether values are missing, never the values. Mean, std and climatology are fitted on the training
+whether values are missing, never the values. Cells that have data at some steps but not at others
+(land made from gaps) are counted and named; past ``harmonize.max_land_from_gaps`` (a fraction of
+the cells with data) the step stops. Gaps of at most ``harmonize.fill_max_days`` days are filled by
+linear interpolation in time first, as the windows step fills them when it reads the regridded
+store, and the values filled are counted (attributes ``gap_filled_values``, ``gap_filled_cells``).
+Mean, std and climatology are fitted on the training
 period (``splits.train``, whole days, :func:`conv2dlstm.data.harmonize.day_bounds`) alone, over the
 mask's cells: no value from validation or test enters them.
 
@@ -40,7 +46,7 @@ import xarray as xr
 from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
-from conv2dlstm.data import checks
+from conv2dlstm.data import checks, gapfill
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import DataError
 
@@ -55,21 +61,32 @@ STD_FLOOR_FRACTION = 1e-3
 
 MAX_LISTED_DAYS = 5
 """Days listed in the messages about cells missing at some time steps; more are counted."""
+MAX_LISTED_CELLS = 3
+"""Cells ``(lat, lon)`` named in the message about too many cells made land by gaps."""
 
 
-def ocean_mask(arr: xr.DataArray) -> tuple[xr.DataArray, str]:
+def ocean_mask(arr: xr.DataArray, *, unfilled: xr.DataArray | None = None) -> tuple[xr.DataArray, str]:
     """``(lat, lon)`` bool: finite at every time of every variable of ``arr`` ``(time, variable, lat, lon)``;
     and, when cells with data at some time steps are missing at others (they become land for the
-    whole record), a phrase saying how many and on which days; empty otherwise. One pass over ``arr``."""
+    whole record), a phrase saying how many and on which days; empty otherwise. One pass over ``arr``.
+
+    The mask's attributes say which cells gaps made land (``land_from_gaps_cells``, ``_days``,
+    ``_fraction`` of the cells with data, ``_where``: a few ``(lat, lon)``) and, when ``arr`` is
+    ``unfilled`` with its gaps filled (:mod:`conv2dlstm.data.gapfill`), how many values were filled
+    in how many cells (``gap_filled_values``, ``gap_filled_cells``), counted in the same pass."""
     import dask
 
     present = arr.notnull()
     # per cell, the steps x variables with data; per step, the cells missing a variable: O(T + H W) memory
-    count, missing_per_step = dask.compute(
-        present.sum(("time", "variable")), (~present).any("variable").sum(("lat", "lon"))
-    )
+    lazy = [present.sum(("time", "variable")), (~present).any("variable").sum(("lat", "lon"))]
+    if unfilled is not None:
+        lazy.append((present & unfilled.isnull()).sum(("time", "variable")))
+    count, missing_per_step, *filled = dask.compute(*lazy)
     total = arr.sizes["time"] * arr.sizes["variable"]
     mask = (count == total).rename("mask")
+    mask.attrs = {}
+    if filled:
+        mask.attrs.update(gap_filled_values=int(filled[0].sum()), gap_filled_cells=int((filled[0] > 0).sum()))
     partial = (count > 0) & (count < total)  # data at some steps, missing at others
     if not bool(partial.any()):
         return mask, ""
@@ -81,11 +98,17 @@ def ocean_mask(arr: xr.DataArray) -> tuple[xr.DataArray, str]:
         f"{int(partial.sum())} grid cells with data at other time steps are missing on {days.size} of "
         f"{arr.sizes['time']} steps ({listed}{more})"
     )
-    mask.attrs = {
-        "land_from_gaps_cells": int(partial.sum()),
-        "land_from_gaps_days": ", ".join(f"{d:%Y-%m-%d}" for d in days[: checks.MAX_LISTED_GAPS])
+    where = np.argwhere(partial.transpose("lat", "lon").values)[:MAX_LISTED_CELLS]
+    mask.attrs.update(
+        land_from_gaps_cells=int(partial.sum()),
+        land_from_gaps_days=", ".join(f"{d:%Y-%m-%d}" for d in days[: checks.MAX_LISTED_GAPS])
         + (f" and {days.size - checks.MAX_LISTED_GAPS} more" if days.size > checks.MAX_LISTED_GAPS else ""),
-    }
+        land_from_gaps_fraction=float(partial.sum()) / float((count > 0).sum()),
+        land_from_gaps_where=", ".join(
+            f"({float(arr['lat'].values[i]):g}, {float(arr['lon'].values[j]):g})" for i, j in where
+        )
+        + (" ..." if int(partial.sum()) > MAX_LISTED_CELLS else ""),
+    )
     return mask, phrase
 
 
@@ -146,17 +169,33 @@ def fit_stats(
     variables: Sequence[str],
     per_pixel: bool = False,
     climatology_window: int = 31,
+    fill_max_days: int = 0,
+    max_land_from_gaps: float | None = None,
 ) -> xr.Dataset:
     """Fit mean, std and climatology on ``train_start..train_end`` (whole days) and the ocean mask.
 
-    ``ds`` is a regridded dataset ``(time, lat, lon)`` (lazy). No value outside the training period
-    enters mean, std or climatology. The mask is geography and uses every time step (a cell that is
-    ever missing is not ocean); statistics are taken over its cells only.
+    ``ds`` is a regridded dataset ``(time, lat, lon)`` (lazy). Gaps of at most ``fill_max_days`` days
+    are filled first (:func:`conv2dlstm.data.gapfill.fill_gaps`, as the windows step does). No value
+    outside the training period enters mean, std or climatology. The mask is geography and uses
+    every time step (a cell that is ever missing is not ocean); statistics are taken over its cells
+    only. When cells with data at some steps are missing at others (land made from gaps), more than
+    ``max_land_from_gaps`` of the cells with data (None: no limit), :class:`DataError` names how many,
+    where, on which days and the fix; fewer are a WARNING.
     """
     variables = list(dict.fromkeys(variables))
-    arr = stats_file.stack_variables(ds, variables)  # (time, variable, lat, lon)
-    mask, partly_missing = ocean_mask(arr)
-    land_from_gaps, mask.attrs = dict(mask.attrs), {}
+    raw = stats_file.stack_variables(ds, variables)  # (time, variable, lat, lon)
+    arr = gapfill.fill_gaps(raw, int(fill_max_days))
+    mask, partly_missing = ocean_mask(arr, unfilled=raw if fill_max_days > 0 else None)
+    found, mask.attrs = dict(mask.attrs), {}
+    land_from_gaps = {k: found[k] for k in stats_file.LAND_FROM_GAPS_ATTRS if k in found}
+    if fill_max_days > 0:
+        log.info(
+            "normalize: filled %d missing value(s) in %d grid cell(s) by linear interpolation in time (gaps of at "
+            "most %d day(s): harmonize.fill_max_days)",
+            found["gap_filled_values"],
+            found["gap_filled_cells"],
+            fill_max_days,
+        )
     if not bool(mask.any()):
         raise DataError(
             f"no ocean cell: every cell of {variables} is missing at some time step"
@@ -165,11 +204,14 @@ def fit_stats(
             "variables)"
         )
     if partly_missing:
+        _check_land_from_gaps(found, partly_missing, fill_max_days=int(fill_max_days), limit=max_land_from_gaps)
         log.warning(
             "normalize: %s; the ocean mask is 'data at every time step', so these cells are land for the whole "
-            "record and excluded from training and scores. If they are ocean, fill the source's gaps (or drop "
-            "the days with missing data from the source period)",
+            "record and excluded from training and scores. If they are ocean, fill the source's gaps "
+            "(harmonize.fill_max_days interpolates gaps of up to that many days; now %d) or drop the days with "
+            "missing data from the source period",
             partly_missing,
+            int(fill_max_days),
         )
     train = training_slice(arr, train_start, train_end).astype(np.float64)
     mean, std, clim = _moments(train, mask, per_pixel=per_pixel)
@@ -199,11 +241,27 @@ def fit_stats(
             "climatology_window": int(climatology_window),
             "train_steps": int(train.sizes["time"]),
             "format_version": stats_file.FORMAT_VERSION,
+            "fill_max_days": int(fill_max_days),
             **land_from_gaps,
         },
     )
     out["mask"].attrs["long_name"] = "ocean: finite at every time of every variable"
     return out
+
+
+def _check_land_from_gaps(found: Mapping[str, Any], phrase: str, *, fill_max_days: int, limit: float | None) -> None:
+    """:class:`DataError` when the cells made land by gaps (the mask's attributes ``found``, described by
+    ``phrase``) are more than ``limit`` of the cells with data (``harmonize.max_land_from_gaps``)."""
+    fraction = float(found["land_from_gaps_fraction"])
+    if limit is None or fraction <= limit:
+        return
+    raise DataError(
+        f"{phrase}: {fraction:.1%} of the grid cells with data, more than harmonize.max_land_from_gaps = {limit:g}; "
+        f"the ocean mask ('data at every time step') would make them land for the whole record (cells at lat, "
+        f"lon {found['land_from_gaps_where']}). Fill short gaps with harmonize.fill_max_days (now {fill_max_days}: "
+        "gaps of at most that many days are interpolated in time), fix or re-fetch the source data of those days, "
+        "or raise harmonize.max_land_from_gaps to accept these cells as land"
+    )
 
 
 def _moments(
@@ -319,6 +377,8 @@ def main(
             variables=variables,
             per_pixel=cfg["normalize"]["per_pixel"],
             climatology_window=cfg["normalize"]["climatology_window"],
+            fill_max_days=cfg["harmonize"]["fill_max_days"],
+            max_land_from_gaps=cfg["harmonize"]["max_land_from_gaps"],
         )
     stats.attrs.update(provenance.to_attrs(record))
     log.info(

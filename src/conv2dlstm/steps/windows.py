@@ -6,7 +6,9 @@ every step is the nominal time step after the previous one. Storage does not gro
 length: samples are slices of ``data``.
 
 Store layout (Zarr v3, see docs/architecture.md): ``data (time, variable, lat, lon)`` float32
-normalized with land and missing values set to 0, chunked ``(time_chunk, all, all, all)``;
+normalized (gaps of at most ``harmonize.fill_max_days`` days filled first, as the normalize step
+filled them: :mod:`conv2dlstm.data.gapfill`) with land and missing values set to 0, chunked
+``(time_chunk, all, all, all)``;
 ``mask (lat, lon)``; ``train_start``, ``val_start``, ``test_start`` int64 indices into ``time``.
 """
 
@@ -25,7 +27,7 @@ from conv2dlstm import zarrstore
 from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.artifacts.windows_store import FORMAT_VERSION, SPLITS
-from conv2dlstm.data import checks
+from conv2dlstm.data import checks, gapfill
 from conv2dlstm.data import harmonize as hz
 from conv2dlstm.data.checks import nominal_step
 from conv2dlstm.data.windowing import window_starts
@@ -48,6 +50,18 @@ def _check_training_period(stats: xr.Dataset, cfg: Mapping[str, Any]) -> None:
         raise DataError(
             f"the statistics were fitted on {fitted[0]}..{fitted[1]} but splits.train is "
             f"{train['start']}..{train['end']}; re-run the normalize step with this configuration"
+        )
+
+
+def _check_fill(stats: xr.Dataset, cfg: Mapping[str, Any]) -> None:
+    """:class:`DataError` unless the statistics were fitted with the gaps filled as ``harmonize.fill_max_days``
+    fills them here (their mask depends on it)."""
+    days = int(cfg["harmonize"]["fill_max_days"])
+    fitted = int(stats.attrs.get("fill_max_days", 0))
+    if fitted != days:
+        raise DataError(
+            f"the statistics were fitted with gaps of up to {fitted} day(s) filled but harmonize.fill_max_days is "
+            f"{days}; re-run the normalize step with this configuration"
         )
 
 
@@ -102,6 +116,9 @@ def build_store(
         data=f"the regridded store {ds.encoding.get('source', '(in memory)')}",
     )
     _check_training_period(stats, cfg)
+    _check_fill(stats, cfg)
+    # gaps filled over the whole record, as normalize filled them, before the splits are cut
+    ds = gapfill.fill_gaps(ds, int(cfg["harmonize"]["fill_max_days"]))
     first = min(pd.Timestamp(cfg["splits"][s]["start"]) for s in SPLITS)
     last = max(pd.Timestamp(cfg["splits"][s]["end"]) for s in SPLITS)
     keep = np.flatnonzero(hz.in_period(ds["time"].values, first, last))  # contiguous: times are sorted
@@ -172,6 +189,7 @@ def main(
     ds = regridded.open(Path(data))
     try:
         _check_training_period(st, cfg)
+        _check_fill(st, cfg)
     except DataError as exc:
         raise DataError(f"{stats}: {exc}") from exc
     inputs = {
