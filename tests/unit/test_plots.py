@@ -272,3 +272,57 @@ def test_maps_fill_their_figure(tmp_path, height: int, width: int) -> None:
         assert content.width > 0.8 * fig.get_figwidth(), (content.width, fig.get_figwidth())  # was 0.4 at 48 x 28
         maps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
         assert all(ax.get_facecolor()[:3] == pytest.approx((0.8, 0.8, 0.8)) for ax in maps)
+
+
+def _pixels(fig) -> np.ndarray:
+    """The figure drawn, ``(height, width, 3)`` RGB bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
+
+
+def _cell_block(fig, ax, pixels: np.ndarray, lat: float, lon: float) -> np.ndarray:
+    """The pixels of the middle of the cell centred on ``lat``, ``lon`` in the map ``ax``, ``(n, 3)``."""
+    x, y = ax.transData.transform((lon, lat))
+    row, col = int(round(pixels.shape[0] - y)), int(round(x))
+    return pixels[row - 3 : row + 4, col - 3 : col + 4].reshape(-1, 3).astype(int)
+
+
+def test_maps_draw_land_grey_and_a_cell_without_score_hatched(tmp_path):
+    """Every map panel, the error and the RMSE map included, draws land in grey and an ocean cell
+    without a finite value (no score) hatched, told apart in the legend; a scored cell is neither."""
+    lat, lon = np.arange(20.0, 26.0), np.arange(-60.0, -52.0)
+    ocean = xr.DataArray(np.ones((lat.size, lon.size), bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+    ocean[0, 0] = False  # land
+    values = np.random.default_rng(2).normal(20.0, 1.0, (1, lat.size, lon.size))
+    values[:, ~ocean.values] = np.nan
+    values[:, 3, 4] = np.nan  # ocean, NaN all along: no score
+    coords = {"variable": ["sst"], "lat": lat, "lon": lon}
+    truth = xr.DataArray(values, dims=("variable", "lat", "lon"), coords=coords)
+    land_grey = np.array([204, 204, 204])  # plots.LAND_COLOR "0.8"
+    for fig in (
+        plots.forecast_maps(truth, truth + 0.5, tmp_path / "maps.png", title="t", ocean=ocean),
+        plots.field_maps(abs(truth - 20), tmp_path / "rmse_map.png", title="t", quantity="RMSE", ocean=ocean),
+    ):
+        pixels = _pixels(fig)
+        maps = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        assert len(maps) in (1, 3)
+        for ax in maps:
+            land = _cell_block(fig, ax, pixels, lat[0], lon[0])
+            assert (land == land_grey).all(), ax.get_title()
+            hatched = _cell_block(fig, ax, pixels, lat[3], lon[4])
+            grey = (hatched[:, 0] == hatched[:, 1]) & (hatched[:, 1] == hatched[:, 2])
+            assert grey.all() and (hatched.max(axis=1) >= 250).any(), ax.get_title()  # white ground
+            assert (hatched.max(axis=1) < 170).any(), ax.get_title()  # dark stripes: not land, not a colour
+            scored = _cell_block(fig, ax, pixels, lat[4], lon[2])
+            assert not (scored == land_grey).all(axis=1).any() and len(np.unique(scored, axis=0)) == 1, ax.get_title()
+        legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        assert legend == ["land", plots.NO_SCORE_LABEL]
+    # without a cell lacking a score there is no legend, and without the mask every NaN is land
+    plain = plots.field_maps(abs(truth - 20).fillna(1.0).where(ocean), tmp_path / "a.png", title="t", quantity="RMSE")
+    assert not plain.legends
+    bare = plots.field_maps(abs(truth - 20), tmp_path / "b.png", title="t", quantity="RMSE")
+    ax = next(a for a in bare.axes if a.get_label() != "<colorbar>")
+    assert (_cell_block(bare, ax, _pixels(bare), lat[3], lon[4]) == land_grey).all()

@@ -1,7 +1,10 @@
 """Evaluation figures (PNG), drawn with matplotlib's object API on the Agg canvas.
 
 No pyplot state is used: each function builds a :class:`matplotlib.figure.Figure`, saves it
-atomically and returns it. Land (NaN) is drawn in grey.
+atomically and returns it. Land (NaN) is drawn in grey. Given the ocean mask, a map tells land from
+an ocean cell without a finite value (no score: e.g. missing in the data, or outside a region):
+those are hatched (:data:`NO_SCORE_HATCH_COLOR` on white) and named in a legend under the figure
+(:data:`NO_SCORE_LABEL`), in every panel, the error's included.
 
 Axes name the quantity and its unit (:func:`quantity_label`: ``RMSE [degC]``, or ``(physical
 units)`` where the unit is not known) and the lead in days when one step is one day, else in the
@@ -21,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import xarray as xr
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -29,6 +33,10 @@ from conv2dlstm.evaluation.scores import lead_horizon
 from conv2dlstm.fsutil import atomic_output
 
 LAND_COLOR = "0.8"
+NO_SCORE_FACE_COLOR = "white"
+NO_SCORE_HATCH_COLOR = "0.35"
+NO_SCORE_HATCH = "////"
+NO_SCORE_LABEL = "no score (ocean without a finite value)"
 _NOT_MEANINGFUL = "not meaningful: climatology unsupported by training days"
 _STEP_UNITS = (
     ("day", pd.Timedelta(days=1)),
@@ -328,18 +336,58 @@ def compare_figure(
     return fig
 
 
-def _pcolor(fig: Figure, ax, field: xr.DataArray, *, cmap: str, vmin: float, vmax: float, label: str) -> None:
-    values = np.ma.masked_invalid(np.asarray(field, dtype="float64"))
+def _pcolor(
+    fig: Figure,
+    ax,
+    field: xr.DataArray,
+    *,
+    cmap: str,
+    vmin: float,
+    vmax: float,
+    label: str,
+    ocean: xr.DataArray | None = None,
+) -> bool:
+    """Draw ``field`` (``lat``, ``lon``) on ``ax`` with its colour bar: NaN in grey (land), and with the
+    ``ocean`` mask, NaN ocean cells hatched (no score). Returns whether a cell was hatched."""
+    raw = np.asarray(field, dtype="float64")
+    values = np.ma.masked_invalid(raw)
+    lon, lat = np.asarray(field["lon"]), np.asarray(field["lat"])
     ax.set_facecolor(LAND_COLOR)
-    mesh = ax.pcolormesh(
-        np.asarray(field["lon"]), np.asarray(field["lat"]), values, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest"
-    )
+    mesh = ax.pcolormesh(lon, lat, values, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
+    no_score = np.zeros(raw.shape, dtype=bool)
+    if ocean is not None:
+        no_score = np.asarray(ocean, dtype=bool) & ~np.isfinite(raw)
+    if no_score.any():
+        ax.pcolor(
+            lon,
+            lat,
+            np.ma.masked_where(~no_score, np.zeros(raw.shape)),
+            cmap=ListedColormap([NO_SCORE_FACE_COLOR]),
+            shading="nearest",
+            hatch=NO_SCORE_HATCH,
+            edgecolor=NO_SCORE_HATCH_COLOR,
+            linewidth=0,
+        )
     ax.set_xlabel("longitude (degrees east)")
     ax.set_ylabel("latitude (degrees north)")
     ax.set_aspect("equal", adjustable="box")
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.yaxis.set_major_locator(MaxNLocator(5))
     fig.colorbar(mesh, ax=ax, label=label, shrink=0.85)
+    return bool(no_score.any())
+
+
+def _no_score_legend(fig: Figure) -> None:
+    """The legend under the figure naming the grey (land) and hatched (no score) cells."""
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(facecolor=LAND_COLOR, label="land"),
+        Patch(
+            facecolor=NO_SCORE_FACE_COLOR, edgecolor=NO_SCORE_HATCH_COLOR, hatch=NO_SCORE_HATCH, label=NO_SCORE_LABEL
+        ),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize="small", frameon=False)
 
 
 def _limits(*fields: xr.DataArray, symmetric: bool = False) -> tuple[float, float]:
@@ -361,6 +409,7 @@ def forecast_maps(
     *,
     title: str,
     units: dict[str, str] | None = None,
+    ocean: xr.DataArray | None = None,
 ) -> Figure:
     """Truth, prediction and error (prediction - truth) maps, one row per variable.
 
@@ -369,23 +418,30 @@ def forecast_maps(
         path: PNG file to write.
         title: figure title (say which initial time and lead is shown).
         units: units per variable for the colour bars.
+        ocean: ``(lat, lon)`` ocean mask: a NaN ocean cell is hatched (no score), named in a legend;
+            without it every NaN is drawn grey as land.
     """
     units = units or {}
     variables = [str(v) for v in truth["variable"].values]
     fig = Figure(figsize=(3 * map_width(truth), (MAP_HEIGHT + 0.9) * len(variables)), layout="constrained")
     axes = fig.subplots(len(variables), 3, squeeze=False)
+    hatched = False
     for row, variable in zip(axes, variables, strict=True):
         t = truth.sel(variable=variable)
         p = prediction.sel(variable=variable)
         unit = units.get(variable)
         vmin, vmax = _limits(t, p)
-        _pcolor(fig, row[0], t, cmap="viridis", vmin=vmin, vmax=vmax, label=quantity_label(variable, unit))
+        label = quantity_label(variable, unit)
+        hatched |= _pcolor(fig, row[0], t, cmap="viridis", vmin=vmin, vmax=vmax, label=label, ocean=ocean)
         row[0].set_title(f"{variable}: truth")
-        _pcolor(fig, row[1], p, cmap="viridis", vmin=vmin, vmax=vmax, label=quantity_label(variable, unit))
+        hatched |= _pcolor(fig, row[1], p, cmap="viridis", vmin=vmin, vmax=vmax, label=label, ocean=ocean)
         row[1].set_title(f"{variable}: prediction")
         emin, emax = _limits(p - t, symmetric=True)
-        _pcolor(fig, row[2], p - t, cmap="RdBu_r", vmin=emin, vmax=emax, label=quantity_label("error", unit))
+        error_label = quantity_label("error", unit)
+        hatched |= _pcolor(fig, row[2], p - t, cmap="RdBu_r", vmin=emin, vmax=emax, label=error_label, ocean=ocean)
         row[2].set_title(f"{variable}: prediction - truth")
+    if hatched:
+        _no_score_legend(fig)
     _title(fig, title)
     _save(fig, path)
     return fig
@@ -399,19 +455,24 @@ def field_maps(
     quantity: str,
     units: dict[str, str] | None = None,
     cmap: str = "magma_r",
+    ocean: xr.DataArray | None = None,
 ) -> Figure:
     """One map per variable of a ``(variable, lat, lon)`` field (e.g. RMSE per grid cell), its colour
-    bar labelled with ``quantity`` and the variable's unit (``RMSE [degC]``)."""
+    bar labelled with ``quantity`` and the variable's unit (``RMSE [degC]``). With the ``(lat, lon)``
+    ``ocean`` mask, a NaN ocean cell (no score) is hatched and named in a legend; without it every NaN
+    is drawn grey as land."""
     units = units or {}
     variables = [str(v) for v in fields["variable"].values]
     fig, axes = _panels(len(variables), width=map_width(fields), height=MAP_HEIGHT + 1.0, min_width=0.0)
+    hatched = False
     for ax, variable in zip(axes, variables, strict=True):
         field = fields.sel(variable=variable)
         lo, hi = _limits(field)
-        _pcolor(
-            fig, ax, field, cmap=cmap, vmin=min(lo, 0.0), vmax=hi, label=quantity_label(quantity, units.get(variable))
-        )
+        label = quantity_label(quantity, units.get(variable))
+        hatched |= _pcolor(fig, ax, field, cmap=cmap, vmin=min(lo, 0.0), vmax=hi, label=label, ocean=ocean)
         ax.set_title(str(variable))
+    if hatched:
+        _no_score_legend(fig)
     _title(fig, title)
     _save(fig, path)
     return fig
