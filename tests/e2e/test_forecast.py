@@ -82,6 +82,15 @@ def test_forecast_of_a_test_day_reproduces_evaluate_exactly(wf, test_init, rule_
     assert np.isfinite(ds["sst"].values).any()
     zarr_ds = xr.open_zarr(rule_outputs["dated"].with_suffix(".zarr"))
     np.testing.assert_array_equal(zarr_ds["sst"].values, ds["sst"].values)
+    # one reader, one layout: the forecast is the evaluate step's row of that initial time, coordinates,
+    # dtypes and attributes of the variables and coordinates included, from the netCDF and the Zarr copy
+    for evaluated in (wf / PREDICTIONS, (wf / PREDICTIONS).with_suffix(".zarr")):
+        with predictions_file.open(rule_outputs["dated"]) as fc, predictions_file.open(evaluated) as pred:
+            row = pred.sel(time=[test_init]).load()
+            fc = fc.load()
+        xr.testing.assert_equal(fc, row)
+        for name in (*row.data_vars, *row.coords):
+            assert fc[name].dtype == row[name].dtype and fc[name].attrs == row[name].attrs, (evaluated, name)
     log = (wf / f"results/logs/forecast/{test_init:%Y-%m-%d}.log").read_text()
     assert "no models:/tiny@champion" in log  # mlflow.log_model false registers nothing: the run's model.pt
 

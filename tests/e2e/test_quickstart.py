@@ -165,6 +165,7 @@ def test_quick_start_walkthrough(local_default_run: Path, tmp_path: Path):
                     "skill_vs_lead.png",
                     "maps.png",
                     "rmse_map.png",
+                    "animation.gif",
                     "conv2dlstm-sst.png",
                 ):
                     assert any(n.endswith(plot) for n in names), plot

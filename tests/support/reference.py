@@ -72,7 +72,8 @@ def predictions_dataset(
     units: Mapping[str, str],
     attrs: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
-    """CF-1.8 dataset of forecasts held in memory: one float32 variable per target, dims ``(time, lead, lat, lon)``.
+    """CF-1.8 dataset of forecasts held in memory: one float32 variable per target, dims
+    ``(time, prediction_timedelta, latitude, longitude)`` (WeatherBench 2's).
 
     :class:`conv2dlstm.artifacts.predictions.PredictionsWriter` writes the same file batch by batch.
     """
@@ -80,6 +81,8 @@ def predictions_dataset(
     for variable in forecast["variable"].values:
         variable = str(variable)
         da = forecast.sel(variable=variable, drop=True).astype("float32")
+        da = da.swap_dims(lead="lead_time").drop_vars("lead")
+        da = da.rename(lead_time="prediction_timedelta", lat="latitude", lon="longitude")
         da.attrs = predictions_file.variable_attrs(variable, units)
         data_vars[variable] = da
     ds = xr.Dataset(data_vars)
@@ -100,6 +103,6 @@ def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> None:
             "calendar": predictions_file.TIME_CALENDAR,
             "dtype": "float64",
         }
-    encoding["lead_time"] = {"units": "hours", "dtype": "float64"}
+    encoding["prediction_timedelta"] = {"units": "hours", "dtype": "float64"}
     with atomic_output(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)

@@ -301,8 +301,8 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
     evaluate.main(
         p["cfg"], run="convlstm", windows=p["windows"], stats=p["stats"], checkpoint=p["checkpoint"], out_dir=out_dir
     )
-    for name in evaluate.OUTPUT_FILES:
-        assert (out_dir / name).is_file(), name
+    for name in (*evaluate.OUTPUT_FILES, "animation.gif"):  # evaluate.animation_lead 1 by default
+        assert (out_dir / name).exists(), name
     assert not list(out_dir.glob(".*"))
 
     # the figures name each quantity's unit (the statistics') and the leads in days (the windows' step)
@@ -321,8 +321,20 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
         ds = ds.load()
     np.testing.assert_array_equal(ds["time"].values, times.values[init_idx])
     np.testing.assert_array_equal(ds["valid_time"].values[:, 1], times.values[init_idx + 2])
+    assert ds["sst"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
     assert ds["sst"].shape == (init_idx.size, LEAD_STEPS, LAT.size, LON.size)
     assert np.isnan(ds["sst"].values[..., ~MASK.values]).all()
+    with predictions_file.open(out_dir / "predictions.zarr") as store:  # the Zarr copy, batch by batch too
+        xr.testing.assert_identical(store.load(), ds)
+
+    # the animation: one frame per test window at lead 1, all of one size
+    from PIL import Image
+
+    from conv2dlstm.evaluation import animation
+
+    with Image.open(out_dir / "animation.gif") as gif:
+        assert gif.n_frames == init_idx.size
+        assert gif.size[0] == animation.layout(1, LAT.size, LON.size).size[0]
 
     table = pd.read_csv(out_dir / "metrics.csv")
     assert list(table.columns) == ["run", "model", "variable", "lead", "metric", "value"]
@@ -465,6 +477,7 @@ def test_evaluate_model_acc_hand_computed_and_rerun_logs_once(pipeline_inputs, m
         p, "train_anomalies", mlflow_run_id=run_id, provenance=_train_record(p["cfg"], anomalies=True)
     )
     cfg = {**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "plot_date": "2021-02-23"}}  # in the second batch
+    cfg["evaluate"]["animation_lead"] = 0  # no animation.gif: the listings below hold none
     out_dir = p["root"] / "evaluate" / "anomalies"
     kwargs = {"run": "convlstm", "windows": p["windows_anomalies"], "stats": p["stats"], "checkpoint": checkpoint}
     evaluate.main(cfg, **kwargs, out_dir=out_dir)
@@ -692,7 +705,7 @@ def test_evaluate_discards_partials_of_a_killed_attempt(pipeline_inputs, monkeyp
             checkpoint=p["checkpoint"],
             out_dir=out_dir,
         )
-    assert sorted(f.name for f in out_dir.iterdir()) == sorted(evaluate.OUTPUT_FILES)
+    assert sorted(f.name for f in out_dir.iterdir()) == sorted((*evaluate.OUTPUT_FILES, "animation.gif"))
     assert caplog.text.count("discarded") == 2
 
 

@@ -48,7 +48,9 @@ def test_result_config_holds_exactly_the_determining_keys():
     assert set(regrid["source"]) == {"start", "end", "max_missing"}
     assert "dask" not in regrid and "outdir" not in regrid and "name" not in regrid
     assert keys.result_config(cfg, "compare") == {}
-    assert keys.result_config(cfg, "evaluate", "convlstm") == {"evaluate": {"plot_date": "", "max_lead": 0}}
+    assert keys.result_config(cfg, "evaluate", "convlstm") == {
+        "evaluate": {"plot_date": "", "max_lead": 0, "animation_lead": 1, "animation_frames": 120}
+    }
     train = keys.result_config(cfg, "train", "convlstm")
     assert set(train["model"]) == {"name", "convlstm"}  # the inactive architecture is not there
     assert "device" not in train["train"] and "num_workers" not in train["train"]

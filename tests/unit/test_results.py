@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import xarray as xr
 
+from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.cli import main
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError, DataError
@@ -66,16 +66,18 @@ def _write_run(
     pd.DataFrame(rows, columns=["run", "model", "variable", "lead", "metric", "value"]).to_csv(
         out / "metrics.csv", index=False
     )
-    times = pd.date_range("2021-07-05T12:00", periods=4, freq="D")
-    xr.Dataset(
-        {"sst": (("time", "lead"), np.zeros((4, 2), "float32"))},
-        coords={
-            "time": times,
-            "lead": [1, 2],
-            "lead_time": ("lead", pd.to_timedelta([1, 2], unit="D")),
-        },
+    times = pd.date_range("2021-07-05T12:00", periods=4, freq="D").values
+    with predictions_file.PredictionsWriter(  # the evaluate step's writer: four initial times, two daily leads
+        out / predictions_file.FILENAME,
+        init_times=times,
+        valid_times=times[:, None] + np.array([1, 2])[None, :] * np.timedelta64(1, "D"),
+        variables=["sst"],
+        lat=np.array([20.0, 21.0]),
+        lon=np.array([-60.0, -59.0]),
+        units={"sst": "degC"},
         attrs={"model_name": network},
-    ).to_netcdf(out / "predictions.nc")
+    ):
+        pass
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ rule evaluate:
     output:
         metrics=f"{OUT}/evaluate/{{run}}/metrics.csv",
         predictions=f"{OUT}/evaluate/{{run}}/predictions.nc",
+        predictions_zarr=directory(f"{OUT}/evaluate/{{run}}/predictions.zarr"),
         rmse=report(
             f"{OUT}/evaluate/{{run}}/rmse_vs_lead.png",
             caption="../report/rmse_vs_lead.rst",
@@ -37,6 +38,19 @@ rule evaluate:
             caption="../report/rmse_map.rst",
             category="Evaluation",
             subcategory="{run}",
+        ),
+        # animation.gif: only with evaluate.animation_lead above 0
+        **(
+            {
+                "animation": report(
+                    f"{OUT}/evaluate/{{run}}/animation.gif",
+                    caption="../report/animation.rst",
+                    category="Evaluation",
+                    subcategory="{run}",
+                )
+            }
+            if config["evaluate"]["animation_lead"]
+            else {}
         ),
     params:
         *determines_params(config, "evaluate"),

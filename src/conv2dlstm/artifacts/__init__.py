@@ -9,8 +9,9 @@ and the exception: ``docs/architecture.md``).
   written by the train step, read by train (resume), evaluate and forecast (the model alone).
 - :mod:`.manifest`: the fetch manifest (``<resources_dir>/raw/<name>/manifest.json``), written by the
   fetch step, read by regrid and forecast (through :mod:`conv2dlstm.data.sources`).
-- :mod:`.predictions`: the test-period forecasts (``<outdir>/evaluate/<run>/predictions.nc``, CF),
-  written by the evaluate step, read by the tests and by users (WeatherBench 2 layout).
+- :mod:`.predictions`: the test-period forecasts (``<outdir>/evaluate/<run>/predictions.{nc,zarr}``,
+  CF, WeatherBench 2 layout), written by the evaluate step; its reader opens them and the forecast
+  step's outputs alike, for the summary, the tests and users.
 - :mod:`.regridded`: the regridded store (``<outdir>/regrid/<name>.zarr``), written by the regrid
   step, read by normalize and windows.
 - :mod:`.stats`: the normalization statistics (``<outdir>/normalize/<name>.nc``), written by the

@@ -1,24 +1,32 @@
-"""The evaluate step's forecasts, ``<outdir>/evaluate/<run>/predictions.nc`` (netCDF4, CF-1.8).
+"""The test-period forecasts of the evaluate step, and the one reader of every forecast the pipeline writes.
 
-One float32 variable per target variable, dims ``(time, lead, lat, lon)``, physical units, NaN on
-land (zlib level 4, one chunk per map): ``time`` is the initial time
-(``forecast_reference_time``), ``lead`` the step 1..T_out, with the coordinates ``lead_time(lead)``
-(``forecast_period``) and ``valid_time(time, lead)``; ``units``, ``long_name`` and, for the known
-variables, ``standard_name`` per variable (:data:`STANDARD_NAMES`, :data:`LONG_NAMES`); global
-attributes ``Conventions``, ``title``, ``source``, ``history``, ``format_version``
-(:data:`FORMAT_VERSION`) and those of the run (run, model, checkpoint, MLflow run id, provenance).
+``<outdir>/evaluate/<run>/predictions.nc`` (netCDF4, CF-1.8) and its Zarr copy ``predictions.zarr``
+(Zarr v2, consolidated metadata, as the forecast step writes its Zarr) hold the forecasts of every
+test initial time in WeatherBench 2's layout, the forecast step's layout too
+(:mod:`conv2dlstm.steps.forecast`): one float32 variable per target variable, named as the target,
+dims :data:`DIMS` ``(time, prediction_timedelta, latitude, longitude)``, physical units, NaN on land.
+``time`` is the initial time (``forecast_reference_time``; WeatherBench 2's init-time convention),
+``prediction_timedelta`` the lead as a timedelta (``forecast_period``), ``latitude`` ascending and
+``longitude`` the grid's cell centres, and ``valid_time(time, prediction_timedelta)`` the time each
+value is valid at. Per variable ``units``, ``long_name`` and, for the known variables,
+``standard_name`` (:func:`variable_attrs`); global attributes ``Conventions``, ``title``,
+``source``, ``history``, ``format_version`` (:data:`FORMAT_VERSION`) and those of the run (run,
+model, checkpoint, MLflow run id, provenance).
 
-Written batch by batch by the evaluate step (:mod:`conv2dlstm.steps.evaluate`, :class:`PredictionsWriter`);
-read back with :func:`open`, which checks the format version (the forecast step's test reads it to
-check that forecasting a test day reproduces it bit for bit). A problem is a
-:class:`~conv2dlstm.errors.DataError` naming the file and the fix (re-run the evaluate step).
+Written batch by batch by the evaluate step (:class:`PredictionsWriter`: memory bounded by a
+batch; netCDF zlib level 4, one chunk per map; Zarr one chunk per initial time). Read back with
+:func:`open`, which opens any of the four outputs (the evaluate step's ``predictions.nc`` or
+``predictions.zarr``, the forecast step's ``.nc`` or ``.zarr``), checks the format version and the
+layout, and returns them alike. A problem is a :class:`~conv2dlstm.errors.DataError` naming the
+file and the fix (re-run the step that wrote it).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +37,21 @@ from conv2dlstm import __version__
 from conv2dlstm.errors import DataError
 
 FILENAME = "predictions.nc"
-"""The file's name in the evaluate step's output folder."""
-FORMAT_VERSION = 1
-"""Global attribute ``format_version`` of the file; :func:`open` refuses any other."""
+"""The netCDF file's name in the evaluate step's output folder."""
+ZARR_NAME = "predictions.zarr"
+"""The name of its Zarr copy in the same folder."""
+FORMAT_VERSION = 2
+"""Global attribute ``format_version`` of the evaluate and forecast outputs; :func:`open` refuses any
+other (1: the evaluate step's former ``(time, lead, lat, lon)`` layout)."""
 WHAT = "the predictions file"
 """How messages name this artifact."""
 FIX = "re-run the evaluate step"
+
+DIMS = ("time", "prediction_timedelta", "latitude", "longitude")
+"""Dims of every forecast variable, WeatherBench 2's: ``weatherbench2/schema.py`` (``mock_forecast_data``
+adds ``prediction_timedelta``, timedeltas, to a truth of ``time``, ``latitude``, ``longitude``) and
+``docs/source/init-vs-valid-time.md`` (``time`` is the initial time in the init-time convention, the
+one of its official evaluation) of google-research/weatherbench2."""
 
 STANDARD_NAMES: dict[str, str] = {
     "sst": "sea_surface_temperature",
@@ -57,21 +74,23 @@ LONG_NAMES: dict[str, str] = {
     "o2": "dissolved oxygen concentration",
 }
 COORD_ATTRS: dict[str, dict[str, str]] = {
-    "time": {"standard_name": "forecast_reference_time", "long_name": "forecast initial time"},
-    "lead": {"long_name": "lead step after the initial time", "units": "1"},
-    "lead_time": {"standard_name": "forecast_period", "long_name": "lead time"},
+    "time": {"standard_name": "forecast_reference_time", "long_name": "initial time of the forecast"},
+    "prediction_timedelta": {"standard_name": "forecast_period", "long_name": "lead time after the initial time"},
     "valid_time": {"standard_name": "time", "long_name": "valid time of the forecast"},
-    "lat": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
-    "lon": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
+    "latitude": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
+    "longitude": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
 }
+"""CF attributes of the coordinates, in both steps' outputs."""
 TIME_UNITS = "hours since 1970-01-01"
 TIME_CALENDAR = "proleptic_gregorian"
+LEAD_UNITS = "hours"
+TIMEDELTA_DTYPE = "timedelta64[ns]"
 
 
 def variable_attrs(variable: str, units: Mapping[str, str]) -> dict[str, str]:
-    """Attributes of the predicted ``variable``: ``long_name``, ``units`` (``"1"`` when unknown), ``standard_name``."""
+    """Attributes of the forecast ``variable``: ``long_name``, ``units`` (``"1"`` when unknown), ``standard_name``."""
     attrs = {
-        "long_name": f"predicted {LONG_NAMES.get(variable, variable)}",
+        "long_name": f"forecast {LONG_NAMES.get(variable, variable)}",
         "units": units.get(variable, "1") or "1",
     }
     if variable in STANDARD_NAMES:
@@ -80,7 +99,8 @@ def variable_attrs(variable: str, units: Mapping[str, str]) -> dict[str, str]:
 
 
 def global_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Global attributes of the file: the conventions, ``attrs`` (the run's) and :data:`FORMAT_VERSION`."""
+    """Global attributes of the evaluate step's outputs: the conventions, ``attrs`` (the run's) and
+    :data:`FORMAT_VERSION`."""
     return {
         "Conventions": "CF-1.8",
         "title": "Forecasts on the test period",
@@ -91,6 +111,19 @@ def global_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def encoding(ds: xr.Dataset, *, netcdf: bool) -> dict[Hashable, dict[str, Any]]:
+    """How the outputs encode ``ds`` (one of this layout): float32 variables NaN-filled (netCDF: zlib
+    level 4), times as float64 hours since 1970, leads as float64 hours."""
+    enc: dict[Hashable, dict[str, Any]] = {name: {"_FillValue": np.float32(np.nan)} for name in ds.data_vars}
+    if netcdf:
+        for name in ds.data_vars:
+            enc[name] |= {"zlib": True, "complevel": 4}
+    for name in ("time", "valid_time"):
+        enc[name] = {"units": TIME_UNITS, "calendar": TIME_CALENDAR, "dtype": "float64"}
+    enc["prediction_timedelta"] = {"units": LEAD_UNITS, "dtype": "float64"}
+    return enc
+
+
 def _hours(values: np.ndarray) -> np.ndarray:
     """datetime64 (since 1970-01-01) or timedelta64 values as float64 hours."""
     values = np.asarray(values)
@@ -99,13 +132,68 @@ def _hours(values: np.ndarray) -> np.ndarray:
     return values.astype("timedelta64[ns]") / np.timedelta64(1, "h")
 
 
-class PredictionsWriter:
-    """``predictions.nc`` written batch by batch; decodes (xarray) exactly like the file that the tests'
-    in-memory reference (``tests/support/reference.py``) writes with xarray.
+def lead_times(init_times: np.ndarray, valid_times: np.ndarray) -> np.ndarray:
+    """``(T_out,)`` timedelta64[ns] leads of windows with ``(N,)`` initial and ``(N, T_out)`` valid times
+    (those of the first window: every window's are the same on a regular time axis)."""
+    init_times = np.asarray(init_times, dtype="datetime64[ns]")
+    valid_times = np.asarray(valid_times, dtype="datetime64[ns]")
+    if init_times.size == 0:
+        return np.zeros(valid_times.shape[-1] if valid_times.ndim == 2 else 0, dtype=TIMEDELTA_DTYPE)
+    return (valid_times[0] - init_times[0]).astype(TIMEDELTA_DTYPE)
 
-    The file is created with every coordinate (small: ``N`` initial times, ``N x T_out`` valid times)
-    and one empty float32 variable ``(time, lead, lat, lon)`` per target (zlib level 4, one chunk
-    per map, NaN fill); :meth:`write` fills the rows of one batch. Use as a context manager.
+
+def empty_dataset(
+    *,
+    init_times: np.ndarray,
+    valid_times: np.ndarray,
+    variables: Sequence[str],
+    lat: np.ndarray,
+    lon: np.ndarray,
+    units: Mapping[str, str],
+    attrs: Mapping[str, Any],
+) -> xr.Dataset:
+    """The evaluate step's outputs before any batch: every coordinate, the global attributes ``attrs``
+    (:func:`global_attrs`) and lazy (Dask, one chunk per initial time) NaN variables that
+    :class:`PredictionsWriter` fills batch by batch."""
+    import dask.array as da
+
+    init_times = np.asarray(init_times, dtype="datetime64[ns]")
+    valid_times = np.asarray(valid_times, dtype="datetime64[ns]").reshape(init_times.size, -1)
+    leads = lead_times(init_times, valid_times)
+    shape = (init_times.size, leads.size, len(lat), len(lon))
+    data_vars = {
+        str(v): xr.Variable(
+            DIMS,
+            da.full(shape, np.nan, dtype="float32", chunks=(1, *shape[1:])),
+            attrs=variable_attrs(str(v), units),
+        )
+        for v in variables
+    }
+    ds = xr.Dataset(
+        data_vars,
+        coords={
+            "time": init_times,
+            "prediction_timedelta": leads,
+            "latitude": np.asarray(lat, dtype="float64"),
+            "longitude": np.asarray(lon, dtype="float64"),
+            "valid_time": (("time", "prediction_timedelta"), valid_times),
+        },
+        attrs=dict(attrs),
+    )
+    for name, coord_attrs in COORD_ATTRS.items():
+        ds[name].attrs = dict(coord_attrs)
+    return ds
+
+
+class PredictionsWriter:
+    """``predictions.nc`` and, with ``zarr_path``, ``predictions.zarr`` written batch by batch; each decodes
+    (xarray) exactly like the file that the tests' in-memory reference (``tests/support/reference.py``)
+    writes with xarray.
+
+    Both are created with every coordinate (small: ``N`` initial times, ``N x T_out`` valid times) and
+    one empty float32 variable :data:`DIMS` per target (netCDF: zlib level 4, one chunk per map; Zarr
+    v2 with consolidated metadata: one chunk per initial time; NaN fill); :meth:`write` fills the rows
+    of one batch in both. Use as a context manager.
     """
 
     def __init__(
@@ -119,6 +207,7 @@ class PredictionsWriter:
         lon: np.ndarray,
         units: Mapping[str, str],
         attrs: Mapping[str, Any] | None = None,
+        zarr_path: str | os.PathLike | None = None,
     ) -> None:
         import netCDF4
 
@@ -127,28 +216,28 @@ class PredictionsWriter:
         n, n_lead = valid_times.shape
         self.variables = [str(v) for v in variables]
         self.shape = (n, n_lead, len(self.variables), len(lat), len(lon))
+        gattrs = global_attrs(attrs)
+        self._zarr: dict[str, Any] = {}
         self._ds = netCDF4.Dataset(str(path), "w", format="NETCDF4")
         try:
             ds = self._ds
             ds.set_auto_mask(False)
-            for dim, size in (("time", n), ("lead", n_lead), ("lat", len(lat)), ("lon", len(lon))):
+            for dim, size in zip(DIMS, (n, n_lead, len(lat), len(lon)), strict=True):
                 ds.createDimension(dim, size)
-            lead_time = (valid_times[0] - init_times[0]) if n else np.zeros(n_lead, dtype="timedelta64[ns]")
-            coords: dict[str, tuple[tuple[str, ...], str, np.ndarray, dict[str, str]]] = {
-                "time": (("time",), "f8", _hours(init_times), {"units": TIME_UNITS, "calendar": TIME_CALENDAR}),
-                "lead": (("lead",), "i8", np.arange(1, n_lead + 1, dtype="int64"), {}),
-                "lead_time": (("lead",), "f8", _hours(lead_time), {"dtype": "timedelta64[ns]", "units": "hours"}),
-                "valid_time": (
-                    ("time", "lead"),
-                    "f8",
-                    _hours(valid_times),
-                    {"units": TIME_UNITS, "calendar": TIME_CALENDAR},
+            time_enc = {"units": TIME_UNITS, "calendar": TIME_CALENDAR}
+            coords: dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, str]]] = {
+                "time": (("time",), _hours(init_times), time_enc),
+                "prediction_timedelta": (
+                    ("prediction_timedelta",),
+                    _hours(lead_times(init_times, valid_times)),
+                    {"dtype": TIMEDELTA_DTYPE, "units": LEAD_UNITS},
                 ),
-                "lat": (("lat",), "f8", np.asarray(lat, dtype="float64"), {}),
-                "lon": (("lon",), "f8", np.asarray(lon, dtype="float64"), {}),
+                "latitude": (("latitude",), np.asarray(lat, dtype="float64"), {}),
+                "longitude": (("longitude",), np.asarray(lon, dtype="float64"), {}),
+                "valid_time": (("time", "prediction_timedelta"), _hours(valid_times), time_enc),
             }
-            for name, (dims, dtype, values, encoding_attrs) in coords.items():
-                var = ds.createVariable(name, dtype, dims)
+            for name, (dims, values, encoding_attrs) in coords.items():
+                var = ds.createVariable(name, "f8", dims)
                 var.setncatts({**COORD_ATTRS[name], **encoding_attrs})
                 var[...] = values
             self._vars = {}
@@ -156,16 +245,29 @@ class PredictionsWriter:
                 var = ds.createVariable(
                     variable,
                     "f4",
-                    ("time", "lead", "lat", "lon"),
+                    DIMS,
                     zlib=True,
                     complevel=4,
                     shuffle=True,
                     chunksizes=(1, 1, len(lat), len(lon)),
                     fill_value=np.float32(np.nan),
                 )
-                var.setncatts({**variable_attrs(variable, units), "coordinates": "lead_time valid_time"})
+                var.setncatts({**variable_attrs(variable, units), "coordinates": "valid_time"})
                 self._vars[variable] = var
-            ds.setncatts(global_attrs(attrs))
+            ds.setncatts(gattrs)
+            if zarr_path is not None:
+                self._zarr = _create_zarr(
+                    Path(zarr_path),
+                    empty_dataset(
+                        init_times=init_times,
+                        valid_times=valid_times,
+                        variables=self.variables,
+                        lat=lat,
+                        lon=lon,
+                        units=units,
+                        attrs=gattrs,
+                    ),
+                )
         except BaseException:
             self._ds.close()
             raise
@@ -178,7 +280,10 @@ class PredictionsWriter:
                 f"predictions of shape {values.shape} at row {start} do not fit predictions.nc of shape {self.shape}"
             )
         for c, variable in enumerate(self.variables):
-            self._vars[variable][start : start + b] = np.asarray(values[:, :, c], dtype="float32")
+            rows = np.asarray(values[:, :, c], dtype="float32")
+            self._vars[variable][start : start + b] = rows
+            if self._zarr:
+                self._zarr[variable][start : start + b] = rows
 
     def close(self) -> None:
         """Close the file (idempotent)."""
@@ -192,22 +297,75 @@ class PredictionsWriter:
         self.close()
 
 
+def _create_zarr(path: Path, template: xr.Dataset) -> dict[str, Any]:
+    """Write ``template`` (:func:`empty_dataset`) as a Zarr v2 store with consolidated metadata, its
+    coordinates and metadata only, and return its data arrays (zarr) to fill."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Zarr format 2.*")
+        template.to_zarr(
+            path, mode="w", zarr_format=2, consolidated=True, compute=False, encoding=encoding(template, netcdf=False)
+        )
+        group = zarr.open_group(str(path), mode="r+", zarr_format=2)
+    return {str(name): group[str(name)] for name in template.data_vars}
+
+
+def _step_of(attrs: Mapping[str, Any]) -> str:
+    """The step that wrote a dataset of global ``attrs``: its provenance record's (forecast or evaluate)."""
+    try:
+        step = json.loads(str(attrs.get("provenance", "{}"))).get("step")
+    except (ValueError, AttributeError):
+        step = None
+    return "forecast" if step == "forecast" else "evaluate"
+
+
+def layout_problems(ds: xr.Dataset) -> list[str]:
+    """How ``ds`` departs from the layout (empty when it has none): a variable on other dims than
+    :data:`DIMS`, ``time`` or ``valid_time`` not datetimes, ``prediction_timedelta`` not timedeltas,
+    ``latitude`` not ascending (WeatherBench 2 flips a descending one: ``make_latitude_increasing`` in
+    ``weatherbench2/evaluation.py``)."""
+    problems = [
+        f"variable {name} has dims {tuple(map(str, var.dims))}, not {DIMS}"
+        for name, var in ds.data_vars.items()
+        if tuple(var.dims) != DIMS
+    ]
+    if not problems and not ds.data_vars:
+        problems.append("it holds no forecast variable")
+    for name, kind in (("time", "M"), ("valid_time", "M"), ("prediction_timedelta", "m")):
+        if name not in ds.coords:
+            problems.append(f"it has no coordinate {name}")
+        elif ds[name].dtype.kind != kind:
+            problems.append(f"{name} is {ds[name].dtype}, not {'datetime64' if kind == 'M' else 'timedelta64'}")
+    if "latitude" in ds.coords and (np.diff(np.asarray(ds["latitude"].values, dtype="float64")) <= 0).any():
+        problems.append("latitude is not ascending")
+    return problems
+
+
 def open(path: str | os.PathLike) -> xr.Dataset:
-    """The predictions file ``path``, lazily (close it, or use it as a context manager);
-    :class:`DataError` naming it and the evaluate step when it is missing, unreadable or of another
-    format version."""
+    """The forecasts at ``path``, lazily (close it, or use it as a context manager), in the layout of the
+    module docstring: the evaluate step's ``predictions.nc`` or ``predictions.zarr``, or the forecast
+    step's netCDF or Zarr output. :class:`DataError` naming the file and the step to re-run when it is
+    missing, unreadable, of another format version or another layout (:func:`layout_problems`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{WHAT} {path} does not exist; {FIX}")
     try:
-        ds = xr.open_dataset(path)
+        ds = xr.open_zarr(path) if path.is_dir() else xr.open_dataset(path)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise DataError(f"{WHAT} {path} cannot be read ({type(exc).__name__}: {exc}); delete it and {FIX}") from exc
+    fix = f"re-run the {_step_of(ds.attrs)} step"
     version = ds.attrs.get("format_version")
     if version is None or int(version) != FORMAT_VERSION:
         ds.close()
         raise DataError(
             f"{WHAT} {path} has format_version {version}, this version reads {FORMAT_VERSION}: it was written "
-            f"by another version of the evaluate step; {FIX}"
+            f"by another version of the pipeline; {fix}"
         )
+    problems = layout_problems(ds)
+    if problems:
+        ds.close()
+        raise DataError(f"{WHAT} {path} is not in the forecasts' layout ({'; '.join(problems)}); {fix}")
     return ds

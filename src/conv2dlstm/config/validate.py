@@ -250,6 +250,16 @@ def _check_horizon(cfg: dict[str, Any]) -> None:
         )
 
 
+def _check_animation(cfg: dict[str, Any]) -> None:
+    """``evaluate.animation_lead`` is one of the leads scored (up to :func:`max_lead`), or 0."""
+    lead, last = int(cfg["evaluate"]["animation_lead"]), max_lead(cfg)
+    if lead > last:
+        raise ConfigError(
+            f"config key evaluate.animation_lead: {lead} is past the last lead scored, {last} (evaluate.max_lead, "
+            f"0 meaning windows.lead_steps); animate a lead from 1 to {last}, or set 0 for no animation"
+        )
+
+
 def _check_run(cfg: dict[str, Any]) -> None:
     """The checks of one run's configuration (its ``model`` and ``train`` with overrides merged)."""
     _check_batch_split(cfg["train"])
@@ -466,6 +476,7 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     _check_unit_ranges(cfg)
     _check_runs(cfg)
     _check_horizon(cfg)
+    _check_animation(cfg)
 
 
 def _check_unit_ranges(cfg: dict[str, Any]) -> None:

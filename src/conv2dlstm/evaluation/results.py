@@ -33,7 +33,9 @@ from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 from conv2dlstm.textdiff import first_difference
 
 EVALUATE_FILES = ("metrics.csv", "rmse_vs_lead.png", "skill_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png")
-"""What the evaluate step writes per run besides ``predictions.nc`` (listed in the summary)."""
+"""What the evaluate step writes per run besides ``predictions.nc`` and ``predictions.zarr`` (listed in the summary)."""
+OPTIONAL_FILES = ("animation.gif",)
+"""What it writes when the configuration asks for it (``evaluate.animation_lead``), listed when present."""
 
 _LABELS = {name: name.replace("_", " ") for name in BASELINE_NAMES}
 
@@ -55,7 +57,7 @@ class RunResults:
 
 def _lead_unit(lead_time: Any) -> str:
     """What one lead step is, as the plots label the lead axis (:func:`conv2dlstm.evaluation.plots.lead_label`):
-    ``days``, ``6-hour steps``, ... (``lead_time`` of the predictions, ``(lead,)`` timedeltas)."""
+    ``days``, ``6-hour steps``, ... (``prediction_timedelta`` of the predictions: timedeltas)."""
     from conv2dlstm.evaluation.plots import lead_label, lead_step
 
     return lead_label(lead_step(lead_time)).removeprefix("lead (").removesuffix(")")
@@ -63,7 +65,7 @@ def _lead_unit(lead_time: Any) -> str:
 
 def load_run(cfg: dict[str, Any], run: str, root: Path = Path(".")) -> RunResults:
     """The evaluate step's outputs of ``run`` under ``root`` (the working directory of the pipeline)."""
-    import xarray as xr
+    from conv2dlstm.artifacts import predictions as predictions_file
 
     out = root / cfg["outdir"]
     directory = out / "evaluate" / run
@@ -71,9 +73,9 @@ def load_run(cfg: dict[str, Any], run: str, root: Path = Path(".")) -> RunResult
     if not path.is_file():
         raise DataError(f"{path} does not exist: run the pipeline first (make run CONFIG=...), then this command")
     metrics = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
-    with xr.open_dataset(directory / "predictions.nc") as ds:
+    with predictions_file.open(directory / predictions_file.FILENAME) as ds:
         times = pd.DatetimeIndex(ds["time"].values)
-        unit = _lead_unit(ds["lead_time"].values)
+        unit = _lead_unit(ds["prediction_timedelta"].values)
         model = str(ds.attrs.get("model_name", run))
     return RunResults(
         name=run,
@@ -382,7 +384,8 @@ def summary(cfg: dict[str, Any], runs: list[RunResults], *, ui: str | None = Non
     stem = compare_stem(cfg)
     lines = [f"Results of experiment {cfg['experiment']!r}:"]
     for run in runs:
-        lines.append(f"  {run.name}: metrics and plots in {run.evaluate_dir}/ ({', '.join(EVALUATE_FILES)})")
+        files = [*EVALUATE_FILES, *(name for name in OPTIONAL_FILES if (run.evaluate_dir / name).exists())]
+        lines.append(f"  {run.name}: metrics and plots in {run.evaluate_dir}/ ({', '.join(files)})")
         lines.append(f"  {' ' * len(run.name)}  model {run.model_path}")
     lines.append(f"  comparison of runs and baselines: {stem}.csv, {stem}.png")
     lines.append(f"  best model: models:/{cfg['experiment']}@champion (MLflow registry)")

@@ -23,7 +23,8 @@ MLflow (:func:`log_to_mlflow`). The work itself lives in the modules it imports:
   a 95% paired circular block-bootstrap interval over initial times (1000 resamples, seed 0), the
   ``metrics.csv`` table and the MLflow metric names;
 - :mod:`conv2dlstm.artifacts.predictions`: the ``predictions.nc`` artifact and its writer;
-- :mod:`conv2dlstm.evaluation.plots`: the figures.
+- :mod:`conv2dlstm.evaluation.plots`: the figures; :mod:`conv2dlstm.evaluation.animation`: the
+  test period as an animated GIF.
 
 Honest on short records: a baseline that uses the climatology of a day that no training day
 supports (:func:`conv2dlstm.evaluation.baselines.climatology_support`, the statistics' training period and
@@ -33,7 +34,8 @@ interval are NaN, the ``skill_vs_<baseline>_meaningful`` row is 0, the log warns
 
 Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
 
-- ``predictions.nc``: CF-1.8 netCDF, one variable per target, dims ``(time, lead, lat, lon)``
+- ``predictions.nc`` and its Zarr copy ``predictions.zarr``: CF-1.8, one variable per target, dims
+  ``(time, prediction_timedelta, latitude, longitude)``, the forecast step's (WeatherBench 2's) layout
   (:mod:`conv2dlstm.artifacts.predictions`);
 - ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``. ``model`` is the run's model
   or a baseline; metrics ``rmse``, ``mae``, ``bias``, ``acc`` (not for climatology), ``rho`` (damped
@@ -45,7 +47,9 @@ Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
   lead steps (:func:`conv2dlstm.evaluation.scores.skill_horizon`);
 - ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals, the
   skill horizon dashed),
-  ``maps.png``, ``rmse_map.png``.
+  ``maps.png``, ``rmse_map.png`` (land grey, an ocean cell without a score hatched);
+- ``animation.gif`` (with ``evaluate.animation_lead`` above 0): the test period at that lead, truth,
+  forecast and error, at most ``evaluate.animation_frames`` frames (:mod:`conv2dlstm.evaluation.animation`).
 
 Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
 test period. Per batch the step holds the inputs, the prediction, the truth and the baselines
@@ -67,8 +71,12 @@ steps. Across batches it keeps only:
 - the one sample shown in ``maps.png``;
 - the time coordinates (``N x T_out`` datetimes).
 
-``predictions.nc`` is written batch by batch (:class:`conv2dlstm.artifacts.predictions.PredictionsWriter`),
-and the climatology is read from the statistics file only for the days of year of the current batch.
+``predictions.nc`` and ``predictions.zarr`` are written batch by batch
+(:class:`conv2dlstm.artifacts.predictions.PredictionsWriter`), and the climatology is read from the
+statistics file only for the days of year of the current batch. ``animation.gif``
+(``evaluate.animation_lead``, :func:`_stage_animation`) reads the frames it draws back, a batch at a
+time, from the windows store (the truth) and the written ``predictions.nc`` (the forecast), twice
+(the colour limits, then the frames); it holds the drawn frames, small palette images, not the maps.
 
 Commit and logging. Every output is first written into one hidden staging folder
 ``out_dir/.evaluate.*.partial``; when all of them are complete they are moved into ``out_dir``
@@ -97,7 +105,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +120,7 @@ from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import keys
 from conv2dlstm.config.validate import max_lead
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
-from conv2dlstm.evaluation import baselines, metrics, plots
+from conv2dlstm.evaluation import animation, baselines, metrics, plots
 from conv2dlstm.evaluation.inference import (
     Horizon,
     climatology_at,
@@ -143,6 +151,7 @@ MLFLOW_STEP = 0
 COMMIT_MARKER = "metrics.csv"
 OUTPUT_FILES: tuple[str, ...] = (
     predictions_file.FILENAME,
+    predictions_file.ZARR_NAME,
     "metrics.csv",
     "rmse_vs_lead.png",
     "acc_vs_lead.png",
@@ -276,18 +285,21 @@ def staging_dir(out_dir: Path) -> Path:
 
 
 def commit_outputs(staging: Path, out_dir: Path, names: Sequence[str], *, marker: str = COMMIT_MARKER) -> None:
-    """Move the files ``names`` from ``staging`` into ``out_dir``, ``marker`` last.
+    """Move the files (and folders: Zarr stores) ``names`` from ``staging`` into ``out_dir``, ``marker`` last.
 
     The old ``marker`` is removed before the first rename, so until the last rename ``out_dir``
     has no ``marker``: a crash in between leaves an incomplete-looking result, never a mix that
-    looks complete. Each rename is atomic (``os.replace`` within one file system).
+    looks complete. Each rename is atomic (``os.replace`` within one file system); a folder that
+    replaces an older one first moves the older one into ``staging`` (removed with it).
     """
-    missing = [name for name in names if not (staging / name).is_file()]
+    missing = [name for name in names if not (staging / name).exists()]
     if missing:
         raise FileNotFoundError(f"commit_outputs: {missing} were not written to {staging}")
     ordered = [name for name in names if name != marker] + ([marker] if marker in names else [])
     (out_dir / marker).unlink(missing_ok=True)
     for name in ordered:
+        if (staging / name).is_dir() and (out_dir / name).exists():  # os.replace cannot replace a non-empty folder
+            os.replace(out_dir / name, staging / f".replaced.{name}")
         os.replace(staging / name, out_dir / name)
 
 
@@ -560,10 +572,12 @@ def write_figures(
     units: Mapping[str, str],
     model_name: str,
     lead_step: pd.Timedelta | None = None,
+    ocean: xr.DataArray | None = None,
 ) -> None:
     """``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png``, ``maps.png`` and ``rmse_map.png``
     in ``staging``: scores with the variables' ``units``, leads in ``lead_step`` (the time step of
-    the windows, :func:`conv2dlstm.evaluation.plots.lead_label`)."""
+    the windows, :func:`conv2dlstm.evaluation.plots.lead_label`); in the maps, land grey and, with the
+    ``ocean`` mask, an ocean cell without a score hatched."""
     labelled = table.assign(label=line_labels(table))
     plots.lines_vs_lead(
         labelled[labelled["metric"] == "rmse"],
@@ -588,13 +602,16 @@ def write_figures(
         title=f"{who}: RMSE skill 1 - RMSE/RMSE(baseline) with 95% block-bootstrap intervals, test initial "
         f"times {period} (filled: the interval excludes 0)",
     )
-    plots.forecast_maps(shown[0], shown[1], staging / "maps.png", title=f"{who}: {shown_title}", units=dict(units))
+    plots.forecast_maps(
+        shown[0], shown[1], staging / "maps.png", title=f"{who}: {shown_title}", units=dict(units), ocean=ocean
+    )
     plots.field_maps(
         rmse_map,
         staging / "rmse_map.png",
         title=f"{who}: RMSE per grid cell at lead 1, test initial times {period}",
         quantity="RMSE",
         units=dict(units),
+        ocean=ocean,
     )
 
 
@@ -616,6 +633,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     for stray in discard_partials(out_dir):
         log.info("evaluate: discarded %s left by an interrupted run", stray)
     inputs = _open_inputs(cfg, run=run, windows=windows, checkpoint=checkpoint)
+    outputs = (*OUTPUT_FILES, *inputs.animation_files)
     device = resolve_device(cfg["train"]["device"])
     uri = tracking.resolve_tracking_uri(dict(cfg))
     tracking.check_run(uri, inputs.run_id)  # an unknown run fails before the work, not after the commit
@@ -633,15 +651,15 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
                     device=device,
                     batch_size=int(cfg["evaluate"]["batch_size"]),
                 )
-            commit_outputs(staging, out_dir, OUTPUT_FILES)
+            commit_outputs(staging, out_dir, outputs)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s", ", ".join(str(out_dir / name) for name in OUTPUT_FILES))
+    log.info("wrote %s", ", ".join(str(out_dir / name) for name in outputs))
     logged = log_to_mlflow(
         uri,
         inputs.run_id,
         mlflow_metrics(table, model_name=inputs.model_name),
-        [out_dir / name for name in OUTPUT_FILES if name != predictions_file.FILENAME],
+        [out_dir / name for name in outputs if name not in (predictions_file.FILENAME, predictions_file.ZARR_NAME)],
         tags=provenance.mlflow_tags(record, prefix="evaluate.provenance"),
     )
     log.info("logged %d new metrics and the plots into MLflow run %s", logged, inputs.run_id)
@@ -660,6 +678,13 @@ class _Inputs:
     model_name: str
     init_times: pd.DatetimeIndex  # of the test windows
     shown_sample: int  # the test window drawn in maps.png
+    animation_lead: int = 0  # evaluate.animation_lead (0: no animation)
+    animation_frames: int = 0  # evaluate.animation_frames (0: every initial time)
+
+    @property
+    def animation_files(self) -> tuple[str, ...]:
+        """``animation.gif`` when the animation is on."""
+        return (animation.FILENAME,) if self.animation_lead > 0 else ()
 
     @property
     def targets(self) -> list[str]:
@@ -693,7 +718,19 @@ def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint:
             )
     init_times = pd.DatetimeIndex(store.init_times(SPLIT))
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
-    return _Inputs(run, store, model, ckpt, checkpoint, run_id, model_name, init_times, k)
+    return _Inputs(
+        run,
+        store,
+        model,
+        ckpt,
+        checkpoint,
+        run_id,
+        model_name,
+        init_times,
+        k,
+        animation_lead=_animation_lead(cfg, store),
+        animation_frames=int(cfg["evaluate"]["animation_frames"]),
+    )
 
 
 def _evaluate_record(
@@ -728,6 +765,7 @@ def _stage_outputs(
     units = stats_file.units(stats_ds)
     with predictions_file.PredictionsWriter(
         staging / predictions_file.FILENAME,
+        zarr_path=staging / predictions_file.ZARR_NAME,
         init_times=store.init_times(SPLIT),
         valid_times=store.valid_times(SPLIT),
         variables=inputs.targets,
@@ -758,6 +796,7 @@ def _stage_outputs(
     table = metrics_table(scores, run=run, model_name=model_name)
     write_csv(table, staging / "metrics.csv")
     _stage_figures(staging, table, inputs, rmse_map=rmse_map, shown=shown, units=units)
+    _stage_animation(staging, inputs, stats_ds, units=units, batch_size=batch_size)
     return table
 
 
@@ -785,4 +824,94 @@ def _stage_figures(
         units=units,
         model_name=model_name,
         lead_step=plots.lead_step(lead_times),
+        ocean=_ocean(inputs.store),
+    )
+
+
+def _ocean(store: Any) -> xr.DataArray:
+    """The store's ``(lat, lon)`` ocean mask with its coordinates."""
+    lat, lon = np.asarray(store.lat, dtype="float64"), np.asarray(store.lon, dtype="float64")
+    return xr.DataArray(np.asarray(store.mask, dtype=bool), dims=("lat", "lon"), coords={"lat": lat, "lon": lon})
+
+
+def _animation_lead(cfg: Mapping[str, Any], store: Any) -> int:
+    """``evaluate.animation_lead``, once it is a lead the store's test windows reach (before the work)."""
+    lead = int(cfg["evaluate"]["animation_lead"])
+    if lead > int(store.lead_steps):
+        raise ConfigError(
+            f"config key evaluate.animation_lead: {lead} is past the last lead scored ({int(store.lead_steps)}, "
+            "evaluate.max_lead or windows.lead_steps); animate a lead up to it, or 0 for no animation"
+        )
+    return lead
+
+
+def animation_frames(
+    store: Any, stats: xr.Dataset, predictions: Path, *, indices: np.ndarray, lead: int, batch_size: int
+) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """A function returning an iterator over the frames of ``animation.gif``: per test window of
+    ``indices``, the ``(variable, lat, lon)`` physical truth and forecast at ``lead``, the truth read from
+    the windows ``store`` (NaN on land), the forecast from the written ``predictions`` file; read
+    ``batch_size`` windows at a time."""
+    ocean = _ocean(store)
+    targets = [str(v) for v in store.target_variables]
+    init_all = np.asarray(store.init_times(SPLIT), dtype="datetime64[ns]")
+    valid_all = np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]")
+
+    def frames() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with predictions_file.open(predictions) as ds:
+            for i0 in range(0, indices.size, max(batch_size, 1)):
+                chunk = indices[i0 : i0 + max(batch_size, 1)]
+                _, y, _ = read_batch(store, SPLIT, chunk.tolist())
+                truth = physical(
+                    forecast_array(
+                        y[:, lead - 1 : lead],
+                        init_times=init_all[chunk],
+                        valid_times=valid_all[chunk, lead - 1 : lead],
+                        variables=targets,
+                        lat=ocean["lat"].values,
+                        lon=ocean["lon"].values,
+                    ),
+                    stats,
+                    ocean,
+                ).values[:, 0]
+                forecast = np.stack(
+                    [ds[v].isel(time=chunk, prediction_timedelta=lead - 1).values for v in targets], axis=1
+                )
+                yield from zip(truth, forecast, strict=True)
+
+    return frames
+
+
+def _stage_animation(
+    staging: Path, inputs: _Inputs, stats_ds: xr.Dataset, *, units: Mapping[str, str], batch_size: int
+) -> None:
+    """``animation.gif`` of the test period at ``evaluate.animation_lead`` (:mod:`conv2dlstm.evaluation.animation`),
+    at most ``evaluate.animation_frames`` initial times with an even stride; nothing when it is off."""
+    lead = inputs.animation_lead
+    if lead <= 0:
+        return
+    store, init_times = inputs.store, inputs.init_times
+    indices = animation.frame_indices(init_times.size, inputs.animation_frames)
+    valid = pd.DatetimeIndex(np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]")[indices, lead - 1])
+    lead_times = np.asarray(store.valid_times(SPLIT), dtype="datetime64[ns]") - init_times.values[:, None]
+    duration = plots.lead_duration(lead, plots.lead_step(lead_times))
+    who = inputs.run if inputs.run == inputs.model_name else f"{inputs.run} ({inputs.model_name})"
+    hours = any(t.normalize() != t for t in (*init_times[indices], *valid))
+    fmt = "%Y-%m-%d %H:%M" if hours else "%Y-%m-%d"
+    titles = [
+        f"{who}: lead {lead}" + (f" ({duration})" if duration else "") + f", initialized {init_times[i]:{fmt}}, "
+        f"valid {v:{fmt}} ({k + 1}/{indices.size})"
+        for k, (i, v) in enumerate(zip(indices, valid, strict=True))
+    ]
+    frames = animation_frames(
+        store, stats_ds, staging / predictions_file.FILENAME, indices=indices, lead=lead, batch_size=batch_size
+    )
+    animation.write_animation(
+        staging / animation.FILENAME,
+        frames,
+        titles=titles,
+        variables=inputs.targets,
+        units=units,
+        ocean=np.asarray(store.mask, dtype=bool),
+        lat=np.asarray(store.lat, dtype="float64"),
     )

@@ -29,17 +29,18 @@ settings (the regrid step's keys but the period: ``harmonize.*``, ``region.*``, 
 ``variables.*``) differ from the configuration's; statistics of another digest than the model's;
 statistics, model or regridded inputs on another grid; missing input days.
 
-Output (the layout WeatherBench 2 tools read; CF-1.8): one float32 variable per target, dims
-``(time, prediction_timedelta, latitude, longitude)``, with ``time`` the initial time
+Output (the layout WeatherBench 2 tools read, and the evaluate step's ``predictions.nc``: one
+reader, :func:`conv2dlstm.artifacts.predictions.open`, opens both; CF-1.8): one float32 variable per
+target, dims ``(time, prediction_timedelta, latitude, longitude)``, with ``time`` the initial time
 (``forecast_reference_time``), ``prediction_timedelta`` the lead as a timedelta
 (``forecast_period``), ``valid_time(time, prediction_timedelta)``, ``units``, ``standard_name`` and
 ``long_name`` per variable, and global attributes naming the model (``model_run_id``,
 ``model_name``, ``checkpoint``, ``checkpoint_digest``), the inputs (``stats_digest``,
-``input_manifest_sha256``, ``input_period``) and a ``provenance`` record (step ``forecast``, inputs
-``checkpoint``, ``stats``, ``manifest``). Written atomically as netCDF (``--out-nc``) and as a Zarr
-v2 store with consolidated metadata (``--out-zarr``), which ``xarray.open_zarr`` and the WeatherBench
-2 evaluation read as a forecast dataset. Memory: the ``input_steps`` days of the inputs and one
-forecast.
+``input_manifest_sha256``, ``input_period``), a ``provenance`` record (step ``forecast``, inputs
+``checkpoint``, ``stats``, ``manifest``) and ``format_version``. Written atomically as netCDF
+(``--out-nc``) and as a Zarr v2 store with consolidated metadata (``--out-zarr``), which
+``xarray.open_zarr`` and the WeatherBench 2 evaluation read as a forecast dataset. Memory: the
+``input_steps`` days of the inputs and one forecast.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,6 @@ DATA_STEPS = ("regrid",)
 data are harmonized, cut and regridded. The fetch-only keys (URL, retries, ...) may differ: a model
 trained on an archive can forecast from a near-real-time feed of the same data."""
 PERIOD_KEYS = ("source.start", "source.end")
-TIME_UNITS = "hours since 1970-01-01"
-COORD_ATTRS: dict[str, dict[str, str]] = {
-    "time": {"standard_name": "forecast_reference_time", "long_name": "initial time of the forecast"},
-    "prediction_timedelta": {"standard_name": "forecast_period", "long_name": "lead time after the initial time"},
-    "valid_time": {"standard_name": "time", "long_name": "valid time of the forecast"},
-    "latitude": {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
-    "longitude": {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
-}
 
 
 @dataclass(frozen=True)
@@ -304,8 +297,10 @@ def last_steps(ds: xr.Dataset, n: int, init: pd.Timestamp) -> xr.Dataset:
 
 
 def forecast_dataset(forecast: xr.DataArray, *, units: Mapping[str, str], attrs: Mapping[str, Any]) -> xr.Dataset:
-    """The WeatherBench 2 / CF layout of a ``(time, lead, variable, lat, lon)`` forecast (module docstring)."""
-    from conv2dlstm.artifacts.predictions import LONG_NAMES, STANDARD_NAMES
+    """The WeatherBench 2 / CF layout of a ``(time, lead, variable, lat, lon)`` forecast (module docstring),
+    the evaluate step's (:mod:`conv2dlstm.artifacts.predictions`): the same dims, coordinates, attributes
+    and ``format_version``."""
+    from conv2dlstm.artifacts import predictions
 
     lead_time = np.asarray(forecast["lead_time"].values, dtype="timedelta64[ns]")
     data_vars = {}
@@ -313,13 +308,11 @@ def forecast_dataset(forecast: xr.DataArray, *, units: Mapping[str, str], attrs:
         da = forecast.sel(variable=variable, drop=True).astype("float32")
         da = da.drop_vars([c for c in da.coords if c not in ("time", "lat", "lon")])
         da = da.rename(lead="prediction_timedelta", lat="latitude", lon="longitude")
-        da.attrs = {"long_name": f"forecast {LONG_NAMES.get(variable, variable)}", "units": units.get(variable) or "1"}
-        if variable in STANDARD_NAMES:
-            da.attrs["standard_name"] = STANDARD_NAMES[variable]
+        da.attrs = predictions.variable_attrs(variable, units)
         data_vars[variable] = da
     ds = xr.Dataset(data_vars).assign_coords(prediction_timedelta=lead_time)
     ds = ds.assign_coords(valid_time=ds["time"] + ds["prediction_timedelta"])
-    for name, coord_attrs in COORD_ATTRS.items():
+    for name, coord_attrs in predictions.COORD_ATTRS.items():
         ds[name].attrs = dict(coord_attrs)
     ds.attrs = {
         "Conventions": "CF-1.8",
@@ -327,32 +320,24 @@ def forecast_dataset(forecast: xr.DataArray, *, units: Mapping[str, str], attrs:
         "source": f"conv2dlstm {__version__}",
         "history": f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} conv2dlstm forecast",
         **attrs,
+        "format_version": predictions.FORMAT_VERSION,
     }
     return ds
 
 
-def _encoding(ds: xr.Dataset, *, netcdf: bool) -> dict[Hashable, dict[str, Any]]:
-    enc: dict[Hashable, dict[str, Any]] = {name: {"_FillValue": np.float32(np.nan)} for name in ds.data_vars}
-    if netcdf:
-        for name in ds.data_vars:
-            enc[name] |= {"zlib": True, "complevel": 4}
-    for name in ("time", "valid_time"):
-        enc[name] = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "dtype": "float64"}
-    enc["prediction_timedelta"] = {"units": "hours", "dtype": "float64"}
-    return enc
-
-
 def write_outputs(ds: xr.Dataset, *, out_nc: Path, out_zarr: Path) -> None:
-    """Write ``ds`` as netCDF4 and as a Zarr v2 store (consolidated metadata), each atomically."""
+    """Write ``ds`` as netCDF4 and as a Zarr v2 store (consolidated metadata), each atomically, encoded
+    as the evaluate step's outputs (:func:`conv2dlstm.artifacts.predictions.encoding`)."""
     import warnings
 
+    from conv2dlstm.artifacts.predictions import encoding
     from conv2dlstm.fsutil import atomic_output
 
     with atomic_output(out_nc) as tmp:
-        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, netcdf=True))
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding(ds, netcdf=True))
     with atomic_output(out_zarr) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Zarr format 2.*")
-        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, encoding=_encoding(ds, netcdf=False))
+        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, encoding=encoding(ds, netcdf=False))
 
 
 def forecast_digest(record_inputs: Mapping[str, str], data_config: Mapping[str, Any]) -> dict[str, Any]:
