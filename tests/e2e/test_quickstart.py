@@ -60,7 +60,7 @@ def test_default_pipeline(local_default_run: Path):
 
     assert (wf / "results/train/convlstm/model.pt").is_file()
     metrics = pd.read_csv(wf / "results/evaluate/convlstm/metrics.csv")
-    assert list(metrics.columns) == ["run", "model", "variable", "lead", "metric", "value"]
+    assert list(metrics.columns) == ["run", "model", "variable", "region", "season", "lead", "metric", "value"]
     model_beats_baselines(metrics, "sst", ("persistence", "climatology"))
     compare = pd.read_csv(wf / "results/compare/conv2dlstm-sst.csv")
     assert {"convlstm", *BASELINE_NAMES} <= set(compare.iloc[:, :2].astype(str).values.ravel())

@@ -22,9 +22,9 @@ MASK = xr.DataArray(
 )
 
 
-def forecast_cube(values: np.ndarray, variables=("sst",), n_lead: int = 2) -> xr.DataArray:
+def forecast_cube(values: np.ndarray, variables=("sst",), n_lead: int = 2, start: str = "2021-07-01") -> xr.DataArray:
     n = values.shape[0]
-    init = pd.date_range("2021-07-01", periods=n, freq="D").values
+    init = pd.date_range(start, periods=n, freq="D").values
     valid = init[:, None] + np.arange(1, n_lead + 1)[None, :] * np.timedelta64(1, "D")
     return inference.forecast_array(
         values, init_times=init, valid_times=valid, variables=list(variables), lat=LAT, lon=LON

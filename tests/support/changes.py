@@ -106,6 +106,8 @@ CHANGES: dict[str, dict] = {
     "evaluate.plot_date": {"evaluate": {"plot_date": "2019-05-25"}},
     "evaluate.batch_size": {"evaluate": {"batch_size": 4}},
     "evaluate.max_lead": {"evaluate": {"max_lead": 6}},
+    "evaluate.regions": {"evaluate": {"regions": {"north": {"lat": [32.0, 35.0]}}}},
+    "evaluate.by_season": {"evaluate": {"by_season": "season"}},
     "evaluate.animation_lead": {"evaluate": {"animation_lead": 2}},
     "evaluate.animation_frames": {"evaluate": {"animation_frames": 10}},
 }

@@ -21,7 +21,8 @@ import xarray as xr
 
 from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.evaluation import metrics
-from conv2dlstm.evaluation.scores import score_frame, skill_frame
+from conv2dlstm.evaluation.scores import score_frame, skill_frame, stratum_frame
+from conv2dlstm.evaluation.strata import ALL, TimeGrouping
 from conv2dlstm.fsutil import atomic_output
 
 
@@ -29,8 +30,9 @@ def score_forecasts(
     forecasts: Mapping[str, xr.DataArray],
     truth: xr.DataArray,
     climatology: xr.DataArray,
-    weights: xr.DataArray,
+    weights: xr.DataArray | Mapping[str, xr.DataArray],
     not_meaningful: Mapping[str, xr.DataArray] | None = None,
+    grouping: TimeGrouping | None = None,
 ) -> pd.DataFrame:
     """Score each forecast against ``truth`` with the metric functions, on arrays held in memory.
 
@@ -44,14 +46,39 @@ def score_forecasts(
             (:func:`conv2dlstm.evaluation.scores.skill_frame`).
         truth: observed values at the valid times, same layout.
         climatology: day-of-year climatology at the valid times (for ACC), same layout.
-        weights: ``(lat, lon)`` from :func:`conv2dlstm.evaluation.metrics.area_weights`.
+        weights: ``(lat, lon)`` from :func:`conv2dlstm.evaluation.metrics.area_weights`, or region name ->
+            weights, the whole grid's first under ``all``.
         not_meaningful: per baseline, the leads where its climatology is unsupported
             (:func:`conv2dlstm.evaluation.scores.skill_frame`).
+        grouping: groups of initial times scored on their own besides all of them.
 
     Returns:
-        Tidy frame with columns ``model, variable, lead, metric, value``. The ACC of the climatology
-        forecast is undefined (its anomalies are zero) and is not reported.
+        Tidy frame with columns ``model, variable, region, season, lead, metric, value``: per region (in
+        order) and time group (all, then each present in calendar order) the scores, then the skills. The
+        ACC of the climatology forecast is undefined (its anomalies are zero) and is not reported.
     """
+    named = {ALL: weights} if isinstance(weights, xr.DataArray) else dict(weights)
+    labels = None if grouping is None else grouping.of(truth)
+    groups = [ALL] + ([] if labels is None else [g for g in grouping.order if (labels == g).any()])
+    frames = []
+    for region, w in named.items():
+        for group in groups:
+            times = slice(None) if group == ALL else labels == group
+            pick = {name: forecast.isel(time=times) for name, forecast in forecasts.items()}
+            frame = _score(pick, truth.isel(time=times), climatology.isel(time=times), w, not_meaningful)
+            frames.append(stratum_frame(frame, region=region, season=group))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _score(
+    forecasts: Mapping[str, xr.DataArray],
+    truth: xr.DataArray,
+    climatology: xr.DataArray,
+    weights: xr.DataArray,
+    not_meaningful: Mapping[str, xr.DataArray] | None,
+) -> pd.DataFrame:
+    """The scores and skills of one stratum: forecasts, truth and climatology of its initial times,
+    the weights of its region."""
     scores: dict[str, dict[str, xr.DataArray]] = {}
     series: dict[str, xr.DataArray] = {}
     for name, forecast in forecasts.items():

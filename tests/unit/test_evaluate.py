@@ -54,7 +54,8 @@ def test_metrics_csv_columns_and_values(scored, tmp_path):
     path = tmp_path / "metrics.csv"
     evaluate.write_csv(table, path)
     back = pd.read_csv(path)
-    assert list(back.columns) == ["run", "model", "variable", "lead", "metric", "value"]
+    assert list(back.columns) == ["run", "model", "variable", "region", "season", "lead", "metric", "value"]
+    assert set(back["region"]) == set(back["season"]) == {"all"}  # no evaluate.regions nor by_season
     assert set(back["run"]) == {"exp1"}
     assert set(back["model"]) == {"convlstm", "persistence", "climatology"}
     assert back["lead"].dtype.kind == "i"
@@ -337,7 +338,8 @@ def test_evaluate_end_to_end(pipeline_inputs, monkeypatch):
         assert gif.size[0] == animation.layout(1, LAT.size, LON.size).size[0]
 
     table = pd.read_csv(out_dir / "metrics.csv")
-    assert list(table.columns) == ["run", "model", "variable", "lead", "metric", "value"]
+    assert list(table.columns) == ["run", "model", "variable", "region", "season", "lead", "metric", "value"]
+    assert set(table["region"]) == set(table["season"]) == {"all"}  # no evaluate.regions nor by_season
     assert set(table["model"]) == {"convlstm", "persistence", "climatology", "damped_persistence", "training_mean"}
 
     def value(model, metric, lead):
@@ -1029,3 +1031,85 @@ def test_max_lead_past_the_trained_leads_needs_every_input_as_a_target():
     with pytest.raises(ConfigError, match="evaluate.max_lead: 2 is below windows.lead_steps = 3"):
         validate_config({"evaluate": {"max_lead": 2}})
     assert validate_config({"evaluate": {"max_lead": 10}})["evaluate"]["max_lead"] == 10  # sst -> sst rolls out
+
+
+def test_evaluate_scores_each_region_and_month(pipeline_inputs, monkeypatch, tmp_path):
+    """evaluate.regions (a box and a mask file) and evaluate.by_season: per region the model's RMSE is the
+    cos(lat)-weighted one over the region's ocean cells (numpy, independent), every stratum is in
+    metrics.csv, MLflow and the two figures; a region without an ocean cell stops before any output."""
+    import mlflow
+
+    from conv2dlstm.evaluation.baselines import BASELINE_NAMES
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    figures = {}
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.update({Path(path).name: fig}), save(fig, path)))
+    p = pipeline_inputs
+    north = np.zeros((LAT.size, LON.size))
+    north[-1] = 1.0  # the northern row: 4 ocean cells
+    xr.Dataset({"mask": (("lat", "lon"), north)}, coords={"lat": LAT, "lon": LON}).to_netcdf(tmp_path / "north.nc")
+    regions = {"west": {"lon": [-60.0, -59.0]}, "north": {"mask": str(tmp_path / "north.nc")}}
+    cfg = validate_config({**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "regions": regions, "by_season": "month"}})
+    out_dir = p["root"] / "evaluate" / "strata"
+    kwargs = {"run": "convlstm", "windows": p["windows"], "stats": p["stats"], "checkpoint": p["checkpoint"]}
+    evaluate.main(cfg, **kwargs, out_dir=out_dir)
+    for name in ("skill_by_region.png", "skill_by_season.png", "metrics.csv"):
+        assert (out_dir / name).is_file(), name
+
+    table = pd.read_csv(out_dir / "metrics.csv")
+    assert list(dict.fromkeys(zip(table["region"], table["season"], strict=True))) == [
+        (r, s)
+        for r in ("all", "west", "north")
+        for s in ("all", "Feb")  # first valid days 17..27 February
+    ]
+    times = p["times"]
+    init_idx = np.arange(45, times.size - INPUT_STEPS - LEAD_STEPS + 1) + INPUT_STEPS - 1
+    with predictions_file.open(out_dir / "predictions.nc") as ds:
+        pred = np.asarray(ds["sst"].values)  # (time, lead, lat, lon)
+    phys = _seasonal(times)
+    cos = np.cos(np.deg2rad(LAT))[:, None] * np.ones((1, LON.size))
+    cells = {
+        "west": MASK.values & (LON[None, :] <= -59.0),
+        "north": MASK.values & (north > 0),
+        "all": MASK.values,
+    }
+    for region, inside in cells.items():
+        w = cos * inside
+        for lead in (1, 2):
+            err2 = (np.where(inside, (pred[:, lead - 1] - phys[init_idx + lead]) ** 2, 0) * w).sum(
+                axis=(1, 2)
+            ) / w.sum()
+            for season in ("all", "Feb"):
+                rows = table[
+                    (table["model"] == "convlstm")
+                    & (table["metric"] == "rmse")
+                    & (table["lead"] == lead)
+                    & (table["region"] == region)
+                    & (table["season"] == season)
+                ]
+                assert float(rows["value"].iloc[0]) == pytest.approx(math.sqrt(err2.mean()), rel=1e-4), (region, lead)
+
+    logged = mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"]).get_run(p["run_id"]).data.metrics
+    west = table[(table["model"] == "convlstm") & (table["metric"] == "rmse") & (table["region"] == "west")]
+    assert logged["test_rmse_sst_lead1_region_west"] == pytest.approx(float(west["value"].iloc[0]))
+    assert "skill_vs_persistence_sst_lead1_season_Feb" in logged
+    assert "skill_horizon_vs_damped_persistence_sst_region_north" in logged
+    assert not any("_region_" in k and "_season_" in k for k in logged)  # a region within a month: metrics.csv only
+    artifacts = {
+        a.path for a in mlflow.MlflowClient(p["cfg"]["mlflow"]["tracking_uri"]).list_artifacts(p["run_id"], "evaluate")
+    }
+    assert {"evaluate/skill_by_region.png", "evaluate/skill_by_season.png"} <= artifacts
+
+    # one panel per baseline, one interval per stratum in each (the whole grid first)
+    by_region = figures["skill_by_region.png"]
+    assert len(by_region.axes) == len(BASELINE_NAMES)
+    assert [t.get_text() for t in by_region.axes[0].get_legend().get_texts()] == ["all", "west", "north"]
+    assert [t.get_text() for t in figures["skill_by_season.png"].axes[0].get_legend().get_texts()] == ["all", "Feb"]
+
+    # a region on land only: refused before any output, naming it
+    land = {"corner": {"lat": [20.5, 21.5], "lon": [-58.0, -57.0]}}
+    cfg = validate_config({**p["cfg"], "evaluate": {**p["cfg"]["evaluate"], "regions": land}})
+    with pytest.raises(DataError, match=r"evaluate.regions.corner: .* holds no ocean cell"):
+        evaluate.main(cfg, **kwargs, out_dir=p["root"] / "evaluate" / "land")
+    assert not (p["root"] / "evaluate" / "land").exists()

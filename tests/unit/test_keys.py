@@ -49,7 +49,14 @@ def test_result_config_holds_exactly_the_determining_keys():
     assert "dask" not in regrid and "outdir" not in regrid and "name" not in regrid
     assert keys.result_config(cfg, "compare") == {}
     assert keys.result_config(cfg, "evaluate", "convlstm") == {
-        "evaluate": {"plot_date": "", "max_lead": 0, "animation_lead": 1, "animation_frames": 120}
+        "evaluate": {
+            "plot_date": "",
+            "max_lead": 0,
+            "regions": {},
+            "by_season": "none",
+            "animation_lead": 1,
+            "animation_frames": 120,
+        }
     }
     train = keys.result_config(cfg, "train", "convlstm")
     assert set(train["model"]) == {"name", "convlstm"}  # the inactive architecture is not there

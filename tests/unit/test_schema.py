@@ -15,6 +15,7 @@ from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.data import checks, fetching, harmonize, regridding
 from conv2dlstm.errors import ConfigError
+from conv2dlstm.evaluation import strata
 from conv2dlstm.steps import synthetic
 from conv2dlstm.training import dataset, devices, loop
 
@@ -30,6 +31,7 @@ CODE_CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": loop.LR_SCHEDULES,
     "train.device": devices.DEVICES,
     "train.data_on_device": dataset.DATA_ON_DEVICE,
+    "evaluate.by_season": tuple(strata.TIME_GROUPINGS),
 }
 """Per enum key of the schema, the tuple of choices the code dispatches on."""
 

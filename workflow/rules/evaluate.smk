@@ -1,10 +1,15 @@
+from conv2dlstm.config.strata import region_mask_files, stratified_plots
+
+
 rule evaluate:
     """Score one run, persistence, climatology and damped persistence on the test period, with bootstrap
-    skill intervals; log into the run's MLflow run."""
+    skill intervals, on the whole grid and per configured region and season; log into the run's MLflow run."""
     input:
         windows=rules.windows.output,
         stats=rules.normalize.output,
         checkpoint=rules.train.output,
+        # the mask files of evaluate.regions: a changed mask reruns evaluate
+        masks=region_mask_files(config),
     output:
         metrics=f"{OUT}/evaluate/{{run}}/metrics.csv",
         predictions=f"{OUT}/evaluate/{{run}}/predictions.nc",
@@ -39,6 +44,16 @@ rule evaluate:
             category="Evaluation",
             subcategory="{run}",
         ),
+        # skill_by_region.png, skill_by_season.png: only with evaluate.regions, evaluate.by_season
+        **{
+            os.path.splitext(name)[0]: report(
+                f"{OUT}/evaluate/{{run}}/{name}",
+                caption="../report/skill_by_stratum.rst",
+                category="Evaluation",
+                subcategory="{run}",
+            )
+            for name in stratified_plots(config)
+        },
         # animation.gif: only with evaluate.animation_lead above 0
         **(
             {

@@ -8,14 +8,15 @@ global batch divisible by ``train.gpus``, and a ``conv2d_lstm`` that fits the gr
 ``model.conv2d_lstm.max_parameters``. It also refuses a credential written in a URL (user info, a
 literal secret query parameter: credentials come from ~/.netrc or the environment,
 :mod:`conv2dlstm.redact`), a ``source.url`` placeholder other than ``{date}`` (with an optional
-strftime format), and ``source.variables`` for the kinds that would ignore it (url, files).
-Everything the configuration alone decides is checked here, so Snakemake stops when it parses the
-configuration, before any job. Every error is a :class:`~conv2dlstm.errors.ConfigError` naming the
-key, the bad value and the fix. Snakemake validates once (``workflow/rules/common.smk``); each CLI
-step validates the configuration it receives again, so the package is usable without Snakemake.
-Only jsonschema and PyYAML are imported (both Snakemake dependencies; :mod:`conv2dlstm.config.modelsize`
-is arithmetic, :mod:`conv2dlstm.redact` the standard library), so the Snakefile can use this module
-directly.
+strftime format), ``source.variables`` for the kinds that would ignore it (url, files), and
+``evaluate.regions`` that are not named like one or do not lie on the grid
+(:func:`conv2dlstm.config.strata.regions_problem`). Everything the configuration alone decides is
+checked here, so Snakemake stops when it parses the configuration, before any job. Every error is a
+:class:`~conv2dlstm.errors.ConfigError` naming the key, the bad value and the fix. Snakemake
+validates once (``workflow/rules/common.smk``); each CLI step validates the configuration it
+receives again, so the package is usable without Snakemake. Only jsonschema and PyYAML are imported
+(both Snakemake dependencies; :mod:`conv2dlstm.config.modelsize` is arithmetic,
+:mod:`conv2dlstm.redact` the standard library), so the Snakefile can use this module directly.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from conv2dlstm.config.modelsize import (
 from conv2dlstm.config.runs import merge_run, run_names
 from conv2dlstm.config.schema import DATE_REF, load_schema, resolve
 from conv2dlstm.config.sources import GROUPS
+from conv2dlstm.config.strata import regions_problem
 from conv2dlstm.errors import ConfigError
 from conv2dlstm.redact import env_refs, redact_text, redact_url, url_secret_problem
 
@@ -250,6 +252,13 @@ def _check_horizon(cfg: dict[str, Any]) -> None:
         )
 
 
+def _check_strata(cfg: dict[str, Any]) -> None:
+    """``evaluate.regions`` are named and lie on the grid (:func:`conv2dlstm.config.strata.regions_problem`)."""
+    problem = regions_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
+
+
 def _check_animation(cfg: dict[str, Any]) -> None:
     """``evaluate.animation_lead`` is one of the leads scored (up to :func:`max_lead`), or 0."""
     lead, last = int(cfg["evaluate"]["animation_lead"]), max_lead(cfg)
@@ -455,7 +464,7 @@ def _check_source(cfg: dict[str, Any]) -> None:
 
 def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     """Checks across keys, in order: source and URLs (:func:`_check_source`), dates, splits (order,
-    then length), grid, region, unit ranges, runs, the evaluation's horizon.
+    then length), grid, region, unit ranges, runs, the evaluation's horizon and regions.
 
     ``given`` are the top-level sections the caller supplied. Only the longitude-convention check
     uses it: it is skipped when ``grid`` was filled in from defaults (a step view may hold
@@ -477,6 +486,7 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     _check_runs(cfg)
     _check_horizon(cfg)
     _check_animation(cfg)
+    _check_strata(cfg)
 
 
 def _check_unit_ranges(cfg: dict[str, Any]) -> None:

@@ -497,3 +497,70 @@ def ordered_labels(labels: Sequence[str], models: dict[str, str] | None = None) 
 
     models_first = [lab for lab in labels if baseline(lab) is None]
     return models_first + sorted((lab for lab in labels if baseline(lab) is not None), key=baseline_rank)
+
+
+def skill_by_stratum(
+    skills: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    by: str,
+    title: str,
+    lead_step: pd.Timedelta | None = None,
+    headline: str = "all",
+) -> Figure:
+    """Skill ``1 - RMSE/RMSE(baseline)`` per stratum at each lead, with its 95% interval as a bar: one
+    row of panels per baseline, one panel per variable, one marker per value of column ``by`` (a
+    region or a season) side by side at each lead, the ``headline`` stratum (the whole grid or period)
+    first, in black.
+
+    Args:
+        skills: the run's rows of :func:`conv2dlstm.evaluation.scores.skill_intervals` of one stratum
+            column: columns ``by``, ``baseline``, ``variable``, ``lead``, ``skill``, ``lower``, ``upper``,
+            ``significant`` (filled marker: the interval excludes 0) and ``meaningful`` (False: left
+            out, named in the legend).
+        path: PNG file to write.
+        by: the stratum column, ``region`` or ``season``.
+        title: figure title.
+        lead_step: the time step of one lead (:func:`lead_label`); None when not known.
+        headline: the value of ``by`` of the headline scores.
+    """
+    variables = list(dict.fromkeys(skills["variable"])) or [""]
+    present = [b for b in BASELINE_NAMES if b in set(skills["baseline"])] or [""]
+    groups = list(dict.fromkeys([headline, *skills[by].astype(str)]))
+    groups = [g for g in groups if g in set(skills[by].astype(str))] or [headline]
+    colors = {g: ("black" if g == headline else f"C{i}") for i, g in enumerate(groups)}
+    width = 0.8 / max(len(groups), 1)
+    fig = Figure(figsize=(max(6.0 * len(variables), 8.0), 3.4 * len(present)), layout="constrained")
+    grid = fig.subplots(len(present), len(variables), squeeze=False)
+    for row, baseline in zip(grid, present, strict=True):
+        for ax, variable in zip(row, variables, strict=True):
+            sub = skills[(skills["baseline"] == baseline) & (skills["variable"] == variable)]
+            ax.axhline(0.0, color="0.3", linewidth=0.8)
+            for i, group in enumerate(groups):
+                rows = sub[sub[by].astype(str) == group].sort_values("lead")
+                ok = rows[rows["meaningful"].astype(bool) & rows["skill"].notna()]
+                x = ok["lead"].to_numpy(dtype="float64") + (i - (len(groups) - 1) / 2) * width
+                color = colors[group]
+                dropped = sorted(set(rows["lead"]) - set(ok["lead"]))
+                label = f"{group} (lead {', '.join(map(str, dropped))}: {_NOT_MEANINGFUL})" if dropped else group
+                if ok.empty:
+                    ax.plot([], [], color=color, linestyle="none", marker="x", label=f"{group}: {_NOT_MEANINGFUL}")
+                    continue
+                skill = ok["skill"].to_numpy(dtype="float64")
+                below = np.where(ok["lower"].notna(), skill - ok["lower"].to_numpy(dtype="float64"), 0.0)
+                above = np.where(ok["upper"].notna(), ok["upper"].to_numpy(dtype="float64") - skill, 0.0)
+                ax.errorbar(x, skill, yerr=[below, above], color=color, linestyle="none", capsize=2, label=label)
+                sig = ok["significant"].to_numpy(dtype=bool)
+                ax.plot(x[sig], skill[sig], color=color, linestyle="none", marker="o")
+                ax.plot(x[~sig], skill[~sig], color=color, linestyle="none", marker="o", markerfacecolor="white")
+            leads = sorted(sub["lead"].unique())
+            if leads:
+                ax.set_xticks(leads)
+            ax.set_xlabel(lead_label(lead_step))
+            ax.set_ylabel(f"RMSE skill vs {baseline}")
+            ax.set_title(f"{variable}: skill vs {baseline} by {by} (filled: 95% interval excludes 0)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    _title(fig, title)
+    _save(fig, path)
+    return fig

@@ -64,15 +64,17 @@ def _lead_unit(lead_time: Any) -> str:
 
 
 def load_run(cfg: dict[str, Any], run: str, root: Path = Path(".")) -> RunResults:
-    """The evaluate step's outputs of ``run`` under ``root`` (the working directory of the pipeline)."""
+    """The evaluate step's outputs of ``run`` under ``root`` (the working directory of the pipeline): its
+    headline rows of ``metrics.csv`` (region and season ``all``), which the summary and tables show."""
     from conv2dlstm.artifacts import predictions as predictions_file
+    from conv2dlstm.evaluation.scores import headline, read_metrics_csv
 
     out = root / cfg["outdir"]
     directory = out / "evaluate" / run
     path = directory / "metrics.csv"
     if not path.is_file():
         raise DataError(f"{path} does not exist: run the pipeline first (make run CONFIG=...), then this command")
-    metrics = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
+    metrics = headline(read_metrics_csv(path))  # the whole grid over the whole test period
     with predictions_file.open(directory / predictions_file.FILENAME) as ds:
         times = pd.DatetimeIndex(ds["time"].values)
         unit = _lead_unit(ds["prediction_timedelta"].values)

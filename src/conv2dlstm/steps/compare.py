@@ -5,10 +5,13 @@ scores (:data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`); runs of one con
 windows, so these copies are identical and each baseline appears once in the output (a copy that
 differs is reported with a warning and the first one is kept).
 
-``compare.csv`` has one row per run or baseline and per variable, with columns
-:data:`SUMMARY_COLUMNS`: the run's ``rank`` among the runs (1: the lowest RMSE averaged over leads, per
-variable; runs are listed in rank order, then the baselines), RMSE averaged over leads, at the first
-and at the last lead, MAE, bias and ACC averaged over leads, and per baseline ``b``:
+``compare.csv`` has one row per run or baseline, per variable and per stratum (``region`` and
+``season``, :mod:`conv2dlstm.evaluation.strata`: the headline rows, ``all`` and ``all``, come first,
+exactly as without strata; then a row per region and per season of ``evaluate.regions`` and
+``evaluate.by_season``), with columns :data:`SUMMARY_COLUMNS`: the run's ``rank`` among the runs
+(1: the lowest RMSE averaged over leads, per variable and stratum; runs are listed in rank order,
+then the baselines), RMSE averaged over leads, at the first and at the last lead, MAE, bias and ACC
+averaged over leads, and per baseline ``b``:
 
 - ``skill_vs_<b>_mean``: the skill ``1 - RMSE / RMSE(b)`` averaged over leads, from the
   ``skill_vs_<b>`` rows of ``metrics.csv``; NaN when a lead's skill is NaN (not meaningful: its
@@ -28,8 +31,8 @@ and at the last lead, MAE, bias and ACC averaged over leads, and per baseline ``
   intervals existed). Rows are per variable, so no aggregation over variables is needed: a run's
   horizon over all its variables is the minimum of its rows'.
 
-``compare.png``: RMSE against lead, and per baseline each run's skill with its shaded interval
-(filled markers where the interval excludes zero). The RMSE axis of each variable names its unit,
+``compare.png`` (the headline rows): RMSE against lead, and per baseline each run's skill with its
+shaded interval (filled markers where the interval excludes zero). The RMSE axis of each variable names its unit,
 ``harmonize.units.<variable>.unit`` of the configuration (:func:`units_of`; ``(physical units)``
 without a configuration or an entry); the lead axis the time step of the leads, read from the
 ``lead_time`` coordinate of the ``predictions.nc`` that the evaluate step writes beside each
@@ -50,7 +53,15 @@ from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluation import metrics, plots
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
-from conv2dlstm.evaluation.scores import CSV_COLUMNS, HORIZON_PREFIX, lead_horizon, skill_intervals, verdict
+from conv2dlstm.evaluation.scores import (
+    HORIZON_PREFIX,
+    headline,
+    lead_horizon,
+    read_metrics_csv,
+    skill_intervals,
+    verdict,
+)
+from conv2dlstm.evaluation.strata import ALL, STRATA
 from conv2dlstm.fsutil import atomic_output, discard_partials
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,8 @@ SUMMARY_COLUMNS: list[str] = [
     "kind",
     "model",
     "variable",
+    "region",
+    "season",
     "rank",
     "leads",
     "rmse_mean",
@@ -79,20 +92,19 @@ HORIZON_COLUMNS: list[str] = [f"skill_horizon_vs_{b}" for b in BASELINE_NAMES]
 
 
 def read_metrics(paths: Sequence[Path]) -> pd.DataFrame:
-    """Concatenate ``metrics.csv`` files after checking their columns."""
+    """Concatenate ``metrics.csv`` files after checking their columns
+    (:func:`conv2dlstm.evaluation.scores.read_metrics_csv`: a file written before the ``region`` and
+    ``season`` columns existed has headline rows only)."""
     if not paths:
         raise DataError("compare: no metrics.csv given; pass at least one with --metrics")
     frames = []
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"compare: {path} does not exist; run the evaluate step first")
-        frame = pd.read_csv(path, dtype={"run": str, "model": str, "variable": str, "metric": str})
-        if list(frame.columns) != CSV_COLUMNS:
-            raise DataError(
-                f"compare: {path} has columns {list(frame.columns)}; expected {CSV_COLUMNS} "
-                "(a metrics.csv written by the evaluate step)"
-            )
-        frames.append(frame)
+        try:
+            frames.append(read_metrics_csv(path))
+        except DataError as exc:
+            raise DataError(f"compare: {exc}") from exc
     table = pd.concat(frames, ignore_index=True)
     model_runs = table[~table["model"].isin(BASELINE_NAMES)]
     per_file_runs = [set(f.loc[~f["model"].isin(BASELINE_NAMES), "run"]) for f in frames]
@@ -107,10 +119,11 @@ def read_metrics(paths: Sequence[Path]) -> pd.DataFrame:
 
 
 def entries(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows ``name, kind, model, variable, lead, metric, value``: runs as they are, baselines once."""
+    """Rows ``name, kind, model, variable, region, season, lead, metric, value``: runs as they are,
+    baselines once (per stratum)."""
     runs = table[~table["model"].isin(BASELINE_NAMES)].assign(kind="run", name=lambda t: t["run"])
     base = table[table["model"].isin(BASELINE_NAMES)]
-    key = ["model", "variable", "lead", "metric"]
+    key = ["model", "variable", *STRATA, "lead", "metric"]
     spread = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(v) - np.nanmin(v)) if v.notna().any() else 0.0)
     scale = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(np.abs(v))) if v.notna().any() else 0.0)
     differ = spread > 1e-6 * np.maximum(scale, 1.0)
@@ -122,7 +135,8 @@ def entries(table: pd.DataFrame) -> pd.DataFrame:
             stacklevel=2,
         )
     base = base.drop_duplicates(key, keep="first").assign(kind="baseline", name=lambda t: t["model"])
-    return pd.concat([runs, base], ignore_index=True)[["name", "kind", "model", "variable", "lead", "metric", "value"]]
+    columns = ["name", "kind", "model", "variable", *STRATA, "lead", "metric", "value"]
+    return pd.concat([runs, base], ignore_index=True)[columns]
 
 
 def _strict_mean(series: pd.Series) -> float:
@@ -131,14 +145,18 @@ def _strict_mean(series: pd.Series) -> float:
 
 
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per entry and variable with the main scores (:data:`SUMMARY_COLUMNS`)."""
+    """One row per entry, variable and stratum with the main scores (:data:`SUMMARY_COLUMNS`).
+
+    The headline rows (region and season ``all``) come first, ranked among the runs as before any
+    stratum existed; then each region and season of the metrics (in their order there), the runs
+    ranked within it."""
     rmse = rows[rows["metric"] == "rmse"]
     baseline_rmse = {
-        name: rmse[rmse["name"] == name].set_index(["variable", "lead"])["value"] for name in BASELINE_NAMES
+        name: rmse[rmse["name"] == name].set_index(["variable", *STRATA, "lead"])["value"] for name in BASELINE_NAMES
     }
     intervals = skill_intervals(rows, by="name")
     out = []
-    for (name, variable), group in rows.groupby(["name", "variable"], sort=False):
+    for (name, variable, region, season), group in rows.groupby(["name", "variable", *STRATA], sort=False):
         by_metric = {m: g.sort_values("lead").set_index("lead")["value"] for m, g in group.groupby("metric")}
         r = by_metric.get("rmse", pd.Series(dtype="float64"))
         kind = group["kind"].iloc[0]
@@ -147,6 +165,8 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             "kind": kind,
             "model": group["model"].iloc[0],
             "variable": variable,
+            "region": region,
+            "season": season,
             "leads": int(r.size),
             "rmse_mean": float(r.mean()) if r.size else np.nan,
             "rmse_lead1": float(r.iloc[0]) if r.size else np.nan,
@@ -154,11 +174,15 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
         }
         for metric in ("mae", "bias", "acc"):
             record[f"{metric}_mean"] = _lead_mean(by_metric.get(metric))
+        here = intervals[
+            (intervals["name"] == name)
+            & (intervals["variable"] == variable)
+            & (intervals["region"] == region)
+            & (intervals["season"] == season)
+        ]
         for baseline in BASELINE_NAMES:
             column = f"skill_vs_{baseline}_mean"
-            sk = intervals[
-                (intervals["name"] == name) & (intervals["variable"] == variable) & (intervals["baseline"] == baseline)
-            ]
+            sk = here[here["baseline"] == baseline]
             record[f"better_than_{baseline}"], record[f"better_leads_vs_{baseline}"] = verdict(sk)
             record[f"skill_horizon_vs_{baseline}"] = _horizon(sk, by_metric.get(f"{HORIZON_PREFIX}{baseline}"))
             if kind == "run" or not sk.empty:
@@ -168,18 +192,20 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             if ref.empty or not r.size:
                 record[column] = np.nan
                 continue
-            ref_v = ref.xs(variable, level="variable").reindex(r.index)
+            ref_v = ref.xs((variable, region, season), level=["variable", *STRATA]).reindex(r.index)
             record[column] = _lead_mean(metrics.skill_score(r, ref_v))
         out.append(record)
     summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS).astype({c: "Int64" for c in HORIZON_COLUMNS})
     runs = summary["kind"] == "run"
-    summary.loc[runs, "rank"] = summary[runs].groupby("variable")["rmse_mean"].rank(method="min")
+    summary.loc[runs, "rank"] = summary[runs].groupby(["variable", *STRATA])["rmse_mean"].rank(method="min")
     summary["rank"] = summary["rank"].astype("Int64")
     order = {"run": 0, "baseline": 1}
+    strata = list(dict.fromkeys([(ALL, ALL), *zip(summary["region"], summary["season"], strict=True)]))
+    summary["_s"] = [strata.index(k) for k in zip(summary["region"], summary["season"], strict=True)]
     summary["_k"] = summary["kind"].map(order)
     summary["_b"] = summary["name"].map({b: i for i, b in enumerate(BASELINE_NAMES)}).fillna(-1)
-    summary = summary.sort_values(["_k", "_b", "rank", "name", "variable"], kind="stable", na_position="last")
-    return summary.drop(columns=["_k", "_b"]).reset_index(drop=True)
+    summary = summary.sort_values(["_s", "_k", "_b", "rank", "name", "variable"], kind="stable", na_position="last")
+    return summary.drop(columns=["_s", "_k", "_b"]).reset_index(drop=True)
 
 
 def _horizon(skills: pd.DataFrame, stored: pd.Series | None) -> float:
@@ -249,6 +275,7 @@ def main(
             log.info("compare: discarded %s left by an interrupted run", stray)
     rows = entries(read_metrics([Path(p) for p in metrics]))
     summary = summarize(rows)
+    rows = headline(rows)  # the figure: the whole grid over the whole test period
     rmse = rows[rows["metric"] == "rmse"].assign(label=_labels)
     runs = sorted(set(rows.loc[rows["kind"] == "run", "name"]))
     labels = dict(zip(rmse["name"], rmse["label"], strict=True))

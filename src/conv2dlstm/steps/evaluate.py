@@ -37,19 +37,27 @@ Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
 - ``predictions.nc`` and its Zarr copy ``predictions.zarr``: CF-1.8, one variable per target, dims
   ``(time, prediction_timedelta, latitude, longitude)``, the forecast step's (WeatherBench 2's) layout
   (:mod:`conv2dlstm.artifacts.predictions`);
-- ``metrics.csv``: tidy table ``run,model,variable,lead,metric,value``. ``model`` is the run's model
-  or a baseline; metrics ``rmse``, ``mae``, ``bias``, ``acc`` (not for climatology), ``rho`` (damped
-  persistence: its damping), and per baseline ``skill_vs_<baseline>`` with ``_lower``, ``_upper``
-  (the 95% interval), ``_significant`` (1: the interval excludes 0), ``_meaningful`` (0: the
-  climatology is unsupported; the four before are NaN) and ``_block_length``
-  (:func:`conv2dlstm.evaluation.scores.skill_frame`), and ``skill_horizon_vs_<baseline>`` (lead 0, one
-  row per model and variable): the last lead up to which the skill's 95% interval stays above 0, in
-  lead steps (:func:`conv2dlstm.evaluation.scores.skill_horizon`);
+- ``metrics.csv``: tidy table ``run,model,variable,region,season,lead,metric,value``. ``region`` and
+  ``season`` name the stratum a row was scored on (:mod:`conv2dlstm.evaluation.strata`): ``all`` and
+  ``all``, the whole grid over every initial time (the headline, the only rows without
+  ``evaluate.regions`` and ``evaluate.by_season``), a region of ``evaluate.regions`` (area-weighted
+  over its ocean cells), a season or month (the initial times whose first valid time falls in it;
+  its bootstrap resamples those only). ``model`` is the run's model or a baseline; metrics ``rmse``,
+  ``mae``, ``bias``, ``acc`` (not for climatology), ``rho`` (damped persistence: its damping), and
+  per baseline ``skill_vs_<baseline>`` with ``_lower``, ``_upper`` (the 95% interval),
+  ``_significant`` (1: the interval excludes 0), ``_meaningful`` (0: the climatology is unsupported;
+  the four before are NaN) and ``_block_length`` (:func:`conv2dlstm.evaluation.scores.skill_frame`),
+  and ``skill_horizon_vs_<baseline>`` (lead 0, one row per model and variable): the last lead up to
+  which the skill's 95% interval stays above 0, in lead steps
+  (:func:`conv2dlstm.evaluation.scores.skill_horizon`);
 - ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals, the
   skill horizon dashed),
   ``maps.png``, ``rmse_map.png`` (land grey, an ocean cell without a score hatched);
 - ``animation.gif`` (with ``evaluate.animation_lead`` above 0): the test period at that lead, truth,
   forecast and error, at most ``evaluate.animation_frames`` frames (:mod:`conv2dlstm.evaluation.animation`).
+- ``skill_by_region.png``, ``skill_by_season.png`` (with ``evaluate.regions``, ``evaluate.by_season``):
+  the run's skill against each baseline per region or season at each lead, with its 95% interval
+  (:func:`_stage_stratified_figures`).
 
 Memory is bounded by one batch of ``B = evaluate.batch_size`` windows, not by the length of the
 test period. Per batch the step holds the inputs, the prediction, the truth and the baselines
@@ -65,7 +73,10 @@ steps. Across batches it keeps only:
   only, so the time mean taken at the end equals the definition of :mod:`conv2dlstm.evaluation.metrics` on
   the whole test set;
 - per forecast the per-initial-time MSE series, ``N x T_out x C_out`` floats for ``N`` test
-  windows, for the bootstrap;
+  windows, for the bootstrap (one series per region: ``R + 1`` of them with ``R`` regions; a season's
+  bootstrap takes its initial times from them, by the season of each initial time, ``N`` labels).
+  Each region's scores of a batch are computed on their own, so the time per batch grows with the
+  number of regions, and the memory of a batch does not;
 - the per-cell sum of squared errors at lead 1 for ``rmse_map.png``
   (:class:`conv2dlstm.evaluation.scores.CellRmse`, ``C_out x H x W``);
 - the one sample shown in ``maps.png``;
@@ -91,7 +102,9 @@ Only then are the scores logged into the training run's MLflow run
 (:func:`conv2dlstm.evaluation.scores.mlflow_metrics`: metrics named like ``test_rmse_sst_lead1``,
 ``persistence_rmse_sst_lead1``, ``skill_vs_persistence_sst_lead1``,
 ``skill_vs_persistence_lower_sst_lead1``, ``skill_vs_climatology_meaningful_sst_lead1``,
-``skill_horizon_vs_persistence_sst``, all at step
+``skill_horizon_vs_persistence_sst``, and per region or season the same names ending
+``_region_<name>`` or ``_season_<group>`` (:func:`conv2dlstm.evaluation.scores.stratum_suffix`; a
+region within a season is in ``metrics.csv`` only), all at step
 0; the CSV and the plots as artifacts under ``evaluate/``). The run is checked to exist before
 any work starts. A rerun does not duplicate metrics: a metric whose latest logged value equals the
 new one is skipped, a changed value is appended at step 0 and becomes the latest; artifacts are
@@ -106,7 +119,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +131,10 @@ from conv2dlstm.artifacts import predictions as predictions_file
 from conv2dlstm.artifacts import provenance
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.config import keys
+from conv2dlstm.config.strata import PLOT_BY_REGION, stratified_plots
 from conv2dlstm.config.validate import max_lead
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
-from conv2dlstm.evaluation import animation, baselines, metrics, plots
+from conv2dlstm.evaluation import animation, baselines, metrics, plots, strata
 from conv2dlstm.evaluation.inference import (
     Horizon,
     climatology_at,
@@ -135,9 +149,11 @@ from conv2dlstm.evaluation.inference import (
 from conv2dlstm.evaluation.scores import (
     CellRmse,
     StreamingScores,
+    headline,
     metrics_table,
     mlflow_metrics,
     skill_intervals,
+    stratum_frame,
     tidy,
 )
 from conv2dlstm.fsutil import atomic_output, discard_partials, full_disk_named, sha256_file
@@ -479,12 +495,18 @@ def evaluate_split(
     checkpoint: Path,
     nonnegative: Sequence[str] = (),
     feedback: Sequence[int] | None = None,
+    regions: Mapping[str, xr.DataArray] | None = None,
+    grouping: strata.TimeGrouping | None = None,
 ) -> tuple[pd.DataFrame, xr.DataArray, tuple[xr.DataArray, xr.DataArray]]:
     """Predict and score the test windows batch by batch, writing the predictions with ``writer``.
 
     Before the test windows, damped persistence's damping is fitted on the store's training part
     (:func:`damping`) and the leads whose baselines rely on an unsupported climatology are found
-    (:func:`unsupported_leads`).
+    (:func:`unsupported_leads`). Every score is computed on the whole grid over every initial time
+    (region and season ``all``), on each of ``regions`` (name -> ``(lat, lon)`` boolean field of its
+    ocean cells, :func:`conv2dlstm.evaluation.strata.region_masks`; area-weighted within it) and on
+    each group of initial times of ``grouping`` (:mod:`conv2dlstm.evaluation.strata`), by
+    :class:`~conv2dlstm.evaluation.scores.StreamingScores`.
 
     Returns:
         The scores (layout of :meth:`conv2dlstm.evaluation.scores.StreamingScores.table`, plus the ``rho`` rows of
@@ -500,7 +522,8 @@ def evaluate_split(
     targets = [str(v) for v in store.target_variables]
     expected = (int(store.lead_steps), len(targets), lat.size, lon.size)
     weights = metrics.area_weights(lat, mask)
-    scores, cell_rmse = StreamingScores(weights), CellRmse(mask)
+    named = {strata.ALL: weights, **{name: metrics.area_weights(lat, cells) for name, cells in (regions or {}).items()}}
+    scores, cell_rmse = StreamingScores(named, grouping), CellRmse(mask)
     rho = damping(store, stats, weights=weights, chunk_steps=max(batch_size, 1) * expected[0])
     cell_mean = baselines.training_mean(store, stats, chunk_steps=max(batch_size, 1) * expected[0])
     not_meaningful = unsupported_leads(store, stats)
@@ -539,7 +562,7 @@ def evaluate_split(
     if shown is None:
         raise DataError(f"sample {shown_sample} for maps.png is not one of the {n} test windows")
     leads = np.arange(1, expected[0] + 1, dtype="int64")
-    rho_rows = tidy(rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho")
+    rho_rows = stratum_frame(tidy(rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho"))
     table = pd.concat([scores.table(not_meaningful), rho_rows], ignore_index=True)
     return table, cell_rmse.result(), shown
 
@@ -633,7 +656,7 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
     for stray in discard_partials(out_dir):
         log.info("evaluate: discarded %s left by an interrupted run", stray)
     inputs = _open_inputs(cfg, run=run, windows=windows, checkpoint=checkpoint)
-    outputs = (*OUTPUT_FILES, *inputs.animation_files)
+    outputs = (*OUTPUT_FILES, *inputs.stratified, *inputs.animation_files)
     device = resolve_device(cfg["train"]["device"])
     uri = tracking.resolve_tracking_uri(dict(cfg))
     tracking.check_run(uri, inputs.run_id)  # an unknown run fails before the work, not after the commit
@@ -678,6 +701,9 @@ class _Inputs:
     model_name: str
     init_times: pd.DatetimeIndex  # of the test windows
     shown_sample: int  # the test window drawn in maps.png
+    regions: dict[str, xr.DataArray] = field(default_factory=dict)  # evaluate.regions: their ocean cells
+    grouping: strata.TimeGrouping | None = None  # evaluate.by_season
+    stratified: tuple[str, ...] = ()  # the figures of the strata (conv2dlstm.config.strata.stratified_plots)
     animation_lead: int = 0  # evaluate.animation_lead (0: no animation)
     animation_frames: int = 0  # evaluate.animation_frames (0: every initial time)
 
@@ -718,6 +744,13 @@ def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint:
             )
     init_times = pd.DatetimeIndex(store.init_times(SPLIT))
     k = plot_sample(init_times, cfg["evaluate"]["plot_date"])  # a bad plot_date fails before the work
+    ocean = xr.DataArray(
+        np.asarray(store.mask, dtype=bool),
+        dims=("lat", "lon"),
+        coords={"lat": np.asarray(store.lat, dtype="float64"), "lon": np.asarray(store.lon, dtype="float64")},
+    )
+    regions = strata.region_masks(cfg["evaluate"]["regions"], ocean)  # a region off the ocean fails here
+    grouping = strata.time_grouping(cfg["evaluate"]["by_season"])
     return _Inputs(
         run,
         store,
@@ -728,6 +761,9 @@ def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint:
         model_name,
         init_times,
         k,
+        regions,
+        grouping,
+        tuple(stratified_plots(cfg)),
         animation_lead=_animation_lead(cfg, store),
         animation_frames=int(cfg["evaluate"]["animation_frames"]),
     )
@@ -792,10 +828,13 @@ def _stage_outputs(
             checkpoint=checkpoint,
             nonnegative=nonnegative_targets(inputs.ckpt),
             feedback=rollout_feedback(inputs.ckpt, store),
+            regions=inputs.regions,
+            grouping=inputs.grouping,
         )
     table = metrics_table(scores, run=run, model_name=model_name)
     write_csv(table, staging / "metrics.csv")
-    _stage_figures(staging, table, inputs, rmse_map=rmse_map, shown=shown, units=units)
+    _stage_figures(staging, headline(table), inputs, rmse_map=rmse_map, shown=shown, units=units)
+    _stage_stratified_figures(staging, table, inputs)
     _stage_animation(staging, inputs, stats_ds, units=units, batch_size=batch_size)
     return table
 
@@ -826,6 +865,35 @@ def _stage_figures(
         lead_step=plots.lead_step(lead_times),
         ocean=_ocean(inputs.store),
     )
+
+
+def _stage_stratified_figures(staging: Path, table: pd.DataFrame, inputs: _Inputs) -> None:
+    """The figures of the strata (``inputs.stratified``, :func:`conv2dlstm.config.strata.stratified_plots`):
+    the run's skill against each baseline with its 95% interval per lead, one marker per region
+    (``skill_by_region.png``: every initial time) or per season or month (``skill_by_season.png``: the
+    whole grid), the headline (``all``) among them (:func:`conv2dlstm.evaluation.plots.skill_by_stratum`)."""
+    if not inputs.stratified:
+        return
+    init_times, run, model_name = inputs.init_times, inputs.run, inputs.model_name
+    who = run if run == model_name else f"{run} ({model_name})"
+    period = f"{init_times.min():%Y-%m-%d}..{init_times.max():%Y-%m-%d}"
+    lead_times = np.asarray(inputs.store.valid_times(SPLIT), dtype="datetime64[ns]") - init_times.values[:, None]
+    skills = skill_intervals(table[table["model"] == model_name])
+    for name in inputs.stratified:
+        by, other = ("region", "season") if name == PLOT_BY_REGION else ("season", "region")
+        what = (
+            "region (every initial time)"
+            if by == "region"
+            else f"{inputs.grouping.name if inputs.grouping else by} of the first valid time (whole grid)"
+        )
+        plots.skill_by_stratum(
+            skills[skills[other] == strata.ALL],
+            staging / name,
+            by=by,
+            lead_step=plots.lead_step(lead_times),
+            title=f"{who}: RMSE skill 1 - RMSE/RMSE(baseline) by {what} with 95% block-bootstrap intervals, test "
+            f"initial times {period} (filled: the interval excludes 0)",
+        )
 
 
 def _ocean(store: Any) -> xr.DataArray:
