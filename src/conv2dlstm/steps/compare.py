@@ -35,7 +35,7 @@ averaged over leads, and per baseline ``b``:
 shaded interval (filled markers where the interval excludes zero). The RMSE axis of each variable names its unit,
 ``harmonize.units.<variable>.unit`` of the configuration (:func:`units_of`; ``(physical units)``
 without a configuration or an entry); the lead axis the time step of the leads, read from the
-``lead_time`` coordinate of the ``predictions.nc`` that the evaluate step writes beside each
+``prediction_timedelta`` coordinate of the ``predictions.nc`` that the evaluate step writes beside each
 ``metrics.csv`` (:func:`lead_step_of`; steps without a unit when it is absent).
 """
 
@@ -238,8 +238,8 @@ def units_of(cfg: dict | None) -> dict[str, str]:
 
 
 def lead_step_of(metrics_paths: Sequence[Path]) -> pd.Timedelta | None:
-    """The time step of the leads (:func:`conv2dlstm.evaluation.plots.lead_step`), from the ``lead_time`` of the
-    ``predictions.nc`` that the evaluate step writes beside each ``metrics.csv`` in the same job.
+    """The time step of the leads (:func:`conv2dlstm.evaluation.plots.lead_step`), from the ``prediction_timedelta``
+    of the ``predictions.nc`` that the evaluate step writes beside each ``metrics.csv`` in the same job.
     None when a file is missing or unreadable, or the runs disagree."""
     steps = set()
     for path in metrics_paths:
@@ -248,7 +248,7 @@ def lead_step_of(metrics_paths: Sequence[Path]) -> pd.Timedelta | None:
             return None
         try:
             with predictions_file.open(predictions) as ds:
-                steps.add(plots.lead_step(ds["lead_time"].values))
+                steps.add(plots.lead_step(ds["prediction_timedelta"].values))
         except (DataError, KeyError) as exc:
             log.warning("compare: lead axis in steps: no lead time from %s (%s)", predictions, exc)
             return None
