@@ -530,8 +530,8 @@ def skill_by_stratum(
     groups = [g for g in groups if g in set(skills[by].astype(str))] or [headline]
     colors = {g: ("black" if g == headline else f"C{i}") for i, g in enumerate(groups)}
     width = 0.8 / max(len(groups), 1)
-    fig = Figure(figsize=(max(6.0 * len(variables), 8.0), 3.4 * len(present)), layout="constrained")
-    grid = fig.subplots(len(present), len(variables), squeeze=False)
+    fig = Figure(figsize=(max(7.5 * len(variables), 10.0), 3.4 * len(present)), layout="constrained")
+    grid = fig.subplots(len(present), len(variables), squeeze=False)  # room for the legend beside each panel
     for row, baseline in zip(grid, present, strict=True):
         for ax, variable in zip(row, variables, strict=True):
             sub = skills[(skills["baseline"] == baseline) & (skills["variable"] == variable)]
@@ -553,12 +553,14 @@ def skill_by_stratum(
                 sig = ok["significant"].to_numpy(dtype=bool)
                 ax.plot(x[sig], skill[sig], color=color, linestyle="none", marker="o")
                 ax.plot(x[~sig], skill[~sig], color=color, linestyle="none", marker="o", markerfacecolor="white")
+            if not sub.empty and not (sub["meaningful"].astype(bool) & sub["skill"].notna()).any():
+                ax.text(0.5, 0.5, _NOT_MEANINGFUL, transform=ax.transAxes, ha="center", va="center", color="0.4")
             leads = sorted(sub["lead"].unique())
             if leads:
                 ax.set_xticks(leads)
             ax.set_xlabel(lead_label(lead_step))
             ax.set_ylabel(f"RMSE skill vs {baseline}")
-            ax.set_title(f"{variable}: skill vs {baseline} by {by} (filled: 95% interval excludes 0)")
+            ax.set_title(f"{variable}: skill vs {baseline}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     _title(fig, title)

@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from conv2dlstm.config.runs import run_names
+from conv2dlstm.config.strata import PLOT_BY_REGION, PLOT_BY_SEASON
 from conv2dlstm.config.workflow import compare_stem
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
@@ -34,8 +35,9 @@ from conv2dlstm.textdiff import first_difference
 
 EVALUATE_FILES = ("metrics.csv", "rmse_vs_lead.png", "skill_vs_lead.png", "acc_vs_lead.png", "maps.png", "rmse_map.png")
 """What the evaluate step writes per run besides ``predictions.nc`` and ``predictions.zarr`` (listed in the summary)."""
-OPTIONAL_FILES = ("animation.gif",)
-"""What it writes when the configuration asks for it (``evaluate.animation_lead``), listed when present."""
+OPTIONAL_FILES = ("animation.gif", PLOT_BY_REGION, PLOT_BY_SEASON)
+"""What it writes when the configuration asks for it (``evaluate.animation_lead``, ``evaluate.regions``,
+``evaluate.by_season``), listed when present."""
 
 _LABELS = {name: name.replace("_", " ") for name in BASELINE_NAMES}
 
