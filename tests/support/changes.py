@@ -110,6 +110,11 @@ CHANGES: dict[str, dict] = {
     "evaluate.by_season": {"evaluate": {"by_season": "season"}},
     "evaluate.animation_lead": {"evaluate": {"animation_lead": 2}},
     "evaluate.animation_frames": {"evaluate": {"animation_frames": 10}},
+    "evaluate.events.variables": {"evaluate": {"events": {"variables": ["sst"]}}},
+    "evaluate.events.quantile": {"evaluate": {"events": {"quantile": 0.95}}},
+    "evaluate.events.min_duration_days": {"evaluate": {"events": {"min_duration_days": 5}}},
+    "evaluate.events.min_training_years": {"evaluate": {"events": {"min_training_years": 3}}},
+    "evaluate.events.smooth_days": {"evaluate": {"events": {"smooth_days": 1}}},
 }
 
 # Keys whose change alone validation refuses under the tiny config (kind url); the refusal names the key.

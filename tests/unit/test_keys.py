@@ -56,6 +56,13 @@ def test_result_config_holds_exactly_the_determining_keys():
             "by_season": "none",
             "animation_lead": 1,
             "animation_frames": 120,
+            "events": {
+                "variables": [],
+                "quantile": 0.9,
+                "min_duration_days": 1,
+                "min_training_years": 2,
+                "smooth_days": 31,
+            },
         }
     }
     train = keys.result_config(cfg, "train", "convlstm")

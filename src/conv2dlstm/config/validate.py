@@ -269,6 +269,17 @@ def _check_animation(cfg: dict[str, Any]) -> None:
         )
 
 
+def _check_events(cfg: dict[str, Any]) -> None:
+    """``evaluate.events.variables`` are target variables (events are scored on forecasts)."""
+    named, targets = cfg["evaluate"]["events"]["variables"], cfg["variables"]["targets"]
+    unknown = [v for v in named if v not in targets]
+    if unknown:
+        raise ConfigError(
+            f"config key evaluate.events.variables: {unknown} are not target variables (variables.targets = "
+            f"{targets}); name targets only, or add them to variables.targets"
+        )
+
+
 def _check_run(cfg: dict[str, Any]) -> None:
     """The checks of one run's configuration (its ``model`` and ``train`` with overrides merged)."""
     _check_batch_split(cfg["train"])
@@ -464,7 +475,7 @@ def _check_source(cfg: dict[str, Any]) -> None:
 
 def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     """Checks across keys, in order: source and URLs (:func:`_check_source`), dates, splits (order,
-    then length), grid, region, unit ranges, runs, the evaluation's horizon and regions.
+    then length), grid, region, unit ranges, runs, the evaluation's horizon, regions and event variables.
 
     ``given`` are the top-level sections the caller supplied. Only the longitude-convention check
     uses it: it is skipped when ``grid`` was filled in from defaults (a step view may hold
@@ -487,6 +498,7 @@ def _check_semantics(cfg: dict[str, Any], given: set[str]) -> None:
     _check_horizon(cfg)
     _check_animation(cfg)
     _check_strata(cfg)
+    _check_events(cfg)
 
 
 def _check_unit_ranges(cfg: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ import pandas as pd
 import xarray as xr
 
 from conv2dlstm.errors import DataError
-from conv2dlstm.evaluation import metrics
+from conv2dlstm.evaluation import events, metrics
 from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 from conv2dlstm.evaluation.strata import ALL, STRATA, TimeGrouping
 
@@ -497,6 +497,11 @@ def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
     get a ``..._<variable>_mean`` over leads; a skill not meaningful at some lead (NaN) has no mean,
     and its ``..._meaningful_...`` metric is 0.
 
+    Extreme-event rows (:mod:`conv2dlstm.evaluation.events`, headline only): those of
+    :data:`conv2dlstm.evaluation.events.MLFLOW_METRICS` only, named like the skill rows
+    (``event_sedi_sst_lead1``, ``event_sedi_lower_sst_lead1``, ``persistence_event_pod_sst_lead1``);
+    the rest of them (ETS, base rate, frequency bias, the other intervals) are in ``metrics.csv`` only.
+
     Rows of a region or a season end in :func:`stratum_suffix` (``test_rmse_sst_lead1_region_gulf``,
     ``skill_vs_persistence_sst_lead1_season_DJF``, ``skill_horizon_vs_persistence_sst_region_gulf``,
     ``test_rmse_sst_mean_season_JJA``); the headline rows keep the names above, and a region within a
@@ -507,11 +512,13 @@ def mlflow_metrics(table: pd.DataFrame, *, model_name: str) -> dict[str, float]:
 
     def prefix(model: str, metric: str) -> str:
         if model == model_name:
-            return metric if metric.startswith(("skill_vs_", HORIZON_PREFIX)) else f"test_{metric}"
+            return metric if metric.startswith(("skill_vs_", HORIZON_PREFIX, events.PREFIX)) else f"test_{metric}"
         return f"{model}_{metric}"
 
     for row in table.itertuples(index=False):
         suffix = stratum_suffix(str(row.region), str(row.season))
+        if str(row.metric).startswith(events.PREFIX) and row.metric not in events.MLFLOW_METRICS:
+            continue
         if suffix is not None and np.isfinite(row.value):
             at = "" if str(row.metric).startswith(HORIZON_PREFIX) else f"_lead{row.lead}"  # one value over leads
             out[f"{prefix(row.model, row.metric)}_{row.variable}{at}{suffix}"] = float(row.value)

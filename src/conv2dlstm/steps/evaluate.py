@@ -49,7 +49,12 @@ Outputs in ``out_dir`` (:data:`OUTPUT_FILES`):
   the four before are NaN) and ``_block_length`` (:func:`conv2dlstm.evaluation.scores.skill_frame`),
   and ``skill_horizon_vs_<baseline>`` (lead 0, one row per model and variable): the last lead up to
   which the skill's 95% interval stays above 0, in lead steps
-  (:func:`conv2dlstm.evaluation.scores.skill_horizon`);
+  (:func:`conv2dlstm.evaluation.scores.skill_horizon`); with ``evaluate.events``, per forecast, event
+  variable and lead (headline only), the extreme-event scores ``event_pod``, ``event_far``,
+  ``event_sedi``, ``event_ets`` with ``_lower``, ``_upper``, and ``event_base_rate``,
+  ``event_frequency_bias``, ``event_meaningful`` (:mod:`conv2dlstm.evaluation.events`: anomalies beyond
+  the training period's day-of-year percentile, Hobday et al. 2016; area-weighted contingency
+  counts; the intervals from the block bootstrap of the per-initial-time counts);
 - ``rmse_vs_lead.png``, ``acc_vs_lead.png``, ``skill_vs_lead.png`` (skill with shaded intervals, the
   skill horizon dashed),
   ``maps.png``, ``rmse_map.png`` (land grey, an ocean cell without a score hatched);
@@ -80,6 +85,11 @@ steps. Across batches it keeps only:
 - the per-cell sum of squared errors at lead 1 for ``rmse_map.png``
   (:class:`conv2dlstm.evaluation.scores.CellRmse`, ``C_out x H x W``);
 - the one sample shown in ``maps.png``;
+- with ``evaluate.events``: the event threshold (``366 x V_e x H x W`` float32, estimated on the
+  training part before the test windows, :func:`event_threshold`) and per forecast the four
+  contingency counts of each initial time, lead and event variable, ``N x T_out x V_e x 4``, plus
+  the last ``min_duration_days - 1`` days of exceedance still undecided
+  (:class:`conv2dlstm.evaluation.events.EventCounts`);
 - the time coordinates (``N x T_out`` datetimes).
 
 ``predictions.nc`` and ``predictions.zarr`` are written batch by batch
@@ -134,7 +144,7 @@ from conv2dlstm.config import keys
 from conv2dlstm.config.strata import PLOT_BY_REGION, stratified_plots
 from conv2dlstm.config.validate import max_lead
 from conv2dlstm.errors import ConfigError, DataError, TrackingError
-from conv2dlstm.evaluation import animation, baselines, metrics, plots, strata
+from conv2dlstm.evaluation import animation, baselines, events, metrics, plots, strata
 from conv2dlstm.evaluation.inference import (
     Horizon,
     climatology_at,
@@ -147,6 +157,9 @@ from conv2dlstm.evaluation.inference import (
     read_batch,
 )
 from conv2dlstm.evaluation.scores import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
     CellRmse,
     StreamingScores,
     headline,
@@ -483,6 +496,88 @@ def unsupported_leads(store: Any, stats: xr.Dataset, *, split: str = SPLIT) -> d
     return flags
 
 
+def event_threshold(
+    store: Any, stats: xr.Dataset, spec: events.EventSpec, *, chunk_steps: int, split: str = SPLIT
+) -> tuple[np.ndarray, xr.DataArray | None]:
+    """The leads whose event scores are not meaningful (``(lead,)`` bool: a test valid day whose day of
+    year has fewer than ``evaluate.events.min_training_years`` training years,
+    :func:`conv2dlstm.evaluation.events.unsupported_event_leads`, with a warning naming the days) and,
+    unless every lead is, the event threshold fitted on the training part of ``store``
+    (:func:`conv2dlstm.evaluation.events.percentile_threshold`), logged."""
+    train_times = baselines.training_times(store.time, stats)
+    years = events.training_years(train_times)
+    valid = np.asarray(store.valid_times(split), dtype="datetime64[ns]")
+    flags = events.unsupported_event_leads(valid, years, spec.min_training_years)
+    start, end = baselines.training_period(stats)
+    days = events.calendar_day(valid).ravel()
+    log.info(
+        "extreme events of %s: %s; %d..%d training years per test valid day",
+        ", ".join(spec.variables),
+        spec.describe(),
+        int(years[days - 1].min()) if days.size else 0,
+        int(years[days - 1].max()) if days.size else 0,
+    )
+    if flags.any():
+        short = sorted(
+            {str(pd.Timestamp(t).date()) for t, d in zip(valid.ravel(), days) if years[d - 1] < spec.min_training_years}
+        )
+        log.warning(
+            "extreme events: the training period %s..%s gives the threshold of some test valid days fewer than %d "
+            "years (evaluate.events.min_training_years; e.g. %s%s): the event scores are NaN and event_meaningful "
+            "is 0 at lead(s) %s; lengthen splits.train or lower evaluate.events.min_training_years",
+            start,
+            end,
+            spec.min_training_years,
+            ", ".join(short[:5]),
+            " ..." if len(short) > 5 else "",
+            [int(k) + 1 for k in np.flatnonzero(flags)],
+        )
+    if flags.all():
+        return flags, None
+    threshold = events.percentile_threshold(store, stats, spec, chunk_steps=chunk_steps)
+    for variable in spec.variables:
+        values = threshold.sel(variable=variable).values
+        log.info(
+            "extreme events: %s threshold fitted on the training period %s..%s: anomalies %.3g..%.3g over days of "
+            "year and ocean cells",
+            variable,
+            start,
+            end,
+            float(np.nanmin(values)),
+            float(np.nanmax(values)),
+        )
+    return flags, threshold
+
+
+def _event_rows(counts: events.EventCounts, spec: events.EventSpec, flags: np.ndarray) -> pd.DataFrame:
+    """The ``event_*`` rows of the accumulated ``counts`` (:func:`conv2dlstm.evaluation.events.event_rows`,
+    the bootstrap of the skill intervals: :data:`BOOTSTRAP_RESAMPLES` resamples, seed :data:`BOOTSTRAP_SEED`)."""
+    if counts.gaps and counts.min_steps > 1:
+        log.warning(
+            "extreme events: %d gap(s) between consecutive test initial times end runs of exceedance "
+            "(evaluate.events.min_duration_days %d counts consecutive initial times only)",
+            counts.gaps,
+            spec.min_duration_days,
+        )
+    rows = events.event_rows(
+        counts.counts(),
+        variables=spec.variables,
+        unsupported=flags,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        confidence=CONFIDENCE,
+        seed=BOOTSTRAP_SEED,
+    )
+    headline = rows[(rows["model"] == "model") & (rows["metric"] == f"{events.PREFIX}sedi")]
+    for variable, group in headline.groupby("variable", sort=False):
+        log.info(
+            "extreme events: %s SEDI of the model at leads 1..%d: %s",
+            variable,
+            len(group),
+            ", ".join(f"{v:.3f}" for v in group["value"]),
+        )
+    return rows
+
+
 def evaluate_split(
     model: Any,
     store: Any,
@@ -497,6 +592,7 @@ def evaluate_split(
     feedback: Sequence[int] | None = None,
     regions: Mapping[str, xr.DataArray] | None = None,
     grouping: strata.TimeGrouping | None = None,
+    event_spec: events.EventSpec | None = None,
 ) -> tuple[pd.DataFrame, xr.DataArray, tuple[xr.DataArray, xr.DataArray]]:
     """Predict and score the test windows batch by batch, writing the predictions with ``writer``.
 
@@ -506,11 +602,14 @@ def evaluate_split(
     (region and season ``all``), on each of ``regions`` (name -> ``(lat, lon)`` boolean field of its
     ocean cells, :func:`conv2dlstm.evaluation.strata.region_masks`; area-weighted within it) and on
     each group of initial times of ``grouping`` (:mod:`conv2dlstm.evaluation.strata`), by
-    :class:`~conv2dlstm.evaluation.scores.StreamingScores`.
+    :class:`~conv2dlstm.evaluation.scores.StreamingScores`. With ``event_spec`` (``evaluate.events``)
+    the extreme-event threshold is estimated on the training part too (:func:`event_threshold`) and
+    every forecast's event counts are accumulated (:class:`conv2dlstm.evaluation.events.EventCounts`),
+    on the whole grid over every initial time only.
 
     Returns:
         The scores (layout of :meth:`conv2dlstm.evaluation.scores.StreamingScores.table`, plus the ``rho`` rows of
-        damped persistence),
+        damped persistence and the ``event_*`` rows of :func:`conv2dlstm.evaluation.events.event_rows`),
         the lead-1 RMSE per grid cell ``(variable, lat, lon)``, and the lead-1 truth and prediction
         ``(variable, lat, lon)`` of sample ``shown_sample``.
     """
@@ -527,6 +626,11 @@ def evaluate_split(
     rho = damping(store, stats, weights=weights, chunk_steps=max(batch_size, 1) * expected[0])
     cell_mean = baselines.training_mean(store, stats, chunk_steps=max(batch_size, 1) * expected[0])
     not_meaningful = unsupported_leads(store, stats)
+    event_counts, event_flags = None, np.zeros(expected[0], dtype=bool)
+    if event_spec is not None:
+        event_flags, threshold = event_threshold(store, stats, event_spec, chunk_steps=max(batch_size, 1) * expected[0])
+        step = events.time_step(store.time)
+        event_counts = events.EventCounts(event_spec, threshold, weights, step=step)
     shown: tuple[xr.DataArray, xr.DataArray] | None = None
     log.info("predicting %d test windows on %s in batches of %d", n, device, batch_size)
     for i0 in range(0, n, batch_size):
@@ -554,6 +658,8 @@ def evaluate_split(
             nonnegative=nonnegative,
         )
         scores.add(forecasts, truth, forecasts["climatology"])
+        if event_counts is not None:
+            event_counts.add(forecasts, truth, forecasts["climatology"])
         cell_rmse.add(forecasts["model"].sel(lead=1), truth.sel(lead=1))
         writer.write(i0, forecasts["model"].values)
         if batch.start <= shown_sample < batch.stop:  # keep only the sample shown in maps.png
@@ -563,7 +669,10 @@ def evaluate_split(
         raise DataError(f"sample {shown_sample} for maps.png is not one of the {n} test windows")
     leads = np.arange(1, expected[0] + 1, dtype="int64")
     rho_rows = stratum_frame(tidy(rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho"))
-    table = pd.concat([scores.table(not_meaningful), rho_rows], ignore_index=True)
+    frames = [scores.table(not_meaningful), rho_rows]
+    if event_spec is not None and event_counts is not None:
+        frames.append(stratum_frame(_event_rows(event_counts, event_spec, event_flags)))
+    table = pd.concat(frames, ignore_index=True)
     return table, cell_rmse.result(), shown
 
 
@@ -573,7 +682,7 @@ def evaluate_split(
 
 def line_labels(table: pd.DataFrame) -> pd.Series:
     """Legend label of each row: the model name, with a note on baselines whose skill is not meaningful."""
-    flags = table[table["metric"].str.endswith("_meaningful")]
+    flags = table[table["metric"].str.startswith("skill_vs_") & table["metric"].str.endswith("_meaningful")]
     flagged = {
         metric[len("skill_vs_") : -len("_meaningful")]
         for metric, value in zip(flags["metric"], flags["value"], strict=True)
@@ -706,6 +815,7 @@ class _Inputs:
     stratified: tuple[str, ...] = ()  # the figures of the strata (conv2dlstm.config.strata.stratified_plots)
     animation_lead: int = 0  # evaluate.animation_lead (0: no animation)
     animation_frames: int = 0  # evaluate.animation_frames (0: every initial time)
+    event_spec: events.EventSpec | None = None  # evaluate.events (None: no event scores)
 
     @property
     def animation_files(self) -> tuple[str, ...]:
@@ -766,6 +876,7 @@ def _open_inputs(cfg: Mapping[str, Any], *, run: str, windows: Path, checkpoint:
         tuple(stratified_plots(cfg)),
         animation_lead=_animation_lead(cfg, store),
         animation_frames=int(cfg["evaluate"]["animation_frames"]),
+        event_spec=events.EventSpec.from_config(cfg["evaluate"]["events"], store.target_variables),
     )
 
 
@@ -830,6 +941,7 @@ def _stage_outputs(
             feedback=rollout_feedback(inputs.ckpt, store),
             regions=inputs.regions,
             grouping=inputs.grouping,
+            event_spec=inputs.event_spec,
         )
     table = metrics_table(scores, run=run, model_name=model_name)
     write_csv(table, staging / "metrics.csv")
