@@ -516,7 +516,9 @@ def bootstrap_scores(
         return {s: (float(point[s]), math.nan, math.nan) for s in INTERVAL_SCORES}
     block = metrics.block_length(values[:, 1] + values[:, 2])
     idx = metrics.circular_block_indices(n, block, n_resamples, np.random.default_rng(seed))
-    samples = contingency_scores(values[idx].sum(axis=1))
+    step = 250  # resamples summed at a time: (250, time, 4) floats at most
+    sums = np.concatenate([values[idx[i : i + step]].sum(axis=1) for i in range(0, n_resamples, step)])
+    samples = contingency_scores(sums)
     alpha = (1.0 - confidence) / 2.0
     out = {}
     for s in INTERVAL_SCORES:
