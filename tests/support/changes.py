@@ -129,7 +129,11 @@ RUN_CHANGES = {
     "runtime override": ([{"name": "convlstm", "train": {"num_workers": 1, "device": "cpu"}}], set()),
     "inactive architecture": ([{"name": "convlstm", "model": {"conv2d_lstm": {"filters": [8]}}}], set()),
     "result override": ([{"name": "convlstm", "train": {"epochs": 3}}], {"train", "evaluate", "compare"}),
-    "second run": ([{"name": "convlstm"}, {"name": "b", "train": {"seed": 1}}], {"train", "evaluate", "compare"}),
+    # a second run that differs only in train.seed: the two are an ensemble (conv2dlstm.config.ensembles)
+    "second run": (
+        [{"name": "convlstm"}, {"name": "b", "train": {"seed": 1}}],
+        {"train", "evaluate", "ensemble", "compare"},
+    ),
 }
 
 # The sweep grid, which validation expands into runs entries named from their values: (sweep, steps planned).

@@ -154,7 +154,10 @@ def test_planned_steps_are_the_determined_steps_and_everything_downstream():
     assert steps_planned_by(spec["splits.val"], cfg) == {"windows", "train", "evaluate", "compare"}
     assert steps_planned_by(spec["evaluate.plot_date"], cfg) == {"evaluate", "compare"}
     assert steps_planned_by(spec["outdir"], cfg) == {"regrid", "normalize", "windows", "train", "evaluate", "compare"}
-    assert steps_planned_by(spec["synthetic.seed"], cfg) == set(keys.STEPS)
+    assert steps_planned_by(spec["synthetic.seed"], cfg) == set(keys.STEPS) - {"ensemble"}  # one run: no ensemble
+    seeds = validate_config({"sweep": {"train.seed": [0, 1]}})
+    assert steps_planned_by(spec["synthetic.seed"], seeds) == set(keys.STEPS)
+    assert steps_planned_by(spec["train.epochs"], seeds) == {"train", "evaluate", "ensemble", "compare"}
     real = validate_config({"synthetic": {"kind": "none"}})
     assert steps_planned_by(spec["synthetic.seed"], real) == set()
     assert "synth" not in steps_planned_by(spec["name"], real)

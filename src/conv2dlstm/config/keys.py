@@ -44,8 +44,9 @@ from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.config.sources import expand_kinds
 from conv2dlstm.config.validate import run_config
 
-STEPS = ("synth", "fetch", "regrid", "normalize", "windows", "train", "evaluate", "compare")
-"""The steps in pipeline order: each step's inputs come from steps before it."""
+STEPS = ("synth", "fetch", "regrid", "normalize", "windows", "train", "evaluate", "ensemble", "compare")
+"""The steps in pipeline order: each step's inputs come from steps before it. ``ensemble`` runs only
+where runs form an ensemble (:mod:`conv2dlstm.config.ensembles`)."""
 RUN_STEPS = ("train", "evaluate")
 """Steps that run once per configured run (the ``runs`` entries override ``model`` and ``train``)."""
 RUN_KEYS = (("runs",), ("sweep",))
@@ -239,7 +240,7 @@ def sweep_tags(cfg: dict[str, Any]) -> dict[str, str]:
     """
     names = run_names(cfg)
     payload = {
-        "data": {step: result_config(cfg, step) for step in STEPS if step not in ("train", "evaluate", "compare")},
+        "data": {step: result_config(cfg, step) for step in STEPS if step not in (*RUN_STEPS, "ensemble", "compare")},
         "runs": {name: {step: result_config(cfg, step, name) for step in ("train", "evaluate")} for name in names},
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
