@@ -1,4 +1,4 @@
-# Conv2D-LSTM: download -> regrid -> normalize -> windows -> train -> evaluate -> compare.
+# Conv2D-LSTM: download -> regrid -> normalize -> windows -> train -> evaluate -> (ensemble) -> compare.
 # Rules live in workflow/rules/, one file per stage; all logic in the package src/conv2dlstm/.
 
 
@@ -10,6 +10,7 @@ include: "workflow/rules/normalize.smk"
 include: "workflow/rules/windows.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/forecast.smk"
 
 

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_steps(sub)
     _add_model_steps(sub)
     _add_verify(sub)
+    _add_ensemble(sub)
     _add_compare(sub)
     _add_forecast(sub)
     _add_mlflow_sync(sub)
@@ -179,6 +180,24 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("stores", type=Path, nargs="+", help="regridded or windows stores (.zarr)")
 
 
+def _add_ensemble(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "ensemble",
+        help="score a seed ensemble (runs that differ only in train.seed): its mean like a network, its CRPS, "
+        "spread-skill ratio and rank histogram; logged as its own MLflow run",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--ensemble",
+        required=True,
+        help="the ensemble's name, e.g. convlstm-ens (its members: the runs that differ only in train.seed)",
+    )
+    p.add_argument("--predictions", type=Path, nargs="+", required=True, help="predictions.nc of each member")
+    p.add_argument("--windows", type=Path, required=True)
+    p.add_argument("--stats", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+
 def _add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
@@ -187,6 +206,13 @@ def _add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     _add_config(p)
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics.csv of each run")
+    p.add_argument(
+        "--ensembles",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="metrics.csv of each ensemble (the ensemble step's): their ensemble means are listed as rows",
+    )
     p.add_argument(
         "--models",
         type=Path,
@@ -356,7 +382,12 @@ def _compare(args: argparse.Namespace) -> None:
 
         view = step_view(_config(args), "compare")
     importlib.import_module("conv2dlstm.steps.compare").main(
-        metrics=args.metrics, out_csv=args.out_csv, out_plot=args.out_plot, cfg=view, models=args.models
+        metrics=args.metrics,
+        out_csv=args.out_csv,
+        out_plot=args.out_plot,
+        cfg=view,
+        models=args.models,
+        ensembles=args.ensembles,
     )
 
 
@@ -446,6 +477,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _ensemble(args: argparse.Namespace) -> None:
+    cfg = _step_config(args, _config(args))
+    importlib.import_module("conv2dlstm.steps.ensemble").main(
+        cfg,
+        name=args.ensemble,
+        predictions=args.predictions,
+        windows=args.windows,
+        stats=args.stats,
+        out_dir=args.out_dir,
+    )
+
+
 # The handler of each subcommand of build_parser, by name.
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "validate-config": _validate_config,
@@ -462,6 +505,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "windows": _windows,
     "train": _train,
     "evaluate": _evaluate,
+    "ensemble": _ensemble,
     "verify": _verify,
     "compare": _compare,
     "forecast": _forecast,

@@ -14,6 +14,7 @@ configfile: "config/config.yaml"
 # The configuration is validated once, here, against workflow/schemas/config.schema.yaml (the
 # package reads the same file); defaults are filled in before any rule is built.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from conv2dlstm.config.ensembles import ensembles
 from conv2dlstm.config.runs import run_names
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.errors import ConfigError
@@ -44,6 +45,8 @@ OUT = config["outdir"]
 RES = config["resources_dir"]
 NAME = config["name"]
 RUNS = run_names(config)
+# Seed ensembles: runs that differ only in train.seed (conv2dlstm.config.ensembles), name -> Ensemble
+ENSEMBLES = {e.name: e for e in ensembles(config)}
 COMPARE = compare_stem(config)
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
@@ -71,5 +74,6 @@ def all_outputs():
         f"{OUT}/windows/{NAME}.zarr",
         *expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
         *expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
+        *expand(f"{OUT}/ensemble/{{ensemble}}/metrics.csv", ensemble=list(ENSEMBLES)),
         f"{COMPARE}.csv",
     ]

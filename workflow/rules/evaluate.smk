@@ -98,6 +98,8 @@ rule compare:
         models=expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
         # read beside each metrics.csv: the lead time of the plot's lead axis
         predictions=expand(f"{OUT}/evaluate/{{run}}/predictions.nc", run=RUNS),
+        # the seed ensembles' means, listed as entries (none without an ensemble)
+        ensembles=expand(f"{OUT}/ensemble/{{ensemble}}/metrics.csv", ensemble=list(ENSEMBLES)),
     output:
         csv=f"{COMPARE}.csv",
         plot=report(f"{COMPARE}.png", caption="../report/compare.rst", category="Comparison"),
@@ -107,4 +109,5 @@ rule compare:
         "../../envs/train.yaml"
     shell:
         "python -m conv2dlstm compare --config-json \"$CONV2DLSTM_CONFIG\" --metrics {input.metrics:q}"
-        " --models {input.models:q} --out-csv {output.csv:q} --out-plot {output.plot:q} > {log:q} 2>&1"
+        " --models {input.models:q} --ensembles {input.ensembles:q} --out-csv {output.csv:q}"
+        " --out-plot {output.plot:q} > {log:q} 2>&1"

@@ -9,9 +9,9 @@ differs is reported with a warning and the first one is kept).
 ``season``, :mod:`conv2dlstm.evaluation.strata`: the headline rows, ``all`` and ``all``, come first,
 exactly as without strata; then a row per region and per season of ``evaluate.regions`` and
 ``evaluate.by_season``), with columns :data:`SUMMARY_COLUMNS`: the run's ``rank`` among the runs
-(1: the lowest RMSE averaged over leads, per variable and stratum; runs are listed in rank order,
-then the baselines), RMSE averaged over leads, at the first and at the last lead, MAE, bias and ACC
-averaged over leads, and per baseline ``b``:
+and ensemble means (1: the lowest RMSE averaged over leads, per variable and stratum; runs are listed
+in rank order, then the ensemble means, then the baselines), RMSE averaged over leads, at the first
+and at the last lead, MAE, bias and ACC averaged over leads, and per baseline ``b``:
 
 - ``skill_vs_<b>_mean``: the skill ``1 - RMSE / RMSE(b)`` averaged over leads, from the
   ``skill_vs_<b>`` rows of ``metrics.csv``; NaN when a lead's skill is NaN (not meaningful: its
@@ -30,6 +30,11 @@ averaged over leads, and per baseline ``b``:
   rows as ``better_than_<b>``. Empty without an interval (against itself, or a file written before
   intervals existed). Rows are per variable, so no aggregation over variables is needed: a run's
   horizon over all its variables is the minimum of its rows'.
+
+Ensembles (``--ensembles``, the ensemble step's ``metrics.csv`` of each seed ensemble,
+:mod:`conv2dlstm.steps.ensemble`): the ensemble mean is one more entry, ``kind`` ``ensemble``, named
+after the ensemble, with the same columns (its rows of model ``<ensemble>``; its CRPS and spread are in
+its own ``metrics.csv``), ranked with the runs and listed after them (:func:`read_ensemble_means`).
 
 ``compare.png`` (the headline rows): RMSE against lead, and per baseline each run's skill with its
 shaded interval (filled markers where the interval excludes zero). The RMSE axis of each variable names its unit,
@@ -87,6 +92,8 @@ SUMMARY_COLUMNS: list[str] = [
         for column in (f"skill_vs_{b}_mean", f"better_than_{b}", f"better_leads_vs_{b}", f"skill_horizon_vs_{b}")
     ],
 ]
+FORECASTS: tuple[str, ...] = ("run", "ensemble")
+"""The kinds of ``compare.csv`` entries ranked against each other: the runs and the ensemble means."""
 HORIZON_COLUMNS: list[str] = [f"skill_horizon_vs_{b}" for b in BASELINE_NAMES]
 """The skill horizon columns of ``compare.csv``: integers, empty without an interval."""
 
@@ -118,10 +125,31 @@ def read_metrics(paths: Sequence[Path]) -> pd.DataFrame:
     return table
 
 
-def entries(table: pd.DataFrame) -> pd.DataFrame:
+def read_ensemble_means(paths: Sequence[Path]) -> pd.DataFrame:
+    """The ensemble means' rows of the ensemble step's ``metrics.csv`` files: model equal to run (the
+    ensemble's name); not the baselines (the runs' copies are kept) nor the members' rows."""
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"compare: {path} does not exist; run the ensemble step first")
+        try:
+            table = read_metrics_csv(path)
+        except DataError as exc:
+            raise DataError(f"compare: {exc}") from exc
+        frames.append(table[table["model"] == table["run"]])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def entries(table: pd.DataFrame, ensembles: pd.DataFrame | None = None) -> pd.DataFrame:
     """Rows ``name, kind, model, variable, region, season, lead, metric, value``: runs as they are,
-    baselines once (per stratum)."""
+    the ``ensembles``' means (:func:`read_ensemble_means`) as kind ``ensemble``, baselines once (per
+    stratum)."""
     runs = table[~table["model"].isin(BASELINE_NAMES)].assign(kind="run", name=lambda t: t["run"])
+    if ensembles is not None and not ensembles.empty:
+        clash = sorted(set(ensembles["run"]) & set(runs["name"]))
+        if clash:
+            raise DataError(f"compare: ensemble(s) {clash} are named like runs; each entry needs a name of its own")
+        runs = pd.concat([runs, ensembles.assign(kind="ensemble", name=lambda t: t["run"])], ignore_index=True)
     base = table[table["model"].isin(BASELINE_NAMES)]
     key = ["model", "variable", *STRATA, "lead", "metric"]
     spread = base.groupby(key)["value"].agg(lambda v: float(np.nanmax(v) - np.nanmin(v)) if v.notna().any() else 0.0)
@@ -185,7 +213,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             sk = here[here["baseline"] == baseline]
             record[f"better_than_{baseline}"], record[f"better_leads_vs_{baseline}"] = verdict(sk)
             record[f"skill_horizon_vs_{baseline}"] = _horizon(sk, by_metric.get(f"{HORIZON_PREFIX}{baseline}"))
-            if kind == "run" or not sk.empty:
+            if kind in FORECASTS or not sk.empty:
                 record[column] = _strict_mean(sk.sort_values("lead")["skill"]) if not sk.empty else np.nan
                 continue
             ref = baseline_rmse[baseline]
@@ -196,10 +224,10 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
             record[column] = _lead_mean(metrics.skill_score(r, ref_v))
         out.append(record)
     summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS).astype({c: "Int64" for c in HORIZON_COLUMNS})
-    runs = summary["kind"] == "run"
+    runs = summary["kind"].isin(FORECASTS)
     summary.loc[runs, "rank"] = summary[runs].groupby(["variable", *STRATA])["rmse_mean"].rank(method="min")
     summary["rank"] = summary["rank"].astype("Int64")
-    order = {"run": 0, "baseline": 1}
+    order = {"run": 0, "ensemble": 1, "baseline": 2}
     strata = list(dict.fromkeys([(ALL, ALL), *zip(summary["region"], summary["season"], strict=True)]))
     summary["_s"] = [strata.index(k) for k in zip(summary["region"], summary["season"], strict=True)]
     summary["_k"] = summary["kind"].map(order)
@@ -257,12 +285,18 @@ def lead_step_of(metrics_paths: Sequence[Path]) -> pd.Timedelta | None:
 
 def _labels(rows: pd.DataFrame) -> pd.Series:
     """Legend labels: ``run (model)`` for runs named differently from their model, else the name."""
-    named = (rows["kind"] == "run") & (rows["name"] != rows["model"])
+    named = rows["kind"].isin(FORECASTS) & (rows["name"] != rows["model"])
     return rows["name"].where(~named, rows["name"] + " (" + rows["model"] + ")")
 
 
 def main(
-    *, metrics: list[Path], out_csv: Path, out_plot: Path, cfg: dict | None = None, models: list[Path] | None = None
+    *,
+    metrics: list[Path],
+    out_csv: Path,
+    out_plot: Path,
+    cfg: dict | None = None,
+    models: list[Path] | None = None,
+    ensembles: Sequence[Path] = (),
 ) -> None:
     """Write ``compare.csv`` (main scores per run/baseline and variable) and ``compare.png`` (RMSE and skill vs lead).
 
@@ -273,13 +307,13 @@ def main(
     for out in (Path(out_csv), Path(out_plot)):
         for stray in discard_partials(out.parent, of=out.name):
             log.info("compare: discarded %s left by an interrupted run", stray)
-    rows = entries(read_metrics([Path(p) for p in metrics]))
+    rows = entries(read_metrics([Path(p) for p in metrics]), read_ensemble_means([Path(p) for p in ensembles]))
     summary = summarize(rows)
     rows = headline(rows)  # the figure: the whole grid over the whole test period
     rmse = rows[rows["metric"] == "rmse"].assign(label=_labels)
-    runs = sorted(set(rows.loc[rows["kind"] == "run", "name"]))
+    runs = sorted(set(rows.loc[rows["kind"].isin(FORECASTS), "name"]))
     labels = dict(zip(rmse["name"], rmse["label"], strict=True))
-    skills = skill_intervals(rows[rows["kind"] == "run"], by="name")
+    skills = skill_intervals(rows[rows["kind"].isin(FORECASTS)], by="name")
     skills = skills.assign(label=skills["name"].map(labels).fillna(skills["name"]))
     with atomic_output(out_csv) as tmp_csv, atomic_output(out_plot) as tmp_plot:
         summary.to_csv(tmp_csv, index=False)
