@@ -117,3 +117,49 @@ def link_environment(wf: Path) -> None:
     (wf / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     if subprocess.run(["make", "-q", ".venv/.installed"], cwd=wf).returncode != 0:
         pytest.fail(f"{sys.prefix} is older than pyproject.toml or requirements/lock.txt: run `make setup` first")
+
+
+def dry_run(wf: Path, configfile: Path, *targets: str) -> str:
+    """What `snakemake --dry-run [targets]` prints."""
+    exe = Path(sys.executable).parent / "snakemake"
+    proc = subprocess.run(
+        [str(exe), *targets, "-n", "--cores", "2", "--configfile", str(configfile)],
+        cwd=wf,
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+def planned_rules(wf: Path, configfile: Path, *targets: str) -> set[str]:
+    """The rules `snakemake --dry-run [targets]` would run (its job stats table), without `all`."""
+    out = dry_run(wf, configfile, *targets)
+    if "Nothing to be done" in out:
+        return set()
+    table = out[out.index("Job stats:") :]
+    rules = set()
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        rules.add(parts[0])
+    return rules - {"all"}
+
+
+def model_state(path: Path) -> dict:
+    """The weights of a checkpoint (``model_state``), read as the project reads them: weights only."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same weights, bit for bit."""
+    import torch
+
+    sa, sb = model_state(a), model_state(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
