@@ -1,6 +1,7 @@
 """config/zoo.yaml on the tiny configuration: every registered network trains, is scored to a lead
 beyond the one it is trained for, and appears in compare.csv with its skill horizon; the results
-tables compare them."""
+tables compare them. Beside the zoo, a sweep of train.seed over two one-epoch runs forms a seed
+ensemble, which the ensemble rule scores and compare lists."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import yaml
 
 from conv2dlstm.config import networks
+from conv2dlstm.config.ensembles import ensembles
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.evaluation import results
+from conv2dlstm.evaluation.baselines import BASELINE_NAMES
 from tests.support.workflow import REPO, run_snakemake
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +24,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def zoo(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
-    """The zoo's runs and horizon over tiny.yaml, each network at its registry entry's small size, in a
-    copy of the tiny run (its data steps are reused: the zoo changes no key of theirs)."""
+    """The zoo's runs and horizon over tiny.yaml, each network at its registry entry's small size, and a
+    seed ensemble of two one-epoch runs, in a copy of the tiny run (its data steps are reused: the zoo
+    changes no key of theirs)."""
     wf = tmp_path_factory.mktemp("zoo") / "wf"
     shutil.copytree(tiny_run, wf, symlinks=True)
     zoo_cfg = yaml.safe_load((REPO / "config" / "zoo.yaml").read_text())
@@ -31,7 +35,8 @@ def zoo(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
     for run in merged["runs"]:  # each network at its small size, which the 5x5 grid takes
         name = run["model"]["name"]
         run["model"][name] = dict(networks.network(name).small)
-    (wf / "zoo.yaml").write_text(yaml.safe_dump(merged))
+    merged["sweep"] = {"train.seed": [0, 1], "train.epochs": [1]}  # the ensemble ep1-ens: seed0-ep1, seed1-ep1
+    (wf / "zoo.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))  # the sweep's order names its runs
     proc = run_snakemake(wf, "--cores", "2", "--configfile", "zoo.yaml")
     assert "rule regrid:" not in proc.stdout + proc.stderr
     return wf, validate_config(merged)
@@ -39,13 +44,14 @@ def zoo(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_every_network_trains_and_is_scored_past_its_trained_leads(zoo) -> None:
     wf, cfg = zoo
-    assert {run["model"]["name"] for run in cfg["runs"]} == set(networks.NETWORKS), "zoo.yaml must list every network"
+    models = {run["name"]: run.get("model", {}).get("name", cfg["model"]["name"]) for run in cfg["runs"]}
+    assert set(models.values()) == set(networks.NETWORKS), "zoo.yaml must list every network"
     max_lead, trained = cfg["evaluate"]["max_lead"], cfg["windows"]["lead_steps"]
     assert max_lead > trained
     compare = pd.read_csv(wf / "results" / "compare" / f"{cfg['experiment']}.csv")
     for run in cfg["runs"]:
         metrics = pd.read_csv(wf / "results" / "evaluate" / run["name"] / "metrics.csv")
-        rmse = metrics[(metrics["model"] == run["model"]["name"]) & (metrics["metric"] == "rmse")]
+        rmse = metrics[(metrics["model"] == models[run["name"]]) & (metrics["metric"] == "rmse")]
         assert sorted(rmse["lead"]) == list(range(1, max_lead + 1)), run["name"]
         assert rmse["value"].notna().all(), run["name"]
         rows = compare[compare["name"] == run["name"]]
@@ -106,3 +112,50 @@ def test_forecast_past_the_trained_leads_equals_evaluate_bit_for_bit(zoo, tmp_pa
         with xr.open_dataset(out / "f.nc") as ds:
             assert ds.sizes["prediction_timedelta"] == cfg["evaluate"]["max_lead"] == expected.shape[0]
             np.testing.assert_array_equal(ds["sst"].values[0], expected)
+
+
+def test_a_seed_ensemble_is_scored_against_its_members_and_the_baselines(zoo) -> None:
+    """The two runs that differ only in train.seed form the ensemble ep1-ens: the ensemble rule writes its
+    scores (the baselines exactly as the members' evaluation scored them), compare lists its mean, and
+    its own MLflow run names the members' runs."""
+    import mlflow
+
+    wf, cfg = zoo
+    (spec,) = ensembles(cfg)
+    assert (spec.name, spec.members) == ("ep1-ens", ("seed0-ep1", "seed1-ep1"))
+    out = wf / "results" / "ensemble" / spec.name
+    assert (out / "rank_histogram.png").stat().st_size > 0
+    table = pd.read_csv(out / "metrics.csv")
+    max_lead = cfg["evaluate"]["max_lead"]
+    for metric in ("rmse", "crps", "spread", "spread_skill_ratio"):
+        rows = table[(table["model"] == spec.name) & (table["metric"] == metric)]
+        assert sorted(rows["lead"]) == list(range(1, max_lead + 1)), metric
+        assert (rows["value"] > 0).all(), metric
+    keys = ["model", "variable", "region", "season", "lead", "metric"]
+    ours = table[table["model"].isin(BASELINE_NAMES)].set_index(keys)["value"].sort_index()
+    rmse = {}
+    for member in spec.members:
+        theirs = pd.read_csv(wf / "results" / "evaluate" / member / "metrics.csv").set_index(keys)["value"]
+        pd.testing.assert_series_equal(ours, theirs.reindex(ours.index), check_exact=False, rtol=1e-6)
+        rmse[member] = table[(table["model"] == member) & (table["metric"] == "rmse")].sort_values("lead")["value"]
+        own = theirs.xs(("convlstm", "rmse", "all", "all"), level=["model", "metric", "region", "season"])
+        assert rmse[member].to_numpy() == pytest.approx(own.sort_index().to_numpy(), rel=1e-5), member
+    mean_rmse = table[(table["model"] == spec.name) & (table["metric"] == "rmse")].sort_values("lead")["value"]
+    member_mse = sum(r.to_numpy() ** 2 for r in rmse.values()) / len(rmse)
+    assert (mean_rmse.to_numpy() ** 2 <= member_mse * (1 + 1e-6)).all()  # the mean's error: at most the members'
+    hist = pd.read_csv(out / "rank_histogram.csv")
+    assert sorted(set(hist["rank"])) == [1, 2, 3] and hist.groupby("lead")["frequency"].sum().round(9).eq(1).all()
+
+    compare = pd.read_csv(wf / "results" / "compare" / f"{cfg['experiment']}.csv")
+    row = compare[compare["name"] == spec.name]
+    assert list(row["kind"]) == ["ensemble"] and row["rmse_mean"].iloc[0] == pytest.approx(mean_rmse.mean())
+
+    client = mlflow.MlflowClient(f"sqlite:///{wf / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg["experiment"])
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.ensemble = '{spec.name}'")
+    for member in spec.members:
+        run_id = (wf / "results" / "train" / member / "mlflow_run_id.txt").read_text().strip()
+        assert run.data.tags[f"ensemble.member.{member}"] == run_id
+    assert run.data.metrics["test_crps_sst_lead1"] == pytest.approx(
+        table[(table["model"] == spec.name) & (table["metric"] == "crps") & (table["lead"] == 1)]["value"].iloc[0]
+    )
