@@ -5,8 +5,9 @@ forecasts are the evaluate step's ``predictions.nc`` (:mod:`conv2dlstm.artifacts
 back a batch of initial times at a time. Per batch (:func:`score_ensemble`):
 
 - the truth and the baselines in physical units, exactly as the evaluate step builds them
-  (:func:`truth_and_baselines`, :class:`References`: the same library functions in the same order,
-  so the ensemble's baseline rows equal those of each member's ``metrics.csv``);
+  (:func:`conv2dlstm.evaluation.inference.batch_forecasts` without a network, :class:`References`: the
+  same function on the same training fits, so the ensemble's baseline rows equal those of each member's
+  ``metrics.csv``);
 - the ensemble mean (the mean over members, NaN where a member is NaN) scored with the baselines by
   :class:`conv2dlstm.evaluation.scores.StreamingScores`: RMSE, MAE, bias, ACC and the skill against
   every baseline with its 95% block-bootstrap interval and horizon, as for a network;
@@ -54,7 +55,7 @@ import xarray as xr
 from conv2dlstm.artifacts import provenance
 from conv2dlstm.errors import DataError
 from conv2dlstm.evaluation import baselines, metrics
-from conv2dlstm.evaluation.inference import climatology_at, clip_nonnegative, forecast_array, physical, read_batch
+from conv2dlstm.evaluation.inference import batch_forecasts, read_batch
 from conv2dlstm.evaluation.scores import StreamingScores, metrics_table, stratum_frame, tidy
 
 log = logging.getLogger(__name__)
@@ -248,55 +249,6 @@ def fit_references(store: Any, stats: xr.Dataset, *, weights: xr.DataArray, chun
     return References(rho, cell_mean, flags)
 
 
-def truth_and_baselines(
-    y: np.ndarray,
-    last: np.ndarray,
-    *,
-    init_times: np.ndarray,
-    valid_times: np.ndarray,
-    variables: Sequence[str],
-    mask: xr.DataArray,
-    stats: xr.Dataset,
-    refs: References,
-    nonnegative: Sequence[str] = (),
-) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
-    """One batch's baselines (:data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`) and truth in physical
-    units, float32, NaN on land, ``(time, lead, variable, lat, lon)``: the evaluate step's
-    ``batch_forecasts`` without the network. ``y`` ``(B, T_out, C_out, H, W)`` and ``last``
-    ``(B, C_out, H, W)`` are the normalized targets and the targets at the initial times."""
-    lat, lon = mask["lat"].values, mask["lon"].values
-    truth = physical(
-        forecast_array(
-            y, name="truth", init_times=init_times, valid_times=valid_times, variables=variables, lat=lat, lon=lon
-        ),
-        stats,
-        mask,
-    )
-    at_init = physical(
-        xr.DataArray(
-            last,
-            dims=("time", "variable", "lat", "lon"),
-            coords={"time": truth["time"], "variable": list(variables), "lat": lat, "lon": lon},
-        ),
-        stats,
-        mask,
-    )
-    persist = baselines.persistence(at_init, truth.sizes["lead"]).assign_coords(
-        lead_time=truth["lead_time"], valid_time=truth["valid_time"]
-    )
-    clim = climatology_at(truth["valid_time"], stats, variables).where(mask)
-    clim_initial = climatology_at(truth["time"], stats, variables).where(mask)
-    damped = baselines.damped_persistence(at_init, clim_initial, clim, refs.rho.astype("float32"))
-    mean = refs.cell_mean.sel(variable=list(variables)).broadcast_like(truth).transpose(*truth.dims)
-    out = {
-        "persistence": persist,
-        "climatology": clim,
-        "damped_persistence": clip_nonnegative(damped.astype("float32"), nonnegative),
-        "training_mean": mean,
-    }
-    return out, truth
-
-
 # --------------------------------------------------------------------------------------------------
 # The members' forecasts
 
@@ -417,7 +369,8 @@ def score_ensemble(
     for i0 in range(0, n, step):
         rows = slice(i0, min(i0 + step, n))
         _, y, last = read_batch(store, SPLIT, range(rows.start, rows.stop))
-        forecasts, truth = truth_and_baselines(
+        forecasts, truth = batch_forecasts(
+            None,
             y,
             last,
             init_times=init_all[rows],
@@ -425,7 +378,8 @@ def score_ensemble(
             variables=targets,
             mask=mask,
             stats=stats,
-            refs=refs,
+            rho=refs.rho,
+            cell_mean=refs.cell_mean,
             nonnegative=nonnegative,
         )
         batch = member_batch(members, rows, truth)

@@ -257,3 +257,78 @@ def clip_nonnegative(da: xr.DataArray, nonnegative: Sequence[str]) -> xr.DataArr
 def climatology_at(valid_times: xr.DataArray, stats: xr.Dataset, variables: Sequence[str]) -> xr.DataArray:
     """Climatology forecast at ``valid_times`` as float32 (:func:`conv2dlstm.evaluation.baselines.climatology`)."""
     return baselines.climatology(valid_times, stats, variables).astype("float32")
+
+
+def batch_forecasts(
+    pred: np.ndarray | None,
+    y: np.ndarray,
+    last: np.ndarray,
+    *,
+    init_times: np.ndarray,
+    valid_times: np.ndarray,
+    variables: Sequence[str],
+    mask: xr.DataArray,
+    stats: xr.Dataset,
+    rho: xr.DataArray | None = None,
+    cell_mean: xr.DataArray | None = None,
+    nonnegative: Sequence[str] = (),
+) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
+    """One batch in physical units (float32, NaN on land): the forecasts and the truth. The evaluate
+    step scores the network and the baselines with it, the ensemble step (``pred`` None) the baselines.
+
+    Args:
+        pred: normalized model prediction ``(B, T_out, C_out, H, W)``, or None for the baselines only.
+        y: normalized targets ``(B, T_out, C_out, H, W)``.
+        last: normalized targets at the initial times, ``(B, C_out, H, W)`` (persistence).
+        init_times, valid_times: ``(B,)`` and ``(B, T_out)`` datetimes of the batch's windows.
+        variables: the ``C_out`` target names.
+        mask: ``(lat, lon)`` ocean mask with the grid's coordinates.
+        stats: statistics from :func:`conv2dlstm.artifacts.stats.open_lazy`.
+        rho: ``(lag, variable)`` damping of damped persistence (:func:`conv2dlstm.evaluation.baselines.fit_damping`);
+            without it there is no damped persistence forecast.
+        cell_mean: ``(variable, lat, lon)`` training mean of each cell
+            (:func:`conv2dlstm.evaluation.baselines.training_mean`); without it there is no
+            ``training_mean`` forecast.
+        nonnegative: target variables that cannot be negative; the model's prediction and damped
+            persistence are clipped at 0 there (:func:`clip_nonnegative`).
+
+    Returns:
+        The forecasts ``model`` (with ``pred``) and those of :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`
+        (damped persistence with ``rho``, the training mean with ``cell_mean``), and the truth, each
+        ``(time, lead, variable, lat, lon)`` with the coordinates of :func:`forecast_array`.
+    """
+    lat, lon = mask["lat"].values, mask["lon"].values
+    coords: dict[str, Any] = {
+        "init_times": init_times,
+        "valid_times": valid_times,
+        "variables": variables,
+        "lat": lat,
+        "lon": lon,
+    }
+    truth = physical(forecast_array(y, name="truth", **coords), stats, mask)
+    out: dict[str, xr.DataArray] = {}
+    if pred is not None:
+        prediction = physical(forecast_array(pred, name="prediction", **coords), stats, mask)
+        out["model"] = clip_nonnegative(prediction, nonnegative)
+    at_init = physical(
+        xr.DataArray(
+            last,
+            dims=("time", "variable", "lat", "lon"),
+            coords={"time": truth["time"], "variable": list(variables), "lat": lat, "lon": lon},
+        ),
+        stats,
+        mask,
+    )
+    out["persistence"] = baselines.persistence(at_init, truth.sizes["lead"]).assign_coords(
+        lead_time=truth["lead_time"], valid_time=truth["valid_time"]
+    )
+    clim = climatology_at(truth["valid_time"], stats, variables).where(mask)
+    out["climatology"] = clim
+    if rho is not None:
+        clim_initial = climatology_at(truth["time"], stats, variables).where(mask)
+        damped = baselines.damped_persistence(at_init, clim_initial, clim, rho.astype("float32"))
+        out["damped_persistence"] = clip_nonnegative(damped.astype("float32"), nonnegative)
+    if cell_mean is not None:
+        mean = cell_mean.sel(variable=list(variables)).broadcast_like(truth)  # the same field at every lead
+        out["training_mean"] = mean.transpose(*truth.dims)
+    return out, truth

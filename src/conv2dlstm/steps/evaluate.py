@@ -147,8 +147,7 @@ from conv2dlstm.errors import ConfigError, DataError, TrackingError
 from conv2dlstm.evaluation import animation, baselines, events, metrics, plots, strata
 from conv2dlstm.evaluation.inference import (
     Horizon,
-    climatology_at,
-    clip_nonnegative,
+    batch_forecasts,
     feedback_channels,
     forecast_array,
     nonnegative_targets,
@@ -369,76 +368,6 @@ def log_to_mlflow(
 
 # --------------------------------------------------------------------------------------------------
 # The batches: forecasts, baselines and truth in physical units, scored
-
-
-def batch_forecasts(
-    pred: np.ndarray,
-    y: np.ndarray,
-    last: np.ndarray,
-    *,
-    init_times: np.ndarray,
-    valid_times: np.ndarray,
-    variables: Sequence[str],
-    mask: xr.DataArray,
-    stats: xr.Dataset,
-    rho: xr.DataArray | None = None,
-    cell_mean: xr.DataArray | None = None,
-    nonnegative: Sequence[str] = (),
-) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
-    """One batch in physical units (float32, NaN on land): the forecasts and the truth.
-
-    Args:
-        pred, y: normalized model prediction and targets, ``(B, T_out, C_out, H, W)``.
-        last: normalized targets at the initial times, ``(B, C_out, H, W)`` (persistence).
-        init_times, valid_times: ``(B,)`` and ``(B, T_out)`` datetimes of the batch's windows.
-        variables: the ``C_out`` target names.
-        mask: ``(lat, lon)`` ocean mask with the grid's coordinates.
-        stats: statistics from :func:`conv2dlstm.artifacts.stats.open_lazy`.
-        rho: ``(lag, variable)`` damping of damped persistence (:func:`conv2dlstm.evaluation.baselines.fit_damping`);
-            without it there is no damped persistence forecast.
-        cell_mean: ``(variable, lat, lon)`` training mean of each cell
-            (:func:`conv2dlstm.evaluation.baselines.training_mean`); without it there is no
-            ``training_mean`` forecast.
-        nonnegative: target variables that cannot be negative; the model's prediction and damped
-            persistence are clipped at 0 there (:func:`clip_nonnegative`).
-
-    Returns:
-        The forecasts ``model`` and those of :data:`conv2dlstm.evaluation.baselines.BASELINE_NAMES`, and the truth,
-        each ``(time, lead, variable, lat, lon)`` with the coordinates of
-        :func:`conv2dlstm.evaluation.inference.forecast_array`.
-    """
-    lat, lon = mask["lat"].values, mask["lon"].values
-    coords: dict[str, Any] = {
-        "init_times": init_times,
-        "valid_times": valid_times,
-        "variables": variables,
-        "lat": lat,
-        "lon": lon,
-    }
-    forecast = clip_nonnegative(physical(forecast_array(pred, name="prediction", **coords), stats, mask), nonnegative)
-    truth = physical(forecast_array(y, name="truth", **coords), stats, mask)
-    at_init = physical(
-        xr.DataArray(
-            last,
-            dims=("time", "variable", "lat", "lon"),
-            coords={"time": forecast["time"], "variable": list(variables), "lat": lat, "lon": lon},
-        ),
-        stats,
-        mask,
-    )
-    persist = baselines.persistence(at_init, forecast.sizes["lead"]).assign_coords(
-        lead_time=forecast["lead_time"], valid_time=forecast["valid_time"]
-    )
-    clim = climatology_at(forecast["valid_time"], stats, variables).where(mask)
-    out = {"model": forecast, "persistence": persist, "climatology": clim}
-    if rho is not None:
-        clim_initial = climatology_at(forecast["time"], stats, variables).where(mask)
-        damped = baselines.damped_persistence(at_init, clim_initial, clim, rho.astype("float32"))
-        out["damped_persistence"] = clip_nonnegative(damped.astype("float32"), nonnegative)
-    if cell_mean is not None:
-        mean = cell_mean.sel(variable=list(variables)).broadcast_like(forecast)  # the same field at every lead
-        out["training_mean"] = mean.transpose(*forecast.dims)
-    return out, truth
 
 
 def damping(store: Any, stats: xr.Dataset, *, weights: xr.DataArray, chunk_steps: int) -> xr.DataArray:
