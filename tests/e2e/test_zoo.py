@@ -24,9 +24,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def zoo(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
-    """The zoo's runs and horizon over tiny.yaml, each network at its registry entry's small size, and a
-    seed ensemble of two one-epoch runs, in a copy of the tiny run (its data steps are reused: the zoo
-    changes no key of theirs)."""
+    """The zoo's runs and horizon over tiny.yaml, each network at its registry entry's small size, a
+    seed ensemble of two one-epoch runs, a region, months and event scores, in a copy of the tiny run
+    (its data steps are reused: the zoo changes no key of theirs)."""
     wf = tmp_path_factory.mktemp("zoo") / "wf"
     shutil.copytree(tiny_run, wf, symlinks=True)
     zoo_cfg = yaml.safe_load((REPO / "config" / "zoo.yaml").read_text())
@@ -36,6 +36,12 @@ def zoo(tiny_run: Path, tmp_path_factory) -> tuple[Path, dict]:
         name = run["model"]["name"]
         run["model"][name] = dict(networks.network(name).small)
     merged["sweep"] = {"train.seed": [0, 1], "train.epochs": [1]}  # the ensemble ep1-ens: seed0-ep1, seed1-ep1
+    merged["evaluate"] = {  # scores by region, by month and of events, from the configuration alone
+        **merged["evaluate"],
+        "regions": {"south": {"lat": [30.0, 32.0]}},
+        "by_season": "month",
+        "events": {"variables": ["sst"]},
+    }
     (wf / "zoo.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))  # the sweep's order names its runs
     proc = run_snakemake(wf, "--cores", "2", "--configfile", "zoo.yaml")
     assert "rule regrid:" not in proc.stdout + proc.stderr
@@ -51,6 +57,7 @@ def test_every_network_trains_and_is_scored_past_its_trained_leads(zoo) -> None:
     compare = pd.read_csv(wf / "results" / "compare" / f"{cfg['experiment']}.csv")
     for run in cfg["runs"]:
         metrics = pd.read_csv(wf / "results" / "evaluate" / run["name"] / "metrics.csv")
+        metrics = metrics[(metrics["region"] == "all") & (metrics["season"] == "all")]  # the headline rows
         rmse = metrics[(metrics["model"] == models[run["name"]]) & (metrics["metric"] == "rmse")]
         assert sorted(rmse["lead"]) == list(range(1, max_lead + 1)), run["name"]
         assert rmse["value"].notna().all(), run["name"]
@@ -159,3 +166,34 @@ def test_a_seed_ensemble_is_scored_against_its_members_and_the_baselines(zoo) ->
     assert run.data.metrics["test_crps_sst_lead1"] == pytest.approx(
         table[(table["model"] == spec.name) & (table["metric"] == "crps") & (table["lead"] == 1)]["value"].iloc[0]
     )
+
+
+def test_every_run_is_scored_by_region_month_and_event_and_animated_into_mlflow(zoo) -> None:
+    """evaluate.regions, by_season and events on every network's run: the region's and each month's
+    rows at every lead beside the headline rows (which stay first), the event rows flagged not
+    meaningful (tiny.yaml trains on 3.5 months, the day-of-year percentile needs 2 years), the
+    stratified plots, and the animation in the run's MLflow artifacts."""
+    import mlflow
+
+    wf, cfg = zoo
+    client = mlflow.MlflowClient(f"sqlite:///{wf / 'mlflow.db'}")
+    max_lead = cfg["evaluate"]["max_lead"]
+    for run in cfg["runs"]:
+        out = wf / "results" / "evaluate" / run["name"]
+        metrics = pd.read_csv(out / "metrics.csv")
+        assert (metrics.iloc[0][["region", "season"]] == ["all", "all"]).all(), run["name"]
+        assert set(metrics["region"]) == {"all", "south"}, run["name"]
+        months = set(metrics["season"]) - {"all"}
+        assert months and months <= {"May", "Jun", "Jul"}, (run["name"], months)
+        rmse = metrics[(metrics["metric"] == "rmse") & (metrics["region"] == "south") & (metrics["season"] == "all")]
+        for model in rmse["model"].unique():
+            leads = rmse[rmse["model"] == model]
+            assert sorted(leads["lead"]) == list(range(1, max_lead + 1)) and leads["value"].notna().all(), model
+        flags = metrics[metrics["metric"] == "event_meaningful"]
+        assert not flags.empty and (flags["value"] == 0).all(), run["name"]
+        assert metrics[metrics["metric"] == "event_sedi"]["value"].isna().all(), run["name"]
+        for plot in ("skill_by_region.png", "skill_by_season.png", "animation.gif"):
+            assert (out / plot).stat().st_size > 0, (run["name"], plot)
+        run_id = (wf / "results" / "train" / run["name"] / "mlflow_run_id.txt").read_text().strip()
+        logged = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+        assert {"evaluate/animation.gif", "evaluate/skill_by_region.png"} <= logged, (run["name"], logged)

@@ -70,10 +70,14 @@ def fetch_inputs(wildcards):
 
 
 def all_outputs():
+    """What `rule all` asks for. Every output the evaluate rule declares, the figures that only some
+    configurations draw included (evaluate.regions, by_season, animation_lead): Snakemake compares a
+    job's params with those recorded only when every output the job declares has a record, so a
+    newly configured figure must be a missing output that is asked for, which reruns evaluate."""
     return [
         f"{OUT}/windows/{NAME}.zarr",
         *expand(f"{OUT}/train/{{run}}/model.pt", run=RUNS),
-        *expand(f"{OUT}/evaluate/{{run}}/metrics.csv", run=RUNS),
+        *expand(list(rules.evaluate.output), run=RUNS),
         *expand(f"{OUT}/ensemble/{{ensemble}}/metrics.csv", ensemble=list(ENSEMBLES)),
         f"{COMPARE}.csv",
     ]
