@@ -75,8 +75,18 @@ def local_default_run(tmp_path_factory, worker_id) -> Path:
     return shared_run(tmp_path_factory, worker_id, "default", build)
 
 
-E2E_FIRST = ("test_quickstart.py", "test_seed.py", "test_slurm.py", "test_rerun.py", "test_tracking_load.py")
-"""The longest test files (minutes each, ``docs/performance.md``), longest first."""
+E2E_FIRST = (
+    "test_quickstart.py",
+    "test_zoo.py",
+    "test_seed.py",
+    "test_slurm.py",
+    "test_rerun_inputs.py",
+    "test_tracking_load.py",
+    "test_rerun.py",
+    "test_mlflow_ui.py",
+    "test_forecast.py",
+)
+"""The longest test files (a minute or more each, ``docs/performance.md``), longest first."""
 
 
 def pytest_collection_modifyitems(config, items) -> None:
