@@ -402,10 +402,8 @@ def test_compare_has_a_row_per_stratum_after_the_headline(tmp_path: Path) -> Non
 # the workflow: a mask file is an input of evaluate, the figures of the strata its outputs
 
 
-def test_the_evaluate_rule_reads_the_mask_files_and_writes_the_figures(snakemake_exe, workflow_copy) -> None:
-    import subprocess
-
-    from tests.support.workflow import job_env
+def test_the_evaluate_rule_reads_the_mask_files_and_writes_the_figures(workflow_copy) -> None:
+    from tests.support.workflow import dry_run
 
     lat, lon = np.arange(21.0, 45.5), np.arange(-79.0, -54.5)
     _mask_field((lat[:, None] > 35) & (lon[None, :] < -70), lat=lat, lon=lon, name="mask").to_netcdf(
@@ -414,16 +412,7 @@ def test_the_evaluate_rule_reads_the_mask_files_and_writes_the_figures(snakemake
     (workflow_copy / "strata.yaml").write_text(
         "evaluate:\n  regions:\n    south: {lat: [21.0, 30.0]}\n    shelf: {mask: shelf.nc}\n  by_season: season\n"
     )
-    proc = subprocess.run(
-        [snakemake_exe, "-n", "--cores", "1", "--configfile", "strata.yaml"],
-        cwd=workflow_copy,
-        capture_output=True,
-        text=True,
-        env=job_env(),
-        timeout=120,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = dry_run(workflow_copy, workflow_copy / "strata.yaml")
     block = out[out.index("rule evaluate:") :]
     inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
     outputs = next(line for line in block.splitlines() if line.strip().startswith("output:"))
