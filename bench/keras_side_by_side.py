@@ -32,7 +32,8 @@ to ``N`` compute threads (``torch.set_num_threads(N)``, ``torch.set_num_interop_
 ``--check`` uses the ratio at 48 x 28 with both limited to ``nproc`` threads (both sides get the whole
 machine, the fair comparison).
 
-OpenMP: importing ``conv2dlstm`` sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it) and
+OpenMP: importing ``conv2dlstm`` sets how OpenMP threads wait (a brief spin, then sleep; unless the
+environment sets it) and
 torch runs on GNU OpenMP; TensorFlow loads no OpenMP runtime (its kernels and oneDNN run on its own
 Eigen thread pools), so the variable does not concern it. Both workers report what they ran with, and
 this process reports the CPU time the waiting worker used during the other's rounds (near 0: the
@@ -91,7 +92,7 @@ class TorchWorker:
     """The project's conv2d_lstm, built with the project's own code."""
 
     def __init__(self, threads: int | None) -> None:
-        import conv2dlstm  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch loads, as in the pipeline)
+        import conv2dlstm  # noqa: F401  (sets OpenMP's waiting before torch loads, as in the pipeline)
 
         # isort: split
         import torch
@@ -102,11 +103,13 @@ class TorchWorker:
         self.torch = torch
 
     def info(self) -> dict:
+        from conv2dlstm import openmp_waiting
+
         torch = self.torch
         return {
             "framework": f"torch {torch.__version__}",
             "threads": f"{torch.get_num_threads()} OpenMP (interop {torch.get_num_interop_threads()})",
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "OpenMP waiting": openmp_waiting(),
             "mkldnn": torch.backends.mkldnn.is_available(),
             "libraries": threading_libraries(),
         }
@@ -169,7 +172,7 @@ class KerasWorker:
         return {
             "framework": f"keras {keras.__version__} / tensorflow-cpu {tf.__version__} ({keras.backend.backend()})",
             "threads": f"intra-op {intra or f'0 = {os.cpu_count()}'}, inter-op {inter or f'0 = {os.cpu_count()}'}",
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "OpenMP waiting": "none (TensorFlow runs no OpenMP)",
             "oneDNN": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
             "libraries": threading_libraries(),
         }
@@ -436,7 +439,7 @@ def main() -> int:
     print(f"{args.rounds} alternating rounds of {args.seconds:g} s after {args.warmup:g} s warm-up, medians")
     for side in ("torch", "keras"):
         info = first[side]
-        print(f"{side}: {info['framework']}; OMP_WAIT_POLICY {info['OMP_WAIT_POLICY']}; libraries {info['libraries']}")
+        print(f"{side}: {info['framework']}; OpenMP waiting: {info['OpenMP waiting']}; libraries {info['libraries']}")
         for s in results["settings"]:
             print(f"    threads {s['threads']}: {s[side]['threads']}")
     print(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import conv2dlstm  # noqa: F401  (sets OMP_WAIT_POLICY before any test module imports torch)
+import conv2dlstm  # noqa: F401  (sets OpenMP's waiting before any test module imports torch)
 from conv2dlstm.evaluation import metrics
 from tests.support import reference as _reference
 from tests.support.cases import LAT, MASK, cube_shape, forecast_cube
