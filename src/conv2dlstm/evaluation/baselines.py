@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from conv2dlstm.data.dayofyear import circular_running_mean
 from conv2dlstm.errors import DataError
 
 DAYS_OF_YEAR = 366
@@ -401,7 +402,7 @@ def climatology_support(train_times: np.ndarray | pd.DatetimeIndex | xr.DataArra
 
     ``fit_stats`` averages the training time steps by calendar day of year (1..366, 366 only in leap
     years), then smooths with a circular running mean of ``window`` days over the 366 days
-    (:func:`conv2dlstm.steps.normalize.circular_smooth`: day ``d`` averages days
+    (:func:`conv2dlstm.data.dayofyear.circular_running_mean`: day ``d`` averages days
     ``d - window//2 .. d - window//2 + window - 1``, wrapping around); a day with no training day in
     that window gets a value interpolated between the nearest supported days, possibly across
     months never seen. This returns True for a day of year exactly when its window contains the
@@ -423,9 +424,7 @@ def climatology_support(train_times: np.ndarray | pd.DatetimeIndex | xr.DataArra
     observed = np.zeros(DAYS_OF_YEAR, dtype=bool)
     if times.size:
         observed[pd.DatetimeIndex(times).day_of_year.to_numpy() - 1] = True
-    supported = np.zeros(DAYS_OF_YEAR, dtype=bool)
-    for offset in range(-(window // 2), window - window // 2):
-        supported |= np.roll(observed, -offset)  # day d sees day d + offset (as circular_smooth)
+    supported = np.isfinite(circular_running_mean(np.where(observed, 1.0, np.nan), window))
     return xr.DataArray(
         supported,
         dims=("dayofyear",),

@@ -62,6 +62,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from conv2dlstm.data.dayofyear import circular_running_mean
 from conv2dlstm.errors import ConfigError, DataError
 from conv2dlstm.evaluation import baselines, metrics
 
@@ -226,25 +227,6 @@ def unsupported_event_leads(valid_times: np.ndarray, years: np.ndarray, min_year
 
 # --------------------------------------------------------------------------------------------------
 # The threshold
-
-
-def circular_running_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """NaN-aware circular running mean of ``window`` days along axis 0 (the 366 days of year): day
-    ``d`` averages the finite values of days ``d - window//2 .. d - window//2 + window - 1``
-    (wrapping around); NaN where none is finite. ``window`` 1 returns a copy."""
-    if window < 1:
-        raise DataError(f"circular_running_mean: window must be at least 1 day, got {window}")
-    if window == 1:
-        return np.array(values, copy=True)
-    finite = np.isfinite(values)
-    filled = np.where(finite, values, 0.0).astype(np.float64)
-    total = np.zeros_like(filled)
-    count = np.zeros(values.shape, dtype=np.float64)
-    for offset in range(-(window // 2), window - window // 2):
-        total += np.roll(filled, -offset, axis=0)
-        count += np.roll(finite, -offset, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
 
 
 def day_quantiles(

@@ -48,6 +48,7 @@ from conv2dlstm.artifacts import regridded
 from conv2dlstm.artifacts import stats as stats_file
 from conv2dlstm.data import checks, gapfill
 from conv2dlstm.data import harmonize as hz
+from conv2dlstm.data.dayofyear import circular_running_mean
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -127,24 +128,11 @@ def training_slice(ds: hz.T, start: str, end: str) -> hz.T:
 
 
 def circular_smooth(clim: np.ndarray, window: int) -> np.ndarray:
-    """NaN-aware circular running mean of ``window`` days along axis 0 (366 days); gaps interpolated.
-
-    Day ``d`` averages the available days ``d - window//2 .. d - window//2 + window - 1`` (circular).
-    Days with no available value in their window are interpolated linearly between the nearest
-    available days before and after (circularly).
-    """
-    if window < 1:
-        raise ValueError(f"climatology window {window} must be at least 1")
+    """:func:`~conv2dlstm.data.dayofyear.circular_running_mean` of ``window`` days along axis 0
+    (366 days), gaps interpolated: days with no available value in their window are interpolated
+    linearly between the nearest available days before and after (circularly)."""
     n = clim.shape[0]
-    finite = np.isfinite(clim)
-    values = np.where(finite, clim, 0.0)
-    total = np.zeros_like(values)
-    count = np.zeros(clim.shape, dtype=np.float64)
-    for offset in range(-(window // 2), window - window // 2):
-        total += np.roll(values, -offset, axis=0)
-        count += np.roll(finite, -offset, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        smooth = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    smooth = circular_running_mean(clim, window)
     gaps = ~np.isfinite(smooth)
     if gaps.any():
         flat = smooth.reshape(n, -1)
