@@ -44,9 +44,12 @@ def has_consolidated_metadata(path: Path) -> bool:
     return False
 
 
-def open_local_zarr(path: Path, chunks: dict[str, int] | None) -> xr.Dataset:
-    """Open a local Zarr store lazily, with its consolidated metadata when it has some."""
-    return xr.open_zarr(path, chunks=chunks, consolidated=has_consolidated_metadata(path))
+def open_local_zarr(path: Path, chunks: dict[str, int] | None, *, indexes: bool = True) -> xr.Dataset:
+    """Open a local Zarr store lazily, with its consolidated metadata when it has some (``indexes``
+    False: no index on its dimension coordinates, which are still there to read)."""
+    return xr.open_zarr(
+        path, chunks=chunks, consolidated=has_consolidated_metadata(path), create_default_indexes=indexes
+    )
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,16 @@ class Sources:
         return self.time_files.get(checks.time_key(time))
 
 
-def _open_part(path: Path, fmt: str, chunks: dict[str, int] | None, manifest: Path) -> xr.Dataset:
-    """One listed file (or Zarr store), lazily (``chunks`` None: without Dask); :class:`DataError`
-    naming it when it cannot be opened."""
+def _open_part(
+    path: Path, fmt: str, chunks: dict[str, int] | None, manifest: Path, *, indexes: bool = True
+) -> xr.Dataset:
+    """One listed file (or Zarr store), lazily (``chunks`` None: without Dask; ``indexes`` False:
+    without indexes, half the cost of opening a small file, for reading coordinates and attributes
+    only); :class:`DataError` naming it when it cannot be opened."""
     try:
         if fmt == "zarr":
-            return open_local_zarr(path, chunks)
-        return xr.open_dataset(str(path), chunks=chunks)
+            return open_local_zarr(path, chunks, indexes=indexes)
+        return xr.open_dataset(str(path), chunks=chunks, create_default_indexes=indexes)
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(
             f"manifest {manifest}: cannot open {display_path(path)} ({type(exc).__name__}: {exc}); the file is "
@@ -194,7 +200,7 @@ def scan(manifest: Path, *, rules: checks.SourceRules | None = None) -> Catalog:
     blank: list[dict[int, tuple[str, ...]]] = []
     look_for_blanks = doc.get("kind") in GROUPS["whole-files"]
     for path, name in zip(paths, names):
-        ds = _open_part(path, doc["format"], None, manifest)
+        ds = _open_part(path, doc["format"], None, manifest, indexes=False)
         try:
             axis = hz.find_axis(ds, "time", rename=rename)
             if axis is not None:
