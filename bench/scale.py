@@ -1,7 +1,8 @@
 """How each pipeline step's memory and time grow with the size of the raw data.
 
     python bench/scale.py                    # 1x, 4x and 16x the default raw bytes
-    python bench/scale.py --factors 1 4      # a subset
+    python bench/scale.py --factors 1 64     # a subset; 64x is 11 GiB of decoded data
+    python bench/scale.py --factors 64 --dask-workers 2   # through an external Dask scheduler
     python bench/scale.py --check            # exit 1 when a target in bench/targets.yaml is missed
 
 The default configuration (synthetic OISST, 3 years of daily 0.25 degree files over a 26 x 26
@@ -10,10 +11,16 @@ and the model unchanged:
 
 - 4x: a finer source, 0.125 degree (4x the cells of every file);
 - 16x: 0.125 degree and 4x the days (12 years; the splits keep their proportions: train 2/3, val
-  and test 1/6 each).
+  and test 1/6 each);
+- 64x: 0.0625 degree over the same 12 years.
 
-The factor is the data volume: the decoded raw data (4 variables, float32) is 0.18, 0.71 and
-2.8 GiB. The files on disk are smaller (int16, zlib) and compress better at the finer resolution.
+The factor is the data volume: the decoded raw data (4 variables, float32) is 0.18, 0.71, 2.8 and
+11.3 GiB. The files on disk are smaller (int16, zlib) and compress better at the finer resolution.
+
+``--dask-workers N`` runs every factor through an external Dask cluster instead of each step's own:
+a ``dask scheduler`` and N ``dask worker`` processes (one thread each, ``--worker-memory`` each),
+started here on 127.0.0.1 and handed to the pipeline as ``dask.scheduler_address``; their memory
+counts towards every step's peak.
 
 Every step from fetch to evaluate runs as Snakemake runs it (``snakemake --until <rule>``, one step
 at a time, in order). Training runs one epoch of at most 40 batches: its data handling (the whole
@@ -21,9 +28,10 @@ training period is read and, when it fits, held on the device) is measured, not 
 
 Memory is the peak, over the step's lifetime, of the summed proportional set size (PSS, from
 ``/proc/<pid>/smaps_rollup``) of the step's process tree: the ``python -m conv2dlstm`` process and
-every process below it (Dask's worker processes included; Snakemake's ``benchmark:`` max_rss sees
-only the job's own process). PSS counts a page shared by several processes once in all, so the sum
-is the tree's real footprint. Sampled every 0.1 s.
+every process below it (Dask's worker processes included, and an external cluster's scheduler and
+workers; Snakemake's ``benchmark:`` max_rss sees only the job's own process). PSS counts a page
+shared by several processes once in all, so the sum is the tree's real footprint. Sampled every
+0.1 s.
 
 Results are printed as a table (markdown) and written as JSON to bench/results/scale.json.
 """
@@ -31,6 +39,7 @@ Results are printed as a table (markdown) and written as JSON to bench/results/s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -106,7 +115,7 @@ def _day_before(date: str) -> str:
     return str((pd.Timestamp(date) - pd.Timedelta(days=1)).date())
 
 
-SCALES = {1: Scale(1, 0.25, 3), 4: Scale(4, 0.125, 3), 16: Scale(16, 0.125, 12)}
+SCALES = {1: Scale(1, 0.25, 3), 4: Scale(4, 0.125, 3), 16: Scale(16, 0.125, 12), 64: Scale(64, 0.0625, 12)}
 
 
 def _pss_bytes(proc: psutil.Process) -> int:
@@ -136,9 +145,9 @@ class TreeMonitor(threading.Thread):
     """Samples the summed PSS of every ``python -m conv2dlstm`` process below ``root`` and its
     descendants; ``peak`` is the largest sum seen."""
 
-    def __init__(self, root: int, interval_s: float = 0.1) -> None:
+    def __init__(self, root: int, interval_s: float = 0.1, also: tuple[int, ...] = ()) -> None:
         super().__init__(daemon=True)
-        self.root, self.interval_s = root, interval_s
+        self.root, self.interval_s, self.also = root, interval_s, also
         self.peak = 0
         self.stop = threading.Event()
 
@@ -147,10 +156,15 @@ class TreeMonitor(threading.Thread):
             below = psutil.Process(self.root).children(recursive=True)
         except psutil.Error:
             return 0
+        for pid in self.also:  # an external Dask cluster's processes
+            try:
+                below.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
         seen: set[int] = set()
         total = 0
         for proc in below:
-            if proc.pid in seen or not _is_step(proc):
+            if proc.pid in seen or not (_is_step(proc) or proc.pid in self.also):
                 continue
             try:
                 tree = [proc, *proc.children(recursive=True)]
@@ -168,16 +182,80 @@ class TreeMonitor(threading.Thread):
             self.stop.wait(self.interval_s)
 
 
+class ExternalCluster:
+    """A ``dask scheduler`` and ``workers`` ``dask worker`` processes (one thread and ``memory``
+    each) on 127.0.0.1, for the pipeline's ``dask.scheduler_address``; stopped on exit."""
+
+    def __init__(self, workers: int, memory: str, work: Path) -> None:
+        self.workers, self.memory, self.work = workers, memory, work
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def __enter__(self) -> ExternalCluster:
+        from distributed import Client
+
+        from tests.support.workflow import job_env
+
+        exe = str(Path(sys.executable).parent / "dask")
+        self.work.mkdir(parents=True, exist_ok=True)
+        file = self.work / "scheduler.json"
+        file.unlink(missing_ok=True)
+        log = (self.work / "cluster.log").open("w")
+        start = [
+            exe,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(file),
+        ]
+        self.procs.append(subprocess.Popen(start, env=job_env(), stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not file.exists():
+            self.__exit__()
+            raise SystemExit(f"the Dask scheduler did not start; see {self.work / 'cluster.log'}")
+        self.address = json.loads(file.read_text())["address"]
+        for _ in range(self.workers):
+            worker = [exe, "worker", "--scheduler-file", str(file), "--nthreads", "1", "--memory-limit", self.memory]
+            worker += ["--no-dashboard", "--local-directory", str(self.work / "workers")]
+            self.procs.append(subprocess.Popen(worker, env=job_env(), stdout=log, stderr=subprocess.STDOUT))
+        with Client(self.address, timeout=60) as client:
+            client.wait_for_workers(self.workers, timeout=120)
+        return self
+
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in self.procs)
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def raw_bytes(wf: Path) -> int:
     return sum(f.stat().st_size for f in (wf / "resources/synthetic").rglob("*") if f.is_file())
 
 
-def run_scale(scale: Scale, work: Path) -> dict:
-    """Run the scaled pipeline step by step in a fresh copy of the workflow; peak PSS and wall time per step."""
+def run_scale(scale: Scale, work: Path, cluster: ExternalCluster | None = None) -> dict:
+    """Run the scaled pipeline step by step in a fresh copy of the workflow; peak PSS and wall time
+    per step (with ``cluster``: through that Dask cluster, its processes counted in every peak)."""
     from tests.support.workflow import copy_workflow, job_env
 
     wf = copy_workflow(work / f"wf-{scale.factor}x")
-    (wf / "scale.yaml").write_text(yaml.safe_dump(scale.config(), sort_keys=False))
+    config = scale.config()
+    if cluster is not None:
+        config["dask"] = {"scheduler_address": cluster.address}
+    (wf / "scale.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     exe = str(Path(sys.executable).parent / "snakemake")
     env = job_env()
 
@@ -185,7 +263,7 @@ def run_scale(scale: Scale, work: Path) -> dict:
         cmd = [exe, "--cores", "2", "--configfile", "scale.yaml", "--until", rule, "--quiet", "all"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=wf, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        monitor = TreeMonitor(proc.pid)
+        monitor = TreeMonitor(proc.pid, also=cluster.pids() if cluster is not None else ())
         monitor.start()
         out, _ = proc.communicate()
         monitor.stop.set()
@@ -199,6 +277,7 @@ def run_scale(scale: Scale, work: Path) -> dict:
     snakemake("synth")
     result: dict = {
         "factor": scale.factor,
+        "dask": f"external, {cluster.workers} workers of {cluster.memory}" if cluster is not None else "per step",
         "raw_bytes": raw_bytes(wf),
         "volume_bytes": scale.volume_bytes(),
         "steps": {},
@@ -215,7 +294,9 @@ def table(results: list[dict]) -> str:
     """Markdown: one row per step, peak memory and time per scale, and the growth from the first to the last."""
     first, last = results[0], results[-1]
     head = ["step"] + [
-        f"{r['factor']}x ({r['volume_bytes'] / 2**30:.2f} GiB of data, {r['raw_bytes'] / 2**30:.2f} GiB of files)"
+        f"{r['factor']}x ({r['volume_bytes'] / 2**30:.2f} GiB of data, {r['raw_bytes'] / 2**30:.2f} GiB of files"
+        + ("" if r.get("dask", "per step") == "per step" else f"; Dask {r['dask']}")
+        + ")"
         for r in results
     ]
     head.append(f"peak {last['factor']}x / {first['factor']}x")
@@ -242,6 +323,13 @@ def check(results: list[dict], targets: dict) -> list[str]:
                 f"{step}: peak memory grows {growth:.2f}x from {first['factor']}x to {last['factor']}x "
                 f"> {targets['scale_peak_growth_max']}"
             )
+        seconds = last["steps"][step]["seconds"] / max(0.1, first["steps"][step]["seconds"])
+        volume = last["volume_bytes"] / first["volume_bytes"]
+        if seconds > targets["scale_time_growth_vs_volume_max"] * volume:
+            missed.append(
+                f"{step}: time grows {seconds:.1f}x from {first['factor']}x to {last['factor']}x, more than the "
+                f"data ({volume:.1f}x) times {targets['scale_time_growth_vs_volume_max']}"
+            )
         if last["factor"] >= 16 and peak > targets["scale_peak_gib_max"] * 2**30:
             missed.append(f"{step}: {peak / 2**30:.2f} GiB at {last['factor']}x > {targets['scale_peak_gib_max']} GiB")
     return missed
@@ -252,13 +340,21 @@ def main() -> int:
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16], choices=sorted(SCALES))
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temporary one)")
+    parser.add_argument(
+        "--dask-workers", type=int, default=0, help="run through an external Dask cluster of this many workers"
+    )
+    parser.add_argument("--worker-memory", default="2GiB", help="memory limit of each external worker")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="conv2dlstm-scale-"))
     load = os.getloadavg()
     results = []
     try:
-        for factor in sorted(args.factors):
-            results.append(run_scale(SCALES[factor], work))
+        with contextlib.ExitStack() as stack:
+            cluster = None
+            if args.dask_workers:
+                cluster = stack.enter_context(ExternalCluster(args.dask_workers, args.worker_memory, work / "dask"))
+            for factor in sorted(args.factors):
+                results.append(run_scale(SCALES[factor], work, cluster))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
