@@ -9,6 +9,7 @@ section (:func:`kwargs_for`), so a new network needs no edit here either.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import signal
@@ -213,6 +214,30 @@ def check_checkpoint(name: str, tmp_path: Path) -> None:
         assert torch.equal(loaded(x), model(x)), name
 
 
+def check_memory_format(name: str, tmp_path: Path) -> None:
+    """Its 4-D weights are channels-last exactly when its entry says so (and stay so after weights
+    are loaded), and its outputs and gradients are those of the same weights in the default layout,
+    to rounding."""
+    model, kwargs = built(name)
+    fourd = [p for p in model.parameters() if p.dim() == 4]
+    wanted = networks.network(name).channels_last
+    assert not wanted or fourd, (name, "channels_last is set but it has no 4-D weights")
+    for p in fourd:
+        assert p.is_contiguous(memory_format=torch.channels_last if wanted else torch.contiguous_format), name
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    model.load_state_dict(plain.state_dict())  # a checkpoint of either layout loads into the built one
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fourd) or not wanted, name
+    x = x_for(kwargs)
+    outs = []
+    for each in (model, plain):
+        y = each(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), [p.grad for p in each.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def check_bf16(name: str, tmp_path: Path) -> None:
     """Under bfloat16 autocast on the CPU: close to float32, a finite float32 loss, finite float32 gradients."""
     model, kwargs = built(name, height=12, width=16)
@@ -350,6 +375,7 @@ CHECKS: dict[str, Callable[[str, Path], None]] = {
         check_residual,
         check_nonnegative,
         check_checkpoint,
+        check_memory_format,
         check_bf16,
         check_compile,
         check_ddp_step,

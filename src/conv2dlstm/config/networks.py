@@ -15,7 +15,11 @@ A network is a module of :mod:`conv2dlstm.training.networks` (its ``torch.nn.Mod
   ``(config key, message)`` pairs; the configuration checks run them before any job
   (:func:`config_problems`);
 - ``labels``: short sweep labels of its keys (:data:`conv2dlstm.config.sweep.LABELS`);
-- ``small``: a small configuration section, for tests and the tiny configuration of the suite.
+- ``small``: a small configuration section, for tests and the tiny configuration of the suite;
+- ``channels_last``: whether :func:`conv2dlstm.training.models.build_model` lays its 4-D weights out
+  channels-last (NHWC), so that its convolutions run on channels-last activations: oneDNN's
+  convolutions then need no reordering on every call. Set where it measured faster on the CPU
+  (``bench/memory_format.py``, docs/performance.md): the same numbers to rounding.
 
 What else lists networks derives from :data:`NETWORKS`: the schema's ``model.name`` enum and the
 ``model`` section's properties (:mod:`conv2dlstm.config.schema`; a registered network without its
@@ -82,6 +86,7 @@ class Network:
     problems: Problems = _no_problems
     labels: Mapping[str, str] = field(default_factory=dict)
     small: Mapping[str, Any] = field(default_factory=dict)
+    channels_last: bool = False
 
 
 def shapes_of(cfg: Mapping[str, Any]) -> Shapes:
@@ -189,6 +194,7 @@ NETWORKS: dict[str, Network] = {
             problems=_conv2d_lstm_problems,
             labels={"filters": "f", "kernel_size": "ck", "lstm_units": "lstm", "dense_units": "dense"},
             small={"filters": [4], "kernel_size": 3, "lstm_units": 8, "dense_units": 8, "max_parameters": 20_000_000},
+            channels_last=True,
         ),
         Network(
             name="unet",
@@ -198,6 +204,7 @@ NETWORKS: dict[str, Network] = {
             problems=_odd_kernel("unet"),
             labels={"features": "uf", "kernel_size": "uk"},
             small={"features": [4, 8], "kernel_size": 3},
+            channels_last=True,
         ),
         Network(
             name="simvp",
@@ -221,6 +228,7 @@ NETWORKS: dict[str, Network] = {
                 "inception_kernels": [3, 5],
                 "groups": 2,
             },
+            channels_last=True,
         ),
     )
 }

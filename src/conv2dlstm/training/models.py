@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from conv2dlstm.artifacts import checkpoint as checkpoint_file
@@ -55,8 +56,14 @@ def network_class(name: str) -> type[nn.Module]:
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered network ``name`` from keyword arguments (:func:`model_kwargs_from_config`)."""
-    return network_class(name)(**kwargs)
+    """Build the registered network ``name`` from keyword arguments (:func:`model_kwargs_from_config`),
+    its 4-D weights channels-last where its entry says so (:attr:`conv2dlstm.config.networks.Network.channels_last`;
+    loading weights keeps the layout, moving to a device too)."""
+    model = network_class(name)(**kwargs)
+    if networks.network(name).channels_last:
+        # Module.to(memory_format=...) is documented; torch's type stubs omit the keyword
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
 
 
 def model_kwargs_from_config(
@@ -96,8 +103,6 @@ def parameter_counts(cfg: Mapping[str, Any]) -> dict[str, int | str]:
     ``model``, the variables, windows and grid); built on torch's ``meta`` device, so nothing is
     allocated whatever the grid. A network the configuration refuses (e.g. a ``conv2d_lstm`` above
     its ``max_parameters``) gives the reason instead."""
-    import torch
-
     out: dict[str, int | str] = {}
     for name in model_names():
         problems = networks.config_problems(cfg, name)

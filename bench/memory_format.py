@@ -1,0 +1,127 @@
+"""Every registered network with its 4-D weights in the default layout (NCHW) and channels-last (NHWC).
+
+    python bench/memory_format.py [--rounds 5] [--grids 25 128] [--networks ...]
+
+In one process, on the same threads, per network and grid: a training step (forward, backward,
+AdamW; batch 16, 5 input days of 1 variable, 3 leads) and a forward pass without gradients, for the
+same weights in both layouts, the layouts alternating round by round (median of ``--rounds``), so a
+machine whose speed drifts affects both alike. The registry's ``channels_last`` (the layout
+:func:`conv2dlstm.training.models.build_model` gives) is printed beside each: it is set where the
+step is faster channels-last. Results are printed and written as JSON to bench/results/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import conv2dlstm
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BATCH = 16
+LAYOUTS = ("nchw", "channels_last")
+
+
+def _seconds(fn, repeat: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def bench_network(name: str, size: int, rounds: int) -> dict:
+    import torch
+
+    from conv2dlstm.config import networks
+    from conv2dlstm.config.validate import load_config
+    from conv2dlstm.training.models import build_model, model_kwargs_from_config
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    kwargs = model_kwargs_from_config(
+        {**cfg["model"], "name": name},
+        input_variables=["sst"],
+        target_variables=["sst"],
+        input_steps=5,
+        lead_steps=3,
+        height=size,
+        width=size,
+    )
+    x = torch.randn(BATCH, 5, 1, size, size)  # (batch, time, channel, lat, lon)
+    y = torch.randn(BATCH, 3, 1, size, size)  # (batch, lead, channel, lat, lon)
+    fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    runs = {}
+    for layout in LAYOUTS:
+        torch.manual_seed(0)
+        model = build_model(name, **kwargs).to(memory_format=fmt[layout]).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+
+        def forward(model=model) -> None:
+            with torch.no_grad():
+                model(x)
+
+        step(), forward()  # warm-up: oneDNN primitives, allocator
+        runs[layout] = (step, forward)
+    repeat = 3 if size <= 48 else 1
+    times: dict[str, dict[str, list[float]]] = {k: {"step": [], "forward": []} for k in LAYOUTS}
+    for _ in range(rounds):
+        for layout in LAYOUTS:
+            step, forward = runs[layout]
+            times[layout]["step"].append(_seconds(step, repeat))
+            times[layout]["forward"].append(_seconds(forward, repeat))
+    med = {k: {part: statistics.median(v) for part, v in t.items()} for k, t in times.items()}
+    return {
+        "network": name,
+        "grid": f"{size}x{size}",
+        "registry_channels_last": networks.network(name).channels_last,
+        "step_ms": {k: 1000 * v["step"] for k, v in med.items()},
+        "forward_ms": {k: 1000 * v["forward"] for k, v in med.items()},
+        "step_speedup": med["nchw"]["step"] / med["channels_last"]["step"],
+        "forward_speedup": med["nchw"]["forward"] / med["channels_last"]["forward"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from conv2dlstm.evaluation.results import cpu_model
+    from conv2dlstm.training.models import model_names
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--grids", type=int, nargs="+", default=[25, 128])
+    parser.add_argument("--networks", nargs="*", default=None, help="networks to measure (default: all registered)")
+    args = parser.parse_args(argv)
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {conv2dlstm.openmp_waiting()}; batch {BATCH}")
+    print(
+        "| network, grid | step NCHW / channels-last (ms) | speed-up | forward NCHW / channels-last (ms) "
+        "| speed-up | registry |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for name in args.networks or model_names():
+        for size in args.grids:
+            r = bench_network(name, size, args.rounds)
+            rows.append(r)
+            print(
+                f"| {name} {r['grid']} | {r['step_ms']['nchw']:.1f} / {r['step_ms']['channels_last']:.1f} | "
+                f"{r['step_speedup']:.2f}x | {r['forward_ms']['nchw']:.1f} / {r['forward_ms']['channels_last']:.1f} | "
+                f"{r['forward_speedup']:.2f}x | {'channels-last' if r['registry_channels_last'] else 'NCHW'} |",
+                flush=True,
+            )
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "memory_format.json").write_text(json.dumps({"cpu": cpu_model(), "networks": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
