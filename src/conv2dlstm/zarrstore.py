@@ -335,7 +335,9 @@ class VerifiedStore(LocalStore):
     def __init__(self, root: Path | str, *, what: str, step: str, record: Record, read_only: bool = True) -> None:
         if not read_only:
             raise ValueError(f"{what} {root}: a VerifiedStore is read-only; write with zarrstore.write_store")
-        super().__init__(root, read_only=True)
+        # absolute: Dask workers that unpickle the store may run in another directory (an external
+        # scheduler's workers), and would look for a relative path there
+        super().__init__(Path(root).absolute(), read_only=True)
         self.what = what
         self.step = step
         self.record = record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -312,3 +313,30 @@ def test_every_single_bit_flip_of_the_record_is_found(tmp_path):
         path.write_bytes(bytes(flipped))
         with pytest.raises(DataError, match=r"has no readable chunk record \(chunk_digests\.json.*rebuild it with the"):
             zarrstore.open_store(store, what="the regridded store", step="regrid")
+
+
+def test_workers_in_another_directory_read_and_write_relative_paths_where_the_step_runs(tmp_path, monkeypatch):
+    """A step's paths may be relative to the step's directory, while the workers of an external Dask
+    scheduler run in a directory of their own: every chunk is written to, and read and verified
+    from, the step's store (a real scheduler and worker process, started in another directory)."""
+    import distributed
+
+    from conv2dlstm.daskutil import dask_client
+    from conv2dlstm.data.sources import open_local_zarr
+
+    workers, step = tmp_path / "workers", tmp_path / "step"
+    workers.mkdir(), step.mkdir()
+    expected = np.arange(12 * 3 * 4, dtype=np.float32).reshape(12, 3, 4)
+    monkeypatch.chdir(workers)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.chdir(step)
+        with dask_client(threads=1, memory_mb=None, address=cluster.scheduler_address) as client:
+            assert list(client.run(os.getcwd).values()) == [str(workers)]
+            _store(Path("out.zarr"))
+            store = zarrstore.open_store(Path("out.zarr"), what="store", step="regrid")
+            with xr.open_zarr(store, consolidated=True, zarr_format=3) as ds:  # verified, chunk by chunk on the worker
+                np.testing.assert_array_equal(ds["sst"].compute().values, expected)
+            with open_local_zarr(Path("out.zarr"), {}) as ds:  # a raw Zarr source
+                np.testing.assert_array_equal(ds["sst"].compute().values, expected)
+    assert zarrstore.verify(step / "out.zarr") == []
+    assert list(workers.iterdir()) == []  # nothing written where the workers run

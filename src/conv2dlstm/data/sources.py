@@ -47,8 +47,11 @@ def has_consolidated_metadata(path: Path) -> bool:
 def open_local_zarr(path: Path, chunks: dict[str, int] | None, *, indexes: bool = True) -> xr.Dataset:
     """Open a local Zarr store lazily, with its consolidated metadata when it has some (``indexes``
     False: no index on its dimension coordinates, which are still there to read)."""
-    return xr.open_zarr(
-        path, chunks=chunks, consolidated=has_consolidated_metadata(path), create_default_indexes=indexes
+    return xr.open_zarr(  # an absolute path: Dask workers may run in another directory
+        Path(path).absolute(),
+        chunks=chunks,
+        consolidated=has_consolidated_metadata(path),
+        create_default_indexes=indexes,
     )
 
 
