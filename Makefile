@@ -162,16 +162,17 @@ endif
 		--artifacts-destination "$(MLFLOW_ARTIFACTS)" --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 ## bench: every CPU benchmark, its table printed and its targets (bench/targets.yaml) checked; runs all
-## three, then fails if one missed a target (about 30 minutes on 2 cores; docs/performance.md)
+## of them, then fails if one missed a target (about an hour on 2 cores; docs/performance.md)
 bench: setup
 	rc=0; \
 	$(BIN)/python bench/run.py --check || rc=1; \
 	$(BIN)/python bench/flops.py --check || rc=1; \
+	$(BIN)/python bench/memory_format.py --check || rc=1; \
 	$(BIN)/python bench/scale.py --check || rc=1; \
 	$(BIN)/python bench/keras_side_by_side.py --check || rc=1; \
 	exit $$rc
 
-## bench-scale: peak memory and time of every step at 1x, 4x and 16x the default data volume
+## bench-scale: peak memory and time of every step at 1x, 4x, 16x and 64x the default data volume
 bench-scale: setup
 	$(BIN)/python bench/scale.py --check
 

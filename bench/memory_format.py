@@ -1,13 +1,16 @@
 """Every registered network with its 4-D weights in the default layout (NCHW) and channels-last (NHWC).
 
     python bench/memory_format.py [--rounds 5] [--grids 25 128] [--networks ...]
+    python bench/memory_format.py --check   # exit 1 where the registry's layout is the slower one
 
 In one process, on the same threads, per network and grid: a training step (forward, backward,
 AdamW; batch 16, 5 input days of 1 variable, 3 leads) and a forward pass without gradients, for the
 same weights in both layouts, the layouts alternating round by round (median of ``--rounds``), so a
 machine whose speed drifts affects both alike. The registry's ``channels_last`` (the layout
 :func:`conv2dlstm.training.models.build_model` gives) is printed beside each: it is set where the
-step is faster channels-last. Results are printed and written as JSON to bench/results/ (git-ignored).
+step is faster channels-last; ``--check`` fails where the registry's layout makes a step slower than
+the other layout by more than ``memory_format_tolerance`` (bench/targets.yaml). Results are printed
+and written as JSON to bench/results/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--grids", type=int, nargs="+", default=[25, 128])
     parser.add_argument("--networks", nargs="*", default=None, help="networks to measure (default: all registered)")
+    parser.add_argument("--check", action="store_true", help="exit 1 where the registry's layout is the slower one")
     args = parser.parse_args(argv)
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {conv2dlstm.openmp_waiting()}; batch {BATCH}")
     print(
@@ -120,7 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "memory_format.json").write_text(json.dumps({"cpu": cpu_model(), "networks": rows}, indent=1))
-    return 0
+    if not args.check:
+        return 0
+    import yaml
+
+    tolerance = yaml.safe_load((HERE / "targets.yaml").read_text())["memory_format_tolerance"]
+    missed = []
+    for r in rows:
+        chosen_vs_other = r["step_speedup"] if r["registry_channels_last"] else 1 / r["step_speedup"]
+        if chosen_vs_other < 1 - tolerance:
+            layout = "channels-last" if r["registry_channels_last"] else "NCHW"
+            missed.append(
+                f"{r['network']} {r['grid']}: its registry layout ({layout}) is {chosen_vs_other:.2f}x the other"
+            )
+    for line in missed:
+        print(f"MISSED {line}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

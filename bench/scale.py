@@ -1,6 +1,6 @@
 """How each pipeline step's memory and time grow with the size of the raw data.
 
-    python bench/scale.py                    # 1x, 4x and 16x the default raw bytes
+    python bench/scale.py                    # 1x, 4x, 16x and 64x the default raw bytes
     python bench/scale.py --factors 1 64     # a subset; 64x is 11 GiB of decoded data
     python bench/scale.py --factors 64 --dask-workers 2   # through an external Dask scheduler
     python bench/scale.py --check            # exit 1 when a target in bench/targets.yaml is missed
@@ -337,7 +337,7 @@ def check(results: list[dict], targets: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16], choices=sorted(SCALES))
+    parser.add_argument("--factors", type=int, nargs="+", default=sorted(SCALES), choices=sorted(SCALES))
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temporary one)")
     parser.add_argument(
