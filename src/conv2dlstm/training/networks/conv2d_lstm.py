@@ -20,7 +20,8 @@ from conv2dlstm.training.networks.common import LastFrameSkip, output_floor
 class Conv2dLSTM(nn.Module):
     """The notebook network: per-frame CNN -> LSTM over time -> dense head producing the output cube.
 
-    Per time step: ``[Conv2D(f, k, valid) -> ReLU -> MaxPool(2)] for f in filters -> Flatten``; an
+    Per time step: ``[Conv2D(f, k, valid) -> ReLU -> MaxPool(2)] for f in filters -> Flatten`` (computed
+    as Conv2D -> MaxPool -> ReLU, the same values); an
     LSTM(lstm_units) over the ``T_in`` feature vectors; its last hidden state goes through
     ``Dense(dense_units, relu) -> Dense(T_out * C_out * H * W)``, reshaped to the output, plus the
     last input frame of targets that are inputs (:class:`~conv2dlstm.training.networks.common.LastFrameSkip`).
@@ -74,7 +75,9 @@ class Conv2dLSTM(nn.Module):
         blocks: list[nn.Module] = []
         c_prev = in_channels
         for f in filters:
-            blocks += [nn.Conv2d(c_prev, f, kernel_size), nn.ReLU(), nn.MaxPool2d(2)]
+            # ReLU after the pooling: max-pooling and ReLU commute (ReLU never reorders values), so the
+            # block is the notebook's Conv2D(relu) -> MaxPool, with the ReLU on a quarter of the values
+            blocks += [nn.Conv2d(c_prev, f, kernel_size), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
             c_prev = f
         self.encoder = nn.Sequential(*blocks, nn.Flatten())
         h, w = sizes[-1]
