@@ -338,6 +338,7 @@ class VerifiedStore(LocalStore):
         # absolute: Dask workers that unpickle the store may run in another directory (an external
         # scheduler's workers), and would look for a relative path there
         super().__init__(Path(root).absolute(), read_only=True)
+        self.shown = Path(root)  # as the caller named it, for messages
         self.what = what
         self.step = step
         self.record = record
@@ -345,7 +346,9 @@ class VerifiedStore(LocalStore):
 
     def with_read_only(self, read_only: bool = False) -> Self:
         """This store again (it is read-only; ValueError for a writable one)."""
-        return type(self)(self.root, what=self.what, step=self.step, record=self.record, read_only=read_only)
+        other = type(self)(self.root, what=self.what, step=self.step, record=self.record, read_only=read_only)
+        other.shown = self.shown
+        return other
 
     def __dask_tokenize__(self) -> tuple[str, str, tuple[Chunk, ...]]:
         return (type(self).__name__, str(self.root), self.record.chunks + self.record.metadata)
@@ -360,13 +363,13 @@ class VerifiedStore(LocalStore):
                 return _read_or_none(path)
             if path.is_file():
                 detail = f"{Chunk(*_split_key(key), 0, '').describe()} was not written with the store"
-                raise _damaged(self.what, self.root, detail, self.step)
+                raise _damaged(self.what, self.shown, detail, self.step)
             return None
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise _damaged(self.what, self.root, f"{entry.describe()} is missing", self.step) from None
-        return _checked(data, entry, store=self.root, what=self.what, step=self.step)
+            raise _damaged(self.what, self.shown, f"{entry.describe()} is missing", self.step) from None
+        return _checked(data, entry, store=self.shown, what=self.what, step=self.step)
 
     def get_sync(
         self, key: str, *, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
