@@ -95,14 +95,14 @@ def samples_per_s(model, x, y, *, rounds: int = 5, steps: int = 3) -> float:
     return x.shape[0] * steps / statistics.median(_timed(run) for _ in range(rounds))
 
 
-def bench_network(name: str, height: int, width: int, peak: float) -> dict:
-    import torch
-
+def default_kwargs(name: str, height: int, width: int) -> dict:
+    """``build_model`` keyword arguments of the registered network ``name`` with the sizes of
+    config/config.yaml, for the default task (SST, 5 input days, 3 leads) on a ``height x width`` grid."""
     from conv2dlstm.config.validate import load_config
-    from conv2dlstm.training.models import build_model, count_parameters, model_kwargs_from_config
+    from conv2dlstm.training.models import model_kwargs_from_config
 
     cfg = load_config(REPO / "config" / "config.yaml")
-    kwargs = model_kwargs_from_config(
+    return model_kwargs_from_config(
         {**cfg["model"], "name": name},
         input_variables=["sst"],
         target_variables=["sst"],
@@ -111,8 +111,15 @@ def bench_network(name: str, height: int, width: int, peak: float) -> dict:
         height=height,
         width=width,
     )
+
+
+def bench_network(name: str, height: int, width: int, peak: float) -> dict:
+    import torch
+
+    from conv2dlstm.training.models import build_model, count_parameters
+
     torch.manual_seed(0)
-    model = build_model(name, **kwargs).train()
+    model = build_model(name, **default_kwargs(name, height, width)).train()
     x = torch.randn(BATCH, 5, 1, height, width)  # (batch, time, channel, lat, lon)
     y = torch.randn(BATCH, 3, 1, height, width)  # (batch, lead, channel, lat, lon)
     flops = step_flops(model, x, y) / BATCH

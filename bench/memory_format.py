@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import conv2dlstm
+from flops import default_kwargs
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 BATCH = 16
 LAYOUTS = ("nchw", "channels_last")
 
@@ -40,19 +40,9 @@ def bench_network(name: str, size: int, rounds: int) -> dict:
     import torch
 
     from conv2dlstm.config import networks
-    from conv2dlstm.config.validate import load_config
-    from conv2dlstm.training.models import build_model, model_kwargs_from_config
+    from conv2dlstm.training.models import build_model
 
-    cfg = load_config(REPO / "config" / "config.yaml")
-    kwargs = model_kwargs_from_config(
-        {**cfg["model"], "name": name},
-        input_variables=["sst"],
-        target_variables=["sst"],
-        input_steps=5,
-        lead_steps=3,
-        height=size,
-        width=size,
-    )
+    kwargs = default_kwargs(name, size, size)
     x = torch.randn(BATCH, 5, 1, size, size)  # (batch, time, channel, lat, lon)
     y = torch.randn(BATCH, 3, 1, size, size)  # (batch, lead, channel, lat, lon)
     fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}

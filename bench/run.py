@@ -66,27 +66,19 @@ def bench_stream(work: Path) -> dict:
 
 
 def bench_train(work: Path) -> dict:
-    """Forward + backward samples/s of both models at default sizes on the default grid."""
+    """Forward + backward samples/s of every network at default sizes on the default grid."""
     import torch
 
-    from conv2dlstm.config.validate import load_config
-    from conv2dlstm.training.models import build_model, model_kwargs_from_config, model_names
+    from conv2dlstm.training.models import build_model, model_names
 
-    cfg = load_config(REPO / "config" / "config.yaml")
+    sys.path.insert(0, str(HERE))
+    from flops import default_kwargs
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out: dict[str, float] = {}
     for device in devices:
         for name in model_names():
-            kwargs = model_kwargs_from_config(
-                {**cfg["model"], "name": name},
-                input_variables=["sst"],
-                target_variables=["sst"],
-                input_steps=5,
-                lead_steps=3,
-                height=25,
-                width=25,
-            )
-            model = build_model(name, **kwargs).to(device)
+            model = build_model(name, **default_kwargs(name, 25, 25)).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             batch = 16 if device == "cpu" else 256
             x = torch.randn(batch, 5, 1, 25, 25, device=device)  # (batch, time, channel, lat, lon)
