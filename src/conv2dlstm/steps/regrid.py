@@ -27,6 +27,12 @@ SLAB_STEPS = 256
 """Time steps regridded per slab (rounded to whole chunks of the regridded store): the files of one
 slab are open at a time, so the step's memory does not grow with the number of files."""
 
+OPEN_FILES = 16
+"""Source files xarray keeps open at once while the step writes (``file_cache_maxsize``; its default
+is 128). netCDF keeps the decompressed data it read of each open file (a chunk cache per variable),
+so with larger files the open ones held memory that grows with the source's resolution; each file
+is read once, and one closed early costs nothing."""
+
 
 def main(
     cfg: Mapping[str, Any],
@@ -97,7 +103,10 @@ def main(
 
     check_plausible = functools.partial(_check_plausible, times=times, rules=rules, catalog=catalog)
     address = cfg["dask"]["scheduler_address"]
-    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=builder.slab_bytes[0]):
+    with (
+        dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=builder.slab_bytes[0]),
+        xr.set_options(file_cache_maxsize=OPEN_FILES),
+    ):
         t1 = time.perf_counter()
         # one pass over the source: the range check is computed with the write, not before it
         zarrstore.write_parts(_parts(builder, slabs, first, attrs), Path(out), before_commit=check_plausible)
