@@ -51,6 +51,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 import yaml
@@ -190,6 +191,7 @@ class ExternalCluster:
         self.workers, self.memory, self.work = workers, memory, work
         self.procs: list[subprocess.Popen] = []
         self.address = ""
+        self.log: IO[str] | None = None
 
     def __enter__(self) -> ExternalCluster:
         from distributed import Client
@@ -200,7 +202,7 @@ class ExternalCluster:
         self.work.mkdir(parents=True, exist_ok=True)
         file = self.work / "scheduler.json"
         file.unlink(missing_ok=True)
-        log = (self.work / "cluster.log").open("w")
+        self.log = log = (self.work / "cluster.log").open("w")
         start = [
             exe,
             "scheduler",
@@ -240,6 +242,8 @@ class ExternalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.log is not None:
+            self.log.close()
 
 
 def raw_bytes(wf: Path) -> int:
