@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from conv2dlstm.evaluation.results import cpu_model
+    from conv2dlstm.training.hostmemory import retain_freed_memory
     from conv2dlstm.training.models import model_names
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(
         f"fp32 peak: sgemm {sgemm:.1f}, 3x3 convolution {conv:.1f} (counted) GFLOP/s on {torch.get_num_threads()} "
-        f"threads ({cpu_model()}), {conv2dlstm.openmp_waiting()}; fractions of {peak:.1f}"
+        f"threads ({cpu_model()}), {conv2dlstm.openmp_waiting()}, {retain_freed_memory()}; fractions of {peak:.1f}"
     )
     for name in args.networks or model_names():
         for height, width in GRIDS:
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 "conv3x3_counted_gflop_per_s": conv,
                 "peak_gflop_per_s": peak,
                 "openmp_waiting": conv2dlstm.openmp_waiting(),
+                "host_memory": retain_freed_memory(),
                 "networks": rows,
             },
             indent=1,

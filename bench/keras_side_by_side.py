@@ -103,12 +103,14 @@ class TorchWorker:
 
     def info(self) -> dict:
         from conv2dlstm import openmp_waiting
+        from conv2dlstm.training.hostmemory import retain_freed_memory
 
         torch = self.torch
         return {
             "framework": f"torch {torch.__version__}",
             "threads": f"{torch.get_num_threads()} OpenMP (interop {torch.get_num_interop_threads()})",
             "OpenMP waiting": openmp_waiting(),
+            "host memory": retain_freed_memory(),
             "mkldnn": torch.backends.mkldnn.is_available(),
             "libraries": threading_libraries(),
         }

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from conv2dlstm.evaluation.results import cpu_model
+    from conv2dlstm.training.hostmemory import retain_freed_memory
     from conv2dlstm.training.models import model_names
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", nargs="*", default=None, help="networks to measure (default: all registered)")
     parser.add_argument("--check", action="store_true", help="exit 1 where the registry's layout is the slower one")
     args = parser.parse_args(argv)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {conv2dlstm.openmp_waiting()}; batch {BATCH}")
+    threads = f"{torch.get_num_threads()} threads, {conv2dlstm.openmp_waiting()}, {retain_freed_memory()}"
+    print(f"{cpu_model()}, {threads}; batch {BATCH}")
     print(
         "| network, grid | step NCHW / channels-last (ms) | speed-up | forward NCHW / channels-last (ms) "
         "| speed-up | registry |"

@@ -1,0 +1,76 @@
+"""Importing conv2dlstm.training keeps the host memory torch frees: a large tensor allocated again
+reuses the pages of the last one instead of faulting in fresh ones, unless the environment chose."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conv2dlstm.training import hostmemory
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+TENSOR_PAGES = 64 * 2**20 // 4096  # a 64 MiB tensor: above glibc's largest mmap threshold (32 MiB)
+
+# a process that imports the training package, then allocates, fills and frees a 64 MiB tensor 24
+# times: its minor page faults per allocation over the last 8 (the heap settles over the first few, as
+# over a training run's first steps), and its allocator's state
+MEASURE = f"""
+import resource, torch
+from conv2dlstm.training import hostmemory
+for i in range(24):
+    if i == 16:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty({TENSOR_PAGES * 1024}); t.fill_(1.0); del t
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
+print(hostmemory.retain_freed_memory())
+"""
+
+
+def allocate_in_new_process(**given: str) -> tuple[float, str]:
+    """(page faults per 64 MiB allocation, the state text) of :data:`MEASURE` with the environment ``given``."""
+    env = {k: v for k, v in os.environ.items() if k not in (*hostmemory.ENVIRONMENT, hostmemory.OPT_OUT)}
+    env.pop("GLIBC_TUNABLES", None)
+    env.update(given)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE], env=env, capture_output=True, text=True, check=True, timeout=120
+    ).stdout.splitlines()
+    return float(out[0]), out[1]
+
+
+@pytest.mark.skipif(not GLIBC, reason="the mechanism is glibc's mallopt")
+def test_freed_memory_is_reused_without_page_faults() -> None:
+    faults, state = allocate_in_new_process()
+    assert state.startswith("freed memory kept (glibc mallopt M_MMAP_MAX=0")
+    assert faults < TENSOR_PAGES / 100, f"{faults:.0f} page faults per allocation of {TENSOR_PAGES} pages"
+
+
+@pytest.mark.skipif(not GLIBC, reason="the mechanism is glibc's mallopt")
+@pytest.mark.parametrize(
+    "given",
+    [{"CONV2DLSTM_MALLOC": "system"}, {"MALLOC_TOP_PAD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.top_pad=131072"}],
+    ids=["opt-out", "malloc-variable", "glibc-tunables"],
+)
+def test_an_environment_that_chooses_is_left_as_it_is(given: dict[str, str]) -> None:
+    """Without the mechanism, each allocation faults its pages in again (what the mechanism removes)."""
+    faults, state = allocate_in_new_process(**given)
+    name, value = next(iter(given.items()))
+    assert f"{name}={value}" in state
+    assert faults > TENSOR_PAGES / 2, f"{faults:.0f} page faults per allocation of {TENSOR_PAGES} pages"
+
+
+def test_an_unknown_choice_is_refused_with_the_values_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostmemory, "_state", None)
+    monkeypatch.setenv(hostmemory.OPT_OUT, "tcmalloc")
+    with pytest.raises(RuntimeError, match=r"CONV2DLSTM_MALLOC='tcmalloc' is not keep or system"):
+        hostmemory.retain_freed_memory()
+
+
+def test_environment_tuning_names_what_the_environment_gives() -> None:
+    assert hostmemory.environment_tuning({}) is None
+    assert hostmemory.environment_tuning({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}) is None
+    given = {"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "PATH": "/bin"}
+    assert hostmemory.environment_tuning(given) == "MALLOC_ARENA_MAX=2 GLIBC_TUNABLES=glibc.malloc.tcache_count=0"
