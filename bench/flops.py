@@ -3,15 +3,18 @@
     python bench/flops.py                 # every network, at the default grid and at 128 x 128
     python bench/flops.py --check         # exit 1 when a network misses bench/targets.yaml's fraction
 
-In one process, on the same threads: the practical fp32 peak, the larger of a big sgemm's GFLOP/s
-and a big 3 x 3 convolution's counted GFLOP/s (best of several rounds each: oneDNN may compute a
-3 x 3 convolution with fewer multiplications than ``flop_counter`` counts, and the networks'
-convolutions are counted the same way, so against sgemm alone they could exceed 100%); then per
-network and grid the FLOPs of one training step (forward and backward, counted by
-``torch.utils.flop_counter``, per sample) and its samples per second (median of rounds after a
-warm-up), so the achieved GFLOP/s and its fraction of the peak. Small grids are bound by per-call
-overhead rather than arithmetic: the report gives both grids so the difference shows. Results are
-printed and written as JSON to bench/results/ (git-ignored).
+In one process, on the same threads: the practical fp32 peak, the best GFLOP/s of three kernels
+(best of several rounds each): a 2048 x 2048 sgemm (``a @ b``: MKL, which torch's ``Linear`` layers
+call), a GEMM through oneDNN (a 1 x 1 convolution, whose FLOPs are exactly a matrix
+product's) and a 3 x 3 convolution (oneDNN's direct algorithm, so ``flop_counter``'s count is what
+it computes). On an AMD CPU MKL's sgemm may run at half of oneDNN's rate (docs/performance.md): the
+peak is the machine's, not one library's. Then per network and grid the FLOPs of one training step
+(forward and backward, counted by ``torch.utils.flop_counter``, per sample) and its samples per
+second (median of rounds after a warm-up), so the achieved GFLOP/s and its fraction of the peak.
+Small grids are bound by per-call overhead rather than arithmetic: at the default grid the bench
+also times batches of 4 x 16, and the step's batch-independent time (the intercept of time against
+batch size: kernel launches, the optimizer, weight-gradient reductions) is reported as a share of a
+batch-16 step. Results are printed and written as JSON to bench/results/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -43,15 +46,15 @@ def sgemm_peak(n: int = 2048, rounds: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def conv_peak(channels: int = 64, size: int = 128, batch: int = 16, rounds: int = 5) -> float:
-    """Counted GFLOP/s (``flop_counter``'s direct-convolution count) of the best of ``rounds`` forward
-    passes of a 3 x 3 convolution, ``channels`` to ``channels`` on ``batch`` maps of ``size`` squared,
-    channels-last: oneDNN may compute it with fewer multiplications (Winograd), so this can exceed
-    the sgemm peak, and the networks' convolutions are counted the same way."""
+def conv_peak(channels: int, kernel: int, size: int, batch: int = 16, rounds: int = 5) -> float:
+    """Counted GFLOP/s (``flop_counter``) of the best of ``rounds`` forward passes of a ``kernel`` x
+    ``kernel`` convolution, ``channels`` to ``channels`` on ``batch`` maps of ``size`` squared (same
+    padding), channels-last, as the networks run theirs."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, bias=kernel > 1)
+    conv = conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
@@ -59,6 +62,15 @@ def conv_peak(channels: int = 64, size: int = 128, batch: int = 16, rounds: int 
         flops = counter.get_total_flops()
         best = min(_timed(lambda: conv(x)) for _ in range(rounds))
     return flops / best / 1e9
+
+
+def peaks() -> dict[str, float]:
+    """GFLOP/s of the three kernels of the practical peak (module docstring)."""
+    return {
+        "sgemm 2048 (MKL)": sgemm_peak(),
+        "GEMM via oneDNN (1x1 conv, 1024 ch, 16 x 32 x 32)": conv_peak(1024, 1, 32),
+        "3x3 conv (oneDNN, 64 ch, 16 x 128 x 128)": conv_peak(64, 3, 128),
+    }
 
 
 def _timed(fn) -> float:
@@ -113,7 +125,7 @@ def default_kwargs(name: str, height: int, width: int) -> dict:
     )
 
 
-def bench_network(name: str, height: int, width: int, peak: float) -> dict:
+def bench_network(name: str, height: int, width: int, peak: float, *, overhead: bool = False) -> dict:
     import torch
 
     from conv2dlstm.training.models import build_model, count_parameters
@@ -125,7 +137,7 @@ def bench_network(name: str, height: int, width: int, peak: float) -> dict:
     flops = step_flops(model, x, y) / BATCH
     rate = samples_per_s(model, x, y)
     achieved = flops * rate / 1e9
-    return {
+    row = {
         "network": name,
         "grid": f"{height}x{width}",
         "parameters": count_parameters(model),
@@ -134,6 +146,18 @@ def bench_network(name: str, height: int, width: int, peak: float) -> dict:
         "gflop_per_s": achieved,
         "fraction_of_peak": achieved / peak,
     }
+    if overhead:  # time per step = fixed + per_sample * batch, from batches of 16 and 64
+        big = 4 * BATCH
+        rate_big = samples_per_s(model, x.repeat(4, 1, 1, 1, 1), y.repeat(4, 1, 1, 1, 1))
+        per_sample = (big / rate_big - BATCH / rate) / (big - BATCH)
+        fixed = BATCH / rate - BATCH * per_sample
+        row.update(
+            samples_per_s_batch64=rate_big,
+            fixed_ms_per_step=1e3 * fixed,
+            fixed_share_batch16=fixed * rate / BATCH,
+            fraction_of_peak_batch64=flops * rate_big / 1e9 / peak,
+        )
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,29 +171,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a target of bench/targets.yaml is missed")
     parser.add_argument("--networks", nargs="*", default=None, help="networks to measure (default: all registered)")
     args = parser.parse_args(argv)
-    sgemm, conv = sgemm_peak(), conv_peak()
-    peak = max(sgemm, conv)
+    kernels = peaks()
+    peak = max(kernels.values())
     rows = []
     print(
-        f"fp32 peak: sgemm {sgemm:.1f}, 3x3 convolution {conv:.1f} (counted) GFLOP/s on {torch.get_num_threads()} "
-        f"threads ({cpu_model()}), {conv2dlstm.openmp_waiting()}, {retain_freed_memory()}; fractions of {peak:.1f}"
+        f"fp32 peak on {torch.get_num_threads()} threads ({cpu_model()}), {conv2dlstm.openmp_waiting()}, "
+        f"{retain_freed_memory()}: "
+        + ", ".join(f"{kernel} {rate:.1f}" for kernel, rate in kernels.items())
+        + f" GFLOP/s; fractions of {peak:.1f}"
     )
     for name in args.networks or model_names():
         for height, width in GRIDS:
-            row = bench_network(name, height, width, peak)
+            row = bench_network(name, height, width, peak, overhead=(height, width) == GRIDS[0])
             rows.append(row)
             print(
                 f"{name:12s} {row['grid']:>8s}: {row['gflop_per_sample']:.3f} GFLOP/sample, "
                 f"{row['samples_per_s']:.1f} samples/s, {row['gflop_per_s']:.1f} GFLOP/s = "
                 f"{100 * row['fraction_of_peak']:.0f}% of the peak"
+                + (
+                    f"; batch-independent {row['fixed_ms_per_step']:.1f} ms per step = "
+                    f"{100 * row['fixed_share_batch16']:.0f}% of a batch-16 step, batch 64: "
+                    f"{row['samples_per_s_batch64']:.1f} samples/s = {100 * row['fraction_of_peak_batch64']:.0f}%"
+                    if "fixed_ms_per_step" in row
+                    else ""
+                )
             )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "flops.json").write_text(
         json.dumps(
             {
-                "sgemm_gflop_per_s": sgemm,
-                "conv3x3_counted_gflop_per_s": conv,
+                "peak_kernels_gflop_per_s": kernels,
                 "peak_gflop_per_s": peak,
                 "openmp_waiting": conv2dlstm.openmp_waiting(),
                 "host_memory": retain_freed_memory(),
