@@ -168,6 +168,7 @@ bench: setup
 	$(BIN)/python bench/run.py --check || rc=1; \
 	$(BIN)/python bench/flops.py --check || rc=1; \
 	$(BIN)/python bench/memory_format.py --check || rc=1; \
+	$(BIN)/python bench/host_memory.py --check || rc=1; \
 	$(BIN)/python bench/scale.py --check || rc=1; \
 	$(BIN)/python bench/keras_side_by_side.py --check || rc=1; \
 	exit $$rc
