@@ -485,3 +485,31 @@ def test_catalog_slabs_cut_the_period_in_time_order() -> None:
     assert len(outside) == 1 and outside[0].times is None and [i for i, _ in outside[0].members] == [0, 1, 2]
     assert catalog.file_of(np.datetime64("2020-01-04")) == "b.nc"
     assert catalog.file_of(np.datetime64("2020-01-09")) is None
+
+
+@pytest.mark.parametrize("open_files", [3, 128])
+def test_at_most_open_files_sources_are_open_at_once(tmp_path: Path, monkeypatch, open_files: int) -> None:
+    """xarray's file cache is held to ``OPEN_FILES`` while the step writes: the least recently used
+    source closes when another opens (and reopens if read again); the result is the same."""
+    manifest, raw, _ = _slab_source(tmp_path)
+    cfg = step_config()
+    cfg["source"].update(start="2019-12-31", end="2020-01-07")
+    cfg["harmonize"]["duplicates"] = "last"
+    opened: list[set[str]] = []
+    real_open_slab = sources.open_slab
+
+    def open_slab(catalog, members, **kwargs):  # the real one; records what is open right after it
+        slab = real_open_slab(catalog, members, **kwargs)
+        opened.append(_open_raw_files(raw))
+        return slab
+
+    monkeypatch.setattr(sources, "open_slab", open_slab)
+    monkeypatch.setattr(rg, "OPEN_FILES", open_files)
+    rg.main(cfg, manifest=manifest, out=tmp_path / "out.zarr", threads=1, memory_mb=1024)
+    assert len(opened) == 1  # one slab of 8 files (of the 9, the first copy of 2020-01-03 is dropped)
+    assert len(opened[0]) == min(open_files, 8), sorted(opened[0])
+    monkeypatch.undo()
+    rg.main(cfg, manifest=manifest, out=tmp_path / "default.zarr", threads=1, memory_mb=1024)
+    xr.testing.assert_identical(
+        xr.open_zarr(tmp_path / "out.zarr").load(), xr.open_zarr(tmp_path / "default.zarr").load()
+    )

@@ -55,12 +55,21 @@ def main(
     The store's attribute ``provenance`` records the result configuration and the manifest's
     ``sha256`` (:mod:`conv2dlstm.artifacts.provenance`).
     """
-    from conv2dlstm.daskutil import dask_client
     from conv2dlstm.fsutil import discard_partials
 
     manifest, out = Path(manifest), Path(out)
     for stray in discard_partials(out.parent, of=out.name):
         log.info("regrid: discarded %s left by an interrupted run", stray)
+    with xr.set_options(file_cache_maxsize=OPEN_FILES):  # the whole step: the scan, every slab, the write
+        _regrid(cfg, manifest=manifest, out=out, threads=threads, memory_mb=memory_mb, slab_steps=slab_steps)
+
+
+def _regrid(
+    cfg: Mapping[str, Any], *, manifest: Path, out: Path, threads: int, memory_mb: int | None, slab_steps: int
+) -> None:
+    """:func:`main`'s work, with at most :data:`OPEN_FILES` source files open."""
+    from conv2dlstm.daskutil import dask_client
+
     # Scanning reads metadata only and building a slab's graph computes nothing: configuration
     # errors and the checks across files fail before the cluster starts.
     t0 = time.perf_counter()
@@ -103,10 +112,7 @@ def main(
 
     check_plausible = functools.partial(_check_plausible, times=times, rules=rules, catalog=catalog)
     address = cfg["dask"]["scheduler_address"]
-    with (
-        dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=builder.slab_bytes[0]),
-        xr.set_options(file_cache_maxsize=OPEN_FILES),
-    ):
+    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=builder.slab_bytes[0]):
         t1 = time.perf_counter()
         # one pass over the source: the range check is computed with the write, not before it
         zarrstore.write_parts(_parts(builder, slabs, first, attrs), Path(out), before_commit=check_plausible)
