@@ -74,3 +74,15 @@ def test_environment_tuning_names_what_the_environment_gives() -> None:
     assert hostmemory.environment_tuning({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}) is None
     given = {"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "PATH": "/bin"}
     assert hostmemory.environment_tuning(given) == "MALLOC_ARENA_MAX=2 GLIBC_TUNABLES=glibc.malloc.tcache_count=0"
+
+
+def test_the_data_steps_leave_the_allocator_as_it_comes() -> None:
+    """Regrid, normalize and windows bound their memory by chunks (bench/scale.py measures it): the
+    training package, which keeps freed memory, is not imported on their way."""
+    code = (
+        "import sys, conv2dlstm.cli, conv2dlstm.steps.fetch, conv2dlstm.steps.synthetic, "
+        "conv2dlstm.steps.regrid, conv2dlstm.steps.normalize, conv2dlstm.steps.windows; "
+        "print(sorted(m for m in sys.modules if m.startswith('conv2dlstm.training')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conv2dlstm import openmp_waiting
 from conv2dlstm.artifacts import checkpoint, provenance
 from conv2dlstm.artifacts.windows_store import WindowsStore
 from conv2dlstm.config import keys
@@ -79,6 +80,7 @@ from conv2dlstm.tracking import store as tracking
 from conv2dlstm.training import distributed, models
 from conv2dlstm.training.dataset import InMemoryWindows
 from conv2dlstm.training.devices import resolve_device
+from conv2dlstm.training.hostmemory import retain_freed_memory
 from conv2dlstm.training.loop import (
     Loop,
     Progress,
@@ -419,6 +421,7 @@ def main(
     check_world_size(tcfg, ctx.world_size, device)
     if device.type == "cuda":  # deterministic cuBLAS; read when CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    log.info("host: %d torch thread(s), %s, %s", torch.get_num_threads(), openmp_waiting(), retain_freed_memory())
     uri = None
     if ctx.is_main:  # rank 0 (or the only process); the other ranks never touch MLflow
         uri = tracking.resolve_tracking_uri(cfg)

@@ -4,19 +4,20 @@ torch allocates each CPU tensor with ``malloc`` and releases it with ``free``. g
 above its mmap threshold (128 KiB at first, at most 32 MiB) with fresh pages from the kernel and gives
 them back on ``free``, so the large activations of a training step (the notebook network's first
 convolution writes 163 MB per batch at 128 x 128) arrive as new pages at every step, and the kernel
-zeroes each 4 KiB page when it is first touched. That cost exceeded the arithmetic: the notebook
-network's training step at 128 x 128 took 2.6x as long, 80% of its minor page faults gone with this
-module (bench/keras_side_by_side.py and bench/flops.py, docs/performance.md). TensorFlow, whose
-forward pass was 3.6x faster on the same oneDNN kernels, keeps the memory it frees in its own
+zeroes each 4 KiB page when it is first touched. That cost exceeded the arithmetic: with this
+module, the notebook network's training step at 128 x 128 runs 2.4x as fast, with 94% fewer page
+faults, and its forward pass as fast as Keras's on the same oneDNN kernels (bench/host_memory.py,
+bench/keras_side_by_side.py, docs/performance.md). TensorFlow keeps the memory it frees in its own
 allocator.
 
 :func:`retain_freed_memory` tells glibc (``mallopt``) to serve every block from its heap
 (``M_MMAP_MAX = 0``) and to keep up to 2 GiB of free memory at the heap's top (``M_TRIM_THRESHOLD``):
-after the first step, a step reuses the pages of the last one. The process's peak resident memory is
-what it was (the live tensors at the peak), but it no longer falls between steps, as a GPU's caching
-allocator keeps its memory. It runs when :mod:`conv2dlstm.training` is imported, so in every process
-that runs a network (train, evaluate, forecast, the benchmarks) and in no data step (regrid,
-normalize, windows), whose memory is bounded by chunks and measured as such.
+after the first steps, a step reuses the pages of the last one. Memory freed is no longer given
+back, as a GPU's caching allocator keeps its own, and the heap fragments: the peak resident memory
+of a training process rose by up to a fifth at 128 x 128. It runs when :mod:`conv2dlstm.training`
+is imported, so in every process that runs a network (train, evaluate, forecast, the benchmarks)
+and in no data step (regrid, normalize, windows), whose memory is bounded by chunks and measured
+as such.
 
 An environment that tunes glibc's allocator itself (any ``MALLOC_*_`` variable glibc reads, or
 ``glibc.malloc`` in ``GLIBC_TUNABLES``) wins, untouched; so does another C library (nothing to set).
