@@ -29,11 +29,18 @@ MLFLOW_AUTH_ADMIN_PASSWORD_FILE ?=
 .PHONY: setup run run-seed run-zoo run-zoo-seed sweep forecast summary check-upstream tables tables-check config test test-fast lint report mlflow-ui \
 	mlflow-server bench bench-scale bench-keras clean
 
+# One pip call resolves torch and the locked packages together; with TORCH_INDEX, torch comes alone
+# from that index first. --no-compile: Python compiles the modules a run imports, not all of them
+# (a quarter to a third of the set-up time; docs/performance.md).
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
-	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[workflow,test]"
+ifeq ($(TORCH_INDEX),)
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH)" -c requirements/lock.txt -e ".[workflow,test]"
+else
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH)" --index-url "$(TORCH_INDEX)"
+	$(BIN)/python -m pip install --quiet --no-compile -c requirements/lock.txt -e ".[workflow,test]"
+endif
 	touch $@
 
 setup: $(VENV)/.installed

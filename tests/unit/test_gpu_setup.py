@@ -1,9 +1,9 @@
 """How `make setup` chooses torch's build (docs/gpu.md), checked without a network or a GPU.
 
-`make -n` prints the commands setup would run; the torch build is whatever the first pip install
-takes: ``TORCH`` from ``TORCH_INDEX`` when it is set, else from the default index. The second
-install is constrained by requirements/lock.txt, whose ``torch==2.13.0`` accepts a build's local
-version (``2.13.0+cu126``), so it keeps that build.
+`make -n` prints the commands setup would run. With ``TORCH_INDEX``, a first pip install takes
+``TORCH`` from that index alone, and the second, constrained by requirements/lock.txt, keeps that
+build (the lock's ``torch==2.13.0`` accepts a build's local version, ``2.13.0+cu126``); without it,
+one install takes ``TORCH`` and the locked packages from the default index.
 """
 
 from __future__ import annotations
