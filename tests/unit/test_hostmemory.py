@@ -7,9 +7,11 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from conv2dlstm.errors import ConfigError
 from conv2dlstm.training import hostmemory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -65,7 +67,7 @@ def test_an_environment_that_chooses_is_left_as_it_is(given: dict[str, str]) -> 
 def test_an_unknown_choice_is_refused_with_the_values_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hostmemory, "_state", None)
     monkeypatch.setenv(hostmemory.OPT_OUT, "tcmalloc")
-    with pytest.raises(RuntimeError, match=r"CONV2DLSTM_MALLOC='tcmalloc' is not keep or system"):
+    with pytest.raises(ConfigError, match=r"CONV2DLSTM_MALLOC='tcmalloc' is not keep or system; unset it"):
         hostmemory.retain_freed_memory()
 
 
@@ -86,3 +88,17 @@ def test_the_data_steps_leave_the_allocator_as_it_comes() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_train_step_refuses_an_unknown_choice_before_any_work(tmp_path: Path) -> None:
+    env = {**os.environ, hostmemory.OPT_OUT: "jemalloc"}
+    out = tmp_path / "train"
+    args = ["--config-json", "{}", "--run", "convlstm", "--windows", "w", "--stats", "s", "--out-dir", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "conv2dlstm", "train", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        "error: CONV2DLSTM_MALLOC='jemalloc' is not keep or system; unset it (keep) or set it to system" in done.stderr
+    )
+    assert "Traceback" not in done.stderr and not out.exists()

@@ -31,6 +31,8 @@ import ctypes
 import os
 import platform
 
+from conv2dlstm.errors import ConfigError
+
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # bytes of free memory kept at the heap's top (mallopt takes an int)
@@ -70,7 +72,7 @@ def retain_freed_memory() -> str:
         return _state
     choice = os.environ.get(OPT_OUT, "keep")
     if choice not in ("keep", "system"):
-        raise RuntimeError(f"{OPT_OUT}={choice!r} is not keep or system; unset it or set one of those")
+        raise ConfigError(f"{OPT_OUT}={choice!r} is not keep or system; unset it (keep) or set it to system")
     given = environment_tuning()
     if choice == "system":
         _state = f"the C library's malloc as it comes ({OPT_OUT}=system)"
