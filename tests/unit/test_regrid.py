@@ -417,19 +417,34 @@ def _slab_source(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
     return write_manifest(tmp_path, listed), raw, paths
 
 
-def test_slab_by_slab_equals_one_slab_and_holds_one_slab_open(tmp_path: Path, monkeypatch) -> None:
-    manifest, raw, paths = _slab_source(tmp_path)
+def _slab_config() -> dict:
+    """The step's configuration for :func:`_slab_source`: its 8 days, the later copy of a day kept."""
     cfg = step_config()
     cfg["source"].update(start="2019-12-31", end="2020-01-07")
     cfg["harmonize"]["duplicates"] = "last"
-    held: list[set[str]] = []
+    return cfg
+
+
+def _record_open_files(monkeypatch, raw: Path) -> tuple[list[set[str]], list[set[str]]]:
+    """Wraps the real ``sources.open_slab``: the files of ``raw`` open before and right after each call."""
+    before: list[set[str]] = []
+    after: list[set[str]] = []
     real_open_slab = sources.open_slab
 
-    def open_slab(catalog, members, **kwargs):  # the real one; records what is still open before it
-        held.append(_open_raw_files(raw))
-        return real_open_slab(catalog, members, **kwargs)
+    def open_slab(catalog, members, **kwargs):
+        before.append(_open_raw_files(raw))
+        slab = real_open_slab(catalog, members, **kwargs)
+        after.append(_open_raw_files(raw))
+        return slab
 
     monkeypatch.setattr(sources, "open_slab", open_slab)
+    return before, after
+
+
+def test_slab_by_slab_equals_one_slab_and_holds_one_slab_open(tmp_path: Path, monkeypatch) -> None:
+    manifest, raw, paths = _slab_source(tmp_path)
+    cfg = _slab_config()
+    held, _ = _record_open_files(monkeypatch, raw)
     rg.main(cfg, manifest=manifest, out=tmp_path / "slabs.zarr", threads=1, memory_mb=1024, slab_steps=3)
     assert len(held) == 3 and held == [set(), set(), set()]  # 8 days in slabs of 3; none left open before the next
     monkeypatch.undo()
@@ -492,18 +507,8 @@ def test_at_most_open_files_sources_are_open_at_once(tmp_path: Path, monkeypatch
     """xarray's file cache is held to ``OPEN_FILES`` while the step writes: the least recently used
     source closes when another opens (and reopens if read again); the result is the same."""
     manifest, raw, _ = _slab_source(tmp_path)
-    cfg = step_config()
-    cfg["source"].update(start="2019-12-31", end="2020-01-07")
-    cfg["harmonize"]["duplicates"] = "last"
-    opened: list[set[str]] = []
-    real_open_slab = sources.open_slab
-
-    def open_slab(catalog, members, **kwargs):  # the real one; records what is open right after it
-        slab = real_open_slab(catalog, members, **kwargs)
-        opened.append(_open_raw_files(raw))
-        return slab
-
-    monkeypatch.setattr(sources, "open_slab", open_slab)
+    cfg = _slab_config()
+    _, opened = _record_open_files(monkeypatch, raw)
     monkeypatch.setattr(rg, "OPEN_FILES", open_files)
     rg.main(cfg, manifest=manifest, out=tmp_path / "out.zarr", threads=1, memory_mb=1024)
     assert len(opened) == 1  # one slab of 8 files (of the 9, the first copy of 2020-01-03 is dropped)
