@@ -30,16 +30,16 @@ MLFLOW_AUTH_ADMIN_PASSWORD_FILE ?=
 	mlflow-server bench bench-scale bench-keras clean
 
 # One pip call resolves torch and the locked packages together; with TORCH_INDEX, torch comes alone
-# from that index first. --no-compile: Python compiles the modules a run imports, not all of them
-# (a quarter to a third of the set-up time; docs/performance.md).
+# from that index first. pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set
+# (as on CI machines), Python would otherwise compile torch and the rest again in every process.
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 ifeq ($(TORCH_INDEX),)
-	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH)" -c requirements/lock.txt -e ".[workflow,test]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -c requirements/lock.txt -e ".[workflow,test]"
 else
-	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH)" --index-url "$(TORCH_INDEX)"
-	$(BIN)/python -m pip install --quiet --no-compile -c requirements/lock.txt -e ".[workflow,test]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" --index-url "$(TORCH_INDEX)"
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[workflow,test]"
 endif
 	touch $@
 
