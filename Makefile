@@ -31,7 +31,8 @@ MLFLOW_AUTH_ADMIN_PASSWORD_FILE ?=
 
 # One pip call resolves torch and the locked packages together; with TORCH_INDEX, torch comes alone
 # from that index first. pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set
-# (as on CI machines), Python would otherwise compile torch and the rest again in every process.
+# (as on the machines this project is tested on), Python would otherwise compile torch and the
+# rest again in every process.
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
