@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dask
 import distributed
@@ -63,7 +63,12 @@ limit, so the worker process and its start-up (about 1.5 s of CPU per step) are 
 
 @contextlib.contextmanager
 def dask_client(
-    *, threads: int, memory_mb: int | None, address: str = "", data_bytes: int | None = None
+    *,
+    threads: int,
+    memory_mb: int | None,
+    address: str = "",
+    data_bytes: int | None = None,
+    worker_setup: Callable[[], object] | None = None,
 ) -> Iterator[distributed.Client | None]:
     """The scheduler of every Dask computation inside the block: a ``distributed.Client``, or None
     for Dask's threaded scheduler in this process.
@@ -77,12 +82,18 @@ def dask_client(
     exit. ``memory_mb`` (default :data:`DEFAULT_MEMORY_MB`) is the whole step's memory: the worker's
     limit is :data:`WORKER_MEMORY_FRACTION` of it, so the worker spills, pauses and is stopped
     before the job as a whole exceeds its allocation.
+
+    ``worker_setup`` (a picklable function of no argument) runs on every worker process of the
+    client, those that join later or are restarted included (a ``WorkerPlugin``): the per-process
+    settings that the step makes for itself in its own process. On an existing scheduler it stays
+    registered after the block, and a later step's plugin of the same function replaces it.
     """
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}; give the rule one or more threads")
     address = address or os.environ.get(ADDRESS_ENV, "")
     if address:
         with _connected(address) as client:
+            _register(client, worker_setup)
             yield client
         return
 
@@ -98,7 +109,26 @@ def dask_client(
             yield None
         return
     with _local_cluster(threads, limit) as client:
+        _register(client, worker_setup)
         yield client
+
+
+class _WorkerSetup(distributed.WorkerPlugin):
+    """Runs ``fn`` in every worker process (:func:`dask_client`'s ``worker_setup``)."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+        self.name = f"conv2dlstm-setup-{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+    def setup(self, worker: distributed.Worker) -> None:
+        self.fn()
+
+
+def _register(client: distributed.Client, worker_setup: Callable[[], object] | None) -> None:
+    """Register ``worker_setup`` on every worker of ``client`` (nothing when it is None)."""
+    if worker_setup is not None:
+        plugin = _WorkerSetup(worker_setup)
+        client.register_plugin(plugin, name=plugin.name)
 
 
 @contextlib.contextmanager

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import dask.array as da
 import distributed
 import numpy as np
 import pytest
 
 from conv2dlstm.daskutil import ADDRESS_ENV, compute_errors, dask_client
+from conv2dlstm.data import sources
 from conv2dlstm.errors import ConfigError, Conv2dLstmError
 
 
@@ -108,3 +111,27 @@ def test_small_data_is_computed_in_this_process_and_large_data_on_a_worker(
     with dask_client(threads=1, memory_mb=512, data_bytes=limit // 8 + 1) as client:
         assert client is not None and len(client.scheduler_info()["workers"]) == 1
         assert client.run(os.getpid) != {os.getpid()}  # a worker process
+
+
+def _netcdf_chunk_caches(client: distributed.Client) -> list[int]:
+    """netCDF-C's default chunk cache (bytes) in each worker process of ``client``."""
+    return sorted(size for size, _, _ in client.run(lambda: __import__("netCDF4").get_chunk_cache()).values())
+
+
+def test_worker_setup_runs_in_every_worker_process_restarted_ones_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    setup = functools.partial(sources.set_netcdf_chunk_cache, 12345)
+    with dask_client(threads=1, memory_mb=512, worker_setup=setup) as client:
+        assert _netcdf_chunk_caches(client) == [12345]
+        client.restart()  # a new worker process (the nanny's restart after a worker dies)
+        assert _netcdf_chunk_caches(client) == [12345]
+    with dask_client(threads=1, memory_mb=512) as client:  # nothing set without it
+        assert _netcdf_chunk_caches(client) != [12345]
+
+
+def test_worker_setup_reaches_the_workers_of_an_existing_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        setup = functools.partial(sources.set_netcdf_chunk_cache, 4096)
+        with dask_client(threads=1, memory_mb=None, address=cluster.scheduler_address, worker_setup=setup) as client:
+            assert _netcdf_chunk_caches(client) == [4096, 4096]

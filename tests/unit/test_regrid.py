@@ -518,3 +518,43 @@ def test_at_most_open_files_sources_are_open_at_once(tmp_path: Path, monkeypatch
     xr.testing.assert_identical(
         xr.open_zarr(tmp_path / "out.zarr").load(), xr.open_zarr(tmp_path / "default.zarr").load()
     )
+
+
+def test_regrid_opens_its_sources_without_a_netcdf_chunk_cache(tmp_path: Path, monkeypatch) -> None:
+    """The step's own process (the scan and every slab) opens the source files with no chunk cache
+    (``sources.NETCDF_CHUNK_CACHE_BYTES``; each file is read once); the setting is restored after the
+    step, also when it fails. Dask's worker processes: tests/unit/test_daskutil.py."""
+    netCDF4 = pytest.importorskip("netCDF4")
+    manifest, _, _ = _slab_source(tmp_path)
+    default = netCDF4.get_chunk_cache()
+    assert default[0] > 0
+    seen: list[int] = []
+    real_open_slab = sources.open_slab
+
+    def open_slab(catalog, members, **kwargs):
+        seen.append(netCDF4.get_chunk_cache()[0])
+        return real_open_slab(catalog, members, **kwargs)
+
+    monkeypatch.setattr(sources, "open_slab", open_slab)
+    rg.main(_slab_config(), manifest=manifest, out=tmp_path / "out.zarr", threads=1, memory_mb=1024, slab_steps=3)
+    assert seen == [0, 0, 0]
+    assert netCDF4.get_chunk_cache() == default
+    with pytest.raises(DataError):
+        rg.main(_slab_config(), manifest=tmp_path / "absent.json", out=tmp_path / "bad.zarr")
+    assert netCDF4.get_chunk_cache() == default
+
+
+def test_a_chunked_variable_opened_in_the_block_has_no_chunk_cache(tmp_path: Path) -> None:
+    netCDF4 = pytest.importorskip("netCDF4")
+    path = tmp_path / "chunked.nc"
+    data = np.random.default_rng(0).random((2, 40, 30)).astype("float32")
+    xr.Dataset({"sst": (("time", "lat", "lon"), data)}).to_netcdf(path, encoding={"sst": {"zlib": True}})
+    default = netCDF4.get_chunk_cache()[0]
+    with sources.netcdf_chunk_cache():
+        with netCDF4.Dataset(path) as nc:
+            assert nc.variables["sst"].chunking() != "contiguous"
+            assert nc.variables["sst"].get_var_chunk_cache()[0] == sources.NETCDF_CHUNK_CACHE_BYTES == 0
+        with xr.open_dataset(path) as ds:  # reads as before
+            np.testing.assert_array_equal(ds["sst"].values, data)
+    with netCDF4.Dataset(path) as nc:
+        assert nc.variables["sst"].get_var_chunk_cache()[0] == default > 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +32,40 @@ from conv2dlstm.data import harmonize as hz
 from conv2dlstm.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+NETCDF_CHUNK_CACHE_BYTES = 0
+"""netCDF-C's chunk cache per variable of the source files the regrid step opens: none. Each file is
+read once, whole chunks at a time (its Dask chunks are the file's own), so a cache holds only
+decompressed data that is read no more; by default (64 MB per variable in netCDF 4.10) it holds
+every chunk read of every file still open, and grows with the files' resolution."""
+
+
+def set_netcdf_chunk_cache(size: int) -> tuple[int, int, float] | None:
+    """Set netCDF-C's default chunk cache (bytes per variable) for the files this process opens from
+    now on; the previous setting ``(size, slots, preemption)``, or None without netCDF4 installed."""
+    try:
+        import netCDF4
+    except ImportError:
+        return None
+    old = netCDF4.get_chunk_cache()
+    netCDF4.set_chunk_cache(size, old[1], old[2])
+    return (int(old[0]), int(old[1]), float(old[2]))
+
+
+@contextlib.contextmanager
+def netcdf_chunk_cache(size: int = NETCDF_CHUNK_CACHE_BYTES) -> Iterator[None]:
+    """netCDF-C's chunk cache for files opened in this process within the block (:data:`NETCDF_CHUNK_CACHE_BYTES`);
+    the previous setting again after it. Dask worker processes need it set themselves
+    (``dask_client(worker_setup=...)``)."""
+    old = set_netcdf_chunk_cache(size)
+    try:
+        yield
+    finally:
+        if old is not None:
+            import netCDF4
+
+            netCDF4.set_chunk_cache(*old)
 
 
 def has_consolidated_metadata(path: Path) -> bool:

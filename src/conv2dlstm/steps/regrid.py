@@ -60,7 +60,9 @@ def main(
     manifest, out = Path(manifest), Path(out)
     for stray in discard_partials(out.parent, of=out.name):
         log.info("regrid: discarded %s left by an interrupted run", stray)
-    with xr.set_options(file_cache_maxsize=OPEN_FILES):  # the whole step: the scan, every slab, the write
+    # the whole step (the scan, every slab, the write): at most OPEN_FILES source files open, and no
+    # netCDF chunk cache (sources.NETCDF_CHUNK_CACHE_BYTES), here and in Dask's worker processes
+    with xr.set_options(file_cache_maxsize=OPEN_FILES), sources.netcdf_chunk_cache():
         _regrid(cfg, manifest=manifest, out=out, threads=threads, memory_mb=memory_mb, slab_steps=slab_steps)
 
 
@@ -112,7 +114,13 @@ def _regrid(
 
     check_plausible = functools.partial(_check_plausible, times=times, rules=rules, catalog=catalog)
     address = cfg["dask"]["scheduler_address"]
-    with dask_client(threads=threads, memory_mb=memory_mb, address=address, data_bytes=builder.slab_bytes[0]):
+    with dask_client(
+        threads=threads,
+        memory_mb=memory_mb,
+        address=address,
+        data_bytes=builder.slab_bytes[0],
+        worker_setup=functools.partial(sources.set_netcdf_chunk_cache, sources.NETCDF_CHUNK_CACHE_BYTES),
+    ):
         t1 = time.perf_counter()
         # one pass over the source: the range check is computed with the write, not before it
         zarrstore.write_parts(_parts(builder, slabs, first, attrs), Path(out), before_commit=check_plausible)
