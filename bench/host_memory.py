@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+import targets
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = ("system", "keep")
@@ -93,15 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     (out / "host_memory.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
     if not args.check:
         return 0
-    tolerance = yaml.safe_load((HERE / "targets.yaml").read_text())["host_memory_tolerance"]
-    slower = [
-        f"{r['network']} at {r['grid']}: kept / system = {ratio:.2f} < {1 - tolerance:.2f}"
-        for r in rows
-        if (ratio := r["median"]["keep"]["samples_per_s"] / r["median"]["system"]["samples_per_s"]) < 1 - tolerance
-    ]
-    for line in slower:
-        print(f"MISSED {line}")
-    return 1 if slower else 0
+    tolerance = targets.load()["host_memory_tolerance"]
+    return targets.report(
+        [
+            f"{r['network']} at {r['grid']}: kept / system = {ratio:.2f} < {1 - tolerance:.2f}"
+            for r in rows
+            if (ratio := r["median"]["keep"]["samples_per_s"] / r["median"]["system"]["samples_per_s"]) < 1 - tolerance
+        ]
+    )
 
 
 if __name__ == "__main__":
