@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -376,3 +379,25 @@ def test_ui_address_opens_the_training_runs(tmp_path) -> None:
     assert tracking.ui_address(uri, "exp-ui", "http://login01:5000/").startswith("http://login01:5000/#/experiments/")
     with pytest.raises(TrackingError, match="experiment 'nope' is not in"):
         tracking.ui_address(uri, "nope")
+
+
+def test_reading_the_store_does_not_load_torch(tmp_path: Path) -> None:
+    """compare and summary read the store and never run a network: torch (2 s to import on two
+    cores) loads only where a model is logged or evaluated."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys, conv2dlstm.cli, conv2dlstm.steps.compare, conv2dlstm.evaluation.results\n"
+        "from conv2dlstm.errors import TrackingError\n"
+        "from conv2dlstm.tracking import store\n"
+        f"client = store.open_client({uri!r})\n"
+        "client.create_experiment('exp')\n"
+        f"print(store.ui_address({uri!r}, 'exp').endswith('runs?' + store.UI_QUERY))\n"
+        "try:\n"
+        f"    store.ui_address({uri!r}, 'absent')\n"
+        "except TrackingError:\n"
+        "    print('refused')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "refused", "False"]

@@ -56,14 +56,16 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from conv2dlstm import __version__
 from conv2dlstm.config.runs import flatten
 from conv2dlstm.errors import TrackingError
+
+if TYPE_CHECKING:  # torch loads only where a model is logged: reading the store does not need it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -600,6 +602,7 @@ class Tracker:
         small batch ``(B, T_in, C_in, H, W)`` float32; returns the model URI. A model ``name`` the
         run already holds is kept (a rerun after a failed upload logs it once)."""
         import mlflow.pytorch
+        import torch
         from mlflow.models import infer_signature
 
         existing = self.logged_model_uri(name)
