@@ -12,6 +12,7 @@ that says what to change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -118,7 +119,9 @@ class _WorkerSetup(distributed.WorkerPlugin):
 
     def __init__(self, fn: Callable[[], object]) -> None:
         self.fn = fn
-        self.name = f"conv2dlstm-setup-{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+        # named by the function (a partial's too, whatever its arguments): registering it again replaces it
+        base = fn.func if isinstance(fn, functools.partial) else fn
+        self.name = f"conv2dlstm-setup-{getattr(base, '__module__', '')}.{getattr(base, '__qualname__', repr(base))}"
 
     def setup(self, worker: distributed.Worker) -> None:
         self.fn()

@@ -132,6 +132,11 @@ def test_worker_setup_runs_in_every_worker_process_restarted_ones_too(monkeypatc
 def test_worker_setup_reaches_the_workers_of_an_existing_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ADDRESS_ENV, raising=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        setup = functools.partial(sources.set_netcdf_chunk_cache, 4096)
-        with dask_client(threads=1, memory_mb=None, address=cluster.scheduler_address, worker_setup=setup) as client:
-            assert _netcdf_chunk_caches(client) == [4096, 4096]
+        for size in (4096, 2048):  # a later step's setup of the same function replaces the earlier one
+            setup = functools.partial(sources.set_netcdf_chunk_cache, size)
+            with dask_client(
+                threads=1, memory_mb=None, address=cluster.scheduler_address, worker_setup=setup
+            ) as client:
+                assert _netcdf_chunk_caches(client) == [size, size]
+                plugins = client.run(lambda dask_worker: [n for n in dask_worker.plugins if "conv2dlstm" in n])
+                assert [len(names) for names in plugins.values()] == [1, 1], plugins
