@@ -96,8 +96,10 @@ tables-check: setup
 
 ## test: every test, end-to-end Snakemake runs included, on TEST_WORKERS pytest-xdist workers (a test
 ## file's tests stay on one worker; the longest files start first); pytest exit 5, no tests, is not a failure
+# --no-loadscope-reorder: pytest-xdist would otherwise hand out the files by their number of tests,
+# most first, so the long end-to-end files (few tests each) started last; tests/conftest.py orders them
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 ## test-fast: unit tests only
 test-fast: PYTEST_ARGS = tests/unit
