@@ -98,7 +98,9 @@ E2E_FIRST = (
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Start the longest test files first, so that the workers of ``make test`` (pytest-xdist,
-    ``--dist loadfile``: a file's tests stay on one worker) finish together."""
+    ``--dist loadfile``: a file's tests stay on one worker) finish together. xdist keeps this order
+    only with ``--no-loadscope-reorder`` (in the Makefile; tests/unit/test_suite_order.py): by
+    default it hands out the files with the most tests first."""
     rank = {name: n for n, name in enumerate(E2E_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
