@@ -528,16 +528,21 @@ def test_regrid_opens_its_sources_without_a_netcdf_chunk_cache(tmp_path: Path, m
     manifest, _, _ = _slab_source(tmp_path)
     default = netCDF4.get_chunk_cache()
     assert default[0] > 0
-    seen: list[int] = []
-    real_open_slab = sources.open_slab
+    seen: list[tuple[str, int]] = []
+    real_scan, real_open_slab = sources.scan, sources.open_slab
+
+    def scan(manifest, **kwargs):
+        seen.append(("scan", netCDF4.get_chunk_cache()[0]))
+        return real_scan(manifest, **kwargs)
 
     def open_slab(catalog, members, **kwargs):
-        seen.append(netCDF4.get_chunk_cache()[0])
+        seen.append(("slab", netCDF4.get_chunk_cache()[0]))
         return real_open_slab(catalog, members, **kwargs)
 
+    monkeypatch.setattr(sources, "scan", scan)
     monkeypatch.setattr(sources, "open_slab", open_slab)
     rg.main(_slab_config(), manifest=manifest, out=tmp_path / "out.zarr", threads=1, memory_mb=1024, slab_steps=3)
-    assert seen == [0, 0, 0]
+    assert seen == [("scan", 0), ("slab", 0), ("slab", 0), ("slab", 0)]
     assert netCDF4.get_chunk_cache() == default
     with pytest.raises(DataError):
         rg.main(_slab_config(), manifest=tmp_path / "absent.json", out=tmp_path / "bad.zarr")

@@ -69,7 +69,7 @@ def main(
 def _regrid(
     cfg: Mapping[str, Any], *, manifest: Path, out: Path, threads: int, memory_mb: int | None, slab_steps: int
 ) -> None:
-    """:func:`main`'s work, with at most :data:`OPEN_FILES` source files open."""
+    """:func:`main`'s work, with at most :data:`OPEN_FILES` source files open and no netCDF chunk cache."""
     from conv2dlstm.daskutil import dask_client
 
     # Scanning reads metadata only and building a slab's graph computes nothing: configuration
