@@ -23,6 +23,8 @@ from tests.support import reference as _reference
 from tests.support.cases import LAT, MASK, cube_shape, forecast_cube
 from tests.support.workflow import REPO, TINY, copy_workflow, link_environment, run_make, run_snakemake, shared_run
 
+pytest_plugins = ["tests.support.cpu_durations"]  # pytest --cpu-durations=N
+
 
 @pytest.fixture(autouse=True)
 def _no_exported_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
