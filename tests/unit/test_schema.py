@@ -11,6 +11,7 @@ import yaml
 
 from conv2dlstm.cli import main
 from conv2dlstm.config import defaults, networks, sources
+from conv2dlstm.config import schema as schema_module
 from conv2dlstm.config.schema import load_schema, resolve
 from conv2dlstm.config.validate import validate_config
 from conv2dlstm.data import checks, fetching, harmonize, regridding
@@ -61,6 +62,25 @@ def test_every_enum_equals_the_codes_list(path: str) -> None:
 
 def test_code_choices_name_only_schema_enums() -> None:
     assert set(CODE_CHOICES) <= set(ENUMS)
+
+
+SHIPPED_YAML = sorted(
+    str(p.relative_to(REPO))
+    for pattern in ("workflow/schemas/*.yaml", "config/*.yaml", "tests/configs/*.yaml", "profiles/*/*.yaml")
+    for p in REPO.glob(pattern)
+)
+
+
+def test_the_c_loader_is_used_where_pyyaml_has_it() -> None:
+    assert schema_module.SAFE_LOADER is (yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+
+
+@pytest.mark.parametrize("path", SHIPPED_YAML)
+def test_every_shipped_yaml_file_reads_as_pyyaml_s_python_loader_reads_it(path: str) -> None:
+    """The schema, the configurations and the profiles: the loader that reads them gives what
+    ``yaml.safe_load`` (pure Python) gives."""
+    text = (REPO / path).read_text()
+    assert schema_module.safe_load(text) == yaml.safe_load(text), path
 
 
 def test_config_yaml_is_generated_from_the_schema() -> None:

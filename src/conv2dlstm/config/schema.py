@@ -17,6 +17,16 @@ from conv2dlstm.config.networks import NETWORKS
 from conv2dlstm.config.sources import SOURCE_KINDS
 from conv2dlstm.errors import ConfigError
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""PyYAML's safe loader, its C version where PyYAML has libyaml (its wheels do): the same documents,
+about six times faster on the schema, which every step and every Snakemake run loads."""
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load(text)`` through :data:`SAFE_LOADER`."""
+    return yaml.load(text, Loader=SAFE_LOADER)
+
+
 SCHEMA_FILE = "config.schema.yaml"
 DATE_REF = "#/$defs/date"
 """The schema definition every date key uses (a ``YYYY-MM-DD`` string pattern)."""
@@ -26,7 +36,7 @@ DATE_REF = "#/$defs/date"
 def load_schema() -> dict[str, Any]:
     """The configuration schema shipped with the package (the same file Snakemake validates with)."""
     text = resources.files("conv2dlstm.config").joinpath(SCHEMA_FILE).read_text()
-    schema = yaml.safe_load(text)
+    schema = safe_load(text)
     _derive_enums(schema)
     return schema
 

@@ -39,7 +39,7 @@ from conv2dlstm.config.modelsize import (
     axis_problem,
 )
 from conv2dlstm.config.runs import merge_run, run_names
-from conv2dlstm.config.schema import DATE_REF, load_schema, resolve
+from conv2dlstm.config.schema import DATE_REF, load_schema, resolve, safe_load
 from conv2dlstm.config.sources import GROUPS
 from conv2dlstm.config.strata import regions_problem
 from conv2dlstm.errors import ConfigError
@@ -568,7 +568,7 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if raw is not None and not isinstance(raw, dict):
