@@ -20,7 +20,6 @@ batch-16 step. Results are printed and written as JSON to bench/results/ (git-ig
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -195,19 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                     else ""
                 )
             )
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "flops.json").write_text(
-        json.dumps(
-            {
-                "peak_kernels_gflop_per_s": kernels,
-                "peak_gflop_per_s": peak,
-                "openmp_waiting": conv2dlstm.openmp_waiting(),
-                "host_memory": retain_freed_memory(),
-                "networks": rows,
-            },
-            indent=1,
-        )
+    targets.write_results(
+        "flops",
+        {
+            "peak_kernels_gflop_per_s": kernels,
+            "peak_gflop_per_s": peak,
+            "openmp_waiting": conv2dlstm.openmp_waiting(),
+            "host_memory": retain_freed_memory(),
+            "networks": rows,
+        },
     )
     if not args.check:
         return 0

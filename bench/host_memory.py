@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {sys_['peak_rss_mib']:,.0f} / {keep['peak_rss_mib']:,.0f} |",
                 flush=True,
             )
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "host_memory.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
+    targets.write_results("host_memory", {"cpu": cpu_model(), "rows": rows})
     if not args.check:
         return 0
     tolerance = targets.load()["host_memory_tolerance"]

@@ -452,10 +452,7 @@ def main() -> int:
     print(f"wall time {results['wall_seconds']:.0f} s\n")
     print(table(results))
 
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"keras_side_by_side-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2))
+    out = targets.write_results("keras_side_by_side", results, stamped=True)
     print(f"\nwritten {out.relative_to(REPO)}")
 
     if args.check:

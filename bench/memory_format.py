@@ -16,7 +16,6 @@ and written as JSON to bench/results/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -114,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['forward_speedup']:.2f}x | {'channels-last' if r['registry_channels_last'] else 'NCHW'} |",
                 flush=True,
             )
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "memory_format.json").write_text(json.dumps({"cpu": cpu_model(), "networks": rows}, indent=1))
+    targets.write_results("memory_format", {"cpu": cpu_model(), "networks": rows})
     if not args.check:
         return 0
     tolerance = targets.load()["memory_format_tolerance"]

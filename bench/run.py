@@ -185,10 +185,7 @@ def main() -> int:
     finally:
         os.chdir(cwd)
         shutil.rmtree(work, ignore_errors=True)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / time.strftime("%Y%m%dT%H%M%S.json")
-    out.write_text(json.dumps(results, indent=2))
+    out = targets.write_results("run", results, stamped=True)
     print(json.dumps(results, indent=2))
     status = targets.report(check(results, goals))
     print(f"results: {out}")

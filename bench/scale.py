@@ -372,9 +372,7 @@ def main() -> int:
         "load_after": os.getloadavg(),
         "results": results,
     }
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "scale.json").write_text(json.dumps(summary, indent=2))
+    targets.write_results("scale", summary)
     print(
         f"\n{summary['machine']}, {summary['cpus']} CPUs, {summary['memory_gib']} GiB; "
         f"load average {load[0]:.2f} before, {summary['load_after'][0]:.2f} after\n"

@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(REPO / "src")]
 
+import targets  # noqa: E402  (bench/, this script's folder)
 from conv2dlstm import zarrstore  # noqa: E402
 from conv2dlstm.artifacts import regridded  # noqa: E402
 from conv2dlstm.artifacts.windows_store import WindowsStore  # noqa: E402
@@ -181,8 +182,7 @@ def main() -> int:
         print(
             f"{grid:<9} store sizes: windows {rows['windows_store_mb']:.1f} MB, regrid {rows['regrid_store_mb']:.1f} MB"
         )
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "verify_cost.json").write_text(json.dumps(results, indent=1) + "\n")
+    targets.write_results("verify_cost", results)
     print(json.dumps(results))
     return 0
 
