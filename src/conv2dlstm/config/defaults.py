@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from conv2dlstm.config.schema import load_schema, resolve
+from conv2dlstm.config.schema import load_schema, resolve, safe_load
 
 WIDTH = 100
 """Width of the comment lines."""
@@ -25,7 +25,7 @@ def _scalar(value: Any) -> str:
         plain = value and value.strip() == value and not value.startswith(("{", "[", "*", "&", "!", "%", "@", "`"))
         if plain and ": " not in value and " #" not in value:
             try:
-                if yaml.safe_load(value) == value:
+                if safe_load(value) == value:
                     return value
             except yaml.YAMLError:
                 pass
