@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from conv2dlstm.config.workflow import export_package_path
 from tests.support.changes import CHANGES, merge, tiny
-from tests.support.workflow import job_env
+from tests.support.workflow import TINY, job_env
 
 
 def _snakemake(exe: str, cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -85,17 +86,20 @@ def test_default_profile_loads_by_itself(snakemake_exe, workflow_copy):
 
 def test_rule_params_are_the_result_keys(snakemake_exe, workflow_copy):
     """What Snakemake records as each rule's params (its rerun trigger) is the step's result config,
-    one 'key=value' param per key."""
+    one 'key=value' param per key (the tiny configuration's half year of synthetic data: values
+    other than the defaults, and seconds of data to write where the default's three years take 15)."""
     import json
 
     from conv2dlstm.config.keys import result_config
     from conv2dlstm.config.validate import validate_config
 
-    proc = _snakemake(snakemake_exe, workflow_copy, "--cores", "1", "synth")
+    shutil.copy(TINY, workflow_copy / "tiny.yaml")
+    proc = _snakemake(snakemake_exe, workflow_copy, "--cores", "1", "synth", "--configfile", "tiny.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     meta = next((workflow_copy / ".snakemake/metadata").iterdir())
     record = json.loads(meta.read_text())
-    cfg = validate_config(__import__("yaml").safe_load((workflow_copy / "config/config.yaml").read_text()))
+    cfg = validate_config(__import__("yaml").safe_load(TINY.read_text()))
+    assert cfg["synthetic"]["end"] != validate_config({})["synthetic"]["end"]
     assert record["params"] == sorted(_snakemake_params(cfg, "synth")), record["params"]
     synthetic = result_config(cfg, "synth")["synthetic"]
     assert set(record["params"]) == {repr(f"synthetic.{k}={json.dumps(v)}") for k, v in synthetic.items()}
