@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(kernels.values())
     rows = []
     print(
-        f"fp32 peak on {torch.get_num_threads()} threads ({cpu_model()}), {conv2dlstm.openmp_waiting()}, "
+        f"fp32 peak on {torch.get_num_threads()} threads ({cpu_model()}; {targets.describe_instruction_sets()}), "
+        f"{conv2dlstm.openmp_waiting()}, "
         f"{retain_freed_memory()}: "
         + ", ".join(f"{kernel} {rate:.1f}" for kernel, rate in kernels.items())
         + f" GFLOP/s; fractions of {peak:.1f}"

@@ -448,6 +448,7 @@ def main() -> int:
         f"Keras XLA: {first['48x28']['keras_jit_compile']}; idle worker CPU during the other's rounds: "
         f"max {max(s[f'{h}x{w}']['idle_worker_cpu_s_max'] for s in results['settings'] for h, w in GRIDS):.2f} s"
     )
+    print(f"both frameworks on {targets.describe_instruction_sets()}")
     print(f"load average before {results['load_before']}, after {results['load_after']}")
     print(f"wall time {results['wall_seconds']:.0f} s\n")
     print(table(results))

@@ -33,9 +33,11 @@ def test_every_target_is_checked_by_a_bench_and_every_key_a_bench_reads_is_there
 
 def test_results_are_written_as_json_under_the_bench_s_name(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(targets, "RESULTS", tmp_path / "results")
+    for name in targets.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
     path = targets.write_results("flops", {"peak": 503.8})
     assert path == tmp_path / "results" / "flops.json"
-    assert json.loads(path.read_text()) == {"peak": 503.8}
+    assert json.loads(path.read_text()) == {"peak": 503.8, "instruction_set_caps": {}}
     stamped = targets.write_results("run", [1, 2], stamped=True)
     assert re.fullmatch(r"run-\d{8}-\d{6}\.json", stamped.name), stamped.name
     assert json.loads(stamped.read_text()) == [1, 2]
@@ -45,3 +47,20 @@ def test_results_are_written_as_json_under_the_bench_s_name(tmp_path: Path, monk
 def test_a_missed_target_is_printed_and_fails_the_check(missed, status, capsys) -> None:
     assert targets.report(missed) == status
     assert capsys.readouterr().out.splitlines() == [f"MISSED: {line}" for line in missed]
+
+
+def test_results_record_the_instruction_set_caps_they_ran_under(tmp_path: Path, monkeypatch) -> None:
+    """A bench run as on an AVX2-only CPU (each library's cap set) says so in its results and header."""
+    monkeypatch.setattr(targets, "RESULTS", tmp_path / "results")
+    for name in targets.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    assert targets.describe_instruction_sets() == "the CPU's own instruction sets"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert targets.instruction_set_caps() == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert targets.describe_instruction_sets() == (
+        "instruction sets capped: ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2"
+    )
+    written = json.loads(targets.write_results("keras_side_by_side", {"settings": []}).read_text())
+    assert written["instruction_set_caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert json.loads(targets.write_results("run", [1]).read_text()) == [1]  # a list is written as it is
