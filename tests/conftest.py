@@ -23,7 +23,10 @@ from tests.support import reference as _reference
 from tests.support.cases import LAT, MASK, cube_shape, forecast_cube
 from tests.support.workflow import REPO, TINY, copy_workflow, link_environment, run_make, run_snakemake, shared_run
 
-pytest_plugins = ["tests.support.cpu_durations"]  # pytest --cpu-durations=N
+pytest_plugins = [
+    "tests.support.cpu_durations",  # pytest --cpu-durations=N
+    "tests.support.order",  # the longest files first (E2E_FIRST)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -82,29 +85,6 @@ def local_default_run(tmp_path_factory, worker_id) -> Path:
         (wf / "make-run.log").write_text(proc.stdout)
 
     return shared_run(tmp_path_factory, worker_id, "default", build)
-
-
-E2E_FIRST = (
-    "test_quickstart.py",
-    "test_zoo.py",
-    "test_seed.py",
-    "test_slurm.py",
-    "test_rerun_inputs.py",
-    "test_tracking_load.py",
-    "test_rerun.py",
-    "test_mlflow_ui.py",
-    "test_forecast.py",
-)
-"""The longest test files (a minute or more each, ``docs/performance.md``), longest first."""
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Start the longest test files first, so that the workers of ``make test`` (pytest-xdist,
-    ``--dist loadfile``: a file's tests stay on one worker) finish together. xdist keeps this order
-    only with ``--no-loadscope-reorder`` (in the Makefile; tests/unit/test_suite_order.py): by
-    default it hands out the files with the most tests first."""
-    rank = {name: n for n, name in enumerate(E2E_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 # Small forecast cases (tests/support/cases.py), shared by the tests of scores, plots and evaluate

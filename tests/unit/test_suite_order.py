@@ -1,4 +1,4 @@
-"""`make test` starts the longest test files first (``E2E_FIRST`` in tests/conftest.py).
+"""`make test` starts the longest test files first (``E2E_FIRST`` in tests/support/order.py).
 
 pytest-xdist's ``--dist loadfile`` hands out whole files; by default it reorders them by their
 number of tests, most first, which put the end-to-end files (a few long tests each) last. Here the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import E2E_FIRST
+from tests.support.order import E2E_FIRST
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_make_test_starts_the_conftest_s_first_file_first(tmp_path: Path) -> Non
     (suite / "conftest.py").write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from tests.conftest import pytest_collection_modifyitems  # the project's order\n\n"
+        "from tests.support.order import pytest_collection_modifyitems  # the project's order\n\n"
         "def pytest_runtest_setup(item):\n"
         f"    with open({str(log)!r}, 'a') as f:\n"
         "        f.write(f'{time.monotonic()} {item.path.name}\\n')\n"
