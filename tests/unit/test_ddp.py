@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +288,63 @@ def test_torchrun_hands_the_rule_arguments_to_every_worker_untouched() -> None:
     parsed = parse_args([*command[1:], *argv])
     assert (parsed.module, parsed.training_script, parsed.training_script_args) == (True, "conv2dlstm", argv)
     assert parsed.nproc_per_node == "2" and parsed.standalone and "SIGUSR1" in parsed.signals_to_handle
+
+
+def _train_then_fail(seen: list) -> None:
+    """A DDP model trained one step in this frame (gloo, the default group), then an error."""
+    model = torch.nn.Conv2d(1, 2, 3)
+    net = distributed.wrap_model(model, distributed.Context(0, 0, 2), torch.device("cpu"))
+    net(torch.randn(2, 1, 5, 5)).square().mean().backward()  # the reducer's allreduce on the gloo threads
+    seen.append(weakref.ref(net))
+    raise RuntimeError("a step failed")
+
+
+def test_a_failed_block_frees_its_ddp_model_before_the_group_is_destroyed(monkeypatch) -> None:
+    """The DDP model of a block that raised is gone when the process group is destroyed: were its
+    reducer the group's last holder, destroying it (GIL held) could wait forever on gloo threads
+    that need the GIL (``release_frames``). A second rank cannot join in this process, so the
+    rendezvous is an in-process store of one rank; the group, DDP and their teardown are torch's."""
+    import torch.distributed as dist
+
+    init, destroy = dist.init_process_group, dist.destroy_process_group
+    seen: list = []
+    alive_at_destroy: list[bool] = []
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, **kw: init(backend, store=dist.HashStore(), rank=0, world_size=1)
+    )
+
+    def recording_destroy(*args, **kwargs):
+        alive_at_destroy.append(seen[0]() is not None)
+        return destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "destroy_process_group", recording_destroy)
+    with pytest.raises(RuntimeError, match="a step failed") as failed:
+        with distributed.process_group(distributed.Context(0, 0, 2), torch.device("cpu")):
+            _train_then_fail(seen)
+    assert alive_at_destroy == [False]
+    assert not dist.is_initialized()
+    assert "_train_then_fail" in "".join(traceback.format_tb(failed.value.__traceback__))  # the text is kept
+
+
+def test_release_frames_frees_what_chained_exceptions_keep() -> None:
+    class Held:
+        pass
+
+    def fails(kept: list) -> None:
+        held = Held()
+        kept.append(weakref.ref(held))
+        raise KeyError("first")
+
+    kept: list = []
+    try:
+        try:
+            fails(kept)
+        except KeyError as first:
+            raise ValueError("second") from first
+    except ValueError as exc:
+        assert kept[0]() is not None  # the traceback of the cause holds the frame of fails()
+        distributed.release_frames(exc)
+        assert kept[0]() is None
 
 
 def test_context_from_environment() -> None:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import shlex
 import signal
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -170,7 +172,10 @@ def worker_device(ctx: Context, device: torch.device) -> torch.device:
 def process_group(ctx: Context, device: torch.device) -> Iterator[None]:
     """Join the default process group for the block (nothing when not distributed); leave it after.
 
-    The group rendezvous uses torchrun's ``MASTER_ADDR`` / ``MASTER_PORT`` (``env://``).
+    The group rendezvous uses torchrun's ``MASTER_ADDR`` / ``MASTER_PORT`` (``env://``). The DDP
+    models of the block (:func:`wrap_model`) must be gone before the group is destroyed: create
+    them in a function the block calls. When the block raises, the locals of its finished frames,
+    which the exception's traceback keeps, are freed first (:func:`release_frames`).
     """
     if not ctx.distributed:
         yield
@@ -186,8 +191,34 @@ def process_group(ctx: Context, device: torch.device) -> Iterator[None]:
     )
     try:
         yield
+    except BaseException as exc:
+        release_frames(exc)
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def release_frames(exc: BaseException) -> None:
+    """Free the locals of the finished frames that ``exc`` (and the exceptions it chains) keeps alive,
+    and collect: a DDP model among them must not outlive its process group.
+
+    A DDP model's C++ reducer holds a reference to the process group. Were it the last one, the
+    group would be destroyed with the reducer, with the GIL held, waiting for its gloo threads; a
+    thread finishing its last work may need the GIL to free a Python object, and the process hangs
+    (pytorch/pytorch#56297; seen in this project's DDP test). Freed first, the reducer leaves the
+    group to ``destroy_process_group``, which releases the GIL while it waits. The traceback's text
+    (files, lines, functions) is kept; only the frames' local variables go.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # frames still running (the callers) are skipped
+        pending += [current.__cause__, current.__context__]
+    gc.collect()  # the model, the optimizer and their closures refer to each other
 
 
 def wrap_model(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
