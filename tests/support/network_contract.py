@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import json
 import signal
 from collections.abc import Callable, Sequence
@@ -299,6 +300,10 @@ def check_ddp_step(name: str, tmp_path: Path) -> None:
                 optimizer.step()
         finally:
             if distributed:
+                # the DDP model goes first: destroyed with its reducer, the group could wait forever
+                # on its gloo threads (conv2dlstm.training.distributed.release_frames)
+                net = model
+                gc.collect()
                 dist.destroy_process_group()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True)), name
