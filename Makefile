@@ -44,7 +44,10 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 		|| { echo "uv could not install the locked packages; pip installs them"; $(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[workflow,test]"; }
 	touch $@
 
+# The package's own modules are byte-compiled too (compileall redoes a file only when it changed): where
+# PYTHONDONTWRITEBYTECODE is set, every job would otherwise compile the modules it imports from source.
 setup: $(VENV)/.installed
+	@$(BIN)/python -m compileall -q src
 
 ## run: the whole pipeline on the default (embedded, offline) data, then where the results are
 run: setup

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def copy_workflow(dest: Path) -> Path:
-    """Copy the tracked workflow files (no results, no data) to ``dest``, as a fresh clone would have."""
+    """Copy the tracked workflow files (no results, no data) to ``dest``, as a fresh clone would have,
+    and the package's byte-compiled modules, as ``make setup`` leaves them (they stay valid: a copy
+    keeps its source file's size and modification time, which Python checks)."""
     files = (
         subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -36,6 +38,11 @@ def copy_workflow(dest: Path) -> Path:
             os.symlink(os.readlink(src), target)
         else:
             shutil.copy2(src, target)
+    for compiled in (REPO / "src").glob("**/__pycache__/*.pyc"):
+        source_dir = dest / compiled.parent.parent.relative_to(REPO)
+        if source_dir.is_dir():
+            (source_dir / "__pycache__").mkdir(exist_ok=True)
+            shutil.copy2(compiled, source_dir / "__pycache__" / compiled.name)
     return dest
 
 
