@@ -205,7 +205,9 @@ def test_zarr_template_stores_no_data_and_needs_no_dask_cluster_code(tmp_path):
         f"""
         import sys
         import numpy as np
+        import zarr
         from conv2dlstm.artifacts import predictions
+        zarr.config.set({{"array.write_empty_chunks": True}})  # a user's global setting changes nothing
         init = np.arange(6).astype("datetime64[D]").astype("datetime64[ns]")
         valid = init[:, None] + np.array([1, 2], dtype="timedelta64[D]").astype("timedelta64[ns]")
         with predictions.PredictionsWriter({str(tmp_path / "p.nc")!r}, init_times=init, valid_times=valid,

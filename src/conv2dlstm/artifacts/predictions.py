@@ -298,8 +298,9 @@ class PredictionsWriter:
 def _create_zarr(path: Path, template: xr.Dataset) -> dict[str, Any]:
     """Write ``template`` (:func:`empty_dataset`) as a Zarr v2 store with consolidated metadata, one
     chunk per initial time, and return its data arrays (zarr) to fill. Its coordinates and metadata
-    only: a chunk of fill values is not stored (zarr's ``write_empty_chunks``, off by default), so the
-    NaN variables write nothing; nor is Dask needed (its graph would import distributed: 0.6 s)."""
+    only: a chunk of fill values is not stored (``write_empty_chunks`` off, whatever zarr's global
+    configuration says), so the NaN variables write nothing; nor is Dask needed (its graph would
+    import distributed: 0.6 s)."""
     import warnings
 
     import zarr
@@ -309,7 +310,7 @@ def _create_zarr(path: Path, template: xr.Dataset) -> dict[str, Any]:
         enc[name]["chunks"] = (1, *var.shape[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Zarr format 2.*")
-        template.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=enc)
+        template.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=enc, write_empty_chunks=False)
         group = zarr.open_group(str(path), mode="r+", zarr_format=2)
     return {str(name): group[str(name)] for name in template.data_vars}
 
