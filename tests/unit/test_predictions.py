@@ -204,6 +204,7 @@ def test_zarr_template_stores_no_data_and_needs_no_dask_cluster_code(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
+        from pathlib import Path
         import numpy as np
         import zarr
         from conv2dlstm.artifacts import predictions
@@ -214,7 +215,7 @@ def test_zarr_template_stores_no_data_and_needs_no_dask_cluster_code(tmp_path):
                 variables=["sst"], lat=np.arange(3.0), lon=np.arange(4.0), units={{"sst": "degC"}},
                 zarr_path={str(tmp_path / "p.zarr")!r}) as writer:
             assert "distributed" not in sys.modules, "distributed imported"
-            assert not list(__import__("pathlib").Path({str(tmp_path / "p.zarr")!r}).glob("sst/[0-9]*"))
+            assert not list(Path({str(tmp_path / "p.zarr")!r}).glob("sst/[0-9]*")), "a chunk before any batch"
             writer.write(2, np.ones((2, 2, 1, 3, 4), dtype="float32"))
         """
     )
