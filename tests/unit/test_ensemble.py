@@ -325,6 +325,18 @@ def test_the_ensemble_step_scores_the_mean_the_members_and_the_spread(ensemble_i
         cells = xs.crps_ensemble(truth, members, member_dim=ens.MEMBER, dim=[])
     crps = metrics.spatial_mean(cells, weights).mean("time")
     np.testing.assert_allclose(rows("ensemble", "crps"), crps.transpose("lead", "variable").values[:, 0], rtol=1e-5)
+    # a member's CRPS: xskillscore's of a one-member ensemble; a baseline's: its MAE, as the members'
+    for i, run in enumerate(MEMBERS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            one = xs.crps_ensemble(truth, members.isel({ens.MEMBER: [i]}), member_dim=ens.MEMBER, dim=[])
+        direct = metrics.spatial_mean(one, weights).mean("time").transpose("lead", "variable").values[:, 0]
+        np.testing.assert_allclose(rows(run, "crps"), direct, rtol=1e-5)
+    for baseline in ("persistence", "climatology", "damped_persistence", "training_mean"):
+        assert len(rows(baseline, "crps")) == fx.lead_steps, baseline
+        np.testing.assert_array_equal(rows(baseline, "crps"), rows(baseline, "mae"))
+    # E|X - y| - E|X - X'| / 2 at every cell: at most the members' mean absolute error, by their spread
+    assert (rows("ensemble", "crps") < np.mean([rows(r, "crps") for r in MEMBERS], axis=0)).all()
     assert (rows("ensemble", "rmse") ** 2 <= np.mean([rows(r, "rmse") ** 2 for r in MEMBERS], axis=0)).all()
     # members scattered around the truth (it is their centre, not one more draw): over-dispersed
     assert (rows("ensemble", "spread_skill_ratio") > 1).all()

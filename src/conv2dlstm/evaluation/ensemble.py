@@ -18,7 +18,9 @@ back a batch of initial times at a time. Per batch (:func:`score_ensemble`):
     (``xskillscore.crps_ensemble``, properscoring's estimator, not the "fair" one) at every ocean
     cell, averaged like every other score: the area-weighted mean over ocean cells
     (:func:`conv2dlstm.evaluation.metrics.spatial_mean`, land left out) per initial time, then the
-    mean over initial times. With one member it is the MAE;
+    mean over initial times. With one member it is the MAE; so each member and each deterministic
+    baseline gets a ``crps`` row too, its MAE averaged the same way (:func:`deterministic_crps`), to
+    set the ensemble's CRPS against;
   - ``spread``: the square root of the time mean of the area-weighted mean of the members' unbiased
     variance (``ddof=1``);
   - ``spread_skill_ratio``: ``sqrt((M + 1) / M) * spread / RMSE(ensemble mean)`` with ``M`` members:
@@ -65,8 +67,9 @@ MEMBER = "member"
 """The dimension of the members."""
 PROBABILISTIC_METRICS: tuple[str, ...] = ("crps", "spread", "spread_skill_ratio")
 """The metrics of the ensemble as a distribution, in ``metrics.csv`` (model: the ensemble's name)."""
-MEMBER_METRICS: tuple[str, ...] = ("rmse",)
-"""The scores of each member kept in ``metrics.csv`` (model: the member's run)."""
+MEMBER_METRICS: tuple[str, ...] = ("rmse", "crps")
+"""The scores of each member kept in ``metrics.csv`` (model: the member's run); its ``crps`` is its MAE
+(:func:`deterministic_crps`)."""
 RANK_SEED = 0
 """Seed of the random tie-breaking of the rank histogram (the batch's first index is added)."""
 RANK_COLUMNS: list[str] = ["variable", "lead", "rank", "count", "frequency"]
@@ -86,6 +89,14 @@ def crps_per_time(members: xr.DataArray, truth: xr.DataArray, weights: xr.DataAr
         warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
         cells = xs.crps_ensemble(truth, members, member_dim=MEMBER, dim=[])
     return metrics.spatial_mean(cells, weights)
+
+
+def deterministic_crps(table: pd.DataFrame) -> pd.DataFrame:
+    """``crps`` rows for the deterministic forecasts of a tidy ``table``: a copy of its ``mae`` rows.
+    The CRPS of a single forecast (a point mass) is its absolute error, cell by cell, and both are
+    averaged alike (area-weighted over ocean cells per initial time, then over initial times), so the
+    rows compare directly with the ensemble's ``crps``."""
+    return table[table["metric"] == "mae"].assign(metric="crps")
 
 
 def variance_per_time(members: xr.DataArray, weights: xr.DataArray) -> xr.DataArray:
@@ -351,7 +362,8 @@ def score_ensemble(
     ``metrics.csv`` (:func:`conv2dlstm.evaluation.scores.metrics_table`, run ``name``): the ensemble mean
     as model ``name`` (rmse, mae, bias, acc, skill against every baseline with its interval and
     horizon), the baselines (and damped persistence's ``rho``), :data:`PROBABILISTIC_METRICS` of model
-    ``name``, and :data:`MEMBER_METRICS` of each member (model: its run); whole grid and test period."""
+    ``name``, the ``crps`` of each baseline (its MAE), and :data:`MEMBER_METRICS` of each member
+    (model: its run); whole grid and test period."""
     n = int(store.starts(SPLIT).size)
     if n == 0:
         raise DataError(f"the windows store {store.path} has no test window; lengthen splits.test")
@@ -391,11 +403,15 @@ def score_ensemble(
     leads = np.arange(1, int(store.lead_steps) + 1, dtype="int64")
     rho = stratum_frame(tidy(refs.rho.rename(lag="lead").sel(lead=leads), model="damped_persistence", metric="rho"))
     own = member_scores.table()
+    own = pd.concat([own, deterministic_crps(own)], ignore_index=True)
+    scored = mean_scores.table(refs.not_meaningful)
+    baseline_rows = scored[scored["model"].isin(baselines.BASELINE_NAMES)]
     table = pd.concat(
         [
-            mean_scores.table(refs.not_meaningful),
+            scored,
             rho,
             probabilistic.table("model"),
+            deterministic_crps(baseline_rows),
             own[own["metric"].isin(MEMBER_METRICS)],
         ],
         ignore_index=True,

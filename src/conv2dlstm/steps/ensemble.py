@@ -15,7 +15,8 @@ Outputs in ``out_dir`` (``<outdir>/ensemble/<name>/``, :data:`OUTPUT_FILES`):
   ``rmse``, ``mae``, ``bias``, ``acc`` and ``skill_vs_<baseline>`` with its interval, significance,
   meaningfulness and skill horizon rows, computed as the evaluate step computes a network's, and the
   ensemble's ``crps``, ``spread`` and ``spread_skill_ratio``; the baselines' rows as in each member's
-  ``metrics.csv``; model ``<member run>``: each member's ``rmse``;
+  ``metrics.csv`` and their ``crps`` (a single forecast's: its MAE); model ``<member run>``: each
+  member's ``rmse`` and ``crps``;
 - ``rank_histogram.csv`` (``variable,lead,rank,count,frequency``) and ``rank_histogram.png``.
 
 ``metrics.csv`` is written last, after the old one is removed: a folder without it is an unfinished
@@ -26,9 +27,9 @@ member but ``train.seed``, the tags ``ensemble``, ``ensemble.members``, ``ensemb
 ``predictions.nc``) and the sweep's tags; metrics named as the evaluate step names them
 (:func:`conv2dlstm.evaluation.scores.mlflow_metrics`: ``test_rmse_sst_lead1``, ``test_crps_sst_lead1``,
 ``test_spread_skill_ratio_sst_lead1``, ``skill_vs_persistence_sst_lead1``, a member's
-``<run>_rmse_sst_lead1``), the files as artifacts under ``ensemble/``. The run's id is kept in
-``mlflow_run_id.txt`` beside the outputs: a rerun logs into the same run, skipping the metrics it
-already holds with the same value.
+``<run>_rmse_sst_lead1`` and ``<run>_crps_sst_lead1``), the files as artifacts under ``ensemble/``.
+The run's id is kept in ``mlflow_run_id.txt`` beside the outputs: a rerun logs into the same run,
+skipping the metrics it already holds with the same value.
 """
 
 from __future__ import annotations
