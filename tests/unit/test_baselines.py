@@ -387,3 +387,14 @@ def test_not_meaningful_leads_flag_initial_and_valid_days_per_baseline():
     flags = baselines.not_meaningful_leads(late, np.array([[np.datetime64("2020-01-05")]]), support)
     assert flags["climatology"].values.tolist() == [False]
     assert flags["damped_persistence"].values.tolist() == [True]  # its initial anomaly needs clim(2 Apr)
+
+
+def test_the_outputs_page_describes_every_baseline_and_no_other():
+    """docs/outputs.md's table of baselines names exactly the registered ones, in their order."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "outputs.md").read_text()
+    table = text.split("| baseline | the forecast | meaningful |", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)
+    assert names == list(baselines.BASELINE_NAMES), names
