@@ -219,10 +219,12 @@ def test_cells_made_land_by_missing_days_are_named_not_silent(caplog) -> None:
         stats = fit(regridded(times, sst, ds["no3"].values))
     assert stats.attrs["land_from_gaps_cells"] == 2  # recorded: the windows store carries it on, MLflow tags it
     assert stats.attrs["land_from_gaps_days"] == f"2019-01-08, 2019-02-10, {times[n_train + 10]:%Y-%m-%d}"
+    assert stats.attrs["land_from_gaps_where"] == "(22, -77), (23, -78)"  # where, not only how many
     assert stats["mask"].attrs == {"long_name": "ocean: finite at every time of every variable"}
     (message,) = [r.getMessage() for r in caplog.records if "are missing on" in r.getMessage()]
     assert "2 grid cells with data at other time steps are missing on 3 of 731 steps" in message
     assert f"2019-01-08, 2019-02-10, {times[n_train + 10]:%Y-%m-%d}" in message and "land for the whole" in message
+    assert "cells at lat, lon (22, -77), (23, -78);" in message
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="conv2dlstm"):
         fit(ds)  # only the land cell, missing every day: nothing to say

@@ -318,7 +318,11 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
     gaps = {"time_gaps": 1, "missing_steps": 2, "longest_gap_days": 2.0, "missing_dates": ["2020-01-05..2020-01-06"]}
     write_store(ds.chunk({"time": 16}).assign_attrs(gaps, format_version=regridded.FORMAT_VERSION), data_path)
     stats_path = tmp_path / "normalize" / "x.nc"
-    land = {"land_from_gaps_cells": 3, "land_from_gaps_days": "2020-01-02"}  # as normalize records them
+    land = {  # as normalize records them
+        "land_from_gaps_cells": 3,
+        "land_from_gaps_days": "2020-01-02",
+        "land_from_gaps_where": "(0, 10), (1, 11), (2, 10)",
+    }
     stats_file.write(fitted(ds).assign_attrs(land), stats_path)
     out = tmp_path / "windows" / "x.zarr"
     (out.parent / ".x.zarr.1234abcd.partial").mkdir(parents=True)  # left by a killed attempt
@@ -348,6 +352,7 @@ def test_main_writes_the_documented_store(tmp_path: Path, caplog) -> None:
         "data.missing_dates": "2020-01-05..2020-01-06",
         "data.land_from_gaps_cells": "3",
         "data.land_from_gaps_days": "2020-01-02",
+        "data.land_from_gaps_where": "(0, 10), (1, 11), (2, 10)",
     }
 
     store = xr.open_zarr(out)

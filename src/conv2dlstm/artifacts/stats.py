@@ -30,11 +30,17 @@ GRID_ATOL = 1e-9
 """Coordinates of the statistics and of the data agree within this many degrees."""
 
 
-LAND_FROM_GAPS_ATTRS = ("land_from_gaps_cells", "land_from_gaps_days", "gap_filled_values", "gap_filled_cells")
+LAND_FROM_GAPS_ATTRS = (
+    "land_from_gaps_cells",
+    "land_from_gaps_days",
+    "land_from_gaps_where",
+    "gap_filled_values",
+    "gap_filled_cells",
+)
 """Attributes of the statistics (carried on by the windows store and logged as MLflow tags) that say
-how many cells with data at other time steps the ocean mask made land, and on which days they are
-missing, and how many missing values ``harmonize.fill_max_days`` filled, in how many cells (the
-normalize step)."""
+how many cells with data at other time steps the ocean mask made land, on which days they are
+missing and where they are (a few ``(lat, lon)``), and how many missing values
+``harmonize.fill_max_days`` filled, in how many cells (the normalize step)."""
 
 
 def _check(ds: xr.Dataset, path: Path) -> None:

@@ -194,11 +194,12 @@ def fit_stats(
     if partly_missing:
         _check_land_from_gaps(found, partly_missing, fill_max_days=int(fill_max_days), limit=max_land_from_gaps)
         log.warning(
-            "normalize: %s; the ocean mask is 'data at every time step', so these cells are land for the whole "
-            "record and excluded from training and scores. If they are ocean, fill the source's gaps "
-            "(harmonize.fill_max_days interpolates gaps of up to that many days; now %d) or drop the days with "
+            "normalize: %s, cells at lat, lon %s; the ocean mask is 'data at every time step', so these cells are "
+            "land for the whole record and excluded from training and scores. If they are ocean, fill the source's "
+            "gaps (harmonize.fill_max_days interpolates gaps of up to that many days; now %d) or drop the days with "
             "missing data from the source period",
             partly_missing,
+            found["land_from_gaps_where"],
             int(fill_max_days),
         )
     train = training_slice(arr, train_start, train_end).astype(np.float64)
