@@ -19,8 +19,8 @@ class DataError(Conv2dLstmError):
 
 class DiskFullError(Conv2dLstmError):
     """A write failed because the disk is full (or the quota used up); the message names the output,
-    the free space and the fix. Not an ``OSError``, so that no caller mistakes it for a network or
-    read error."""
+    the free space, the space needed (at least what the output had taken of the disk) and the fix.
+    Not an ``OSError``, so that no caller mistakes it for a network or read error."""
 
 
 class TrackingError(Conv2dLstmError):

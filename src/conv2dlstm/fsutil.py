@@ -4,10 +4,12 @@ A step that fails (bad input, a killed job) therefore never leaves a partial or 
 Snakemake, or the next step, would mistake for a finished one.
 
 A write that fails because the disk is full raises :class:`~conv2dlstm.errors.DiskFullError`
-naming the output and the free space (:func:`disk_full_cause`): ``errno.ENOSPC`` or
-``errno.EDQUOT`` anywhere in the exception chain (plain writes, Zarr, fsspec), or a failed write
+naming the output, the free space and the space needed (:func:`disk_full_cause`): ``errno.ENOSPC``
+or ``errno.EDQUOT`` anywhere in the exception chain (plain writes, Zarr, fsspec), or a failed write
 without a reason (netCDF-4 reports a full disk only as ``NetCDF: HDF error``, PyTorch as ``file
-write failed``) while almost no space is left.
+write failed``) while almost no space is left. The space needed is a lower bound: the bytes of the
+disk the partial output (file or folder) had taken when the disk filled, measured before it is
+removed; the output needs at least that much more than the space that was free then.
 """
 
 from __future__ import annotations
@@ -122,27 +124,70 @@ def _size(n: int | None) -> str:
     return f"{size} bytes"  # pragma: no cover
 
 
-def disk_full_error(target: str | os.PathLike, cause: BaseException) -> DiskFullError:
+def written_bytes(path: str | os.PathLike | None) -> int | None:
+    """Bytes of the disk that the file or folder ``path`` (a partial output) takes now (allocated
+    blocks: a sparse file that netCDF-4 extended past what it wrote counts what is on disk), or
+    None when ``path`` is None or cannot be measured; files that a failed writer's threads remove
+    while they are counted are skipped."""
+    if path is None:
+        return None
+
+    def used(p: Path) -> int:
+        st = p.stat()
+        blocks = getattr(st, "st_blocks", None)
+        return st.st_size if blocks is None else blocks * 512
+
+    path = Path(path)
+    try:
+        if not path.is_dir():
+            return used(path) if path.exists() else 0
+        total = 0
+        for p in path.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file():
+                    total += used(p)
+        return total
+    except OSError:
+        return None
+
+
+def disk_full_error(target: str | os.PathLike, cause: BaseException, *, written: int | None = None) -> DiskFullError:
     """The error for a write of ``target`` that failed because its disk is full: it names the
-    output, the file system's free and total space and what to do."""
+    output, the file system's free and total space, the space needed and what to do.
+
+    ``written``: the bytes of the disk the output had taken when the disk filled
+    (:func:`written_bytes` of its partial file or folder), or None when unknown. The output was not
+    finished, so it needs more than that: the message names it as a lower bound, "at least N more
+    than the F free"."""
     target = Path(target)
     free = free_bytes(target.parent)
     total = None
     with contextlib.suppress(OSError):
         total = shutil.disk_usage(target.parent).total
+    needed = removed = ""
+    if written:
+        needed = (
+            f" It needs at least {_size(written)} more than the {_size(free)} free: the output had taken "
+            f"{_size(written)} of the disk when it filled, and it was not finished (a lower bound)."
+        )
+        removed = f", which frees its {_size(written)} again"
     return DiskFullError(
         f"no space left on device writing {target}: the disk holding {target.parent} is full "
-        f"({_size(free)} free of {_size(total)}; {type(cause).__name__}: {cause}). Nothing was written "
-        f"to {target} (the partial output was removed). Free space there, or point outdir / "
+        f"({_size(free)} free of {_size(total)}; {type(cause).__name__}: {cause}).{needed} Nothing was written "
+        f"to {target} (the partial output was removed{removed}). Free space there, or point outdir / "
         "resources_dir at a disk with room, and run the step again"
     )
 
 
 @contextlib.contextmanager
-def full_disk_named(target: str | os.PathLike) -> Iterator[None]:
+def full_disk_named(target: str | os.PathLike, *, partial: str | os.PathLike | None = None) -> Iterator[None]:
     """Turn a failure of the writes in the block into a :class:`DiskFullError` naming ``target`` when
-    the disk holding it is full (:func:`disk_full_cause`); other failures pass unchanged. Enter it
-    inside the block that removes partial outputs, so that the free space is read before they go."""
+    the disk holding it is full (:func:`disk_full_cause`); other failures pass unchanged.
+
+    ``partial``: the file or folder the block writes (a temporary, a staging folder); the disk space
+    it had taken when the disk filled (:func:`written_bytes`) is the lower bound of the space needed
+    that the error names (:func:`disk_full_error`). Enter it inside the block that removes partial
+    outputs, so that the free space and the partial output's size are read before it goes."""
     target = Path(target)
     try:
         yield
@@ -151,7 +196,7 @@ def full_disk_named(target: str | os.PathLike) -> Iterator[None]:
     except Exception as exc:
         cause = disk_full_cause(exc, target.parent)
         if cause is not None:
-            raise disk_full_error(target, cause) from exc
+            raise disk_full_error(target, cause, written=written_bytes(partial)) from exc
         raise
 
 
@@ -163,12 +208,14 @@ def atomic_output(target: str | os.PathLike) -> Iterator[Path]:
     with ``.partial`` so that globs never pick it up. On any exception the temporary path is removed
     and ``target`` is left as it was before the call; a write that failed because the disk is full
     (:func:`disk_full_cause`) raises :class:`~conv2dlstm.errors.DiskFullError` naming ``target``
-    instead, whatever the writer wrapped it in.
+    and the space it needs (at least what the temporary had taken of the disk) instead, whatever
+    the writer wrapped it in.
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"  # matches PARTIAL_GLOB
     try:
-        with full_disk_named(target):  # the free space is read before the partial output is removed
+        # the free space and the temporary's size are read before the temporary is removed
+        with full_disk_named(target, partial=tmp):
             target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
             if not tmp.exists():

@@ -3,7 +3,8 @@
 - A full disk: every step writes through fsutil.atomic_output (or, for evaluate's staging folder,
   fsutil.full_disk_named), which turns ENOSPC (or EDQUOT) anywhere in the exception chain, or a
   writer's bare failure (netCDF's "HDF error", torch's "unexpected pos") while almost no space is
-  left, into a DiskFullError naming the output and the free space (the CLI exits 2), leaving no
+  left, into a DiskFullError naming the output, the free space and the space needed (at least the
+  disk the partial output had taken, measured before it is removed) (the CLI exits 2), leaving no
   partial output. The fetch, train and evaluate steps fill a real small disk.
   Injected at the write boundary, and for real on a 1 MiB tmpfs mounted in a user and mount
   namespace (unshare; nothing on the machine changes, the mount ends with the process).
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,16 +46,38 @@ def _enospc() -> OSError:
     return OSError(errno.ENOSPC, "No space left on device")
 
 
+UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def _needed(message: str) -> tuple[int, int]:
+    """The space needed and the free space that a DiskFullError's ``message`` names ("It needs at
+    least N more than the F free"), in bytes (to the 0.1 of a unit they are written with)."""
+    found = re.search(r"It needs at least ([0-9.]+) (\w+) more than the ([0-9.]+) (\w+) free: ", message)
+    assert found, message
+    return int(float(found[1]) * UNITS[found[2]]), int(float(found[3]) * UNITS[found[4]])
+
+
+def _about(n: int, at_least: int) -> bool:
+    """``n`` (read from a message) is the disk space of ``at_least`` bytes written: no less (to the
+    rounding of the message), and no more than a file system's blocks and preallocation add."""
+    return at_least * 0.95 <= n <= at_least * 1.05 + (64 << 10)
+
+
 def test_enospc_becomes_a_disk_full_error_naming_the_output_and_nothing_is_left(tmp_path: Path) -> None:
     target = tmp_path / "out" / "stats.nc"
     target.parent.mkdir()
     target.write_text("previous")
     with pytest.raises(DiskFullError) as err, atomic_output(target) as tmp:
-        tmp.write_text("partial")
+        tmp.write_bytes(os.urandom(200 << 10))
         raise _enospc()
     msg = str(err.value)
     assert msg.startswith(f"no space left on device writing {target}: the disk holding {target.parent} is full (")
     assert "free of" in msg and "Free space there" in msg and "run the step again" in msg
+    # the space needed: at least the 200 KiB the partial file had taken of the disk, beyond what was free
+    needed, _ = _needed(msg)
+    assert _about(needed, 200 << 10), msg
+    assert "of the disk when it filled, and it was not finished (a lower bound)" in msg
+    assert "(the partial output was removed, which frees its " in msg
     assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
     assert sorted(p.name for p in target.parent.iterdir()) == ["stats.nc"]
     assert target.read_text() == "previous"
@@ -65,9 +90,35 @@ def test_enospc_wrapped_by_a_writer_is_still_a_full_disk(tmp_path: Path) -> None
             raise _enospc()
         except OSError as exc:
             raise DownloadError("file:x.nc: cannot copy x.nc") from exc
-    with pytest.raises(DiskFullError), atomic_output(tmp_path / "b.zarr"):
+    with pytest.raises(DiskFullError) as err, atomic_output(tmp_path / "b.zarr"):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert "It needs at least" not in str(err.value)  # nothing written: no lower bound to name
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_space_needed_is_what_the_partial_output_had_taken(tmp_path: Path) -> None:
+    """Every writer's full disk names the space needed, as a lower bound: the disk space the partial
+    file or folder had taken when the disk filled, measured before it is removed (atomic_output's
+    temporary, or the folder full_disk_named is given, as evaluate's staging folder)."""
+    with pytest.raises(DiskFullError) as err, atomic_output(tmp_path / "x.zarr") as tmp:
+        (tmp / "data" / "c").mkdir(parents=True)
+        (tmp / "zarr.json").write_bytes(os.urandom(1000))
+        (tmp / "data" / "c" / "0").write_bytes(os.urandom(3 << 20))
+        raise _enospc()
+    needed, _ = _needed(str(err.value))
+    assert _about(needed, (3 << 20) + 1000), err.value
+    assert list(tmp_path.iterdir()) == []
+
+    out_dir, staging = tmp_path / "evaluate", tmp_path / "evaluate" / ".staging"
+    staging.mkdir(parents=True)
+    with pytest.raises(DiskFullError) as err, fsutil.full_disk_named(out_dir, partial=staging):
+        (staging / "predictions.nc").write_bytes(os.urandom(300 << 10))
+        (staging / "metrics.csv").write_bytes(os.urandom(100 << 10))
+        raise RuntimeError("write failed") from _enospc()
+    msg = str(err.value)
+    assert msg.startswith(f"no space left on device writing {out_dir}: the disk holding {tmp_path} is full (")
+    needed, _ = _needed(msg)
+    assert _about(needed, 400 << 10), msg
 
 
 def test_hdf_error_is_a_full_disk_only_when_space_is_low(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,6 +179,8 @@ def test_the_cli_exits_2_naming_the_path_when_the_disk_fills(
     assert cli.main(["fetch", "--config", str(cfg), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"error: no space left on device writing {out / 'big.nc'}: the disk holding {out} is full" in err, err
+    needed, _ = _needed(err)  # the file was copied whole before the disk filled
+    assert _about(needed, src.stat().st_size), err
     assert sorted(p.name for p in out.iterdir()) == []
 
 
@@ -276,6 +329,8 @@ def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path)
         assert got["rc"] == 2, got
         assert f"error: no space left on device writing {mnt / step / written}".rstrip("/") in got["stderr"], got
         assert "Traceback" not in got["stderr"] and got["left"] == [], got
+        needed, free = _needed(got["stderr"])
+        assert 0 < needed <= 1 << 20 and free < 64 << 10, got  # part of the 1 MiB disk, at most all
     for kind, name in (("netcdf", "out.nc"), ("zarr", "out.zarr")):
         got = result[kind]
         assert got["error"] == "DiskFullError", got
@@ -283,6 +338,8 @@ def test_a_really_full_disk_stops_each_writer_with_a_clear_error(tmp_path: Path)
             f"no space left on device writing {mnt / name}: the disk holding {mnt} is full"
         )
         assert got["left"] == [], got
+        needed, free = _needed(got["message"])
+        assert 512 << 10 < needed <= 1 << 20 and free < 64 << 10, got  # most of the 1 MiB disk, at most all
     assert "HDF error" in result["netcdf"]["cause"]  # netCDF-4 says only this; the free space decides
     assert "No space left on device" in result["zarr"]["cause"]
     assert not any(mnt.iterdir()), "the tmpfs lived in the child's namespace only"

@@ -703,7 +703,8 @@ def main(cfg: dict[str, Any], *, run: str, windows: Path, stats: Path, checkpoin
         record = _evaluate_record(cfg, inputs, stats_ds, windows=windows, stats=stats)
         staging = staging_dir(out_dir)
         try:
-            with full_disk_named(out_dir):  # read the free space before the staging folder is removed
+            # the free space and the staged outputs' size are read before the staging folder is removed
+            with full_disk_named(out_dir, partial=staging):
                 table = _stage_outputs(
                     staging,
                     inputs,
