@@ -20,9 +20,10 @@ pytestmark = pytest.mark.e2e
 def test_seed_no3_pipeline(tmp_path: Path):
     """The notebook's task and network (config/seed_no3.yaml) learn what the notebook could not. The
     shipped config trains up to 60 epochs; skill over climatology and half the mean-predictor loss
-    come within 25 (each extra configfile updates the ones before it, key by key)."""
+    come within 25 (each extra configfile updates the ones before it, key by key). With two training
+    years before its test period, the seed task also scores extreme NO3 events end to end."""
     wf = copy_workflow(tmp_path / "wf")
-    (wf / "fewer_epochs.yaml").write_text("train: {epochs: 25}\n")
+    (wf / "fewer_epochs.yaml").write_text("train: {epochs: 25}\nevaluate: {events: {variables: [no3]}}\n")
     run_snakemake(wf, "--cores", "2", "--configfile", "config/seed_no3.yaml", "fewer_epochs.yaml")
     out = wf / "results/seed_no3"
     ds = xr.open_zarr(out / "windows/seed_no3.zarr")
@@ -40,3 +41,12 @@ def test_seed_no3_pipeline(tmp_path: Path):
     metrics = pd.read_csv(out / "evaluate/conv2d_lstm/metrics.csv")
     model_beats_baselines(metrics, "no3", ("climatology",))
     assert np.isfinite(metrics["value"][metrics.metric == "rmse"]).all()
+    # the 90th-percentile events of the two training years: scored, with intervals, for every forecast
+    events = metrics[metrics["metric"].str.startswith("event_")]
+    assert set(events["model"]) == set(metrics["model"]), set(events["model"])
+    assert (events[events["metric"] == "event_meaningful"]["value"] == 1).all()
+    for metric in ("event_pod", "event_far", "event_sedi", "event_ets", "event_sedi_lower", "event_sedi_upper"):
+        values = events[events["metric"] == metric].set_index("model")["value"]
+        assert values.notna().all() and (values.abs() <= 1).all(), (metric, values)
+    base_rate = events[events["metric"] == "event_base_rate"]["value"]
+    assert ((base_rate > 0) & (base_rate < 0.5)).all(), base_rate  # events, rarer than not (0.25 here)
