@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,35 @@ def test_a_flipped_bit_in_a_windows_chunk_stops_every_reader(windows: WindowsFix
         with pytest.raises(DataError, match=words):
             WindowsStore(windows.store).read_time_range(0, store.time.size)
     np.testing.assert_array_equal(store.read_time_range(t0, t0 + 1), windows.normalized[t0 : t0 + 1])  # restored
+
+
+@pytest.mark.parametrize(
+    ("array", "chunk_key"),
+    [
+        ("time", "c/0"),
+        ("lat", "c/0"),
+        ("mask", "c.0.0"),
+        ("train_start", "c.0"),
+        ("val_start", "c.0"),
+        ("test_start", "c.0"),
+    ],
+)
+def test_a_flipped_bit_in_a_windows_coordinate_mask_or_start_chunk_stops_the_open(
+    windows: WindowsFixture, array: str, chunk_key: str
+) -> None:
+    """The small arrays read whole when the store opens (coordinates, the ocean mask, the window
+    starts) are verified like the data: a flipped bit would shift a date, move the coast or start a
+    window elsewhere, silently."""
+    chunk = windows.store / array / chunk_key
+    words = rf"windows store .*w\.zarr is damaged: chunk {re.escape(chunk_key)} of array '{array}'"
+    for _ in each_flip(chunk):
+        with pytest.raises(DataError, match=words + r" differs from what was written \(SHA-256\)" + REBUILD_WINDOWS):
+            WindowsStore(windows.store)
+        with pytest.raises(DataError, match=words):
+            WindowDataset(windows.store, "train")
+    store = WindowsStore(windows.store)  # restored: reads as written
+    np.testing.assert_array_equal(store.starts("test"), windows.starts["test"])
+    np.testing.assert_array_equal(store.mask, xr.open_zarr(windows.store)["mask"].values)
 
 
 def test_dataloader_workers_verify_their_reads(windows: WindowsFixture) -> None:

@@ -200,6 +200,57 @@ def test_steps_stop_on_a_damaged_windows_store(step, how, words, tmp_path, capsy
     assert not (out / "model.pt").exists() and not (out / "metrics.csv").exists()
 
 
+def test_evaluate_with_a_real_checkpoint_stops_on_a_flipped_bit_in_a_test_chunk(tmp_path, capsys, monkeypatch):
+    """A run trained on the intact store, then evaluated after one bit of a chunk that only the test
+    period reads has flipped: what would have changed metrics.csv silently stops the evaluate step
+    (exit status 2) naming the store, the chunk and the step to rerun; no metrics are written."""
+    import json
+
+    from conv2dlstm.config.validate import validate_config
+    from conv2dlstm.steps import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    fx = make_windows_store(tmp_path / "w.zarr", n_time=60, time_chunk=5)
+    cfg = validate_config(
+        {
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "log_model": False},
+            "model": {"convlstm": {"hidden_channels": [2]}},
+            "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "max_batches_per_epoch": 1},
+        }
+    )
+    train.main(cfg, run="convlstm", windows=fx.store, stats=fx.stats, out_dir=tmp_path / "trained")
+    checkpoint = tmp_path / "trained" / "model.pt"
+    assert checkpoint.is_file()
+    last = int(fx.starts["test"][-1]) + fx.input_steps + fx.lead_steps - 1  # the test period's last step
+    assert last // 5 > (int(fx.starts["val"][-1]) + fx.input_steps + fx.lead_steps - 1) // 5  # test only
+    chunk = fx.store / "data" / f"c.{last // 5}.0.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x04  # one bit
+    chunk.write_bytes(bytes(data))
+    out = tmp_path / "evaluate"
+    args = ["evaluate", "--config-json", json.dumps(cfg), "--run", "convlstm"]
+    args += [
+        "--windows",
+        str(fx.store),
+        "--stats",
+        str(fx.stats),
+        "--checkpoint",
+        str(checkpoint),
+        "--out-dir",
+        str(out),
+    ]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"error: windows store {re.escape(str(fx.store))} is damaged: chunk {re.escape(chunk.name)} of array 'data' "
+        r"differs from what was written \(SHA-256\); rebuild it with the windows step \(snakemake --forcerun windows\)",
+        err,
+    ), err
+    assert "Traceback" not in err
+    assert not (out / "metrics.csv").exists()
+    assert not out.exists() or not list(out.iterdir())  # nor a staging folder left behind
+
+
 def test_verify_checks_metadata_files_and_lists_no_recorded_file_as_unrecorded(tmp_path):
     store = _store(tmp_path / "a.zarr")
     meta = store / "sst" / "zarr.json"
