@@ -549,6 +549,12 @@ def bad_method(ctx: Ctx) -> dict:
     return {**url_source(ctx), "grid": {"method": "bilinear"}}
 
 
+def one_cell_axis(ctx: Ctx) -> dict:
+    """A target latitude axis of one cell (start = stop): no grid the networks can convolve."""
+    daily(ctx.data, value=20.0)
+    return {**url_source(ctx), "grid": {"lat": {"start": 30.5, "stop": 30.5, "step": 1.0}}}
+
+
 RAW = r"raw/"  # fetched (url) files live in the work folder's raw/
 CASES = [
     # units: converted when recognisable, refused when not
@@ -800,6 +806,7 @@ CASES = [
         "regrid",
         [
             r"1 file\(s\) have another latitude axis than the other 5: \S*sst\.20200104\.nc: 8 values 30\.25\.\.32",
+            r"\(ascending, step 0\.25\), shifted by \+0\.125 \(the others",
             r"the others: 8 values 30\.125\.\.31\.875",
             r"fix or remove the files named",
         ],
@@ -808,7 +815,24 @@ CASES = [
         "one-file-at-another-resolution",
         lambda ctx: odd_file(ctx, lon=np.arange(290.25, 292.0, 0.5)),
         "regrid",
-        [r"another longitude axis than the other 5: \S*sst\.20200104\.nc: 4 values .*step 0\.5", r"fix or remove"],
+        [
+            r"another longitude axis than the other 5: \S*sst\.20200104\.nc: 4 values .*step 0\.5\), another "
+            r"resolution",
+            r"fix or remove",
+        ],
+    ),
+    Case(
+        "one-file-of-a-smaller-extent",
+        lambda ctx: odd_file(ctx, lat=LAT[:6], lon=LON[2:]),  # same 0.25 degree cells, 6 x 6 of the 8 x 8
+        "regrid",
+        [
+            r"1 file\(s\) have another latitude axis than the other 5: \S*sst\.20200104\.nc: 6 values "
+            r"30\.125\.\.31\.375 \(ascending, step 0\.25\), a smaller extent at the same step \(the others: 8 "
+            r"values 30\.125\.\.31\.875",
+            r"1 file\(s\) have another longitude axis than the other 5: \S*sst\.20200104\.nc: 6 values "
+            r"290\.625\.\.291\.875 \(ascending, step 0\.25\), a smaller extent at the same step",
+            r"fix or remove the files named",
+        ],
     ),
     Case(
         "one-file-missing-the-variable",
@@ -966,6 +990,15 @@ CASES = [
         after_fetch=delete_the_manifest,
     ),
     Case("bad-regrid-method", bad_method, "fetch", [r"config key grid\.method: 'bilinear' is not one of"]),
+    Case(
+        "one-cell-grid-axis",
+        one_cell_axis,
+        "fetch",
+        [
+            r"config key grid\.lat: start 30\.5, stop 30\.5, step 1\.0 give 1 cell",
+            r"the target grid needs at least 2 cells per axis \(widen start\.\.stop\)",
+        ],
+    ),
 ]
 
 

@@ -1,6 +1,6 @@
 """One bad file among many: the check before a source's files are merged names the file and what is
-wrong with it (a shifted grid, another resolution, a missing variable, a time coordinate without
-units), on real netCDF files; a file stored north to south among files stored south to north is
+wrong with it (a shifted grid, another resolution, a smaller extent, a missing variable, a time
+coordinate without units), on real netCDF files; a file stored north to south among files stored south to north is
 merged value for value, and a file of fill values only is dropped as a missing day."""
 
 from __future__ import annotations
@@ -70,6 +70,37 @@ def test_the_one_bad_file_is_named(tmp_path: Path, odd: dict, words: str) -> Non
     manifest = _manifest(tmp_path, odd)
     with pytest.raises(DataError, match=words):
         sources.scan(manifest, rules=RULES)
+
+
+def _lon_layout(lon: np.ndarray) -> checks.FileLayout:
+    """The layout of a file with longitudes ``lon`` only."""
+    axis = checks._axis_layout(xr.Dataset(coords={"lon": lon}), "lon", {})
+    return checks.FileLayout(lat=None, lon=axis, variables=frozenset())
+
+
+IRREGULAR = LON.copy()
+IRREGULAR[3] += 0.05  # same size, first and last value
+
+
+@pytest.mark.parametrize(
+    ("lon", "words"),
+    [
+        (LON[2:], r"6 values 290\.625\.\.291\.875 \(ascending, step 0\.25\), a smaller extent at the same step \("),
+        (np.arange(289.625, 292.0, 0.25), r"10 values .*, a larger extent at the same step \("),
+        (np.arange(290.625, 292.2, 0.25), r"7 values 290\.625\.\.292\.125 .*, another extent at the same step \("),
+        (LON + 0.125, r"8 values 290\.25\.\.292 \(ascending, step 0\.25\), shifted by \+0\.125 \("),
+        (LON[::2], r"4 values .*\(ascending, step 0\.5\), another resolution \("),
+        (LON[::-1], r"8 values 291\.875\.\.290\.125 \(descending, step 0\.25\), in the other order \("),
+        (IRREGULAR, r"8 values 290\.125\.\.291\.875 \(ascending, step 0\.25\), other values in the same range \("),
+    ],
+    ids=["smaller-extent", "larger-extent", "other-extent", "shifted", "resolution", "order", "irregular"],
+)
+def test_how_an_odd_axis_differs_is_named(lon: np.ndarray, words: str) -> None:
+    """Not only the odd file's axis and the others': what differs, in words."""
+    layouts = [*[_lon_layout(LON)] * 5, _lon_layout(lon)]
+    prefix = r"1 file\(s\) have another longitude axis than the other 5: odd\.nc: "
+    with pytest.raises(DataError, match=prefix + words + r"the others: 8 values 290\.125\.\.291\.875"):
+        checks.check_layouts(layouts, ["a.nc", "b.nc", "c.nc", "d.nc", "e.nc", "odd.nc"])
 
 
 def test_files_that_agree_pass_whatever_their_latitude_order(tmp_path: Path) -> None:

@@ -217,11 +217,43 @@ def _describe_axis(layout: tuple[int, float, float, str] | None) -> str:
     return f"{size} values {first:g}..{last:g} ({order}{step})"
 
 
+AXIS_TOLERANCE = 1e-6
+"""Degrees within which two axes' first or last values, or their steps, are the same."""
+
+
+def _axis_difference(odd: tuple[int, float, float, str] | None, common: tuple[int, float, float, str] | None) -> str:
+    """How the axis ``odd`` of a file differs from ``common``, that of the other files, in words: ``,
+    another resolution``, ``, a smaller extent at the same step``, ``, shifted by +0.125``, ...; empty
+    when one has no such axis or fewer than 2 values (the description says it all)."""
+    if odd is None or common is None or odd[0] < 2 or common[0] < 2:
+        return ""
+    (n_odd, first_odd, last_odd, _), (n_common, first_common, last_common, _) = odd, common
+    if (last_odd < first_odd) != (last_common < first_common):
+        return ", in the other order"
+    low_odd, high_odd = sorted((first_odd, last_odd))
+    low_common, high_common = sorted((first_common, last_common))
+    step_odd, step_common = (high_odd - low_odd) / (n_odd - 1), (high_common - low_common) / (n_common - 1)
+    if abs(step_odd - step_common) > AXIS_TOLERANCE:
+        return ", another resolution"
+    inside = low_odd >= low_common - AXIS_TOLERANCE and high_odd <= high_common + AXIS_TOLERANCE
+    around = low_odd <= low_common + AXIS_TOLERANCE and high_odd >= high_common - AXIS_TOLERANCE
+    if n_odd < n_common and inside:
+        return ", a smaller extent at the same step"
+    if n_odd > n_common and around:
+        return ", a larger extent at the same step"
+    if n_odd == n_common and abs(low_odd - low_common) > AXIS_TOLERANCE:
+        return f", shifted by {low_odd - low_common:+g}"
+    if n_odd == n_common:
+        return ", other values in the same range"
+    return ", another extent at the same step"
+
+
 def check_layouts(layouts: Sequence[FileLayout], names: Sequence[str]) -> None:
     """Every file on the grid of the majority, with its variables: else a :class:`DataError` naming
-    the files that differ, what they hold and what the others hold (a shifted grid, another
-    resolution, a missing variable). Latitudes are compared in ascending order: the order of a
-    file's latitudes may differ (:func:`ascending_latitude`), that of its longitudes may not."""
+    the files that differ, what they hold and what the others hold, and how their axes differ (a
+    shifted grid, another resolution, a smaller or larger extent) or which variable they lack.
+    Latitudes are compared in ascending order: the order of a file's latitudes may differ
+    (:func:`ascending_latitude`), that of its longitudes may not."""
     if len(layouts) < 2:
         return
     problems = []
@@ -232,7 +264,9 @@ def check_layouts(layouts: Sequence[FileLayout], names: Sequence[str]) -> None:
         if odd:
             problems.append(
                 f"{len(odd)} file(s) have another {label} axis than the other {len(values) - len(odd)}: "
-                + "; ".join(f"{names[i]}: {_describe_axis(values[i])}" for i in odd[:3])
+                + "; ".join(
+                    f"{names[i]}: {_describe_axis(values[i])}{_axis_difference(values[i], common)}" for i in odd[:3]
+                )
                 + (" ..." if len(odd) > 3 else "")
                 + f" (the others: {_describe_axis(common)})"
             )
