@@ -5,9 +5,13 @@ Snakemake; ``mlflow server`` serves its ``mlflow.db`` on 127.0.0.1. Then, as the
 "Comparing runs" says: open the experiment's runs, see both runs, select both, Compare, find the
 parameter that differs; in the chart view find the ``val_loss`` and ``test_rmse_*`` charts; open
 one run's artifacts and see its evaluation plots; see the best run as the registered model's
-``champion`` and load it with ``mlflow.pytorch.load_model("models:/<experiment>@champion")``. Every
-step waits for what it needs on the page (a single-page app renders late); screenshots (PNG) go to
-a directory the test prints, and are copied to ``$CONV2DLSTM_SCREENSHOTS`` when that is set.
+``champion`` and load it the documented way (docs/tracking.md): its run's checkpoint
+``checkpoints/best.pt`` through ``conv2dlstm.training.models.load_model``, weights only, no
+unpickled code. (That the registered MLflow model also loads with ``mlflow.pytorch.load_model`` is
+checked too, on the test's own store: it unpickles, so it is not the way to load a model from a
+store you do not control.) Every step waits for what it needs on the page (a single-page app
+renders late); screenshots (PNG) go to a directory the test prints, and are copied to
+``$CONV2DLSTM_SCREENSHOTS`` when that is set.
 
 Skipped, with the reason, only where chromium or chromedriver cannot be found.
 """

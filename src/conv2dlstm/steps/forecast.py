@@ -7,6 +7,10 @@
    experiment's registered best model, ``models:/<experiment>@champion`` (the checkpoint artifact
    of that version's run); when the experiment has no champion (e.g. ``mlflow.log_model: false``,
    which registers nothing), the ``model.pt`` of the configuration's only run, with a warning.
+   Whichever it is, the network is rebuilt from that checkpoint through the project's weights-only
+   loader (:func:`conv2dlstm.training.models.load_model`: ``torch.load(weights_only=True)``), never
+   from MLflow's pickled model (``mlflow.pytorch.load_model``), whose unpickling runs whatever code
+   the store holds.
 2. Its inputs: the initial date is ``--init-date`` or ``source.end`` (the last day of the
    configured data: set it, or give the date, for an operational forecast). The days
    ``init - (input_steps - 1) .. init`` are fetched through the configured source kind
